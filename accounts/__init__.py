@@ -1,0 +1,1 @@
+"""Users, roles (Administrator, Read-only), login and logout."""

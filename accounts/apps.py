@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class AccountsConfig(AppConfig):
+    """Users and roles."""
+
+    name = "accounts"
+    verbose_name = "Accounts"

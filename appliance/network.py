@@ -1,0 +1,202 @@
+"""Network interfaces as configured in SUSE sysconfig files.
+
+The upgrade guide warns that a DHCP interface may come back with a different address after the
+restart, so the console must show which interfaces use DHCP, what address each currently holds
+(from the dhcpcd lease), and be able to pin that address as static and later return to DHCP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from appliance.atomic import atomic_write_text
+from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.paths import Layout, layout
+from appliance.system import parse_key_values
+
+Mode = Literal["dhcp", "static"]
+
+_ASSIGNMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)=")
+
+
+@dataclass
+class Interface:
+    """One configured interface; for DHCP, ``address`` is the currently leased address."""
+
+    name: str
+    mode: Mode
+    address: str | None
+    prefix: int | None
+    gateway: str | None
+
+    @property
+    def netmask(self) -> str | None:
+        """Dotted netmask of ``prefix`` (SUSE files and dhcpcd use both notations)."""
+        if self.prefix is None:
+            return None
+        return str(ipaddress.IPv4Network(f"0.0.0.0/{self.prefix}").netmask)
+
+    @property
+    def cidr(self) -> str | None:
+        """``address/prefix`` as written to ``IPADDR``, or None without an address."""
+        if self.address is None:
+            return None
+        return f"{self.address}/{self.prefix}" if self.prefix is not None else self.address
+
+
+def _mode(bootproto: str, path: Path) -> Mode:
+    value = bootproto.lower()
+    if value.startswith("dhcp"):
+        return "dhcp"
+    if value == "static":
+        return "static"
+    raise MalformedApplianceFile(f"{path}: unsupported BOOTPROTO {bootproto!r}")
+
+
+def _address(ipaddr: str, netmask: str | None) -> tuple[str | None, int | None]:
+    if not ipaddr:
+        return None, None
+    if "/" not in ipaddr and netmask:
+        ipaddr = f"{ipaddr}/{netmask}"
+    iface = ipaddress.ip_interface(ipaddr)
+    prefix = iface.network.prefixlen if ("/" in ipaddr) else None
+    return str(iface.ip), prefix
+
+
+def _default_routes(the_layout: Layout) -> list[tuple[str, str]]:
+    """``(gateway, interface or "-")`` of each default route in ``etc/sysconfig/network/routes``."""
+    try:
+        text = the_layout.routes_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    routes = []
+    for raw in text.splitlines():
+        fields = raw.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "default":
+            routes.append((fields[1], fields[3] if len(fields) >= 4 else "-"))
+    return routes
+
+
+def _static_gateway(
+    name: str, address: str | None, prefix: int | None, routes: list[tuple[str, str]]
+) -> str | None:
+    """The default gateway that belongs to this interface: named for it, or on its subnet."""
+    for gateway, device in routes:
+        if device == name:
+            return gateway
+    if address is None or prefix is None:
+        return None
+    network = ipaddress.ip_interface(f"{address}/{prefix}").network
+    for gateway, device in routes:
+        if device == "-" and ipaddress.ip_address(gateway) in network:
+            return gateway
+    return None
+
+
+def read_interface(name: str, root: Path | None = None) -> Interface:
+    """Read one interface's configuration (and its DHCP lease, if it uses DHCP)."""
+    the_layout = layout(root)
+    path = the_layout.ifcfg(name)
+    try:
+        config = parse_key_values(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ApplianceNotInitialized(f"no interface configuration at {path}") from exc
+    mode = _mode(config.get("BOOTPROTO", "static"), path)
+    if mode == "dhcp":
+        try:
+            lease = parse_key_values(the_layout.dhcp_lease(name).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            lease = {}
+        address, prefix = _address(lease.get("IPADDR", ""), lease.get("NETMASK"))
+        return Interface(name, "dhcp", address, prefix, lease.get("GATEWAY") or None)
+    address, prefix = _address(config.get("IPADDR", ""), config.get("NETMASK"))
+    gateway = _static_gateway(name, address, prefix, _default_routes(the_layout))
+    return Interface(name, "static", address, prefix, gateway)
+
+
+def list_interfaces(root: Path | None = None) -> list[Interface]:
+    """All configured interfaces except loopback, sorted by name."""
+    network_dir = layout(root).network_dir
+    if not network_dir.is_dir():
+        raise ApplianceNotInitialized(f"no network configuration at {network_dir}")
+    names = sorted(
+        path.name.removeprefix("ifcfg-")
+        for path in network_dir.glob("ifcfg-*")
+        if path.is_file() and path.name != "ifcfg-lo" and not path.name.endswith("~")
+    )
+    return [read_interface(name, root) for name in names]
+
+
+def _set_keys(text: str, updates: dict[str, str | None]) -> str:
+    """Update ``KEY='value'`` lines in place, append new keys, drop keys mapped to None.
+
+    Comments and unrelated keys are kept so an edit from the console does not erase what an
+    administrator put in the file by hand.
+    """
+    pending = dict(updates)
+    lines = []
+    for line in text.splitlines():
+        match = _ASSIGNMENT.match(line)
+        if match and match.group(1) in updates:
+            value = pending.pop(match.group(1), None)
+            if value is not None:
+                lines.append(f"{match.group(1)}='{value}'")
+            continue
+        lines.append(line)
+    lines += [f"{key}='{value}'" for key, value in pending.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def write_interface(interface: Interface, root: Path | None = None) -> None:
+    """Write an interface's addressing back to its ``ifcfg`` file (and routes for a gateway).
+
+    Static: ``BOOTPROTO='static'`` with ``IPADDR='a.b.c.d/prefix'``; the gateway, if given,
+    becomes the interface's default route in ``routes``. DHCP: ``BOOTPROTO='dhcp'`` and the
+    static address is removed; any default route bound to this interface is dropped too, since
+    DHCP supplies it.
+    """
+    the_layout = layout(root)
+    path = the_layout.ifcfg(interface.name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        text = f"STARTMODE='auto'\nNAME='{interface.name}'\n"
+    if interface.mode == "static":
+        if interface.address is None or interface.prefix is None:
+            raise ValueError("a static interface needs an address and a prefix")
+        ipaddress.ip_interface(f"{interface.address}/{interface.prefix}")  # validates both
+        updates: dict[str, str | None] = {
+            "BOOTPROTO": "static",
+            "IPADDR": f"{interface.address}/{interface.prefix}",
+            "NETMASK": None,
+        }
+    else:
+        updates = {"BOOTPROTO": "dhcp", "IPADDR": None, "NETMASK": None}
+    atomic_write_text(path, _set_keys(text, updates))
+    gateway = interface.gateway if interface.mode == "static" else None
+    _write_default_route(the_layout, interface.name, gateway)
+
+
+def _write_default_route(the_layout: Layout, name: str, gateway: str | None) -> None:
+    try:
+        lines = the_layout.routes_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    kept = []
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 4 and fields[0] == "default" and fields[3] == name:
+            continue
+        if gateway and len(fields) >= 2 and fields[0] == "default" and fields[1] == gateway:
+            continue
+        kept.append(line)
+    if gateway:
+        ipaddress.ip_address(gateway)
+        kept.append(f"default {gateway} - {name}")
+    new_text = "\n".join(kept) + "\n" if kept else ""
+    if kept != lines:
+        atomic_write_text(the_layout.routes_file, new_text)

@@ -1,0 +1,83 @@
+"""SMTP settings (``etc/mailsec/cpe/mailsec_smtp1_0.xml``).
+
+Besides the listener and next hop, this file holds the SMTP log and message tracking log
+retention, which the upgrade guide tells administrators to lower to reclaim disk space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from appliance.atomic import atomic_write_bytes
+from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.paths import layout
+from appliance.safexml import parse_xml
+
+_SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class SmtpSettings:
+    """SMTP > Configuration, plus the retention of the SMTP and tracking logs (in days)."""
+
+    listen_port: int = 25
+    next_hop: str = ""
+    max_message_size: int = 20 * 1024 * 1024
+    smtp_log_retention_days: int = 90
+    tracking_log_retention_days: int = 90
+
+    def validate(self) -> None:
+        """Refuse values the mail daemon would reject, before they reach the disk."""
+        if not 1 <= self.listen_port <= 65535:
+            raise ValueError(f"listen_port out of range: {self.listen_port}")
+        if self.max_message_size <= 0:
+            raise ValueError("max_message_size must be positive")
+        if self.smtp_log_retention_days < 1 or self.tracking_log_retention_days < 1:
+            raise ValueError("log retention must be at least one day")
+        if "\n" in self.next_hop:
+            raise ValueError("next_hop must be a single line")
+
+
+def parse_smtp_settings(data: bytes) -> SmtpSettings:
+    """Parse the SMTP settings file; missing elements keep their defaults."""
+    root = parse_xml(data)
+    values: dict[str, object] = {}
+    for spec in fields(SmtpSettings):
+        text = root.findtext(spec.name)
+        if text is None:
+            continue
+        text = text.strip()
+        if spec.type in ("int", int):
+            try:
+                values[spec.name] = int(text)
+            except ValueError as exc:
+                raise MalformedApplianceFile(f"SMTP setting {spec.name} is not a number") from exc
+        else:
+            values[spec.name] = text
+    return SmtpSettings(**values)  # type: ignore[arg-type]
+
+
+def render_smtp_settings(smtp: SmtpSettings) -> bytes:
+    """Serialise the settings one element per line, in field order."""
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>', f'<smtp version="{_SCHEMA_VERSION}">']
+    for spec in fields(SmtpSettings):
+        lines.append(f"  <{spec.name}>{escape(str(getattr(smtp, spec.name)))}</{spec.name}>")
+    lines.append("</smtp>")
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def read_smtp_settings(root: Path | None = None) -> SmtpSettings:
+    """Read the SMTP settings."""
+    path = layout(root).smtp_xml
+    try:
+        return parse_smtp_settings(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ApplianceNotInitialized(f"no SMTP settings at {path}") from exc
+
+
+def write_smtp_settings(smtp: SmtpSettings, root: Path | None = None) -> None:
+    """Validate and atomically write the SMTP settings."""
+    smtp.validate()
+    atomic_write_bytes(layout(root).smtp_xml, render_smtp_settings(smtp))

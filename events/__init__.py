@@ -1,0 +1,1 @@
+"""System > Events: the appliance's event log."""

@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class EventsConfig(AppConfig):
+    """The event log app."""
+
+    name = "events"
+    verbose_name = "Events"

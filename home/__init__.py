@@ -1,0 +1,1 @@
+"""Home: the home page, Home > System and Home > Resources, and the health endpoint."""

@@ -1,0 +1,8 @@
+from django.apps import AppConfig
+
+
+class HomeConfig(AppConfig):
+    """Home menu pages."""
+
+    name = "home"
+    verbose_name = "Home"

@@ -1,0 +1,207 @@
+"""Django settings for LMI.
+
+Every setting that differs between a laptop and a production appliance comes from an LMI_*
+environment variable (see lmi/env.py and README.md). The defaults make `make run` work on a
+fresh machine with only Python: SQLite under var/, a private Redis on a unix socket under var/.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import dj_database_url
+from celery.schedules import crontab
+
+from lmi.env import env_bool, env_int, env_list, env_path, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = env_path("VAR_DIR", BASE_DIR / "var")
+
+DEBUG = env_bool("DEBUG", False)
+
+
+def _secret_key() -> str:
+    """LMI_SECRET_KEY, or a random key generated once and kept (mode 0600) under var/."""
+    configured = env_str("SECRET_KEY")
+    if configured:
+        return configured
+    path = VAR_DIR / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(50)
+    path.touch(mode=0o600)
+    path.write_text(key)
+    return key
+
+
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# The appliance this console manages: one root, reached only through the appliance package.
+APPLIANCE_ROOT = env_path("APPLIANCE_ROOT", VAR_DIR / "appliance")
+# The node name written on every event (a cluster member names itself here).
+NODE_NAME = env_str("NODE_NAME", "central")
+
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "appliance",
+    "accounts",
+    "events",
+    "home",
+    "upgrades",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "accounts.middleware.ReadOnlyRoleMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "lmi.middleware.SecurityHeadersMiddleware",
+]
+
+ROOT_URLCONF = "lmi.urls"
+WSGI_APPLICATION = "lmi.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "lmi.context_processors.console",
+            ],
+        },
+    },
+]
+
+# --- Databases ---------------------------------------------------------------------------
+_SQLITE_OPTIONS = {
+    # WAL lets the web, the worker and beat read while one of them writes; IMMEDIATE takes the
+    # write lock at BEGIN so concurrent writers queue instead of failing with "database locked".
+    "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    "transaction_mode": "IMMEDIATE",
+    "timeout": 20,
+}
+_database_url = env_str("DATABASE_URL")
+if _database_url:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "lmi.sqlite3",
+        }
+    }
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = dict(_SQLITE_OPTIONS)
+    # A file, not memory: integration tests share the test database with a real worker process.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-lmi.sqlite3")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis and Celery ----------------------------------------------------------------------
+# unix:///path or redis://host:port/db. Unset: the private Redis that `make run` starts.
+REDIS_URL = env_str("REDIS_URL", f"unix://{VAR_DIR / 'run' / 'redis.sock'}")
+
+
+def _celery_url(redis_url: str) -> str:
+    """Kombu names a unix-socket Redis redis+socket://; redis-py names it unix://."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
+CELERY_BROKER_URL = _celery_url(REDIS_URL)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True  # task state lives in our own models, not a result backend
+CELERY_TASK_ACKS_LATE = True  # a killed worker's task is redelivered, not lost
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("TASK_SOFT_TIME_LIMIT", 3600, minimum=1)
+CELERY_TASK_TIME_LIMIT = env_int("TASK_TIME_LIMIT", 3900, minimum=1)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 300}
+CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "lmi")
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "events-prune": {
+        "task": "events.tasks.events_prune",
+        "schedule": crontab(minute=17, hour=3),
+    },
+    "accounts-prune-login-failures": {
+        "task": "accounts.tasks.login_failures_prune",
+        "schedule": crontab(minute="*/30"),
+    },
+}
+# Events older than this are deleted by the daily prune.
+EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 365, minimum=1)
+
+# --- Authentication and security ----------------------------------------------------------
+LOGIN_URL = "accounts:login"
+LOGIN_REDIRECT_URL = "home:index"
+LOGOUT_REDIRECT_URL = "accounts:login"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+# Failed logins: after this many in the window (per user name or per client address), further
+# attempts are refused until the window has passed.
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_FAILURE_WINDOW_SECONDS = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
+
+_https = env_bool("HTTPS", False)  # set behind TLS: cookies become Secure, HSTS is sent
+SESSION_COOKIE_SECURE = _https
+CSRF_COOKIE_SECURE = _https
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Strict"
+CSRF_COOKIE_SAMESITE = "Strict"
+SESSION_COOKIE_AGE = env_int("SESSION_AGE", 8 * 3600, minimum=60)
+SESSION_EXPIRE_AT_BROWSER_CLOSE = True
+SECURE_HSTS_SECONDS = 31536000 if _https else 0
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if _https else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+
+# --- Static files, i18n ----------------------------------------------------------------------
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True  # tests and a fresh checkout serve static files without collectstatic
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("TIME_ZONE", "UTC")
+USE_I18N = False
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

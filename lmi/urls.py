@@ -1,0 +1,17 @@
+"""URL map: each page lives at a URL that mirrors its menu path (Home > Resources is
+/home/resources/, System > Events is /system/events/)."""
+
+from django.contrib.auth.decorators import login_not_required
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from home import views as home_views
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="home:index", permanent=False)),
+    path("accounts/", include("accounts.urls")),
+    path("home/", include("home.urls")),
+    path("system/events/", include("events.urls")),
+    path("updates/", include("upgrades.urls")),
+    path("healthz", login_not_required(home_views.healthz), name="healthz"),
+]

@@ -1,0 +1,1 @@
+"""Updates > Updates & Licensing: firmware level, update logs, (later) download and install."""
