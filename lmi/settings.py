@@ -7,6 +7,7 @@ fresh machine with only Python: SQLite under var/, a private Redis on a unix soc
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -112,8 +113,9 @@ else:
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = dict(_SQLITE_OPTIONS)
-    # A file, not memory: integration tests share the test database with a real worker process.
-    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-lmi.sqlite3")}
+    # A file, not memory: integration tests share the test database with a real worker process
+    # (they hand it its path). Named per test process, so two test runs never share one.
+    DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / f"test-lmi-{os.getpid()}.sqlite3")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and Celery ----------------------------------------------------------------------

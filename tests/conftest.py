@@ -1,0 +1,68 @@
+"""Fixtures shared by the whole suite.
+
+Every test gets its own empty appliance root (nothing reaches var/appliance of a developer's
+`make run`). Tests that need a populated appliance ask for ``demo_appliance``. Users come in the
+two roles of the console. Real Redis, a real Celery worker and a real browser live in
+tests/support/ and are pulled in by the tests that need them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import AbstractBaseUser
+from django.test import Client
+
+pytest_plugins = ["tests.support.services", "tests.support.browser"]
+
+ADMIN_PASSWORD = "correct horse battery staple"  # noqa: S105 - test credential
+READONLY_PASSWORD = "read only eyes 2026"  # noqa: S105 - test credential
+
+
+@pytest.fixture(autouse=True)
+def appliance_root(tmp_path: Path, settings) -> Iterator[Path]:
+    """An empty appliance root per test; the appliance package reads the setting on each call."""
+    root = tmp_path / "appliance"
+    root.mkdir()
+    settings.APPLIANCE_ROOT = root
+    yield root
+
+
+@pytest.fixture
+def demo_appliance(appliance_root: Path) -> Path:
+    """A small but complete demo appliance (200 messages) under the test's root."""
+    from appliance.demo import init_demo
+
+    init_demo(appliance_root, messages=200)
+    return appliance_root
+
+
+@pytest.fixture
+def admin_user(db) -> AbstractBaseUser:
+    from accounts.services import user_create
+
+    return user_create("admin", ADMIN_PASSWORD, administrator=True)
+
+
+@pytest.fixture
+def readonly_user(db) -> AbstractBaseUser:
+    from accounts.services import user_create
+
+    return user_create("viewer", READONLY_PASSWORD, administrator=False)
+
+
+@pytest.fixture
+def admin_client(admin_user: AbstractBaseUser) -> Client:
+    """A Django test client logged in as an administrator (CSRF checks on, as in production)."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(admin_user)
+    return client
+
+
+@pytest.fixture
+def readonly_client(readonly_user: AbstractBaseUser) -> Client:
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(readonly_user)
+    return client

@@ -1,0 +1,1 @@
+"""Playwright driving Debian chromium for browser tests."""

@@ -1,0 +1,1 @@
+"""Real Redis and a real Celery worker for integration tests."""
