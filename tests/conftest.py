@@ -15,10 +15,10 @@ import pytest
 from django.contrib.auth.models import AbstractBaseUser
 from django.test import Client
 
+from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD
+
 pytest_plugins = ["tests.support.services", "tests.support.browser"]
 
-ADMIN_PASSWORD = "correct horse battery staple"  # noqa: S105 - test credential
-READONLY_PASSWORD = "read only eyes 2026"  # noqa: S105 - test credential
 
 
 @pytest.fixture(autouse=True)
