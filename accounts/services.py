@@ -53,9 +53,7 @@ def login_attempt(request: HttpRequest, username: str, password: str) -> LoginRe
             details={"client_ip": ip},
         )
         minutes = max(1, settings.LOGIN_FAILURE_WINDOW_SECONDS // 60)
-        return LoginResult(
-            False, f"Too many failed logins. Try again in {minutes} minutes."
-        )
+        return LoginResult(False, f"Too many failed logins. Try again in {minutes} minutes.")
     user = authenticate(request, username=username, password=password)
     if user is None:
         LoginFailure.objects.create(username=username, client_ip=ip)

@@ -42,17 +42,19 @@ def database_up() -> bool:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
             return cursor.fetchone() == (1,)
-    except Exception:  # noqa: BLE001 - any failure means down
+    except Exception:
         return False
 
 
 def redis_up() -> bool:
     try:
         client = redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=TIMEOUT_SECONDS, socket_connect_timeout=TIMEOUT_SECONDS
+            settings.REDIS_URL,
+            socket_timeout=TIMEOUT_SECONDS,
+            socket_connect_timeout=TIMEOUT_SECONDS,
         )
         return bool(client.ping())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -60,7 +62,7 @@ def worker_up() -> bool:
     """At least one Celery worker answers a broadcast ping."""
     try:
         replies = celery_app.control.ping(timeout=TIMEOUT_SECONDS)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     return bool(replies)
 

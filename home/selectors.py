@@ -88,7 +88,7 @@ def console_database_path() -> Path:
             row = cursor.fetchone()
         if row and Path(row[0]).exists():
             return Path(row[0])
-    except Exception:  # noqa: BLE001, S110 - permission denied or remote server
+    except Exception:  # noqa: S110 - permission denied or remote server
         pass
     return Path(settings.VAR_DIR)
 

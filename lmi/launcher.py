@@ -58,21 +58,40 @@ def run() -> int:
     port = env.get("LMI_PORT", "8000")
     commands = {
         "web": [
-            str(BIN / "gunicorn"), "lmi.wsgi:application",
-            "--bind", f"{host}:{port}",
-            "--workers", env.get("LMI_WEB_WORKERS", "2"),
-            "--threads", "4",
-            "--access-logfile", "-",
-            "--graceful-timeout", "10",
+            str(BIN / "gunicorn"),
+            "lmi.wsgi:application",
+            "--bind",
+            f"{host}:{port}",
+            "--workers",
+            env.get("LMI_WEB_WORKERS", "2"),
+            "--threads",
+            "4",
+            "--access-logfile",
+            "-",
+            "--graceful-timeout",
+            "10",
         ],
         "worker": [
-            str(BIN / "celery"), "-A", "lmi", "worker", "--loglevel", "INFO",
-            "--concurrency", env.get("LMI_WORKER_CONCURRENCY", "2"),
-            "--hostname", f"worker@{env.get('LMI_NODE_NAME', 'central')}",
+            str(BIN / "celery"),
+            "-A",
+            "lmi",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--concurrency",
+            env.get("LMI_WORKER_CONCURRENCY", "2"),
+            "--hostname",
+            f"worker@{env.get('LMI_NODE_NAME', 'central')}",
         ],
         "beat": [
-            str(BIN / "celery"), "-A", "lmi", "beat", "--loglevel", "INFO",
-            "--schedule", str(_var_dir(env) / "celerybeat-schedule"),
+            str(BIN / "celery"),
+            "-A",
+            "lmi",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "--schedule",
+            str(_var_dir(env) / "celerybeat-schedule"),
         ],
     }
     children: dict[str, subprocess.Popen[bytes]] = {}
@@ -92,8 +111,11 @@ def run() -> int:
                 command, cwd=BASE_DIR, env=env, start_new_session=True
             )
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"  # noqa: S104
-        print(f"\nLMI is serving on {url}\n  Log in as 'admin' (password: LMI_ADMIN_PASSWORD, or "
-              "the one printed above when it was created). Ctrl-C stops everything.\n", flush=True)
+        print(
+            f"\nLMI is serving on {url}\n  Log in as 'admin' (password: LMI_ADMIN_PASSWORD, or "
+            "the one printed above when it was created). Ctrl-C stops everything.\n",
+            flush=True,
+        )
         while not stopping:
             for name, child in children.items():
                 if child.poll() is not None:

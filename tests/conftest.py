@@ -20,7 +20,6 @@ from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD
 pytest_plugins = ["tests.support.services", "tests.support.browser"]
 
 
-
 @pytest.fixture(autouse=True)
 def appliance_root(tmp_path: Path, settings) -> Iterator[Path]:
     """An empty appliance root per test; the appliance package reads the setting on each call."""

@@ -12,9 +12,7 @@ pytestmark = pytest.mark.django_db
 
 
 def _login(client: Client, username: str, password: str, **extra):
-    return client.post(
-        "/accounts/login/", {"username": username, "password": password}, **extra
-    )
+    return client.post("/accounts/login/", {"username": username, "password": password}, **extra)
 
 
 def test_it_logs_an_administrator_in_and_records_the_login(client, admin_user):

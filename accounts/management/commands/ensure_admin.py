@@ -25,4 +25,6 @@ class Command(BaseCommand):
                 )
             )
         else:
-            self.stdout.write("Created the administrator 'admin' (password from LMI_ADMIN_PASSWORD).")
+            self.stdout.write(
+                "Created the administrator 'admin' (password from LMI_ADMIN_PASSWORD)."
+            )
