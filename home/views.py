@@ -9,7 +9,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from appliance import msgstore, network, rescue
-from appliance.errors import ApplianceNotInitialized
+from appliance.errors import ApplianceError
 from appliance.system import system_info
 from events.selectors import recent_events
 from home import health, selectors
@@ -26,7 +26,8 @@ def _appliance_context() -> dict[str, object]:
             "system_backup": rescue.system_backup_info(),
             "appliance_error": "",
         }
-    except ApplianceNotInitialized as exc:
+    except ApplianceError as exc:
+        # Missing, half-built or damaged: the page says which file and why, never a 500.
         return {"appliance_error": str(exc)}
 
 

@@ -81,3 +81,12 @@ def test_healthz_needs_no_login_and_says_only_up_or_down(client, settings):
     assert response.json() == {
         "status": "degraded", "database": "up", "redis": "down", "worker": "down"
     }  # fmt: skip
+
+
+def test_home_explains_a_damaged_message_store_instead_of_failing(admin_client, demo_appliance):
+    paths.layout().msgstore_db.write_bytes(b"this is not a database" * 100)
+
+    response = admin_client.get("/home/")
+
+    assert response.status_code == 200
+    assert "message store" in response.context["appliance_error"]

@@ -1,0 +1,48 @@
+"""Benchmark: fill a message store with 1,000,000 demo messages in a temporary directory.
+
+The demo's message store must be quick to build at production-like sizes (a million
+quarantined messages plus their SMTP and tracking log rows), so that `init_appliance` and the
+upgrade tests can use realistic volumes. Run: `.venv/bin/python bench/msgstore_fill.py [N]`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import django
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
+django.setup()
+
+from appliance import msgstore  # noqa: E402 - needs django.setup() first
+
+
+def main() -> None:
+    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    with tempfile.TemporaryDirectory(prefix="lmi-msgstore-bench-") as tmp:
+        root = Path(tmp)
+        started = time.perf_counter()
+        msgstore.fill_demo(root, messages=messages)
+        elapsed = time.perf_counter() - started
+        totals = msgstore.totals(root)
+        assert totals is not None and totals.messages == messages
+        rows = totals.messages + totals.smtp_log + totals.tracking_log
+        print(
+            f"{messages:,} messages ({rows:,} rows with the SMTP and tracking logs) in "
+            f"{elapsed:.1f} s: {messages / elapsed:,.0f} messages/s, {rows / elapsed:,.0f} rows/s, "
+            f"{totals.bytes / 2**20:,.0f} MiB on disk"
+        )
+        for store in msgstore.list_stores(root):
+            print(
+                f"  {store.name:<18} {store.retention_days:>3} days  "
+                f"{store.message_count:>9,} messages  {store.bytes / 2**20:>8,.1f} MiB"
+            )
+
+
+if __name__ == "__main__":
+    main()
