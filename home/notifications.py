@@ -9,8 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from appliance.errors import ApplianceNotInitialized
+from django.urls import reverse
+
+from appliance.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system import system_info
+from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, upgrade_disks
 
 
 @dataclass(frozen=True)
@@ -34,27 +37,29 @@ def _appliance_notices() -> list[Notice]:
                 "init_appliance` (make run does this for you).",
             )
         ]
+    except ApplianceError as exc:
+        return [Notice("error", f"The appliance's files cannot be read: {exc}")]
     return []
 
 
 def _disk_notices() -> list[Notice]:
-    from django.urls import reverse
-
-    from home.selectors import UPGRADE_FREE_PERCENT, upgrade_disks
-
-    notices = []
+    """One warning per disk below the upgrade's free-space rule (both roles may share a disk)."""
+    failing: dict[str, list[DiskUsage]] = {}
     for disk in upgrade_disks():
         if not disk.meets_upgrade_requirement:
-            notices.append(
-                Notice(
-                    "warning",
-                    f"The {disk.role.lower()} disk ({disk.mountpoint}) has "
-                    f"{disk.free_percent:.0f}% free; a firmware upgrade needs "
-                    f"{UPGRADE_FREE_PERCENT:.0f}%.",
-                    "Reclaim disk space",
-                    reverse("home:resources"),
-                )
+            failing.setdefault(disk.mountpoint, []).append(disk)
+    notices = []
+    for mountpoint, disks in failing.items():
+        holds = " and the ".join(disk.role.lower() for disk in disks)
+        notices.append(
+            Notice(
+                "warning",
+                f"The disk of the {holds} ({mountpoint}) has {disks[0].free_percent:.0f}% "
+                f"free; a firmware upgrade needs {UPGRADE_FREE_PERCENT:.0f}%.",
+                "Reclaim disk space",
+                reverse("home:resources"),
             )
+        )
     return notices
 
 

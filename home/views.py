@@ -64,8 +64,10 @@ def system(request: HttpRequest) -> HttpResponse:
 
 
 def _resources_context() -> dict[str, object]:
+    disks = selectors.upgrade_disks()
     return {
-        "disks": selectors.upgrade_disks(),
+        "disks": disks,
+        "any_disk_fails": any(not disk.meets_upgrade_requirement for disk in disks),
         "host": selectors.host_figures(),
         "reclaim_links": selectors.reclaim_links(),
         "required_percent": selectors.UPGRADE_FREE_PERCENT,

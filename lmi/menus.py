@@ -49,17 +49,22 @@ MENUS: tuple[Menu, ...] = (
 
 
 def resolved_menus(current_path: str) -> list[dict[str, object]]:
-    """The menus with URLs resolved and the current page marked; unbuilt pages are left out."""
+    """The menus with URLs resolved and the current page marked.
+
+    Every menu of the original is shown, so the console's shape is the one administrators
+    know; a page not built yet is listed without a link (``url`` None) rather than hidden.
+    """
     result: list[dict[str, object]] = []
     for menu in MENUS:
         items = []
         for item in menu.items:
             try:
-                url = reverse(item.url_name)
+                url: str | None = reverse(item.url_name)
             except NoReverseMatch:
-                continue
-            items.append({"label": item.label, "url": url, "active": current_path == url})
-        if items:
-            active = any(i["active"] for i in items)
-            result.append({"label": menu.label, "items": items, "active": active})
+                url = None
+            active = url is not None and current_path == url
+            items.append({"label": item.label, "url": url, "active": active})
+        result.append(
+            {"label": menu.label, "items": items, "active": any(i["active"] for i in items)}
+        )
     return result

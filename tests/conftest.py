@@ -21,6 +21,12 @@ pytest_plugins = ["tests.support.services", "tests.support.browser"]
 
 
 @pytest.fixture(autouse=True)
+def fast_password_hashing(settings) -> None:
+    """Production hashing costs ~0.2 s per login; tests log in hundreds of times."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def appliance_root(tmp_path: Path, settings) -> Iterator[Path]:
     """An empty appliance root per test; the appliance package reads the setting on each call."""
     root = tmp_path / "appliance"

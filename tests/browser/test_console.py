@@ -20,7 +20,7 @@ MENU_PAGES = [
 ]
 
 
-def test_an_administrator_logs_in_and_sees_home_with_real_figures(admin_page, demo_appliance):
+def test_an_administrator_logs_in_and_sees_home_with_real_figures(demo_appliance, admin_page):
     page = admin_page
 
     assert page.url.endswith("/home/")
@@ -29,7 +29,7 @@ def test_an_administrator_logs_in_and_sees_home_with_real_figures(admin_page, de
     screenshot(page, "home")
 
 
-def test_every_menu_page_opens_from_the_menu(admin_page, demo_appliance):
+def test_every_menu_page_opens_from_the_menu(demo_appliance, admin_page):
     page = admin_page
     for label, url, heading in MENU_PAGES:
         page.get_by_role("navigation").get_by_role("link", name=label, exact=True).click()
@@ -41,7 +41,7 @@ def test_every_menu_page_opens_from_the_menu(admin_page, demo_appliance):
         screenshot(page, "page-" + url.strip("/").replace("/", "-"))
 
 
-def test_resources_shows_disks_memory_and_cpu_figures(admin_page, demo_appliance):
+def test_resources_shows_disks_memory_and_cpu_figures(demo_appliance, admin_page):
     page = admin_page
     page.goto("/home/resources/")
 
@@ -70,7 +70,7 @@ def test_a_wrong_password_shows_a_message_and_the_login_appears_in_the_event_log
     assert table.get_by_text("Failed login for 'admin'").count() == 1
 
 
-def test_logging_out_ends_the_session(admin_page, demo_appliance):
+def test_logging_out_ends_the_session(demo_appliance, admin_page):
     page = admin_page
     page.get_by_role("button", name="Log out").click()
     page.wait_for_url("**/accounts/login/")
@@ -81,5 +81,5 @@ def test_logging_out_ends_the_session(admin_page, demo_appliance):
     assert Event.objects.filter(message="admin logged out").exists()
 
 
-def test_a_read_only_user_sees_the_role_in_the_top_bar(readonly_page, demo_appliance):
+def test_a_read_only_user_sees_the_role_in_the_top_bar(demo_appliance, readonly_page):
     assert "(Read-only)" in readonly_page.get_by_test_id("current-user").inner_text()
