@@ -40,6 +40,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/events_log.py
+	$(BIN)/python bench/msgstore_fill.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
