@@ -34,7 +34,8 @@ class Event(models.Model):
     The user is kept as a name, not a foreign key: the log must still say who did something after
     that account is deleted, and events reported by cluster members name users Central lacks.
     Ordering is (created_at, id) descending; the indexes below serve keyset paging with and
-    without a category or severity filter.
+    without a category filter, a severity level, or both (a severity floor is read one level at
+    a time, see events.selectors).
     """
 
     created_at = models.DateTimeField()
@@ -51,6 +52,9 @@ class Event(models.Model):
             models.Index(fields=("-created_at", "-id"), name="event_time_idx"),
             models.Index(fields=("category", "-created_at", "-id"), name="event_cat_time_idx"),
             models.Index(fields=("severity", "-created_at", "-id"), name="event_sev_time_idx"),
+            models.Index(
+                fields=("category", "severity", "-created_at", "-id"), name="event_cat_sev_time_idx"
+            ),
         )
 
     def __str__(self) -> str:
