@@ -99,6 +99,21 @@ CREATE TABLE IF NOT EXISTS tracking_log (
     size INTEGER NOT NULL CHECK (size >= 0),
     quarantine_id INTEGER
 );
+
+-- Processing figures per minute, written by the mail service as it works and read by the
+-- processing graphs. One row per minute that saw mail; bytes and processing time are sums so
+-- that any roll-up (hour, day) is a plain SUM.
+CREATE TABLE IF NOT EXISTS processing_minute (
+    minute INTEGER PRIMARY KEY,  -- epoch seconds of the minute's start, UTC
+    received INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    virus INTEGER NOT NULL DEFAULT 0,
+    spam INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    processing_ms INTEGER NOT NULL DEFAULT 0  -- total over the minute's messages
+);
 """
 
 # name -> definition. size is in the store index so a store's count and bytes, and a purge by
@@ -184,6 +199,10 @@ def create(root: Path | None = None) -> None:
         # 8 KiB pages waste less space around raw messages of one to a few KiB. WAL lets
         # the console read while the mail daemon or a purge writes.
         conn.execute("PRAGMA page_size = 8192")
+        # Incremental auto-vacuum (also only before the first table): a retention purge can
+        # hand freed pages back to the disk in small steps instead of one long VACUUM that
+        # needs as much free space again as the store and blocks the mail service meanwhile.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         indexes = "".join(
             f"CREATE INDEX IF NOT EXISTS {name} ON {columns};\n"

@@ -94,6 +94,21 @@ class Layout:
         return self.msgstore_dir / "msgstore.db"
 
     @property
+    def maintenance_file(self) -> Path:
+        """Present while the appliance is in maintenance mode (mail answered with 421)."""
+        return self.root / "var" / "lib" / "mailsec" / "maintenance.json"
+
+    @property
+    def mail_spool_dir(self) -> Path:
+        """Accepted messages waiting for delivery to the next hop (survive a restart)."""
+        return self.root / "var" / "spool" / "mailsec" / "outgoing"
+
+    @property
+    def mail_sink_dir(self) -> Path:
+        """Local delivery when no next hop is configured: one file per delivered message."""
+        return self.root / "var" / "spool" / "mailsec" / "delivered"
+
+    @property
     def rescue_dir(self) -> Path:
         """The rescue partition, holding the one system backup image."""
         return self.root / "rescue"

@@ -58,6 +58,8 @@ INSTALLED_APPS = [
     "events",
     "home",
     "upgrades",
+    "mailsecurity",
+    "smtp",
 ]
 
 MIDDLEWARE = [
@@ -149,11 +151,22 @@ CELERY_BEAT_SCHEDULE = {
         "task": "events.tasks.events_prune",
         "schedule": crontab(minute=17, hour=3),
     },
+    "mailsecurity-retention-purge": {
+        "task": "mailsecurity.tasks.retention_purge",
+        "schedule": crontab(minute=41, hour=2),
+    },
+    "home-resources-sample": {
+        "task": "home.tasks.resources_sample",
+        "schedule": 60.0,
+    },
     "accounts-prune-login-failures": {
         "task": "accounts.tasks.login_failures_prune",
         "schedule": crontab(minute="*/30"),
     },
 }
+# The mail processing service (SMTP): loopback by default; LMI_SMTP_HOST=0.0.0.0 to serve others.
+SMTP_HOST = env_str("SMTP_HOST", "127.0.0.1")
+SMTP_PORT = env_int("SMTP_PORT", 2525, minimum=1)
 # Events older than this are deleted by the daily prune.
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 365, minimum=1)
 

@@ -13,5 +13,7 @@ urlpatterns = [
     path("home/", include("home.urls")),
     path("system/events/", include("events.urls")),
     path("updates/", include("upgrades.urls")),
+    path("mail-security/", include("mailsecurity.urls")),
+    path("smtp/", include("smtp.urls")),
     path("healthz", login_not_required(home_views.healthz), name="healthz"),
 ]

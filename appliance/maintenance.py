@@ -1,0 +1,69 @@
+"""Maintenance mode: while it is on, the mail service answers 421 so that senders retry later.
+
+The upgrade's shutdown phases (3 to 9) put the appliance into maintenance mode; an
+administrator can too. The state is a small file under the appliance root rather than a row in
+the console's database because the mail service reads it on every connection and must keep
+honouring it across a restart of any process, including a killed upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from appliance.atomic import atomic_write_text, fsync_dir
+from appliance.errors import MalformedApplianceFile
+from appliance.paths import layout
+
+
+@dataclass(frozen=True)
+class MaintenanceState:
+    """Why and since when the appliance is in maintenance mode, and who put it there."""
+
+    reason: str
+    since: datetime
+    by: str
+
+    def as_json(self) -> str:
+        data = asdict(self)
+        data["since"] = self.since.isoformat()
+        return json.dumps(data, sort_keys=True)
+
+
+def maintenance_status(root: Path | None = None) -> MaintenanceState | None:
+    """The current maintenance state, or None when mail is being accepted normally."""
+    path = layout(root).maintenance_file
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return MaintenanceState(
+            reason=str(data["reason"]),
+            since=datetime.fromisoformat(data["since"]),
+            by=str(data.get("by", "")),
+        )
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as exc:
+        # A damaged file still means "someone wanted maintenance": never silently accept mail.
+        raise MalformedApplianceFile(f"{path} cannot be read: {exc}") from exc
+
+
+def maintenance_enter(reason: str, by: str = "", root: Path | None = None) -> MaintenanceState:
+    """Turn maintenance mode on (or update its reason); durable before it returns."""
+    state = MaintenanceState(reason=reason, since=datetime.now(tz=UTC), by=by)
+    path = layout(root).maintenance_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, state.as_json() + "\n")
+    return state
+
+
+def maintenance_leave(root: Path | None = None) -> bool:
+    """Turn maintenance mode off; True when it was on."""
+    path = layout(root).maintenance_file
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True

@@ -1,0 +1,1 @@
+"""Mail Security: policy objects, message stores, message tracking and retention."""

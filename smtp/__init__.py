@@ -1,0 +1,1 @@
+"""SMTP: the mail processing service and SMTP > Configuration > Maintenance."""
