@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import msgstore, rescue
+from appliance import msgstore, processing, rescue
 from appliance.atomic import atomic_write_bytes, atomic_write_text
 from appliance.errors import ApplianceExists
 from appliance.paths import Layout, appliance_root, layout
@@ -261,6 +261,7 @@ def init_demo(
 
     msgstore.create(base)
     msgstore.fill_demo(base, messages=messages, seed=seed)
+    processing.fill_demo_minutes(base, seed=seed)
 
     _write_system(the_layout, seed)
     the_layout.xpu_dir.mkdir(parents=True, exist_ok=True)
