@@ -221,12 +221,14 @@ def init_demo(
     messages: int = 3000,
     force: bool = False,
     seed: int = 2880,
+    graph_days: int = 30,
 ) -> DemoSummary:
     """Build the demo appliance under the root and return what was built.
 
     Refuses (:class:`ApplianceExists`) to replace an existing appliance unless ``force``, which
     empties the root first. Without an appliance, leftovers of an interrupted build (anything
     under the layout's own directories) are removed, so a rerun never doubles the message store.
+    ``graph_days`` of per-minute processing figures feed the graphs (tests ask for fewer).
     ``etc/firmware-release`` is written last: it is the marker that an appliance exists, so an
     interrupted build never looks like a finished one.
     """
@@ -261,7 +263,7 @@ def init_demo(
 
     msgstore.create(base)
     msgstore.fill_demo(base, messages=messages, seed=seed)
-    processing.fill_demo_minutes(base, seed=seed)
+    processing.fill_demo_minutes(base, days=graph_days, seed=seed)
 
     _write_system(the_layout, seed)
     the_layout.xpu_dir.mkdir(parents=True, exist_ok=True)

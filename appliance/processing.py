@@ -96,7 +96,7 @@ def fill_demo_minutes(
         rejected = int(received * rng.uniform(0.02, 0.06))
         quarantined = spam + virus
         delivered = max(0, received - quarantined - rejected)
-        size = sum(int(rng.lognormvariate(9.3, 0.8)) for _ in range(min(received, 8)))
+        average_size = 6000 + int(rng.expovariate(1 / 9000))
         rows.append(
             (
                 minute,
@@ -106,7 +106,7 @@ def fill_demo_minutes(
                 rejected,
                 virus,
                 spam,
-                size * received // min(received, 8),
+                average_size * received,
                 int(received * rng.uniform(35, 90)),
             )
         )

@@ -37,10 +37,10 @@ def appliance_root(tmp_path: Path, settings) -> Iterator[Path]:
 
 @pytest.fixture
 def demo_appliance(appliance_root: Path) -> Path:
-    """A small but complete demo appliance (200 messages) under the test's root."""
+    """A small but complete demo appliance (200 messages, a day of graphs) under the test's root."""
     from appliance.demo import init_demo
 
-    init_demo(appliance_root, messages=200)
+    init_demo(appliance_root, messages=200, graph_days=1)
     return appliance_root
 
 
