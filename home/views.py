@@ -12,7 +12,7 @@ from appliance import msgstore, network, rescue
 from appliance.errors import ApplianceError
 from appliance.system import system_info
 from events.selectors import recent_events
-from home import health, selectors
+from home import charts, graphs, health, selectors
 from home.notifications import current_notices
 
 
@@ -41,8 +41,24 @@ def index(request: HttpRequest) -> HttpResponse:
         "disks": selectors.upgrade_disks(),
         "events": recent_events(8),
         **_appliance_context(),
+        **_graphs_context(request),
     }
     return render(request, "home/index.html", context)
+
+
+def _graphs_context(request: HttpRequest) -> dict[str, object]:
+    panel = graphs.processing_graphs(request.GET.get("range"))
+    return {
+        "graph_panel": panel,
+        "charts": [{"graph": graph, "svg": charts.render(graph)} for graph in panel.graphs],
+        "ranges": graphs.RANGES.values(),
+    }
+
+
+@require_GET
+def graphs_partial(request: HttpRequest) -> HttpResponse:
+    """The processing graphs alone: the range links and the minute refresh load this."""
+    return render(request, "home/_graphs.html", _graphs_context(request))
 
 
 @require_GET

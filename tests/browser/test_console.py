@@ -83,3 +83,15 @@ def test_logging_out_ends_the_session(demo_appliance, admin_page):
 
 def test_a_read_only_user_sees_the_role_in_the_top_bar(demo_appliance, readonly_page):
     assert "(Read-only)" in readonly_page.get_by_test_id("current-user").inner_text()
+
+
+def test_the_graph_range_switches_in_place_and_is_kept_in_the_url(demo_appliance, admin_page):
+    page = admin_page
+    assert page.get_by_test_id("chart-messages").is_visible()
+
+    page.get_by_role("link", name="7 days").click()
+    page.wait_for_url("**/home/?range=7d")
+
+    assert page.locator(".ranges a.active").inner_text() == "7 days"
+    assert "last 7 days" in page.locator("#processing-graphs figcaption").first.inner_text()
+    screenshot(page, "home-graphs-7d")

@@ -47,3 +47,17 @@ def test_healthz_reports_the_worker_up_and_then_down_when_it_is_killed(celery_wo
     assert response.status_code == 503
     assert response.json()["worker"] == "down"
     assert response.json()["redis"] == "up"
+
+
+def test_the_worker_samples_resources_for_the_graphs(celery_worker):
+    from home.models import ResourceSample
+    from home.tasks import resources_sample
+
+    resources_sample.delay()
+
+    sample = wait_for(
+        ResourceSample.objects.first,
+        message=f"no sample; the worker's log:\n{celery_worker.log()}",
+    )
+    assert 0 <= sample.cpu_percent <= 100
+    assert 0 < sample.memory_percent < 100
