@@ -114,6 +114,65 @@ CREATE TABLE IF NOT EXISTS processing_minute (
     bytes INTEGER NOT NULL DEFAULT 0,
     processing_ms INTEGER NOT NULL DEFAULT 0  -- total over the minute's messages
 );
+
+-- The same figures per hour, kept by triggers so that every writer of processing_minute keeps
+-- them right without knowing they exist. Graphs of 7 and 30 days read these: 24 times fewer
+-- rows than the minutes.
+CREATE TABLE IF NOT EXISTS processing_hour (
+    hour INTEGER PRIMARY KEY,  -- epoch seconds of the hour's start, UTC
+    received INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    virus INTEGER NOT NULL DEFAULT 0,
+    spam INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    processing_ms INTEGER NOT NULL DEFAULT 0
+);
+
+CREATE TRIGGER IF NOT EXISTS processing_minute_insert AFTER INSERT ON processing_minute BEGIN
+    INSERT INTO processing_hour (
+        hour, received, delivered, quarantined, rejected, virus, spam, bytes, processing_ms
+    ) VALUES (
+        NEW.minute / 3600 * 3600, NEW.received, NEW.delivered, NEW.quarantined, NEW.rejected,
+        NEW.virus, NEW.spam, NEW.bytes, NEW.processing_ms
+    )
+    ON CONFLICT (hour) DO UPDATE SET
+        received = received + excluded.received,
+        delivered = delivered + excluded.delivered,
+        quarantined = quarantined + excluded.quarantined,
+        rejected = rejected + excluded.rejected,
+        virus = virus + excluded.virus,
+        spam = spam + excluded.spam,
+        bytes = bytes + excluded.bytes,
+        processing_ms = processing_ms + excluded.processing_ms;
+END;
+
+CREATE TRIGGER IF NOT EXISTS processing_minute_update AFTER UPDATE ON processing_minute BEGIN
+    UPDATE processing_hour SET
+        received = received + NEW.received - OLD.received,
+        delivered = delivered + NEW.delivered - OLD.delivered,
+        quarantined = quarantined + NEW.quarantined - OLD.quarantined,
+        rejected = rejected + NEW.rejected - OLD.rejected,
+        virus = virus + NEW.virus - OLD.virus,
+        spam = spam + NEW.spam - OLD.spam,
+        bytes = bytes + NEW.bytes - OLD.bytes,
+        processing_ms = processing_ms + NEW.processing_ms - OLD.processing_ms
+    WHERE hour = NEW.minute / 3600 * 3600;
+END;
+
+CREATE TRIGGER IF NOT EXISTS processing_minute_delete AFTER DELETE ON processing_minute BEGIN
+    UPDATE processing_hour SET
+        received = received - OLD.received,
+        delivered = delivered - OLD.delivered,
+        quarantined = quarantined - OLD.quarantined,
+        rejected = rejected - OLD.rejected,
+        virus = virus - OLD.virus,
+        spam = spam - OLD.spam,
+        bytes = bytes - OLD.bytes,
+        processing_ms = processing_ms - OLD.processing_ms
+    WHERE hour = OLD.minute / 3600 * 3600;
+END;
 """
 
 # name -> definition. size is in the store index so a store's count and bytes, and a purge by

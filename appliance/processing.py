@@ -51,17 +51,24 @@ def series(
     """
     if bucket_seconds < 60 or bucket_seconds % 60:
         raise ValueError("bucket_seconds must be a whole number of minutes")
+    # Whole hours come from the hourly roll-up the triggers keep: 24 times fewer rows to sum.
+    table, column = (
+        ("processing_hour", "hour")
+        if bucket_seconds % 3600 == 0
+        else ("processing_minute", "minute")
+    )
     conn = msgstore.connect(root, readonly=True)
     try:
         rows = conn.execute(
-            """
-            SELECT (minute / :b) * :b AS start, SUM(received), SUM(delivered), SUM(quarantined),
-                   SUM(rejected), SUM(virus), SUM(spam), SUM(bytes), SUM(processing_ms)
-            FROM processing_minute
-            WHERE minute >= :since AND minute < :until
+            f"""
+            SELECT ({column} / :b) * :b AS start, SUM(received), SUM(delivered),
+                   SUM(quarantined), SUM(rejected), SUM(virus), SUM(spam), SUM(bytes),
+                   SUM(processing_ms)
+            FROM {table}
+            WHERE {column} >= :since AND {column} < :until
             GROUP BY start
             ORDER BY start
-            """,
+            """,  # noqa: S608 - table and column are one of two constants above
             {"b": bucket_seconds, "since": since, "until": until},
         ).fetchall()
     except sqlite3.DatabaseError as exc:
@@ -114,9 +121,14 @@ def fill_demo_minutes(
     try:
         with conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO processing_minute (minute, received, delivered, "
-                "quarantined, rejected, virus, spam, bytes, processing_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                # Not INSERT OR REPLACE: a replace deletes without firing the delete trigger,
+                # which would leave the hourly roll-up counting the old row too.
+                "INSERT INTO processing_minute (minute, received, delivered, quarantined, "
+                "rejected, virus, spam, bytes, processing_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (minute) DO UPDATE SET received = excluded.received, "
+                "delivered = excluded.delivered, quarantined = excluded.quarantined, "
+                "rejected = excluded.rejected, virus = excluded.virus, spam = excluded.spam, "
+                "bytes = excluded.bytes, processing_ms = excluded.processing_ms",
                 rows,
             )
     finally:

@@ -47,7 +47,7 @@ def main() -> None:
     from accounts.services import user_create
     from appliance import msgstore
     from appliance.demo import init_demo
-    from home.models import ResourceSample
+    from home.models import ResourceHour, ResourceSample
 
     call_command("migrate", verbosity=0)
     init_demo(messages=100, graph_days=30)
@@ -65,6 +65,16 @@ def main() -> None:
         ),
         batch_size=5000,
     )
+    hours: dict[int, ResourceHour] = {}
+    for sample in ResourceSample.objects.all():
+        hour = hours.setdefault(sample.minute // 3600 * 3600, ResourceHour(hour=0))
+        hour.hour = sample.minute // 3600 * 3600
+        hour.samples += 1
+        hour.cpu_sum += sample.cpu_percent
+        hour.memory_sum += sample.memory_percent
+        hour.console_disk_sum += sample.console_disk_percent
+        hour.store_disk_sum += sample.store_disk_percent
+    ResourceHour.objects.bulk_create(hours.values())
     user = user_create("bench", "bench password 2026", administrator=False)
     client = Client()
     client.force_login(user)

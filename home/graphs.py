@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from django.db.models import Avg, F
+from django.db.models import Avg, F, Sum
 
 from appliance import processing
 from appliance.errors import ApplianceError
-from home.models import ResourceSample
+from home.models import ResourceHour, ResourceSample
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ RANGES: dict[str, GraphRange] = {
     for r in (
         GraphRange("1h", "1 hour", 3600, 60),
         GraphRange("24h", "24 hours", 86400, 300),
-        GraphRange("7d", "7 days", 7 * 86400, 1800),
+        GraphRange("7d", "7 days", 7 * 86400, 3600),
         GraphRange("30d", "30 days", 30 * 86400, 7200),
     )
 }
@@ -150,18 +150,33 @@ def resource_graph(rng: GraphRange, now: float) -> Graph:
     """CPU, memory and the two upgrade disks in %, averaged per bucket."""
     starts = bucket_starts(rng, now)
     size = rng.bucket_seconds
-    rows = (
-        ResourceSample.objects.filter(minute__gte=starts[0], minute__lt=starts[-1] + size)
-        .annotate(bucket=F("minute") / size * size)
-        .values("bucket")
-        .annotate(
-            cpu=Avg("cpu_percent"),
-            memory=Avg("memory_percent"),
-            store_disk=Avg("store_disk_percent"),
-            console_disk=Avg("console_disk_percent"),
+    if size % 3600 == 0:
+        # Whole hours: average the hourly sums, 24 times fewer rows than the minutes.
+        rows = (
+            ResourceHour.objects.filter(hour__gte=starts[0], hour__lt=starts[-1] + size)
+            .annotate(bucket=F("hour") / size * size)
+            .values("bucket")
+            .annotate(
+                **{
+                    name: Sum(f"{name}_sum") / Sum("samples")
+                    for name in ("cpu", "memory", "store_disk", "console_disk")
+                }
+            )
+            .order_by("bucket")
         )
-        .order_by("bucket")
-    )
+    else:
+        rows = (
+            ResourceSample.objects.filter(minute__gte=starts[0], minute__lt=starts[-1] + size)
+            .annotate(bucket=F("minute") / size * size)
+            .values("bucket")
+            .annotate(
+                cpu=Avg("cpu_percent"),
+                memory=Avg("memory_percent"),
+                store_disk=Avg("store_disk_percent"),
+                console_disk=Avg("console_disk_percent"),
+            )
+            .order_by("bucket")
+        )
     by_start = {row["bucket"]: row for row in rows}
 
     def line(field: str) -> list[float | None]:

@@ -22,3 +22,21 @@ class ResourceSample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.minute}: cpu {self.cpu_percent:.0f}% mem {self.memory_percent:.0f}%"
+
+
+class ResourceHour(models.Model):
+    """Sums of one hour's resource samples, kept beside them by ``resources_sample``.
+
+    Graphs of 7 and 30 days average hours from these (24 times fewer rows than minutes); sums
+    and a count, not averages, so that a replaced sample can be taken back out exactly.
+    """
+
+    hour = models.BigIntegerField(unique=True)
+    samples = models.PositiveIntegerField(default=0)
+    cpu_sum = models.FloatField(default=0.0)
+    memory_sum = models.FloatField(default=0.0)
+    console_disk_sum = models.FloatField(default=0.0)
+    store_disk_sum = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return f"{self.hour}: {self.samples} samples"

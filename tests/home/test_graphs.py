@@ -106,3 +106,30 @@ def test_without_a_message_store_the_resource_graph_still_shows(admin_client):
 
     assert "Mail figures are not available" in response.content.decode()
     assert 'data-testid="chart-resources"' in response.content.decode()
+
+
+def test_the_hourly_roll_up_agrees_with_the_minutes_after_a_replaced_sample(demo_appliance):
+    from home.models import ResourceHour
+
+    for offset in (0, 60, 61, 3600):
+        services.resources_sample(now=1_800_000_000 + offset)
+
+    for hour in ResourceHour.objects.all():
+        minutes = ResourceSample.objects.filter(minute__gte=hour.hour, minute__lt=hour.hour + 3600)
+        assert hour.samples == minutes.count()
+        assert hour.cpu_sum == pytest.approx(sum(m.cpu_percent for m in minutes))
+        assert hour.memory_sum == pytest.approx(sum(m.memory_percent for m in minutes))
+
+
+def test_graphs_of_whole_hours_read_the_roll_ups_and_match_the_minutes(demo_appliance):
+    now = time.time()
+    rng = graphs.RANGES["7d"]
+    starts = graphs.bucket_starts(rng, now)
+    by_hour = graphs.mail_graphs(rng, now)[0].series[0].values
+    with msgstore.connect(readonly=True) as conn:
+        (received,) = conn.execute(
+            "SELECT SUM(received) FROM processing_minute WHERE minute >= ? AND minute < ?",
+            (starts[-2], starts[-1]),
+        ).fetchone()
+
+    assert by_hour[-2] * 60 == pytest.approx(received)
