@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,7 +15,7 @@ from django.db.models import Q
 from django.http import HttpRequest
 from django.utils import timezone
 
-from accounts.models import LoginFailure
+from accounts.models import ApiToken, LoginFailure
 from accounts.roles import ADMINISTRATOR, ensure_role_groups
 from events.models import Category, Severity
 from events.services import event_write
@@ -127,3 +128,32 @@ def first_admin_ensure(password: str | None) -> tuple[bool, str | None]:
         password = generated
     user_create("admin", password, administrator=True)
     return True, generated
+
+
+def _token_digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def api_token_create(user: AbstractBaseUser, name: str, created_by: str = "system") -> str:
+    """Create an API token for the user and return it; only its digest is kept."""
+    key = "lmi_" + secrets.token_urlsafe(32)
+    ApiToken.objects.create(user=user, name=name, prefix=key[:8], digest=_token_digest(key))
+    event_write(
+        category=Category.AUTH,
+        message=f"API token {name!r} created for {user.get_username()}",
+        user=created_by,
+    )
+    return key
+
+
+def api_token_user(key: str) -> AbstractBaseUser | None:
+    """The active user a token stands for, or None; records when it was last used."""
+    token = (
+        ApiToken.objects.select_related("user")
+        .filter(digest=_token_digest(key), user__is_active=True)
+        .first()
+    )
+    if token is None:
+        return None
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now())
+    return token.user

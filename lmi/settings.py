@@ -60,6 +60,7 @@ INSTALLED_APPS = [
     "upgrades",
     "mailsecurity",
     "smtp",
+    "api",
 ]
 
 MIDDLEWARE = [

@@ -15,5 +15,6 @@ urlpatterns = [
     path("updates/", include("upgrades.urls")),
     path("mail-security/", include("mailsecurity.urls")),
     path("smtp/", include("smtp.urls")),
+    path("api/v1/", include("api.urls")),
     path("healthz", login_not_required(home_views.healthz), name="healthz"),
 ]
