@@ -3,7 +3,8 @@
 `make run` and the tests need a box to manage without the real hardware, so this builds one
 under the appliance root with everything the upgrade guide talks about: the firmware level it
 requires, DHCP and static interfaces, policy objects that use ``$(FILE/...)`` macros (and the
-files they name), SMTP and tracking log retention, a filled message store, the active firmware
+files they name), the mail policy binding them to rules, SMTP settings with log retention and
+no next hop (accepted mail goes to a local sink), a filled message store, the active firmware
 slot and the system backup image on the rescue partition. Every file is written through the
 same functions the console uses, so the demo cannot drift from the formats they read.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from appliance import msgstore, processing, rescue
 from appliance.atomic import atomic_write_bytes, atomic_write_text
 from appliance.errors import ApplianceExists
+from appliance.mailpolicy import MailPolicy, PolicyRule, write_mail_policy
 from appliance.paths import Layout, appliance_root, layout
 from appliance.policy import PolicyObject, file_macro, write_policy_objects
 from appliance.smtp import SmtpSettings, write_smtp_settings
@@ -107,6 +109,26 @@ def _policy_objects() -> list[PolicyObject]:
         # A message store object names its store; its retention lives in the message store.
         *(obj(name, "messagestore", name) for name, _, _, _ in msgstore.DEMO_STORES),
     ]
+
+
+def _mail_policy() -> MailPolicy:
+    """What the mail service applies: the demo's lists, size limit, keywords and stores."""
+    store_ids = {verdict: _object_id(name) for name, _, verdict, _ in msgstore.DEMO_STORES}
+    return MailPolicy(
+        rules=(
+            PolicyRule("sender-block", _object_id("Blocked senders")),
+            PolicyRule("sender-allow", _object_id("Allowed domains")),
+            PolicyRule("size-limit", _object_id("Maximum message size")),
+            PolicyRule("spam-keywords", _object_id("Spam phrases"), threshold=5.0),
+            # Confidential words in mail the company's own domains send out: policy violation.
+            PolicyRule(
+                "content-keywords",
+                _object_id("Confidential keywords"),
+                senders_id=_object_id("Internal domains"),
+            ),
+        ),
+        quarantine={verdict: store_ids[verdict] for verdict in ("spam", "virus", "policy")},
+    )
 
 
 def _write_lists(the_layout: Layout) -> None:
@@ -249,10 +271,12 @@ def init_demo(
     objects = _policy_objects()
     the_layout.cpe_dir.mkdir(parents=True, exist_ok=True)
     write_policy_objects(objects, base)
+    write_mail_policy(_mail_policy(), base)
     write_smtp_settings(
         SmtpSettings(
             listen_port=25,
-            next_hop="groupware.example.com",
+            # Empty: accepted mail goes to the local sink. A demo never relays off the machine.
+            next_hop="",
             max_message_size=20 * 1024 * 1024,
             smtp_log_retention_days=90,
             tracking_log_retention_days=90,

@@ -1,7 +1,8 @@
 """`make run`: set the console up and serve it with its workers; Ctrl-C stops everything.
 
     python -m lmi.launcher setup   # migrate, first administrator, demo appliance, static files
-    python -m lmi.launcher run     # setup, then Redis (if needed), gunicorn, worker and beat
+    python -m lmi.launcher run     # setup, then Redis (if needed), gunicorn, worker, beat and
+                                   # the mail processing service (SMTP)
 
 Everything here is process plumbing; what the steps do lives in management commands.
 """
@@ -93,6 +94,8 @@ def run() -> int:
             "--schedule",
             str(_var_dir(env) / "celerybeat-schedule"),
         ],
+        # The mail processing service, on LMI_SMTP_HOST:LMI_SMTP_PORT (127.0.0.1:2525).
+        "smtp": [sys.executable, str(BASE_DIR / "manage.py"), "smtp_service"],
     }
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
@@ -111,9 +114,13 @@ def run() -> int:
                 command, cwd=BASE_DIR, env=env, start_new_session=True
             )
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/"  # noqa: S104
+        smtp_address = (
+            f"{env.get('LMI_SMTP_HOST') or '127.0.0.1'}:{env.get('LMI_SMTP_PORT') or 2525}"
+        )
         print(
             f"\nLMI is serving on {url}\n  Log in as 'admin' (password: LMI_ADMIN_PASSWORD, or "
-            "the one printed above when it was created). Ctrl-C stops everything.\n",
+            "the one printed above when it was created). Ctrl-C stops everything.\n"
+            f"  The mail processing service accepts SMTP on {smtp_address}.\n",
             flush=True,
         )
         while not stopping:

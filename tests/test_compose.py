@@ -23,18 +23,26 @@ def _command_words(service: dict) -> list[str]:
     return list(command)
 
 
-def test_it_has_web_worker_beat_redis_and_postgres_with_health_checks():
+def _management_command_exists(name: str) -> bool:
+    return any(BASE_DIR.glob(f"*/management/commands/{name}.py"))
+
+
+def test_it_has_web_worker_beat_smtp_redis_and_postgres_with_health_checks():
     services = _compose()["services"]
 
-    assert set(services) == {"web", "worker", "beat", "redis", "postgres"}
-    for name in ("web", "worker", "redis", "postgres"):
+    assert set(services) == {"web", "worker", "beat", "smtp", "redis", "postgres"}
+    for name in ("web", "worker", "smtp", "redis", "postgres"):
         assert "healthcheck" in services[name], name
 
 
 def test_each_console_service_runs_a_command_that_exists_in_the_project():
     services = _compose()["services"]
-    for name in ("web", "worker", "beat"):
+    for name in ("web", "worker", "beat", "smtp"):
         words = _command_words(services[name])
+        if "manage.py" in words:
+            command = words[words.index("manage.py") + 1]
+            assert (BASE_DIR / "manage.py").is_file(), name
+            assert _management_command_exists(command), f"{name}: no command {command!r}"
         if "gunicorn" in words:
             module, _, attribute = words[words.index("gunicorn") + 1].partition(":")
             source = (BASE_DIR / module.replace(".", "/")).with_suffix(".py").read_text()
@@ -69,3 +77,16 @@ def test_the_example_environment_names_only_variables_the_console_reads():
         if line.startswith("LMI_"):
             name = line.split("=", 1)[0]
             assert f'"{name.removeprefix("LMI_")}"' in sources or f'"{name}"' in sources, name
+
+
+def test_the_smtp_service_listens_on_all_interfaces_on_the_mapped_port():
+    smtp = _compose()["services"]["smtp"]
+    words = _command_words(smtp)
+
+    assert words[:3] == ["python", "manage.py", "smtp_service"]
+    assert words[words.index("--host") + 1] == "0.0.0.0"
+    container_port = smtp["ports"][0].rsplit(":", 1)[1]
+    assert container_port == "2525"
+    assert "--port" not in words or words[words.index("--port") + 1] == container_port
+    assert "2525" in " ".join(smtp["healthcheck"]["test"])
+    assert smtp["environment"] == _compose()["services"]["web"]["environment"]  # same anchor
