@@ -6,5 +6,5 @@ COPY pyproject.toml ./
 COPY . .
 RUN pip install --no-cache-dir -e . && useradd --system --home /app lmi && mkdir -p /data && chown lmi /data
 USER lmi
-EXPOSE 8000
+EXPOSE 8000 2525
 CMD ["gunicorn", "lmi.wsgi:application", "--bind", "0.0.0.0:8000"]

@@ -41,6 +41,8 @@ format: install
 bench: install
 	$(BIN)/python bench/events_log.py
 	$(BIN)/python bench/msgstore_fill.py
+	$(BIN)/python bench/graphs.py
+	$(BIN)/python bench/smtp_accept.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
