@@ -160,6 +160,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "home.tasks.resources_sample",
         "schedule": 60.0,
     },
+    "upgrades-update-check": {
+        "task": "upgrades.tasks.update_check",
+        "schedule": crontab(minute=7),
+    },
     "accounts-prune-login-failures": {
         "task": "accounts.tasks.login_failures_prune",
         "schedule": crontab(minute="*/30"),
@@ -168,6 +172,14 @@ CELERY_BEAT_SCHEDULE = {
 # The mail processing service (SMTP): loopback by default; LMI_SMTP_HOST=0.0.0.0 to serve others.
 SMTP_HOST = env_str("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = env_int("SMTP_PORT", 2525, minimum=1)
+# Firmware updates. The console trusts only these Ed25519 public keys (base64 of the raw 32
+# bytes): those listed in LMI_TRUSTED_KEYS and those in *.pub files of TRUSTED_KEYS_DIR (where
+# init_appliance puts the demo vendor's key).
+TRUSTED_KEYS = env_list("TRUSTED_KEYS", [])
+TRUSTED_KEYS_DIR = env_path("TRUSTED_KEYS_DIR", VAR_DIR / "trusted-keys")
+# Where the console learns of new firmware: an http(s) URL of a feed.json, or a local directory
+# holding one. The default is the demo feed init_appliance publishes.
+UPDATE_FEED_URL = env_str("UPDATE_FEED_URL", str(VAR_DIR / "update-feed"))
 # Events older than this are deleted by the daily prune.
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 365, minimum=1)
 
