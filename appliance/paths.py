@@ -99,6 +99,11 @@ class Layout:
         return self.root / "var" / "lib" / "mailsec" / "maintenance.json"
 
     @property
+    def license_file(self) -> Path:
+        """The signed license: customer, serial and how long firmware updates are included."""
+        return self.etc_dir / "mailsec" / "license.json"
+
+    @property
     def mail_spool_dir(self) -> Path:
         """Accepted messages waiting for delivery to the next hop (survive a restart)."""
         return self.root / "var" / "spool" / "mailsec" / "outgoing"

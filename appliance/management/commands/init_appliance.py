@@ -1,7 +1,10 @@
 """`manage.py init_appliance [--messages N] [--force]`: build the demo appliance if there is none.
 
 `make run` runs this on every start, so with an appliance in place it only says so and exits
-successfully, touching nothing.
+successfully, touching nothing. The demo firmware updates (vendor key, feed, license; see
+appliance/demo_updates.py) come with a new appliance, and are added to an existing demo
+appliance that lacks them, so older development setups get them too; a real appliance (another
+serial) never gets the demo vendor's key.
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from appliance.demo import init_demo
-from appliance.errors import ApplianceExists
+from appliance.demo_updates import demo_updates_missing, init_demo_updates, is_demo_appliance
+from appliance.errors import ApplianceError, ApplianceExists
 from appliance.paths import appliance_root
 from appliance.system import appliance_exists
-from events.models import Category
+from events.models import Category, Severity
 from events.services import event_write
 
 
@@ -51,6 +56,7 @@ class Command(BaseCommand):
         except ApplianceExists:
             self._exists(root)  # another process built it since we looked
             return
+        updates = self._demo_updates(root)
         seconds = time.monotonic() - started
         self.stdout.write(
             self.style.SUCCESS(
@@ -73,11 +79,50 @@ class Command(BaseCommand):
                 "policy_objects": summary.policy_objects,
                 "file_macro_objects": summary.file_macro_objects,
                 "forced": force,
+                "demo_updates": updates,
                 "seconds": round(seconds, 2),
             },
         )
 
     def _exists(self, root: Path) -> None:
-        self.stdout.write(
-            f"An appliance already exists at {root}; nothing to do (--force replaces it)."
+        # Only a demo appliance gets the demo vendor's key and license, never a real one.
+        missing = (
+            demo_updates_missing(Path(settings.VAR_DIR), root) if is_demo_appliance(root) else []
         )
+        if not missing:
+            self.stdout.write(
+                f"An appliance already exists at {root}; nothing to do (--force replaces it)."
+            )
+            return
+        self.stdout.write(f"An appliance already exists at {root}; adding the demo updates.")
+        outcome = self._demo_updates(root)
+        failed = outcome != "ready"
+        event_write(
+            category=Category.UPDATE,
+            severity=Severity.WARNING if failed else Severity.INFO,
+            message=(
+                "Demo firmware updates could not be added"
+                if failed
+                else f"Demo firmware updates added ({', '.join(missing)})"
+            ),
+            details={
+                "command": "init_appliance",
+                "root": str(root),
+                "missing": missing,
+                "demo_updates": outcome,
+            },
+        )
+
+    def _demo_updates(self, root: Path) -> str:
+        """Add the demo vendor key, feed and license; a failure is reported, not fatal."""
+        var_dir = Path(settings.VAR_DIR)
+        try:
+            init_demo_updates(var_dir, root, out=self.stdout)
+        except (ApplianceError, OSError) as exc:
+            self.stderr.write(f"The demo firmware updates could not be set up: {exc}")
+            return f"failed: {exc}"
+        self.stdout.write(
+            f"Demo firmware updates ready: feed {settings.UPDATE_FEED_URL} (2.8.1.0 and "
+            f"2.8.0.0), vendor key in {var_dir / 'demo-vendor'}, license for this appliance."
+        )
+        return "ready"
