@@ -35,6 +35,15 @@ def appliance_root(tmp_path: Path, settings) -> Iterator[Path]:
     yield root
 
 
+@pytest.fixture(autouse=True)
+def update_paths(tmp_path: Path, settings) -> None:
+    """Trusted keys, the update feed and var/ per test: never the developer's own var/."""
+    settings.VAR_DIR = tmp_path / "var"
+    settings.TRUSTED_KEYS = []
+    settings.TRUSTED_KEYS_DIR = tmp_path / "var" / "trusted-keys"
+    settings.UPDATE_FEED_URL = str(tmp_path / "var" / "update-feed")
+
+
 @pytest.fixture
 def demo_appliance(appliance_root: Path) -> Path:
     """A small but complete demo appliance (200 messages, a day of graphs) under the test's root."""

@@ -100,6 +100,10 @@ def start_worker(redis_url: str, appliance_root: Path, log_dir: Path) -> WorkerP
             "LMI_DATABASE_URL": test_database_url(),
             "LMI_REDIS_URL": redis_url,
             "LMI_APPLIANCE_ROOT": str(appliance_root),
+            # The same keys and feed as the test process (tests/conftest.py sets them per test).
+            "LMI_TRUSTED_KEYS_DIR": str(django_settings.TRUSTED_KEYS_DIR),
+            "LMI_TRUSTED_KEYS": ",".join(django_settings.TRUSTED_KEYS),
+            "LMI_UPDATE_FEED_URL": str(django_settings.UPDATE_FEED_URL),
             "PYTHONUNBUFFERED": "1",
         }
     )
