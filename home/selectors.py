@@ -118,7 +118,8 @@ def upgrade_disks() -> list[DiskUsage]:
 
 
 def reclaim_links() -> list[ReclaimLink]:
-    """The guide's three places to reduce retention, linked where the page exists."""
+    """The guide's three places to reduce retention, and the planner that picks the values,
+    linked where the page exists."""
     from django.urls import NoReverseMatch
 
     links = []
@@ -126,6 +127,7 @@ def reclaim_links() -> list[ReclaimLink]:
         ("Mail Security > Policy Objects > Message Stores", "mailsecurity:message_stores"),
         ("SMTP > Configuration > Maintenance", "smtp:maintenance"),
         ("Mail Security > Policy > Message Tracking / Reporting", "mailsecurity:message_tracking"),
+        ("Reclaim planner: which retentions bring the disk to 50% free", "mailsecurity:reclaim"),
     ):
         try:
             url: str | None = reverse(name)

@@ -1,3 +1,9 @@
+from django.urls import path
+
+from smtp import views
 
 app_name = "smtp"
-urlpatterns: list = []
+urlpatterns = [
+    path("configuration/maintenance/", views.maintenance, name="maintenance"),
+    path("configuration/maintenance/mode/", views.maintenance_mode, name="maintenance_mode"),
+]

@@ -1,0 +1,322 @@
+"""Searching the message tracking log (Mail Security > Policy > Message Tracking / Reporting).
+
+The log holds a row per recipient of every message, a million rows and more, so it is never
+counted and never paged by OFFSET. A page is addressed by a position, the (logged_at, id) of a
+row, and walks one index in the log's order from there:
+
+    WHERE logged_at <= t AND (logged_at < t OR (logged_at = t AND id < i))
+    ORDER BY logged_at DESC, id DESC LIMIT n
+
+The index is chosen from the filters, most selective first: (sender, logged_at), then
+(recipient, logged_at), then (verdict, logged_at), else (logged_at); ``INDEXED BY`` pins it so
+the plan never depends on statistics. An index's entries end with the rowid, so each of them is
+in exactly the page order.
+
+Conditions no index answers in that order (a second address, the action, words of the
+subject) are tested on the rows the index yields, but a page reads at most ``SEARCH_WINDOW``
+of them past its position: a rare match must not turn one page into a scan of the whole log.
+When the window holds less than a page of matches, the page says how far it searched and its
+Older link goes on from there.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from appliance import msgstore
+
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+SEARCH_WINDOW = 10_000
+
+Direction = Literal["older", "newer"]
+
+
+class InvalidPosition(ValueError):
+    """A page link that was not made by Position.encode."""
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    """A place in the log: one row's time (epoch seconds) and id; compares in log order."""
+
+    logged_at: int
+    id: int
+
+    def encode(self) -> str:
+        raw = f"{self.logged_at}.{self.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, token: str) -> Position:
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+            when, _, ident = raw.partition(".")
+            position = cls(int(when), int(ident))
+        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+            raise InvalidPosition(
+                "This page link is damaged; start again from the newest."
+            ) from exc
+        if position.id < 0:
+            raise InvalidPosition("This page link is damaged; start again from the newest.")
+        return position
+
+
+@dataclass(frozen=True)
+class TrackingFilter:
+    """What to look for; every condition is optional and the given ones all apply.
+
+    sender and recipient are whole addresses, any case; subject is a part of the subject, any
+    case; since is inclusive and until exclusive (epoch seconds).
+    """
+
+    sender: str = ""
+    recipient: str = ""
+    subject: str = ""
+    verdict: str = ""
+    action: str = ""
+    since: int | None = None
+    until: int | None = None
+
+    def plan(self) -> tuple[str, list[str], list[object], list[str], list[object]]:
+        """(index, indexed conditions, their parameters, other conditions, their parameters)."""
+        keyed = [
+            ("tracking_log_sender", "sender", self.sender),
+            ("tracking_log_recipient", "recipient", self.recipient),
+            ("tracking_log_verdict", "verdict", self.verdict),
+        ]
+        index = "tracking_log_logged_at"
+        indexed: list[str] = []
+        indexed_params: list[object] = []
+        other: list[str] = []
+        other_params: list[object] = []
+        for name, column, value in keyed:
+            if not value:
+                continue
+            if not indexed:
+                index = name
+                indexed.append(f"{column} = ?")
+                indexed_params.append(value)
+            else:
+                other.append(f"{column} = ?")
+                other_params.append(value)
+        if self.since is not None:
+            indexed.append("logged_at >= ?")
+            indexed_params.append(self.since)
+        if self.until is not None:
+            indexed.append("logged_at < ?")
+            indexed_params.append(self.until)
+        if self.action:
+            other.append("action = ?")
+            other_params.append(self.action)
+        if self.subject:
+            escaped = self.subject.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            other.append("subject LIKE ? ESCAPE '\\'")
+            other_params.append(f"%{escaped}%")
+        return index, indexed, indexed_params, other, other_params
+
+
+@dataclass(frozen=True)
+class TrackingEntry:
+    """One row of the log; stored says whether the quarantined copy is still kept."""
+
+    id: int
+    logged_at: datetime
+    message_id: str
+    sender: str
+    recipient: str
+    subject: str
+    verdict: str
+    action: str
+    size: int
+    quarantine_id: int | None
+    stored: bool
+
+    @property
+    def position(self) -> Position:
+        return Position(int(self.logged_at.timestamp()), self.id)
+
+
+@dataclass(frozen=True)
+class TrackingPage:
+    """One page, newest first, and where its neighbours start (see events.selectors.EventPage).
+
+    older: the position the next page back starts after (None at the oldest end); newer: the
+    one the page before starts before (None on the newest page). searched_to: set when the
+    search window ended before a page was filled; older then points past it.
+    """
+
+    entries: list[TrackingEntry]
+    older: Position | None
+    newer: Position | None
+    searched_to: Position | None = None
+
+
+_COLUMNS = (
+    "id, logged_at, message_id, sender, recipient, subject, verdict, action, size, quarantine_id"
+)
+
+
+def _beyond(position: Position, direction: Direction) -> tuple[str, list[object]]:
+    t, i = position.logged_at, position.id
+    if direction == "older":
+        return "logged_at <= ? AND (logged_at < ? OR (logged_at = ? AND id < ?))", [t, t, t, i]
+    return "logged_at >= ? AND (logged_at > ? OR (logged_at = ? AND id > ?))", [t, t, t, i]
+
+
+def _up_to(position: Position, direction: Direction) -> tuple[str, list[object]]:
+    """Rows no further than position, its own row included: the far end of a search window."""
+    t, i = position.logged_at, position.id
+    if direction == "older":
+        return "logged_at >= ? AND (logged_at > ? OR (logged_at = ? AND id >= ?))", [t, t, t, i]
+    return "logged_at <= ? AND (logged_at < ? OR (logged_at = ? AND id <= ?))", [t, t, t, i]
+
+
+def _order(direction: Direction) -> str:
+    return "logged_at DESC, id DESC" if direction == "older" else "logged_at ASC, id ASC"
+
+
+def _where(conditions: list[str]) -> str:
+    return " WHERE " + " AND ".join(conditions) if conditions else ""
+
+
+def _slice(
+    conn: sqlite3.Connection,
+    search: TrackingFilter,
+    position: Position | None,
+    direction: Direction,
+    count: int,
+) -> tuple[list[sqlite3.Row], Position | None]:
+    """Up to count matching rows beyond position, nearest first, and the window's far end
+    when the window was read to its end without finding count rows."""
+    index, conditions, params, other, other_params = search.plan()
+    conditions, params = list(conditions), list(params)
+    if position is not None:
+        beyond, beyond_params = _beyond(position, direction)
+        conditions.append(beyond)
+        params += beyond_params
+    source = f"tracking_log INDEXED BY {index}"
+    edge: Position | None = None
+    if other:
+        # The window: the next SEARCH_WINDOW entries of the index, read from the index alone.
+        # Its far end is the last of them; a window shorter than that reaches the log's end.
+        window = (
+            f"SELECT logged_at, id FROM {source}{_where(conditions)}"  # noqa: S608
+            f" ORDER BY {_order(direction)} LIMIT ?"
+        )
+        far = "logged_at ASC, id ASC" if direction == "older" else "logged_at DESC, id DESC"
+        row = conn.execute(
+            f"SELECT logged_at, id, count(*) OVER () FROM ({window}) ORDER BY {far} LIMIT 1",  # noqa: S608
+            (*params, SEARCH_WINDOW),
+        ).fetchone()
+        if row is not None and row[2] >= SEARCH_WINDOW:
+            edge = Position(row[0], row[1])
+            up_to, up_to_params = _up_to(edge, direction)
+            conditions.append(up_to)
+            params += up_to_params
+        conditions += other
+        params += other_params
+    rows = conn.execute(
+        f"SELECT {_COLUMNS} FROM {source}{_where(conditions)}"  # noqa: S608
+        f" ORDER BY {_order(direction)} LIMIT ?",
+        (*params, count),
+    ).fetchall()
+    if len(rows) < count and edge is not None:
+        return rows, edge
+    return rows, None
+
+
+def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[TrackingEntry]:
+    """The rows as entries, each knowing whether its quarantined copy is still stored."""
+    ids = [row["quarantine_id"] for row in rows if row["quarantine_id"] is not None]
+    stored: set[int] = set()
+    if ids:
+        marks = ",".join("?" * len(ids))
+        stored = {
+            r[0]
+            for r in conn.execute(
+                f"SELECT id FROM quarantined_message WHERE id IN ({marks})",  # noqa: S608
+                ids,
+            )
+        }
+    return [
+        TrackingEntry(
+            id=row["id"],
+            logged_at=datetime.fromtimestamp(row["logged_at"], tz=UTC),
+            message_id=row["message_id"],
+            sender=row["sender"],
+            recipient=row["recipient"],
+            subject=row["subject"],
+            verdict=row["verdict"],
+            action=row["action"],
+            size=row["size"],
+            quarantine_id=row["quarantine_id"],
+            stored=row["quarantine_id"] in stored,
+        )
+        for row in rows
+    ]
+
+
+def _position(row: sqlite3.Row) -> Position:
+    return Position(row["logged_at"], row["id"])
+
+
+def tracking_page(
+    search: TrackingFilter,
+    *,
+    after: Position | None = None,
+    before: Position | None = None,
+    limit: int = PAGE_SIZE,
+    root: Path | None = None,
+) -> TrackingPage:
+    """The page older than after, newer than before, or (neither) the newest one."""
+    if after is not None and before is not None:
+        raise ValueError("a page starts after one row or before one, not both")
+    conn = msgstore.connect(root, readonly=True)
+    try:
+        if before is not None:
+            rows, searched_to = _slice(conn, search, before, "newer", limit + 1)
+            if len(rows) > limit or searched_to is not None:
+                rows = rows[:limit]
+                rows.reverse()
+                newer = searched_to or _position(rows[0])
+                return TrackingPage(_entries(conn, rows), before, newer, searched_to)
+            # Less than a page of newer rows is left: the newest page instead.
+            after = None
+        rows, searched_to = _slice(conn, search, after, "older", limit + 1)
+        older: Position | None = None
+        if len(rows) > limit:
+            rows = rows[:limit]
+            older = _position(rows[-1])
+        elif searched_to is not None:
+            older = searched_to
+        newer = (_position(rows[0]) if rows else after) if after is not None else None
+        return TrackingPage(_entries(conn, rows), older, newer, searched_to)
+    finally:
+        conn.close()
+
+
+def query_plan(search: TrackingFilter, after: Position | None = None) -> list[str]:
+    """SQLite's plan for a page's main query (tests check it walks an index in order)."""
+    index, conditions, params, other, other_params = search.plan()
+    conditions, params = list(conditions) + list(other), list(params) + list(other_params)
+    if after is not None:
+        beyond, beyond_params = _beyond(after, "older")
+        conditions.append(beyond)
+        params += beyond_params
+    conn = msgstore.connect(readonly=True)
+    try:
+        rows = conn.execute(
+            f"EXPLAIN QUERY PLAN SELECT {_COLUMNS} FROM tracking_log INDEXED BY {index}"  # noqa: S608
+            f"{_where(conditions)} ORDER BY {_order('older')} LIMIT ?",
+            (*params, PAGE_SIZE + 1),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [row[3] for row in rows]

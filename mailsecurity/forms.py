@@ -1,0 +1,167 @@
+"""Forms of the Mail Security pages: retention values, the tracking search, the reclaim plan."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+
+from django import forms
+from django.utils import timezone
+
+from appliance import msgstore, tracking
+from appliance.retention import MAX_RETENTION_DAYS, StoreRetention
+from mailsecurity.services import store_key
+
+RETENTION_HELP = f"Whole days, 1 to {MAX_RETENTION_DAYS}."
+DATETIME_HELP = "a date and time such as 2026-11-25T06:30"
+
+
+def retention_field(label: str, initial: int | None = None) -> forms.IntegerField:
+    """Days to keep: a whole number from 1 to MAX_RETENTION_DAYS, with messages that say so."""
+    return forms.IntegerField(
+        label=label,
+        initial=initial,
+        min_value=1,
+        max_value=MAX_RETENTION_DAYS,
+        help_text=RETENTION_HELP,
+        error_messages={
+            "required": "Enter the number of days to keep.",
+            "invalid": "Enter a whole number of days.",
+            "min_value": "Keep at least 1 day.",
+            "max_value": f"Keep at most {MAX_RETENTION_DAYS} days (ten years).",
+        },
+    )
+
+
+class StoreRetentionForm(forms.Form):
+    """One retention field per message store, named by its key (store:<id>)."""
+
+    def __init__(self, stores: Iterable[StoreRetention], *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        for store in stores:
+            self.fields[store_key(store.id)] = retention_field(store.name, store.retention_days)
+
+    def values(self) -> dict[str, int]:
+        return {key: int(value) for key, value in self.cleaned_data.items()}
+
+
+class LogRetentionForm(forms.Form):
+    """The retention of one log (SMTP or tracking)."""
+
+    retention_days = retention_field("Keep entries for")
+
+
+VERDICT_CHOICES = (("", "Any"), *((v, v.capitalize()) for v in msgstore.VERDICTS))
+ACTION_CHOICES = (("", "Any"), *((a, a.capitalize()) for a in msgstore.ACTIONS))
+# The parameters that say what to look for (kept in every page link).
+TRACKING_FILTER_PARAMS = ("sender", "recipient", "subject", "verdict", "action", "since", "until")
+
+
+class TrackingQueryForm(forms.Form):
+    """The tracking search, bound to request.GET; bad values become messages, not errors."""
+
+    sender = forms.CharField(required=False, max_length=320, label="Sender")
+    recipient = forms.CharField(required=False, max_length=320, label="Recipient")
+    subject = forms.CharField(required=False, max_length=200, label="Subject contains")
+    verdict = forms.ChoiceField(choices=VERDICT_CHOICES, required=False)
+    action = forms.ChoiceField(choices=ACTION_CHOICES, required=False)
+    since = forms.CharField(required=False, max_length=40, label="From")
+    until = forms.CharField(required=False, max_length=40, label="Until")
+    after = forms.CharField(required=False, max_length=100)
+    before = forms.CharField(required=False, max_length=100)
+    limit = forms.CharField(required=False, max_length=10)
+
+    def _clean_address(self, name: str) -> str:
+        value = self.cleaned_data[name].strip()
+        if value and ("@" not in value or " " in value):
+            raise forms.ValidationError(
+                f"{value!r} is not an email address; enter a whole address such as "
+                "anna.schmidt@example.com."
+            )
+        return value
+
+    def clean_sender(self) -> str:
+        return self._clean_address("sender")
+
+    def clean_recipient(self) -> str:
+        return self._clean_address("recipient")
+
+    def clean_subject(self) -> str:
+        return self.cleaned_data["subject"].strip()
+
+    def _clean_moment(self, name: str) -> datetime | None:
+        raw = self.cleaned_data[name].strip()
+        if not raw:
+            return None
+        try:
+            moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise forms.ValidationError(f"{raw!r} is not {DATETIME_HELP}.") from None
+        if timezone.is_naive(moment):
+            moment = timezone.make_aware(moment)
+        return moment
+
+    def clean_since(self) -> datetime | None:
+        return self._clean_moment("since")
+
+    def clean_until(self) -> datetime | None:
+        return self._clean_moment("until")
+
+    def _clean_position(self, name: str) -> tracking.Position | None:
+        token = self.cleaned_data[name].strip()
+        if not token:
+            return None
+        try:
+            return tracking.Position.decode(token)
+        except tracking.InvalidPosition as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean_after(self) -> tracking.Position | None:
+        return self._clean_position("after")
+
+    def clean_before(self) -> tracking.Position | None:
+        return self._clean_position("before")
+
+    def clean_limit(self) -> int:
+        raw = self.cleaned_data["limit"].strip()
+        if not raw:
+            return tracking.PAGE_SIZE
+        if not raw.isdigit() or int(raw) < 1:
+            raise forms.ValidationError(
+                f"Page size must be a number from 1 to {tracking.MAX_PAGE_SIZE}."
+            )
+        return min(int(raw), tracking.MAX_PAGE_SIZE)
+
+    def clean(self) -> dict[str, object]:
+        data = super().clean()
+        since, until = data.get("since"), data.get("until")
+        if since and until and since >= until:
+            self.add_error("until", "Until must be later than From.")
+        if data.get("after") and data.get("before"):
+            raise forms.ValidationError("A page link cannot go both older and newer.")
+        return data
+
+    def tracking_filter(self) -> tracking.TrackingFilter:
+        data = self.cleaned_data
+        since, until = data["since"], data["until"]
+        return tracking.TrackingFilter(
+            sender=data["sender"],
+            recipient=data["recipient"],
+            subject=data["subject"],
+            verdict=data["verdict"],
+            action=data["action"],
+            since=int(since.timestamp()) if since else None,
+            until=int(until.timestamp()) if until else None,
+        )
+
+
+class ReclaimApplyForm(forms.Form):
+    """The plan's proposed retentions, posted back as shown, one field per source key."""
+
+    def __init__(self, keys: Iterable[str], *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        for key in keys:
+            self.fields[key] = retention_field(key)
+
+    def values(self) -> dict[str, int]:
+        return {key: int(value) for key, value in self.cleaned_data.items()}

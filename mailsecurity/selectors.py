@@ -1,0 +1,197 @@
+"""Reads for the Mail Security pages, the SMTP maintenance page and the reclaim planner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.template.defaultfilters import filesizeformat
+
+from appliance import policy, retention, tracking
+from appliance.paths import layout
+from appliance.smtp import read_smtp_settings
+from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage
+from mailsecurity.models import ACTIVE_STATES, PurgeRun
+from mailsecurity.planner import DiskFigures, ReclaimPlan, RetentionSource, plan_reclaim
+from mailsecurity.services import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
+
+TYPE_LABELS = {
+    "emailaddresslist": "Email address list",
+    "domainlist": "Domain list",
+    "keywordlist": "Keyword list",
+    "sizelimit": "Size limit",
+    "messagestore": "Message store",
+}
+SUMMARY_ENTRIES = 3
+
+
+@dataclass(frozen=True)
+class PolicyObjectRow:
+    """A policy object as the list shows it; file_* describe the file a macro reads."""
+
+    id: str
+    name: str
+    type: str
+    type_label: str
+    summary: str
+    file_path: str | None
+    file_exists: bool = False
+    file_size: int | None = None
+    file_entries: int | None = None
+    file_problem: str = ""
+
+
+def _summary(obj: policy.PolicyObject) -> str:
+    if obj.type == "sizelimit" and obj.value.strip().isdigit():
+        return filesizeformat(int(obj.value.strip()))
+    if obj.type == "messagestore":
+        return obj.value.strip()
+    entries = policy.read_object_lines(obj)
+    shown = ", ".join(entries[:SUMMARY_ENTRIES])
+    more = len(entries) - SUMMARY_ENTRIES
+    if more > 0:
+        shown += f" and {more} more"
+    return (
+        f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}: {shown}" if entries else "empty"
+    )
+
+
+def _file_facts(obj: policy.PolicyObject) -> dict[str, object]:
+    """Whether the file a macro reads exists, its size and entries, or what is wrong with it."""
+    try:
+        path = policy.object_file(obj)
+    except ValueError as exc:  # a path outside the appliance root, or with ".."
+        return {"file_problem": str(exc)}
+    if not path.is_file():
+        return {"file_problem": "The file does not exist."}
+    return {
+        "file_exists": True,
+        "file_size": path.stat().st_size,
+        "file_entries": len(policy.read_object_lines(obj)),
+    }
+
+
+def policy_object_rows() -> list[PolicyObjectRow]:
+    """Every policy object in file order; macro objects with the facts of their file."""
+    rows = []
+    for obj in policy.list_policy_objects():
+        macro = obj.file_path is not None
+        rows.append(
+            PolicyObjectRow(
+                id=obj.id,
+                name=obj.name,
+                type=obj.type,
+                type_label=TYPE_LABELS.get(obj.type, obj.type),
+                summary=obj.value if macro else _summary(obj),
+                file_path=obj.file_path,
+                **(_file_facts(obj) if macro else {}),  # type: ignore[arg-type]
+            )
+        )
+    return rows
+
+
+def message_stores() -> list[retention.StoreUsage]:
+    return retention.store_usage()
+
+
+@dataclass(frozen=True)
+class LogRetention:
+    """One log's retention and its oldest entry."""
+
+    key: str
+    label: str
+    retention_days: int
+    oldest: datetime | None
+
+
+def log_retention(key: str) -> LogRetention:
+    """The SMTP log's or the tracking log's retention (SMTP settings) and oldest entry."""
+    smtp = read_smtp_settings()
+    days = smtp.smtp_log_retention_days if key == SMTP_LOG else smtp.tracking_log_retention_days
+    return LogRetention(key, LOG_LABELS[key], days, retention.log_oldest()[key])
+
+
+def purge_latest() -> PurgeRun | None:
+    """The queued or running purge, else the latest finished one."""
+    active = PurgeRun.objects.filter(state__in=ACTIVE_STATES).first()
+    return active or PurgeRun.objects.order_by("-created_at", "-id").first()
+
+
+def msgstore_disk() -> DiskUsage:
+    """The disk of the message store, against the upgrade's 50% rule."""
+    return disk_usage("Message store", layout().msgstore_dir)
+
+
+def tracking_page(
+    search: tracking.TrackingFilter,
+    *,
+    after: tracking.Position | None = None,
+    before: tracking.Position | None = None,
+    limit: int = tracking.PAGE_SIZE,
+) -> tracking.TrackingPage:
+    return tracking.tracking_page(search, after=after, before=before, limit=limit)
+
+
+@dataclass(frozen=True)
+class ReclaimView:
+    """The plan and what it was computed from, for the planner page."""
+
+    plan: ReclaimPlan
+    disk: DiskUsage
+    distribution: retention.AgeDistribution
+    sources: tuple[RetentionSource, ...]
+
+    @property
+    def other_bytes(self) -> int:
+        """What the disk holds besides the message store: out of any retention's reach."""
+        return max(0, self.disk.used - self.distribution.file_bytes)
+
+    @property
+    def unavailable_bytes(self) -> int:
+        """Neither used nor free to us: reserved blocks, or a thin volume's limit."""
+        return max(0, self.disk.total - self.disk.used - self.disk.free)
+
+
+def retention_sources(
+    settings: retention.RetentionSettings, distribution: retention.AgeDistribution
+) -> tuple[RetentionSource, ...]:
+    """Each store and log with its retention and its bytes per day of age."""
+    sources = [
+        RetentionSource(
+            key=store_key(store.id),
+            label=f"Message store {store.name}",
+            retention_days=store.retention_days,
+            bytes_by_age=distribution.stores.get(store.id, ()),
+        )
+        for store in settings.stores
+    ]
+    sources.append(
+        RetentionSource(
+            SMTP_LOG, LOG_LABELS[SMTP_LOG], settings.smtp_log_days, distribution.smtp_log
+        )
+    )
+    sources.append(
+        RetentionSource(
+            TRACKING_LOG,
+            LOG_LABELS[TRACKING_LOG],
+            settings.tracking_log_days,
+            distribution.tracking_log,
+        )
+    )
+    return tuple(sources)
+
+
+def reclaim_view() -> ReclaimView:
+    """The reclaim plan from the store's real age distribution and its disk, measured now."""
+    settings = retention.retention_settings()
+    distribution = retention.age_distribution()
+    disk = msgstore_disk()
+    sources = retention_sources(settings, distribution)
+    plan = plan_reclaim(
+        sources,
+        DiskFigures(
+            total=disk.total, free=disk.free, store_free_pages=distribution.free_pages_bytes
+        ),
+        target_percent=UPGRADE_FREE_PERCENT,
+    )
+    return ReclaimView(plan=plan, disk=disk, distribution=distribution, sources=sources)

@@ -1,0 +1,269 @@
+"""Mail Security pages: Policy Objects, Message Stores, Message Tracking / Reporting, and the
+reclaim planner with the live status of the retention purge."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from urllib.parse import urlencode
+
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_http_methods
+
+from accounts.roles import is_administrator
+from appliance import tracking
+from appliance.errors import ApplianceError
+from appliance.retention import StoreRetention
+from mailsecurity import selectors, services
+from mailsecurity.forms import (
+    TRACKING_FILTER_PARAMS,
+    LogRetentionForm,
+    ReclaimApplyForm,
+    StoreRetentionForm,
+    TrackingQueryForm,
+)
+
+READ_ONLY_MESSAGE = "Your account is read-only: ask an administrator to make this change."
+
+
+def refuse_read_only(request: HttpRequest) -> HttpResponse | None:
+    """The middleware refuses read-only POSTs already; views check too (defence in depth)."""
+    if request.method == "POST" and not is_administrator(request.user):
+        return HttpResponseForbidden(READ_ONLY_MESSAGE)
+    return None
+
+
+def disk_context() -> dict[str, object]:
+    """The message store's disk against the 50% rule, for the notice on the retention pages."""
+    disk = selectors.msgstore_disk()
+    return {"store_disk": disk, "required_percent": selectors.UPGRADE_FREE_PERCENT}
+
+
+def purge_context(loaded_at: str | None = None) -> dict[str, object]:
+    """The purge panel; loaded_at is when the page around it was rendered, so that a purge
+    finishing after that offers to reload the page's own figures."""
+    now = timezone.now()
+    try:
+        loaded = datetime.fromisoformat(loaded_at) if loaded_at else now
+    except ValueError:
+        loaded = now
+    if timezone.is_naive(loaded):
+        loaded = now
+    return {
+        "purge": selectors.purge_latest(),
+        "loaded_at": loaded,
+        "loaded_at_iso": loaded.isoformat(),
+    }
+
+
+def retention_saved(request: HttpRequest, result: services.RetentionResult) -> None:
+    """Tell the administrator what was saved and what the purge does about it."""
+    if not result.changes:
+        messages.info(request, "Nothing changed.")
+        return
+    for change in result.changes:
+        messages.success(
+            request,
+            f"{change.label}: retention changed from {services.days_text(change.old_days)} to "
+            f"{services.days_text(change.new_days)}.",
+        )
+    if result.purge is not None and result.purge_created:
+        messages.success(
+            request, "A retention purge has started; its progress is shown on this page."
+        )
+    elif result.purge is not None:
+        messages.info(
+            request,
+            "A retention purge is already running; it will purge again with the new retention "
+            "before it finishes.",
+        )
+
+
+@require_GET
+def policy_objects(request: HttpRequest) -> HttpResponse:
+    """Mail Security > Policy Objects: every object, and the files $(FILE) macros read."""
+    context: dict[str, object] = {"breadcrumb": "Mail Security > Policy Objects"}
+    try:
+        rows = selectors.policy_object_rows()
+        context.update(
+            {
+                "objects": rows,
+                "macro_objects": [row for row in rows if row.file_path is not None],
+            }
+        )
+    except ApplianceError as exc:
+        context["appliance_error"] = str(exc)
+    return render(request, "mailsecurity/policy_objects.html", context)
+
+
+@require_http_methods(["GET", "POST"])
+def message_stores(request: HttpRequest) -> HttpResponse:
+    """Mail Security > Policy Objects > Message Stores: size, count, oldest, retention."""
+    if refused := refuse_read_only(request):
+        return refused
+    context: dict[str, object] = {
+        "breadcrumb": "Mail Security > Policy Objects > Message Stores",
+        **disk_context(),
+        **purge_context(),
+    }
+    try:
+        stores = selectors.message_stores()
+    except ApplianceError as exc:
+        context["appliance_error"] = str(exc)
+        return render(request, "mailsecurity/message_stores.html", context)
+    retentions = [StoreRetention(s.id, s.name, s.retention_days) for s in stores]
+    status = 200
+    if request.method == "POST":
+        form = StoreRetentionForm(retentions, request.POST)
+        if form.is_valid():
+            result = services.retention_apply(form.values(), user=request.user)
+            retention_saved(request, result)
+            return redirect("mailsecurity:message_stores")
+        status = 400
+    else:
+        form = StoreRetentionForm(retentions)
+    context["rows"] = [
+        {"store": store, "field": form[services.store_key(store.id)]} for store in stores
+    ]
+    context["form"] = form
+    return render(request, "mailsecurity/message_stores.html", context, status=status)
+
+
+def _tracking_params(
+    request: HttpRequest, limit: int = tracking.PAGE_SIZE
+) -> list[tuple[str, str]]:
+    params = [(name, request.GET[name]) for name in TRACKING_FILTER_PARAMS if request.GET.get(name)]
+    if limit != tracking.PAGE_SIZE:
+        params.append(("limit", str(limit)))
+    return params
+
+
+def _tracking_url(params: list[tuple[str, str]], **extra: tracking.Position) -> str:
+    pairs = params + [(name, position.encode()) for name, position in extra.items()]
+    return reverse("mailsecurity:message_tracking") + ("?" + urlencode(pairs) if pairs else "")
+
+
+def _local_input(value: object) -> str:
+    return timezone.localtime(value).strftime("%Y-%m-%dT%H:%M:%S") if value else ""  # type: ignore[arg-type]
+
+
+@require_http_methods(["GET", "POST"])
+def message_tracking(request: HttpRequest) -> HttpResponse:
+    """Mail Security > Policy > Message Tracking / Reporting: the log's retention and a search
+    of it, filters in the URL, one keyset page at a time."""
+    if refused := refuse_read_only(request):
+        return refused
+    context: dict[str, object] = {
+        "breadcrumb": "Mail Security > Policy > Message Tracking / Reporting",
+        **disk_context(),
+        **purge_context(),
+    }
+    status = 200
+    try:
+        log = selectors.log_retention(services.TRACKING_LOG)
+    except ApplianceError as exc:
+        context["appliance_error"] = str(exc)
+        return render(request, "mailsecurity/message_tracking.html", context)
+    if request.method == "POST":
+        retention_form = LogRetentionForm(request.POST)
+        if retention_form.is_valid():
+            days = retention_form.cleaned_data["retention_days"]
+            result = services.retention_apply({services.TRACKING_LOG: days}, user=request.user)
+            retention_saved(request, result)
+            return redirect(request.get_full_path())
+        status = 400
+    else:
+        retention_form = LogRetentionForm(initial={"retention_days": log.retention_days})
+    query = TrackingQueryForm(request.GET)
+    context.update(
+        {
+            "log": log,
+            "retention_form": retention_form,
+            "query": query,
+            "since_value": request.GET.get("since", ""),
+            "until_value": request.GET.get("until", ""),
+            "clear_url": reverse("mailsecurity:message_tracking"),
+        }
+    )
+    if not query.is_valid():
+        context["newest_url"] = _tracking_url(_tracking_params(request))
+        return render(request, "mailsecurity/message_tracking.html", context, status=400)
+    limit = query.cleaned_data["limit"]
+    params = _tracking_params(request, limit)
+    page = selectors.tracking_page(
+        query.tracking_filter(),
+        after=query.cleaned_data["after"],
+        before=query.cleaned_data["before"],
+        limit=limit,
+    )
+    context.update(
+        {
+            "page": page,
+            "since_value": _local_input(query.cleaned_data["since"]),
+            "until_value": _local_input(query.cleaned_data["until"]),
+            "time_zone": timezone.get_current_timezone_name(),
+            "newest_url": _tracking_url(params),
+            "older_url": page.older and _tracking_url(params, after=page.older),
+            "searched_to_at": page.searched_to
+            and datetime.fromtimestamp(page.searched_to.logged_at, tz=UTC),
+            "newer_url": page.newer and _tracking_url(params, before=page.newer),
+        }
+    )
+    return render(request, "mailsecurity/message_tracking.html", context, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+def reclaim(request: HttpRequest) -> HttpResponse:
+    """The reclaim planner: which retentions bring the message store's disk to 50% free."""
+    if refused := refuse_read_only(request):
+        return refused
+    context: dict[str, object] = {
+        "breadcrumb": "Home > Resources > Reclaim disk space",
+        "retention_pages": retention_pages(),
+        **purge_context(),
+    }
+    try:
+        view = selectors.reclaim_view()
+    except ApplianceError as exc:
+        context["appliance_error"] = str(exc)
+        return render(request, "mailsecurity/reclaim.html", context)
+    status = 200
+    if request.method == "POST":
+        form = ReclaimApplyForm([source.key for source in view.sources], request.POST)
+        if form.is_valid():
+            result = services.reclaim_plan_apply(form.values(), user=request.user)
+            retention_saved(request, result)
+            if not result.changes and result.purge is not None and result.purge_created:
+                messages.success(request, "A retention purge has started for the expired data.")
+            return redirect("mailsecurity:reclaim")
+        messages.error(request, "The plan could not be applied: " + _errors(form))
+        status = 400
+    context.update({"view": view, "plan": view.plan})
+    return render(request, "mailsecurity/reclaim.html", context, status=status)
+
+
+def _errors(form: ReclaimApplyForm) -> str:
+    return " ".join(f"{key}: {error}" for key, errors in form.errors.items() for error in errors)
+
+
+def retention_pages() -> list[tuple[str, str]]:
+    """The guide's three places to change retention by hand."""
+    return [
+        ("Mail Security > Policy Objects > Message Stores", reverse("mailsecurity:message_stores")),
+        ("SMTP > Configuration > Maintenance", reverse("smtp:maintenance")),
+        (
+            "Mail Security > Policy > Message Tracking / Reporting",
+            reverse("mailsecurity:message_tracking"),
+        ),
+    ]
+
+
+@require_GET
+def purge_status(request: HttpRequest) -> HttpResponse:
+    """The purge panel alone: polled by htmx every two seconds while a purge is active."""
+    return render(
+        request, "mailsecurity/_purge_status.html", purge_context(request.GET.get("since"))
+    )
