@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/msgstore_fill.py
 	$(BIN)/python bench/graphs.py
 	$(BIN)/python bench/smtp_accept.py
+	$(BIN)/python bench/purge.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
