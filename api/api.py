@@ -34,6 +34,7 @@ api = NinjaAPI(
     docs_url=None,
     docs_decorator=docs_access,
 )
+api.add_router("/updates", "upgrades.api.router")
 SEVERITY_TOKENS = {int(level): level.name.lower() for level in Severity}
 
 

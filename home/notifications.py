@@ -14,6 +14,7 @@ from django.urls import reverse
 from appliance.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system import system_info
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, upgrade_disks
+from upgrades.notifications import update_notices
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,11 @@ def _disk_notices() -> list[Notice]:
     return notices
 
 
-NOTICE_SOURCES: list[Callable[[], list[Notice]]] = [_appliance_notices, _disk_notices]
+NOTICE_SOURCES: list[Callable[[], list[Notice]]] = [
+    _appliance_notices,
+    _disk_notices,
+    update_notices,
+]
 
 
 def current_notices() -> list[Notice]:

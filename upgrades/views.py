@@ -1,25 +1,175 @@
-"""Updates > Updates & Licensing."""
+"""Updates > Updates & Licensing: firmware level, feed checks, download, license, firmware logs.
+
+Views parse, call one service, and redirect back with a message. Changes are for
+administrators only (the read-only middleware refuses them earlier too).
+"""
 
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
-from django.views.decorators.http import require_GET
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
 
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from accounts.roles import is_administrator
 from appliance import updatelogs
-from appliance.errors import ApplianceNotInitialized
+from appliance.errors import ApplianceError
 from appliance.system import system_info
+from upgrades import selectors, services
+from upgrades.forms import DownloadForm, LicenseUploadForm, UpdateSettingsForm
+from upgrades.models import CheckTrigger, DownloadTrigger
+from upgrades.notifications import update_notices
+
+READ_ONLY = "Your account is read-only: ask an administrator to make this change."
+
+
+def administrators_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if not is_administrator(request.user):
+            return HttpResponseForbidden(READ_ONLY)
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+def _download_context() -> dict[str, object]:
+    installed = selectors.installed_version()
+    active = selectors.active_download()
+    latest = active or selectors.latest_download()
+    return {
+        "download": latest,
+        "download_active": active is not None,
+        "ready": selectors.ready_download(installed),
+    }
 
 
 @require_GET
 def index(request: HttpRequest) -> HttpResponse:
-    """The installed firmware and the firmware logs of var/spool/updates/XPU."""
+    """Installed firmware, last check, offers, the download, the license, the firmware logs."""
+    context: dict[str, object] = {"breadcrumb": "Updates > Updates & Licensing"}
     try:
-        context: dict[str, object] = {
-            "system": system_info(),
-            "update_logs": updatelogs.list_logs(),
+        context["system"] = system_info()
+        context["update_logs"] = updatelogs.list_logs()
+    except ApplianceError as exc:
+        context["appliance_error"] = str(exc)
+    installed = selectors.installed_version()
+    settings_row = selectors.update_settings()
+    context.update(
+        {
+            "last_check": selectors.last_check(),
+            "offers": selectors.listed_offers(installed),
+            "license": selectors.license_view(),
+            "update_settings": settings_row,
+            "settings_form": UpdateSettingsForm(
+                initial={"automatic_downloads": settings_row.automatic_downloads}
+            ),
+            "license_form": LicenseUploadForm(),
+            "notices": update_notices(),
+            **_download_context(),
         }
-    except ApplianceNotInitialized as exc:
-        context = {"appliance_error": str(exc)}
-    context["breadcrumb"] = "Updates > Updates & Licensing"
+    )
     return render(request, "upgrades/index.html", context)
+
+
+@never_cache
+@require_GET
+def download_partial(request: HttpRequest) -> HttpResponse:
+    """The download panel alone; htmx polls it every second while a download is active.
+
+    The page's notices come along out of band, so "Downloading firmware X: 45%" at the top
+    moves with the bar and turns into "ready to install" with it.
+    """
+    context = {**_download_context(), "notices": update_notices(), "oob_notices": True}
+    return render(request, "upgrades/_download.html", context)
+
+
+@require_POST
+@administrators_only
+def check(request: HttpRequest) -> HttpResponse:
+    """Check now: ask the feed what firmware exists."""
+    result = services.update_check(trigger=CheckTrigger.USER, user=request.user)
+    if not result.ok:
+        messages.error(request, result.error)
+    elif result.newest_available:
+        messages.success(request, f"Firmware {result.newest_available} is available.")
+    else:
+        messages.success(request, "The update feed lists no newer firmware.")
+    return redirect("upgrades:index")
+
+
+@require_POST
+@administrators_only
+def download(request: HttpRequest) -> HttpResponse:
+    """Download: start downloading the firmware (one download at a time)."""
+    form = DownloadForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "That is not a firmware version.")
+        return redirect("upgrades:index")
+    try:
+        started = services.download_start(
+            user=request.user,
+            trigger=DownloadTrigger.USER,
+            version=form.cleaned_data["version"] or None,
+        )
+    except services.UpdateError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Downloading firmware {started.version}.")
+    return redirect("upgrades:index")
+
+
+@require_POST
+@administrators_only
+def cancel(request: HttpRequest) -> HttpResponse:
+    """Cancel the download in progress; its part file is deleted."""
+    try:
+        cancelled = services.download_cancel(user=request.user)
+    except services.UpdateError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"The download of firmware {cancelled.version} was cancelled.")
+    return redirect("upgrades:index")
+
+
+@require_POST
+@administrators_only
+def update_settings(request: HttpRequest) -> HttpResponse:
+    """Automatic firmware downloads on or off."""
+    form = UpdateSettingsForm(request.POST)
+    form.is_valid()  # a checkbox: absent means off
+    enabled = bool(form.cleaned_data.get("automatic_downloads"))
+    services.automatic_downloads_set(enabled=enabled, user=request.user)
+    messages.success(request, f"Automatic firmware downloads are {'on' if enabled else 'off'}.")
+    return redirect("upgrades:index")
+
+
+@require_POST
+@administrators_only
+def license_upload(request: HttpRequest) -> HttpResponse:
+    """Install an uploaded license file (tampered, foreign or unsigned files are refused)."""
+    form = LicenseUploadForm(request.POST, request.FILES)
+    if not form.is_valid():
+        for errors in form.errors.values():
+            for error in errors:
+                messages.error(request, error)
+        return redirect("upgrades:index")
+    try:
+        installed = services.license_install(form.cleaned_data["license_file"], user=request.user)
+    except services.UpdateError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(
+            request,
+            f"License installed for {installed.customer}: firmware updates until "
+            f"{installed.updates_until:%Y-%m-%d}.",
+        )
+        lic = selectors.license_view()
+        if not lic.entitled:
+            messages.warning(request, f"{lic.reason} Firmware downloads stay refused.")
+    return redirect("upgrades:index")

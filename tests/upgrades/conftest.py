@@ -1,0 +1,128 @@
+"""Fixtures of the update tests: a trusted vendor key, a license, bundles served over loopback.
+
+A real worker started here gets the test's trusted keys and feed (tests/support/services.py
+hands them over), so it trusts the same vendor key as the test process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, timedelta
+from pathlib import Path
+
+import pytest
+
+from appliance import license as appliance_license
+from tests.support.feed_server import FeedServer, feed_server  # noqa: F401
+from tests.support.services import WorkerProcess, start_worker
+from tests.upgrades import bundles
+from tests.upgrades.bundles import Vendor
+from upgrades import services, spool
+from upgrades.models import Download, DownloadTrigger, FirmwareOffer
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries back off in milliseconds here, not seconds (tests/conftest.py already gives
+    every test its own trusted keys, feed and var/)."""
+    monkeypatch.setattr(services, "BACKOFF_BASE", 0.05)
+
+
+@pytest.fixture
+def vendor(settings) -> Vendor:
+    """The vendor's signing key, trusted by this console (and by the workers it starts)."""
+    key = bundles.new_vendor()
+    settings.TRUSTED_KEYS = [key.public_b64]
+    return key
+
+
+def issue_license(vendor: Vendor, *, days: int = 365, serial: str = "KQ7R2M4") -> bytes:
+    return appliance_license.sign_license(
+        vendor.private,
+        customer="Example Corp",
+        serial=serial,
+        updates_until=date.today() + timedelta(days=days),
+    )
+
+
+@pytest.fixture
+def licensed(demo_appliance: Path, vendor: Vendor) -> appliance_license.License:
+    """A valid license with a year of update entitlement, installed on the demo appliance."""
+    return appliance_license.install_license(issue_license(vendor))
+
+
+@dataclass
+class Firmware:
+    """Bundles in the served directory and the feed listing them."""
+
+    server: FeedServer
+    vendor: Vendor
+
+    @property
+    def directory(self) -> Path:
+        return self.server.directory
+
+    def build(self, version: str = "2.8.1.0", min_version: str = "2.8.0.0", **kw) -> Path:
+        name = f"lmi-firmware-{version}.bundle"
+        return bundles.build(
+            self.vendor, self.directory / name, version=version, min_version=min_version, **kw
+        )
+
+    def publish(self, *entries: tuple[Path, str, str]) -> Path:
+        return bundles.write_feed(self.directory, *entries)
+
+    def offer(self, path: Path, version: str = "2.8.1.0", min_version: str = "2.8.0.0") -> None:
+        """List just this bundle and check the feed, as "Check now" would."""
+        self.publish((path, version, min_version))
+        check = services.update_check(trigger="user", user="admin")
+        assert check.ok, check.error
+
+
+@pytest.fixture
+def firmware(feed_server: FeedServer, vendor: Vendor, settings, licensed) -> Firmware:  # noqa: F811
+    """A licensed demo appliance (2.8.0.0) whose feed is served over HTTP on 127.0.0.1."""
+    settings.UPDATE_FEED_URL = feed_server.base_url
+    return Firmware(feed_server, vendor)
+
+
+def offered_bundle(version: str = "2.8.1.0") -> str:
+    """The spool's name for the bundle the feed offers as ``version``."""
+    offer = FirmwareOffer.objects.filter(version=version).first()
+    assert offer is not None, f"the feed offers no {version}"
+    return spool.bundle_id(offer.version, offer.sha256)
+
+
+def start_download(version: str | None = None, user: str = "admin") -> Download:
+    return services.download_start(
+        user=user, trigger=DownloadTrigger.USER, version=version, enqueue=False
+    )
+
+
+def run_download(version: str | None = None, **kwargs) -> Download:
+    """Start and run a download in this process, as update-control -d fw does."""
+    download = start_download(version)
+    services.download_execute(download.pk, **kwargs)
+    download.refresh_from_db()
+    return download
+
+
+@pytest.fixture
+def workers(
+    redis_settings: str,
+    transactional_db: None,
+    appliance_root: Path,
+    tmp_path: Path,
+    vendor: Vendor,
+) -> Iterator[Callable[[], WorkerProcess]]:
+    """Start real Celery workers (after the vendor key is in their environment)."""
+    started: list[WorkerProcess] = []
+
+    def start() -> WorkerProcess:
+        worker = start_worker(redis_settings, appliance_root, tmp_path)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -1,0 +1,64 @@
+"""Updates & Licensing in a real Chromium: Download, watch the bar fill, see Home say it is ready.
+
+The whole path is real: the page's form, the Celery worker downloading from a throttled
+loopback server, htmx polling the progress partial, and Home's notification poll.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.support.browser import screenshot
+from upgrades.models import Download, DownloadState
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
+
+
+def test_download_fills_the_bar_and_home_says_ready_to_install(admin_page, workers, firmware):
+    page = admin_page
+    csp_errors: list[str] = []
+    page.on(
+        "console",
+        lambda message: (
+            csp_errors.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    firmware.offer(firmware.build(payload_bytes=4 * 1024 * 1024))
+    firmware.server.rate = 1024 * 1024  # about four seconds: the bar visibly moves
+    workers()
+    home = page.context.new_page()
+    home.goto("/home/")
+    assert home.get_by_text("Firmware 2.8.1.0 is available.").is_visible()
+
+    page.goto("/updates/licensing/")
+    screenshot(page, "updates-available")
+    page.get_by_test_id("download-2.8.1.0").click()
+    page.wait_for_url("**/updates/licensing/")
+
+    bar = page.get_by_test_id("download-progress")
+    seen: set[float] = set()
+    for _ in range(300):
+        if bar.count():
+            seen.add(float(bar.get_attribute("value") or 0))
+        if page.get_by_test_id("ready").count():
+            break
+        page.wait_for_timeout(100)
+    page.get_by_test_id("ready").wait_for(timeout=60_000)
+    assert page.get_by_test_id("download-percent").inner_text() == "100%"
+    assert bar.get_attribute("value") == "100"
+    assert any(0 < value < 100 for value in seen), seen  # it was watched filling up
+    assert page.get_by_test_id("ready").inner_text() == "Firmware 2.8.1.0 is ready to install."
+    assert page.get_by_role("button", name=re.compile("^Install")).count() == 0
+    # The notices at the top follow the bar (they come along with each poll).
+    assert (
+        "Firmware 2.8.1.0 is ready to install."
+        in page.get_by_test_id("update-notices").inner_text()
+    )
+    screenshot(page, "updates-ready")
+
+    home.get_by_text("Firmware 2.8.1.0 is ready to install.").wait_for(timeout=15_000)
+    screenshot(home, "home-ready-to-install")
+    assert Download.objects.get().state == DownloadState.READY
+    assert csp_errors == []

@@ -1,0 +1,73 @@
+"""The Celery interface: the hourly check picks up downloads whose executor went away."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from tests.upgrades.conftest import start_download
+from upgrades import services, tasks
+from upgrades.models import Download, DownloadState
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def enqueued(monkeypatch) -> list[int]:
+    sent: list[int] = []
+    monkeypatch.setattr(tasks.download_run, "delay", sent.append)
+    return sent
+
+
+def test_the_hourly_check_re_enqueues_a_download_whose_executor_went_silent(firmware, enqueued):
+    firmware.offer(firmware.build())
+    download = start_download()
+    silent_since = timezone.now() - timedelta(seconds=services.LEASE_SECONDS + 5)
+    Download.objects.filter(pk=download.pk).update(
+        state=DownloadState.RUNNING, lease_owner="gone", heartbeat_at=silent_since
+    )
+
+    assert tasks.update_check() is True
+
+    assert enqueued == [download.pk]
+
+
+def test_the_hourly_check_leaves_a_live_download_alone(firmware, enqueued):
+    firmware.offer(firmware.build())
+    download = start_download()
+    Download.objects.filter(pk=download.pk).update(
+        state=DownloadState.RUNNING, lease_owner="alive", heartbeat_at=timezone.now()
+    )
+
+    tasks.update_check()
+
+    assert enqueued == []
+
+
+def test_a_starting_worker_re_enqueues_every_active_download(firmware, enqueued, monkeypatch):
+    checks: list[bool] = []
+    monkeypatch.setattr(tasks.update_check, "delay", lambda: checks.append(True))
+    firmware.offer(firmware.build())
+    download = start_download()
+
+    tasks.on_worker_start()
+
+    assert enqueued == [download.pk]
+    assert checks == []  # the feed was checked a moment ago
+
+
+def test_a_download_whose_task_could_not_be_queued_fails_visibly(firmware, monkeypatch):
+    def broker_down(download_id: int) -> None:
+        raise ConnectionRefusedError("redis is down")
+
+    monkeypatch.setattr(tasks.download_run, "delay", broker_down)
+    firmware.offer(firmware.build())
+    download = start_download()
+
+    services._enqueue(download.pk)
+
+    download.refresh_from_db()
+    assert download.state == DownloadState.FAILED
+    assert "the task queue cannot be reached" in download.error

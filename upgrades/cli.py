@@ -1,0 +1,308 @@
+"""update-control: the appliance's command-line tool for firmware updates.
+
+    update-control --check          ask the update feed for new firmware
+    update-control -d fw            download the newest firmware here, with a progress bar
+    update-control -i fw            install it (comes with a later release)
+    update-control -s [--json]      status (--json for scripts)
+
+Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do (no newer firmware, or it is
+already downloaded). The download runs in this process through the same service as the
+worker's task and holds the same one-at-a-time claim; Ctrl-C cancels it cleanly (the part file
+is deleted). Django is set up from the project this package lives in (lmi.settings), so the
+tool works from any directory with the same LMI_* environment as the console.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOTHING_TO_DO = 3
+COMPONENTS = ("fw",)
+BAR_WIDTH = 30
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="update-control",
+        description="Firmware updates of the Lotus Protector for Mail Security appliance.",
+        epilog="Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do.",
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", action="store_true", help="check the update feed now")
+    action.add_argument(
+        "-d", "--download", metavar="COMPONENT", choices=COMPONENTS,
+        help="download the newest firmware (COMPONENT: fw)",
+    )  # fmt: skip
+    action.add_argument(
+        "-i", "--install", metavar="COMPONENT", choices=COMPONENTS,
+        help="install the downloaded firmware (COMPONENT: fw)",
+    )  # fmt: skip
+    action.add_argument("-s", "--status", action="store_true", help="show the update status")
+    parser.add_argument("--json", action="store_true", help="print the status as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def setup_django() -> None:
+    """Point Django at this project's settings, wherever the tool is started from."""
+    project = Path(__file__).resolve().parent.parent
+    if str(project) not in sys.path:
+        sys.path.insert(0, str(project))
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
+    import django
+
+    django.setup()
+    # The console's process log would interleave with the progress bar; events still go to the
+    # event log, and warnings still show.
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+def human_duration(seconds: int | None) -> str:
+    if seconds is None:
+        return "--:--"
+    minutes, secs = divmod(max(0, seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class ProgressBar:
+    """Draws the download on a terminal (one redrawn line), or every 10% when not a terminal."""
+
+    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = stream.isatty()
+        self.last_step: tuple[str, int] | None = None
+        self.drawn = False
+
+    def __call__(self, download: Any) -> None:
+        if not self.enabled:
+            return
+        if download.state in ("verifying", "ready"):
+            label = "Verifying  " if download.state == "verifying" else "Verified   "
+            percent = download.verify_percent if download.state == "verifying" else 100.0
+            detail = f"{human_bytes(download.size)}"
+        else:
+            label, percent = "Downloading", download.percent
+            rate = f"{human_bytes(download.rate)}/s" if download.rate else "-- /s"
+            detail = (
+                f"{human_bytes(download.bytes_done)} of {human_bytes(download.size)}  {rate}  "
+                f"ETA {human_duration(download.eta_seconds)}"
+            )
+        filled = int(BAR_WIDTH * percent / 100)
+        bar = "#" * filled + "." * (BAR_WIDTH - filled)
+        line = f"{label} {download.version} [{bar}] {percent:5.1f}%  {detail}"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(100))
+            self.stream.flush()
+            self.drawn = True
+            return
+        step = (label, int(percent // 10))
+        if step != self.last_step:
+            self.last_step = step
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _cli_user() -> str:
+    from upgrades.services import _os_user
+
+    return f"{_os_user()} (update-control)"
+
+
+def _print_status(status: dict[str, Any], out: TextIO) -> None:
+    def row(label: str, value: str) -> None:
+        out.write(f"{label + ':' if label else '':<22}{value}\n")
+
+    def when(iso: str) -> str:
+        return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+    row("Installed firmware", status["installed_version"] or "unknown")
+    check = status["last_check"]
+    if check is None:
+        row("Last check", "never")
+    elif check["ok"]:
+        found = check["newest_available"]
+        result = f"firmware {found} available" if found else "no newer firmware"
+        row("Last check", f"{when(check['checked_at'])} ({result})")
+    else:
+        row("Last check", f"{when(check['checked_at'])} FAILED: {check['error']}")
+    if not status["offers"]:
+        row("Available firmware", "none listed")
+    for index, offer in enumerate(status["offers"]):
+        row(
+            "Available firmware" if index == 0 else "",
+            f"{offer['version']} ({human_bytes(offer['size'])}): {offer['status']}",
+        )
+    download = status["download"]
+    if download is None:
+        row("Download", "none")
+    elif download["state"] in ("queued", "running", "verifying"):
+        row(
+            "Download",
+            f"firmware {download['version']} {download['state_label'].lower()}: "
+            f"{download['percent']:.1f}% ({human_bytes(download['bytes_done'])} of "
+            f"{human_bytes(download['size'])}, {human_bytes(download['rate_bytes_per_second'])}/s, "
+            f"ETA {human_duration(download['eta_seconds'])})",
+        )
+    elif download["state"] == "failed":
+        row("Download", f"firmware {download['version']} failed: {download['error']}")
+    else:
+        row("Download", f"firmware {download['version']} {download['state_label'].lower()}")
+    ready = status["ready"]
+    row("Ready to install", f"firmware {ready['version']}" if ready else "nothing")
+    row("Automatic downloads", "on" if status["automatic_downloads"] else "off")
+    lic = status["license"]
+    if lic["customer"]:
+        row(
+            "License",
+            f"{lic['customer']}, serial {lic['serial']}, updates until {lic['updates_until']} "
+            f"({lic['status'].lower()})",
+        )
+    else:
+        row("License", lic["reason"] or lic["status"])
+
+
+def _status(as_json: bool, out: TextIO) -> int:
+    from upgrades.selectors import update_status
+
+    status = update_status()
+    if as_json:
+        out.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
+    else:
+        _print_status(status, out)
+    return EXIT_OK
+
+
+def _check(as_json: bool, out: TextIO, err: TextIO) -> int:
+    from upgrades import selectors, services
+    from upgrades.models import CheckTrigger
+
+    result = services.update_check(trigger=CheckTrigger.CLI, user=_cli_user())
+    if as_json:
+        out.write(json.dumps(selectors.update_status(), indent=2, sort_keys=True) + "\n")
+    if not result.ok:
+        err.write(f"update-control: {result.error}\n")
+        return EXIT_FAILURE
+    if not result.newest_available:
+        if not as_json:
+            installed = selectors.installed_version()
+            out.write(f"No newer firmware is available (installed: {installed}).\n")
+        return EXIT_NOTHING_TO_DO
+    if not as_json:
+        out.write(f"Firmware {result.newest_available} is available.\n")
+    return EXIT_OK
+
+
+def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
+    from upgrades import services
+    from upgrades.models import CheckTrigger, DownloadState, DownloadTrigger
+
+    user = _cli_user()
+    checked = services.update_check(trigger=CheckTrigger.CLI, user=user)
+    if not checked.ok:
+        err.write(f"update-control: {checked.error}\n")
+        return EXIT_FAILURE
+    try:
+        download = services.download_start(user=user, trigger=DownloadTrigger.CLI, enqueue=False)
+    except (services.NothingToDownload, services.AlreadyReady) as exc:
+        out.write(f"{exc}\n")
+        return EXIT_NOTHING_TO_DO
+    except services.UpdateError as exc:
+        err.write(f"update-control: {exc}\n")
+        return EXIT_FAILURE
+
+    interrupted: list[float] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if interrupted:  # a second Ctrl-C: stop at once (the lease lapses, a worker resumes)
+            raise KeyboardInterrupt
+        interrupted.append(time.monotonic())
+        err.write("\nCancelling the download...\n")
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bar = ProgressBar(err, enabled=not quiet)
+    size = human_bytes(download.size)
+    out.write(f"Downloading firmware {download.version} ({size}) from {download.url}\n")
+    out.flush()
+    try:
+        state = services.download_execute(
+            download.pk,
+            executor=services.executor_name("update-control"),
+            on_progress=bar,
+            should_cancel=lambda: bool(interrupted),
+        )
+    finally:
+        bar.finish()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    download.refresh_from_db()
+    if state == DownloadState.READY:
+        out.write(f"Firmware {download.version} is ready to install.\n")
+        return EXIT_OK
+    if state == DownloadState.CANCELLED:
+        err.write(f"update-control: the download of firmware {download.version} was cancelled.\n")
+        return EXIT_FAILURE
+    reason = download.error or state
+    err.write(f"update-control: the download of firmware {download.version} failed: {reason}\n")
+    return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run update-control; returns the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.json and not (args.status or args.check):
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("update-control: --json goes with -s or --check\n")
+        return EXIT_USAGE
+    if args.install:
+        sys.stderr.write(
+            "update-control: installing firmware (-i fw) is not available in this release yet; "
+            "a downloaded bundle waits in var/spool/updates.\n"
+        )
+        return EXIT_FAILURE
+    setup_django()
+    try:
+        if args.status:
+            return _status(args.json, sys.stdout)
+        if args.check:
+            return _check(args.json, sys.stdout, sys.stderr)
+        return _download(sys.stdout, sys.stderr, args.quiet)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nupdate-control: interrupted\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

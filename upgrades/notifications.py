@@ -1,0 +1,101 @@
+"""The notices Updates & Licensing puts on Home (and on its own page).
+
+As the guide says: "Firmware X is available" once the feed lists it, the download's progress
+while it runs, then "Firmware X is ready to install". A failed check or download is a warning
+until something newer replaces it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from django.urls import reverse
+
+from upgrades import selectors
+from upgrades.models import DownloadState
+
+if TYPE_CHECKING:
+    from home.notifications import Notice
+
+NOTES_SHOWN = 160
+
+
+def _summary(notes: str) -> str:
+    """The release notes' first line, shortened for a one-line notice."""
+    first = next((line.strip() for line in notes.splitlines() if line.strip()), "")
+    return first if len(first) <= NOTES_SHOWN else first[: NOTES_SHOWN - 1].rstrip() + "…"
+
+
+def update_notices() -> list[Notice]:
+    """Available, downloading, ready, and what went wrong (in that order of importance)."""
+    from home.notifications import Notice
+
+    page = reverse("upgrades:index")
+    notices: list[Notice] = []
+    installed = selectors.installed_version()
+    active = selectors.active_download()
+    ready = selectors.ready_download(installed)
+    if active is not None:
+        if active.state == DownloadState.QUEUED:
+            text = f"Firmware {active.version} is queued for download."
+        elif active.state == DownloadState.VERIFYING:
+            text = f"Verifying firmware {active.version}: {active.verify_percent:.0f}%"
+        else:
+            text = f"Downloading firmware {active.version}: {active.percent:.0f}%"
+        notices.append(Notice("info", text, "Updates & Licensing", page))
+    if ready is not None:
+        notices.append(
+            Notice(
+                "info",
+                f"Firmware {ready.version} is ready to install.",
+                "Updates & Licensing",
+                page,
+            )
+        )
+    newest = selectors.newest_downloadable(installed)
+    if (
+        newest is not None
+        and (active is None or active.version != newest.offer.version)
+        and (ready is None or ready.version != newest.offer.version)
+    ):
+        offer = newest.offer
+        notes = _summary(offer.release_notes)
+        text = f"Firmware {offer.version} is available." + (f" {notes}" if notes else "")
+        lic = selectors.license_view()
+        if lic.entitled:
+            notices.append(Notice("info", text, "Release notes and Download", page))
+        else:
+            notices.append(
+                Notice(
+                    "warning",
+                    f"{text} Downloading it needs a valid license: {lic.reason}",
+                    "Licensing",
+                    page + "#licensing",
+                )
+            )
+    check = selectors.last_check()
+    if check is not None and not check.ok:
+        notices.append(
+            Notice(
+                "warning",
+                f"Checking for firmware updates failed: {check.error}",
+                "Updates & Licensing",
+                page,
+            )
+        )
+    latest = selectors.latest_download()
+    if (
+        active is None
+        and latest is not None
+        and latest.state == DownloadState.FAILED
+        and (ready is None or ready.version != latest.version)
+    ):
+        notices.append(
+            Notice(
+                "warning",
+                f"The download of firmware {latest.version} failed: {latest.error}",
+                "Updates & Licensing",
+                page,
+            )
+        )
+    return notices
