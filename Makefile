@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python bench/graphs.py
 	$(BIN)/python bench/smtp_accept.py
 	$(BIN)/python bench/purge.py
+	$(BIN)/python bench/download.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

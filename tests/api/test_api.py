@@ -1,4 +1,4 @@
-"""The JSON API: a login for every call (session or token), JSON errors, read-only stays read-only."""
+"""The JSON API: a login for every call, JSON errors, read-only stays read-only."""
 
 from __future__ import annotations
 
