@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from django import forms
 from django.utils import timezone
 
 from events.models import Category, Severity
 from events.selectors import MAX_PAGE_SIZE, PAGE_SIZE, Cursor, EventFilter, InvalidCursor
+from lmi.forms import TimeRangeMixin
 
 PERIODS: dict[str, timedelta | None] = {
     "1h": timedelta(hours=1),
@@ -28,10 +29,9 @@ SEVERITY_CHOICES = (("", "Any"), *((s.name.lower(), f"{s.label} and above") for 
 CATEGORY_CHOICES = (("", "Any"), *Category.choices)
 # The parameters that say what to show (kept in every link); the others say where the page is.
 FILTER_PARAMS = ("severity", "category", "period", "since", "until", "q")
-DATETIME_HELP = "a date and time such as 2026-11-25T06:30 or 2026-11-25 06:30:00+01:00"
 
 
-class EventQueryForm(forms.Form):
+class EventQueryForm(TimeRangeMixin, forms.Form):
     """Bound to request.GET. Invalid values become messages on the page, never an exception."""
 
     severity = forms.ChoiceField(choices=SEVERITY_CHOICES, required=False)
@@ -44,24 +44,6 @@ class EventQueryForm(forms.Form):
     before = forms.CharField(required=False, max_length=200)
     newest = forms.CharField(required=False, max_length=200)
     limit = forms.CharField(required=False, max_length=10)
-
-    def _clean_moment(self, name: str) -> datetime | None:
-        raw = self.cleaned_data[name].strip()
-        if not raw:
-            return None
-        try:
-            moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
-            raise forms.ValidationError(f"{raw!r} is not {DATETIME_HELP}.") from None
-        if timezone.is_naive(moment):
-            moment = timezone.make_aware(moment)
-        return moment
-
-    def clean_since(self) -> datetime | None:
-        return self._clean_moment("since")
-
-    def clean_until(self) -> datetime | None:
-        return self._clean_moment("until")
 
     def _clean_cursor(self, name: str) -> Cursor | None:
         token = self.cleaned_data[name].strip()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime
 
 from django import forms
-from django.utils import timezone
 
 from appliance import msgstore, tracking
 from appliance.retention import MAX_RETENTION_DAYS, StoreRetention
+from lmi.forms import TimeRangeMixin
 from mailsecurity.services import store_key
 
 RETENTION_HELP = f"Whole days, 1 to {MAX_RETENTION_DAYS}."
-DATETIME_HELP = "a date and time such as 2026-11-25T06:30"
 
 
 def retention_field(label: str, initial: int | None = None) -> forms.IntegerField:
@@ -57,7 +55,7 @@ ACTION_CHOICES = (("", "Any"), *((a, a.capitalize()) for a in msgstore.ACTIONS))
 TRACKING_FILTER_PARAMS = ("sender", "recipient", "subject", "verdict", "action", "since", "until")
 
 
-class TrackingQueryForm(forms.Form):
+class TrackingQueryForm(TimeRangeMixin, forms.Form):
     """The tracking search, bound to request.GET; bad values become messages, not errors."""
 
     sender = forms.CharField(required=False, max_length=320, label="Sender")
@@ -88,24 +86,6 @@ class TrackingQueryForm(forms.Form):
 
     def clean_subject(self) -> str:
         return self.cleaned_data["subject"].strip()
-
-    def _clean_moment(self, name: str) -> datetime | None:
-        raw = self.cleaned_data[name].strip()
-        if not raw:
-            return None
-        try:
-            moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-        except ValueError:
-            raise forms.ValidationError(f"{raw!r} is not {DATETIME_HELP}.") from None
-        if timezone.is_naive(moment):
-            moment = timezone.make_aware(moment)
-        return moment
-
-    def clean_since(self) -> datetime | None:
-        return self._clean_moment("since")
-
-    def clean_until(self) -> datetime | None:
-        return self._clean_moment("until")
 
     def _clean_position(self, name: str) -> tracking.Position | None:
         token = self.cleaned_data[name].strip()
