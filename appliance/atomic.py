@@ -10,6 +10,7 @@ never half of either.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
@@ -67,3 +68,18 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
 def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
     """Replace ``path`` with UTF-8 ``text`` durably; see :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, mode: int = 0o600) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (created if missing) for the block.
+
+    One writer at a time across processes (two publishes of a feed, two system backups): the
+    lock file itself holds no data, and the kernel releases the lock if the holder dies.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -15,14 +15,12 @@ skipped when its result is already in place, so running it again is cheap and ch
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import os
 import random
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -32,7 +30,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 
 from appliance import demo
-from appliance.atomic import atomic_write_text
+from appliance.atomic import atomic_write_text, exclusive_lock
 from appliance.bundle import (
     BundleError,
     build_bundle,
@@ -285,16 +283,6 @@ def demo_updates_missing(var_dir: Path, root: Path | None = None) -> list[str]:
 # --- Doing it -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(vendor_dir: Path) -> Iterator[None]:
-    fd = os.open(vendor_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _ensure_keypair(vendor_dir: Path) -> tuple[bytes, bytes]:
     keypair = _load_keypair(vendor_dir)
     if keypair is None:
@@ -347,7 +335,7 @@ def init_demo_updates(
     vendor_dir = _vendor_dir(var_dir)
     vendor_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(vendor_dir, 0o700)
-    with _locked(vendor_dir):
+    with exclusive_lock(vendor_dir / ".lock", 0o600):
         private, public = _ensure_keypair(vendor_dir)
         _ensure_trusted(public)
 

@@ -15,19 +15,16 @@ feed over HTTP belongs to the upgrades app, which hands the bytes to :func:`pars
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from appliance.atomic import atomic_open, atomic_write_bytes
+from appliance.atomic import atomic_open, atomic_write_bytes, exclusive_lock
 from appliance.bundle import (
     MAX_MANIFEST,
     MAX_PAYLOAD,
@@ -184,17 +181,6 @@ def parse_feed(data: bytes, base: str) -> list[FeedEntry]:
     return sorted(entries, key=lambda entry: version_tuple(entry.version), reverse=True)
 
 
-@contextlib.contextmanager
-def _locked(feed_dir: Path) -> Iterator[None]:
-    """One publisher at a time per feed, so concurrent publishes cannot drop each other's entry."""
-    fd = os.open(feed_dir / ".feed.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def publish(feed_dir: Path, bundle: Path, release_notes: str | None = None) -> FeedEntry:
     """Vendor side: copy a bundle into ``feed_dir`` and list it in ``feed.json``.
 
@@ -215,7 +201,7 @@ def publish(feed_dir: Path, bundle: Path, release_notes: str | None = None) -> F
     file_name = bundle_file_name(manifest.version)
     feed_dir.mkdir(parents=True, exist_ok=True)
     destination = feed_dir / file_name
-    with _locked(feed_dir):
+    with exclusive_lock(feed_dir / ".feed.lock", 0o644):
         feed_path = feed_dir / FEED_FILE
         try:
             existing = feed_path.read_bytes()

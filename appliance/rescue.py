@@ -14,7 +14,6 @@ leaves either a consistent old backup, no backup, or the consistent new one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from appliance.atomic import atomic_open, atomic_write_text
+from appliance.atomic import atomic_open, atomic_write_text, exclusive_lock
 from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
 from appliance.paths import Layout, layout
 from appliance.system import parse_key_values
@@ -201,8 +200,7 @@ def system_backup_create(
     firmware_version = _firmware_version(the_layout, slot)
     the_layout.rescue_dir.mkdir(parents=True, exist_ok=True)
 
-    with open(the_layout.rescue_dir / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(the_layout.rescue_dir / ".lock"):
         entries = [*_entries(slot, "system"), *_entries(the_layout.etc_dir, "etc")]
         total = sum(path.lstat().st_size for path, _ in entries if _is_regular(path))
         tracker = _Tracker(total, progress)
