@@ -25,18 +25,22 @@ Every element is optional and a rule type may appear more than once (two block l
 content rule to mail from the senders on that list (outgoing mail, typically). A verdict
 without a ``quarantine`` element goes to the message store of the default name
 (:data:`DEFAULT_STORES`).
+
+That is the 2.8.0 format; after the 2.8.1 conversion the policy is the ``<mailPolicy>`` section
+of the 2.8.1 configuration file (:mod:`appliance.configconvert`), and read and write here use
+whichever format is on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from appliance.atomic import atomic_write_bytes
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.errors import MalformedApplianceFile
 from appliance.paths import layout
 from appliance.policy import PolicyObject, list_policy_objects
 from appliance.safexml import parse_xml
@@ -199,16 +203,30 @@ def render_mail_policy(policy: MailPolicy) -> bytes:
 
 
 def read_mail_policy(root: Path | None = None) -> MailPolicy:
-    """Read the mail policy; :class:`ApplianceNotInitialized` when the file does not exist."""
-    path = mail_policy_path(root)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ApplianceNotInitialized(f"no mail policy at {path}") from exc
-    return parse_mail_policy(data)
+    """Read the mail policy from whichever configuration format is on disk.
+
+    :class:`ApplianceNotInitialized` when there is none (no file, or no section in 2.8.1).
+    """
+    # Imported here: configconvert builds on this module's dataclasses.
+    from appliance import configconvert
+
+    return configconvert.read_section(
+        root,
+        mail_policy_path(root),
+        parse_mail_policy,
+        lambda config: config.mail_policy,
+        "mail policy",
+    )
 
 
 def write_mail_policy(policy: MailPolicy, root: Path | None = None) -> None:
     """Check the policy against the current policy objects, then write it atomically."""
+    from appliance import configconvert
+
     policy.validate(list_policy_objects(root))
-    atomic_write_bytes(mail_policy_path(root), render_mail_policy(policy))
+    configconvert.write_section(
+        root,
+        mail_policy_path(root),
+        render_mail_policy(policy),
+        lambda config: dataclasses.replace(config, mail_policy=policy),
+    )

@@ -6,22 +6,24 @@ Each object's value is stored base64-encoded, with ``<name>`` on the line just a
 the name line above each hit. The writer therefore emits exactly one element per line, and the
 reader/writer pair is byte-stable so saving unchanged objects does not touch the file's content.
 
-Files named by ``$(FILE/...)`` macros are not migrated by the 2.8.1 upgrade, which is why they
-are listed and read here.
+Files named by ``$(FILE/...)`` macros are not migrated by the original 2.8.1 upgrade, which is
+why they are listed and read here. After our upgrade the objects live in the 2.8.1 configuration
+file (:mod:`appliance.configconvert`); the functions here read and write whichever format is on
+disk, so their callers do not change.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from appliance.atomic import atomic_write_bytes
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.errors import MalformedApplianceFile
 from appliance.paths import appliance_root, layout, resolve_inside
 from appliance.safexml import parse_xml
 
@@ -121,13 +123,18 @@ def render_policy_objects(objs: Iterable[PolicyObject]) -> bytes:
 
 
 def list_policy_objects(root: Path | None = None) -> list[PolicyObject]:
-    """All policy objects, in file order."""
-    path = layout(root).policy_objects_xml
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ApplianceNotInitialized(f"no policy objects at {path}") from exc
-    return parse_policy_objects(data)
+    """All policy objects, in file order, from whichever configuration format is on disk."""
+    # Imported here: configconvert builds on this module's dataclasses.
+    from appliance import configconvert
+
+    objects = configconvert.read_section(
+        root,
+        layout(root).policy_objects_xml,
+        parse_policy_objects,
+        lambda config: config.policy_objects,
+        "policy objects",
+    )
+    return list(objects)
 
 
 def get_policy_object(obj_id: str, root: Path | None = None) -> PolicyObject:
@@ -165,5 +172,13 @@ def read_object_lines(obj: PolicyObject, root: Path | None = None) -> list[str]:
 
 
 def write_policy_objects(objs: Iterable[PolicyObject], root: Path | None = None) -> None:
-    """Atomically replace the policy objects file with ``objs``."""
-    atomic_write_bytes(layout(root).policy_objects_xml, render_policy_objects(objs))
+    """Atomically replace the policy objects with ``objs``, in the format on disk."""
+    from appliance import configconvert
+
+    objs = tuple(objs)
+    configconvert.write_section(
+        root,
+        layout(root).policy_objects_xml,
+        render_policy_objects(objs),
+        lambda config: dataclasses.replace(config, policy_objects=objs),
+    )

@@ -1,17 +1,19 @@
 """SMTP settings (``etc/mailsec/cpe/mailsec_smtp1_0.xml``).
 
 Besides the listener and next hop, this file holds the SMTP log and message tracking log
-retention, which the upgrade guide tells administrators to lower to reclaim disk space.
+retention, which the upgrade guide tells administrators to lower to reclaim disk space. After
+the 2.8.1 conversion the settings live in the 2.8.1 configuration file
+(:mod:`appliance.configconvert`); read and write here use whichever format is on disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from appliance.atomic import atomic_write_bytes
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.errors import MalformedApplianceFile
 from appliance.paths import layout
 from appliance.safexml import parse_xml
 
@@ -69,15 +71,27 @@ def render_smtp_settings(smtp: SmtpSettings) -> bytes:
 
 
 def read_smtp_settings(root: Path | None = None) -> SmtpSettings:
-    """Read the SMTP settings."""
-    path = layout(root).smtp_xml
-    try:
-        return parse_smtp_settings(path.read_bytes())
-    except FileNotFoundError as exc:
-        raise ApplianceNotInitialized(f"no SMTP settings at {path}") from exc
+    """Read the SMTP settings from whichever configuration format is on disk."""
+    # Imported here: configconvert builds on this module's dataclass.
+    from appliance import configconvert
+
+    return configconvert.read_section(
+        root,
+        layout(root).smtp_xml,
+        parse_smtp_settings,
+        lambda config: config.smtp,
+        "SMTP settings",
+    )
 
 
 def write_smtp_settings(smtp: SmtpSettings, root: Path | None = None) -> None:
-    """Validate and atomically write the SMTP settings."""
+    """Validate and atomically write the SMTP settings, in the format on disk."""
+    from appliance import configconvert
+
     smtp.validate()
-    atomic_write_bytes(layout(root).smtp_xml, render_smtp_settings(smtp))
+    configconvert.write_section(
+        root,
+        layout(root).smtp_xml,
+        render_smtp_settings(smtp),
+        lambda config: dataclasses.replace(config, smtp=smtp),
+    )

@@ -29,6 +29,7 @@ from email.message import Message
 from email.utils import getaddresses
 from pathlib import Path
 
+from appliance.configconvert import config_path
 from appliance.errors import ApplianceError, ApplianceNotInitialized
 from appliance.mailpolicy import (
     DEFAULT_SPAM_THRESHOLD,
@@ -259,7 +260,8 @@ class PolicyCache:
     """The compiled policy, rebuilt when a file it was compiled from changes.
 
     A few ``stat`` calls per message instead of parsing XML and reading lists: the files are
-    the configuration files and every ``$(FILE/...)`` list the rules use. Thread-safe.
+    the configuration files of both formats (2.8.0 and 2.8.1, see
+    :mod:`appliance.configconvert`) and every ``$(FILE/...)`` list the rules use. Thread-safe.
     """
 
     def __init__(self) -> None:
@@ -273,8 +275,15 @@ class PolicyCache:
         # Built once per root: pathlib joins cost more than the stat calls they feed.
         files = self._paths.get(base)
         if files is None:
+            # Both formats' files: a conversion or a rollback between messages shows up as a
+            # change (a file appearing or vanishing), whichever direction it goes.
             the_layout = layout(base)
-            files = (mail_policy_path(base), the_layout.policy_objects_xml, the_layout.smtp_xml)
+            files = (
+                mail_policy_path(base),
+                the_layout.policy_objects_xml,
+                the_layout.smtp_xml,
+                config_path(base),
+            )
             self._paths[base] = files
         return files
 
