@@ -20,6 +20,9 @@ from appliance.system import parse_key_values
 
 Mode = Literal["dhcp", "static"]
 
+# Marks an ifcfg that dhcp_pin_static made static, so dhcp_unpin knows it may return it to DHCP.
+PINNED_KEY = "LMI_PINNED_FROM_DHCP"
+
 _ASSIGNMENT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)=")
 
 
@@ -32,6 +35,8 @@ class Interface:
     address: str | None
     prefix: int | None
     gateway: str | None
+    # Static only because the upgrade pinned its DHCP lease (``LMI_PINNED_FROM_DHCP='yes'``).
+    pinned_from_dhcp: bool = False
 
     @property
     def netmask(self) -> str | None:
@@ -115,7 +120,8 @@ def read_interface(name: str, root: Path | None = None) -> Interface:
         return Interface(name, "dhcp", address, prefix, lease.get("GATEWAY") or None)
     address, prefix = _address(config.get("IPADDR", ""), config.get("NETMASK"))
     gateway = _static_gateway(name, address, prefix, _default_routes(the_layout))
-    return Interface(name, "static", address, prefix, gateway)
+    pinned = config.get(PINNED_KEY, "").lower() == "yes"
+    return Interface(name, "static", address, prefix, gateway, pinned_from_dhcp=pinned)
 
 
 def list_interfaces(root: Path | None = None) -> list[Interface]:
@@ -200,3 +206,67 @@ def _write_default_route(the_layout: Layout, name: str, gateway: str | None) -> 
     new_text = "\n".join(kept) + "\n" if kept else ""
     if kept != lines:
         atomic_write_text(the_layout.routes_file, new_text)
+
+
+def dhcp_pin_static(interface: str, root: Path | None = None) -> Interface:
+    """Make a DHCP interface static on its current lease (address, netmask, gateway).
+
+    The guide asks for a static address during the upgrade because a DHCP interface may come
+    back with another one after the restart. The ifcfg keeps ``LMI_PINNED_FROM_DHCP='yes'`` so
+    :func:`dhcp_unpin` can return it to DHCP afterwards. Idempotent for an interface already
+    pinned; refuses (``ValueError``, nothing written) a static interface or one without a lease.
+    """
+    the_layout = layout(root)
+    current = read_interface(interface, root)
+    if current.mode == "static":
+        if current.pinned_from_dhcp:
+            return current
+        raise ValueError(f"{interface} already has a static address; there is nothing to pin.")
+    if current.address is None or current.prefix is None:
+        raise ValueError(
+            f"{interface} has no current DHCP lease with an address and netmask to pin; renew "
+            "the lease or assign a static address by hand."
+        )
+    ipaddress.ip_interface(f"{current.address}/{current.prefix}")
+    if current.gateway is not None:
+        ipaddress.ip_address(current.gateway)
+    path = the_layout.ifcfg(interface)
+    text = path.read_text(encoding="utf-8")
+    updates: dict[str, str | None] = {
+        "BOOTPROTO": "static",
+        "IPADDR": f"{current.address}/{current.prefix}",
+        "NETMASK": None,
+        PINNED_KEY: "yes",
+    }
+    atomic_write_text(path, _set_keys(text, updates))
+    _write_default_route(the_layout, interface, current.gateway)
+    return read_interface(interface, root)
+
+
+def dhcp_unpin(interface: str, root: Path | None = None) -> Interface:
+    """Return an interface pinned by :func:`dhcp_pin_static` to DHCP (idempotent).
+
+    Refuses (``ValueError``) a static interface that was configured static by hand: only the
+    upgrade's own pin is undone.
+    """
+    the_layout = layout(root)
+    current = read_interface(interface, root)
+    if current.mode == "dhcp":
+        return current
+    if not current.pinned_from_dhcp:
+        raise ValueError(
+            f"{interface} was configured with a static address, not pinned from DHCP; it is left "
+            "as it is."
+        )
+    path = the_layout.ifcfg(interface)
+    text = path.read_text(encoding="utf-8")
+    updates: dict[str, str | None] = {
+        "BOOTPROTO": "dhcp",
+        "IPADDR": None,
+        "NETMASK": None,
+        PINNED_KEY: None,
+    }
+    # The route first: a crash in between leaves a pinned interface, which unpin can finish.
+    _write_default_route(the_layout, interface, None)
+    atomic_write_text(path, _set_keys(text, updates))
+    return read_interface(interface, root)
