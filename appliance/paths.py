@@ -8,11 +8,15 @@ root differs, which is what lets tests and the demo run against a temporary dire
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+# A firmware slot: "slot-" and a short lower-case name ("slot-a", "slot-b", "slot-restored-...").
+_SLOT_NAME = re.compile(r"slot-[a-z0-9][a-z0-9-]{0,62}")
 
 
 def appliance_root(root: Path | None = None) -> Path:
@@ -137,9 +141,49 @@ class Layout:
         return self.system_dir / "active"
 
     @property
+    def firmware_state_dir(self) -> Path:
+        """Per-slot state (bootable or not, tree manifest) and the switch record, beside the slots.
+
+        Kept out of the slots themselves so a slot holds exactly its system image, and on the same
+        file system so a staged slot can be renamed into place.
+        """
+        return self.system_dir / ".firmware"
+
+    @property
+    def firmware_staging_dir(self) -> Path:
+        """Where a firmware slot is unpacked and read back before it is renamed into ``system/``."""
+        return self.firmware_state_dir / "staging"
+
+    def slot_dir(self, slot: str) -> Path:
+        """The directory of one firmware slot (``slot-a``, ``slot-b``, ...), name checked."""
+        if not _SLOT_NAME.fullmatch(slot or ""):
+            raise ValueError(f"invalid firmware slot name: {slot!r}")
+        return self.system_dir / slot
+
+    @property
     def xpu_dir(self) -> Path:
         """Firmware update logs (``/var/spool/updates/XPU``)."""
         return self.root / "var" / "spool" / "updates" / "XPU"
+
+    @property
+    def config_backups_dir(self) -> Path:
+        """Configuration backups (``*.lmibak``) made, scheduled or uploaded on this appliance."""
+        return self.root / "var" / "lib" / "mailsec" / "backups"
+
+    @property
+    def config_restore_journal(self) -> Path:
+        """Present only while a configuration restore is being applied (for crash recovery)."""
+        return self.root / "var" / "lib" / "mailsec" / "config-restore.json"
+
+    @property
+    def config_restore_lock(self) -> Path:
+        """Held while a configuration restore runs, so two restores cannot interleave."""
+        return self.root / "var" / "lib" / "mailsec" / ".config-restore.lock"
+
+    @property
+    def system_restore_journal(self) -> Path:
+        """Present only while a system backup restore switches trees (for crash recovery)."""
+        return self.rescue_dir / "system-restore.json"
 
     def ifcfg(self, interface: str) -> Path:
         """The SUSE ``ifcfg-<name>`` file of one network interface."""
