@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from appliance import rescue
 from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
 from appliance.paths import layout
+from appliance.system import read_firmware_release, write_firmware_release
 
 
 def test_there_is_no_backup_on_an_empty_root(appliance_root: Path) -> None:
@@ -102,3 +104,190 @@ def test_a_manifest_without_its_image_is_no_backup(demo_appliance: Path) -> None
     assert json.loads(layout().system_backup_manifest.read_text())["slot"] == "slot-a"
     layout().system_backup_tar.unlink()
     assert rescue.system_backup_info() is None
+
+
+# --- Restore ---------------------------------------------------------------------------------
+
+
+def _tree(top: Path) -> dict[str, str]:
+    """Files (digest and mode), directories and links under ``top``, relative to it."""
+    result = {}
+    for path in sorted(top.rglob("*")):
+        relative = path.relative_to(top).as_posix()
+        if path.is_symlink():
+            result[relative] = "-> " + os.readlink(path)
+        elif path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            result[relative] = f"{digest} {path.stat().st_mode & 0o777:o}"
+        else:
+            result[relative] = "dir"
+    return result
+
+
+def _change_system_and_config(root: Path) -> None:
+    the_layout = layout()
+    write_firmware_release({**read_firmware_release(), "FIRMWARE_VERSION": "2.8.1.0"})
+    (the_layout.active_system / "VERSION").write_text("2.8.1.0\n")
+    (the_layout.active_system / "bin" / "new-tool").write_text("#!/bin/sh\n")
+    (the_layout.hostname_file).write_text("changed.example.com\n")
+    (the_layout.etc_dir / "added-later").write_text("x")
+
+
+def test_restore_returns_system_and_configuration_to_the_image(demo_appliance: Path) -> None:
+    the_layout = layout()
+    rescue.system_backup_create()
+    system_before = _tree(the_layout.active_system.resolve())
+    etc_before = _tree(the_layout.etc_dir)
+    msgstore_before = hashlib.sha256(the_layout.msgstore_db.read_bytes()).hexdigest()
+    _change_system_and_config(demo_appliance)
+    assert _tree(the_layout.etc_dir) != etc_before
+
+    calls: list[tuple[int, int]] = []
+    info = rescue.system_backup_restore(progress=lambda done, total: calls.append((done, total)))
+
+    assert info == rescue.system_backup_info()
+    active = the_layout.active_system.resolve()
+    assert active.name.startswith("slot-restored-")
+    assert os.readlink(the_layout.active_system) == active.name
+    assert _tree(active) == system_before
+    assert _tree(the_layout.etc_dir) == etc_before
+    assert read_firmware_release()["FIRMWARE_VERSION"] == "2.8.0.0"
+    assert hashlib.sha256(the_layout.msgstore_db.read_bytes()).hexdigest() == msgstore_before
+    assert calls[-1][0] == calls[-1][1] > 0
+    leftovers = [p.name for p in demo_appliance.iterdir() if p.name.startswith(".etc-")]
+    assert leftovers == []
+    assert not the_layout.system_restore_journal.exists()
+    assert rescue.system_backup_verify()
+
+
+def test_verify_detects_a_damaged_image(demo_appliance: Path) -> None:
+    assert rescue.system_backup_verify() is True
+    path = layout().system_backup_tar
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert rescue.system_backup_verify() is False
+
+
+def test_verify_without_an_image_is_false(appliance_root: Path) -> None:
+    assert rescue.system_backup_verify() is False
+
+
+def test_a_tampered_image_is_refused_and_nothing_changes(demo_appliance: Path) -> None:
+    path = layout().system_backup_tar
+    data = bytearray(path.read_bytes())
+    data[2000] ^= 0x01
+    path.write_bytes(bytes(data))
+    _change_system_and_config(demo_appliance)
+    before = _tree(demo_appliance)
+    with pytest.raises(rescue.SystemBackupError, match="does not match its checksum"):
+        rescue.system_backup_restore()
+    assert _tree(demo_appliance) == before
+
+
+def test_restore_without_an_image_is_refused(appliance_root: Path) -> None:
+    with pytest.raises(rescue.SystemBackupError, match="no system backup"):
+        rescue.system_backup_restore()
+
+
+def _plant_image(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
+    """Replace the image by a hostile tar whose manifest checksum matches (a forged image)."""
+    import io
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info, content in entries:
+            tar.addfile(info, io.BytesIO(content) if content is not None else None)
+    data = buffer.getvalue()
+    the_layout = layout()
+    the_layout.system_backup_tar.write_bytes(data)
+    manifest = json.loads(the_layout.system_backup_manifest.read_text())
+    manifest.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    the_layout.system_backup_manifest.write_text(json.dumps(manifest))
+
+
+def _entry(
+    name: str, kind: bytes = tarfile.REGTYPE, content: bytes = b"", link: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = link
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    if kind == tarfile.REGTYPE:
+        info.size = len(content)
+        return info, content
+    return info, None
+
+
+TOPS = [_entry("system", tarfile.DIRTYPE), _entry("etc", tarfile.DIRTYPE)]
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        (_entry("system/../../evil", content=b"x"), r'"\.\."'),
+        (_entry("/etc/passwd", content=b"x"), "absolute"),
+        (_entry("var/lib/mailsec/msgstore/msgstore.db", content=b"x"), "outside its system"),
+        (_entry("system/lib", tarfile.SYMTYPE, link="../../.."), "points out of"),
+        (_entry("etc/shadow", tarfile.SYMTYPE, link="/etc/shadow"), "points out of"),
+        (_entry("etc/hard", tarfile.LNKTYPE, link="etc/HOSTNAME"), "link, device"),
+        (_entry("system/dev", tarfile.CHRTYPE), "link, device"),
+    ],
+)
+def test_a_forged_image_with_unsafe_members_is_refused(
+    demo_appliance: Path, entry: tuple[tarfile.TarInfo, bytes | None], match: str
+) -> None:
+    _plant_image([*TOPS, _entry("etc/HOSTNAME", content=b"x\n"), entry])
+    before = _tree(demo_appliance)
+    with pytest.raises(rescue.SystemBackupError, match=match):
+        rescue.system_backup_restore()
+    assert _tree(demo_appliance) == before
+
+
+def test_a_member_beneath_a_symlink_is_refused(demo_appliance: Path) -> None:
+    _plant_image(
+        [
+            *TOPS,
+            _entry("system/lib", tarfile.SYMTYPE, link="bin"),
+            _entry("system/lib/evil", content=b"x"),
+        ]
+    )
+    before = _tree(demo_appliance)
+    with pytest.raises(rescue.SystemBackupError, match="beneath"):
+        rescue.system_backup_restore()
+    assert _tree(demo_appliance) == before
+
+
+def test_a_crash_during_the_switch_is_rolled_forward(
+    demo_appliance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    the_layout = layout()
+    rescue.system_backup_create()
+    system_before = _tree(the_layout.active_system.resolve())
+    etc_before = _tree(the_layout.etc_dir)
+    _change_system_and_config(demo_appliance)
+    real_step = rescue._restore_step
+    calls = 0
+
+    class Crash(BaseException):
+        """Stands for the process dying between two renames."""
+
+    def crash_on_third(source: Path, target: Path) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # after etc/ was moved aside, before the image's etc/ took its place
+            raise Crash
+        real_step(source, target)
+
+    monkeypatch.setattr(rescue, "_restore_step", crash_on_third)
+    with pytest.raises(Crash):
+        rescue.system_backup_restore()
+    monkeypatch.setattr(rescue, "_restore_step", real_step)
+    assert not the_layout.etc_dir.exists()
+    assert the_layout.system_restore_journal.exists()
+
+    assert rescue.system_restore_recover() is True
+    assert _tree(the_layout.active_system.resolve()) == system_before
+    assert _tree(the_layout.etc_dir) == etc_before
+    assert not the_layout.system_restore_journal.exists()
+    assert rescue.system_restore_recover() is False
