@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "home",
     "upgrades",
     "mailsecurity",
+    "backups",
     "smtp",
     "api",
 ]
@@ -167,6 +168,10 @@ CELERY_BEAT_SCHEDULE = {
     "accounts-prune-login-failures": {
         "task": "accounts.tasks.login_failures_prune",
         "schedule": crontab(minute="*/30"),
+    },
+    "backups-scheduled-backup": {
+        "task": "backups.tasks.scheduled_backup",
+        "schedule": crontab(minute=23),
     },
 }
 # The mail processing service (SMTP): loopback by default; LMI_SMTP_HOST=0.0.0.0 to serve others.

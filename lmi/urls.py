@@ -13,6 +13,7 @@ urlpatterns = [
     path("home/", include("home.urls")),
     path("system/events/", include("events.urls")),
     path("updates/", include("upgrades.urls")),
+    path("backup/", include("backups.urls")),
     path("mail-security/", include("mailsecurity.urls")),
     path("smtp/", include("smtp.urls")),
     path("api/v1/", include("api.urls")),

@@ -1,0 +1,67 @@
+"""Forms of Backup & Restore > System: create, upload, passphrase, schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+
+from backups.models import KEEP_LAST_MAX
+from backups.services import COMMENT_MAX, PASSPHRASE_MAX, PASSPHRASE_MIN
+
+
+class CreateBackupForm(forms.Form):
+    """A comment and an optional passphrase, asked twice: a typo would lock the backup away."""
+
+    comment = forms.CharField(max_length=COMMENT_MAX, required=False)
+    passphrase = forms.CharField(
+        required=False,
+        max_length=PASSPHRASE_MAX,
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        label="Passphrase (optional)",
+    )
+    passphrase_again = forms.CharField(
+        required=False,
+        max_length=PASSPHRASE_MAX,
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        label="Passphrase again",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        first = data.get("passphrase") or ""
+        second = data.get("passphrase_again") or ""
+        if first != second:
+            raise forms.ValidationError("The two passphrases differ: type the same one twice.")
+        if first and len(first) < PASSPHRASE_MIN:
+            raise forms.ValidationError(
+                f"The passphrase must have at least {PASSPHRASE_MIN} characters."
+            )
+        return data
+
+
+class UploadBackupForm(forms.Form):
+    """A configuration backup file (.lmibak) saved from this or another appliance."""
+
+    backup_file = forms.FileField(label="Configuration backup file")
+
+
+class PassphraseForm(forms.Form):
+    """The passphrase of an encrypted backup, to compare or restore it."""
+
+    passphrase = forms.CharField(
+        required=False,
+        max_length=PASSPHRASE_MAX,
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "off"}),
+    )
+
+
+class ScheduleForm(forms.Form):
+    """Scheduled configuration backups: on or off, at which hour, how many to keep."""
+
+    scheduled_enabled = forms.BooleanField(required=False, label="Daily configuration backups")
+    scheduled_hour = forms.IntegerField(min_value=0, max_value=23, label="Hour of day")
+    keep_last = forms.IntegerField(min_value=1, max_value=KEEP_LAST_MAX, label="Keep the last")

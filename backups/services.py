@@ -1,0 +1,689 @@
+"""Writes of Backup & Restore > System: configuration backups, their schedule, the system image.
+
+Configuration backups are archives the appliance package writes and reads
+(``appliance.configbackup``); this module adds what only the console knows: who asked, the
+console's own settings carried inside every backup (update settings and this schedule), the
+events, and the daily schedule. Every outcome, refused or not, is an event in Category.BACKUP.
+A passphrase is passed through to the appliance package and nowhere else: never logged, never
+in an event, never in a URL.
+
+The system backup image is written or restored by a SystemBackupJob: created queued, enqueued
+on commit, claimed by a conditional update, progress (and heartbeat) written while it runs, its
+final state written by the task itself. A job whose worker died is failed by the next worker
+that starts, or by any start once its heartbeat has lapsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import IO, Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import IntegrityError, transaction
+from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from appliance import configbackup, rescue
+from appliance.configbackup import (
+    BackupError,
+    BackupHeader,
+    BackupRejected,
+    DiffItem,
+    LoadedBackup,
+    RestoreResult,
+)
+from appliance.errors import ApplianceError
+from backups.models import (
+    ACTIVE_STATES,
+    KEEP_LAST_MAX,
+    BackupSettings,
+    SystemBackupJob,
+    SystemJobKind,
+    SystemJobState,
+)
+from events.models import Category, Severity
+from events.services import event_write
+
+logger = logging.getLogger(__name__)
+
+User = AbstractBaseUser | AnonymousUser | str
+
+PASSPHRASE_MIN = 8
+PASSPHRASE_MAX = 1024
+COMMENT_MAX = 200
+# Backups made before firmware installs are kept apart from the schedule's: the newest few.
+PRE_INSTALL_KEPT = 5
+CONSOLE_FORMAT = 1
+# A running job writes progress (and so its heartbeat) at most this often, at least once per
+# file or few MiB; one silent for STALE_AFTER lost its worker.
+PROGRESS_INTERVAL = 0.5
+STALE_AFTER = timedelta(minutes=5)
+
+TRIGGER_LABELS = {
+    "manual": "Manual",
+    "scheduled": "Scheduled",
+    "pre-install": "Before firmware install",
+    "upload": "Uploaded",
+}
+
+
+# --- Errors a caller shows to a person (all are BackupError: str(exc) is the message) -------
+
+
+class BackupNotFound(BackupError):
+    """No configuration backup of that name."""
+
+
+class BadPassphrase(BackupError):
+    """A new passphrase that is too short or too long."""
+
+
+class SystemJobInProgress(BackupError):
+    """One system backup job at a time."""
+
+
+class NoSystemBackup(BackupError):
+    """Restore asked for with no image on the rescue partition."""
+
+
+class _JobLost(Exception):
+    """The job was failed meanwhile (its heartbeat lapsed): stop writing the image."""
+
+
+def _username(user: User | None) -> str:
+    if isinstance(user, str):
+        return user
+    if user is not None and user.is_authenticated:
+        return user.get_username()
+    return ""
+
+
+def _event(
+    message: str, *, severity: int = Severity.INFO, user: User | None = None, **details: Any
+) -> None:
+    event_write(
+        category=Category.BACKUP, message=message, severity=severity, user=user, details=details
+    )
+
+
+def _not_found(name: str) -> BackupNotFound:
+    return BackupNotFound(f"There is no configuration backup named {name!r}.")
+
+
+# --- The console's own settings inside a backup ---------------------------------------------
+
+
+def backup_settings_row() -> BackupSettings:
+    """The schedule's row, created with its defaults the first time."""
+    row, _ = BackupSettings.objects.get_or_create(pk=1)
+    return row
+
+
+def console_settings_snapshot() -> dict[str, Any]:
+    """The console settings a configuration backup carries: update settings and the schedule."""
+    from upgrades.selectors import update_settings
+
+    schedule = BackupSettings.objects.filter(pk=1).first() or BackupSettings(pk=1)
+    return {
+        "format": CONSOLE_FORMAT,
+        "update_settings": {"automatic_downloads": update_settings().automatic_downloads},
+        "backup_settings": {
+            "scheduled_enabled": schedule.scheduled_enabled,
+            "scheduled_hour": schedule.scheduled_hour,
+            "keep_last": schedule.keep_last,
+        },
+    }
+
+
+def _bool(section: Mapping[str, Any], key: str) -> bool | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise BackupRejected(f"The backup's console settings are invalid: {key} is not true/false.")
+    return value
+
+
+def _int(section: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+    value = section.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BackupRejected(
+            f"The backup's console settings are invalid: {key} must be a whole number "
+            f"from {low} to {high}."
+        )
+    return value
+
+
+def console_settings_parse(data: object) -> dict[str, Any]:
+    """Check the console settings of a backup before anything is restored.
+
+    Unknown keys are ignored (a newer console may add some) and absent ones are left as they
+    are; a known key with a wrong type or range refuses the whole backup.
+    """
+    if data is None or data == {}:
+        return {}
+    if not isinstance(data, Mapping):
+        raise BackupRejected("The backup's console settings are invalid: not a JSON object.")
+    parsed: dict[str, Any] = {}
+    updates = data.get("update_settings", {})
+    schedule = data.get("backup_settings", {})
+    if not isinstance(updates, Mapping) or not isinstance(schedule, Mapping):
+        raise BackupRejected("The backup's console settings are invalid: not JSON objects.")
+    values = {
+        "automatic_downloads": _bool(updates, "automatic_downloads"),
+        "scheduled_enabled": _bool(schedule, "scheduled_enabled"),
+        "scheduled_hour": _int(schedule, "scheduled_hour", 0, 23),
+        "keep_last": _int(schedule, "keep_last", 1, KEEP_LAST_MAX),
+    }
+    parsed.update({key: value for key, value in values.items() if value is not None})
+    return parsed
+
+
+def console_settings_apply(data: Mapping[str, Any], user: User | None) -> None:
+    """Apply console settings from a backup (checked first; a bad value changes nothing).
+
+    Automatic downloads go through the update service (its own event when it changes); the
+    schedule is written here, its change covered by the caller's restore event.
+    """
+    from upgrades.services import automatic_downloads_set
+
+    parsed = console_settings_parse(data)
+    with transaction.atomic():
+        if "automatic_downloads" in parsed:
+            automatic_downloads_set(enabled=parsed["automatic_downloads"], user=user)
+        schedule = {
+            key: parsed[key]
+            for key in ("scheduled_enabled", "scheduled_hour", "keep_last")
+            if key in parsed
+        }
+        if schedule:
+            backup_settings_row()
+            BackupSettings.objects.filter(pk=1).update(
+                **schedule, changed_at=timezone.now(), changed_by=_username(user)
+            )
+
+
+def backup_settings_set(
+    *, user: User | None, scheduled_enabled: bool, scheduled_hour: int, keep_last: int
+) -> BackupSettings:
+    """Change the schedule of configuration backups (an event when something changed)."""
+    if not 0 <= scheduled_hour <= 23 or not 1 <= keep_last <= KEEP_LAST_MAX:
+        raise BackupError(
+            f"The hour must be 0-23 and the number of backups kept 1-{KEEP_LAST_MAX}."
+        )
+    row = backup_settings_row()
+    wanted = (scheduled_enabled, scheduled_hour, keep_last)
+    if (row.scheduled_enabled, row.scheduled_hour, row.keep_last) != wanted:
+        BackupSettings.objects.filter(pk=1).update(
+            scheduled_enabled=scheduled_enabled,
+            scheduled_hour=scheduled_hour,
+            keep_last=keep_last,
+            changed_at=timezone.now(),
+            changed_by=_username(user),
+        )
+        state = (
+            f"daily at {scheduled_hour:02d}:00, keeping the last {keep_last}"
+            if scheduled_enabled
+            else "off"
+        )
+        _event(
+            f"Scheduled configuration backups: {state}",
+            user=user,
+            scheduled_enabled=scheduled_enabled,
+            scheduled_hour=scheduled_hour,
+            keep_last=keep_last,
+        )
+        row.refresh_from_db()
+    return row
+
+
+# --- Configuration backups ------------------------------------------------------------------
+
+
+@sensitive_variables("passphrase")
+def _check_new_passphrase(passphrase: str | None) -> str | None:
+    if not passphrase:
+        return None
+    if len(passphrase) < PASSPHRASE_MIN:
+        raise BadPassphrase(f"The passphrase must have at least {PASSPHRASE_MIN} characters.")
+    if len(passphrase) > PASSPHRASE_MAX:
+        raise BadPassphrase(f"The passphrase may have at most {PASSPHRASE_MAX} characters.")
+    return passphrase
+
+
+@sensitive_variables("passphrase")
+def config_backup_create(
+    *,
+    user: User | None,
+    comment: str = "",
+    passphrase: str | None = None,
+    trigger: str = "manual",
+) -> BackupHeader:
+    """Make a configuration backup of the running configuration and the console settings."""
+    passphrase = _check_new_passphrase(passphrase)
+    comment = " ".join(comment.split())[:COMMENT_MAX]
+    created_by = _username(user) or "system"
+    try:
+        header = configbackup.backup_create(
+            created_by=created_by,
+            comment=comment,
+            trigger=trigger,
+            passphrase=passphrase,
+            console=console_settings_snapshot(),
+        )
+    except (ApplianceError, OSError) as exc:
+        _event(
+            f"Configuration backup failed: {exc}",
+            severity=Severity.ERROR,
+            user=user,
+            trigger=trigger,
+        )
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupError(f"The configuration backup could not be made: {exc}") from exc
+    _event(
+        f"Configuration backup {header.name} created ({TRIGGER_LABELS.get(trigger, trigger)}"
+        f"{', encrypted' if header.encrypted else ''})",
+        user=user,
+        name=header.name,
+        trigger=trigger,
+        comment=comment,
+        encrypted=header.encrypted,
+        size=header.size,
+        firmware_version=header.firmware_version,
+    )
+    return header
+
+
+def config_backup_before_install(*, user: User | None) -> BackupHeader:
+    """The automatic backup before a firmware install; the install stops if this raises."""
+    header = config_backup_create(
+        user=user, comment="Automatic backup before a firmware install", trigger="pre-install"
+    )
+    _prune("pre-install", PRE_INSTALL_KEPT)
+    return header
+
+
+def _prune(trigger: str, keep: int) -> list[str]:
+    try:
+        removed = configbackup.backup_prune(trigger, keep)
+    except (ApplianceError, OSError) as exc:
+        _event(
+            f"Old {TRIGGER_LABELS.get(trigger, trigger).lower()} configuration backups could "
+            f"not be deleted: {exc}",
+            severity=Severity.ERROR,
+            trigger=trigger,
+        )
+        return []
+    if removed:
+        _event(
+            f"Deleted {len(removed)} old {TRIGGER_LABELS.get(trigger, trigger).lower()} "
+            f"configuration backup{'s' if len(removed) != 1 else ''} (keeping the last {keep})",
+            names=removed,
+            trigger=trigger,
+        )
+    return removed
+
+
+def config_backup_upload(*, user: User | None, fileobj: IO[bytes], filename: str) -> BackupHeader:
+    """Keep an uploaded configuration backup, or refuse it (nothing kept) with the reason."""
+    shown = "".join(ch for ch in filename if ch.isprintable())[:200] or "(unnamed)"
+    try:
+        header = configbackup.backup_import(
+            fileobj, filename=shown, uploaded_by=_username(user) or "system"
+        )
+    except (ApplianceError, OSError, ValueError) as exc:
+        reason = str(exc) if isinstance(exc, BackupError) else f"it cannot be read: {exc}"
+        _event(
+            f"Uploaded configuration backup {shown} refused: {reason}",
+            severity=Severity.ERROR,
+            user=user,
+            filename=shown,
+            reason=reason,
+        )
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupRejected(f"The file was refused: {reason}") from exc
+    _event(
+        f"Configuration backup {header.name} uploaded (from {shown})",
+        user=user,
+        name=header.name,
+        filename=shown,
+        encrypted=header.encrypted,
+        size=header.size,
+        firmware_version=header.firmware_version,
+    )
+    return header
+
+
+@sensitive_variables("passphrase")
+def _load(name: str, passphrase: str | None) -> LoadedBackup:
+    try:
+        return configbackup.backup_load(name, passphrase=passphrase or None)
+    except KeyError:
+        raise _not_found(name) from None
+    except BackupError:
+        raise
+    except (ApplianceError, OSError, ValueError) as exc:
+        raise BackupRejected(f"The backup cannot be read: {exc}") from exc
+
+
+def _console_diff(console: Mapping[str, Any]) -> list[DiffItem]:
+    """What the backup's console settings would change, in the appliance layer's terms."""
+    wanted = console_settings_parse(console)
+    current = console_settings_parse(console_settings_snapshot())
+    labels = {
+        "automatic_downloads": "Automatic firmware downloads",
+        "scheduled_enabled": "Scheduled configuration backups",
+        "scheduled_hour": "Hour of the scheduled backup",
+        "keep_last": "Scheduled backups kept",
+    }
+    return [
+        DiffItem(
+            section="Console settings",
+            name=label,
+            change="changed",
+            before=str(current.get(key)),
+            after=str(wanted[key]),
+        )
+        for key, label in labels.items()
+        if key in wanted and wanted[key] != current.get(key)
+    ]
+
+
+@sensitive_variables("passphrase")
+def config_backup_diff(*, name: str, passphrase: str | None = None) -> list[DiffItem]:
+    """Object by object, what restoring the backup would change in the running configuration."""
+    loaded = _load(name, passphrase)
+    try:
+        items = list(configbackup.backup_diff(loaded))
+    except BackupError:
+        raise
+    except (ApplianceError, OSError) as exc:
+        raise BackupError(f"The running configuration cannot be compared: {exc}") from exc
+    return items + _console_diff(loaded.console)
+
+
+@sensitive_variables("passphrase")
+def config_backup_restore(
+    *, user: User | None, name: str, passphrase: str | None = None
+) -> RestoreResult:
+    """Restore a configuration backup, all or nothing, then its console settings; an event
+    with the outcome either way."""
+    try:
+        loaded = _load(name, passphrase)
+        console = console_settings_parse(loaded.console)
+        result = configbackup.backup_restore(loaded)
+    except (ApplianceError, OSError) as exc:
+        reason = str(exc)
+        _event(
+            f"Restore of configuration backup {name} failed: {reason}",
+            severity=Severity.ERROR,
+            user=user,
+            name=name,
+            reason=reason,
+        )
+        if isinstance(exc, BackupError):
+            raise
+        raise BackupError(f"The restore failed, nothing was changed: {reason}") from exc
+    console_settings_apply(loaded.console, user)
+    converted = (
+        f", converted from configuration format {result.converted_from}"
+        if result.converted_from
+        else ""
+    )
+    _event(
+        f"Configuration backup {name} restored: {result.files_written} files written, "
+        f"{result.files_removed} removed, {result.stores_updated} message stores updated"
+        f"{converted}",
+        user=user,
+        name=name,
+        files_written=result.files_written,
+        files_removed=result.files_removed,
+        stores_updated=result.stores_updated,
+        converted_from=result.converted_from,
+        console_settings=console,
+        firmware_version=loaded.header.firmware_version,
+    )
+    return result
+
+
+def config_backup_delete(*, user: User | None, name: str) -> None:
+    """Delete one configuration backup."""
+    try:
+        configbackup.backup_delete(name)
+    except KeyError:
+        raise _not_found(name) from None
+    except (ApplianceError, OSError, ValueError) as exc:
+        _event(
+            f"Configuration backup {name} could not be deleted: {exc}",
+            severity=Severity.ERROR,
+            user=user,
+            name=name,
+        )
+        raise BackupError(f"The backup could not be deleted: {exc}") from exc
+    _event(f"Configuration backup {name} deleted", user=user, name=name)
+
+
+def scheduled_backup_run() -> BackupHeader | None:
+    """Beat, hourly: once a day, from the scheduled hour on, make a backup and prune old ones.
+
+    The day is claimed by a conditional update of ``last_scheduled_on``, so a second beat (or
+    an hour caught up after a stopped worker) makes no second backup that day.
+    """
+    row = backup_settings_row()
+    if not row.scheduled_enabled:
+        return None
+    now = timezone.localtime()
+    if now.hour < row.scheduled_hour:
+        return None
+    today = now.date()
+    claimed = (
+        BackupSettings.objects.filter(pk=1, scheduled_enabled=True)
+        .exclude(last_scheduled_on=today)
+        .update(last_scheduled_on=today)
+    )
+    if not claimed:
+        return None
+    try:
+        header = config_backup_create(user=None, comment="Scheduled backup", trigger="scheduled")
+    except BackupError:
+        logger.exception("the scheduled configuration backup failed")  # the event says why
+        return None
+    _prune("scheduled", row.keep_last)
+    return header
+
+
+# --- The system backup image ------------------------------------------------------------------
+
+
+def system_jobs_reap(*, executor: str | None = None, now: Any = None) -> int:
+    """Fail jobs whose worker is gone; returns how many.
+
+    A running job is gone when its heartbeat lapsed (STALE_AFTER), or when ``executor`` (the
+    name of a worker that is just starting) ran it: that worker died. A queued job nobody took
+    for longer than a task may run was lost by the broker.
+    """
+    now = now or timezone.now()
+    running = SystemBackupJob.objects.filter(state=SystemJobState.RUNNING)
+    stale = running.filter(heartbeat_at__lt=now - STALE_AFTER)
+    reaped = _fail_jobs(stale, "The worker stopped: the job was abandoned.", now)
+    if executor:
+        mine = running.filter(executor=executor)
+        reaped += _fail_jobs(mine, "The worker stopped: the job was abandoned.", now)
+    never = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT) - STALE_AFTER
+    queued = SystemBackupJob.objects.filter(state=SystemJobState.QUEUED, created_at__lt=never)
+    reaped += _fail_jobs(queued, "No worker picked the job up.", now)
+    return reaped
+
+
+def _fail_jobs(query: Any, error: str, now: Any) -> int:
+    count = 0
+    for job in list(query):
+        failed = SystemBackupJob.objects.filter(pk=job.pk, state=job.state).update(
+            state=SystemJobState.FAILED, finished_at=now, error=error
+        )
+        if failed:
+            count += 1
+            _event(
+                f"{job.get_kind_display()} failed: {error}",
+                severity=Severity.ERROR,
+                user=job.requested_by or None,
+                job=job.pk,
+            )
+    return count
+
+
+def _job_start(kind: SystemJobKind, user: User | None) -> SystemBackupJob:
+    system_jobs_reap()
+    username = _username(user)
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                job = SystemBackupJob.objects.create(kind=kind, requested_by=username)
+        except IntegrityError:
+            active = SystemBackupJob.objects.filter(state__in=ACTIVE_STATES).first()
+            what = active.get_kind_display().lower() if active else "system backup job"
+            raise SystemJobInProgress(
+                f"A {what} is already in progress: wait for it to finish."
+            ) from None
+        _event(f"{job.get_kind_display()} started", user=user, job=job.pk)
+        pk = job.pk
+        transaction.on_commit(lambda: _enqueue(pk))
+    return job
+
+
+def system_backup_start(*, user: User | None) -> SystemBackupJob:
+    """Queue the creation of a new system backup image (it replaces the one there is)."""
+    return _job_start(SystemJobKind.CREATE, user)
+
+
+def system_restore_start(*, user: User | None) -> SystemBackupJob:
+    """Queue the return of the appliance to the system backup image on the rescue partition."""
+    try:
+        info = rescue.system_backup_info()
+    except ApplianceError as exc:
+        raise NoSystemBackup(f"The system backup image cannot be read: {exc}") from exc
+    if info is None:
+        raise NoSystemBackup(
+            "There is no system backup image on the rescue partition: create one first."
+        )
+    return _job_start(SystemJobKind.RESTORE, user)
+
+
+def _enqueue(job_id: int) -> None:
+    """Hand the job to the worker; a broker that refuses fails the job instead of the page."""
+    from backups.tasks import system_backup_run
+
+    try:
+        system_backup_run.delay(job_id)
+    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
+        logger.exception("could not enqueue system backup job %s", job_id)
+        _fail_jobs(
+            SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.QUEUED),
+            f"The job could not be queued: {exc}",
+            timezone.now(),
+        )
+
+
+def system_jobs_requeue() -> list[int]:
+    """Enqueue queued jobs again (a worker that starts): a duplicate delivery is harmless,
+    the claim lets one executor through."""
+    ids = list(
+        SystemBackupJob.objects.filter(state=SystemJobState.QUEUED).values_list("pk", flat=True)
+    )
+    for job_id in ids:
+        _enqueue(job_id)
+    return ids
+
+
+class _JobProgress:
+    """Writes progress and the heartbeat onto the job, throttled; notices a reaped job."""
+
+    def __init__(self, job_id: int, *, stop_if_lost: bool) -> None:
+        self.job_id = job_id
+        self.stop_if_lost = stop_if_lost
+        self.done = 0
+        self.total = 0
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        now = time.monotonic()
+        if done < total and now - self._last < PROGRESS_INTERVAL:
+            return
+        self._last = now
+        updated = SystemBackupJob.objects.filter(
+            pk=self.job_id, state=SystemJobState.RUNNING
+        ).update(bytes_done=done, bytes_total=total, heartbeat_at=timezone.now())
+        if not updated and self.stop_if_lost:
+            raise _JobLost(f"system backup job {self.job_id} is no longer running")
+
+
+def system_backup_execute(job_id: int, *, executor: str = "") -> None:
+    """Claim the queued job and create or restore the image; write its final state.
+
+    A redelivered task finds the job running or finished and does nothing. A create that finds
+    its job failed meanwhile stops (the image is written through a temporary file, so nothing
+    half-written stays); a restore is never interrupted from here once it began.
+    """
+    now = timezone.now()
+    claimed = SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.QUEUED).update(
+        state=SystemJobState.RUNNING, started_at=now, heartbeat_at=now, executor=executor[:200]
+    )
+    if not claimed:
+        logger.warning("system backup job %s is not queued; not running it", job_id)
+        return
+    job = SystemBackupJob.objects.get(pk=job_id)
+    creating = job.kind == SystemJobKind.CREATE
+    progress = _JobProgress(job_id, stop_if_lost=creating)
+    try:
+        if creating:
+            info = rescue.system_backup_create(progress=progress)
+        else:
+            info = rescue.system_backup_restore(progress=progress)
+    except _JobLost:
+        logger.warning("system backup job %s was abandoned while it ran", job_id)
+        return
+    except Exception as exc:  # the appliance's refusals, OS errors, the soft time limit
+        logger.exception("system backup job %s failed", job_id)
+        reason = str(exc) or type(exc).__name__
+        _fail_jobs(
+            SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.RUNNING),
+            reason[:2000],
+            timezone.now(),
+        )
+        return
+    total = progress.total or info.size
+    finished = SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.RUNNING).update(
+        state=SystemJobState.SUCCEEDED,
+        finished_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        bytes_done=total,
+        bytes_total=total,
+        firmware_version=info.firmware_version[:32],
+    )
+    if not finished:
+        logger.warning("system backup job %s finished after it was failed", job_id)
+        return
+    what = (
+        f"System backup created: firmware {info.firmware_version}, {filesizeformat(info.size)}"
+        if creating
+        else f"System restored from the system backup image of firmware {info.firmware_version}"
+        f" made {info.created_at:%Y-%m-%d %H:%M} UTC"
+    )
+    _event(
+        what,
+        user=job.requested_by or None,
+        job=job_id,
+        firmware_version=info.firmware_version,
+        size=info.size,
+        sha256=info.sha256,
+    )
