@@ -8,17 +8,31 @@ converts it to a new format (phases 4 and 7), so the format is recorded in the d
 
 Here it is a SQLite database in WAL mode, so the console's pages can read it while a purge or
 the mail daemon writes.
+
+Two formats exist, and every reader and writer here works on both:
+
+- 2.8.0: raw messages in ``quarantined_message_raw(message_id, raw)``; ``smtp_log.response``
+  holds the whole status line.
+- 2.8.1: raw messages in ``message_body(message_id, codec, raw_size, sha256, body)``, zlib
+  compressed, with the SHA-256 and length of the raw bytes so a body can be verified after
+  decompression; ``smtp_log`` splits the status line into ``status`` (the SMTP code, NULL when
+  the line does not start with one) and ``response`` (the rest), which is lossless:
+  ``status || ' ' || response`` is the old line. ``PRAGMA user_version`` is 20801.
+
+The conversion is :mod:`appliance.msgmigrate`'s; the format is always read from the file.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import itertools
 import math
 import random
 import sqlite3
 import string
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +42,15 @@ from appliance.errors import ApplianceError, ApplianceNotInitialized, MalformedA
 from appliance.paths import layout
 
 FORMAT_VERSION = "2.8.0"
+FORMAT_2_8_1 = "2.8.1"
+FORMATS = (FORMAT_VERSION, FORMAT_2_8_1)
+# PRAGMA user_version per format: a cheap header read that tells a writer which tables to use
+# (a 2.8.0 store was always created with 0).
+USER_VERSIONS = {FORMAT_VERSION: 0, FORMAT_2_8_1: 20801}
+BODY_CODEC = "zlib"
+# zlib level 1: three to four times faster than the default and within a few per cent of its
+# ratio on mail (text and base64).
+BODY_LEVEL = 1
 
 VERDICTS = ("spam", "virus", "policy", "clean")
 ACTIONS = ("delivered", "quarantined", "rejected")
@@ -175,6 +198,40 @@ CREATE TRIGGER IF NOT EXISTS processing_minute_delete AFTER DELETE ON processing
 END;
 """
 
+_RAW_280 = """CREATE TABLE IF NOT EXISTS quarantined_message_raw (
+    message_id INTEGER PRIMARY KEY
+        REFERENCES quarantined_message (id) ON DELETE CASCADE,
+    raw BLOB NOT NULL
+);"""
+
+_RAW_281 = """CREATE TABLE IF NOT EXISTS message_body (
+    message_id INTEGER PRIMARY KEY
+        REFERENCES quarantined_message (id) ON DELETE CASCADE,
+    codec TEXT NOT NULL CHECK (codec = 'zlib' OR codec = 'identity'),
+    raw_size INTEGER NOT NULL CHECK (raw_size >= 0),  -- length of the raw message
+    sha256 BLOB NOT NULL CHECK (length(sha256) = 32),  -- of the raw message, not of body
+    body BLOB NOT NULL
+);"""
+
+_SMTP_280 = """    response TEXT NOT NULL       -- the status line the appliance answered with
+);"""
+
+_SMTP_281 = """    status INTEGER,              -- the SMTP reply code; NULL if the line has none
+    response TEXT NOT NULL       -- the rest of the status line (all of it without a code)
+);"""
+
+
+def tables_sql(version: str) -> str:
+    """The CREATE statements (tables and triggers, no secondary indexes) of one format."""
+    if version == FORMAT_VERSION:
+        return _TABLES
+    if version == FORMAT_2_8_1:
+        # Derived from the 2.8.0 text so the tables both formats share cannot drift apart.
+        assert _RAW_280 in _TABLES and _SMTP_280 in _TABLES
+        return _TABLES.replace(_RAW_280, _RAW_281).replace(_SMTP_280, _SMTP_281)
+    raise ApplianceError(f"unknown message store format {version!r}")
+
+
 # name -> definition. size is in the store index so a store's count and bytes, and a purge by
 # age, are answered from the index alone without touching the table.
 _INDEXES = {
@@ -239,20 +296,29 @@ def _stored_format(conn: sqlite3.Connection) -> str | None:
     return row[0] if row else None
 
 
-def create(root: Path | None = None) -> None:
-    """Create the message store in the 2.8.0 format, or leave an existing 2.8.0 store as it is.
+def create(root: Path | None = None, *, format_version: str = FORMAT_VERSION) -> None:
+    """Create the message store in a format (2.8.0 by default), or leave such a store as it is.
 
     Idempotent so setup can run on every start. A store in another format (one the upgrade
-    already converted) is refused rather than having 2.8.0 tables grafted onto it.
+    already converted) is refused rather than having the wrong tables grafted onto it.
     """
-    path = _db_path(root)
+    create_at(_db_path(root), format_version=format_version)
+
+
+def create_at(path: Path, *, format_version: str = FORMAT_VERSION, indexes: bool = True) -> None:
+    """:func:`create` on an explicit file: the migration builds its new store next to the old.
+
+    ``indexes=False`` leaves the secondary indexes out, for a bulk load that builds them once
+    at the end (see :func:`create_indexes`).
+    """
+    tables = tables_sql(format_version)
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=30)
     try:
         stored = _stored_format(conn)
-        if stored is not None and stored != FORMAT_VERSION:
+        if stored is not None and stored != format_version:
             raise ApplianceError(
-                f"message store {path} is in format {stored}, not {FORMAT_VERSION}"
+                f"message store {path} is in format {stored}, not {format_version}"
             )
         # Both persistent, and page_size only takes effect before the first table exists.
         # 8 KiB pages waste less space around raw messages of one to a few KiB. WAL lets
@@ -263,17 +329,91 @@ def create(root: Path | None = None) -> None:
         # needs as much free space again as the store and blocks the mail service meanwhile.
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
-        indexes = "".join(
-            f"CREATE INDEX IF NOT EXISTS {name} ON {columns};\n"
-            for name, columns in _INDEXES.items()
-        )
+        index_sql = _index_sql() if indexes else ""
         # One transaction, so a crash never leaves tables without their format version.
-        conn.executescript("BEGIN;\n" + _TABLES + indexes)
+        conn.executescript("BEGIN;\n" + tables + index_sql)
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('format_version', ?)",
-            (FORMAT_VERSION,),
+            (format_version,),
         )
+        if USER_VERSIONS[format_version]:
+            conn.execute(f"PRAGMA user_version = {USER_VERSIONS[format_version]}")
         conn.commit()
+    finally:
+        conn.close()
+
+
+def _index_sql() -> str:
+    return "".join(
+        f"CREATE INDEX IF NOT EXISTS {name} ON {columns};\n" for name, columns in _INDEXES.items()
+    )
+
+
+def create_indexes(conn: sqlite3.Connection, schema: str = "main") -> None:
+    """Build any missing secondary index (same in both formats) on an open connection."""
+    for name, columns in _INDEXES.items():
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {schema}.{name} ON {columns}")
+
+
+def connection_format(conn: sqlite3.Connection) -> str:
+    """The format of the store ``conn`` is open on, from the header (no table read)."""
+    (user_version,) = conn.execute("PRAGMA user_version").fetchone()
+    return FORMAT_2_8_1 if user_version == USER_VERSIONS[FORMAT_2_8_1] else FORMAT_VERSION
+
+
+def compress_body(raw: bytes) -> bytes:
+    """A raw message as 2.8.1 stores it (codec :data:`BODY_CODEC`)."""
+    return zlib.compress(raw, BODY_LEVEL)
+
+
+def decode_body(codec: str, body: bytes) -> bytes:
+    """The raw message back from a 2.8.1 body; refuses a codec it does not know."""
+    if codec == "zlib":
+        try:
+            return zlib.decompress(body)
+        except zlib.error as exc:
+            raise MalformedApplianceFile(f"a stored message body is damaged: {exc}") from exc
+    if codec == "identity":
+        return bytes(body)
+    raise MalformedApplianceFile(f"unknown message body codec {codec!r}")
+
+
+def split_status(line: str) -> tuple[int | None, str]:
+    """``"250 2.0.0 Ok"`` -> ``(250, "2.0.0 Ok")``; a line without a leading code stays whole.
+
+    The inverse of :func:`join_status`, so the split loses nothing (the SQL in
+    :mod:`appliance.msgmigrate` does the same for the bulk conversion).
+    """
+    code = line[:3]
+    if len(line) >= 4 and line[3] == " " and code.isdigit() and code[0] in "2345":
+        return int(code), line[4:]
+    return None, line
+
+
+def join_status(status: int | None, response: str) -> str:
+    """The status line as 2.8.0 stored it."""
+    return response if status is None else f"{status} {response}"
+
+
+def message_raw(message_id: int, root: Path | None = None) -> bytes | None:
+    """The raw bytes of one stored message in either format, None when it is not stored."""
+    conn = connect(root, readonly=True)
+    try:
+        if connection_format(conn) == FORMAT_2_8_1:
+            row = conn.execute(
+                "SELECT codec, sha256, body FROM message_body WHERE message_id = ?",
+                (message_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            raw = decode_body(row[0], row[2])
+            if hashlib.sha256(raw).digest() != bytes(row[1]):
+                raise MalformedApplianceFile(f"stored message {message_id} fails its checksum")
+            return raw
+        row = conn.execute(
+            "SELECT raw FROM quarantined_message_raw WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
     finally:
         conn.close()
 
@@ -423,7 +563,7 @@ def _store_id(conn: sqlite3.Connection, name: str) -> int:
     return int(cursor.lastrowid or 0)
 
 
-def _write_record(conn: sqlite3.Connection, record: MailRecord) -> int | None:
+def _write_record(conn: sqlite3.Connection, record: MailRecord, version: str) -> int | None:
     quarantine_id = None
     if record.store_name is not None and record.raw is not None:
         cursor = conn.execute(
@@ -441,18 +581,42 @@ def _write_record(conn: sqlite3.Connection, record: MailRecord) -> int | None:
             ),
         )
         quarantine_id = cursor.lastrowid
-        conn.execute(
-            "INSERT INTO quarantined_message_raw (message_id, raw) VALUES (?, ?)",
-            (quarantine_id, record.raw),
+        if version == FORMAT_2_8_1:
+            conn.execute(
+                "INSERT INTO message_body (message_id, codec, raw_size, sha256, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    quarantine_id,
+                    BODY_CODEC,
+                    len(record.raw),
+                    hashlib.sha256(record.raw).digest(),
+                    compress_body(record.raw),
+                ),
+            )
+        else:
+            conn.execute(
+                "INSERT INTO quarantined_message_raw (message_id, raw) VALUES (?, ?)",
+                (quarantine_id, record.raw),
+            )
+    if version == FORMAT_2_8_1:
+        status, response = split_status(record.response)
+        conn.executemany(
+            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, status, response)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (record.logged_at, record.client_ip, record.sender, recipient, status, response)
+                for recipient in record.recipients
+            ],
         )
-    conn.executemany(
-        "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
-        " VALUES (?, ?, ?, ?, ?)",
-        [
-            (record.logged_at, record.client_ip, record.sender, recipient, record.response)
-            for recipient in record.recipients
-        ],
-    )
+    else:
+        conn.executemany(
+            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [
+                (record.logged_at, record.client_ip, record.sender, recipient, record.response)
+                for recipient in record.recipients
+            ],
+        )
     conn.executemany(
         "INSERT INTO tracking_log (logged_at, message_id, sender, recipient, subject, verdict,"
         " action, size, quarantine_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -501,7 +665,9 @@ def mail_record_many(conn: sqlite3.Connection, records: list[MailRecord]) -> lis
     conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
     conn.execute("BEGIN IMMEDIATE")
     try:
-        ids = [_write_record(conn, record) for record in records]
+        # Read inside the transaction: the format of the file this connection has open.
+        version = connection_format(conn)
+        ids = [_write_record(conn, record, version) for record in records]
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -742,7 +908,9 @@ def fill_demo(
     """
     if messages < 0:
         raise ValueError("messages must not be negative")
-    create(root)
+    # A store the upgrade already converted is filled in its own format.
+    version = format_version(root) if _db_path(root).is_file() else FORMAT_VERSION
+    create(root, format_version=version)
     if now is None:
         now = datetime.now(UTC)
     elif now.tzinfo is None:
@@ -972,6 +1140,7 @@ def _load(conn: sqlite3.Connection, rng: random.Random, messages: int, now_ts: i
         for name in _INDEXES:
             conn.execute(f"DROP INDEX IF EXISTS {name}")
 
+    version = connection_format(conn)
     pools = _pools(rng, store_ids, now_ts)
     keys = _receive_times(rng, pools, messages, now_ts)
     for message_rows, raw_rows, smtp_rows in _batches(rng, pools, keys, last_id + 1):
@@ -981,14 +1150,35 @@ def _load(conn: sqlite3.Connection, rng: random.Random, messages: int, now_ts: i
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             message_rows,
         )
-        conn.executemany(
-            "INSERT INTO quarantined_message_raw (message_id, raw) VALUES (?, ?)", raw_rows
-        )
-        conn.executemany(
-            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
-            " VALUES (?, ?, ?, ?, ?)",
-            smtp_rows,
-        )
+        if version == FORMAT_2_8_1:
+            conn.executemany(
+                "INSERT INTO message_body (message_id, codec, raw_size, sha256, body)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        msg_id,
+                        BODY_CODEC,
+                        len(raw),
+                        hashlib.sha256(raw).digest(),
+                        compress_body(raw),
+                    )
+                    for msg_id, raw in raw_rows
+                ],
+            )
+            conn.executemany(
+                "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, status, response)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [(*row[:4], *split_status(str(row[4]))) for row in smtp_rows],
+            )
+        else:
+            conn.executemany(
+                "INSERT INTO quarantined_message_raw (message_id, raw) VALUES (?, ?)", raw_rows
+            )
+            conn.executemany(
+                "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
+                " VALUES (?, ?, ?, ?, ?)",
+                smtp_rows,
+            )
     conn.execute(_TRACKING_FROM_MESSAGES, (last_id + 1,))
 
     if rebuild:

@@ -48,7 +48,14 @@ BUSY_TIMEOUT_MS = 30_000
 MAX_RETENTION_DAYS = 3650
 
 # The tables a purge deletes from; the store's other tables are never touched.
-PURGED_TABLES = ("quarantined_message", "quarantined_message_raw", "smtp_log", "tracking_log")
+# message_body is 2.8.1's quarantined_message_raw; a store has one or the other.
+PURGED_TABLES = (
+    "quarantined_message",
+    "quarantined_message_raw",
+    "message_body",
+    "smtp_log",
+    "tracking_log",
+)
 
 
 # --- Retention settings ----------------------------------------------------------------------

@@ -141,8 +141,17 @@ class StoreWriter:
             self._queue.put(None)
             self._thread.join()
 
+    def _store_identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the store file: changes when the upgrade swaps a new one in."""
+        try:
+            stat = os.stat(layout(self._root).msgstore_db)
+        except FileNotFoundError:
+            return None
+        return stat.st_dev, stat.st_ino
+
     def _run(self) -> None:
         try:
+            identity = self._store_identity()
             conn = msgstore.connect_writer(self._root)
         except BaseException as exc:
             self._ready.set_exception(exc)
@@ -167,7 +176,22 @@ class StoreWriter:
                 # A record whose caller gave up waiting (and answered 4xx) is not written.
                 batch = [entry for entry in batch if entry[1].set_running_or_notify_cancel()]
                 if batch:
-                    self._write(conn, batch)
+                    # A connection keeps writing to the file it opened, even after the
+                    # message store upgrade renamed a converted store over it: those
+                    # writes would be lost. One stat per batch notices the swap.
+                    current = self._store_identity()
+                    if current is not None and current != identity:
+                        try:
+                            fresh = msgstore.connect_writer(self._root)
+                        except Exception as exc:
+                            for _, future in batch:
+                                future.set_exception(exc)
+                            batch = []
+                        else:
+                            conn.close()
+                            conn, identity = fresh, current
+                    if batch:
+                        self._write(conn, batch)
                 if stop:
                     return
         finally:

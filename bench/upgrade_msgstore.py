@@ -1,0 +1,138 @@
+"""Benchmark: the 2.8.1 message store conversion of a 1,000,000-message store vs a file copy.
+
+The guide allows 30 minutes of downtime for the conversion; the aim is under 30 s. Only the
+phase-4 backup and phase-7 finish fall into the downtime; phase 2 (prepare) runs while mail
+flows. The baseline is ``cp`` of the store file (plus sync) in the same run, on the same disk.
+
+Run: `.venv/bin/python bench/upgrade_msgstore.py [N] [--store PATH]`; ``--store`` reuses a
+filled store (a msgstore.db), which is copied, never changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import django
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
+django.setup()
+
+from appliance import msgmigrate, msgstore  # noqa: E402 - needs django.setup() first
+from appliance.paths import layout  # noqa: E402
+
+
+def _late_mail(root: Path, count: int) -> None:
+    """Mail that arrives between prepare and finish, for finish to carry over."""
+    now = int(datetime.now(UTC).timestamp())
+    conn = msgstore.connect_writer(root)
+    try:
+        records = []
+        for n in range(count):
+            raw = f"From: bench{n}@example.net\r\nSubject: late\r\n\r\n{'x' * 2000}\r\n".encode()
+            records.append(
+                msgstore.MailRecord(
+                    logged_at=now,
+                    client_ip="203.0.113.7",
+                    sender=f"bench{n}@example.net",
+                    recipients=("anna.schmidt@example.com",),
+                    message_id=f"<bench{n}@example.net>",
+                    subject="late",
+                    size=len(raw),
+                    verdict="spam",
+                    action="quarantined",
+                    response="250 2.0.0 Ok: queued as BENCH",
+                    store_name="Spam quarantine",
+                    raw=raw,
+                )
+            )
+        for start in range(0, count, 100):
+            msgstore.mail_record_many(conn, records[start : start + 100])
+    finally:
+        conn.close()
+
+
+def _timed(label: str, func):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    result = func()
+    elapsed = time.perf_counter() - started
+    print(f"{label:<44} {elapsed:8.1f} s", flush=True)
+    return result, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("messages", type=int, nargs="?", default=1_000_000)
+    parser.add_argument("--store", type=Path)
+    parser.add_argument("--late", type=int, default=2000, help="messages between prepare/finish")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lmi-upgrade-bench-") as tmp:
+        root = Path(tmp) / "appliance"
+        db = layout(root).msgstore_db
+        db.parent.mkdir(parents=True)
+        if args.store:
+            _timed("copy the given store in", lambda: shutil.copyfile(args.store, db))
+        else:
+            _timed(
+                f"fill {args.messages:,} messages",
+                lambda: msgstore.fill_demo(root, messages=args.messages),
+            )
+        size = db.stat().st_size
+        print(f"store: {size / 2**20:,.0f} MiB")
+
+        _, cp_seconds = _timed(
+            "baseline: cp + sync of the store file",
+            lambda: subprocess.run(
+                ["sh", "-c", f"cp '{db}' '{tmp}/cp.db' && sync '{tmp}/cp.db'"], check=True
+            ),
+        )
+        os.unlink(f"{tmp}/cp.db")
+
+        prepared, _ = _timed(
+            "phase 2 prepare (online, no pause)", lambda: msgmigrate.migrate_prepare(root)
+        )
+        print(
+            f"  chunks {prepared.chunks_copied}, in sync {prepared.in_sync},"
+            f" new file {prepared.bytes / 2**20:,.0f} MiB"
+        )
+        _timed(f"mail {args.late} messages while still online", lambda: _late_mail(root, args.late))
+        _timed("phase 2 rerun (catch up)", lambda: msgmigrate.migrate_prepare(root))
+        _late_mail(root, 100)
+
+        backup, backup_s = _timed(
+            "phase 4 backup (checkpoint, copy, sha256, fsync)",
+            lambda: msgmigrate.msgstore_backup(Path(tmp) / "backup" / "msgstore.db", root),
+        )
+        result, finish_s = _timed(
+            "phase 7 finish (delta, verify, swap)", lambda: msgmigrate.migrate_finish(root)
+        )
+        print(
+            f"  chunks copied in finish {result.chunks_copied}, messages {result.counts.messages:,}"
+        )
+        print(
+            f"  store {result.store_bytes_before / 2**20:,.0f} MiB"
+            f" -> {result.store_bytes_after / 2**20:,.0f} MiB"
+        )
+        downtime = backup_s + finish_s
+        print(
+            f"downtime share (backup + finish): {downtime:.1f} s = {downtime / cp_seconds:.1f}x"
+            f" a cp+sync of the store ({cp_seconds:.1f} s);"
+            f" finish alone {finish_s / cp_seconds:.2f}x"
+        )
+        _timed("rollback: msgstore_restore", lambda: msgmigrate.msgstore_restore(backup, root))
+        _timed(
+            "finish without prepare (whole conversion)",
+            lambda: (msgmigrate.migrate_discard(root), msgmigrate.migrate_finish(root)),
+        )
+
+
+if __name__ == "__main__":
+    main()

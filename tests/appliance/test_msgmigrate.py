@@ -1,0 +1,397 @@
+"""The 2.8.1 message store conversion keeps every message and is safe to kill at any point."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from appliance import msgmigrate, msgstore, processing, retention, tracking
+from appliance.errors import ApplianceError, MalformedApplianceFile
+from appliance.msgmigrate import MigrateProgress, MigrationStopped, StoreCounts
+from appliance.msgstore import MailRecord
+from appliance.paths import layout
+from appliance.smtp import SmtpSettings, write_smtp_settings
+
+NOW = datetime(2013, 10, 1, 12, 0, tzinfo=UTC)
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 ids a chunk, so a few hundred messages make many chunks (and many transactions)."""
+    monkeypatch.setattr(msgmigrate, "CHUNK_BITS", 6)
+
+
+@pytest.fixture
+def store(appliance_root: Path) -> Path:
+    msgstore.fill_demo(messages=600, now=NOW)
+    processing.fill_demo_minutes(days=1, now=NOW)
+    (layout().cpe_dir).mkdir(parents=True, exist_ok=True)
+    write_smtp_settings(SmtpSettings())  # the log retentions a purge reads
+    return appliance_root
+
+
+def _raws(root: Path | None = None) -> dict[int, bytes]:
+    conn = msgstore.connect(root, readonly=True)
+    try:
+        ids = [row[0] for row in conn.execute("SELECT id FROM quarantined_message ORDER BY id")]
+    finally:
+        conn.close()
+    return {message_id: msgstore.message_raw(message_id, root) for message_id in ids}
+
+
+def _smtp_lines(root: Path | None = None) -> list[tuple[int, str]]:
+    conn = msgstore.connect(root, readonly=True)
+    try:
+        if msgstore.connection_format(conn) == msgstore.FORMAT_2_8_1:
+            rows = conn.execute("SELECT id, status, response FROM smtp_log ORDER BY id")
+            return [(i, msgstore.join_status(status, text)) for i, status, text in rows]
+        return [tuple(row) for row in conn.execute("SELECT id, response FROM smtp_log ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def _record(n: int, *, quarantine: bool = True) -> MailRecord:
+    raw = f"From: late{n}@example.net\r\nSubject: late {n}\r\n\r\nbody {n}\r\n".encode()
+    return MailRecord(
+        logged_at=int(NOW.timestamp()) - 60,
+        client_ip="203.0.113.9",
+        sender=f"late{n}@example.net",
+        recipients=("anna.schmidt@example.com",),
+        message_id=f"<late{n}@example.net>",
+        subject=f"late {n}",
+        size=len(raw),
+        verdict="spam" if quarantine else "clean",
+        action="quarantined" if quarantine else "delivered",
+        response="250 2.0.0 Ok: queued as LATE" if quarantine else "451 4.3.0 try later",
+        store_name="Spam quarantine" if quarantine else None,
+        raw=raw if quarantine else None,
+    )
+
+
+def test_a_demo_store_converts_with_every_body_and_row_preserved(store: Path) -> None:
+    before = msgmigrate.store_counts(cached=False)
+    raws, lines = _raws(), _smtp_lines()
+    prepared = msgmigrate.migrate_prepare()
+    assert prepared.in_sync and prepared.counts == before
+    result = msgmigrate.migrate_finish()
+
+    assert msgstore.format_version() == "2.8.1"
+    assert result.counts == before and result.counts.messages == 600
+    assert msgmigrate.store_counts(cached=False) == before  # every row re-read
+    assert _raws() == raws
+    assert _smtp_lines() == lines
+    conn = msgstore.connect(readonly=True)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 20801
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
+        statuses = {row[0] for row in conn.execute("SELECT DISTINCT status FROM smtp_log")}
+    finally:
+        conn.close()
+    assert "message_body" in tables and "quarantined_message_raw" not in tables
+    assert "tracking_log_sender" in tables  # the indexes came along
+    assert statuses == {250, 554}
+    assert not msgmigrate.partial_path().exists()
+
+
+def test_finish_without_prepare_converts_everything(store: Path) -> None:
+    before = msgmigrate.store_counts(cached=False)
+    result = msgmigrate.migrate_finish()
+    assert result.full_conversion
+    assert msgmigrate.store_counts(cached=False) == before
+
+
+def test_mail_and_purges_between_prepare_and_finish_are_carried_over(store: Path) -> None:
+    msgmigrate.migrate_prepare()
+    # While mail still flows: new mail, a lowered retention and the purge it triggers.
+    late_ids = [msgstore.mail_record(_record(n)) for n in range(3)]
+    msgstore.mail_record(_record(99, quarantine=False))
+    spam = next(s for s in retention.store_usage() if s.name == "Spam quarantine")
+    retention.store_retention_set(spam.id, 5)
+    purged = retention.purge_expired(now=NOW, pacing=retention.Pacing(idle_pause=0, busy_pause=0))
+    assert purged.messages_deleted[spam.id] > 0
+    before = msgmigrate.store_counts(cached=False)
+    raws = _raws()
+
+    result = msgmigrate.migrate_finish()
+    assert result.counts == before and not result.full_conversion
+    assert msgmigrate.store_counts(cached=False) == before
+    assert _raws() == raws
+    assert all(msgstore.message_raw(i) is not None for i in late_ids)
+    kept = next(s for s in retention.store_usage() if s.id == spam.id)
+    # spam was counted after the late mail arrived and before the purge.
+    expected = spam.message_count - purged.messages_deleted[spam.id]
+    assert (kept.retention_days, kept.message_count) == (5, expected)
+
+
+def test_running_finish_twice_returns_the_same_result_and_changes_nothing(store: Path) -> None:
+    msgmigrate.migrate_prepare()
+    first = msgmigrate.migrate_finish()
+    inode = layout().msgstore_db.stat().st_ino
+    assert msgmigrate.migrate_finish() == first
+    assert msgmigrate.migrate_prepare().counts is None  # nothing left to prepare
+    assert layout().msgstore_db.stat().st_ino == inode
+
+
+@pytest.mark.parametrize("step", ["copy", "verify", "swap"])
+def test_a_failure_inside_finish_leaves_the_2_8_0_store_and_a_rerun_succeeds(
+    store: Path, step: str
+) -> None:
+    msgmigrate.migrate_prepare()
+    msgstore.mail_record(_record(1))  # so finish has a chunk to copy
+    before = msgmigrate.store_counts(cached=False)
+
+    def crash(progress: MigrateProgress) -> None:
+        if progress.step == step:
+            raise RuntimeError("injected")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        msgmigrate.migrate_finish(progress=crash)
+    assert msgstore.format_version() == "2.8.0"
+    assert msgmigrate.store_counts(cached=False) == before
+    assert msgmigrate.migrate_finish().counts == before
+
+
+def test_should_stop_stops_prepare_and_discard_frees_its_files(store: Path) -> None:
+    calls = 0
+
+    def stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    with pytest.raises(MigrationStopped):
+        msgmigrate.migrate_prepare(should_stop=stop)
+    assert msgmigrate.partial_path().exists()
+    assert msgmigrate.migrate_discard() > 0
+    assert not msgmigrate.partial_path().exists()
+    assert msgmigrate.migrate_discard() == 0
+    assert msgstore.format_version() == "2.8.0"
+    assert msgmigrate.migrate_prepare().in_sync  # starts over cleanly
+
+
+def test_a_damaged_partial_file_is_rebuilt(store: Path) -> None:
+    before = msgmigrate.store_counts(cached=False)
+    msgmigrate.partial_path().write_bytes(b"not a database at all" * 100)
+    assert msgmigrate.migrate_prepare().in_sync
+    assert msgmigrate.migrate_finish().counts == before
+
+
+def test_a_tampered_partial_file_is_caught_and_recopied(store: Path) -> None:
+    before = msgmigrate.store_counts(cached=False)
+    raws = _raws()
+    msgmigrate.migrate_prepare()
+    conn = sqlite3.connect(msgmigrate.partial_path())
+    with conn:  # same fingerprint (ids, times, sizes), different content
+        conn.execute("UPDATE tracking_log SET subject = 'tampered' WHERE id = 42")
+        conn.execute("UPDATE message_body SET body = ? WHERE message_id = 7", (b"\x00" * 10,))
+    conn.close()
+    # Without the digest cache (as after a reboot that lost it) every chunk is re-read: the
+    # damaged body fails its SHA-256, the subject its digest, and both chunks are copied again.
+    (layout().msgstore_dir / "msgstore-checksums.db").unlink()
+    assert msgmigrate.migrate_finish().counts == before
+    assert msgmigrate.store_counts(cached=False) == before
+    assert _raws() == raws
+
+
+def test_an_unknown_store_format_is_refused_and_left_alone(store: Path) -> None:
+    conn = msgstore.connect()
+    with conn:
+        conn.execute("UPDATE meta SET value = '9.9.9' WHERE key = 'format_version'")
+    conn.close()
+    data = layout().msgstore_db.read_bytes()
+    with pytest.raises(ApplianceError):
+        msgmigrate.migrate_finish()
+    assert layout().msgstore_db.read_bytes() == data
+
+
+def test_backup_and_restore_put_the_2_8_0_store_back_exactly(store: Path, tmp_path: Path) -> None:
+    before = msgmigrate.store_counts(cached=False)
+    backup = msgmigrate.msgstore_backup(tmp_path / "backup" / "msgstore.db")
+    assert backup.counts == before and backup.format_version == "2.8.0"
+    assert msgmigrate.read_backup(backup.path) == backup
+    again = msgmigrate.msgstore_backup(backup.path)  # idempotent
+    assert again.sha256 == backup.sha256
+    msgmigrate.migrate_finish()
+    msgstore.mail_record(_record(5))  # the new system ran a little
+
+    msgmigrate.msgstore_restore(backup.path)
+    assert msgstore.format_version() == "2.8.0"
+    assert msgmigrate.store_counts(cached=False) == before
+    # And the upgrade can be run again from there.
+    assert msgmigrate.migrate_finish().counts == before
+
+
+def test_a_tampered_backup_is_refused_and_the_store_unchanged(store: Path, tmp_path: Path) -> None:
+    backup = msgmigrate.msgstore_backup(tmp_path / "msgstore.db")
+    msgmigrate.migrate_finish()
+    after = msgmigrate.store_counts(cached=False)
+    data = bytearray(backup.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    backup.path.write_bytes(bytes(data))
+    with pytest.raises(MalformedApplianceFile):
+        msgmigrate.msgstore_restore(backup.path)
+    assert msgstore.format_version() == "2.8.1"
+    assert msgmigrate.store_counts(cached=False) == after
+    assert not list(layout().msgstore_dir.glob(".msgstore-restore-*"))
+    with pytest.raises(MalformedApplianceFile):
+        msgmigrate.msgstore_restore(tmp_path / "no-such-backup.db")
+
+
+def test_the_console_readers_and_the_mail_writer_work_on_2_8_1(store: Path) -> None:
+    stores_before = msgstore.list_stores()
+    usage_before = retention.store_usage()
+    page_before = tracking.tracking_page(tracking.TrackingFilter())
+    series_before = processing.series(
+        int((NOW - timedelta(days=1)).timestamp()), int(NOW.timestamp()), 3600
+    )
+    msgmigrate.migrate_finish()
+
+    assert msgstore.list_stores() == stores_before
+    assert retention.store_usage() == usage_before
+    assert tracking.tracking_page(tracking.TrackingFilter()) == page_before
+    assert (
+        processing.series(int((NOW - timedelta(days=1)).timestamp()), int(NOW.timestamp()), 3600)
+        == series_before
+    )
+    totals = msgstore.totals()
+    assert totals is not None and totals.messages == 600
+    assert retention.age_distribution(now=NOW).stores
+
+    new_id = msgstore.mail_record(_record(7))
+    assert new_id is not None
+    assert msgstore.message_raw(new_id) == _record(7).raw
+    assert _smtp_lines()[-1][1] == "250 2.0.0 Ok: queued as LATE"
+    result = retention.purge_expired(
+        now=NOW + timedelta(days=400), pacing=retention.Pacing(idle_pause=0, busy_pause=0)
+    )
+    assert sum(result.messages_deleted.values()) == 601
+    conn = msgstore.connect(readonly=True)
+    try:  # the bodies went with their messages (ON DELETE CASCADE)
+        assert conn.execute("SELECT count(*) FROM message_body").fetchone()[0] == 0
+    finally:
+        conn.close()
+
+
+def test_a_store_can_be_created_and_filled_in_2_8_1(appliance_root: Path) -> None:
+    msgstore.create(format_version="2.8.1")
+    msgstore.create(format_version="2.8.1")  # idempotent
+    with pytest.raises(ApplianceError):
+        msgstore.create()  # not grafted onto 2.8.0
+    msgstore.fill_demo(messages=50, now=NOW)
+    assert msgstore.format_version() == "2.8.1"
+    counts = msgmigrate.store_counts(cached=False)
+    assert (counts.messages, counts.bodies, counts.smtp_log) == (50, 50, 50)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["250 2.0.0 Ok", "554 5.7.1 Rejected", "250 ", "250", "", "hello", "999 odd", "25O x", "421-x"],
+)
+def test_the_status_split_is_lossless(line: str) -> None:
+    status, rest = msgstore.split_status(line)
+    assert msgstore.join_status(status, rest) == line
+
+
+def test_the_status_split_in_sql_matches_python(appliance_root: Path) -> None:
+    lines = ["250 2.0.0 Ok", "250 ", "250", "", "hello", "999 odd", "25O x", "421-x", "5555 x"]
+    msgstore.create()
+    conn = msgstore.connect()
+    with conn:
+        conn.executemany(
+            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
+            " VALUES (0, '', '', '', ?)",
+            [(line,) for line in lines],
+        )
+    conn.close()
+    before = msgmigrate.store_counts(cached=False)
+    msgmigrate.migrate_finish()
+    assert msgmigrate.store_counts(cached=False) == before
+    conn = msgstore.connect(readonly=True)
+    try:
+        rows = conn.execute("SELECT status, response FROM smtp_log ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert [tuple(row) for row in rows] == [msgstore.split_status(line) for line in lines]
+
+
+def test_store_counts_is_the_same_cached_and_uncached(store: Path) -> None:
+    full = msgmigrate.store_counts(cached=False)
+    assert msgmigrate.store_counts() == full
+    assert msgmigrate.store_counts() == full  # from the cache now
+    assert isinstance(StoreCounts.from_json(full.__dict__), StoreCounts)
+
+
+def test_the_mail_writer_reopens_the_store_after_the_swap(store: Path) -> None:
+    from smtp.server import StoreWriter
+
+    writer = StoreWriter(store)
+    writer.start()
+    try:
+        first = writer.submit(_record(1)).result(timeout=30)
+        msgmigrate.migrate_finish()
+        second = writer.submit(_record(2)).result(timeout=30)
+    finally:
+        writer.close()
+    assert msgstore.format_version() == "2.8.1"
+    assert msgstore.message_raw(first) == _record(1).raw
+    assert msgstore.message_raw(second) == _record(2).raw
+
+
+_KILL_SCRIPT = """
+import os, sys
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
+sys.path.insert(0, {repo!r})
+import django
+django.setup()
+from pathlib import Path
+from appliance import msgmigrate
+msgmigrate.CHUNK_BITS = 6  # as the small_chunks fixture: checksums depend on it
+root = Path({root!r})
+msgmigrate.migrate_prepare(root, pause=0.04)
+msgmigrate.migrate_finish(root)
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_killing_the_conversion_anywhere_leaves_the_old_or_the_new_store(
+    appliance_root: Path,
+) -> None:
+    msgstore.fill_demo(messages=1500, now=NOW)
+    before = msgmigrate.store_counts(cached=False)
+    script = _KILL_SCRIPT.format(repo=str(REPO), root=str(appliance_root))
+    rng = random.Random(6)
+    outcomes = set()
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE)
+        # Django's start-up takes most of a second; the conversion a few seconds after it.
+        time.sleep(rng.uniform(0.8, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        version = msgstore.format_version()
+        outcomes.add(version)
+        assert msgmigrate.store_counts(cached=False) == before, version
+        if version == "2.8.1":
+            break
+    assert "2.8.0" in outcomes  # at least one kill landed mid-conversion
+    msgmigrate.migrate_prepare()
+    assert msgmigrate.migrate_finish().counts == before
+    assert msgmigrate.store_counts(cached=False) == before
+    conn = msgstore.connect(readonly=True)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+    assert os.path.getsize(layout().msgstore_db) > 0
