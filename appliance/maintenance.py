@@ -9,6 +9,7 @@ honouring it across a restart of any process, including a killed upgrade.
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,11 +26,29 @@ class MaintenanceState:
     reason: str
     since: datetime
     by: str
+    # While set, the mail service accepts one kind of message despite maintenance: the upgrade's
+    # health probe, whose envelope sender is ``upgrade-probe+<probe>@localhost``.
+    probe: str = ""
 
     def as_json(self) -> str:
         data = asdict(self)
         data["since"] = self.since.isoformat()
+        if not self.probe:
+            del data["probe"]
         return json.dumps(data, sort_keys=True)
+
+    def admits(self, sender: str | None) -> bool:
+        """True when ``sender`` is the health probe's envelope sender for this maintenance."""
+        if not self.probe or not sender:
+            return False
+        return secrets.compare_digest(
+            sender.strip("<>").lower().encode(), probe_sender(self.probe).lower().encode()
+        )
+
+
+def probe_sender(token: str) -> str:
+    """The envelope sender of the upgrade's health probe for ``token``."""
+    return f"upgrade-probe+{token}@localhost"
 
 
 def maintenance_status(root: Path | None = None) -> MaintenanceState | None:
@@ -41,6 +60,7 @@ def maintenance_status(root: Path | None = None) -> MaintenanceState | None:
             reason=str(data["reason"]),
             since=datetime.fromisoformat(data["since"]),
             by=str(data.get("by", "")),
+            probe=str(data.get("probe", "")),
         )
     except FileNotFoundError:
         return None
@@ -67,3 +87,27 @@ def maintenance_leave(root: Path | None = None) -> bool:
         return False
     fsync_dir(path.parent)
     return True
+
+
+def maintenance_probe_open(root: Path | None = None) -> str:
+    """Let the upgrade's health probe through maintenance; returns the probe's token.
+
+    Maintenance must already be on (the probe checks a service that otherwise answers 421); the
+    token is random per call so that nobody can guess a sender that passes maintenance.
+    """
+    state = maintenance_status(root)
+    if state is None:
+        raise MalformedApplianceFile("maintenance mode is off: there is nothing to probe through")
+    token = secrets.token_hex(12)
+    opened = MaintenanceState(reason=state.reason, since=state.since, by=state.by, probe=token)
+    atomic_write_text(layout(root).maintenance_file, opened.as_json() + "\n")
+    return token
+
+
+def maintenance_probe_close(root: Path | None = None) -> None:
+    """Stop letting the health probe through (maintenance stays on, if it is on)."""
+    state = maintenance_status(root)
+    if state is None or not state.probe:
+        return
+    closed = MaintenanceState(reason=state.reason, since=state.since, by=state.by)
+    atomic_write_text(layout(root).maintenance_file, closed.as_json() + "\n")

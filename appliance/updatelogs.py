@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
+import os
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance.atomic import atomic_write_text, fsync_dir
+from appliance.errors import MalformedApplianceFile
 from appliance.paths import layout
 
 
@@ -31,3 +38,96 @@ def list_logs(root: Path | None = None) -> list[UpdateLog]:
                 UpdateLog(entry.name, stat.st_size, datetime.fromtimestamp(stat.st_mtime, tz=UTC))
             )
     return sorted(logs, key=lambda log: log.modified, reverse=True)
+
+
+# --- Writing an install run's log, and the run's work directory (issue 6) -----------------------
+
+_SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _log_path(name: str, root: Path | None) -> Path:
+    if not name or name.startswith(".") or not set(name) <= _SAFE_NAME_CHARS:
+        raise ValueError(f"invalid update log name: {name!r}")
+    return layout(root).xpu_dir / name
+
+
+def log_append(name: str, line: str, root: Path | None = None) -> None:
+    """Append one timestamped line to the log ``name`` in XPU (created on first use).
+
+    Flushed and fsynced per line: the log is what an administrator reads after a crash, so the
+    last line before a kill must be there.
+    """
+    path = _log_path(name, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    text = "".join(f"{stamp} {part}\n" for part in (line.splitlines() or [""]))
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def log_tail(name: str, lines: int = 200, root: Path | None = None) -> list[str]:
+    """The last ``lines`` lines of the log ``name`` (empty when it does not exist yet)."""
+    path = _log_path(name, root)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 256 * 1024))
+            data = handle.read()
+    except FileNotFoundError:
+        return []
+    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+def install_workdir(run_id: int, root: Path | None = None) -> Path:
+    """Where one install run keeps its message-store copy (phase 4), under var/spool/updates."""
+    return layout(root).root / "var" / "spool" / "updates" / f"install-{int(run_id)}"
+
+
+def install_workdir_remove(run_id: int, root: Path | None = None) -> int:
+    """Remove the run's work directory after commit or rollback; bytes freed."""
+    path = install_workdir(run_id, root)
+    if not path.is_dir() or path.is_symlink():
+        return 0
+    freed = sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(path)
+    fsync_dir(path.parent)
+    return freed
+
+
+def install_files_save(run_id: int, files: dict[str, bytes], root: Path | None = None) -> str:
+    """Keep exact copies of configuration files in the run's work directory (phase 5).
+
+    One JSON document (content in base64 with each file's SHA-256), written atomically and
+    fsynced, so a rollback can put back the very bytes even after the configuration format
+    changed. Returns the SHA-256 of the document.
+    """
+    document = json.dumps(
+        {
+            name: {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "data": base64.b64encode(data).decode("ascii"),
+            }
+            for name, data in sorted(files.items())
+        },
+        sort_keys=True,
+    )
+    path = install_workdir(run_id, root) / "config-files.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, document)
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
+def install_files_load(run_id: int, root: Path | None = None) -> dict[str, bytes]:
+    """The files :func:`install_files_save` kept, each checked against its SHA-256."""
+    path = install_workdir(run_id, root) / "config-files.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    files: dict[str, bytes] = {}
+    for name, entry in raw.items():
+        data = base64.b64decode(entry["data"], validate=True)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise MalformedApplianceFile(f"{path}: the saved copy of {name} is damaged")
+        files[str(name)] = data
+    return files

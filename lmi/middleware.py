@@ -1,13 +1,17 @@
-"""Security headers Django 5.2 does not set by itself."""
+"""Security headers Django 5.2 does not set by itself; htmx login redirects; the read-only
+configuration while a firmware install holds maintenance."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import resolve_url
+from django.urls import Resolver404, resolve, reverse
 
 # Pages load scripts and styles only from our own origin: no inline script anywhere, so a
 # stored string in an event message can never run as code even if escaping failed.
@@ -61,3 +65,67 @@ class HtmxLoginRedirectMiddleware:
         redirect = HttpResponse(status=200)
         redirect["HX-Redirect"] = f"{login_url}?{urlencode({'next': page})}"
         return redirect
+
+
+# While an install holds the appliance in maintenance, these may still change things: the
+# install itself (start is refused by its own service, abort by its phase), and signing in/out.
+INSTALL_ALLOWED_URL_NAMES = frozenset(
+    {
+        "upgrades:install_start",
+        "upgrades:install_abort",
+        "accounts:login",
+        "accounts:logout",
+    }
+)
+INSTALL_ALLOWED_API = re.compile(r"^/api/v1/updates/install(?:/\d+/abort)?/?$")
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class InstallMaintenanceMiddleware:
+    """Configuration is read-only while a firmware install holds maintenance (phases 3-9 and a
+    rollback): the install backs the configuration up in phase 5 and converts it in phase 8, so
+    a change made meanwhile would be lost or, worse, half converted. Refused with a clear
+    message (JSON 409 for the API, a message and a redirect back for pages), nothing changed.
+    """
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.method in UNSAFE_METHODS and not self._allowed(request.path_info):
+            from upgrades import install_status
+
+            run = install_status.active_run()
+            if install_status.holds_maintenance(run):
+                return self._refuse(request, run)
+        return self.get_response(request)
+
+    @staticmethod
+    def _allowed(path: str) -> bool:
+        if INSTALL_ALLOWED_API.match(path):
+            return True
+        try:
+            match = resolve(path)
+        except Resolver404:
+            return False
+        return match.view_name in INSTALL_ALLOWED_URL_NAMES
+
+    @staticmethod
+    def _refuse(request: HttpRequest, run: Any) -> HttpResponse:
+        from django.contrib import messages
+
+        page = reverse("upgrades:install_run", args=[run.pk])
+        text = (
+            f"The configuration is read-only while firmware {run.version} is being installed "
+            f"(phase {run.phase} of 10): nothing was changed. Try again when the install has "
+            f"finished."
+        )
+        if request.path_info.startswith("/api/"):
+            return JsonResponse({"detail": text}, status=409)
+        if request.headers.get("HX-Request") == "true":
+            return HttpResponse(text, status=409, content_type="text/plain; charset=utf-8")
+        messages.error(request, text)
+        referer = urlsplit(request.headers.get("Referer", ""))
+        same_site = referer.netloc == request.get_host() and referer.path.startswith("/")
+        target = referer.path + (f"?{referer.query}" if referer.query else "")
+        return HttpResponseRedirect(target if same_site else page)

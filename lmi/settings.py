@@ -77,6 +77,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "lmi.middleware.SecurityHeadersMiddleware",
+    "lmi.middleware.InstallMaintenanceMiddleware",
 ]
 
 ROOT_URLCONF = "lmi.urls"
@@ -95,6 +96,7 @@ TEMPLATES = [
                 "lmi.context_processors.console",
             ],
         },
+                "upgrades.context_processors.install_banner",
     },
 ]
 
@@ -222,6 +224,17 @@ STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
+# The firmware install (issue 6). One executor holds a run; one silent for the lease is gone
+# (a dead pid on this host is gone at once). Past INSTALL_MAX_ATTEMPTS phase starts (a crash
+# loop) the run rolls back. Phase 2 writes the new slot at INSTALL_RATE_LIMIT bytes/s (0: no
+# limit) and pauses INSTALL_MIGRATE_PAUSE_MS between message-store batches, so mail keeps its
+# throughput. INSTALL_PHASE_DELAY_MS is for the kill tests only: a pause inside every phase.
+INSTALL_LEASE_SECONDS = env_int("INSTALL_LEASE_SECONDS", 30, minimum=2)
+INSTALL_MAX_ATTEMPTS = env_int("INSTALL_MAX_ATTEMPTS", 25, minimum=10)
+INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
+INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
+INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
+INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }

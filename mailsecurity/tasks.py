@@ -14,5 +14,10 @@ def retention_purge(run_id: int | None = None) -> str | None:
     Not retried: a purge that failed half-way has deleted only expired rows, and the next one
     (tonight's at the latest) carries on from there.
     """
+    if run_id is None:
+        from upgrades.install import install_holds_maintenance
+
+        if install_holds_maintenance():
+            return None  # the firmware install owns the message store until it commits
     state = services.purge_scheduled() if run_id is None else services.purge_run_execute(run_id)
     return str(state) if state is not None else None

@@ -255,7 +255,7 @@ class MailSMTP(SMTP):
 
     # aiosmtpd 1.4.6 (pinned) sends the greeting at the top of this coroutine.
     async def _handle_client(self) -> None:
-        refusal = self.service.refusal()
+        refusal = self.service.refusal(greeting=True)
         if refusal is not None:
             await self.push(refusal)
             return
@@ -291,9 +291,12 @@ class MailHandler:
         address: str,
         options: list[str],
     ) -> str:
-        refusal = self.service.refusal()
+        refusal = self.service.refusal(sender=address)
         if refusal is not None:
             return refusal
+        if self.service.is_probe(address):
+            envelope.mail_from = address
+            return "250 2.1.0 Ok"
         try:
             policy = server.policy = self.service.policy()
         except PolicyError:
@@ -316,6 +319,9 @@ class MailHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return REPLY_TOO_MANY_RECIPIENTS
+        if self.service.is_probe(envelope.mail_from):
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 Ok"
         # The policy of this transaction's MAIL FROM, milliseconds old.
         policy = server.policy
         if policy is None:
@@ -333,9 +339,11 @@ class MailHandler:
     async def handle_DATA(self, server: MailSMTP, session: Session, envelope: Envelope) -> str:
         started = time.perf_counter()
         # Maintenance may have begun since MAIL FROM: keep nothing, the sender retries.
-        refusal = self.service.refusal(in_transaction=True)
+        refusal = self.service.refusal(in_transaction=True, sender=envelope.mail_from)
         if refusal is not None:
             return refusal
+        if self.service.is_probe(envelope.mail_from):
+            return await self._probe(session, envelope, started)
         loop = asyncio.get_running_loop()
         try:
             processed = await loop.run_in_executor(
@@ -381,6 +389,35 @@ class MailHandler:
             # Already durable in the spool: from here on, nothing may turn this into a 4xx.
             self.service.delivery.submit(processed.spool_path)
         await self.service.record_quietly(record)
+        return reply
+
+    async def _probe(self, session: Session, envelope: Envelope, started: float) -> str:
+        """The upgrade's health probe: tracked through the real store writer, never delivered.
+
+        It proves what the health check needs (the service answers, the policy loads, and the
+        writer commits to the message store now on disk) without sending mail anywhere.
+        """
+        queue_id = new_queue_id()
+        reply = REPLY_QUEUED.format(queue_id=queue_id)
+        content = envelope.original_content or b""
+        record = self._record(
+            session,
+            envelope,
+            tuple(envelope.rcpt_tos),
+            reply,
+            "clean",
+            "delivered",
+            message_id=f"<{queue_id}.upgrade-probe@{self.service.hostname}>",
+            subject="upgrade health probe",
+            size=len(content),
+            processing_ms=round((time.perf_counter() - started) * 1000),
+        )
+        try:
+            self.service.policy()  # a policy that cannot be applied fails the probe
+            await self.service.record(record)
+        except Exception:
+            log.exception("the upgrade health probe could not be recorded; answered 451")
+            return REPLY_TEMPFAIL
         return reply
 
     async def log_oversize(self, server: MailSMTP, reply: str, size: int) -> None:
@@ -569,8 +606,14 @@ class MailService:
 
     # --- Used by the handler ------------------------------------------------------------------
 
-    def refusal(self, *, in_transaction: bool = False) -> str | None:
-        """The 421 to answer instead of going on, or None to go on."""
+    def refusal(
+        self, *, in_transaction: bool = False, greeting: bool = False, sender: str | None = None
+    ) -> str | None:
+        """The 421 to answer instead of going on, or None to go on.
+
+        While the upgrade's health probe is open (a token in maintenance.json) the greeting goes
+        through, and MAIL FROM and DATA refuse everything but the probe's own sender.
+        """
         if self.stopping and not in_transaction:
             return REPLY_SHUTDOWN.format(host=self.hostname)
         try:
@@ -578,8 +621,20 @@ class MailService:
         except (ApplianceError, OSError):
             return REPLY_MAINTENANCE.format(host=self.hostname)  # damaged: still maintenance
         if state is not None:
+            if (greeting and state.probe) or state.admits(sender):
+                return None
             return REPLY_MAINTENANCE.format(host=self.hostname)
         return None
+
+    def is_probe(self, sender: str | None) -> bool:
+        """True for the upgrade's health probe while maintenance admits it."""
+        if not sender or not sender.strip("<>").lower().startswith("upgrade-probe+"):
+            return False
+        try:
+            state = maintenance_status(self.root)
+        except (ApplianceError, OSError):
+            return False
+        return state is not None and state.admits(sender)
 
     def policy(self) -> CompiledPolicy:
         """The compiled policy: a few ``stat`` calls while nothing changed, so it is read on

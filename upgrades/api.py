@@ -1,4 +1,4 @@
-"""/api/v1/updates: the update status, Check now, Download and Cancel as JSON.
+"""/api/v1/updates: the update status, Check now, Download, Cancel and the install as JSON.
 
 The same services as the page and update-control; every change needs an administrator.
 """
@@ -12,8 +12,8 @@ from ninja import Router, Schema, Status
 
 from api.auth import require_administrator
 from api.schemas import Problem
-from upgrades import selectors, services
-from upgrades.models import CheckTrigger, DownloadTrigger
+from upgrades import install, install_status, selectors, services
+from upgrades.models import CheckTrigger, DownloadTrigger, InstallRun, InstallTrigger
 
 router = Router(tags=["updates"])
 
@@ -140,3 +140,117 @@ def cancel(request: HttpRequest):
     except services.UpdateError as exc:
         return Status(409, {"detail": str(exc)})
     return selectors.update_status()
+
+
+# --- Install (issue 6): preflight, start, follow, abort ------------------------------------
+
+
+class PreflightCheckOut(Schema):
+    key: str
+    title: str
+    status: str
+    value: str
+    advice: str
+    details: list[str]
+
+
+class PreflightOut(Schema):
+    """The checklist; ``ok`` is false when any check fails (then an install is refused)."""
+
+    ok: bool
+    checks: list[PreflightCheckOut]
+
+
+class PhaseOut(Schema):
+    number: int
+    name: str
+    state: str
+    state_label: str
+    percent: float
+    done: int
+    total: int
+    unit: str
+    message: str
+    started_at: str | None
+    finished_at: str | None
+    elapsed_seconds: float | None
+    attempts: int
+
+
+class InstallRunOut(Schema):
+    id: int
+    version: str
+    from_version: str
+    state: str
+    state_label: str
+    active: bool
+    phase: int
+    trigger: str
+    requested_by: str
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    elapsed_seconds: float | None
+    eta_seconds: int | None
+    downtime_seconds: float | None
+    abort_requested: bool
+    can_abort: bool
+    error: str
+    messages_before: int | None
+    messages_after: int | None
+    log_name: str
+    phases: list[PhaseOut]
+
+
+def _install_refusal(exc: Exception) -> Status:
+    """409 for "not now" (a failed check, one already running, nothing downloaded), else 400."""
+    conflict = (install.PreflightFailed, install.InstallInProgress, install.NothingToInstall)
+    return Status(409 if isinstance(exc, conflict) else 400, {"detail": str(exc)})
+
+
+@router.get("/install/preflight", response=PreflightOut)
+def install_preflight(request: HttpRequest) -> dict[str, Any]:
+    """The checks an install must pass: each with pass/warn/fail, what was measured, what to do."""
+    checks = install.install_preflight(user=request.auth)  # type: ignore[attr-defined]
+    return {
+        "ok": not any(check.status == "fail" for check in checks),
+        "checks": [install_status.check_dict(check) for check in checks],
+    }
+
+
+@router.post("/install", response={202: InstallRunOut, 400: Problem, 409: Problem})
+def install_start(request: HttpRequest):
+    """Install the downloaded firmware (preflight first: a failed check changes nothing, 409).
+    Follow the run with GET /updates/install/{id}."""
+    require_administrator(request)
+
+    try:
+        run = install.install_start(user=request.auth, trigger=InstallTrigger.API)  # type: ignore[attr-defined]
+    except install.InstallError as exc:
+        return _install_refusal(exc)
+    return Status(202, install_status.run_dict(run))
+
+
+@router.get("/install/{int:run_id}", response={200: InstallRunOut, 404: Problem})
+def install_run(request: HttpRequest, run_id: int):
+    """One install run with its ten phases (state, % within the phase, times), elapsed and
+    remaining time, who started it and how."""
+    run = InstallRun.objects.filter(pk=run_id).first()
+    if run is None:
+        return Status(404, {"detail": f"There is no install run {run_id}."})
+    return install_status.run_dict(run)
+
+
+@router.post(
+    "/install/{int:run_id}/abort", response={200: InstallRunOut, 404: Problem, 409: Problem}
+)
+def install_abort(request: HttpRequest, run_id: int):
+    """Abort the install while it is in phases 1-2 (nothing the appliance uses was touched)."""
+    require_administrator(request)
+    if not InstallRun.objects.filter(pk=run_id).exists():
+        return Status(404, {"detail": f"There is no install run {run_id}."})
+    try:
+        run = install.install_abort(user=request.auth, run_id=run_id)  # type: ignore[attr-defined]
+    except install.InstallError as exc:
+        return Status(409, {"detail": str(exc)})
+    return install_status.run_dict(run)

@@ -2,14 +2,22 @@
 
     update-control --check          ask the update feed for new firmware
     update-control -d fw            download the newest firmware here, with a progress bar
-    update-control -i fw            install it (comes with a later release)
+    update-control --preflight      the checklist an install must pass (--json for scripts)
+    update-control -i fw            install the downloaded firmware, following its ten phases
     update-control -s [--json]      status (--json for scripts)
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do (no newer firmware, or it is
-already downloaded). The download runs in this process through the same service as the
-worker's task and holds the same one-at-a-time claim; Ctrl-C cancels it cleanly (the part file
-is deleted). Django is set up from the project this package lives in (lmi.settings), so the
-tool works from any directory with the same LMI_* environment as the console.
+already downloaded; for -i: nothing downloaded to install), 4 a preflight check failed (nothing
+was changed), 5 the install failed and was rolled back to the exact previous state, 6 the
+install failed and could not roll back (needs attention), 7 the install was aborted, 130
+detached with Ctrl-C from a running install (which goes on in the worker).
+
+The download runs in this process through the same service as the worker's task and holds the
+same one-at-a-time claim; Ctrl-C cancels it cleanly (the part file is deleted). The install runs
+in the console's worker, as when it is started from the console: this tool starts it and
+follows it, so closing the shell (or Ctrl-C) never leaves it half done. Django is set up from the
+project this package lives in (lmi.settings), so the tool works from any directory with the same
+LMI_* environment as the console.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOTHING_TO_DO = 3
+EXIT_PREFLIGHT_FAILED = 4
+EXIT_ROLLED_BACK = 5
+EXIT_INSTALL_FAILED = 6
+EXIT_ABORTED = 7
+EXIT_DETACHED = 130
 COMPONENTS = ("fw",)
 BAR_WIDTH = 30
 
@@ -38,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="update-control",
         description="Firmware updates of the Lotus Protector for Mail Security appliance.",
-        epilog="Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do.",
+        epilog="Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do, 4 preflight "
+        "failed, 5 install rolled back, 6 install failed (needs attention), 7 install aborted, "
+        "130 detached from a running install.",
     )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", action="store_true", help="check the update feed now")
@@ -50,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         "-i", "--install", metavar="COMPONENT", choices=COMPONENTS,
         help="install the downloaded firmware (COMPONENT: fw)",
     )  # fmt: skip
+    action.add_argument(
+        "--preflight", action="store_true", help="show the checks an install must pass"
+    )
     action.add_argument("-s", "--status", action="store_true", help="show the update status")
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -188,12 +206,18 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
         )
     else:
         row("License", lic["reason"] or lic["status"])
+    run = status.get("install")
+    if run is not None:
+        where = f", phase {run['phase']}/10" if run["active"] else ""
+        outcome = f": {run['error']}" if run["error"] and not run["active"] else ""
+        row("Install", f"firmware {run['version']} {run['state_label'].lower()}{where}{outcome}")
 
 
 def _status(as_json: bool, out: TextIO) -> int:
+    from upgrades.install_status import install_summary
     from upgrades.selectors import update_status
 
-    status = update_status()
+    status = {**update_status(), "install": install_summary()}
     if as_json:
         out.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
     else:
@@ -275,6 +299,180 @@ def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
     return EXIT_FAILURE
 
 
+STATUS_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+# How often the follower re-reads the run: the phases write progress a few times a second.
+FOLLOW_INTERVAL = 0.5
+
+
+def _print_checks(checks: Sequence[Any], out: TextIO) -> None:
+    """One block per check: the verdict, what was measured, and what to do about it."""
+    for check in checks:
+        mark = STATUS_MARK.get(check.status, check.status.upper())
+        out.write(f"[{mark}] {check.title}: {check.value}\n")
+        if check.advice and check.status != "pass":
+            out.write(f"       {check.advice}\n")
+        for detail in check.details:
+            out.write(f"       - {detail}\n")
+
+
+def _failed_reason(checks: Sequence[Any]) -> str:
+    failed = [check for check in checks if check.status == "fail"]
+    return "; ".join(f"{check.title}: {check.value}" for check in failed)
+
+
+def _preflight(as_json: bool, out: TextIO, err: TextIO) -> int:
+    from upgrades.install import install_preflight
+    from upgrades.install_status import check_dict
+
+    checks = install_preflight(user=_cli_user())
+    ok = not any(check.status == "fail" for check in checks)
+    if as_json:
+        payload = {"ok": ok, "checks": [check_dict(check) for check in checks]}
+        out.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    else:
+        _print_checks(checks, out)
+    if not ok:
+        if not as_json:
+            err.write(f"update-control: the install is not possible: {_failed_reason(checks)}\n")
+        return EXIT_PREFLIGHT_FAILED
+    if not as_json:
+        out.write("Every check passed: the firmware can be installed.\n")
+    return EXIT_OK
+
+
+class PhaseDisplay:
+    """The ten phases with their state and percentage.
+
+    On a terminal the block of lines is redrawn in place; otherwise (a log, a pipe) a line is
+    written each time a phase changes state or passes another 10%, so the output reads as a log.
+    """
+
+    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = stream.isatty()
+        self.drawn_lines = 0
+        self.seen: dict[int, tuple[str, int]] = {}
+
+    @staticmethod
+    def line(phase: Any) -> str:
+        percent = phase.percent
+        filled = int(20 * percent / 100)
+        bar = "#" * filled + "." * (20 - filled)
+        label = phase.get_state_display()
+        text = f"Phase {phase.number:>2}/10 {phase.name[:52]:<52} [{bar}] {percent:5.1f}% {label}"
+        if phase.message and phase.state == "running":
+            text += f"  {phase.message[:60]}"
+        return text
+
+    def __call__(self, run: Any, phases: Sequence[Any]) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            if self.drawn_lines:
+                self.stream.write(f"\x1b[{self.drawn_lines}F")
+            lines = [self.line(phase) for phase in phases]
+            elapsed = human_duration(round(run.elapsed_seconds or 0))
+            lines.append(f"{run.get_state_display()} firmware {run.version}, elapsed {elapsed}")
+            for text in lines:
+                self.stream.write("\x1b[2K" + text[:160] + "\n")
+            self.drawn_lines = len(lines)
+            self.stream.flush()
+            return
+        for phase in phases:
+            step = (str(phase.state), int(phase.percent // 10))
+            if phase.state == "pending" or self.seen.get(phase.number) == step:
+                continue
+            self.seen[phase.number] = step
+            self.stream.write(self.line(phase) + "\n")
+        self.stream.flush()
+
+
+def _outcome(run: Any, out: TextIO, err: TextIO) -> int:
+    from upgrades.models import InstallState
+
+    if run.state == InstallState.SUCCEEDED:
+        downtime = run.downtime_seconds
+        note = f" (mail was held for {downtime:.1f} s)" if downtime is not None else ""
+        out.write(f"Upgrade complete: firmware {run.version}{note}.\n")
+        return EXIT_OK
+    reason = run.error or "no reason was recorded"
+    if run.state == InstallState.ROLLED_BACK:
+        err.write(
+            f"update-control: the install of firmware {run.version} failed and was rolled back; "
+            f"the appliance is as it was before: {reason}\n"
+        )
+        return EXIT_ROLLED_BACK
+    if run.state == InstallState.ABORTED:
+        err.write(f"update-control: the install of firmware {run.version} was aborted: {reason}\n")
+        return EXIT_ABORTED
+    err.write(
+        f"update-control: the install of firmware {run.version} failed and could not be rolled "
+        f"back; it needs attention: {reason}\n"
+    )
+    return EXIT_INSTALL_FAILED
+
+
+def follow_install(
+    run_id: int, out: TextIO, err: TextIO, *, quiet: bool = False, timeout: float | None = None
+) -> int:
+    """Show the run's phases until it ends; returns the exit code of its outcome."""
+    from upgrades.models import INSTALL_ACTIVE_STATES, InstallRun
+
+    display = PhaseDisplay(out, enabled=not quiet)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        run = InstallRun.objects.get(pk=run_id)
+        phases = list(run.phases.order_by("number"))
+        display(run, phases)
+        if run.state not in INSTALL_ACTIVE_STATES:
+            return _outcome(run, out, err)
+        if deadline is not None and time.monotonic() > deadline:
+            err.write("update-control: stopped following the install (time limit).\n")
+            return EXIT_DETACHED
+        time.sleep(FOLLOW_INTERVAL)
+
+
+def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
+    from django.urls import reverse
+
+    from upgrades import install
+    from upgrades.models import InstallTrigger
+
+    user = _cli_user()
+    checks = install.install_preflight(user=user)
+    out.write("Preflight checks:\n")
+    _print_checks(checks, out)
+    if any(check.status == "fail" for check in checks):
+        err.write(f"update-control: the install is not possible: {_failed_reason(checks)}\n")
+        return EXIT_PREFLIGHT_FAILED
+    try:
+        run = install.install_start(user=user, trigger=InstallTrigger.CLI)
+    except install.PreflightFailed as exc:
+        err.write(f"update-control: the install is not possible: {exc}\n")
+        return EXIT_PREFLIGHT_FAILED
+    except install.NothingToInstall as exc:
+        out.write(f"{exc}\n")
+        return EXIT_NOTHING_TO_DO
+    except install.InstallError as exc:
+        err.write(f"update-control: {exc}\n")
+        return EXIT_FAILURE
+    page = reverse("upgrades:install_run", args=[run.pk])
+    out.write(
+        f"Installing firmware {run.version} over {run.from_version or 'the installed firmware'} "
+        f"(run {run.pk}; also shown in the console at {page}).\n"
+    )
+    out.flush()
+    try:
+        return follow_install(run.pk, out, err, quiet=quiet)
+    except KeyboardInterrupt:
+        err.write(
+            f"\nupdate-control: detached; the install of firmware {run.version} goes on in the "
+            f"background. Follow it with update-control -s or in the console at {page}.\n"
+        )
+        return EXIT_DETACHED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run update-control; returns the exit code."""
     parser = _parser()
@@ -282,22 +480,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.json and not (args.status or args.check):
+    if args.json and not (args.status or args.check or args.preflight):
         parser.print_usage(sys.stderr)
-        sys.stderr.write("update-control: --json goes with -s or --check\n")
+        sys.stderr.write("update-control: --json goes with -s, --check or --preflight\n")
         return EXIT_USAGE
-    if args.install:
-        sys.stderr.write(
-            "update-control: installing firmware (-i fw) is not available in this release yet; "
-            "a downloaded bundle waits in var/spool/updates.\n"
-        )
-        return EXIT_FAILURE
     setup_django()
     try:
         if args.status:
             return _status(args.json, sys.stdout)
         if args.check:
             return _check(args.json, sys.stdout, sys.stderr)
+        if args.preflight:
+            return _preflight(args.json, sys.stdout, sys.stderr)
+        if args.install:
+            return _install(sys.stdout, sys.stderr, args.quiet)
         return _download(sys.stdout, sys.stderr, args.quiet)
     except KeyboardInterrupt:
         sys.stderr.write("\nupdate-control: interrupted\n")

@@ -210,3 +210,199 @@ class UpdateSettings(models.Model):
 
     def __str__(self) -> str:
         return f"Automatic downloads {'on' if self.automatic_downloads else 'off'}"
+
+
+class InstallState(models.TextChoices):
+    """Where a firmware install run is. Allowed transitions, each by a conditional update::
+
+        queued       -> running       phase 1's task claimed the run
+        queued, running -> aborted    abort requested (or a failure) in phases 1-2: nothing the
+                                      running appliance uses was touched; staging is discarded
+        running      -> rolling_back  a failure, a health check that did not pass, or too many
+                                      phase starts (a crash loop) in phases 3-9
+        rolling_back -> rolled_back   the previous slot, firmware level, message store and
+                                      configuration are back exactly; maintenance is off
+        rolling_back -> failed        the rollback itself could not finish: needs attention
+        running      -> succeeded     phase 10 (the commit) completed
+
+    succeeded, failed, rolled_back and aborted are final. A failure inside phase 10 is retried,
+    never rolled back: the run stays running until the commit completes.
+    """
+
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Installing"
+    ROLLING_BACK = "rolling_back", "Rolling back"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed (needs attention)"
+    ROLLED_BACK = "rolled_back", "Rolled back"
+    ABORTED = "aborted", "Aborted"
+
+
+INSTALL_ACTIVE_STATES = (InstallState.QUEUED, InstallState.RUNNING, InstallState.ROLLING_BACK)
+INSTALL_FINAL_STATES = (
+    InstallState.SUCCEEDED,
+    InstallState.FAILED,
+    InstallState.ROLLED_BACK,
+    InstallState.ABORTED,
+)
+InstallState.ACTIVE = frozenset(INSTALL_ACTIVE_STATES)  # type: ignore[attr-defined]
+InstallState.FINAL = frozenset(INSTALL_FINAL_STATES)  # type: ignore[attr-defined]
+
+
+class PhaseState(models.TextChoices):
+    """Where one phase of an install run is::
+
+    pending -> running -> succeeded | failed
+    running -> running        a new executor restarted the phase after the old one died
+    pending -> skipped        the run ended (abort, rollback) before the phase was reached
+    succeeded, failed, running -> rolled_back   the rollback undid this phase's work
+    """
+
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Done"
+    FAILED = "failed", "Failed"
+    ROLLED_BACK = "rolled_back", "Rolled back"
+    SKIPPED = "skipped", "Skipped"
+
+
+class InstallTrigger(models.TextChoices):
+    """How an install run was started."""
+
+    CONSOLE = "console", "Console"
+    CLI = "cli", "update-control"
+    API = "api", "API"
+    CLUSTER = "cluster", "Cluster Central"
+
+
+# The guide's Table 1 summaries, by phase number.
+PHASE_NAMES: dict[int, str] = {
+    1: "Download",
+    2: "Install new operating system",
+    3: "Service shutdown",
+    4: "Prepare the message store database for migration (backup)",
+    5: "Automatic backup of the current configuration",
+    6: "Restart onto the new system",
+    7: "Migrate the message store",
+    8: "Convert the configuration",
+    9: "Clean up temporary files",
+    10: "Restart services",
+}
+PHASE_COUNT = len(PHASE_NAMES)
+
+
+class InstallRun(models.Model):
+    """One firmware install: the persisted state machine of the ten phases of Table 1.
+
+    Created queued (with its ten phase rows) before phase 1's task is enqueued on commit. One
+    executor at a time holds the run (``lease_owner``, renewed in ``heartbeat_at``); a
+    redelivered task whose lease is held by a live executor exits without doing anything. The
+    partial unique index allows one active run, so the console, update-control and the API can
+    never start two. ``attempts`` counts phase starts: past a limit (a crash loop) the run is
+    rolled back instead of tried again.
+    """
+
+    download = models.ForeignKey(Download, on_delete=models.PROTECT, related_name="install_runs")
+    component = models.CharField(max_length=8, default=FIRMWARE)
+    version = models.CharField(max_length=32)
+    from_version = models.CharField(max_length=32, blank=True)
+    requested_by = models.CharField(max_length=150, blank=True)
+    trigger = models.CharField(
+        max_length=16, choices=InstallTrigger.choices, default=InstallTrigger.CONSOLE
+    )
+    state = models.CharField(
+        max_length=16, choices=InstallState.choices, default=InstallState.QUEUED
+    )
+    phase = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    abort_requested = models.BooleanField(default=False)
+    error = models.TextField(blank=True)
+    lease_owner = models.CharField(max_length=200, blank=True)
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    downtime_started_at = models.DateTimeField(null=True, blank=True)
+    downtime_ended_at = models.DateTimeField(null=True, blank=True)
+    messages_before = models.BigIntegerField(null=True, blank=True)
+    messages_after = models.BigIntegerField(null=True, blank=True)
+    log_name = models.CharField(max_length=200, blank=True)
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+        constraints = (
+            models.UniqueConstraint(
+                fields=("component",),
+                condition=Q(state__in=INSTALL_ACTIVE_STATES),
+                name="installrun_one_active",
+                violation_error_message="A firmware install is already in progress.",
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"Install {self.pk} of {self.version} ({self.state})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in INSTALL_ACTIVE_STATES
+
+    @property
+    def can_abort(self) -> bool:
+        """Abort is allowed while nothing the running appliance uses was touched (1-2)."""
+        return self.state in (InstallState.QUEUED, InstallState.RUNNING) and self.phase <= 2
+
+    @property
+    def elapsed_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or timezone.now()
+        return max(0.0, (end - self.started_at).total_seconds())
+
+    @property
+    def downtime_seconds(self) -> float | None:
+        if self.downtime_started_at is None:
+            return None
+        end = self.downtime_ended_at or timezone.now()
+        return max(0.0, (end - self.downtime_started_at).total_seconds())
+
+
+class InstallPhase(models.Model):
+    """One phase of an install run: its state, times and progress within the phase."""
+
+    run = models.ForeignKey(InstallRun, on_delete=models.CASCADE, related_name="phases")
+    number = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=100)
+    state = models.CharField(max_length=16, choices=PhaseState.choices, default=PhaseState.PENDING)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    done = models.BigIntegerField(default=0)
+    total = models.BigIntegerField(default=0)
+    unit = models.CharField(max_length=16, default="steps")
+    message = models.CharField(max_length=300, blank=True)
+    counts = models.JSONField(default=dict, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ("run", "number")
+        constraints = (
+            models.UniqueConstraint(fields=("run", "number"), name="installphase_run_number"),
+        )
+
+    def __str__(self) -> str:
+        return f"Phase {self.number} of install {self.run_id} ({self.state})"
+
+    @property
+    def percent(self) -> float:
+        if self.state == PhaseState.SUCCEEDED:
+            return 100.0
+        if self.total <= 0:
+            return 0.0
+        return min(100.0, 100.0 * self.done / self.total)
+
+    @property
+    def elapsed_seconds(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or timezone.now()
+        return max(0.0, (end - self.started_at).total_seconds())

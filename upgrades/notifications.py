@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from django.urls import reverse
+from django.urls import NoReverseMatch, reverse
 
 from upgrades import selectors
 from upgrades.models import DownloadState
@@ -31,7 +31,7 @@ def update_notices() -> list[Notice]:
     from home.notifications import Notice
 
     page = reverse("upgrades:index")
-    notices: list[Notice] = []
+    notices: list[Notice] = install_notices()
     installed = selectors.installed_version()
     active = selectors.active_download()
     ready = selectors.ready_download(installed)
@@ -99,3 +99,48 @@ def update_notices() -> list[Notice]:
             )
         )
     return notices
+
+
+def install_notices() -> list[Notice]:
+    """The firmware install: running (with its phase), complete, or rolled back and why.
+
+    A finished run is announced for a day; a later run replaces it.
+    """
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from home.notifications import Notice
+    from upgrades.install_selectors import latest_install
+    from upgrades.models import PHASE_COUNT, PHASE_NAMES, InstallState
+
+    run = latest_install()
+    if run is None:
+        return []
+    try:
+        link = reverse("upgrades:install_run", args=[run.pk])
+    except NoReverseMatch:  # the page may not be wired up yet
+        link = reverse("upgrades:index")
+    if run.state in (InstallState.QUEUED, InstallState.RUNNING):
+        text = (
+            f"Installing firmware {run.version}: phase {run.phase} of {PHASE_COUNT} "
+            f"({PHASE_NAMES.get(run.phase, '')})."
+        )
+        return [Notice("info", text, "Install progress", link)]
+    if run.state == InstallState.ROLLING_BACK:
+        text = f"The install of firmware {run.version} failed and is rolling back: {run.error}"
+        return [Notice("warning", text, "Install progress", link)]
+    if run.finished_at is None or run.finished_at < timezone.now() - timedelta(days=1):
+        return []
+    if run.state == InstallState.SUCCEEDED:
+        return [Notice("info", f"Upgrade complete: firmware {run.version}.", "Details", link)]
+    if run.state == InstallState.ROLLED_BACK:
+        text = (
+            f"The install of firmware {run.version} was rolled back; firmware "
+            f"{run.from_version} runs as before. {run.error}"
+        )
+        return [Notice("warning", text, "Details", link)]
+    if run.state == InstallState.FAILED:
+        text = f"The install of firmware {run.version} needs attention: {run.error}"
+        return [Notice("error", text, "Details", link)]
+    return []

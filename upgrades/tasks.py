@@ -19,7 +19,7 @@ from typing import Any
 from celery import shared_task
 from celery.signals import worker_ready
 
-from upgrades import selectors, services
+from upgrades import install, selectors, services
 from upgrades.models import CheckTrigger
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,14 @@ DOWNLOAD_TIME_LIMIT = DOWNLOAD_SOFT_TIME_LIMIT + 120
 
 @shared_task(name="upgrades.tasks.update_check", ignore_result=True)
 def update_check() -> bool:
-    """Beat, hourly: check the feed, and pick up downloads whose executor went away."""
+    """Beat, hourly: check the feed, and pick up downloads and installs whose executor went away.
+
+    While an install holds maintenance the feed is left alone (an automatic download would
+    compete with the upgrade for the spool's disk).
+    """
+    install.installs_recover()
+    if install.install_holds_maintenance():
+        return False
     check = services.update_check(trigger=CheckTrigger.SCHEDULE)
     services.downloads_recover(stale_only=True)
     return check.ok
@@ -48,9 +55,49 @@ def download_run(download_id: int) -> str:
     return services.download_execute(download_id, executor=services.executor_name("worker"))
 
 
+# A phase's blocking work is bounded by the lease and its own steps, not by the time limit;
+# the limits only stop a task that hangs for ever (the recovery then takes the run over).
+INSTALL_SOFT_TIME_LIMIT = 6 * 3600
+INSTALL_TIME_LIMIT = INSTALL_SOFT_TIME_LIMIT + 120
+
+
+@shared_task(
+    name="upgrades.tasks.install_phase",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=INSTALL_SOFT_TIME_LIMIT,
+    time_limit=INSTALL_TIME_LIMIT,
+)
+def install_phase(run_id: int, phase: int) -> None:
+    """Run one phase of a firmware install; a second copy finds the lease held and exits."""
+    install.install_close_connections()
+    install.install_execute(run_id, phase, install.executor_name("worker"))
+
+
+@shared_task(
+    name="upgrades.tasks.install_rollback",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=INSTALL_SOFT_TIME_LIMIT,
+    time_limit=INSTALL_TIME_LIMIT,
+)
+def install_rollback(run_id: int) -> None:
+    """Roll a failed install back to the exact pre-upgrade state (idempotent)."""
+    install.install_close_connections()
+    install.install_rollback_execute(run_id, install.executor_name("worker"))
+
+
 @worker_ready.connect
 def on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Resume downloads whose worker died; check the feed if the last check is overdue."""
+    try:
+        resumed_installs = install.installs_recover()
+        if resumed_installs:
+            logger.info("re-enqueued firmware installs %s", resumed_installs)
+    except Exception:  # never keep a worker from starting
+        logger.exception("could not resume firmware installs at start-up")
     try:
         resumed = services.downloads_recover(stale_only=False)
         if resumed:

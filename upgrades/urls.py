@@ -1,6 +1,6 @@
 from django.urls import path
 
-from upgrades import views
+from upgrades import install_views, views
 
 app_name = "upgrades"
 urlpatterns = [
@@ -11,4 +11,22 @@ urlpatterns = [
     path("licensing/check/", views.check, name="check"),
     path("licensing/settings/", views.update_settings, name="settings"),
     path("licensing/license/", views.license_upload, name="license"),
+    # Install (issue 6): the preflight checklist, the run's progress, abort, and the fixes the
+    # checklist offers (pin a DHCP address, download a configuration backup).
+    path("licensing/install/", install_views.install_checklist, name="install"),
+    path("licensing/install/start/", install_views.install_start, name="install_start"),
+    path("licensing/install/<int:run_id>/", install_views.install_run, name="install_run"),
+    path(
+        "licensing/install/<int:run_id>/progress/",
+        install_views.install_run_partial,
+        name="install_run_partial",
+    ),
+    path(
+        "licensing/install/<int:run_id>/abort/",
+        install_views.install_abort,
+        name="install_abort",
+    ),
+    path("licensing/install/pin/", install_views.install_pin_interface, name="install_pin"),
+    path("licensing/install/unpin/", install_views.install_unpin_interface, name="install_unpin"),
+    path("licensing/install/backup/", install_views.install_config_backup, name="install_backup"),
 ]

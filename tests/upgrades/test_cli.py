@@ -136,13 +136,6 @@ def test_status_for_people(firmware, capsys):
     assert "Example Corp" in out
 
 
-def test_install_is_not_available_yet(capsys):
-    code, _, err = run(capsys, "-i", "fw")
-
-    assert code == 1
-    assert "not available in this release yet" in err
-
-
 @pytest.mark.parametrize("args", [[], ["-d", "db"], ["--json"], ["-s", "--check"], ["--bogus"]])
 def test_usage_errors_exit_2(capsys, args):
     assert run(capsys, *args)[0] == 2

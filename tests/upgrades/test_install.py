@@ -1,0 +1,428 @@
+"""The firmware install end to end: a real worker, real Redis, the real mail service.
+
+The demo appliance (2.8.0.0) gets the demo vendor's signed 2.8.1.0 bundle through the real
+feed and download code, then the ten phases run in a real `celery worker`. What is checked is
+what the appliance looks like afterwards: firmware level, message store and configuration
+formats, the message count and checksum, the events, and after a rollback the appliance root
+byte for byte (the few paths that legitimately change are listed in EXCLUDED with the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from django.utils import timezone
+
+from appliance import configconvert, msgmigrate, msgstore
+from appliance.demo_updates import init_demo_updates
+from appliance.maintenance import maintenance_status
+from appliance.system import system_info
+from events.models import Category, Event
+from tests.support.services import WorkerProcess, start_worker, wait_for
+from tests.support.smtp import (
+    SmtpServiceProcess,
+    free_port,
+    read_banner,
+    smtp_service,  # noqa: F401
+)
+from upgrades import install, services, spool
+from upgrades.models import (
+    INSTALL_FINAL_STATES,
+    Download,
+    DownloadState,
+    InstallPhase,
+    InstallRun,
+    InstallState,
+    PhaseState,
+)
+
+NEW_VERSION = "2.8.1.0"
+OLD_VERSION = "2.8.0.0"
+RUN_TIMEOUT = 120.0
+
+# Paths (relative to the appliance root) a rolled-back appliance may differ in, and why.
+EXCLUDED = (
+    "var/spool/updates",  # the downloaded bundle, the install's log (XPU) and its work dir
+    "var/lib/mailsec/backups",  # the automatic pre-install configuration backups (kept)
+    "system/.firmware",  # the firmware layer's bookkeeping: lock, switch record, slot seal
+    "var/lib/mailsec/msgstore",  # compared by content instead: counts and checksum of every row
+)
+
+
+def tree_digest(root: Path, excluded: tuple[str, ...] = EXCLUDED) -> dict[str, str]:
+    """Every file, symlink and directory under root: content hash, link target or 'dir'."""
+    found: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        rel_dir = base.relative_to(root).as_posix()
+        if rel_dir != "." and rel_dir.startswith(excluded):
+            dirnames[:] = []
+            continue
+        for name in dirnames + filenames:
+            path = base / name
+            relative = path.relative_to(root).as_posix()
+            if relative.startswith(excluded) or name.endswith(".lock") or name == "lock":
+                continue
+            if path.is_symlink():
+                found[relative] = "-> " + os.readlink(path)
+            elif path.is_dir():
+                found[relative] = "dir"
+            else:
+                found[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def differences(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    keys = sorted(set(before) | set(after))
+    before = {k: before.get(k, "") for k in keys}
+    return [
+        f"{k}: {before.get(k)} -> {after.get(k)}" for k in keys if before.get(k) != after.get(k)
+    ]
+
+
+@dataclass(frozen=True)
+class Usage:
+    total: int
+    used: int
+    free: int
+    percent: float
+
+
+def roomy_disk(path: str) -> Usage:
+    """The real disk's size, but 80% of it free: the 50% rule is not this machine's to meet
+    (seven engineers share its disk); its real measurement is tested in test_preflight.py."""
+    real = psutil.disk_usage(path)
+    free = max(real.free, int(real.total * 0.8))
+    return Usage(real.total, real.total - free, free, 100.0 * (real.total - free) / real.total)
+
+
+@pytest.fixture(autouse=True)
+def roomy_preflight_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(install, "PREFLIGHT_DISK_USAGE", roomy_disk)
+
+
+@pytest.fixture
+def ready_firmware(
+    demo_appliance: Path, transactional_db: None, settings, redis_settings: str
+) -> Download:
+    """The demo vendor's 2.8.1.0 bundle downloaded and verified, a license installed."""
+    init_demo_updates(Path(settings.VAR_DIR), demo_appliance, out=open(os.devnull, "w"))  # noqa: SIM115
+    check = services.update_check(trigger="user", user="admin")
+    assert check.ok, check.error
+    download = services.download_start(user="admin", trigger="user", enqueue=False)
+    services.download_execute(download.pk)
+    download.refresh_from_db()
+    assert download.state == DownloadState.READY, download.error
+    return download
+
+
+@pytest.fixture
+def install_workers(
+    redis_settings: str, appliance_root: Path, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real workers with extra LMI_* settings (phase delay, lease, SMTP port)."""
+    started: list[WorkerProcess] = []
+
+    def start(**env: str) -> WorkerProcess:
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            worker = start_worker(redis_settings, appliance_root, tmp_path)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_final(run_id: int, timeout: float = RUN_TIMEOUT) -> InstallRun:
+    def final() -> InstallRun | None:
+        run = InstallRun.objects.get(pk=run_id)
+        return run if run.state in INSTALL_FINAL_STATES else None
+
+    return wait_for(final, timeout=timeout, interval=0.2, message=f"install {run_id} did not end")
+
+
+def completed_events(run: InstallRun) -> dict[int, int]:
+    """How many 'phase N ... completed' events each phase wrote."""
+    counts: dict[int, int] = {}
+    for event in Event.objects.filter(category=Category.UPDATE, details__run=run.pk):
+        if " completed" in event.message and "phase" in event.message:
+            number = int(event.details.get("phase", 0))
+            counts[number] = counts.get(number, 0) + 1
+    return counts
+
+
+def assert_upgraded(run: InstallRun, before: msgmigrate.StoreCounts) -> None:
+    assert run.state == InstallState.SUCCEEDED, (run.error, run.phase)
+    assert system_info().firmware_version == NEW_VERSION
+    assert msgstore.format_version() == "2.8.1"
+    assert configconvert.config_format() == "2.8.1"
+    after = msgmigrate.store_counts()
+    assert after.messages == before.messages == run.messages_before == run.messages_after
+    # Every message and body as before; the logs gained the health check's one probe.
+    assert after.tables["messages"] == before.tables["messages"]
+    assert after.tables["bodies"] == before.tables["bodies"]
+    assert (after.smtp_log, after.tracking_log) == (before.smtp_log + 1, before.tracking_log + 1)
+    assert maintenance_status() is None
+    assert [p.state for p in run.phases.order_by("number")] == [PhaseState.SUCCEEDED] * 10
+    assert completed_events(run) == {n: 1 for n in range(1, 11)}
+    assert Event.objects.filter(message=f"Upgrade complete: firmware {NEW_VERSION}").count() == 1
+    assert run.downtime_started_at is not None and run.downtime_ended_at is not None
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_full_install_upgrades_the_appliance(
+    ready_firmware: Download,
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+    install_workers,
+    admin_user,
+) -> None:
+    install_workers(LMI_SMTP_PORT=str(smtp_service.port))
+    before = msgmigrate.store_counts()
+    run = install.install_start(user=admin_user)
+    assert run.state == InstallState.QUEUED and run.phases.count() == 10
+    run = wait_final(run.pk)
+    assert_upgraded(run, before)
+    from appliance.rescue import system_backup_info
+
+    backup = system_backup_info()
+    assert backup is not None and backup.firmware_version == NEW_VERSION
+    assert read_banner(smtp_service.host, smtp_service.port)[:3] == b"220"
+    log = install.install_log_tail(run)
+    assert any("health check passed" in line for line in log)
+    assert any("upgrade complete" in line for line in log)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_failed_health_check_rolls_back_to_the_exact_previous_state(
+    ready_firmware: Download, install_workers, admin_user, appliance_root: Path
+) -> None:
+    # No mail service listens on this port: the health check before the commit fails.
+    install_workers(LMI_SMTP_PORT=str(free_port()))
+    tree_before = tree_digest(appliance_root)
+    counts_before = msgmigrate.store_counts()
+    run = install.install_start(user=admin_user)
+    run = wait_final(run.pk)
+    assert run.state == InstallState.ROLLED_BACK, (run.state, run.error)
+    assert "health check" in run.error
+    assert system_info().firmware_version == OLD_VERSION
+    assert msgstore.format_version() == "2.8.0"
+    assert configconvert.config_format() == "2.8.0"
+    counts_after = msgmigrate.store_counts()
+    assert counts_after.messages == counts_before.messages
+    assert counts_after.checksum == counts_before.checksum
+    assert maintenance_status() is None
+    assert differences(tree_before, tree_digest(appliance_root)) == []
+    phases = {p.number: p.state for p in run.phases.all()}
+    assert phases[9] == PhaseState.ROLLED_BACK and phases[10] == PhaseState.SKIPPED
+    assert Event.objects.filter(message__contains="rolled back to").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_preflight_changes_nothing(
+    ready_firmware: Download, admin_user, appliance_root: Path
+) -> None:
+    # An honest failure: the downloaded bundle was damaged in the spool since its download.
+    path = spool.bundle_path(spool.bundle_id(ready_firmware.version, ready_firmware.sha256))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    before = tree_digest(appliance_root, excluded=())
+    with pytest.raises(install.PreflightFailed) as refused:
+        install.install_start(user=admin_user)
+    assert "nothing was changed" in str(refused.value)
+    assert any(c.key == "bundle" and c.status == "fail" for c in refused.value.checks)
+    assert differences(before, tree_digest(appliance_root, excluded=())) == []
+    assert not InstallRun.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_install_without_a_download_is_refused(demo_appliance: Path, admin_user) -> None:
+    with pytest.raises(install.NothingToInstall):
+        install.install_start(user=admin_user)
+    assert not InstallRun.objects.exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_abort_in_phase_2_leaves_the_running_system_untouched(
+    ready_firmware: Download, install_workers, admin_user, appliance_root: Path
+) -> None:
+    install_workers(LMI_INSTALL_PHASE_DELAY_MS="3000")
+    tree_before = tree_digest(appliance_root)
+    run = install.install_start(user=admin_user)
+    wait_for(
+        lambda: InstallPhase.objects.filter(
+            run=run, number=2, state=PhaseState.RUNNING, message__startswith="checkpoint"
+        ).exists(),
+        timeout=60,
+    )
+    install.install_abort(user=admin_user, run_id=run.pk)
+    run = wait_final(run.pk)
+    assert run.state == InstallState.ABORTED
+    assert run.error.startswith("Aborted by an administrator")
+    assert system_info().firmware_version == OLD_VERSION
+    assert differences(tree_before, tree_digest(appliance_root)) == []
+    assert not (appliance_root / "system" / "slot-b").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_abort_is_refused_after_phase_2(ready_firmware: Download, admin_user) -> None:
+    run = InstallRun.objects.create(
+        download=ready_firmware, version=NEW_VERSION, state=InstallState.RUNNING, phase=4
+    )
+    with pytest.raises(install.InstallError, match="phases 1 and 2"):
+        install.install_abort(user=admin_user, run_id=run.pk)
+    run.refresh_from_db()
+    assert not run.abort_requested
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_second_install_is_refused(ready_firmware: Download, admin_user) -> None:
+    InstallRun.objects.create(
+        download=ready_firmware, version=NEW_VERSION, state=InstallState.RUNNING, phase=2
+    )
+    with pytest.raises(install.InstallInProgress):
+        install.install_start(user=admin_user)
+    assert InstallRun.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_for_a_held_run_does_nothing(ready_firmware: Download) -> None:
+    """A second copy of a phase task sees the live holder and leaves (no phase start)."""
+    run = InstallRun.objects.create(
+        download=ready_firmware,
+        version=NEW_VERSION,
+        state=InstallState.RUNNING,
+        phase=1,
+        lease_owner=install.executor_name("other"),  # this very process: alive
+        heartbeat_at=timezone.now(),
+    )
+    InstallPhase.objects.create(run=run, number=1, name="Download")
+    install.install_execute(run.pk, 1, install.executor_name("worker"))
+    run.refresh_from_db()
+    assert run.attempts == 0
+    assert InstallPhase.objects.get(run=run, number=1).state == PhaseState.PENDING
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_stale_task_for_a_finished_phase_does_nothing(ready_firmware: Download) -> None:
+    run = InstallRun.objects.create(
+        download=ready_firmware, version=NEW_VERSION, state=InstallState.RUNNING, phase=5
+    )
+    install.install_execute(run.pk, 3, install.executor_name("worker"))
+    run.refresh_from_db()
+    assert run.attempts == 0 and run.phase == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_crash_loop_rolls_back_instead_of_trying_for_ever(
+    ready_firmware: Download, admin_user, settings
+) -> None:
+    """Past INSTALL_MAX_ATTEMPTS phase starts the phase fails and the rollback runs."""
+    run = InstallRun.objects.create(
+        download=ready_firmware,
+        version=NEW_VERSION,
+        from_version=OLD_VERSION,
+        state=InstallState.RUNNING,
+        phase=3,
+        attempts=settings.INSTALL_MAX_ATTEMPTS,
+    )
+    InstallPhase.objects.bulk_create(
+        InstallPhase(run=run, number=n, name=f"phase {n}") for n in range(1, 11)
+    )
+    install.install_execute(run.pk, 3, install.executor_name("worker"))
+    run.refresh_from_db()
+    assert run.state == InstallState.ROLLING_BACK
+    assert "keeps stopping" in run.error
+    # The rollback task's work, run here (the task is in the real broker's queue).
+    install.install_rollback_execute(run.pk, install.executor_name("worker"))
+    run.refresh_from_db()
+    assert run.state == InstallState.ROLLED_BACK, run.error
+    assert system_info().firmware_version == OLD_VERSION
+    assert maintenance_status() is None
+
+
+@pytest.mark.integration
+def test_maintenance_lets_only_the_health_probe_through(
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+) -> None:
+
+    from appliance import maintenance
+
+    maintenance.maintenance_enter("Firmware upgrade to 2.8.1.0")
+    assert read_banner(smtp_service.host, smtp_service.port)[:3] == b"421"
+    token = maintenance.maintenance_probe_open()
+    try:
+        with smtp_service.client() as client:
+            # A guessed token is refused like any other sender.
+            client.ehlo()
+            code, _ = client.mail("upgrade-probe+0123456789abcdef01234567@localhost")
+            assert code == 421
+        with smtp_service.client() as client:
+            refused = client.sendmail(
+                maintenance.probe_sender(token), ["postmaster@localhost"], b"Subject: x\r\n\r\nx"
+            )
+            assert refused == {}
+        with smtp_service.client() as client:
+            client.ehlo()
+            code, _ = client.mail("someone@example.com")
+            assert code == 421
+    finally:
+        maintenance.maintenance_probe_close()
+    assert read_banner(smtp_service.host, smtp_service.port)[:3] == b"421"
+    assert maintenance.maintenance_status() is not None
+    assert not (smtp_service.appliance_root / "var/spool/mailsec/delivered").exists() or not any(
+        (smtp_service.appliance_root / "var/spool/mailsec/delivered").iterdir()
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_damaged_new_system_rolls_back_before_the_store_is_touched(
+    ready_firmware: Download, install_workers, admin_user, appliance_root: Path
+) -> None:
+    """A byte of the staged slot flipped after phase 2: phase 6's read-back refuses the switch."""
+    install_workers(LMI_INSTALL_PHASE_DELAY_MS="1500", LMI_SMTP_PORT=str(free_port()))
+    tree_before = tree_digest(appliance_root)
+    counts_before = msgmigrate.store_counts()
+    run = install.install_start(user=admin_user)
+    wait_for(
+        lambda: InstallPhase.objects.filter(
+            run=run, number=4, state=PhaseState.RUNNING, message__startswith="checkpoint"
+        ).exists(),
+        timeout=60,
+        interval=0.05,
+    )
+    staged = max(
+        (p for p in (appliance_root / "system" / "slot-b").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(staged.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    staged.write_bytes(bytes(data))
+    run = wait_final(run.pk)
+    assert run.state == InstallState.ROLLED_BACK, (run.state, run.error)
+    assert run.error.startswith("Phase 6")
+    assert system_info().firmware_version == OLD_VERSION
+    assert msgstore.format_version() == "2.8.0"
+    assert msgmigrate.store_counts().checksum == counts_before.checksum
+    assert differences(tree_before, tree_digest(appliance_root)) == []
+    phases = {p.number: p.state for p in run.phases.all()}
+    assert phases[6] == PhaseState.ROLLED_BACK and phases[7] == PhaseState.SKIPPED

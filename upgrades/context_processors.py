@@ -1,0 +1,28 @@
+"""The install in progress, on every page of the console.
+
+Unlike the original, nothing forbids using the console during an upgrade; so every logged-in
+page says that one is running (and, from phase 3, that configuration is read-only), with a link
+to its progress, in every session.
+"""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+
+from upgrades import install_status
+
+
+def install_banner(request: HttpRequest) -> dict[str, object]:
+    """``install_banner_run``: the active install run for logged-in users, else None."""
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return {"install_banner_run": None}
+    match = getattr(request, "resolver_match", None)
+    if match is not None and match.view_name == "upgrades:install_run":
+        # The progress page shows the run live; a banner loaded once would only lag behind it.
+        return {"install_banner_run": None}
+    run = install_status.active_run()
+    return {
+        "install_banner_run": run,
+        "install_banner_read_only": install_status.holds_maintenance(run),
+    }

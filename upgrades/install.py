@@ -1,0 +1,1291 @@
+"""Writes of the firmware install: preflight, start, abort, the ten phases and the rollback.
+
+The run is a persisted state machine (``InstallRun`` and its ten ``InstallPhase`` rows, see
+upgrades.models for the transitions). Each phase is one Celery task (``install_phase``) that
+calls :func:`install_execute`; when a phase succeeds it commits the next phase number and
+enqueues that phase on commit. Every side effect of a phase is idempotent, so a phase whose
+worker was killed is simply run again from its start by the next executor:
+
+* one executor at a time: a task claims the run by a conditional update of ``lease_owner`` and
+  renews ``heartbeat_at`` from a heartbeat thread; a second copy of the task (a redelivery, a
+  recovery) sees a live holder and exits without doing anything. A holder on this host whose
+  process is gone is dead at once; any other holder is dead when its lease lapses;
+* ``attempts`` counts phase starts: past ``INSTALL_MAX_ATTEMPTS`` (a crash loop) the run stops
+  trying and rolls back;
+* phases 1-2 touch nothing the running appliance uses: a failure or an abort there discards the
+  staging and ends ABORTED. A failure in 3-9 (including the health check before commit) rolls
+  back from the phase 4 and 5 backups and the previous slot. Phase 10 is the commit: a failure
+  inside it is retried, never rolled back.
+
+Every phase start, end and failure writes an event (Category.UPDATE) and a timestamped line to
+the run's log in var/spool/updates/XPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import smtplib
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db.models import F
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from appliance import bundle as appliance_bundle
+from appliance import maintenance, updatelogs
+from appliance.errors import ApplianceError
+from events.models import Category, Severity
+from events.services import event_write
+from upgrades import selectors, spool
+from upgrades.models import (
+    FIRMWARE,
+    INSTALL_ACTIVE_STATES,
+    PHASE_COUNT,
+    PHASE_NAMES,
+    Download,
+    InstallPhase,
+    InstallRun,
+    InstallState,
+    InstallTrigger,
+    PhaseState,
+)
+
+if TYPE_CHECKING:
+    from appliance.preflight import Check
+
+logger = logging.getLogger(__name__)
+
+User = AbstractBaseUser | AnonymousUser | str
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes of one phase
+PHASE10_RETRY_MAX = 60  # seconds between retries of a failed commit
+ROLLBACK_RETRIES = 3  # rollback attempts that raised before the run is called failed
+ONLINE_PHASES = (1, 2)  # nothing the running appliance uses is touched: abort allowed
+COMMIT_PHASE = PHASE_COUNT
+ROLLBACK = 0  # the "phase" number the rollback task passes
+
+
+# --- Errors a caller shows to a person ---------------------------------------------------------
+
+
+class InstallError(Exception):
+    """A refused request; the message says why and what to do."""
+
+
+class PreflightFailed(InstallError):
+    """At least one preflight check failed: nothing was changed."""
+
+    def __init__(self, checks: list[Check]) -> None:
+        self.checks = checks
+        failed = [c for c in checks if c.status == "fail"]
+        reasons = "; ".join(f"{c.title}: {c.value} ({c.advice})" for c in failed)
+        super().__init__(f"The install cannot start, nothing was changed. {reasons}")
+
+
+class InstallInProgress(InstallError):
+    """One install at a time."""
+
+
+class NothingToInstall(InstallError):
+    """No verified newer firmware is in the spool."""
+
+
+# --- Internal outcomes of a phase -----------------------------------------------------------
+
+
+class _LeaseLost(Exception):
+    """Another executor holds the run now: stop touching the appliance."""
+
+
+class _Stopped(Exception):
+    """An administrator aborted the install in phases 1-2."""
+
+
+class _PhaseFailed(Exception):
+    """The phase cannot complete; the message says why."""
+
+
+# --- Small helpers ------------------------------------------------------------------------------
+
+
+def _username(user: User | None) -> str:
+    if isinstance(user, str):
+        return user
+    if user is not None and user.is_authenticated:
+        return user.get_username()
+    return ""
+
+
+def _event(
+    message: str,
+    *,
+    severity: int = Severity.INFO,
+    user: User | None = None,
+    **details: Any,
+) -> None:
+    event_write(
+        category=Category.UPDATE, message=message, severity=severity, user=user, details=details
+    )
+
+
+def _log(run: InstallRun, line: str) -> None:
+    """One line in the run's log; a log that cannot be written never stops the install."""
+    if not run.log_name:
+        return
+    try:
+        updatelogs.log_append(run.log_name, line)
+    except (OSError, ValueError):
+        logger.exception("install %s: cannot write its log", run.pk)
+
+
+def executor_name(kind: str = "worker") -> str:
+    """A name unique to one execution: kind, host, process id and a random tag."""
+    return f"{kind}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _lease_seconds() -> float:
+    return float(settings.INSTALL_LEASE_SECONDS)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[-1].split()
+        return not fields or fields[0] not in (b"Z", b"X")
+    except OSError:
+        return True
+
+
+def executor_alive(run: InstallRun) -> bool:
+    """Is the run's lease holder still working? Same host: by its pid; else by the lease."""
+    if not run.lease_owner:
+        return False
+    parts = run.lease_owner.split(":")
+    same_host = len(parts) >= 4 and parts[1] == socket.gethostname() and parts[2].isdigit()
+    if same_host and not _pid_alive(int(parts[2])):
+        return False
+    if run.heartbeat_at is None:
+        return False
+    return run.heartbeat_at >= timezone.now() - timedelta(seconds=_lease_seconds())
+
+
+def _bundle_path(download: Download) -> Path:
+    return spool.bundle_path(spool.bundle_id(download.version, download.sha256))
+
+
+def _console_db_path() -> Path | None:
+    conf = settings.DATABASES["default"]
+    if str(conf.get("ENGINE", "")).endswith("sqlite3"):
+        return Path(str(conf["NAME"]))
+    return None
+
+
+# --- Preflight ------------------------------------------------------------------------------------
+
+
+# Tests on a shared machine cannot empty its disk: they point the 50% rule at a disk of their
+# own making here (appliance.preflight's documented substitute). Production leaves it None.
+PREFLIGHT_DISK_USAGE: Callable[[str], Any] | None = None
+
+
+def install_preflight(*, user: User | None = None) -> list[Check]:
+    """Every check before Install is allowed; reads only, never changes anything.
+
+    The appliance's checks (appliance.preflight) plus the console's: the bundle present and
+    verified again, the entitlement, and the cluster role.
+    """
+    from appliance import preflight
+
+    checks: list[Check] = []
+    installed = selectors.installed_version()
+    download = selectors.ready_download(installed)
+    manifest = None
+    if download is None:
+        checks.append(
+            preflight.Check(
+                key="bundle",
+                title="Firmware bundle",
+                status="fail",
+                value="no verified firmware is downloaded",
+                advice="Download the firmware under Updates & Licensing first.",
+            )
+        )
+    else:
+        try:
+            manifest = appliance_bundle.verify_bundle(_bundle_path(download))
+        except (appliance_bundle.BundleError, OSError) as exc:
+            checks.append(
+                preflight.Check(
+                    key="bundle",
+                    title="Firmware bundle",
+                    status="fail",
+                    value=f"firmware {download.version} does not verify: {exc}",
+                    advice="Download the firmware again.",
+                )
+            )
+        else:
+            checks.append(
+                preflight.Check(
+                    key="bundle",
+                    title="Firmware bundle",
+                    status="pass",
+                    value=f"firmware {manifest.version}, signature and digest verified",
+                    advice="",
+                )
+            )
+    lic = selectors.license_view()
+    checks.append(
+        preflight.Check(
+            key="license",
+            title="Update entitlement",
+            status="pass" if lic.entitled else "fail",
+            value=(
+                f"updates included until {lic.updates_until}"
+                if lic.entitled
+                else (lic.reason or "no license is installed")
+            ),
+            advice=""
+            if lic.entitled
+            else "Upload a license with a valid update entitlement under Licensing.",
+        )
+    )
+    from cluster.services import cluster_preflight_check  # issue 7: members follow Central
+
+    checks.append(cluster_preflight_check(download.version if download else installed or ""))
+    if manifest is not None:
+        checks.extend(
+            preflight.preflight_checks(
+                manifest.version,
+                manifest.min_version,
+                console_db_path=_console_db_path(),
+                image_bytes=manifest.payload_size,
+                disk_usage=PREFLIGHT_DISK_USAGE,
+            )
+        )
+    return checks
+
+
+# --- Start, abort, recover -----------------------------------------------------------------------
+
+
+def _active_run() -> InstallRun | None:
+    return InstallRun.objects.filter(component=FIRMWARE, state__in=INSTALL_ACTIVE_STATES).first()
+
+
+def _in_progress(run: InstallRun | None) -> InstallInProgress:
+    if run is None:
+        return InstallInProgress("A firmware install is already in progress.")
+    return InstallInProgress(
+        f"A firmware install is already in progress: firmware {run.version}, phase {run.phase} "
+        f"of {PHASE_COUNT} ({InstallState(run.state).label.lower()})."
+    )
+
+
+def install_start(*, user: User | None, trigger: InstallTrigger | str = "console") -> InstallRun:
+    """Check, back up the configuration, create the run and its ten phases, enqueue phase 1.
+
+    A failed preflight check raises :class:`PreflightFailed` before anything is changed.
+    """
+    if (active := _active_run()) is not None:
+        raise _in_progress(active)
+    installed = selectors.installed_version()
+    download = selectors.ready_download(installed)
+    if download is None:
+        raise NothingToInstall(
+            "No verified newer firmware is downloaded. Download it under Updates & Licensing first."
+        )
+    checks = install_preflight(user=user)
+    if any(check.status == "fail" for check in checks):
+        error = PreflightFailed(checks)
+        _event(
+            f"Install of firmware {download.version} refused by the preflight checks",
+            severity=Severity.WARNING,
+            user=user,
+            version=download.version,
+            failed=[c.key for c in checks if c.status == "fail"],
+        )
+        raise error
+    from backups.services import config_backup_before_install
+
+    try:
+        header = config_backup_before_install(user=user)
+    except (ApplianceError, OSError) as exc:
+        raise InstallError(
+            f"The automatic configuration backup failed, so the install did not start: {exc}"
+        ) from exc
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                run = InstallRun.objects.create(
+                    download=download,
+                    version=download.version,
+                    from_version=installed or "",
+                    requested_by=_username(user),
+                    trigger=str(trigger),
+                    phase=1,
+                    details={
+                        "pre_install_backup": header.name,
+                        "preflight": {c.key: c.status for c in checks},
+                    },
+                )
+        except IntegrityError:
+            raise _in_progress(_active_run()) from None
+        run.log_name = f"install-{run.pk}-{run.version}.log"
+        InstallRun.objects.filter(pk=run.pk).update(log_name=run.log_name)
+        InstallPhase.objects.bulk_create(
+            InstallPhase(run=run, number=number, name=name) for number, name in PHASE_NAMES.items()
+        )
+        _event(
+            f"Install of firmware {run.version} started (from {run.from_version})",
+            user=user,
+            run=run.pk,
+            version=run.version,
+            trigger=run.trigger,
+            backup=header.name,
+        )
+        pk = run.pk
+        transaction.on_commit(lambda: _enqueue(pk, 1))
+    _log(
+        run,
+        f"install of firmware {run.version} over {run.from_version} started by "
+        f"{run.requested_by or 'the system'} ({run.trigger}); configuration backup {header.name}",
+    )
+    for check in checks:
+        _log(run, f"preflight {check.key}: {check.status}: {check.value}")
+    return run
+
+
+def _enqueue(run_id: int, phase: int, countdown: float | None = None) -> None:
+    """Phase ``phase`` of the run as a task (0: the rollback); a dead broker is logged.
+
+    A run left without a task is picked up again by :func:`installs_recover` (worker start and
+    beat), so a broker that is down for a moment loses nothing.
+    """
+    from upgrades.tasks import install_phase, install_rollback
+
+    try:
+        if phase == ROLLBACK:
+            install_rollback.apply_async((run_id,), countdown=countdown)
+        else:
+            install_phase.apply_async((run_id, phase), countdown=countdown)
+    except Exception:
+        logger.exception("could not enqueue phase %s of install %s", phase, run_id)
+
+
+def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun:
+    """Stop the install in phases 1-2: the staging is discarded, the running system untouched."""
+    query = InstallRun.objects.filter(component=FIRMWARE, state__in=INSTALL_ACTIVE_STATES)
+    if run_id is not None:
+        query = query.filter(pk=run_id)
+    run = query.first()
+    if run is None:
+        raise InstallError("No firmware install is in progress.")
+    if run.state == InstallState.ROLLING_BACK or run.phase not in ONLINE_PHASES:
+        raise InstallError(
+            f"The install is in phase {run.phase} ({PHASE_NAMES.get(run.phase, '')}): it can be "
+            "aborted only while the new system is downloaded and installed (phases 1 and 2). "
+            "From phase 3 it completes, or rolls back by itself on any failure."
+        )
+    updated = InstallRun.objects.filter(
+        pk=run.pk,
+        state__in=(InstallState.QUEUED, InstallState.RUNNING),
+        phase__in=ONLINE_PHASES,
+    ).update(abort_requested=True)
+    if not updated:
+        run.refresh_from_db()
+        raise InstallError(
+            f"The install moved on (phase {run.phase}, {InstallState(run.state).label.lower()}) "
+            "and can no longer be aborted."
+        )
+    _event(
+        f"Abort of the install of firmware {run.version} requested in phase {run.phase}",
+        user=user,
+        run=run.pk,
+        phase=run.phase,
+    )
+    _log(run, f"abort requested by {_username(user) or 'the system'} in phase {run.phase}")
+    # The executor sees the flag within a second; a dead one's successor aborts at its start.
+    transaction.on_commit(lambda: _enqueue(run.pk, run.phase))
+    run.refresh_from_db()
+    return run
+
+
+def installs_recover() -> list[int]:
+    """Enqueue again the active run whose executor is gone (worker start and beat).
+
+    A holder on this host whose process is gone is dead at once; another host's holder when its
+    lease lapsed; a run nobody holds (its task lost with a broker restart) at once. A task
+    enqueued twice is harmless: the lease lets one executor through.
+    """
+    resumed: list[int] = []
+    for run in InstallRun.objects.filter(state__in=INSTALL_ACTIVE_STATES):
+        if executor_alive(run):
+            continue
+        if run.state == InstallState.QUEUED and run.created_at > timezone.now() - timedelta(
+            seconds=_lease_seconds()
+        ):
+            continue  # its first task is probably on its way
+        phase = ROLLBACK if run.state == InstallState.ROLLING_BACK else run.phase
+        _enqueue(run.pk, phase)
+        resumed.append(run.pk)
+    return resumed
+
+
+def install_holds_maintenance() -> bool:
+    """True while an install is past phase 2 (beat tasks that touch the appliance skip then)."""
+    return InstallRun.objects.filter(state__in=INSTALL_ACTIVE_STATES, phase__gte=3).exists() or (
+        InstallRun.objects.filter(state=InstallState.ROLLING_BACK).exists()
+    )
+
+
+def install_log_tail(run: InstallRun, lines: int = 200) -> list[str]:
+    """The last lines of the run's log (timestamped, oldest first)."""
+    if not run.log_name:
+        return []
+    try:
+        return updatelogs.log_tail(run.log_name, lines)
+    except (OSError, ValueError):
+        return []
+
+
+# --- Claiming and holding the run --------------------------------------------------------------
+
+
+def _claim(run_id: int, phase: int, executor: str) -> InstallRun | None:
+    """Take the run's lease by a conditional update; None when it is not this task's to run.
+
+    ``phase`` 0 claims a run that is rolling back; otherwise the run must be queued or running
+    in exactly that phase (a stale redelivery of a finished phase finds a later phase number).
+    """
+    for _ in range(5):
+        row = InstallRun.objects.filter(pk=run_id).first()
+        if row is None:
+            return None
+        if phase == ROLLBACK:
+            if row.state != InstallState.ROLLING_BACK:
+                return None
+        elif row.state not in (InstallState.QUEUED, InstallState.RUNNING) or row.phase != phase:
+            return None
+        if row.lease_owner and executor_alive(row):
+            logger.info("install %s is held by a live executor (%s)", run_id, row.lease_owner)
+            return None
+        now = timezone.now()
+        fields: dict[str, Any] = {
+            "lease_owner": executor,
+            "heartbeat_at": now,
+            "attempts": F("attempts") + 1,
+        }
+        if row.state == InstallState.QUEUED:
+            fields.update(state=InstallState.RUNNING, started_at=now)
+        claimed = InstallRun.objects.filter(
+            pk=run_id, state=row.state, phase=row.phase, lease_owner=row.lease_owner
+        ).update(**fields)
+        if claimed:
+            row.refresh_from_db()
+            return row
+    return None
+
+
+class _Heartbeat:
+    """Renews the lease while a phase's blocking work runs; notices when it was lost."""
+
+    def __init__(self, run_id: int, executor: str) -> None:
+        self.run_id = run_id
+        self.executor = executor
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="install-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        interval = max(0.5, _lease_seconds() / 4)
+        try:
+            while not self._stop.wait(interval):
+                try:
+                    updated = InstallRun.objects.filter(
+                        pk=self.run_id, lease_owner=self.executor
+                    ).update(heartbeat_at=timezone.now())
+                except Exception:
+                    logger.exception("install %s: heartbeat failed", self.run_id)
+                    continue
+                if not updated:
+                    self.lost = True
+                    return
+        finally:
+            connection.close()
+
+
+class PhaseContext:
+    """One executor's run of one phase: the row, progress writes, abort and lease checks."""
+
+    def __init__(self, run: InstallRun, number: int, executor: str, heartbeat: _Heartbeat) -> None:
+        self.run = run
+        self.number = number
+        self.executor = executor
+        self.heartbeat = heartbeat
+        self._last_write = 0.0
+        self._last_stop_check = 0.0
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.run.details
+
+    def save_details(self, **values: Any) -> None:
+        """Persist facts the next phases and the rollback need (before the next side effect)."""
+        self.run.details = {**self.run.details, **values}
+        self._update_run(details=self.run.details)
+
+    def _update_run(self, **fields: Any) -> None:
+        updated = InstallRun.objects.filter(pk=self.run.pk, lease_owner=self.executor).update(
+            heartbeat_at=timezone.now(), **fields
+        )
+        if not updated:
+            raise _LeaseLost
+        for name, value in fields.items():
+            setattr(self.run, name, value)
+
+    def set_run(self, **fields: Any) -> None:
+        self._update_run(**fields)
+
+    def check(self) -> None:
+        """Raise when the lease is gone; in phases 1-2 also when an abort was requested."""
+        if self.heartbeat.lost:
+            raise _LeaseLost
+        if self.should_stop():
+            raise _Stopped
+
+    def should_stop(self) -> bool:
+        """For the appliance's long steps (phases 1-2): stop promptly on abort or lease loss."""
+        if self.heartbeat.lost:
+            return True
+        if self.number not in ONLINE_PHASES:
+            return False
+        now = time.monotonic()
+        if now - self._last_stop_check < PROGRESS_INTERVAL:
+            return False
+        self._last_stop_check = now
+        return _abort_requested(self.run.pk)
+
+    def progress(
+        self,
+        done: int,
+        total: int,
+        *,
+        unit: str = "bytes",
+        message: str = "",
+        force: bool = False,
+    ) -> None:
+        """Write the phase's progress at most every PROGRESS_INTERVAL (and the heartbeat)."""
+        if self.heartbeat.lost:
+            raise _LeaseLost
+        now = time.monotonic()
+        if not force and now - self._last_write < PROGRESS_INTERVAL:
+            return
+        self._last_write = now
+        fields: dict[str, Any] = {"done": max(0, int(done)), "total": max(0, int(total))}
+        fields["unit"] = unit
+        if message:
+            fields["message"] = message[:300]
+        InstallPhase.objects.filter(run=self.run, number=self.number).update(**fields)
+
+    def callback(self, unit: str, message: str = "") -> Callable[..., None]:
+        """A ``progress(done, total)`` callable for the appliance functions."""
+
+        def report(done: Any = 0, total: Any = 0, *args: Any, **kwargs: Any) -> None:
+            # Two shapes: progress(done, total), or one object with done, total (and step).
+            text = message
+            if hasattr(done, "done"):
+                step = getattr(done, "step", "")
+                text = f"{message}: {step}" if message and step else (step or message)
+                done, total = done.done, done.total
+            self.progress(int(done or 0), int(total or 0), unit=unit, message=text)
+
+        return report
+
+    def step(self, message: str) -> None:
+        """Say what the phase does now (page and log)."""
+        self.check()
+        InstallPhase.objects.filter(run=self.run, number=self.number).update(message=message[:300])
+        _log(self.run, f"phase {self.number}: {message}")
+
+    def counts(self, **values: Any) -> None:
+        phase = InstallPhase.objects.get(run=self.run, number=self.number)
+        InstallPhase.objects.filter(pk=phase.pk).update(counts={**phase.counts, **values})
+
+    def checkpoint(self, where: str) -> None:
+        """A test-only pause inside the phase (INSTALL_PHASE_DELAY_MS), so a kill lands here."""
+        delay = settings.INSTALL_PHASE_DELAY_MS / 1000
+        if delay <= 0:
+            return
+        self.step(f"checkpoint: {where}")
+        end = time.monotonic() + delay
+        while time.monotonic() < end:
+            time.sleep(0.05)
+            self.check()
+
+
+# --- Executing a phase ----------------------------------------------------------------------------
+
+
+def install_execute(run_id: int, phase: int, executor: str | None = None) -> None:
+    """Run phase ``phase`` of the run (called by the task); a no-op when it is not ours to run."""
+    executor = executor or executor_name()
+    run = _claim(run_id, phase, executor)
+    if run is None:
+        return
+    heartbeat = _Heartbeat(run_id, executor)
+    with heartbeat:
+        ctx = PhaseContext(run, phase, executor, heartbeat)
+        try:
+            if run.abort_requested and phase in ONLINE_PHASES:
+                raise _Stopped
+            if run.attempts > settings.INSTALL_MAX_ATTEMPTS and phase != COMMIT_PHASE:
+                raise _PhaseFailed(
+                    f"the install was started {run.attempts} times without completing "
+                    "(its worker keeps stopping): giving up"
+                )
+            _phase_start(ctx)
+            PHASES[phase](ctx)
+            _phase_succeeded(ctx)
+        except _LeaseLost:
+            logger.warning("install %s phase %s: lease lost, stopping", run_id, phase)
+        except _Stopped:
+            with contextlib.suppress(_LeaseLost):
+                _abort_finish(ctx, None)
+        except Exception as exc:
+            if phase in ONLINE_PHASES and _abort_requested(run_id):
+                # The appliance step stopped because of the abort (InstallAborted and the like).
+                with contextlib.suppress(_LeaseLost):
+                    _abort_finish(ctx, None)
+                return
+            if isinstance(exc, _PhaseFailed):
+                reason = str(exc)
+            else:
+                logger.exception("install %s phase %s failed", run_id, phase)
+                reason = (
+                    f"{type(exc).__name__}: {exc}"
+                    if not isinstance(exc, ApplianceError)
+                    else str(exc)
+                )
+            with contextlib.suppress(_LeaseLost):
+                _phase_failed(ctx, reason)
+        finally:
+            InstallRun.objects.filter(pk=run_id, lease_owner=executor).update(lease_owner="")
+
+
+def _abort_requested(run_id: int) -> bool:
+    return bool(
+        InstallRun.objects.filter(pk=run_id).values_list("abort_requested", flat=True).first()
+    )
+
+
+def _phase_start(ctx: PhaseContext) -> None:
+    now = timezone.now()
+    InstallPhase.objects.filter(run=ctx.run, number=ctx.number).update(
+        state=PhaseState.RUNNING,
+        started_at=Coalesce(F("started_at"), now),
+        finished_at=None,
+        attempts=F("attempts") + 1,
+        message="",
+    )
+    phase = InstallPhase.objects.get(run=ctx.run, number=ctx.number)
+    name = PHASE_NAMES[ctx.number]
+    if phase.attempts > 1:
+        text = f"Install of {ctx.run.version}: phase {ctx.number} ({name}) restarted"
+        _event(text + " (its previous executor stopped)", run=ctx.run.pk, phase=ctx.number)
+        _log(ctx.run, f"phase {ctx.number} ({name}) restarted, attempt {phase.attempts}")
+    else:
+        _event(
+            f"Install of {ctx.run.version}: phase {ctx.number} ({name}) started",
+            run=ctx.run.pk,
+            phase=ctx.number,
+        )
+        _log(ctx.run, f"phase {ctx.number} ({name}) started")
+
+
+def _phase_succeeded(ctx: PhaseContext) -> None:
+    run, number = ctx.run, ctx.number
+    now = timezone.now()
+    name = PHASE_NAMES[number]
+    with transaction.atomic():
+        InstallPhase.objects.filter(run=run, number=number, state=PhaseState.RUNNING).update(
+            state=PhaseState.SUCCEEDED, finished_at=now, message=""
+        )
+        fields: dict[str, Any] = {"lease_owner": ""}
+        if number == COMMIT_PHASE:
+            fields.update(state=InstallState.SUCCEEDED, finished_at=now)
+        else:
+            fields["phase"] = number + 1
+        updated = InstallRun.objects.filter(
+            pk=run.pk, lease_owner=ctx.executor, state=InstallState.RUNNING, phase=number
+        ).update(**fields)
+        if not updated:
+            raise _LeaseLost
+        _event(
+            f"Install of {run.version}: phase {number} ({name}) completed",
+            run=run.pk,
+            phase=number,
+        )
+        if number == COMMIT_PHASE:
+            run.refresh_from_db()
+            _event(
+                f"Upgrade complete: firmware {run.version}",
+                run=run.pk,
+                version=run.version,
+                from_version=run.from_version,
+                downtime_seconds=run.downtime_seconds,
+                messages=run.messages_after,
+            )
+        else:
+            pk, following = run.pk, number + 1
+            transaction.on_commit(lambda: _enqueue(pk, following))
+    _log(run, f"phase {number} ({name}) completed")
+    if number == COMMIT_PHASE:
+        _log(run, f"upgrade complete: firmware {run.version}")
+
+
+def _phase_failed(ctx: PhaseContext, reason: str) -> None:
+    run, number = ctx.run, ctx.number
+    name = PHASE_NAMES[number]
+    _log(run, f"phase {number} ({name}) failed: {reason}")
+    if number in ONLINE_PHASES:
+        _abort_finish(ctx, f"phase {number} ({name}) failed: {reason}")
+        return
+    if number == COMMIT_PHASE:
+        # After the commit nothing rolls back: try again, with a growing pause.
+        phase = InstallPhase.objects.get(run=run, number=number)
+        delay = min(PHASE10_RETRY_MAX, 2 ** min(phase.attempts, 6))
+        InstallPhase.objects.filter(pk=phase.pk).update(message=f"failed, retrying: {reason}"[:300])
+        _event(
+            f"Install of {run.version}: phase {number} ({name}) failed, retrying in {delay} s: "
+            f"{reason}",
+            severity=Severity.WARNING,
+            run=run.pk,
+            phase=number,
+            reason=reason,
+        )
+        InstallRun.objects.filter(pk=run.pk, lease_owner=ctx.executor).update(lease_owner="")
+        _enqueue(run.pk, number, countdown=delay)
+        return
+    now = timezone.now()
+    with transaction.atomic():
+        InstallPhase.objects.filter(run=run, number=number).update(
+            state=PhaseState.FAILED, finished_at=now, message=reason[:300]
+        )
+        updated = InstallRun.objects.filter(
+            pk=run.pk, lease_owner=ctx.executor, state=InstallState.RUNNING
+        ).update(state=InstallState.ROLLING_BACK, error=f"Phase {number} ({name}): {reason}")
+        if not updated:
+            raise _LeaseLost
+        _event(
+            f"Install of {run.version}: phase {number} ({name}) failed, rolling back: {reason}",
+            severity=Severity.ERROR,
+            run=run.pk,
+            phase=number,
+            reason=reason,
+        )
+        pk = run.pk
+        transaction.on_commit(lambda: _enqueue(pk, ROLLBACK))
+
+
+def _abort_finish(ctx: PhaseContext, failure: str | None) -> None:
+    """Phases 1-2 ended early: discard the staging, the running system was never touched."""
+    run = ctx.run
+    from appliance import firmware, msgmigrate
+
+    new_slot = run.details.get("new_slot")
+    if new_slot and new_slot != firmware.active_slot():
+        try:
+            firmware.slot_remove(new_slot)
+        except (ApplianceError, OSError, ValueError):
+            logger.exception("install %s: could not remove the staged slot", run.pk)
+    firmware.staging_cleanup()
+    msgmigrate.migrate_discard()
+    updatelogs.install_workdir_remove(run.pk)
+    now = timezone.now()
+    error = failure or "Aborted by an administrator; the running system was not changed."
+    with transaction.atomic():
+        updated = InstallRun.objects.filter(
+            pk=run.pk, lease_owner=ctx.executor, state__in=INSTALL_ACTIVE_STATES
+        ).update(state=InstallState.ABORTED, finished_at=now, error=error, lease_owner="")
+        if not updated:
+            raise _LeaseLost
+        run.phases.filter(state__in=(PhaseState.RUNNING, PhaseState.SUCCEEDED)).update(
+            state=PhaseState.ROLLED_BACK, finished_at=now
+        )
+        run.phases.filter(state=PhaseState.PENDING).update(state=PhaseState.SKIPPED)
+        _event(
+            f"Install of firmware {run.version} aborted in phase {ctx.number}: {error}",
+            severity=Severity.WARNING if failure is None else Severity.ERROR,
+            run=run.pk,
+            phase=ctx.number,
+        )
+    _log(run, f"install aborted in phase {ctx.number}: {error}")
+
+
+# --- The ten phases -------------------------------------------------------------------------
+
+
+def _phase_download(ctx: PhaseContext) -> None:
+    """1: the downloaded bundle, verified again (it sat in the spool since the download)."""
+    run = ctx.run
+    path = _bundle_path(run.download)
+    ctx.step(f"verifying {path.name}")
+    ctx.checkpoint("bundle about to be verified")
+    try:
+        manifest = appliance_bundle.verify_bundle(path, progress=ctx.callback("bytes"))
+    except appliance_bundle.BundleError as exc:
+        raise _PhaseFailed(f"the downloaded bundle does not verify: {exc}") from exc
+    except FileNotFoundError as exc:
+        raise _PhaseFailed("the downloaded bundle is gone from var/spool/updates") from exc
+    if manifest.version != run.version:
+        raise _PhaseFailed(f"the bundle is firmware {manifest.version}, not {run.version}")
+    ctx.progress(manifest.total_size, manifest.total_size, force=True)
+    ctx.save_details(
+        bundle={
+            "file": path.name,
+            "version": manifest.version,
+            "os_release": manifest.os_release,
+            "msgstore_format": manifest.msgstore_format,
+            "config_format": manifest.config_format,
+            "size": manifest.total_size,
+            "payload_sha256": manifest.payload_sha256,
+        }
+    )
+
+
+def _phase_install_system(ctx: PhaseContext) -> None:
+    """2: the new system into the inactive slot, and the message store's online copy."""
+    from appliance import firmware, msgmigrate
+
+    path = _bundle_path(ctx.run.download)
+    target = ctx.details.get("new_slot") or firmware.inactive_slot()
+    ctx.save_details(new_slot=target)
+    ctx.step(f"installing the new system into {target}")
+    image = firmware.slot_install(
+        path,
+        progress=ctx.callback("bytes", f"writing {target}"),
+        should_stop=ctx.should_stop,
+        rate_limit=settings.INSTALL_RATE_LIMIT or None,
+    )
+    ctx.check()
+    ctx.counts(slot=image.slot, files=image.files, size=image.size)
+    ctx.save_details(new_slot=image.slot, image_sha256=image.tree_sha256)
+    ctx.checkpoint("new system written, message store copy next")
+    ctx.step("copying the message store to the 2.8.1 format while mail flows")
+    prepared = msgmigrate.migrate_prepare(
+        progress=ctx.callback("messages", "copying the message store"),
+        should_stop=ctx.should_stop,
+        pause=settings.INSTALL_MIGRATE_PAUSE_MS / 1000,
+    )
+    ctx.check()
+    ctx.counts(prepared=_plain(prepared))
+
+
+def _phase_shutdown(ctx: PhaseContext) -> None:
+    """3: maintenance mode on (SMTP answers 421, beat skips, configuration read-only)."""
+    from appliance import firmware, msgmigrate
+
+    run = ctx.run
+    if "previous_slot" not in ctx.details:
+        # Recorded before the first change of this phase: the rollback needs it.
+        level = firmware.firmware_level()
+        ctx.save_details(
+            previous_slot=firmware.active_slot(),
+            from_firmware=level.version or run.from_version,
+            from_os_release=level.os_release,
+        )
+    ctx.step("entering maintenance mode: mail is answered 421 until the services restart")
+    maintenance.maintenance_enter(
+        f"Firmware upgrade to {run.version}", by=run.requested_by or "update"
+    )
+    if run.downtime_started_at is None:
+        ctx.set_run(downtime_started_at=timezone.now())
+    ctx.checkpoint("maintenance on, counting the message store next")
+    # Transactions already past MAIL FROM finish their DATA (or are refused at its end).
+    time.sleep(settings.INSTALL_DRAIN_MS / 1000)
+    ctx.step("counting the message store")
+    counts = msgmigrate.store_counts()
+    ctx.set_run(messages_before=counts.messages)
+    ctx.save_details(counts_before=_plain(counts))
+    ctx.counts(messages=counts.messages)
+
+
+def _phase_store_backup(ctx: PhaseContext) -> None:
+    """4: a consistent, checksummed, synced copy of the message store."""
+    from appliance import msgmigrate
+
+    dest = updatelogs.install_workdir(ctx.run.pk) / "msgstore-backup.db"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ctx.step(f"backing up the message store to var/spool/updates/{dest.parent.name}")
+    ctx.checkpoint("message store backup next")
+    result = msgmigrate.msgstore_backup(dest, progress=ctx.callback("bytes", "copying"))
+    backup = _plain(result)
+    backup["path"] = str(getattr(result, "path", dest))
+    ctx.save_details(store_backup=backup)
+    ctx.counts(bytes=backup.get("size"), sha256=backup.get("sha256"))
+
+
+def _phase_config_backup(ctx: PhaseContext) -> None:
+    """5: the configuration in the Backup & Restore format, verified, for an exact revert."""
+    from appliance import configbackup
+    from backups.services import config_backup_before_install
+
+    name = ctx.details.get("config_backup")
+    if name:
+        try:
+            configbackup.backup_load(name)
+            updatelogs.install_files_load(ctx.run.pk)
+        except (ApplianceError, KeyError, OSError, ValueError):
+            name = None  # a half-written or lost backup: take it again
+    if not name:
+        ctx.step("backing up the configuration")
+        ctx.checkpoint("configuration backup next")
+        header = config_backup_before_install(user=ctx.run.requested_by or "update")
+        name = header.name
+        loaded = configbackup.backup_load(name)  # full validation: every checksum
+        # The exact 2.8.0 bytes for the rollback: after phase 8 a load of the archive would
+        # convert them to the running (2.8.1) format.
+        digest = updatelogs.install_files_save(ctx.run.pk, _cpe_files(loaded.files))
+        ctx.save_details(config_backup=name, config_files_sha256=digest)
+        ctx.counts(backup=name, files=len(loaded.files))
+
+
+def _phase_switch(ctx: PhaseContext) -> None:
+    """6: the new system becomes the active one, with its firmware level."""
+    from appliance import firmware
+
+    new_slot = ctx.details["new_slot"]
+    ctx.step(f"switching the active system to {new_slot}")
+    previous = firmware.slot_switch(new_slot)
+    if previous and previous != new_slot and "switched_from" not in ctx.details:
+        ctx.save_details(switched_from=previous)
+    ctx.checkpoint("active system switched, firmware level next")
+    os_release = firmware.slot_os_release(new_slot) or ctx.details.get("bundle", {}).get(
+        "os_release"
+    )
+    firmware.firmware_level_set(ctx.run.version, os_release or None)
+    ctx.counts(active=new_slot, firmware=ctx.run.version)
+
+
+def _phase_migrate(ctx: PhaseContext) -> None:
+    """7: the message store in the 2.8.1 format, counts and checksums as before."""
+    from appliance import msgmigrate
+
+    ctx.step("migrating the message store")
+    ctx.checkpoint("message store migration next")
+    result = msgmigrate.migrate_finish(progress=ctx.callback("messages", "migrating"))
+    counts = msgmigrate.store_counts()
+    before = ctx.details.get("counts_before", {})
+    if counts.messages != ctx.run.messages_before:
+        raise _PhaseFailed(
+            f"the migrated message store holds {counts.messages} messages, "
+            f"{ctx.run.messages_before} before"
+        )
+    checksum = getattr(counts, "checksum", None)
+    if before.get("checksum") and checksum and checksum != before["checksum"]:
+        tables = getattr(counts, "tables", {}) or {}
+        differ = sorted(
+            name for name, digest in tables.items() if before.get("tables", {}).get(name) != digest
+        )
+        raise _PhaseFailed(
+            "the migrated message store's checksum differs from before"
+            + (f" (tables: {', '.join(differ)})" if differ else "")
+        )
+    ctx.counts(migrated=_plain(result), messages=counts.messages)
+
+
+def _phase_convert(ctx: PhaseContext) -> None:
+    """8: the configuration in the 2.8.1 format, $(FILE) files carried over."""
+    from appliance import configconvert
+
+    ctx.step("converting the configuration")
+    ctx.checkpoint("configuration conversion next")
+    result = configconvert.config_convert()
+    ctx.counts(
+        objects=result.objects,
+        rules=result.rules,
+        settings=result.settings,
+        files_carried=len(result.files_carried),
+    )
+
+
+def _phase_cleanup(ctx: PhaseContext) -> None:
+    """9: temporary files removed, then the health check before the commit."""
+    from appliance import firmware, msgmigrate
+
+    ctx.step("removing temporary files")
+    freed = msgmigrate.migrate_discard() + firmware.staging_cleanup()
+    ctx.counts(bytes_freed=int(freed))
+    ctx.checkpoint("cleaned up, health check next")
+    ctx.step(f"health check: the mail service on {settings.SMTP_HOST}:{settings.SMTP_PORT}")
+    _health_check(ctx)
+
+
+def _health_check(ctx: PhaseContext) -> None:
+    """Services up, a test message accepted and tracked, the message count as before."""
+    from appliance import msgmigrate
+
+    token = maintenance.maintenance_probe_open()
+    sender = maintenance.probe_sender(token)
+    try:
+        try:
+            with smtplib.SMTP(
+                settings.SMTP_HOST, settings.SMTP_PORT, local_hostname="localhost", timeout=15
+            ) as client:
+                refused = client.sendmail(
+                    sender,
+                    ["postmaster@localhost"],
+                    f"From: <{sender}>\r\nTo: <postmaster@localhost>\r\n"
+                    f"Subject: upgrade health probe\r\n\r\nfirmware {ctx.run.version}\r\n",
+                )
+        except (OSError, smtplib.SMTPException) as exc:
+            raise _PhaseFailed(
+                f"health check: the mail service on {settings.SMTP_HOST}:{settings.SMTP_PORT} "
+                f"did not accept a test message ({exc})"
+            ) from exc
+        if refused:
+            raise _PhaseFailed(f"health check: the test message was refused: {refused}")
+    finally:
+        maintenance.maintenance_probe_close()
+    if not _probe_tracked(sender):
+        raise _PhaseFailed("health check: the test message was accepted but not tracked")
+    counts = msgmigrate.store_counts()
+    if counts.messages != ctx.run.messages_before:
+        raise _PhaseFailed(
+            f"health check: the message store holds {counts.messages} messages, "
+            f"{ctx.run.messages_before} before the upgrade"
+        )
+    ctx.counts(health="passed", probe=sender)
+    _log(ctx.run, "health check passed: mail service up, test message tracked, count as before")
+
+
+def _probe_tracked(sender: str) -> bool:
+    """The probe is in Message Tracking, found the way an administrator would search it."""
+    from appliance import tracking
+
+    page = tracking.tracking_page(tracking.TrackingFilter(sender=sender), limit=5)
+    return bool(page.entries)
+
+
+def _phase_commit(ctx: PhaseContext) -> None:
+    """10: the commit. Mail accepted again, new firmware level, new system backup."""
+    from appliance import msgmigrate, rescue
+
+    run = ctx.run
+    ctx.step("leaving maintenance mode: mail is accepted again")
+    maintenance.maintenance_leave()
+    if run.downtime_ended_at is None:
+        ctx.set_run(downtime_ended_at=timezone.now())
+    ctx.checkpoint("mail accepted again, system backup next")
+    counts = msgmigrate.store_counts()
+    ctx.set_run(messages_after=counts.messages)
+    ctx.step("writing a new system backup on the rescue partition")
+    info = rescue.system_backup_create(progress=ctx.callback("bytes", "system backup"))
+    freed = updatelogs.install_workdir_remove(run.pk)
+    ctx.counts(system_backup=info.firmware_version, backup_size=info.size, bytes_freed=freed)
+
+
+PHASES: dict[int, Callable[[PhaseContext], None]] = {
+    1: _phase_download,
+    2: _phase_install_system,
+    3: _phase_shutdown,
+    4: _phase_store_backup,
+    5: _phase_config_backup,
+    6: _phase_switch,
+    7: _phase_migrate,
+    8: _phase_convert,
+    9: _phase_cleanup,
+    10: _phase_commit,
+}
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    """A result dataclass as JSON-safe values (for details and counts)."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        source = value
+    elif hasattr(value, "__dataclass_fields__"):
+        source = {name: getattr(value, name) for name in value.__dataclass_fields__}
+    else:
+        return {"value": str(value)}
+    plain: dict[str, Any] = {}
+    for key, item in source.items():
+        if isinstance(item, bool | int | float | str) or item is None:
+            plain[key] = item
+        elif hasattr(item, "__dataclass_fields__"):
+            plain[key] = _plain(item)
+        elif isinstance(item, dict):
+            plain[key] = {
+                str(k): v if isinstance(v, int | float | str) else str(v) for k, v in item.items()
+            }
+        elif isinstance(item, list | tuple):
+            plain[key] = [str(x) if not isinstance(x, int | float | str) else x for x in item]
+        else:
+            plain[key] = str(item)
+    return plain
+
+
+# --- Rollback ------------------------------------------------------------------------------------
+
+
+def install_rollback_execute(run_id: int, executor: str | None = None) -> None:
+    """Put the exact pre-upgrade state back (called by the rollback task); idempotent."""
+    executor = executor or executor_name()
+    run = _claim(run_id, ROLLBACK, executor)
+    if run is None:
+        return
+    heartbeat = _Heartbeat(run_id, executor)
+    with heartbeat:
+        try:
+            _rollback(run)
+        except Exception as exc:
+            logger.exception("install %s: rollback failed", run_id)
+            _rollback_failed(run, executor, f"{type(exc).__name__}: {exc}")
+        else:
+            _rollback_done(run, executor)
+        finally:
+            InstallRun.objects.filter(pk=run_id, lease_owner=executor).update(lease_owner="")
+
+
+def _rollback(run: InstallRun) -> None:
+    from appliance import configconvert, firmware, msgmigrate
+
+    details = run.details
+    started = {
+        p.number
+        for p in run.phases.all()
+        if p.state != PhaseState.PENDING or p.started_at is not None
+    }
+    _log(run, f"rollback started: {run.error}")
+    previous = details.get("previous_slot")
+    if previous and firmware.active_slot() != previous:
+        _log(run, f"rollback: switching the active system back to {previous}")
+        firmware.slot_switch(previous)
+    if 6 in started and details.get("from_firmware"):
+        _log(run, f"rollback: firmware level back to {details['from_firmware']}")
+        firmware.firmware_level_set(details["from_firmware"], details.get("from_os_release"))
+    backup = details.get("store_backup")
+    if 7 in started and backup:
+        _log(run, "rollback: restoring the message store from the phase 4 copy")
+        msgmigrate.msgstore_restore(Path(backup["path"]))
+    if 8 in started and details.get("config_files_sha256"):
+        _log(run, "rollback: restoring the exact 2.8.0 configuration files saved in phase 5")
+        configconvert.config_revert(updatelogs.install_files_load(run.pk))
+    _log(run, "rollback: discarding the staging")
+    msgmigrate.migrate_discard()
+    firmware.staging_cleanup()
+    new_slot = details.get("new_slot")
+    if new_slot and new_slot != firmware.active_slot():
+        firmware.slot_remove(new_slot)
+    if run.messages_before is not None:
+        counts = msgmigrate.store_counts()
+        if counts.messages != run.messages_before:
+            raise ApplianceError(
+                f"after the rollback the message store holds {counts.messages} messages, "
+                f"{run.messages_before} before"
+            )
+    maintenance.maintenance_leave()
+    updatelogs.install_workdir_remove(run.pk)
+
+
+def _cpe_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The configuration XML files of a backup, by their path under the appliance root."""
+    chosen: dict[str, bytes] = {}
+    for name, data in files.items():
+        relative = name.lstrip("/")
+        index = relative.find("etc/mailsec/cpe/")
+        if index >= 0:
+            chosen[relative[index:]] = data
+    return chosen
+
+
+def _rollback_done(run: InstallRun, executor: str) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        updated = InstallRun.objects.filter(
+            pk=run.pk, lease_owner=executor, state=InstallState.ROLLING_BACK
+        ).update(
+            state=InstallState.ROLLED_BACK,
+            finished_at=now,
+            lease_owner="",
+            downtime_ended_at=Coalesce(F("downtime_ended_at"), now),
+        )
+        if not updated:
+            return
+        run.phases.filter(
+            state__in=(PhaseState.RUNNING, PhaseState.SUCCEEDED, PhaseState.FAILED)
+        ).update(state=PhaseState.ROLLED_BACK)
+        run.phases.filter(state=PhaseState.PENDING).update(state=PhaseState.SKIPPED)
+        _event(
+            f"Install of firmware {run.version} rolled back to {run.from_version}: {run.error}",
+            severity=Severity.ERROR,
+            run=run.pk,
+            reason=run.error,
+        )
+    _log(run, f"rollback complete: firmware {run.from_version} runs as before")
+
+
+def _rollback_failed(run: InstallRun, executor: str, reason: str) -> None:
+    details = dict(run.details)
+    tries = int(details.get("rollback_failures", 0)) + 1
+    details["rollback_failures"] = tries
+    _log(run, f"rollback attempt {tries} failed: {reason}")
+    if tries < ROLLBACK_RETRIES:
+        InstallRun.objects.filter(pk=run.pk, lease_owner=executor).update(
+            details=details, lease_owner=""
+        )
+        _event(
+            f"Rollback of the install of {run.version} failed, retrying: {reason}",
+            severity=Severity.ERROR,
+            run=run.pk,
+        )
+        _enqueue(run.pk, ROLLBACK, countdown=2 * tries)
+        return
+    InstallRun.objects.filter(
+        pk=run.pk, lease_owner=executor, state=InstallState.ROLLING_BACK
+    ).update(
+        state=InstallState.FAILED,
+        finished_at=timezone.now(),
+        details=details,
+        lease_owner="",
+        error=f"{run.error}; the rollback failed too: {reason}",
+    )
+    _event(
+        f"Install of firmware {run.version} could not be rolled back: {reason}. The appliance "
+        "needs attention: restore the configuration backup and the system backup.",
+        severity=Severity.CRITICAL,
+        run=run.pk,
+    )
+
+
+def install_close_connections() -> None:
+    """Tasks call this first: a worker's connection may have gone stale between tasks."""
+    close_old_connections()
