@@ -35,6 +35,7 @@ api = NinjaAPI(
     docs_decorator=docs_access,
 )
 api.add_router("/updates", "upgrades.api.router")
+api.add_router("/cluster", "cluster.api.router")
 api.add_router("/backups", "backups.api.router")
 SEVERITY_TOKENS = {int(level): level.name.lower() for level in Severity}
 

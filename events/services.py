@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from django.conf import settings
@@ -40,8 +41,13 @@ def event_write(
     user: AbstractBaseUser | AnonymousUser | str | None = None,
     details: Mapping[str, Any] | None = None,
     node: str | None = None,
+    created_at: datetime | None = None,
 ) -> Event:
-    """Record one event, and mirror it to the process log for operators tailing the service."""
+    """Record one event, and mirror it to the process log for operators tailing the service.
+
+    ``node`` and ``created_at`` are for events a cluster member reports to Central (they keep
+    the member's name and time); everything else records what happens here, now.
+    """
     if isinstance(user, str):
         username = user
     elif user is not None and user.is_authenticated:
@@ -49,7 +55,7 @@ def event_write(
     else:
         username = ""
     event = Event.objects.create(
-        created_at=timezone.now(),
+        created_at=created_at or timezone.now(),
         severity=int(severity),
         category=str(category),
         node=node or settings.NODE_NAME,

@@ -45,6 +45,14 @@ def _var_dir(env: dict[str, str]) -> Path:
     return Path(raw).resolve() if raw else BASE_DIR / "var"
 
 
+def _worker_queue(env: dict[str, str]) -> str:
+    """The queue this node's worker consumes (the same rule as lmi/settings.py)."""
+    role = (env.get("LMI_CLUSTER_ROLE") or "standalone").strip().lower()
+    if role in ("central", "member"):
+        return f"lmi.node.{env.get('LMI_NODE_NAME') or 'central'}"
+    return env.get("LMI_CELERY_QUEUE") or "lmi"
+
+
 def run() -> int:
     env = _env()
     setup(env)
@@ -83,6 +91,10 @@ def run() -> int:
             env.get("LMI_WORKER_CONCURRENCY", "2"),
             "--hostname",
             f"worker@{env.get('LMI_NODE_NAME', 'central')}",
+            # In a cluster the worker consumes its node's queue (lmi.node.<name>); standalone
+            # keeps the one queue (LMI_CELERY_QUEUE, "lmi").
+            "--queues",
+            _worker_queue(env),
         ],
         "beat": [
             str(BIN / "celery"),

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
+from django.core.exceptions import ImproperlyConfigured
 
 from lmi.env import env_bool, env_int, env_list, env_path, env_str
 
@@ -58,10 +59,11 @@ INSTALLED_APPS = [
     "events",
     "home",
     "upgrades",
-    "mailsecurity",
     "backups",
+    "mailsecurity",
     "smtp",
     "api",
+    "cluster",
 ]
 
 MIDDLEWARE = [
@@ -75,9 +77,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
     "accounts.middleware.ReadOnlyRoleMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "lmi.middleware.InstallMaintenanceMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "lmi.middleware.SecurityHeadersMiddleware",
-    "lmi.middleware.InstallMaintenanceMiddleware",
 ]
 
 ROOT_URLCONF = "lmi.urls"
@@ -94,9 +96,9 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "lmi.context_processors.console",
+                "upgrades.context_processors.install_banner",
             ],
         },
-                "upgrades.context_processors.install_banner",
     },
 ]
 
@@ -167,15 +169,50 @@ CELERY_BEAT_SCHEDULE = {
         "task": "upgrades.tasks.update_check",
         "schedule": crontab(minute=7),
     },
-    "accounts-prune-login-failures": {
-        "task": "accounts.tasks.login_failures_prune",
-        "schedule": crontab(minute="*/30"),
-    },
     "backups-scheduled-backup": {
         "task": "backups.tasks.scheduled_backup",
         "schedule": crontab(minute=23),
     },
+    "accounts-prune-login-failures": {
+        "task": "accounts.tasks.login_failures_prune",
+        "schedule": crontab(minute="*/30"),
+    },
 }
+# --- Cluster -------------------------------------------------------------------------------
+# standalone (one console, today's single queue), central (Cluster Central) or member. In a
+# cluster every node's worker consumes its own queue, lmi.node.<NODE_NAME>, on the shared Redis:
+# Central sends a member's work to that member's queue, members report to Central's queue.
+CLUSTER_ROLES = ("standalone", "central", "member")
+CLUSTER_ROLE = env_str("CLUSTER_ROLE", "standalone").strip().lower()
+if CLUSTER_ROLE not in CLUSTER_ROLES:
+    raise ImproperlyConfigured(
+        f"LMI_CLUSTER_ROLE={CLUSTER_ROLE!r} is not one of {', '.join(CLUSTER_ROLES)}"
+    )
+# The node name of Cluster Central (what a member reports to).
+CLUSTER_CENTRAL = env_str("CLUSTER_CENTRAL", "central")
+# A member started with a join token joins Central at start (also: manage.py cluster_join TOKEN).
+CLUSTER_JOIN_TOKEN = env_str("CLUSTER_JOIN_TOKEN")
+# Members report (firmware, health, install progress, new events) this often; Central marks a
+# member unreachable after CLUSTER_UNREACHABLE_REPORTS missed reports.
+CLUSTER_REPORT_SECONDS = env_int("CLUSTER_REPORT_SECONDS", 30, minimum=1)
+CLUSTER_UNREACHABLE_REPORTS = env_int("CLUSTER_UNREACHABLE_REPORTS", 3, minimum=1)
+CLUSTER_EVENT_BATCH = env_int("CLUSTER_EVENT_BATCH", 200, minimum=1)
+# A member that neither starts nor finishes its part of a rolling upgrade within this time
+# stops the rolling upgrade (clear state) instead of holding it for ever.
+CLUSTER_NODE_UPGRADE_TIMEOUT = env_int("CLUSTER_NODE_UPGRADE_TIMEOUT", 4 * 3600, minimum=10)
+if CLUSTER_ROLE != "standalone":
+    CELERY_TASK_DEFAULT_QUEUE = f"lmi.node.{NODE_NAME}"
+if CLUSTER_ROLE == "member":
+    CELERY_BEAT_SCHEDULE["cluster-member-report"] = {
+        "task": "cluster.tasks.member_tick",
+        "schedule": float(CLUSTER_REPORT_SECONDS),
+    }
+if CLUSTER_ROLE == "central":
+    CELERY_BEAT_SCHEDULE["cluster-central-tick"] = {
+        "task": "cluster.tasks.central_tick",
+        "schedule": float(CLUSTER_REPORT_SECONDS),
+    }
+
 # The mail processing service (SMTP): loopback by default; LMI_SMTP_HOST=0.0.0.0 to serve others.
 SMTP_HOST = env_str("SMTP_HOST", "127.0.0.1")
 SMTP_PORT = env_int("SMTP_PORT", 2525, minimum=1)
@@ -187,6 +224,17 @@ TRUSTED_KEYS_DIR = env_path("TRUSTED_KEYS_DIR", VAR_DIR / "trusted-keys")
 # Where the console learns of new firmware: an http(s) URL of a feed.json, or a local directory
 # holding one. The default is the demo feed init_appliance publishes.
 UPDATE_FEED_URL = env_str("UPDATE_FEED_URL", str(VAR_DIR / "update-feed"))
+# The firmware install (issue 6). One executor holds a run; one silent for the lease is gone
+# (a dead pid on this host is gone at once). Past INSTALL_MAX_ATTEMPTS phase starts (a crash
+# loop) the run rolls back. Phase 2 writes the new slot at INSTALL_RATE_LIMIT bytes/s (0: no
+# limit) and pauses INSTALL_MIGRATE_PAUSE_MS between message-store batches, so mail keeps its
+# throughput. INSTALL_PHASE_DELAY_MS is for the kill tests only: a pause inside every phase.
+INSTALL_LEASE_SECONDS = env_int("INSTALL_LEASE_SECONDS", 30, minimum=2)
+INSTALL_MAX_ATTEMPTS = env_int("INSTALL_MAX_ATTEMPTS", 25, minimum=10)
+INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
+INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
+INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
+INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
 # Events older than this are deleted by the daily prune.
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 365, minimum=1)
 
@@ -224,17 +272,6 @@ STATIC_URL = "/static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
-# The firmware install (issue 6). One executor holds a run; one silent for the lease is gone
-# (a dead pid on this host is gone at once). Past INSTALL_MAX_ATTEMPTS phase starts (a crash
-# loop) the run rolls back. Phase 2 writes the new slot at INSTALL_RATE_LIMIT bytes/s (0: no
-# limit) and pauses INSTALL_MIGRATE_PAUSE_MS between message-store batches, so mail keeps its
-# throughput. INSTALL_PHASE_DELAY_MS is for the kill tests only: a pause inside every phase.
-INSTALL_LEASE_SECONDS = env_int("INSTALL_LEASE_SECONDS", 30, minimum=2)
-INSTALL_MAX_ATTEMPTS = env_int("INSTALL_MAX_ATTEMPTS", 25, minimum=10)
-INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
-INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
-INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
-INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }

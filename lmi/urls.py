@@ -16,6 +16,7 @@ urlpatterns = [
     path("backup/", include("backups.urls")),
     path("mail-security/", include("mailsecurity.urls")),
     path("smtp/", include("smtp.urls")),
+    path("cluster/", include("cluster.urls")),
     path("api/v1/", include("api.urls")),
     path("healthz", login_not_required(home_views.healthz), name="healthz"),
 ]

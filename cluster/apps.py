@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class ClusterConfig(AppConfig):
+    """Cluster: Cluster Central, its members, and firmware upgrades in sequence."""
+
+    default_auto_field = "django.db.models.BigAutoField"
+    name = "cluster"
+    verbose_name = "Cluster"

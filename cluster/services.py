@@ -1,0 +1,937 @@
+"""Cluster services: join, reports, event forwarding, the preflight's cluster check, and the
+rolling upgrade ("Upgrade cluster": Cluster Central first, then each member in sequence).
+
+Nodes share nothing but the Redis broker: each has its own appliance root, database and worker
+consuming ``lmi.node.<name>``. Everything one node tells another is a Celery message (JSON
+arguments) sent with ``_send`` after the sender's transaction commits; the receiving task calls
+one of the ``*_receive`` services here. Messages can arrive twice or late, so every receiver is
+idempotent (cursors, conditional updates, an upgrade id on every install request).
+
+Roles (settings.CLUSTER_ROLE): ``standalone`` (none of this applies), ``central``, ``member``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from appliance.bundle import version_tuple
+from appliance.errors import ApplianceError
+from cluster.models import (
+    CentralLink,
+    ClusterMember,
+    ClusterUpgrade,
+    JoinState,
+    JoinToken,
+    NodeStep,
+    UpgradeState,
+)
+from events.models import Category, Event, Severity
+from events.services import event_write
+from lmi.celery import node_queue
+
+logger = logging.getLogger(__name__)
+
+User = AbstractBaseUser | AnonymousUser | str | None
+
+STANDALONE, CENTRAL, MEMBER = "standalone", "central", "member"
+TOKEN_LIFETIME = timedelta(hours=24)
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+VERSION_RE = re.compile(r"\d{1,4}(\.\d{1,4}){0,7}")
+INSTALL_ACTIVE = ("queued", "running", "rolling_back")
+INSTALL_FAILED = ("failed", "rolled_back", "aborted")
+# A report never carries more than this many events, whatever the sender claims.
+MAX_EVENTS_PER_REPORT = 1000
+
+
+class ClusterError(Exception):
+    """A cluster action that cannot be done; the message is for the user."""
+
+
+class JoinRefused(ClusterError):
+    """A join request Central refuses (bad, expired or used token; bad node name)."""
+
+
+# --- plumbing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to another node's queue, sent when the current transaction commits.
+
+    A callable object rather than a lambda so a test capturing on-commit callbacks can see
+    what would be sent where without a broker.
+    """
+
+    task: str
+    args: tuple[Any, ...]
+    queue: str
+
+    def __call__(self) -> None:
+        from lmi.celery import app
+
+        app.send_task(self.task, args=list(self.args), queue=self.queue)
+
+
+def _send(task: str, node: str, *args: Any) -> None:
+    transaction.on_commit(Outgoing(task, tuple(args), node_queue(node)))
+
+
+def cluster_role() -> str:
+    return settings.CLUSTER_ROLE
+
+
+def _username(user: User) -> str:
+    if isinstance(user, str):
+        return user
+    if user is not None and user.is_authenticated:
+        return user.get_username()
+    return ""
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _require(role: str, action: str) -> None:
+    if cluster_role() != role:
+        names = {CENTRAL: "Cluster Central", MEMBER: "a cluster member"}
+        raise ClusterError(
+            f"{action} is done on {names[role]}; this node ({settings.NODE_NAME}) is "
+            f"{cluster_role()} (LMI_CLUSTER_ROLE)."
+        )
+
+
+def _version_or_blank(value: Any) -> str:
+    text = str(value or "")[:32]
+    return text if VERSION_RE.fullmatch(text) else ""
+
+
+def _newer(a: str, b: str) -> bool:
+    """True when version a is newer than version b (unknown versions are never newer)."""
+    try:
+        return version_tuple(a) > version_tuple(b)
+    except ValueError:
+        return False
+
+
+# --- what this node knows about itself ----------------------------------------------------
+
+
+def local_firmware() -> str:
+    """The firmware level this node runs ("" when the appliance cannot say)."""
+    from appliance.system import system_info
+
+    try:
+        return system_info().firmware_version
+    except ApplianceError:
+        return ""
+
+
+def local_health() -> dict[str, bool]:
+    """Services up on this node: the appliance readable, mail accepted (not in maintenance),
+    the mail processing service listening. ``healthy`` is all of them."""
+    from appliance.maintenance import maintenance_status
+
+    health = {"appliance": bool(local_firmware())}
+    try:
+        health["accepting_mail"] = maintenance_status() is None
+    except ApplianceError:
+        health["accepting_mail"] = False
+    try:
+        with socket.create_connection((settings.SMTP_HOST, settings.SMTP_PORT), timeout=1.0):
+            health["smtp"] = True
+    except OSError:
+        health["smtp"] = False
+    health["healthy"] = all(health.values())
+    return health
+
+
+def local_install() -> dict[str, Any]:
+    """The latest firmware install run on this node, in the shape reports carry."""
+    try:
+        from upgrades.models import InstallRun
+    except ImportError:  # the install engine is not there yet
+        return {}
+    run = InstallRun.objects.order_by("-id").first()
+    if run is None:
+        return {}
+    phase = run.phases.filter(number=run.phase).first() if run.phase else None
+    within = (phase.percent if phase is not None else 0.0) / 100.0
+    done_phases = max(0, run.phase - 1) + within
+    percent = 100.0 if run.state == "succeeded" else round(100.0 * done_phases / 10, 1)
+    return {
+        "run_id": run.pk,
+        "state": run.state,
+        "phase": run.phase,
+        "percent": percent,
+        "version": run.version,
+        "trigger": run.trigger,
+        "error": run.error[:500],
+    }
+
+
+def _link() -> CentralLink:
+    link, _ = CentralLink.objects.get_or_create(pk=1)
+    return link
+
+
+# --- Central: join tokens and joins --------------------------------------------------------
+
+
+def join_token_create(*, user: User) -> tuple[JoinToken, str]:
+    """Create a single-use join token valid for 24 hours; the token itself is returned once."""
+    _require(CENTRAL, "Creating a join token")
+    token = secrets.token_urlsafe(24)
+    row = JoinToken.objects.create(
+        token_hash=_hash(token),
+        created_by=_username(user)[:150],
+        expires_at=timezone.now() + TOKEN_LIFETIME,
+    )
+    event_write(
+        category=Category.CLUSTER,
+        message="Created a cluster join token (valid 24 hours, single use)",
+        user=user,
+        details={"token_id": row.pk, "expires_at": row.expires_at.isoformat()},
+    )
+    return row, token
+
+
+def _refuse_join(node: str, reason: str) -> JoinRefused:
+    event_write(
+        category=Category.CLUSTER,
+        severity=Severity.WARNING,
+        message=f"Refused a join request from {node[:64]!r}: {reason}",
+        details={"node": node[:64], "reason": reason},
+    )
+    return JoinRefused(reason)
+
+
+def member_join(*, node: str, token: str, info: dict[str, Any]) -> tuple[ClusterMember, str]:
+    """Central: verify a join token and register (or re-register) the member.
+
+    Returns the member and the secret it must send with every report. Refusals write an event
+    and raise JoinRefused; nothing else changes.
+    """
+    _require(CENTRAL, "Accepting members")
+    node = str(node)
+    if not NODE_NAME_RE.fullmatch(node):
+        raise _refuse_join(node, "the node name is not valid")
+    if node == settings.NODE_NAME:
+        raise _refuse_join(node, "the member has Cluster Central's own node name")
+    if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+        raise _refuse_join(node, "the join token is not valid")
+    now = timezone.now()
+    row = JoinToken.objects.filter(token_hash=_hash(token)).first()
+    if row is None:
+        raise _refuse_join(node, "the join token is not valid")
+    if row.used_at is not None:
+        raise _refuse_join(node, "the join token was already used")
+    if row.expires_at <= now:
+        raise _refuse_join(node, "the join token has expired")
+    info = info if isinstance(info, dict) else {}
+    secret = secrets.token_urlsafe(32)
+    with transaction.atomic():
+        spent = JoinToken.objects.filter(pk=row.pk, used_at__isnull=True).update(
+            used_at=now, used_by=node
+        )
+        if spent != 1:
+            raise JoinRefused("the join token was already used")
+        member, created = ClusterMember.objects.update_or_create(
+            node=node,
+            defaults={
+                "secret_hash": _hash(secret),
+                "hostname": str(info.get("hostname", ""))[:255],
+                "firmware_version": _version_or_blank(info.get("firmware")),
+                "joined_at": now,
+                "last_seen": now,
+                "reachable": True,
+                "events_cursor": 0,
+            },
+        )
+    event_write(
+        category=Category.CLUSTER,
+        message=f"{node} {'joined' if created else 're-joined'} the cluster",
+        details={"node": node, "firmware": member.firmware_version, "token_id": row.pk},
+    )
+    return member, secret
+
+
+def join_request_receive(*, node: str, token: str, info: dict[str, Any]) -> bool:
+    """Central, the member_join task: join, then answer on the member's queue."""
+    try:
+        _member, secret = member_join(node=node, token=token, info=info)
+    except JoinRefused as exc:
+        if NODE_NAME_RE.fullmatch(str(node)):
+            _send(
+                "cluster.tasks.join_answer", str(node), settings.NODE_NAME, False, str(exc), "", ""
+            )
+        return False
+    _send("cluster.tasks.join_answer", node, settings.NODE_NAME, True, "", secret, local_firmware())
+    return True
+
+
+# --- Central: reports ----------------------------------------------------------------------
+
+
+def _clean_health(value: Any) -> dict[str, bool]:
+    if not isinstance(value, dict):
+        return {}
+    return {str(k)[:32]: bool(v) for k, v in list(value.items())[:16]}
+
+
+def _clean_install(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {}
+    clean: dict[str, Any] = {}
+    for key in ("run_id", "phase"):
+        if isinstance(value.get(key), int):
+            clean[key] = value[key]
+    if isinstance(value.get("percent"), int | float):
+        clean["percent"] = max(0.0, min(100.0, float(value["percent"])))
+    for key in ("state", "trigger", "error"):
+        if isinstance(value.get(key), str):
+            clean[key] = value[key][:500]
+    clean["version"] = _version_or_blank(value.get("version"))
+    return clean
+
+
+def _clean_answer(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not isinstance(value.get("upgrade_id"), int):
+        return {}
+    run_id = value.get("run_id")
+    return {
+        "upgrade_id": value["upgrade_id"],
+        "run_id": run_id if isinstance(run_id, int) else None,
+        "error": str(value.get("error") or "")[:1000],
+    }
+
+
+def _store_events(member: ClusterMember, events: Any) -> int:
+    """Store a member's events above its cursor, with the member's node name and times."""
+    if not isinstance(events, list):
+        return member.events_cursor
+    cursor = member.events_cursor
+    categories = set(Category.values)
+    severities = {int(s) for s in Severity}
+    for item in sorted(
+        (e for e in events[:MAX_EVENTS_PER_REPORT] if isinstance(e, dict)),
+        key=lambda e: e.get("id") if isinstance(e.get("id"), int) else -1,
+    ):
+        remote_id = item.get("id")
+        if not isinstance(remote_id, int) or remote_id <= cursor:
+            continue
+        created = parse_datetime(str(item.get("created_at") or "")) or timezone.now()
+        severity = item.get("severity")
+        category = item.get("category")
+        details = item.get("details") if isinstance(item.get("details"), dict) else {}
+        event_write(
+            category=category if category in categories else Category.CLUSTER,
+            severity=severity if severity in severities else Severity.INFO,
+            message=str(item.get("message") or "")[:500],
+            user=str(item.get("username") or "")[:150],
+            details={**details, "member_event_id": remote_id},
+            node=member.node,
+            created_at=created,
+        )
+        cursor = remote_id
+    return cursor
+
+
+def member_report_receive(
+    *, node: str, secret: str, report: dict[str, Any], events: list[dict[str, Any]]
+) -> ClusterMember | None:
+    """Central, the member_report task: update the member, store its new events, advance a
+    rolling upgrade, and answer with Central's firmware level and the events cursor.
+
+    A report from a node that is not a member (or with the wrong secret) is ignored (logged).
+    """
+    if cluster_role() != CENTRAL:
+        logger.warning("ignoring a cluster report from %r: this node is not Central", node)
+        return None
+    member = ClusterMember.objects.filter(node=str(node)).first()
+    if (
+        member is None
+        or not isinstance(secret, str)
+        or not hmac.compare_digest(member.secret_hash, _hash(secret))
+    ):
+        logger.warning("ignoring a cluster report from %r: not a member of this cluster", node)
+        return None
+    report = report if isinstance(report, dict) else {}
+    now = timezone.now()
+    with transaction.atomic():
+        member = ClusterMember.objects.select_for_update().get(pk=member.pk)
+        was_reachable = member.reachable
+        health = _clean_health(report.get("health"))
+        member.firmware_version = (
+            _version_or_blank(report.get("firmware")) or member.firmware_version
+        )
+        member.hostname = str(report.get("hostname") or member.hostname)[:255]
+        member.health = health
+        member.healthy = bool(health.get("healthy"))
+        member.install = _clean_install(report.get("install"))
+        member.upgrade_answer = _clean_answer(report.get("cluster_upgrade"))
+        member.last_seen = now
+        member.reachable = True
+        member.reports += 1
+        member.events_cursor = _store_events(member, events)
+        member.save()
+        if not was_reachable:
+            event_write(
+                category=Category.CLUSTER,
+                message=f"{member.node} is reachable again",
+                details={"node": member.node},
+            )
+        _send(
+            "cluster.tasks.central_update",
+            member.node,
+            settings.NODE_NAME,
+            local_firmware(),
+            member.events_cursor,
+        )
+    cluster_upgrade_advance()
+    return member
+
+
+def members_mark_unreachable() -> list[str]:
+    """Central, beat: members silent for CLUSTER_UNREACHABLE_REPORTS report intervals."""
+    limit = timezone.now() - timedelta(
+        seconds=settings.CLUSTER_REPORT_SECONDS * settings.CLUSTER_UNREACHABLE_REPORTS
+    )
+    marked = []
+    for member in ClusterMember.objects.filter(reachable=True, last_seen__lt=limit):
+        if ClusterMember.objects.filter(pk=member.pk, reachable=True).update(reachable=False):
+            marked.append(member.node)
+            event_write(
+                category=Category.CLUSTER,
+                severity=Severity.WARNING,
+                message=f"{member.node} is unreachable: no report since "
+                f"{member.last_seen:%Y-%m-%d %H:%M:%S}",
+                details={"node": member.node, "last_seen": member.last_seen.isoformat()},
+            )
+    return marked
+
+
+def central_tick() -> None:
+    """Central, beat: mark silent members unreachable and advance a rolling upgrade."""
+    if cluster_role() != CENTRAL:
+        return
+    members_mark_unreachable()
+    cluster_upgrade_advance()
+
+
+# --- Member: joining, reporting, answers from Central -------------------------------------
+
+
+def cluster_join_request(*, token: str, user: User = None) -> CentralLink:
+    """Member: ask Central (settings.CLUSTER_CENTRAL) to accept this node with a join token."""
+    _require(MEMBER, "Joining a cluster")
+    token = (token or "").strip()
+    if not TOKEN_RE.fullmatch(token):
+        raise ClusterError(
+            "That is not a join token (create one on Cluster Central's Cluster page)."
+        )
+    central = settings.CLUSTER_CENTRAL
+    with transaction.atomic():
+        link = _link()
+        link.central = central
+        link.state = JoinState.PENDING
+        link.error = ""
+        link.requested_at = timezone.now()
+        link.save()
+        info = {"hostname": socket.gethostname(), "firmware": local_firmware()}
+        _send("cluster.tasks.member_join", central, settings.NODE_NAME, token, info)
+        event_write(
+            category=Category.CLUSTER,
+            message=f"Asked Cluster Central {central} to join the cluster",
+            user=user,
+            details={"central": central},
+        )
+    return link
+
+
+def join_answer_receive(
+    *, central: str, accepted: bool, message: str, secret: str, firmware: str
+) -> CentralLink | None:
+    """Member: Central's answer to our join request (ignored unless one is pending)."""
+    if cluster_role() != MEMBER:
+        return None
+    now = timezone.now()
+    if accepted:
+        changed = CentralLink.objects.filter(pk=1, state=JoinState.PENDING).update(
+            state=JoinState.JOINED,
+            central=str(central)[:64],
+            secret=str(secret)[:100],
+            error="",
+            joined_at=now,
+            central_firmware=_version_or_blank(firmware),
+            central_seen_at=now,
+            events_acked=0,
+        )
+    else:
+        # A refused re-join leaves a working membership (and its secret) as it was.
+        link = _link()
+        changed = CentralLink.objects.filter(pk=1, state=JoinState.PENDING).update(
+            state=JoinState.JOINED if link.secret else JoinState.REFUSED,
+            error=str(message)[:500],
+        )
+    if not changed:
+        logger.warning("ignoring a join answer from %r: no join request is pending", central)
+        return None
+    event_write(
+        category=Category.CLUSTER,
+        severity=Severity.INFO if accepted else Severity.WARNING,
+        message=f"Joined the cluster of Cluster Central {central}"
+        if accepted
+        else f"Cluster Central {central} refused to let this node join: {message}",
+        details={"central": str(central)[:64]},
+    )
+    if accepted:
+        transaction.on_commit(_report_soon)
+    return _link()
+
+
+def _report_soon() -> None:
+    from lmi.celery import app
+
+    app.send_task("cluster.tasks.member_tick", queue=node_queue(settings.NODE_NAME))
+
+
+def central_update_receive(*, central: str, firmware: str, events_cursor: int) -> None:
+    """Member: Central's answer to a report: its firmware level, the events it has stored."""
+    if cluster_role() != MEMBER:
+        return
+    link = _link()
+    if link.state != JoinState.JOINED or link.central != central:
+        return
+    fields: dict[str, Any] = {"central_seen_at": timezone.now()}
+    level = _version_or_blank(firmware)
+    if level:
+        fields["central_firmware"] = level
+    if isinstance(events_cursor, int):
+        fields["events_acked"] = max(link.events_acked, events_cursor)
+    CentralLink.objects.filter(pk=1).update(**fields)
+
+
+def member_report_build() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Member: the report (firmware, health, install, our rolling-upgrade answer) and the next
+    batch of events Central has not confirmed."""
+    link = _link()
+    report: dict[str, Any] = {
+        "firmware": local_firmware(),
+        "hostname": socket.gethostname(),
+        "health": local_health(),
+        "install": local_install(),
+        "sent_at": timezone.now().isoformat(),
+    }
+    if link.upgrade_id is not None:
+        report["cluster_upgrade"] = {
+            "upgrade_id": link.upgrade_id,
+            "run_id": link.upgrade_run_id,
+            "error": link.upgrade_error,
+        }
+    events = [
+        {
+            "id": e.pk,
+            "created_at": e.created_at.isoformat(),
+            "severity": e.severity,
+            "category": e.category,
+            "username": e.username,
+            "message": e.message,
+            "details": e.details,
+        }
+        for e in Event.objects.filter(pk__gt=link.events_acked).order_by("pk")[
+            : settings.CLUSTER_EVENT_BATCH
+        ]
+    ]
+    return report, events
+
+
+def member_report_send() -> bool:
+    """Member, beat: send the report and new events to Central (when joined)."""
+    if cluster_role() != MEMBER:
+        return False
+    link = _link()
+    if link.state != JoinState.JOINED:
+        return False
+    report, events = member_report_build()
+    with transaction.atomic():
+        CentralLink.objects.filter(pk=1).update(last_report_at=timezone.now())
+        _send(
+            "cluster.tasks.member_report",
+            link.central,
+            settings.NODE_NAME,
+            link.secret,
+            report,
+            events,
+        )
+    return True
+
+
+def member_autojoin() -> bool:
+    """Member, at worker start: join with LMI_CLUSTER_JOIN_TOKEN if never joined yet."""
+    if cluster_role() != MEMBER or not settings.CLUSTER_JOIN_TOKEN:
+        return False
+    if _link().state != JoinState.NOT_JOINED:
+        return False
+    cluster_join_request(token=settings.CLUSTER_JOIN_TOKEN, user="cluster")
+    return True
+
+
+# --- the preflight's cluster check ---------------------------------------------------------
+
+
+def cluster_preflight_check(bundle_version: str) -> Any:
+    """The install preflight's "cluster" check: a member never runs firmware newer than its
+    Cluster Central (the guide: upgrade Cluster Central first, then the members)."""
+    from appliance.preflight import Check
+
+    title = "Cluster"
+    role = cluster_role()
+    if role == STANDALONE:
+        return Check("cluster", title, "pass", "standalone", "")
+    if role == CENTRAL:
+        return Check("cluster", title, "pass", "Central", "")
+    link = _link()
+    central = link.central or settings.CLUSTER_CENTRAL
+    if link.state != JoinState.JOINED or not link.central_firmware:
+        return Check(
+            "cluster",
+            title,
+            "fail",
+            f"Cluster Central {central}'s firmware level is not known",
+            "Join the cluster (Cluster page or manage.py cluster_join TOKEN) and wait for "
+            "Cluster Central's answer.",
+        )
+    if _newer(bundle_version, link.central_firmware):
+        return Check(
+            "cluster",
+            title,
+            "fail",
+            f"Cluster Central runs {link.central_firmware}",
+            "Upgrade Cluster Central first",
+        )
+    return Check("cluster", title, "pass", f"Central runs {link.central_firmware}", "")
+
+
+# --- Member: Central asks us to install (rolling upgrade) ---------------------------------
+
+
+def member_install_start(
+    *, upgrade_id: int, version: str, central: str, central_firmware: str
+) -> CentralLink | None:
+    """Member, the node_install_start task: start our own install of ``version`` for Central's
+    rolling upgrade ``upgrade_id``. Delivered twice, it starts nothing twice. The answer (run id
+    or why not) goes with an immediate report."""
+    if cluster_role() != MEMBER or not isinstance(upgrade_id, int):
+        return None
+    link = _link()
+    if link.state != JoinState.JOINED or link.central != central:
+        logger.warning("ignoring an install request from %r: not our Central", central)
+        return None
+    if link.upgrade_id == upgrade_id:
+        transaction.on_commit(_report_soon)
+        return link
+    level = _version_or_blank(central_firmware)
+    if level:
+        CentralLink.objects.filter(pk=1).update(
+            central_firmware=level, central_seen_at=timezone.now()
+        )
+    run_id, error = _start_local_install(version, user=f"Cluster Central {central}")
+    CentralLink.objects.filter(pk=1).update(
+        upgrade_id=upgrade_id,
+        upgrade_version=_version_or_blank(version),
+        upgrade_run_id=run_id,
+        upgrade_error=error[:1000],
+    )
+    event_write(
+        category=Category.CLUSTER,
+        severity=Severity.INFO if not error else Severity.ERROR,
+        message=f"Cluster Central {central} asked for firmware {version}: "
+        + (f"install {run_id} started" if not error else f"not started: {error}"),
+        details={"upgrade_id": upgrade_id, "run_id": run_id, "version": version},
+    )
+    transaction.on_commit(_report_soon)
+    return _link()
+
+
+def _start_local_install(version: str, *, user: str) -> tuple[int | None, str]:
+    """Start this node's install of ``version``; (run id, "") or (None, why not)."""
+    try:
+        from upgrades import install
+        from upgrades.selectors import ready_download
+    except ImportError:
+        return None, "this console has no install engine"
+    installed = local_firmware()
+    ready = ready_download(installed or None)
+    if ready is None:
+        return (
+            None,
+            f"no firmware download is ready on {settings.NODE_NAME}: download {version} first",
+        )
+    if ready.version != version:
+        return None, f"the firmware ready on {settings.NODE_NAME} is {ready.version}, not {version}"
+    try:
+        run = install.install_start(user=user, trigger="cluster")
+    except install.InstallError as exc:
+        return None, str(exc) or exc.__class__.__name__
+    return run.pk, ""
+
+
+# --- Central: the rolling upgrade ----------------------------------------------------------
+
+
+def cluster_target_version() -> str | None:
+    """What "Upgrade cluster" installs: the firmware ready on Central (newer than it runs), or,
+    when Central is already upgraded, the level Central runs (members catch up)."""
+    from upgrades.selectors import ready_download
+
+    installed = local_firmware()
+    ready = ready_download(installed or None)
+    if ready is not None:
+        return ready.version
+    return installed or None
+
+
+def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
+    """Central: start "Upgrade cluster" (Central first, then each member in node order)."""
+    _require(CENTRAL, "Upgrade cluster")
+    version = cluster_target_version()
+    if not version:
+        raise ClusterError("Cluster Central's firmware level is not known.")
+    members = list(ClusterMember.objects.order_by("node"))
+    behind = [m for m in members if m.firmware_version != version]
+    if local_firmware() == version and not behind:
+        raise ClusterError(f"Every node already runs {version}: there is nothing to upgrade.")
+    silent = [m.node for m in members if not m.reachable]
+    if silent:
+        raise ClusterError(
+            f"{', '.join(silent)} {'is' if len(silent) == 1 else 'are'} unreachable: bring "
+            "every member back (or let it report) before upgrading the cluster."
+        )
+    order = [settings.NODE_NAME, *[m.node for m in members]]
+    try:
+        with transaction.atomic():
+            upgrade = ClusterUpgrade.objects.create(
+                version=version,
+                order=order,
+                current_node=order[0],
+                results={node: {"state": NodeStep.PENDING} for node in order},
+                started_by=_username(user)[:150],
+                step_started_at=timezone.now(),
+            )
+    except IntegrityError as exc:
+        raise ClusterError("A cluster upgrade is already running.") from exc
+    event_write(
+        category=Category.CLUSTER,
+        message=f"Cluster upgrade to {version} started: {', '.join(order)}, in this order",
+        user=user,
+        details={"upgrade_id": upgrade.pk, "order": order, "version": version},
+    )
+    cluster_upgrade_advance()
+    upgrade.refresh_from_db()
+    return upgrade
+
+
+def _timed_out(upgrade: ClusterUpgrade) -> bool:
+    started = upgrade.step_started_at or upgrade.created_at
+    return timezone.now() - started > timedelta(seconds=settings.CLUSTER_NODE_UPGRADE_TIMEOUT)
+
+
+def _step_central(upgrade: ClusterUpgrade, result: dict[str, Any]) -> dict[str, Any]:
+    """Central's own step: start the local install, then follow its run."""
+    state = result.get("state", NodeStep.PENDING)
+    if state == NodeStep.PENDING:
+        if local_firmware() == upgrade.version:
+            return {"state": NodeStep.SKIPPED}
+        run_id, error = _start_local_install(upgrade.version, user=upgrade.started_by or "cluster")
+        if error:
+            return {"state": NodeStep.FAILED, "error": error}
+        return {"state": NodeStep.INSTALLING, "run_id": run_id}
+    from upgrades.models import InstallRun
+
+    run = InstallRun.objects.filter(pk=result.get("run_id")).first()
+    if run is None:
+        return {**result, "state": NodeStep.FAILED, "error": "its install run is gone"}
+    if run.state == "succeeded":
+        if local_firmware() != upgrade.version:
+            return {
+                **result,
+                "state": NodeStep.FAILED,
+                "error": f"the install succeeded but it runs {local_firmware() or '?'}",
+            }
+        return {**result, "state": NodeStep.DONE, "percent": 100.0}
+    if run.state in INSTALL_FAILED:
+        return {**result, "state": NodeStep.FAILED, "error": f"install {run.state}: {run.error}"}
+    return {**result, "phase": run.phase, "percent": local_install().get("percent", 0.0)}
+
+
+def _step_member(upgrade: ClusterUpgrade, node: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A member's step: send it the install request, then follow its reports."""
+    member = ClusterMember.objects.filter(node=node).first()
+    if member is None:
+        return {**result, "state": NodeStep.FAILED, "error": "it is no longer a member"}
+    state = result.get("state", NodeStep.PENDING)
+    if state == NodeStep.PENDING:
+        if member.firmware_version == upgrade.version and member.healthy:
+            return {"state": NodeStep.SKIPPED}
+        _send(
+            "cluster.tasks.node_install_start",
+            node,
+            upgrade.pk,
+            upgrade.version,
+            settings.NODE_NAME,
+            local_firmware(),
+        )
+        return {"state": NodeStep.REQUESTED, "requested_at": timezone.now().isoformat()}
+    answer = member.upgrade_answer
+    if answer.get("upgrade_id") != upgrade.pk:
+        return result  # the member has not handled the request yet
+    if answer.get("error"):
+        return {**result, "state": NodeStep.FAILED, "error": f"refused: {answer['error']}"}
+    install = member.install
+    if install.get("run_id") != answer.get("run_id"):
+        return result
+    run_state = install.get("state")
+    progress = {"run_id": answer.get("run_id"), "phase": install.get("phase", 0)}
+    if run_state == "succeeded":
+        if member.firmware_version == upgrade.version and member.healthy:
+            return {**result, **progress, "state": NodeStep.DONE, "percent": 100.0}
+        waiting = "for a healthy report on the new version"
+        return {**result, **progress, "state": NodeStep.INSTALLING, "waiting": waiting}
+    if run_state in INSTALL_FAILED:
+        why = install.get("error") or run_state
+        return {
+            **result,
+            **progress,
+            "state": NodeStep.FAILED,
+            "error": f"install {run_state}: {why}",
+        }
+    percent = install.get("percent", 0.0)
+    return {**result, **progress, "state": NodeStep.INSTALLING, "percent": percent}
+
+
+def cluster_upgrade_advance() -> ClusterUpgrade | None:
+    """Central: move the running rolling upgrade on as far as the facts allow.
+
+    Called when a member's report arrives and from beat (never a self-rescheduling task). The
+    current node's step is evaluated; when it is done (or skipped) the next node's step starts
+    in the same call; the first failure stops the whole upgrade with that node and why.
+    Changes are one conditional update on ``revision``; the loser of a race does nothing.
+    """
+    if cluster_role() != CENTRAL:
+        return None
+    with transaction.atomic():
+        upgrade = ClusterUpgrade.objects.filter(state=UpgradeState.RUNNING).first()
+        if upgrade is None:
+            return None
+        revision = upgrade.revision
+        results = {node: dict(value) for node, value in upgrade.results.items()}
+        current = upgrade.current_node
+        step_started = upgrade.step_started_at
+        state, error, stopped_node = UpgradeState.RUNNING, "", ""
+        notes: list[tuple[str, Severity]] = []
+        while True:
+            before = results.get(current, {})
+            if current == settings.NODE_NAME:
+                after = _step_central(upgrade, before)
+            else:
+                after = _step_member(upgrade, current, before)
+            step = after.get("state")
+            waiting = (NodeStep.PENDING, NodeStep.REQUESTED, NodeStep.INSTALLING)
+            if step in waiting and _timed_out(upgrade):
+                after = {
+                    **after,
+                    "state": NodeStep.FAILED,
+                    "error": f"no result within {settings.CLUSTER_NODE_UPGRADE_TIMEOUT} s",
+                }
+                step = NodeStep.FAILED
+            if after != before:
+                after.setdefault(
+                    "started_at", before.get("started_at") or timezone.now().isoformat()
+                )
+            results[current] = after
+            if step == NodeStep.FAILED:
+                after["finished_at"] = timezone.now().isoformat()
+                state, stopped_node = UpgradeState.STOPPED, current
+                error = f"{current}: {after.get('error', 'failed')}"
+                notes.append(
+                    (f"Cluster upgrade to {upgrade.version} stopped at {error}", Severity.ERROR)
+                )
+                break
+            if step not in (NodeStep.DONE, NodeStep.SKIPPED):
+                break
+            after["finished_at"] = timezone.now().isoformat()
+            notes.append(
+                (
+                    f"Cluster upgrade: {current} "
+                    f"{'runs' if step == NodeStep.DONE else 'already ran'} {upgrade.version}",
+                    Severity.INFO,
+                )
+            )
+            position = upgrade.order.index(current)
+            if position + 1 >= len(upgrade.order):
+                state = UpgradeState.SUCCEEDED
+                notes.append((f"Cluster upgrade to {upgrade.version} complete", Severity.INFO))
+                break
+            current = upgrade.order[position + 1]
+            step_started = timezone.now()
+            upgrade.step_started_at = step_started
+        if results == upgrade.results and state == UpgradeState.RUNNING:
+            return upgrade
+        finished = timezone.now() if state != UpgradeState.RUNNING else None
+        updated = ClusterUpgrade.objects.filter(
+            pk=upgrade.pk, revision=revision, state=UpgradeState.RUNNING
+        ).update(
+            results=results,
+            current_node=current,
+            step_started_at=step_started,
+            state=state,
+            error=error,
+            stopped_node=stopped_node,
+            finished_at=finished,
+            revision=revision + 1,
+        )
+        if updated != 1:
+            # Another advance won the race: undo our side effects (queued sends, an install
+            # row) with the transaction and let the winner's state stand.
+            transaction.set_rollback(True)
+            return ClusterUpgrade.objects.filter(pk=upgrade.pk).first()
+        for message, severity in notes:
+            event_write(
+                category=Category.CLUSTER,
+                severity=severity,
+                message=message,
+                user=upgrade.started_by,
+                details={"upgrade_id": upgrade.pk},
+            )
+    upgrade.refresh_from_db()
+    return upgrade
+
+
+def member_remove(*, node: str, user: User) -> None:
+    """Central: forget a member (it may join again with a new token)."""
+    _require(CENTRAL, "Removing a member")
+    deleted, _ = ClusterMember.objects.filter(node=node).delete()
+    if not deleted:
+        raise ClusterError(f"{node} is not a member of this cluster.")
+    event_write(
+        category=Category.CLUSTER,
+        message=f"Removed {node} from the cluster",
+        user=user,
+        details={"node": node},
+    )

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from cluster import views
+
+app_name = "cluster"
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("progress/", views.progress, name="progress"),
+    path("tokens/", views.token_create, name="token_create"),
+    path("join/", views.join, name="join"),
+    path("upgrade/", views.upgrade, name="upgrade"),
+]

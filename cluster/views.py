@@ -1,0 +1,82 @@
+"""Cluster page: role, this node, Central, the members, join tokens, "Upgrade cluster".
+
+Views parse, call one service and render or redirect. Changes are for administrators only.
+"""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from cluster import selectors, services
+from cluster.forms import JoinForm
+from upgrades.views import administrators_only
+
+
+def _context(request: HttpRequest, **extra: object) -> dict[str, object]:
+    return {
+        "breadcrumb": "Cluster",
+        "overview": selectors.cluster_overview(),
+        "join_form": JoinForm(),
+        **extra,
+    }
+
+
+@require_GET
+def index(request: HttpRequest) -> HttpResponse:
+    return render(request, "cluster/index.html", _context(request))
+
+
+@never_cache
+@require_GET
+def progress(request: HttpRequest) -> HttpResponse:
+    """The members and the rolling upgrade alone; htmx polls it while an upgrade runs."""
+    return render(request, "cluster/_status.html", _context(request))
+
+
+@require_POST
+@administrators_only
+def token_create(request: HttpRequest) -> HttpResponse:
+    """Create a join token and show it once (it is stored hashed)."""
+    try:
+        row, token = services.join_token_create(user=request.user)
+    except services.ClusterError as exc:
+        messages.error(request, str(exc))
+        return redirect("cluster:index")
+    return render(request, "cluster/index.html", _context(request, new_token=token, token_row=row))
+
+
+@require_POST
+@administrators_only
+def join(request: HttpRequest) -> HttpResponse:
+    """A member joins Cluster Central with a token."""
+    form = JoinForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Enter the join token created on Cluster Central.")
+        return redirect("cluster:index")
+    try:
+        link = services.cluster_join_request(token=form.cleaned_data["token"], user=request.user)
+    except services.ClusterError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Asked Cluster Central {link.central} to accept this node.")
+    return redirect("cluster:index")
+
+
+@require_POST
+@administrators_only
+def upgrade(request: HttpRequest) -> HttpResponse:
+    """Upgrade cluster: Central first, then each member in sequence."""
+    try:
+        started = services.cluster_upgrade_start(user=request.user)
+    except services.ClusterError as exc:
+        messages.error(request, str(exc))
+    else:
+        if started.state == "stopped":
+            messages.error(request, f"The cluster upgrade stopped: {started.error}")
+        else:
+            messages.success(request, f"Upgrading the cluster to {started.version}.")
+    return redirect("cluster:index")
