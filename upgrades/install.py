@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import smtplib
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -48,7 +45,7 @@ from appliance import maintenance, updatelogs
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write
-from upgrades import selectors, spool
+from upgrades import leases, selectors, spool
 from upgrades.models import (
     FIRMWARE,
     INSTALL_ACTIVE_STATES,
@@ -150,42 +147,16 @@ def _log(run: InstallRun, line: str) -> None:
         logger.exception("install %s: cannot write its log", run.pk)
 
 
-def executor_name(kind: str = "worker") -> str:
-    """A name unique to one execution: kind, host, process id and a random tag."""
-    return f"{kind}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+executor_name = leases.executor_name
 
 
 def _lease_seconds() -> float:
     return float(settings.INSTALL_LEASE_SECONDS)
 
 
-def _pid_alive(pid: int) -> bool:
-    """True when ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            fields = handle.read().rsplit(b")", 1)[-1].split()
-        return not fields or fields[0] not in (b"Z", b"X")
-    except OSError:
-        return True
-
-
 def executor_alive(run: InstallRun) -> bool:
     """Is the run's lease holder still working? Same host: by its pid; else by the lease."""
-    if not run.lease_owner:
-        return False
-    parts = run.lease_owner.split(":")
-    same_host = len(parts) >= 4 and parts[1] == socket.gethostname() and parts[2].isdigit()
-    if same_host and not _pid_alive(int(parts[2])):
-        return False
-    if run.heartbeat_at is None:
-        return False
-    return run.heartbeat_at >= timezone.now() - timedelta(seconds=_lease_seconds())
+    return leases.holder_alive(run.lease_owner, run.heartbeat_at, _lease_seconds())
 
 
 def _bundle_path(download: Download) -> Path:

@@ -17,10 +17,7 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
-import socket
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
@@ -43,7 +40,7 @@ from appliance import license as appliance_license
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write
-from upgrades import http, selectors, spool
+from upgrades import http, leases, selectors, spool
 from upgrades.hashing import StreamHasher
 from upgrades.models import (
     ACTIVE_STATES,
@@ -471,11 +468,7 @@ def download_cancel(*, user: User | None, download_id: int | None = None) -> Dow
 
 
 def _executor_alive(download: Download) -> bool:
-    return bool(
-        download.lease_owner
-        and download.heartbeat_at
-        and download.heartbeat_at >= timezone.now() - timedelta(seconds=LEASE_SECONDS)
-    )
+    return leases.holder_alive(download.lease_owner, download.heartbeat_at, LEASE_SECONDS)
 
 
 def downloads_recover(*, stale_only: bool) -> list[int]:
@@ -535,9 +528,7 @@ def license_install(data: bytes, *, user: User | None) -> Any:
 # --- Running a download ------------------------------------------------------------------------
 
 
-def executor_name(kind: str = "worker") -> str:
-    """A name unique to one execution: host, process, and a random tag."""
-    return f"{kind}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+executor_name = leases.executor_name
 
 
 ProgressCallback = Callable[[Download], None]
@@ -570,17 +561,21 @@ def download_execute(
 def _claim(download_id: int, executor: str) -> Download | None:
     """Take the download's lease by a conditional update, waiting out a lapsed holder.
 
-    Free (no holder), or a holder silent for LEASE_SECONDS: this executor takes it, queued
-    becomes running. Held by a live executor (its heartbeat moves while we wait): None.
+    Free (no holder), a holder silent for LEASE_SECONDS, or a holder on this host whose process
+    is gone (a killed worker): this executor takes it, queued becomes running. Held by a live
+    executor (its heartbeat moves while we wait): None.
     """
     deadline = time.monotonic() + LEASE_SECONDS + 5
     observed: tuple[str, object] | None = None
+    dead_holder = Q(pk__in=[])  # matches nothing until a dead holder is seen
     while True:
         now = timezone.now()
         lapsed = now - timedelta(seconds=LEASE_SECONDS)
         claimed = (
             Download.objects.filter(pk=download_id, state__in=ACTIVE_STATES)
-            .filter(Q(lease_owner="") | Q(heartbeat_at__lt=lapsed) | Q(heartbeat_at=None))
+            .filter(
+                Q(lease_owner="") | Q(heartbeat_at__lt=lapsed) | Q(heartbeat_at=None) | dead_holder
+            )
             .update(
                 lease_owner=executor,
                 heartbeat_at=now,
@@ -598,6 +593,10 @@ def _claim(download_id: int, executor: str) -> Download | None:
             return row
         if not row.is_active:
             return None
+        if leases.holder_dead(row.lease_owner):
+            # Taken over only from that very holder: a conditional update on its name.
+            dead_holder = Q(lease_owner=row.lease_owner)
+            continue
         holder = (row.lease_owner, row.heartbeat_at)
         if observed is None:
             observed = holder
