@@ -18,8 +18,8 @@ from django.urls import reverse
 from appliance import paths
 
 # The upgrade needs this much free space on the disks of the console's database and of the
-# message store (guide, "Disk space requirements").
-UPGRADE_FREE_PERCENT = 50.0
+# message store (guide, "Disk space requirements": 50%; LMI_UPGRADE_MIN_FREE_PERCENT).
+UPGRADE_FREE_PERCENT = float(settings.UPGRADE_MIN_FREE_PERCENT)
 
 
 @dataclass(frozen=True)

@@ -235,6 +235,10 @@ INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
 INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
 INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
 INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
+# The guide's rule: a firmware upgrade needs this much free space on the disks of the console's
+# database and of the message store. Lower it only on a development host whose disk also holds
+# unrelated data; Home, the reclaim planner and the install's preflight all use this figure.
+UPGRADE_MIN_FREE_PERCENT = env_int("UPGRADE_MIN_FREE_PERCENT", 50, minimum=1)
 # Events older than this are deleted by the daily prune.
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 365, minimum=1)
 
