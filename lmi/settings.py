@@ -228,13 +228,15 @@ UPDATE_FEED_URL = env_str("UPDATE_FEED_URL", str(VAR_DIR / "update-feed"))
 # (a dead pid on this host is gone at once). Past INSTALL_MAX_ATTEMPTS phase starts (a crash
 # loop) the run rolls back. Phase 2 writes the new slot at INSTALL_RATE_LIMIT bytes/s (0: no
 # limit) and pauses INSTALL_MIGRATE_PAUSE_MS between message-store batches, so mail keeps its
-# throughput. INSTALL_PHASE_DELAY_MS is for the kill tests only: a pause inside every phase.
+# throughput. INSTALL_PHASE_DELAY_MS is for the kill tests only: a pause inside every phase (or
+# only in phase INSTALL_PHASE_DELAY_PHASE).
 INSTALL_LEASE_SECONDS = env_int("INSTALL_LEASE_SECONDS", 30, minimum=2)
 INSTALL_MAX_ATTEMPTS = env_int("INSTALL_MAX_ATTEMPTS", 25, minimum=10)
 INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
 INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
 INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
 INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
+INSTALL_PHASE_DELAY_PHASE = env_int("INSTALL_PHASE_DELAY_PHASE", 0, minimum=0)  # 0: every phase
 # The guide's rule: a firmware upgrade needs this much free space on the disks of the console's
 # database and of the message store. Lower it only on a development host whose disk also holds
 # unrelated data; Home, the reclaim planner and the install's preflight all use this figure.

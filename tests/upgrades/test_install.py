@@ -264,7 +264,7 @@ def test_install_without_a_download_is_refused(demo_appliance: Path, admin_user)
 def test_abort_in_phase_2_leaves_the_running_system_untouched(
     ready_firmware: Download, install_workers, admin_user, appliance_root: Path
 ) -> None:
-    install_workers(LMI_INSTALL_PHASE_DELAY_MS="3000")
+    install_workers(LMI_INSTALL_PHASE_DELAY_MS="3000", LMI_INSTALL_PHASE_DELAY_PHASE="2")
     tree_before = tree_digest(appliance_root)
     run = install.install_start(user=admin_user)
     wait_for(
@@ -399,7 +399,11 @@ def test_a_damaged_new_system_rolls_back_before_the_store_is_touched(
     ready_firmware: Download, install_workers, admin_user, appliance_root: Path
 ) -> None:
     """A byte of the staged slot flipped after phase 2: phase 6's read-back refuses the switch."""
-    install_workers(LMI_INSTALL_PHASE_DELAY_MS="1500", LMI_SMTP_PORT=str(free_port()))
+    install_workers(
+        LMI_INSTALL_PHASE_DELAY_MS="1500",
+        LMI_INSTALL_PHASE_DELAY_PHASE="4",
+        LMI_SMTP_PORT=str(free_port()),
+    )
     tree_before = tree_digest(appliance_root)
     counts_before = msgmigrate.store_counts()
     run = install.install_start(user=admin_user)

@@ -50,7 +50,10 @@ def test_worker_killed_inside_a_phase_resumes_to_success(
     appliance_root: Path,
 ) -> None:
     env = {"LMI_SMTP_PORT": str(smtp_service.port), "LMI_INSTALL_LEASE_SECONDS": LEASE}
-    first = install_workers(LMI_INSTALL_PHASE_DELAY_MS=DELAY_MS, **env)
+    # The pause only where the kill lands: the other phases run at full speed.
+    first = install_workers(
+        LMI_INSTALL_PHASE_DELAY_MS=DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
+    )
     before = msgmigrate.store_counts()
     run = install.install_start(user=admin_user)
 
