@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/smtp_accept.py
 	$(BIN)/python bench/purge.py
 	$(BIN)/python bench/download.py
+	$(BIN)/python bench/upgrade.py --messages 50000
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
