@@ -675,13 +675,17 @@ def _sync(
     should_stop: Callable[[], bool] | None,
     progress: ProgressCallback | None,
     max_passes: int,
+    yield_ratio: float = 0.0,
     force: list[tuple[_Big, int]] | None = None,
     state: _Fingerprinted | None = None,
 ) -> tuple[int, int]:
     """Copy every chunk that differs, pass after pass; returns (chunks copied, passes).
 
     ``state`` receives the fingerprints of both sides as they are at the end: with mail
-    stopped, the verification reuses them instead of scanning the tables again.
+    stopped, the verification reuses them instead of scanning the tables again. After each
+    chunk the copy sleeps ``pause`` seconds or ``yield_ratio`` times as long as the chunk took,
+    whichever is longer: a fixed pause is too little on a slow disk and too much on a fast one,
+    while a ratio leaves the mail service the same share of the machine on any.
     """
     state = state if state is not None else _Fingerprinted()
     copied = passes = 0
@@ -691,13 +695,15 @@ def _sync(
         for done, (big, chunk) in enumerate(todo):
             if should_stop is not None and should_stop():
                 raise MigrationStopped("message store conversion stopped")
+            began = time.monotonic()
             _copy_chunk(conn, big, chunk)
             state.copied(conn, big, chunk)
             copied += 1
             if progress is not None:
                 progress(MigrateProgress("copy", done + 1, len(todo)))
-            if pause > 0:
-                time.sleep(pause)
+            rest = max(pause, (time.monotonic() - began) * yield_ratio)
+            if rest > 0:
+                time.sleep(rest)
         small = _copy_small(conn)
         if not todo and not small:
             break
@@ -732,14 +738,16 @@ def migrate_prepare(
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     pause: float = 0.0,
+    yield_ratio: float = 0.0,
 ) -> PrepareResult:
     """Phase 2, while mail flows: build the 2.8.1 file next to the store, chunk by chunk.
 
     Each chunk is one short transaction on the new file, reading the live store through a
-    read-only snapshot of its own; ``pause`` seconds after each leave the disk to the mail
-    service. Run it again at any time (after a kill, or to catch up): it copies only chunks
-    that differ. ``should_stop`` is asked before every chunk; True raises
-    :class:`MigrationStopped`, leaving the partial file (resume or :func:`migrate_discard`).
+    read-only snapshot of its own; ``pause`` seconds after each, or ``yield_ratio`` times the
+    chunk's own time, leave the machine to the mail service. Run it again at any time (after a
+    kill, or to catch up): it copies only chunks that differ. ``should_stop`` is asked before
+    every chunk; True raises :class:`MigrationStopped`, leaving the partial file (resume or
+    :func:`migrate_discard`).
     """
     started = time.monotonic()
     with _locked(root):
@@ -756,6 +764,7 @@ def migrate_prepare(
                 should_stop=should_stop,
                 progress=progress,
                 max_passes=MAX_PASSES,
+                yield_ratio=yield_ratio,
             )
             # Once, after the bulk load; later chunks maintain them row by row.
             msgstore.create_indexes(conn)

@@ -375,16 +375,6 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     row_downtime = wall(run_row.downtime_ended_at) - wall(run_row.downtime_started_at)
     outage = probe.outage(install_began)
 
-    step("after the install: store_counts() on the migrated store (phases 3, 7, 9 call it)")
-    from appliance import msgmigrate
-
-    began = time.perf_counter()
-    msgmigrate.store_counts(cached=False)  # what phase 9 pays: it deletes the digest cache first
-    uncached_seconds = time.perf_counter() - began
-    began = time.perf_counter()
-    msgmigrate.store_counts()
-    cached_seconds = time.perf_counter() - began
-
     print()
     print(
         f"Firmware install {run_row.from_version} -> {run_row.version}: "
@@ -411,10 +401,6 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
         f"   phase 7: migrate_finish {migrated.get('seconds', 0):.2f} s, "
         f"{migrated.get('chunks_copied', '?')} chunks caught up, "
         f"full conversion: {migrated.get('full_conversion')}"
-    )
-    print(
-        f"   store_counts() afterwards: {uncached_seconds:.2f} s reading every row (no digest "
-        f"cache, as in phase 9's health check), {cached_seconds:.2f} s with the cache"
     )
     print()
     print(f"downtime from the run row (phase 3 start -> mail accepted): {row_downtime:8.2f} s")

@@ -234,6 +234,9 @@ INSTALL_LEASE_SECONDS = env_int("INSTALL_LEASE_SECONDS", 30, minimum=2)
 INSTALL_MAX_ATTEMPTS = env_int("INSTALL_MAX_ATTEMPTS", 25, minimum=10)
 INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
 INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
+# ...or this share of each batch's own time, whichever is longer (100: the copy takes at most
+# half of the time; phase 2 runs longer, mail keeps more of its throughput).
+INSTALL_MIGRATE_YIELD_PERCENT = env_int("INSTALL_MIGRATE_YIELD_PERCENT", 0, minimum=0)
 INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
 INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
 INSTALL_PHASE_DELAY_PHASE = env_int("INSTALL_PHASE_DELAY_PHASE", 0, minimum=0)  # 0: every phase

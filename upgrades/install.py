@@ -875,6 +875,7 @@ def _phase_install_system(ctx: PhaseContext) -> None:
         progress=ctx.callback("messages", "copying the message store"),
         should_stop=ctx.should_stop,
         pause=settings.INSTALL_MIGRATE_PAUSE_MS / 1000,
+        yield_ratio=settings.INSTALL_MIGRATE_YIELD_PERCENT / 100,
     )
     ctx.check()
     ctx.counts(prepared=_plain(prepared))
