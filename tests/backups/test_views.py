@@ -43,7 +43,7 @@ def test_the_page_lists_backups_and_shows_the_system_image(
     assert f'data-testid="backup-{header.name}"' in html
     assert "before the upgrade" in html and header.firmware_version in html
     assert 'data-testid="image-state">Present' in html
-    assert "The system backup image is overwritten when a firmware upgrade starts" in html
+    assert "A firmware upgrade overwrites the system backup image" in html
     assert 'data-testid="create-and-download"' in html
     assert 'data-testid="create-backup"' in html and 'data-testid="system-create"' in html
 
