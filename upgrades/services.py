@@ -1046,10 +1046,15 @@ def _finish(
     owner: str | None = None,
     **fields: Any,
 ) -> bool:
-    """The conditional update into a final state (by the lease holder when ``owner`` is given)."""
+    """The conditional update into a final state (by the lease holder when ``owner`` is given).
+
+    The holder gives its lease back in the same update, so nobody ever sees a finished download
+    that is still held.
+    """
     query = Download.objects.filter(pk=download_id, state__in=from_states)
     if owner is not None:
         query = query.filter(lease_owner=owner)
+        fields.setdefault("lease_owner", "")
     return bool(query.update(state=state, finished_at=timezone.now(), **fields))
 
 
