@@ -47,7 +47,7 @@ from backups.models import (
     SystemJobState,
 )
 from events.models import Category, Severity
-from events.services import event_write
+from events.services import event_write, username_of
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +93,6 @@ class NoSystemBackup(BackupError):
 
 class _JobLost(Exception):
     """The job was failed meanwhile (its heartbeat lapsed): stop writing the image."""
-
-
-def _username(user: User | None) -> str:
-    if isinstance(user, str):
-        return user
-    if user is not None and user.is_authenticated:
-        return user.get_username()
-    return ""
 
 
 def _event(
@@ -206,7 +198,7 @@ def console_settings_apply(data: Mapping[str, Any], user: User | None) -> None:
         if schedule:
             backup_settings_row()
             BackupSettings.objects.filter(pk=1).update(
-                **schedule, changed_at=timezone.now(), changed_by=_username(user)
+                **schedule, changed_at=timezone.now(), changed_by=username_of(user)
             )
 
 
@@ -226,7 +218,7 @@ def backup_settings_set(
             scheduled_hour=scheduled_hour,
             keep_last=keep_last,
             changed_at=timezone.now(),
-            changed_by=_username(user),
+            changed_by=username_of(user),
         )
         state = (
             f"daily at {scheduled_hour:02d}:00, keeping the last {keep_last}"
@@ -269,7 +261,7 @@ def config_backup_create(
     """Make a configuration backup of the running configuration and the console settings."""
     passphrase = _check_new_passphrase(passphrase)
     comment = " ".join(comment.split())[:COMMENT_MAX]
-    created_by = _username(user) or "system"
+    created_by = username_of(user) or "system"
     try:
         header = configbackup.backup_create(
             created_by=created_by,
@@ -337,7 +329,7 @@ def config_backup_upload(*, user: User | None, fileobj: IO[bytes], filename: str
     shown = "".join(ch for ch in filename if ch.isprintable())[:200] or "(unnamed)"
     try:
         header = configbackup.backup_import(
-            fileobj, filename=shown, uploaded_by=_username(user) or "system"
+            fileobj, filename=shown, uploaded_by=username_of(user) or "system"
         )
     except (ApplianceError, OSError, ValueError) as exc:
         reason = str(exc) if isinstance(exc, BackupError) else f"it cannot be read: {exc}"
@@ -543,7 +535,7 @@ def _fail_jobs(query: Any, error: str, now: Any) -> int:
 
 def _job_start(kind: SystemJobKind, user: User | None) -> SystemBackupJob:
     system_jobs_reap()
-    username = _username(user)
+    username = username_of(user)
     with transaction.atomic():
         try:
             with transaction.atomic():

@@ -40,7 +40,7 @@ from cluster.models import (
     UpgradeState,
 )
 from events.models import Category, Event, Severity
-from events.services import event_write
+from events.services import event_write, username_of
 from lmi.celery import node_queue
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,6 @@ def _send(task: str, node: str, *args: Any) -> None:
 
 def cluster_role() -> str:
     return settings.CLUSTER_ROLE
-
-
-def _username(user: User) -> str:
-    if isinstance(user, str):
-        return user
-    if user is not None and user.is_authenticated:
-        return user.get_username()
-    return ""
 
 
 def _hash(secret: str) -> str:
@@ -199,7 +191,7 @@ def join_token_create(*, user: User) -> tuple[JoinToken, str]:
     token = secrets.token_urlsafe(24)
     row = JoinToken.objects.create(
         token_hash=_hash(token),
-        created_by=_username(user)[:150],
+        created_by=username_of(user)[:150],
         expires_at=timezone.now() + TOKEN_LIFETIME,
     )
     event_write(
@@ -731,7 +723,7 @@ def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
                 order=order,
                 current_node=order[0],
                 results={node: {"state": NodeStep.PENDING} for node in order},
-                started_by=_username(user)[:150],
+                started_by=username_of(user)[:150],
                 step_started_at=timezone.now(),
             )
     except IntegrityError as exc:

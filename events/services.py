@@ -33,6 +33,15 @@ def _scrub(details: Mapping[str, Any]) -> dict[str, Any]:
     return clean
 
 
+def username_of(user: AbstractBaseUser | AnonymousUser | str | None) -> str:
+    """The name an event or a job records for whoever acted: a user, a name, or nobody."""
+    if isinstance(user, str):
+        return user
+    if user is not None and user.is_authenticated:
+        return user.get_username()
+    return ""
+
+
 def event_write(
     *,
     category: Category | str,
@@ -48,12 +57,7 @@ def event_write(
     ``node`` and ``created_at`` are for events a cluster member reports to Central (they keep
     the member's name and time); everything else records what happens here, now.
     """
-    if isinstance(user, str):
-        username = user
-    elif user is not None and user.is_authenticated:
-        username = user.get_username()
-    else:
-        username = ""
+    username = username_of(user)
     event = Event.objects.create(
         created_at=created_at or timezone.now(),
         severity=int(severity),

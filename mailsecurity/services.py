@@ -24,7 +24,7 @@ from django.utils import timezone
 
 from appliance import retention
 from events.models import Category, Severity
-from events.services import event_write
+from events.services import event_write, username_of
 from mailsecurity.models import (
     ACTIVE_STATES,
     PurgePhase,
@@ -47,14 +47,6 @@ MAX_PASSES = 10
 
 class PurgeLost(Exception):
     """The run is no longer running (it was reaped as stale); the purge must stop."""
-
-
-def _username(user: User | None) -> str:
-    if isinstance(user, str):
-        return user
-    if user is not None and user.is_authenticated:
-        return user.get_username()
-    return ""
 
 
 # --- Retention changes -----------------------------------------------------------------------
@@ -228,7 +220,7 @@ def purge_start(
         try:
             with transaction.atomic():
                 run = PurgeRun.objects.create(
-                    trigger=trigger, requested_by=_username(user), reason=reason[:500]
+                    trigger=trigger, requested_by=username_of(user), reason=reason[:500]
                 )
         except IntegrityError:
             active = PurgeRun.objects.filter(state__in=ACTIVE_STATES).first()

@@ -11,24 +11,16 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from appliance import maintenance
 from appliance.maintenance import MaintenanceState
 from events.models import Category, Severity
-from events.services import event_write
+from events.services import event_write, username_of
 
 User = AbstractBaseUser | AnonymousUser | str
 DEFAULT_REASON = "Maintenance"
 
 
-def _username(user: User | None) -> str:
-    if isinstance(user, str):
-        return user
-    if user is not None and user.is_authenticated:
-        return user.get_username()
-    return ""
-
-
 def maintenance_mode_enter(reason: str, *, user: User | None) -> MaintenanceState:
     """Put the appliance into maintenance mode: the mail service answers 421 until it leaves."""
     reason = reason.strip() or DEFAULT_REASON
-    state = maintenance.maintenance_enter(reason, by=_username(user))
+    state = maintenance.maintenance_enter(reason, by=username_of(user))
     event_write(
         category=Category.SMTP,
         severity=Severity.WARNING,

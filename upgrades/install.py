@@ -44,7 +44,7 @@ from appliance import bundle as appliance_bundle
 from appliance import maintenance, updatelogs
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
-from events.services import event_write
+from events.services import event_write, username_of
 from upgrades import leases, selectors, spool
 from upgrades.models import (
     FIRMWARE,
@@ -115,14 +115,6 @@ class _PhaseFailed(Exception):
 
 
 # --- Small helpers ------------------------------------------------------------------------------
-
-
-def _username(user: User | None) -> str:
-    if isinstance(user, str):
-        return user
-    if user is not None and user.is_authenticated:
-        return user.get_username()
-    return ""
 
 
 def _event(
@@ -310,7 +302,7 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
                     download=download,
                     version=download.version,
                     from_version=installed or "",
-                    requested_by=_username(user),
+                    requested_by=username_of(user),
                     trigger=str(trigger),
                     phase=1,
                     details={
@@ -393,7 +385,7 @@ def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun
         run=run.pk,
         phase=run.phase,
     )
-    _log(run, f"abort requested by {_username(user) or 'the system'} in phase {run.phase}")
+    _log(run, f"abort requested by {username_of(user) or 'the system'} in phase {run.phase}")
     # The executor sees the flag within a second; a dead one's successor aborts at its start.
     transaction.on_commit(lambda: _enqueue(run.pk, run.phase))
     run.refresh_from_db()

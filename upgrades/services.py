@@ -39,7 +39,7 @@ from appliance import feed as appliance_feed
 from appliance import license as appliance_license
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
-from events.services import event_write
+from events.services import event_write, username_of
 from upgrades import http, leases, selectors, spool
 from upgrades.hashing import StreamHasher
 from upgrades.models import (
@@ -130,14 +130,6 @@ class _LeaseLost(Exception):
     """Another executor holds the download now: stop touching the spool."""
 
 
-def _username(user: User | None) -> str:
-    if isinstance(user, str):
-        return user
-    if user is not None and user.is_authenticated:
-        return user.get_username()
-    return ""
-
-
 def _event(
     message: str, *, severity: int = Severity.INFO, user: User | None = None, **details: Any
 ) -> None:
@@ -177,7 +169,7 @@ def update_check(*, trigger: CheckTrigger | str, user: User | None = None) -> Up
     starts downloading by itself.
     """
     started = time.monotonic()
-    username = _username(user)
+    username = username_of(user)
     try:
         document, base = feed_location()
     except UpdateError as exc:
@@ -374,7 +366,7 @@ def download_start(
     _require_entitlement()
     _check_space(offer.size, offer.version, offer.url, offer.sha256)
 
-    username = _username(user)
+    username = username_of(user)
     with transaction.atomic():
         try:
             with transaction.atomic():
@@ -499,7 +491,7 @@ def automatic_downloads_set(*, enabled: bool, user: User | None) -> UpdateSettin
     row, _ = UpdateSettings.objects.get_or_create(pk=1)
     if row.automatic_downloads != enabled:
         UpdateSettings.objects.filter(pk=1).update(
-            automatic_downloads=enabled, changed_at=timezone.now(), changed_by=_username(user)
+            automatic_downloads=enabled, changed_at=timezone.now(), changed_by=username_of(user)
         )
         _event(f"Automatic firmware downloads turned {'on' if enabled else 'off'}", user=user)
         row.refresh_from_db()
