@@ -60,7 +60,6 @@ import binascii
 import contextlib
 import fcntl
 import hashlib
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -76,6 +75,7 @@ from appliance.mailpolicy import (
     MailPolicy,
     PolicyRule,
     parse_mail_policy,
+    parse_threshold,
 )
 from appliance.paths import appliance_root, layout, resolve_inside
 from appliance.policy import (
@@ -323,18 +323,6 @@ def _parse_object(element: etree._Element) -> tuple[PolicyObject, tuple[str, str
     return PolicyObject(obj_id, name, obj_type, value), ref
 
 
-def _threshold(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise MalformedApplianceFile(f"mail policy: threshold {text!r} is not a number") from exc
-    if not math.isfinite(value):
-        raise MalformedApplianceFile(f"mail policy: threshold {text!r} is not finite")
-    return value
-
-
 def _parse_mail_policy(section: etree._Element) -> MailPolicy:
     rules: list[PolicyRule] = []
     quarantine: dict[str, str] = {}
@@ -348,7 +336,7 @@ def _parse_mail_policy(section: etree._Element) -> MailPolicy:
                         PolicyRule(
                             type=element.get("type", ""),
                             object_id=element.get("objectRef", ""),
-                            threshold=_threshold(element.get("threshold")),
+                            threshold=parse_threshold(element.get("threshold")),
                             senders_id=element.get("sendersRef"),
                         )
                     )

@@ -132,7 +132,8 @@ class MailPolicy:
             check(store_id, ("messagestore",), f"{verdict} quarantine")
 
 
-def _threshold(text: str | None) -> float | None:
+def parse_threshold(text: str | None) -> float | None:
+    """A spam threshold as written in either configuration format (absent: None)."""
     if text is None:
         return None
     try:
@@ -160,7 +161,7 @@ def parse_mail_policy(data: bytes) -> MailPolicy:
                     PolicyRule(
                         type=element.get("type", ""),
                         object_id=element.get("object", ""),
-                        threshold=_threshold(element.get("threshold")),
+                        threshold=parse_threshold(element.get("threshold")),
                         senders_id=element.get("senders"),
                     )
                 )
