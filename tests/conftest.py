@@ -17,7 +17,7 @@ from django.test import Client
 
 from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD
 
-pytest_plugins = ["tests.support.services", "tests.support.browser"]
+pytest_plugins = ["tests.support.services", "tests.support.browser", "tests.support.clock"]
 
 
 @pytest.fixture(autouse=True)

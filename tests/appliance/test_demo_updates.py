@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import os
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from io import StringIO
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from appliance.feed import parse_feed
 from appliance.license import license_status
 from appliance.paths import layout
 from appliance.system import parse_key_values
+from tests.support.clock import Clock
 
 
 @pytest.fixture
@@ -31,8 +32,13 @@ def var_dir(tmp_path: Path, settings) -> Path:
     return var
 
 
+MADE_AT = datetime(2027, 6, 1, 12, 0, tzinfo=UTC)
+
+
 @pytest.fixture
-def demo_updates(demo_appliance: Path, var_dir: Path) -> Path:
+def demo_updates(demo_appliance: Path, var_dir: Path, clock: Clock) -> Path:
+    """The demo updates as made on MADE_AT (the clock stays there for the test's assertions)."""
+    clock.travel(MADE_AT)
     init_demo_updates(var_dir, demo_appliance, out=io.StringIO())
     return var_dir
 
@@ -106,8 +112,7 @@ def test_the_license_is_valid_and_entitled(demo_updates: Path) -> None:
     assert status.license is not None
     assert status.license.customer == "Example Corp"
     assert status.license.serial == "KQ7R2M4"
-    today = date.today()
-    assert (status.license.updates_until - today).days in (365, 366)
+    assert status.license.updates_until == date(2028, 6, 1)  # a year after MADE_AT
 
 
 def test_the_private_key_is_0600_and_outside_the_appliance_root(

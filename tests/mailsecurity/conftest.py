@@ -1,4 +1,8 @@
-"""A message store with rows of chosen ages, for the purge, planner and tracking tests."""
+"""A message store with rows of chosen ages, for the purge, planner and tracking tests.
+
+Rows are aged from ``NOW``, and the test's clock is moved to ``NOW`` (tests/support/clock.py), so
+the purge, the planner and the tracking search see the same moment as the rows, on any date.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import pytest
 
 from appliance import msgstore, paths
 from appliance.smtp import SmtpSettings, write_smtp_settings
+from tests.support.clock import Clock
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = 86_400
@@ -93,7 +98,8 @@ def store_root(appliance_root: Path) -> Path:
 
 
 @pytest.fixture
-def mail(store_root: Path) -> Iterator[MailData]:
+def mail(store_root: Path, clock: Clock) -> Iterator[MailData]:
+    clock.travel(NOW)
     conn = sqlite3.connect(paths.layout(store_root).msgstore_db)
     conn.execute("PRAGMA foreign_keys = ON")
     yield MailData(conn)
