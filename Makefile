@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup install browser lint format bench clean
+.PHONY: run test setup install browser lint format bench bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,14 +38,29 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Full sizes (docs/performance.md); each bench ends with one JSON line of its figures.
 bench: install
-	$(BIN)/python bench/events_log.py
-	$(BIN)/python bench/msgstore_fill.py
-	$(BIN)/python bench/graphs.py
-	$(BIN)/python bench/smtp_accept.py
-	$(BIN)/python bench/purge.py
-	$(BIN)/python bench/download.py
-	$(BIN)/python bench/upgrade.py --messages 50000
+	$(BIN)/python bench/events_log.py --json
+	$(BIN)/python bench/msgstore_fill.py --json
+	$(BIN)/python bench/graphs.py --json
+	$(BIN)/python bench/smtp_accept.py --json
+	$(BIN)/python bench/purge.py --json
+	$(BIN)/python bench/download.py --json
+	$(BIN)/python bench/upgrade.py --messages 50000 --json
+	$(BIN)/python bench/upgrade_msgstore.py --json
+
+# Every bench at a tiny size (about a minute in all), so none can rot unnoticed: fails when one
+# fails, or prints no JSON line naming it, or a script in bench/ has no line here.
+bench-smoke: install
+	$(BIN)/python scripts/bench_smoke.py \
+		"bench/events_log.py --rows 3000 --repeat 3 --exports 1 --json" \
+		"bench/msgstore_fill.py 3000 --json" \
+		"bench/graphs.py --repeat 3 --json" \
+		"bench/smtp_accept.py --messages 200 --json" \
+		"bench/purge.py --messages 3000 --probe-seconds 1 --json" \
+		"bench/download.py --size-mb 16 --repeat 1 --json" \
+		"bench/upgrade.py --messages 300 --baseline-seconds 2 --json" \
+		"bench/upgrade_msgstore.py 3000 --late 200 --json"
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

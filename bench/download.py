@@ -16,7 +16,8 @@ transfer hides in the waits for the network. Each is run ``--repeat`` times, alt
 against a temporary SQLite database and appliance root; the best of each is compared.
 Everything is deleted at the end.
 
-Run: `.venv/bin/python bench/download.py [--size-mb 1024] [--repeat 3] [--link-mbit 1000]`.
+Run: `.venv/bin/python bench/download.py [--size-mb 1024] [--repeat 3] [--link-mbit 1000]
+[--json]`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 FILE_MB = 128
@@ -68,16 +71,18 @@ def main() -> None:
     parser.add_argument("--size-mb", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--link-mbit", type=float, default=1000.0, help="the throttled run's rate")
+    add_json_flag(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lmi-bench-download-"))
     try:
-        run(work, args.size_mb, args.repeat, args.link_mbit * 1e6 / 8)
+        run(work, args.size_mb, args.repeat, args.link_mbit, as_json=args.json)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(work: Path, size_mb: int, repeat: int, link_rate: float) -> None:
+def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: bool) -> None:
+    link_rate = link_mbit * 1e6 / 8  # bytes per second
     sys.path.insert(0, str(BASE_DIR))
     from appliance.bundle import generate_keypair, public_key_b64
 
@@ -153,7 +158,10 @@ def run(work: Path, size_mb: int, repeat: int, link_rate: float) -> None:
     verify_alone = time.perf_counter() - started
 
     results = []
-    for label, rate in (("loopback, unthrottled", None), ("loopback at 1 Gbit/s", link_rate)):
+    for label, rate in (
+        ("loopback, unthrottled", None),
+        (f"loopback at {link_mbit:g} Mbit/s", link_rate),
+    ):
         server.rate = rate
         results.append((label, *measure(url, work, repeat)))
     server.stop()
@@ -173,6 +181,29 @@ def run(work: Path, size_mb: int, repeat: int, link_rate: float) -> None:
         print(f"{'    transfer with inline SHA-256':40}{transfer:9.2f}{mb / transfer:9.0f}")
         print(f"{'    verify_bundle, rename, ready':40}{verify:9.2f}{mb / verify:9.0f}")
         print(f"  Download + verification at {copy / total:.0%} of the plain copy's speed")
+    if as_json:
+        runs = {
+            key: {
+                "plain_copy_s": copy,
+                "download_s": total,
+                "transfer_s": transfer,
+                "verify_s": total - transfer,
+                "download_mb_s": ratio(mb, total),
+                "ratio_to_plain_copy": ratio(copy, total),  # speed relative to the plain copy
+            }
+            for key, (_, copy, total, transfer) in zip(
+                ("unthrottled", "throttled"), results, strict=True
+            )
+        }
+        emit(
+            "download",
+            mb=mb,
+            repeat=repeat,
+            link_mbit=link_mbit,
+            verify_alone_s=verify_alone,
+            ratio_to_plain_copy=runs["unthrottled"]["ratio_to_plain_copy"],
+            **runs,
+        )
 
 
 def measure(url: str, work: Path, repeat: int) -> tuple[float, float, float]:
@@ -196,7 +227,9 @@ def measure(url: str, work: Path, repeat: int) -> tuple[float, float, float]:
         total = time.perf_counter() - started
         assert state == DownloadState.READY, Download.objects.get(pk=download.pk).error
         downloads.append((total, phases["verifying"] - started))
-        spool.discard_bundle("2.8.1.0")
+        # The spool names a bundle by version and SHA-256 (its "bundle id"); remove the ready
+        # one so the next round downloads the whole file again instead of finding it there.
+        spool.discard_bundle(spool.bundle_id(download.version, download.sha256))
         Download.objects.all().delete()
     best_total, best_transfer = min(downloads)
     return min(copies), best_total, best_transfer

@@ -7,7 +7,8 @@
 Fills the log with 1,000,000 events over 90 days, then requests the pages through the Django
 test client, logged in, so the figures include middleware, the form, the query and the templates.
 Each case is requested --repeat times (after one warm-up request); p50 and p95 are printed in ms.
-A PostgreSQL database must have "bench" in its name: the script empties its event table.
+With --json the figures are printed once more as one JSON line. A PostgreSQL database must have
+"bench" in its name: the script empties its event table.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
@@ -171,6 +174,7 @@ def main() -> None:
         help="run ANALYZE after the fill (default: on PostgreSQL, as autovacuum would; not on"
         " SQLite, where Django never does)",
     )
+    add_json_flag(parser)
     args = parser.parse_args()
 
     if args.var_dir:
@@ -201,6 +205,7 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     print(f"database: {vendor} {database}")
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    fill_seconds: float | None = None
     if args.reuse and Event.objects.count() >= args.rows:
         print(f"reusing the {Event.objects.count():,} events already there")
     else:
@@ -210,8 +215,11 @@ def main() -> None:
                 cursor.execute(f"TRUNCATE {table} RESTART IDENTITY")
             else:
                 cursor.execute(f"DELETE FROM {table}")
-        seconds = fill(args.rows, args.days)
-        print(f"filled {args.rows:,} events in {seconds:.1f} s ({args.rows / seconds:,.0f} rows/s)")
+        fill_seconds = fill(args.rows, args.days)
+        print(
+            f"filled {args.rows:,} events in {fill_seconds:.1f} s "
+            f"({args.rows / fill_seconds:,.0f} rows/s)"
+        )
     analyze = args.analyze if args.analyze is not None else vendor == "postgresql"
     if analyze:
         with connection.cursor() as cursor:
@@ -240,30 +248,59 @@ def main() -> None:
     middle = newest.values_list("created_at", flat=True)[rows // 2]
     local = timezone.localtime(middle).replace(tzinfo=None)
     day = f"since={local:%Y-%m-%dT%H:%M}&until={local + timedelta(days=1):%Y-%m-%dT%H:%M}"
+    # (key in the JSON line, label, URL)
     cases = [
-        ("first page", "/system/events/"),
-        ("deep page (keyset, ~900,000 rows back)", f"/system/events/?after={deep_cursor}"),
-        ("severity >= warning + category auth", "/system/events/?severity=warning&category=auth"),
+        ("first_page", "first page", "/system/events/"),
         (
+            "deep_page",
+            f"deep page (keyset, ~{deep:,} rows back)",
+            f"/system/events/?after={deep_cursor}",
+        ),
+        (
+            "warning_auth",
+            "severity >= warning + category auth",
+            "/system/events/?severity=warning&category=auth",
+        ),
+        (
+            "critical_cluster",
             "severity >= critical + category cluster",
             "/system/events/?severity=critical&category=cluster",
         ),
-        ("severity >= error, deep page", f"/system/events/?severity=error&after={deep_cursor}"),
-        ("time range (one day, 45 days ago)", f"/system/events/?{day}"),
-        ("time range + severity >= error", f"/system/events/?{day}&severity=error"),
-        ("text search, common word (q=quarantined)", "/system/events/?q=quarantined"),
-        ("text search, user name (q=akowalski)", "/system/events/?q=akowalski"),
-        ("text search, no match (q=zzzz)", "/system/events/?q=zzzz"),
-        ("text search, no match, deep page", f"/system/events/?q=zzzz&after={deep_cursor}"),
         (
+            "error_deep_page",
+            "severity >= error, deep page",
+            f"/system/events/?severity=error&after={deep_cursor}",
+        ),
+        ("time_range", "time range (one day, 45 days ago)", f"/system/events/?{day}"),
+        (
+            "time_range_error",
+            "time range + severity >= error",
+            f"/system/events/?{day}&severity=error",
+        ),
+        (
+            "search_common",
+            "text search, common word (q=quarantined)",
+            "/system/events/?q=quarantined",
+        ),
+        ("search_user", "text search, user name (q=akowalski)", "/system/events/?q=akowalski"),
+        ("search_no_match", "text search, no match (q=zzzz)", "/system/events/?q=zzzz"),
+        (
+            "search_no_match_deep",
+            "text search, no match, deep page",
+            f"/system/events/?q=zzzz&after={deep_cursor}",
+        ),
+        (
+            "tail_poll",
             "live tail poll, nothing new",
             "/system/events/tail/?newest="
             + Cursor(*newest.values_list("created_at", "id")[0]).encode(),
         ),
     ]
+    pages: dict[str, dict[str, float]] = {}
     print(f"{'case':58} {'p50 ms':>8} {'p95 ms':>8}")
-    for label, url in cases:
+    for key, label, url in cases:
         p50, p95, _ = measure(args.repeat, get(url))
+        pages[key] = {"p50_ms": p50, "p95_ms": p95}
         print(f"{label:58} {p50:8.1f} {p95:8.1f}")
 
     # The same deep page read both ways, the query alone (no request, no template).
@@ -300,8 +337,31 @@ def main() -> None:
         f" ({seconds:.1f} s, median of {args.exports});"
         f" peak RSS {rss_before / 1024:.0f} MB before the exports, {rss_after / 1024:.0f} MB after"
     )
-    p50, p95, exported = measure(args.repeat, export("?severity=critical&category=auth"))
-    print(f"CSV export, critical + auth ({exported:,} rows): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+    p50, p95, filtered = measure(args.repeat, export("?severity=critical&category=auth"))
+    print(f"CSV export, critical + auth ({filtered:,} rows): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+    if args.json:
+        emit(
+            "events_log",
+            database=vendor,
+            rows=rows,
+            repeat=args.repeat,
+            fill_s=fill_seconds,
+            fill_rows_s=None if fill_seconds is None else ratio(args.rows, fill_seconds),
+            pages=pages,
+            deep_query={
+                "keyset_p50_ms": k50,
+                "keyset_p95_ms": k95,
+                "offset_p50_ms": o50,
+                "offset_p95_ms": o95,
+                "offset_over_keyset": ratio(o50, k50),
+            },
+            export_rows=exported,
+            export_s=seconds,
+            export_rows_s=ratio(exported, seconds),
+            rss_mb_before=rss_before / 1024,
+            rss_mb_after=rss_after / 1024,
+            export_filtered={"rows": filtered, "p50_ms": p50, "p95_ms": p95},
+        )
 
 
 if __name__ == "__main__":

@@ -6,19 +6,25 @@ SVG drawing, template) for each range through Django's test client, logged in. B
 same run: reading the same 30 days as raw per-minute rows and serialising them to JSON, which is
 what a page that shipped every point to the browser would do before drawing anything.
 
-    .venv/bin/python bench/graphs.py [--repeat 30]
+    .venv/bin/python bench/graphs.py [--repeat 30] [--json]
+
+The temporary appliance and database are removed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,9 +38,12 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=30)
+    add_json_flag(parser)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="lmi-graphs-bench-"))
+    # Every run filled a fresh one and left it behind: 30 days of figures per run in /tmp.
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     os.environ["LMI_VAR_DIR"] = str(tmp / "var")
     os.environ["LMI_APPLIANCE_ROOT"] = str(tmp / "appliance")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
@@ -83,7 +92,7 @@ def main() -> None:
         (minutes,) = conn.execute("SELECT count(*) FROM processing_minute").fetchone()
     print(f"{minutes:,} minutes of mail figures, {ResourceSample.objects.count():,} samples")
     print(f"{'request':<34} {'p50 ms':>8} {'p95 ms':>8} {'bytes':>9}")
-    results = {}
+    results: dict[str, dict[str, float]] = {}
     for key in ("1h", "24h", "7d", "30d"):
         url = f"/home/graphs/?range={key}"
         client.get(url)  # warm-up
@@ -94,7 +103,7 @@ def main() -> None:
             samples.append((time.perf_counter() - started) * 1000)
         assert response.status_code == 200
         p50, p95 = _percentiles(samples)
-        results[key] = p50
+        results[key] = {"p50_ms": p50, "p95_ms": p95, "bytes": len(response.content)}
         print(f"{'graphs partial, ' + key:<34} {p50:>8.1f} {p95:>8.1f} {len(response.content):>9,}")
 
     samples = []
@@ -114,7 +123,18 @@ def main() -> None:
         samples.append((time.perf_counter() - started) * 1000)
     p50, p95 = _percentiles(samples)
     print(f"{'baseline: raw 30 d rows as JSON':<34} {p50:>8.1f} {p95:>8.1f} {len(payload):>9,}")
-    print(f"30 d graphs partial vs raw baseline at p50: {results['30d'] / p50:.2f}x the time")
+    over_baseline = ratio(results["30d"]["p50_ms"], p50)
+    print(f"30 d graphs partial vs raw baseline at p50: {over_baseline:.2f}x the time")
+    if args.json:
+        emit(
+            "graphs",
+            repeat=args.repeat,
+            minutes=minutes,
+            samples=ResourceSample.objects.count(),
+            partial=results,
+            baseline_raw_json={"p50_ms": p50, "p95_ms": p95, "bytes": len(payload)},
+            ratio_30d_to_baseline=over_baseline,
+        )
 
 
 if __name__ == "__main__":

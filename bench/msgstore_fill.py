@@ -2,11 +2,14 @@
 
 The demo's message store must be quick to build at production-like sizes (a million
 quarantined messages plus their SMTP and tracking log rows), so that `init_appliance` and the
-upgrade tests can use realistic volumes. Run: `.venv/bin/python bench/msgstore_fill.py [N]`.
+upgrade tests can use realistic volumes.
+
+Run: `.venv/bin/python bench/msgstore_fill.py [N] [--json]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 import django
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
@@ -23,7 +27,11 @@ from appliance import msgstore  # noqa: E402 - needs django.setup() first
 
 
 def main() -> None:
-    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("messages", type=int, nargs="?", default=1_000_000)
+    add_json_flag(parser)
+    args = parser.parse_args()
+    messages: int = args.messages
     with tempfile.TemporaryDirectory(prefix="lmi-msgstore-bench-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -51,10 +59,24 @@ def main() -> None:
             f"baseline: the same {totals.bytes / 2**20:,.0f} MiB written raw in {raw:.1f} s; "
             f"the fill takes {elapsed / raw:.1f}x as long as the disk alone"
         )
-        for store in msgstore.list_stores(root):
+        stores = msgstore.list_stores(root)
+        for store in stores:
             print(
                 f"  {store.name:<18} {store.retention_days:>3} days  "
                 f"{store.message_count:>9,} messages  {store.bytes / 2**20:>8,.1f} MiB"
+            )
+        if args.json:
+            emit(
+                "msgstore_fill",
+                messages=messages,
+                rows=rows,
+                seconds=elapsed,
+                messages_s=ratio(messages, elapsed),
+                rows_s=ratio(rows, elapsed),
+                mib=totals.bytes / 2**20,
+                raw_write_s=raw,
+                ratio_to_raw_write=ratio(elapsed, raw),
+                stores={store.name: store.message_count for store in stores},
             )
 
 

@@ -1,6 +1,6 @@
 """Benchmark of the retention purge on a message store of a million expired messages.
 
-    .venv/bin/python bench/purge.py [--messages N] [--probe-seconds S] [--no-partial]
+    .venv/bin/python bench/purge.py [--messages N] [--probe-seconds S] [--no-partial] [--json]
 
 Builds a 2.8.0 message store with N messages (default 1,000,000) dated a year back, so every
 message and log entry is past its retention, then runs the purge through the same service
@@ -36,6 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
@@ -71,18 +74,30 @@ class Probe:
             if self.close is not None:
                 self.close()
 
+    def figures(self) -> dict[str, Any]:
+        """Sample count, p50/p95/p99/max in ms (None without samples) and the error count."""
+        ms = sorted(s * 1000 for s in self.samples)
+
+        def pct(p: float) -> float | None:
+            return ms[min(len(ms) - 1, int(len(ms) * p))] if ms else None
+
+        return {
+            "n": len(ms),
+            "p50_ms": statistics.median(ms) if ms else None,
+            "p95_ms": pct(0.95),
+            "p99_ms": pct(0.99),
+            "max_ms": ms[-1] if ms else None,
+            "errors": len(self.errors),
+        }
+
     def summary(self) -> str:
         if not self.samples:
             return f"{self.name}: no samples"
-        ms = sorted(s * 1000 for s in self.samples)
-
-        def pct(p: float) -> float:
-            return ms[min(len(ms) - 1, int(len(ms) * p))]
-
+        f = self.figures()
         errors = f", {len(self.errors)} errors ({self.errors[0]})" if self.errors else ""
         return (
-            f"{self.name}: n={len(ms)} p50 {statistics.median(ms):.1f} p95 {pct(0.95):.1f} "
-            f"p99 {pct(0.99):.1f} max {ms[-1]:.1f} ms{errors}"
+            f"{self.name}: n={f['n']} p50 {f['p50_ms']:.1f} p95 {f['p95_ms']:.1f} "
+            f"p99 {f['p99_ms']:.1f} max {f['max_ms']:.1f} ms{errors}"
         )
 
 
@@ -183,6 +198,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--probe-seconds", type=float, default=10.0, help="baseline duration")
     parser.add_argument("--no-partial", action="store_true", help="skip the partial purge")
+    add_json_flag(parser)
     args = parser.parse_args()
 
     temp_dir = Path(tempfile.mkdtemp(prefix="lmi-purge-bench-"))
@@ -216,11 +232,18 @@ def main() -> None:
     init_demo(root, messages=0, graph_days=1)
     started = time.perf_counter()
     msgstore.fill_demo(root, messages=args.messages, now=datetime.now(UTC) - timedelta(days=365))
+    fill_seconds = time.perf_counter() - started
     db = paths.layout(root).msgstore_db
+    store_mib = db.stat().st_size / MiB
     print(
         f"filled {args.messages:,} messages (+ one SMTP and one tracking log entry each) in "
-        f"{time.perf_counter() - started:.1f} s: {db.stat().st_size / MiB:,.0f} MiB"
+        f"{fill_seconds:.1f} s: {store_mib:,.0f} MiB"
     )
+    figures: dict[str, Any] = {
+        "messages": args.messages,
+        "fill_s": fill_seconds,
+        "store_mib": store_mib,
+    }
     template = temp_dir / "template.db"
     shutil.copy(db, template)
 
@@ -242,26 +265,39 @@ def main() -> None:
         .execute("SELECT sender FROM tracking_log WHERE id = ?", (args.messages // 2,))
         .fetchone()[0]
     )
-    first = tracking.tracking_page(tracking.TrackingFilter())
-    deep = first
-    for _ in range(200):  # 10,000 rows back by keyset pages
-        deep = tracking.tracking_page(tracking.TrackingFilter(), after=deep.older)
-    cases = {
-        "newest page": "",
-        "200 pages back (after= cursor)": f"?after={deep.older.encode()}",
-        "one sender": f"?sender={sender}",
-        "verdict virus": "?verdict=virus",
-        "action rejected (window)": "?action=rejected",
-        "subject, no match (whole window)": "?subject=zzzz",
-        "verdict clean + action rejected (no match)": "?verdict=clean&action=rejected",
-    }
-    for label, query in cases.items():
+    # Up to 200 keyset pages back (10,000 rows), stopping short of the oldest end, where there
+    # is no cursor to go on from: a small store (make bench-smoke) has fewer pages than that.
+    deep = tracking.tracking_page(tracking.TrackingFilter())
+    pages_back = 0
+    while pages_back < 200 and deep.older is not None:
+        older = tracking.tracking_page(tracking.TrackingFilter(), after=deep.older)
+        if older.older is None:
+            break
+        deep, pages_back = older, pages_back + 1
+    deep_query = f"?after={deep.older.encode()}" if deep.older is not None else ""
+    # (key in the JSON line, label, query)
+    cases = [
+        ("newest_page", "newest page", ""),
+        ("deep_page", f"{pages_back} pages back (after= cursor)", deep_query),
+        ("one_sender", "one sender", f"?sender={sender}"),
+        ("verdict_virus", "verdict virus", "?verdict=virus"),
+        ("action_rejected", "action rejected (window)", "?action=rejected"),
+        ("subject_no_match", "subject, no match (whole window)", "?subject=zzzz"),
+        (
+            "clean_rejected_no_match",
+            "verdict clean + action rejected (no match)",
+            "?verdict=clean&action=rejected",
+        ),
+    ]
+    figures["tracking"] = {}
+    for key, label, query in cases:
         probe = Probe(label, page("/mail-security/policy/message-tracking/" + query))
         for _ in range(21):
             started = time.perf_counter()
             probe.action()
             probe.samples.append(time.perf_counter() - started)
         probe.samples = probe.samples[1:]
+        figures["tracking"][key] = probe.figures()
         print("  " + probe.summary())
 
     def purge() -> PurgeRun:
@@ -270,15 +306,17 @@ def main() -> None:
         run.refresh_from_db()
         return run
 
-    def report(run: PurgeRun) -> None:
+    def report(run: PurgeRun) -> dict[str, Any]:
+        """Print the run's figures, and return them for the JSON line."""
         seconds = (run.finished_at - run.started_at).total_seconds()
+        rows_s = ratio(run.rows_deleted, seconds)
+        messages_s = ratio(run.messages_deleted, seconds)
         phases = ", ".join(f"{name} {t:.1f} s" for name, t in run.details["phase_seconds"].items())
         print(f"  state {run.state}, {seconds:.1f} s ({phases})")
         print(
             f"  deleted {run.messages_deleted:,} messages, {run.smtp_log_deleted:,} SMTP and "
             f"{run.tracking_log_deleted:,} tracking log entries: {run.rows_deleted:,} rows, "
-            f"{run.rows_deleted / seconds:,.0f} rows/s, "
-            f"{run.messages_deleted / seconds:,.0f} messages/s"
+            f"{rows_s or 0:,.0f} rows/s, {messages_s or 0:,.0f} messages/s"
         )
         print(
             f"  message store {run.store_bytes_before / MiB:,.1f} -> "
@@ -289,6 +327,29 @@ def main() -> None:
             f"  disk free {run.disk_free_before / MiB:,.0f} -> {run.disk_free_after / MiB:,.0f} "
             f"MiB ({run.disk_free_gained / MiB:+,.0f} MiB, other writers on the disk included)"
         )
+        assert run.state == "succeeded", (run.state, run.details)
+        return {
+            "state": run.state,
+            "seconds": seconds,
+            "phase_s": run.details["phase_seconds"],
+            "messages_deleted": run.messages_deleted,
+            "rows_deleted": run.rows_deleted,
+            "rows_s": rows_s,
+            "messages_s": messages_s,
+            "mib_before": run.store_bytes_before / MiB,
+            "mib_after": run.store_bytes_after / MiB,
+            "mib_reclaimed": run.bytes_reclaimed / MiB,
+        }
+
+    def probes(baseline: list[Probe], during: list[Probe]) -> dict[str, dict[str, Any]]:
+        """Each probe's figures without and with the purge, by probe name (snake_case)."""
+        return {
+            before.name.lower().replace(" ", "_"): {
+                "baseline": before.figures(),
+                "purging": after.figures(),
+            }
+            for before, after in zip(baseline, during, strict=True)
+        }
 
     def restore() -> None:
         # A new file, never the old one overwritten: a connection left open on the old one
@@ -304,7 +365,7 @@ def main() -> None:
 
     # 0: the purge alone, nothing else reading or writing.
     print("\n0. purge alone")
-    report(purge())
+    figures["alone"] = report(purge())
     restore()
 
     # A: the console is read while the purge runs.
@@ -313,7 +374,7 @@ def main() -> None:
     run_probes(baseline, None, args.probe_seconds)
     during = [Probe(name, page(url), interval=PAGE_INTERVAL) for name, url in pages]
     run = run_probes(during, purge, 0)
-    report(run)
+    figures["console_read"] = {**report(run), "probes": probes(baseline, during)}
     for before, after in zip(baseline, during, strict=True):
         print(f"  baseline {before.summary()}\n  purging  {after.summary()}")
 
@@ -330,31 +391,35 @@ def main() -> None:
         Probe(pages[0][0], page(pages[0][1]), interval=PAGE_INTERVAL),
     ]
     run = run_probes(during, purge, 0)
-    report(run)
+    figures["mail_write"] = {**report(run), "probes": probes(baseline, during)}
     for before, after in zip(baseline, during, strict=True):
         print(f"  baseline {before.summary()}\n  purging  {after.summary()}")
     template.unlink()
 
-    if args.no_partial:
-        return
-    # C: the realistic case: mail up to now, the spam quarantine cut from 30 to 7 days. The
-    # vacuum must now move the pages of the mail that stays.
-    print("\nC. partial purge: mail up to now, Spam quarantine 30 -> 7 days")
-    for suffix in ("", "-wal", "-shm"):
-        Path(str(db) + suffix).unlink(missing_ok=True)
-    msgstore.create(root)
-    msgstore.fill_demo(root, messages=args.messages)
-    spam = next(s for s in retention.retention_settings(root).stores if s.name == "Spam quarantine")
-    retention.store_retention_set(spam.id, 7, root)
-    baseline = [mail_probe(root)]
-    run_probes(baseline, None, args.probe_seconds)
-    during = [mail_probe(root)]
-    run = run_probes(during, purge, 0)
-    report(run)
-    print(f"  baseline {baseline[0].summary()}\n  purging  {during[0].summary()}")
-    with msgstore.connect(root, readonly=True) as conn:
-        check = conn.execute("PRAGMA quick_check").fetchone()[0]
-    print(f"  quick_check after the purge: {check}")
+    if not args.no_partial:
+        # C: the realistic case: mail up to now, the spam quarantine cut from 30 to 7 days. The
+        # vacuum must now move the pages of the mail that stays.
+        print("\nC. partial purge: mail up to now, Spam quarantine 30 -> 7 days")
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(db) + suffix).unlink(missing_ok=True)
+        msgstore.create(root)
+        msgstore.fill_demo(root, messages=args.messages)
+        spam = next(
+            s for s in retention.retention_settings(root).stores if s.name == "Spam quarantine"
+        )
+        retention.store_retention_set(spam.id, 7, root)
+        baseline = [mail_probe(root)]
+        run_probes(baseline, None, args.probe_seconds)
+        during = [mail_probe(root)]
+        run = run_probes(during, purge, 0)
+        figures["partial"] = {**report(run), "probes": probes(baseline, during)}
+        print(f"  baseline {baseline[0].summary()}\n  purging  {during[0].summary()}")
+        with msgstore.connect(root, readonly=True) as conn:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+        print(f"  quick_check after the purge: {check}")
+        figures["partial"]["quick_check"] = check
+    if args.json:
+        emit("purge", **figures)
 
 
 if __name__ == "__main__":

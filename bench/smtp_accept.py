@@ -9,7 +9,7 @@ committed to the message store with fsync before the 250). The same client load 
 bare aiosmtpd server that accepts and discards, in a process of its own, so the ratio shows
 what the policy and the durability cost.
 
-Run: `.venv/bin/python bench/smtp_accept.py [--messages N] [--concurrency 1,4,16]`.
+Run: `.venv/bin/python bench/smtp_accept.py [--messages N] [--concurrency 1,4,16] [--json]`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
+
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 CLIENT_NAME = "bench.test"  # smtplib would otherwise look up socket.getfqdn()
@@ -205,6 +207,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--bare-sink", type=int, help=argparse.SUPPRESS)
+    add_json_flag(parser)
     args = parser.parse_args()
     if args.bare_sink:
         bare_sink(args.bare_sink)
@@ -286,6 +289,29 @@ def main() -> None:
         )
     mean = statistics.mean(value for result in ours for value in result.latencies) * 1000
     print(f"mean latency over all service runs: {mean:.2f} ms")
+    if args.json:
+        emit(
+            "smtp_accept",
+            messages=args.messages,
+            delivered=delivered,
+            quarantined=quarantined,
+            mean_latency_ms=mean,
+            runs=[
+                {
+                    "clients": mine.concurrency,
+                    "service_msg_s": mine.rate,
+                    "service_p50_ms": mine.percentile(0.5),
+                    "service_p95_ms": mine.percentile(0.95),
+                    "service_cpu_ms_per_msg": mine.cpu_ms,
+                    "bare_msg_s": theirs.rate,
+                    "bare_p50_ms": theirs.percentile(0.5),
+                    "bare_p95_ms": theirs.percentile(0.95),
+                    "bare_cpu_ms_per_msg": theirs.cpu_ms,
+                    "bare_over_service": ratio(theirs.rate, mine.rate),
+                }
+                for mine, theirs in zip(ours, bare, strict=True)
+            ],
+        )
 
 
 if __name__ == "__main__":

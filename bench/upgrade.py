@@ -26,8 +26,9 @@ runs everything with LMI_UPGRADE_MIN_FREE_PERCENT=20 (a real setting) and says s
 process and the temporary directory are removed at the end, also on Ctrl-C (``--keep`` keeps
 the directory, with the service and worker logs, for a look afterwards).
 
-Run: `.venv/bin/python bench/upgrade.py [--messages 1000000] [--clients 4]`;
-`--messages 50000` for a quick run.
+Run: `.venv/bin/python bench/upgrade.py [--messages 1000000] [--clients 4] [--json]`;
+`--messages 50000` for a quick run. At a tiny size (``make bench-smoke``) a window may see no
+mail at all: its rate is then 0 and a ratio against it is reported as null, not a crash.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from typing import Any
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from smtp_accept import CLIENT_NAME, free_port, messages  # noqa: E402 - bench/ is sys.path[0]
+from _report import add_json_flag, emit, ratio  # noqa: E402 - bench/ is sys.path[0]
+from smtp_accept import CLIENT_NAME, free_port, messages  # noqa: E402
 
 MIN_FREE_PERCENT = "20"
 PROBE_INTERVAL = 0.1  # seconds between the outside client's attempts
@@ -219,6 +221,16 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def per_second(count: int, start: float, end: float) -> float:
+    """count / (end - start); 0 for an empty window, which a tiny run can have."""
+    return count / (end - start) if end > start else 0.0
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """A figure for the summary, or "n/a" where it could not be measured."""
+    return "n/a" if value is None else format(value, spec)
+
+
 # --- The run ------------------------------------------------------------------------------------
 
 
@@ -228,6 +240,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="concurrent SMTP clients")
     parser.add_argument("--baseline-seconds", type=float, default=15.0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    add_json_flag(parser)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in background
@@ -235,10 +248,12 @@ def main() -> None:
     (BASE_DIR / "var").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-upgrade-", dir=BASE_DIR / "var"))
     cleanup: list[Any] = []  # things with .stop(), stopped in reverse order
+    interrupted = False
     try:
         run(work, args, cleanup)
     except KeyboardInterrupt:
         print("\ninterrupted: stopping the processes and removing the temporary files", flush=True)
+        interrupted = True
     finally:
         for item in reversed(cleanup):
             try:
@@ -249,6 +264,8 @@ def main() -> None:
             print(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    if interrupted:
+        raise SystemExit(130)  # an interrupted run measured nothing: say so to make and CI
 
 
 def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
@@ -325,16 +342,19 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     probe.start()
     time.sleep(args.baseline_seconds)
     window_end = time.time()
-    window_start = window_end - args.baseline_seconds + 2.0  # leave out connection set-up
+    settle = min(2.0, args.baseline_seconds / 2)  # leave out connection set-up
+    window_start = window_end - args.baseline_seconds + settle
     load.stop()
     probe.stop()
-    rate_before = load.accepted_between(window_start, window_end) / (window_end - window_start)
+    rate_before = per_second(
+        load.accepted_between(window_start, window_end), window_start, window_end
+    )
     print(f"  {rate_before:,.0f} msg/s ({len(load.errors)} errors)", flush=True)
     drain(paths.mail_spool_dir)
 
     step("baseline: cp + fsync of the message store file")
     copy_seconds = copy_with_fsync(store, work / "store-copy.db")
-    print(f"  {copy_seconds:.2f} s ({store_bytes / 2**20 / copy_seconds:,.0f} MiB/s)")
+    print(f"  {copy_seconds:.2f} s ({fmt(ratio(store_bytes / 2**20, copy_seconds), ',.0f')} MiB/s)")
 
     estimate = next(
         (c.value for c in install.install_preflight(user="bench") if c.key == "downtime"), "?"
@@ -371,7 +391,7 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     phases = list(run_row.phases.order_by("number"))
     phase2 = phases[1]
     p2_start, p2_end = wall(phase2.started_at), wall(phase2.finished_at)
-    rate_during = load.accepted_between(p2_start, p2_end) / (p2_end - p2_start)
+    rate_during = per_second(load.accepted_between(p2_start, p2_end), p2_start, p2_end)
     row_downtime = wall(run_row.downtime_ended_at) - wall(run_row.downtime_started_at)
     outage = probe.outage(install_began)
 
@@ -383,10 +403,12 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     )
     print(f"{'phase':<64}{'seconds':>9}{'gap before':>12}")
     previous_end: float | None = None
+    phase_seconds: dict[str, float] = {}
     for phase in phases:
         start, end = wall(phase.started_at), wall(phase.finished_at)
         gap = f"{start - previous_end:12.2f}" if previous_end is not None else ""
         print(f"{phase.number:>2} {phase.name:<61}{end - start:9.2f}{gap}")
+        phase_seconds[str(phase.number)] = end - start
         previous_end = end
     total = wall(run_row.finished_at) - wall(run_row.started_at or run_row.created_at)
     print(f"{'   whole install (run started -> finished)':<64}{total:9.2f}")
@@ -404,9 +426,9 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     )
     print()
     print(f"downtime from the run row (phase 3 start -> mail accepted): {row_downtime:8.2f} s")
+    outside: float | None = None
     if outage is None:
         print("downtime from outside: the probe saw no refusal (!)")
-        outside = float("nan")
     else:
         outside = outage[1] - outage[0]
         print(f"downtime from outside (first refusal -> first 250, 100 ms probe): {outside:8.2f} s")
@@ -418,16 +440,41 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
         f"baseline: cp + fsync of the store file ({store_bytes / 2**20:,.0f} MiB): "
         f"{copy_seconds:.2f} s"
     )
+    row_over_copy = ratio(row_downtime, copy_seconds)
+    outside_over_copy = None if outside is None else ratio(outside, copy_seconds)
     print(
-        f"downtime / copy: {row_downtime / copy_seconds:.1f}x (row), "
-        f"{outside / copy_seconds:.1f}x (outside)"
+        f"downtime / copy: {fmt(row_over_copy, '.1f')}x (row), "
+        f"{fmt(outside_over_copy, '.1f')}x (outside)"
     )
+    during_over_before = ratio(rate_during, rate_before)
+    phase2_errors = load.errors_between(p2_start, p2_end)
     print(
         f"SMTP acceptance, {args.clients} clients: before {rate_before:,.0f} msg/s, during phase 2 "
-        f"({p2_end - p2_start:.1f} s) {rate_during:,.0f} msg/s = {rate_during / rate_before:.0%}"
-        f" of before ({load.errors_between(p2_start, p2_end)} refused or failed in phase 2)"
+        f"({p2_end - p2_start:.1f} s) {rate_during:,.0f} msg/s = {fmt(during_over_before, '.0%')}"
+        f" of before ({phase2_errors} refused or failed in phase 2)"
     )
     print(f"preflight's downtime estimate: {estimate}")
+    if args.json:
+        emit(
+            "upgrade",
+            messages=args.messages,
+            messages_before=run_row.messages_before,
+            messages_after=run_row.messages_after,
+            store_mib=store_bytes / 2**20,
+            clients=args.clients,
+            install_s=total,
+            phase_s=phase_seconds,
+            downtime_row_s=row_downtime,
+            downtime_outside_s=outside,
+            copy_s=copy_seconds,
+            downtime_over_copy=row_over_copy,
+            downtime_outside_over_copy=outside_over_copy,
+            rate_before_msg_s=rate_before,
+            rate_during_msg_s=rate_during,
+            rate_during_over_before=during_over_before,
+            phase2_errors=phase2_errors,
+            preflight_estimate=estimate,
+        )
 
 
 if __name__ == "__main__":

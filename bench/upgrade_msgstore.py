@@ -4,8 +4,8 @@ The guide allows 30 minutes of downtime for the conversion; the aim is under 30 
 phase-4 backup and phase-7 finish fall into the downtime; phase 2 (prepare) runs while mail
 flows. The baseline is ``cp`` of the store file (plus sync) in the same run, on the same disk.
 
-Run: `.venv/bin/python bench/upgrade_msgstore.py [N] [--store PATH]`; ``--store`` reuses a
-filled store (a msgstore.db), which is copied, never changed.
+Run: `.venv/bin/python bench/upgrade_msgstore.py [N] [--store PATH] [--late N] [--json]`;
+``--store`` reuses a filled store (a msgstore.db), which is copied, never changed.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import django
+from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
@@ -73,15 +74,16 @@ def main() -> None:
     parser.add_argument("messages", type=int, nargs="?", default=1_000_000)
     parser.add_argument("--store", type=Path)
     parser.add_argument("--late", type=int, default=2000, help="messages between prepare/finish")
+    add_json_flag(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="lmi-upgrade-bench-") as tmp:
         root = Path(tmp) / "appliance"
         db = layout(root).msgstore_db
         db.parent.mkdir(parents=True)
         if args.store:
-            _timed("copy the given store in", lambda: shutil.copyfile(args.store, db))
+            _, fill_s = _timed("copy the given store in", lambda: shutil.copyfile(args.store, db))
         else:
-            _timed(
+            _, fill_s = _timed(
                 f"fill {args.messages:,} messages",
                 lambda: msgstore.fill_demo(root, messages=args.messages),
             )
@@ -96,7 +98,7 @@ def main() -> None:
         )
         os.unlink(f"{tmp}/cp.db")
 
-        prepared, _ = _timed(
+        prepared, prepare_s = _timed(
             "phase 2 prepare (online, no pause)", lambda: msgmigrate.migrate_prepare(root)
         )
         print(
@@ -104,7 +106,7 @@ def main() -> None:
             f" new file {prepared.bytes / 2**20:,.0f} MiB"
         )
         _timed(f"mail {args.late} messages while still online", lambda: _late_mail(root, args.late))
-        _timed("phase 2 rerun (catch up)", lambda: msgmigrate.migrate_prepare(root))
+        _, catch_up_s = _timed("phase 2 rerun (catch up)", lambda: msgmigrate.migrate_prepare(root))
         _late_mail(root, 100)
 
         backup, backup_s = _timed(
@@ -122,16 +124,42 @@ def main() -> None:
             f" -> {result.store_bytes_after / 2**20:,.0f} MiB"
         )
         downtime = backup_s + finish_s
+        downtime_over_cp = ratio(downtime, cp_seconds)
+        finish_over_cp = ratio(finish_s, cp_seconds)
         print(
-            f"downtime share (backup + finish): {downtime:.1f} s = {downtime / cp_seconds:.1f}x"
+            f"downtime share (backup + finish): {downtime:.1f} s = {downtime_over_cp or 0:.1f}x"
             f" a cp+sync of the store ({cp_seconds:.1f} s);"
-            f" finish alone {finish_s / cp_seconds:.2f}x"
+            f" finish alone {finish_over_cp or 0:.2f}x"
         )
-        _timed("rollback: msgstore_restore", lambda: msgmigrate.msgstore_restore(backup, root))
-        _timed(
+        _, restore_s = _timed(
+            "rollback: msgstore_restore", lambda: msgmigrate.msgstore_restore(backup, root)
+        )
+        _, whole_s = _timed(
             "finish without prepare (whole conversion)",
             lambda: (msgmigrate.migrate_discard(root), msgmigrate.migrate_finish(root)),
         )
+        if args.json:
+            emit(
+                "upgrade_msgstore",
+                messages=None if args.store else args.messages,  # filled here
+                late=args.late,
+                messages_after=result.counts.messages,
+                store_mib=size / 2**20,
+                fill_s=fill_s,
+                cp_s=cp_seconds,
+                prepare_s=prepare_s,
+                catch_up_s=catch_up_s,
+                backup_s=backup_s,
+                finish_s=finish_s,
+                finish_chunks_copied=result.chunks_copied,
+                downtime_s=downtime,
+                downtime_over_cp=downtime_over_cp,
+                finish_over_cp=finish_over_cp,
+                restore_s=restore_s,
+                whole_conversion_s=whole_s,
+                store_mib_before=result.store_bytes_before / 2**20,
+                store_mib_after=result.store_bytes_after / 2**20,
+            )
 
 
 if __name__ == "__main__":
