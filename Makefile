@@ -25,8 +25,11 @@ run: install
 browser:
 	@scripts/ensure-chromium
 
+# The suite runs on PYTEST_WORKERS processes (pytest-xdist; "auto": one per core), each with
+# its own test database, Redis, ports and var/ folders. PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= auto
 test: install browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

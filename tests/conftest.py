@@ -20,6 +20,33 @@ from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD
 pytest_plugins = ["tests.support.services", "tests.support.browser", "tests.support.clock"]
 
 
+# Fixtures that give a test the database; a test with one of them is marked ``database``.
+DATABASE_FIXTURES = frozenset(
+    {"db", "transactional_db", "django_db_reset_sequences", "django_db_serialized_rollback",
+     "live_server"}
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that touch the database, so a second database runs only those.
+
+    The rest (archives, bundles, the message store, the SMTP engine) never open a connection of
+    the console's database: running them again on PostgreSQL would prove nothing new.
+    """
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & DATABASE_FIXTURES or item.get_closest_marker("django_db"):
+            item.add_marker(pytest.mark.database)
+
+
+@pytest.fixture(autouse=True)
+def short_install_drain(settings) -> None:
+    """Phase 3's drain waits for SMTP transactions in flight; tests send none during it."""
+    from tests.support.services import TEST_INSTALL_DRAIN_MS
+
+    settings.INSTALL_DRAIN_MS = TEST_INSTALL_DRAIN_MS
+
+
 @pytest.fixture(autouse=True)
 def fast_password_hashing(settings) -> None:
     """Production hashing costs ~0.2 s per login; tests log in hundreds of times."""

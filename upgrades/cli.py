@@ -300,8 +300,9 @@ def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
 
 
 STATUS_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
-# How often the follower re-reads the run: the phases write progress a few times a second.
-FOLLOW_INTERVAL = 0.5
+# How often the follower re-reads the run (one indexed row and its ten phases): the phases write
+# progress a few times a second, and the shell returns within this much of the run's end.
+FOLLOW_INTERVAL = 0.2
 
 
 def _print_checks(checks: Sequence[Any], out: TextIO) -> None:

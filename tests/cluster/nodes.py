@@ -20,7 +20,12 @@ from pathlib import Path
 from django.conf import settings as django_settings
 
 from lmi.celery import node_queue
-from tests.support.services import BASE_DIR, WorkerProcess, launch_worker
+from tests.support.services import (
+    BASE_DIR,
+    TEST_INSTALL_DRAIN_MS,
+    WorkerProcess,
+    launch_worker,
+)
 from tests.support.smtp import free_port, read_banner
 
 
@@ -72,6 +77,7 @@ class Node:
                 "PYTHONUNBUFFERED": "1",
             }
         )
+        env.setdefault("LMI_INSTALL_DRAIN_MS", str(TEST_INSTALL_DRAIN_MS))
         env.update(self.extra_env)
         return env
 
