@@ -597,7 +597,9 @@ def _claim(download_id: int, executor: str) -> Download | None:
             return None
         if time.monotonic() > deadline:
             return None
-        time.sleep(1.0)
+        # A live holder moves its heartbeat every PROGRESS_INTERVAL: looking twice as often
+        # sees it move (or the lease lapse) within one interval, not a fixed second later.
+        time.sleep(PROGRESS_INTERVAL / 2)
 
 
 class _DownloadRun:

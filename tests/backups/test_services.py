@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.utils import timezone
@@ -16,6 +16,7 @@ from backups import services
 from backups.models import BackupSettings, SystemBackupJob, SystemJobKind, SystemJobState
 from events.models import Category, Event, Severity
 from tests.backups.conftest import tree_bytes
+from tests.support.clock import Clock
 from upgrades.models import UpdateSettings
 from upgrades.services import automatic_downloads_set
 
@@ -140,10 +141,9 @@ def test_the_scheduled_backup_runs_once_a_day_from_its_hour_and_prunes(demo_appl
     assert len(scheduled) == 2
 
 
-def test_the_scheduled_backup_waits_for_its_hour_and_respects_off(demo_appliance):
+def test_the_scheduled_backup_waits_for_its_hour_and_respects_off(demo_appliance, clock: Clock):
+    clock.travel(datetime(2028, 2, 29, 22, 30, tzinfo=UTC))
     now = timezone.localtime()
-    if now.hour == 23:
-        pytest.skip("no later hour today")
     BackupSettings.objects.create(pk=1, scheduled_enabled=True, scheduled_hour=now.hour + 1)
     assert services.scheduled_backup_run() is None
     BackupSettings.objects.filter(pk=1).update(scheduled_enabled=False, scheduled_hour=0)
