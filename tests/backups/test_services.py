@@ -126,7 +126,10 @@ def test_console_settings_of_a_backup_are_checked_before_anything(db):
             services.console_settings_parse(hostile)
 
 
-def test_the_scheduled_backup_runs_once_a_day_from_its_hour_and_prunes(demo_appliance):
+def test_the_scheduled_backup_runs_once_a_day_from_its_hour_and_prunes(
+    demo_appliance, clock: Clock
+):
+    clock.travel(datetime(2027, 12, 31, 23, 30, tzinfo=UTC))  # the last hour of a year
     hour = timezone.localtime().hour
     BackupSettings.objects.create(pk=1, scheduled_enabled=True, scheduled_hour=hour, keep_last=2)
 
