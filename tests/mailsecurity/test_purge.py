@@ -134,10 +134,16 @@ def test_a_progress_callback_that_raises_stops_the_purge_after_a_committed_batch
 
 
 def test_the_mail_service_can_write_while_a_purge_runs(store_root, mail: MailData):
+    """Between two of the purge's batches the mail service gets the lock, and quickly.
+
+    The purge waits (in its progress report, after each committed batch) until the writer has
+    committed once more: the interleaving is proven, not left to how fast the machine is.
+    """
     for _ in range(6000):
         mail.message("Spam quarantine", 40, size=3000)
     mail.commit()
     waits: list[float] = []
+    wrote = threading.Event()
     done = threading.Event()
 
     def mail_service() -> None:
@@ -153,18 +159,29 @@ def test_the_mail_service_can_write_while_a_purge_runs(store_root, mail: MailDat
             )
             conn.execute("COMMIT")
             waits.append(time.monotonic() - started)
-            time.sleep(0.01)
+            wrote.set()
+            time.sleep(0.005)
         conn.close()
+
+    batches = 0
+
+    def between_batches(state: PurgeProgress) -> None:
+        nonlocal batches
+        batches += 1
+        wrote.clear()
+        assert wrote.wait(timeout=10), "the mail service could not write between two batches"
 
     writer = threading.Thread(target=mail_service)
     writer.start()
     try:
-        retention.purge_expired(store_root, now=NOW, pacing=Pacing(first_rows=200))
+        retention.purge_expired(
+            store_root, now=NOW, pacing=Pacing(first_rows=200), progress=between_batches
+        )
     finally:
         done.set()
         writer.join()
 
-    assert len(waits) > 5
+    assert batches > 5 and len(waits) >= batches
     assert max(waits) < 2.0
     assert mail.ids("quarantined_message") == set()
 

@@ -113,7 +113,7 @@ class WorkerProcess:
         raise RuntimeError(f"celery worker did not start within {timeout} s:\n{self.log()}")
 
 
-def worker_env(redis_url: str, appliance_root: Path, **extra: str) -> dict[str, str]:
+def worker_env(redis_url: str, appliance_root: Path) -> dict[str, str]:
     """The LMI_* environment of a worker on the test database, root, keys, feed and Redis."""
     env = dict(os.environ)
     env.update(
@@ -130,7 +130,6 @@ def worker_env(redis_url: str, appliance_root: Path, **extra: str) -> dict[str, 
         }
     )
     env.setdefault("LMI_INSTALL_DRAIN_MS", str(TEST_INSTALL_DRAIN_MS))
-    env.update(extra)
     return env
 
 
