@@ -41,6 +41,9 @@ def test_install_from_the_checklist_to_the_new_firmware_level(
     )
     download_demo_281()
     monkeypatch.setenv("LMI_SMTP_PORT", str(smtp_service.port))
+    # A pause in every phase (the kill tests' checkpoint), so the page, which polls every second,
+    # watches the install run: at full speed it can finish between two polls.
+    monkeypatch.setenv("LMI_INSTALL_PHASE_DELAY_MS", "400")
     settings.SMTP_PORT = smtp_service.port
     worker = start_worker(redis_settings, demo_appliance, tmp_path)
     try:
