@@ -33,7 +33,6 @@ def _cpu_percent() -> float:
     return psutil.cpu_percent(interval=None)
 
 
-
 @transaction.atomic
 def resources_sample(now: float | None = None) -> ResourceSample:
     """Measure CPU, memory and the two upgrade disks now, store them, drop expired samples.
