@@ -6,29 +6,21 @@ from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 
-from accounts.roles import is_administrator
-
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-# Paths a read-only user may still POST to: ending their own session.
-READ_ONLY_POST_ALLOWED = ("/accounts/logout/",)
+from accounts.roles import READ_ONLY_REFUSAL, role_permits_request
 
 
 class ReadOnlyRoleMiddleware:
     """Defence in depth: views check the role too, but no unsafe request of a read-only user
-    reaches a view even if one forgets to."""
+    reaches a view even if one forgets to.
+
+    Only session users are known here; API token users meet the same rule in api.auth.TokenAuth,
+    which runs before any API view.
+    """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        user = request.user
-        if (
-            request.method not in SAFE_METHODS
-            and user.is_authenticated
-            and not is_administrator(user)
-            and request.path not in READ_ONLY_POST_ALLOWED
-        ):
-            return HttpResponseForbidden(
-                "Your account is read-only: ask an administrator to make this change."
-            )
+        if not role_permits_request(request.user, request.method, request.path):
+            return HttpResponseForbidden(READ_ONLY_REFUSAL)
         return self.get_response(request)

@@ -1,4 +1,4 @@
-"""Login throttling state."""
+"""Login throttling state and API tokens."""
 
 from __future__ import annotations
 
@@ -6,25 +6,41 @@ from django.conf import settings
 from django.db import models
 
 
-class LoginFailure(models.Model):
-    """One failed login, kept for the throttle window; counted per user name and per address.
+class LoginThrottle(models.Model):
+    """The failed-login counter of one key: a user name at a client address, or an address.
 
-    Kept in the database rather than a per-process cache so that every gunicorn worker sees the
-    same count.
+    One row per key rather than one row per failure, so that counting an attempt and checking
+    the limit are one conditional UPDATE (``WHERE failures < limit``): parallel guesses cannot
+    all read "4" and all go on to try a password. Kept in the database rather than a
+    per-process cache so that every gunicorn worker sees the same count.
+
+    The counter is forgotten once ``LOGIN_FAILURE_WINDOW_SECONDS`` pass without a failure (the
+    cool-off of django-axes), so no window ever holds more than the limit.
     """
 
-    username = models.CharField(max_length=150)
-    client_ip = models.GenericIPAddressField(null=True, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+    class Scope(models.TextChoices):
+        USER_AT_ADDRESS = "user_at_address", "User name at an address"
+        ADDRESS = "address", "Address"
+
+    scope = models.CharField(max_length=20, choices=Scope.choices)
+    # Lower-cased (user names log in case-insensitively); blank for the ADDRESS scope.
+    username = models.CharField(max_length=150, blank=True)
+    # Blank when the peer address is unknown: such clients share one counter.
+    client_ip = models.CharField(max_length=45, blank=True)
+    failures = models.PositiveIntegerField(default=0)
+    last_failure_at = models.DateTimeField()
 
     class Meta:
-        indexes = (
-            models.Index(fields=("username", "created_at"), name="loginfail_user_idx"),
-            models.Index(fields=("client_ip", "created_at"), name="loginfail_ip_idx"),
+        constraints = (
+            models.UniqueConstraint(
+                fields=("scope", "username", "client_ip"), name="loginthrottle_key_unique"
+            ),
         )
+        indexes = (models.Index(fields=("last_failure_at",), name="loginthrottle_last_idx"),)
 
     def __str__(self) -> str:
-        return f"{self.username} from {self.client_ip} at {self.created_at}"
+        who = f"{self.username} at {self.client_ip}" if self.username else self.client_ip
+        return f"{who}: {self.failures} failures, last at {self.last_failure_at}"
 
 
 class ApiToken(models.Model):

@@ -8,6 +8,11 @@ ADMINISTRATOR = "Administrator"
 READ_ONLY = "Read-only"
 ROLES = (ADMINISTRATOR, READ_ONLY)
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# Paths a read-only user may still POST to: ending their own session.
+READ_ONLY_POST_ALLOWED = ("/accounts/logout/",)
+READ_ONLY_REFUSAL = "Your account is read-only: ask an administrator to make this change."
+
 
 def is_administrator(user: AbstractBaseUser | AnonymousUser) -> bool:
     """True for superusers and members of the Administrator group."""
@@ -31,3 +36,20 @@ def ensure_role_groups() -> None:
     """Create the role groups; they carry no Django permissions, the role is the group name."""
     for name in ROLES:
         Group.objects.get_or_create(name=name)
+
+
+def role_permits_request(
+    user: AbstractBaseUser | AnonymousUser, method: str | None, path: str
+) -> bool:
+    """Whether the user's role lets this request reach a view: read-only users may only read.
+
+    The one rule for every way in: ReadOnlyRoleMiddleware applies it to session users and the
+    API's token authentication to token users, so neither depends on a view remembering to
+    check. Anonymous requests pass; whether they need a login is decided elsewhere.
+    """
+    return (
+        method in SAFE_METHODS
+        or not user.is_authenticated
+        or path in READ_ONLY_POST_ALLOWED
+        or is_administrator(user)
+    )

@@ -1,8 +1,9 @@
 """Who may call the API: a session (with CSRF on unsafe methods) or a bearer token.
 
 A token acts as its user, with the user's role. Read-only users, by session or by token, may
-only read: the console's ReadOnlyRoleMiddleware sees session users only, so writes check the
-role here as well.
+only read: the console's ReadOnlyRoleMiddleware refuses a read-only session user's unsafe
+request, and TokenAuth applies the same rule (accounts.roles.role_permits_request) to a token
+user before any API view runs. Views still call require_administrator as defence in depth.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from ninja.errors import HttpError
 from ninja.security import HttpBearer, SessionAuth
 
-from accounts.roles import is_administrator
+from accounts.roles import READ_ONLY_REFUSAL, is_administrator, role_permits_request
 from accounts.services import api_token_user
 
 
@@ -24,8 +25,12 @@ class TokenAuth(HttpBearer):
 
     def authenticate(self, request: HttpRequest, token: str) -> Any:
         user = api_token_user(token)
-        if user is not None:
-            request.user = user
+        if user is None:
+            return None
+        # Raised here, the 403 goes through the API's error handling and no view runs.
+        if not role_permits_request(user, request.method, request.path):
+            raise HttpError(403, READ_ONLY_REFUSAL)
+        request.user = user
         return user
 
 
@@ -35,7 +40,7 @@ AUTH = [TokenAuth(), SessionAuth()]
 def require_administrator(request: HttpRequest) -> None:
     """Refuse a change from a read-only user with 403, whichever way they authenticated."""
     if not is_administrator(request.auth):  # type: ignore[attr-defined]
-        raise HttpError(403, "Your account is read-only: ask an administrator to make this change.")
+        raise HttpError(403, READ_ONLY_REFUSAL)
 
 
 def docs_access(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
@@ -49,6 +54,8 @@ def docs_access(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse
             user = api_token_user(token) if scheme.lower() == "bearer" and token else None
             if user is None:
                 return JsonResponse({"detail": "Unauthorized"}, status=401)
+            if not role_permits_request(user, request.method, request.path):
+                return JsonResponse({"detail": READ_ONLY_REFUSAL}, status=403)
             request.user = user
         return view(request, *args, **kwargs)
 

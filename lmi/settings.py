@@ -256,9 +256,15 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
 ]
-# Failed logins: after this many in the window (per user name or per client address), further
-# attempts are refused until the window has passed.
+# Failed logins: after LOGIN_FAILURE_LIMIT for one user name from one client address, further
+# attempts of that user from that address are refused until the window has passed without a
+# failure; after LOGIN_ADDRESS_FAILURE_LIMIT from one address (whatever the user names), all of
+# that address's attempts are. Never per user name alone: a stranger cannot lock an
+# administrator out from another address.
 LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_ADDRESS_FAILURE_LIMIT = env_int(
+    "LOGIN_ADDRESS_FAILURE_LIMIT", max(20, LOGIN_FAILURE_LIMIT), minimum=LOGIN_FAILURE_LIMIT
+)
 LOGIN_FAILURE_WINDOW_SECONDS = env_int("LOGIN_FAILURE_WINDOW", 900, minimum=1)
 
 _https = env_bool("HTTPS", False)  # set behind TLS: cookies become Secure, HSTS is sent

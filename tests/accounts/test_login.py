@@ -49,7 +49,7 @@ def test_it_throttles_repeated_failures_even_with_the_right_password(client, adm
 
 
 def test_it_throttles_by_client_address_across_user_names(client, admin_user, settings):
-    settings.LOGIN_FAILURE_LIMIT = 3
+    settings.LOGIN_ADDRESS_FAILURE_LIMIT = 3
     for name in ("alice", "bob", "carol"):
         _login(client, name, "guess")
 
