@@ -6,9 +6,13 @@ describes the whole API.
 
 from __future__ import annotations
 
-from django.http import HttpRequest
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse
+from django.utils.log import log_response
 from ninja import NinjaAPI, Query, Schema, Status
-from ninja.errors import HttpError
+from ninja.errors import HttpError, ValidationError
+from ninja.openapi.schema import OpenAPISchema
 
 from accounts.roles import role_name
 from api.auth import AUTH, docs_access
@@ -21,7 +25,50 @@ from events.models import Severity
 from events.selectors import event_page
 from home import selectors
 
-api = NinjaAPI(
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+UNEXPECTED_ERROR = "The console could not complete this request; the reason is in its log."
+
+
+def shared_errors(method: str, operation: dict[str, Any]) -> dict[int, str]:
+    """The errors the API's machinery can give one operation, whatever the operation itself
+    documents: what each status means for a client."""
+    errors: dict[int, str] = {}
+    if "parameters" in operation or "requestBody" in operation:
+        errors[400] = "A parameter or the body is not what the operation takes; detail says which."
+    if operation.get("security"):
+        errors[401] = "Neither a console session nor a valid API token came with the request."
+    if method != "get":
+        # Every change checks the role (api.auth.require_administrator) and a session's CSRF.
+        errors[403] = "A read-only account asked for a change, or a session's change had no CSRF."
+    return errors
+
+
+class ConsoleAPI(NinjaAPI):
+    """The API whose description lists, on every operation, the errors all operations share.
+
+    Operations document the refusals of their own (404, 409, ...) in ``response=``; the ones
+    that come from the API's machinery would otherwise be missing from every one of them.
+    """
+
+    def get_openapi_schema(
+        self, *, path_prefix: str | None = None, path_params: dict[str, Any] | None = None
+    ) -> OpenAPISchema:
+        schema = super().get_openapi_schema(path_prefix=path_prefix, path_params=path_params)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", Problem.model_json_schema())
+        for operations in schema["paths"].values():
+            for method, operation in operations.items():
+                responses = operation.setdefault("responses", {})
+                for status, description in shared_errors(method, operation).items():
+                    if status not in responses:
+                        responses[status] = {
+                            "description": description,
+                            "content": {"application/json": {"schema": PROBLEM_REF}},
+                        }
+        return schema
+
+
+api = ConsoleAPI(
     title="LMI API",
     version="1",
     description="The JSON API of the Lotus Protector Manager console. Authenticate with the "
@@ -38,6 +85,35 @@ api.add_router("/updates", "upgrades.api.router")
 api.add_router("/cluster", "cluster.api.router")
 api.add_router("/backups", "backups.api.router")
 SEVERITY_TOKENS = {int(level): level.name.lower() for level in Severity}
+
+
+@api.exception_handler(ValidationError)
+def unreadable_request(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    """A parameter or body that does not fit the operation: 400 and one sentence per field.
+
+    Ninja's own answer is 422 with pydantic's list; every other error of this API is a
+    ``Problem`` (a ``detail`` sentence), and a malformed request is a 400 on the pages too.
+    """
+    problems = []
+    for error in exc.errors:
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "request"
+        problems.append(f"{where}: {error.get('msg', 'is not valid')}.")
+    return api.create_response(request, {"detail": " ".join(problems)}, status=400)
+
+
+@api.exception_handler(Exception)
+def unexpected_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    """A bug or an outage: JSON 500, never Django's HTML error page, and the traceback logged.
+
+    Ninja re-raises unhandled exceptions to Django, whose answer is an HTML page an API client
+    cannot read. Logged as Django logs its own 500s (marking the response as logged, so it is
+    not logged twice).
+    """
+    response = api.create_response(request, {"detail": UNEXPECTED_ERROR}, status=500)
+    log_response(
+        "Internal Server Error: %s", request.path, response=response, request=request, exception=exc
+    )
+    return response
 
 
 @api.get("/me", response=MeOut, tags=["console"])
@@ -102,7 +178,11 @@ class EventQuery(Schema):
 
 @api.get("/events", response={200: EventPageOut, 400: Problem}, tags=["system"])
 def events(request: HttpRequest, query: Query[EventQuery]):
-    """System > Events, newest first, one keyset page at a time (follow ``older``)."""
+    """System > Events, newest first, one keyset page at a time (follow ``older``).
+
+    A filter the page would refuse (a time outside the years 0001-01-02 to 9999-12-30, a
+    damaged cursor, a page size out of range) is a 400 with the page's message.
+    """
     form = EventQueryForm({k: v for k, v in query.dict().items() if v not in ("", None)})
     if not form.is_valid():
         problems = [str(e) for errors in form.errors.values() for e in errors]

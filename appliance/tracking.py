@@ -37,6 +37,16 @@ SEARCH_WINDOW = 10_000
 
 Direction = Literal["older", "newer"]
 
+# The times a search or a page link may name: a day inside datetime's years 1 to 9999, so that
+# a time converts to UTC, to any time zone and back from epoch seconds without OverflowError.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+# A position's numbers go to SQLite as INTEGER, a signed 64-bit value; a larger one raised
+# OverflowError (a page link of thirty 9s was a 500, issue 13).
+_EARLIEST_SECOND = int(EARLIEST.timestamp())
+_LATEST_SECOND = int(LATEST.timestamp())
+MAX_ROW_ID = 2**63 - 1
+
 
 class InvalidPosition(ValueError):
     """A page link that was not made by Position.encode."""
@@ -63,7 +73,10 @@ class Position:
             raise InvalidPosition(
                 "This page link is damaged; start again from the newest."
             ) from exc
-        if position.id < 0:
+        if (
+            not _EARLIEST_SECOND <= position.logged_at <= _LATEST_SECOND
+            or not 0 <= position.id <= MAX_ROW_ID
+        ):
             raise InvalidPosition("This page link is damaged; start again from the newest.")
         return position
 

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import re
+from datetime import datetime, timedelta
 
 from django import forms
 from django.utils import timezone
 
 from events.models import Category, Severity
-from events.selectors import MAX_PAGE_SIZE, PAGE_SIZE, Cursor, EventFilter, InvalidCursor
+from events.selectors import (
+    EARLIEST,
+    LATEST,
+    MAX_PAGE_SIZE,
+    PAGE_SIZE,
+    Cursor,
+    EventFilter,
+    InvalidCursor,
+)
 from lmi.forms import TimeRangeMixin
 
 PERIODS: dict[str, timedelta | None] = {
@@ -29,6 +38,9 @@ SEVERITY_CHOICES = (("", "Any"), *((s.name.lower(), f"{s.label} and above") for 
 CATEGORY_CHOICES = (("", "Any"), *Category.choices)
 # The parameters that say what to show (kept in every link); the others say where the page is.
 FILTER_PARAMS = ("severity", "category", "period", "since", "until", "q")
+# ASCII digits only: str.isdigit() also takes "²" and str.isdecimal() "٣", and int() refuses
+# the first (a 500 once) and reads the second as 3, a page size nobody typed.
+PAGE_SIZE_PATTERN = re.compile(r"[0-9]+")
 
 
 class EventQueryForm(TimeRangeMixin, forms.Form):
@@ -44,6 +56,16 @@ class EventQueryForm(TimeRangeMixin, forms.Form):
     before = forms.CharField(required=False, max_length=200)
     newest = forms.CharField(required=False, max_length=200)
     limit = forms.CharField(required=False, max_length=10)
+
+    def _clean_moment(self, name: str) -> datetime | None:
+        """Refuse a time too near either end of the calendar to be converted to UTC."""
+        moment = super()._clean_moment(name)
+        if moment is not None and not EARLIEST <= moment <= LATEST:
+            raise forms.ValidationError(
+                f"{str(self.cleaned_data[name]).strip()!r} is out of range: enter a time "
+                f"between {EARLIEST.date()} and {LATEST.date()} UTC."
+            )
+        return moment
 
     def _clean_cursor(self, name: str) -> Cursor | None:
         token = self.cleaned_data[name].strip()
@@ -67,7 +89,7 @@ class EventQueryForm(TimeRangeMixin, forms.Form):
         raw = self.cleaned_data["limit"].strip()
         if not raw:
             return PAGE_SIZE
-        if not raw.isdigit() or int(raw) < 1:
+        if not PAGE_SIZE_PATTERN.fullmatch(raw) or int(raw) < 1:
             raise forms.ValidationError(f"Page size must be a number from 1 to {MAX_PAGE_SIZE}.")
         return min(int(raw), MAX_PAGE_SIZE)
 

@@ -27,7 +27,7 @@ import binascii
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Literal
 
@@ -45,6 +45,14 @@ EXPORT_CHUNK = 2000
 SEARCH_WINDOW = 10_000
 
 Direction = Literal["older", "newer"]
+
+# The times a filter or a cursor may name: a day inside datetime's years 1 to 9999, so that
+# converting one to UTC or to any time zone (never a day away) stays inside datetime's range.
+# Outside it, the conversion raised OverflowError and the page was a 500 (issue 13).
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+# The largest id a row can have: a signed 64-bit integer, in SQLite and PostgreSQL alike.
+MAX_EVENT_ID = 2**63 - 1
 
 
 class InvalidCursor(ValueError):
@@ -79,7 +87,11 @@ class Cursor:
             event_id = int(ident)
         except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
             raise InvalidCursor("This page link is damaged; start again from the newest.") from exc
-        if timezone.is_naive(created_at) or event_id < 0:
+        if (
+            timezone.is_naive(created_at)
+            or not EARLIEST <= created_at <= LATEST
+            or not 0 <= event_id <= MAX_EVENT_ID
+        ):
             raise InvalidCursor("This page link is damaged; start again from the newest.")
         return cls(created_at, event_id)
 

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import chain, islice
 from typing import Any
 from urllib.parse import urlencode
 
@@ -224,7 +225,11 @@ def _csv_lines(rows: Iterator[Any]) -> Iterator[bytes]:
 
 @require_GET
 def event_export(request: HttpRequest) -> HttpResponse:
-    """Every event the filters select, as CSV, streamed (page cursors and size are ignored)."""
+    """Every event the filters select, as CSV, streamed (page cursors and size are ignored).
+
+    Everything that can refuse the request is checked before the first byte: once streaming
+    has started the status is sent and an error can only cut the file short.
+    """
     form = EventQueryForm(request.GET)
     if not form.is_valid():
         problems = [str(error) for errors in form.errors.values() for error in errors]
@@ -233,8 +238,12 @@ def event_export(request: HttpRequest) -> HttpResponse:
             status=400,
             content_type="text/plain; charset=utf-8",
         )
+    rows = events_export(form.event_filter())
+    # The first chunk is read before the response starts: a query that fails then fails as an
+    # ordinary error response, not as a CSV cut off after its header.
+    first = list(islice(rows, 1))
     response = StreamingHttpResponse(
-        _csv_lines(events_export(form.event_filter())), content_type="text/csv; charset=utf-8"
+        _csv_lines(chain(first, rows)), content_type="text/csv; charset=utf-8"
     )
     stamp = timezone.now().astimezone(UTC).strftime("%Y%m%d-%H%M%S")
     response["Content-Disposition"] = f'attachment; filename="lmi-events-{stamp}Z.csv"'

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from datetime import datetime
 
 from django import forms
 
@@ -53,6 +55,9 @@ VERDICT_CHOICES = (("", "Any"), *((v, v.capitalize()) for v in msgstore.VERDICTS
 ACTION_CHOICES = (("", "Any"), *((a, a.capitalize()) for a in msgstore.ACTIONS))
 # The parameters that say what to look for (kept in every page link).
 TRACKING_FILTER_PARAMS = ("sender", "recipient", "subject", "verdict", "action", "since", "until")
+# ASCII digits only: str.isdigit() also takes "²" (which int() refuses: a 500 once) and
+# str.isdecimal() takes "٣" (which int() reads as 3).
+PAGE_SIZE_PATTERN = re.compile(r"[0-9]+")
 
 
 class TrackingQueryForm(TimeRangeMixin, forms.Form):
@@ -87,6 +92,16 @@ class TrackingQueryForm(TimeRangeMixin, forms.Form):
     def clean_subject(self) -> str:
         return self.cleaned_data["subject"].strip()
 
+    def _clean_moment(self, name: str) -> datetime | None:
+        """Refuse a time too near either end of the calendar to be converted to UTC."""
+        moment = super()._clean_moment(name)
+        if moment is not None and not tracking.EARLIEST <= moment <= tracking.LATEST:
+            raise forms.ValidationError(
+                f"{str(self.cleaned_data[name]).strip()!r} is out of range: enter a time "
+                f"between {tracking.EARLIEST.date()} and {tracking.LATEST.date()} UTC."
+            )
+        return moment
+
     def _clean_position(self, name: str) -> tracking.Position | None:
         token = self.cleaned_data[name].strip()
         if not token:
@@ -106,7 +121,7 @@ class TrackingQueryForm(TimeRangeMixin, forms.Form):
         raw = self.cleaned_data["limit"].strip()
         if not raw:
             return tracking.PAGE_SIZE
-        if not raw.isdigit() or int(raw) < 1:
+        if not PAGE_SIZE_PATTERN.fullmatch(raw) or int(raw) < 1:
             raise forms.ValidationError(
                 f"Page size must be a number from 1 to {tracking.MAX_PAGE_SIZE}."
             )

@@ -1,0 +1,125 @@
+"""The API given odd input: a 400 with a JSON ``detail`` sentence, never Django's HTML 500 page;
+and its description lists the errors each operation can give (issue 13)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from django.test import Client
+
+from api import api as api_module
+from events.models import Category
+from events.services import event_write
+
+pytestmark = pytest.mark.django_db
+
+EVENTS = "/api/v1/events"
+OUT_OF_RANGE = "is out of range: enter a time between 0001-01-02 and 9999-12-30 UTC."
+
+
+def _token(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        pytest.param({"limit": "²"}, "limit", id="superscript-limit"),
+        pytest.param({"limit": "0"}, "Page size must be a number", id="zero-limit"),
+        pytest.param({"since": "0001-01-01T00:00:00+14:00"}, OUT_OF_RANGE, id="early-since"),
+        pytest.param({"until": "9999-12-31T23:59:59-14:00"}, OUT_OF_RANGE, id="late-until"),
+        pytest.param(
+            {"after": _token("2026-01-01T00:00:00+00:00|" + "9" * 30)},
+            "This page link is damaged",
+            id="cursor-id-of-thirty-nines",
+        ),
+        pytest.param(
+            {"before": _token("9999-12-31T23:59:59-14:00|1")},
+            "This page link is damaged",
+            id="cursor-time-after-year-9999",
+        ),
+        pytest.param({"after": "9" * 30}, "This page link is damaged", id="thirty-nines-token"),
+    ],
+)
+def test_odd_event_filters_are_a_400_with_a_json_detail(
+    admin_client: Client, params: dict[str, str], words: str
+) -> None:
+    response = admin_client.get(EVENTS, params)
+
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("application/json")
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and words in detail
+
+
+def test_an_unreadable_parameter_names_the_parameter(admin_client: Client) -> None:
+    response = admin_client.get(EVENTS, {"limit": "ten"})
+
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("limit: ")
+
+
+def test_an_unexpected_error_is_a_json_500_not_the_html_page(
+    admin_client: Client, monkeypatch, caplog
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(api_module, "event_page", broken)
+
+    response = admin_client.get(EVENTS)
+
+    assert response.status_code == 500
+    assert response["Content-Type"].startswith("application/json")
+    assert response.json() == {"detail": api_module.UNEXPECTED_ERROR}
+    assert "the database went away" not in response.content.decode()
+    (record,) = [r for r in caplog.records if r.name == "django.request"]
+    assert record.exc_info and "the database went away" in str(record.exc_info[1])
+
+
+def test_a_good_filter_still_pages(admin_client: Client) -> None:
+    event_write(category=Category.SYSTEM, message="still listed")
+
+    response = admin_client.get(
+        EVENTS,
+        {
+            "category": "system",
+            "since": "0001-01-02T00:00:00+00:00",
+            "until": "9999-12-30T00:00:00+00:00",
+        },
+    )
+
+    assert response.status_code == 200
+    assert [e["message"] for e in response.json()["events"]] == ["still listed"]
+
+
+def test_the_description_lists_the_errors_of_the_events_operation(admin_client: Client) -> None:
+    schema = admin_client.get("/api/v1/openapi.json").json()
+
+    responses = schema["paths"]["/api/v1/events"]["get"]["responses"]
+
+    assert {"200", "400", "401"} <= set(responses)
+    assert "403" not in responses  # a read: read-only accounts may call it
+    for status in ("400", "401"):
+        body = responses[status]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/Problem"}
+    assert schema["components"]["schemas"]["Problem"]["required"] == ["detail"]
+
+
+def test_the_description_lists_the_role_refusal_on_changes(admin_client: Client) -> None:
+    schema = admin_client.get("/api/v1/openapi.json").json()
+
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert "401" in operation["responses"], (method, path)
+            if method != "get":
+                assert "403" in operation["responses"], (method, path)
+
+
+def test_operations_keep_their_own_descriptions_of_shared_codes(admin_client: Client) -> None:
+    schema = admin_client.get("/api/v1/openapi.json").json()
+
+    events_400 = schema["paths"]["/api/v1/events"]["get"]["responses"]["400"]
+
+    assert events_400["description"] == "Bad Request"  # from response=, not replaced
