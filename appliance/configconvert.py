@@ -37,6 +37,7 @@ the base64), the SMTP settings and the mail policy. Firmware 2.8.1 keeps it in O
         <maxMessageSize>20971520</maxMessageSize>
         <smtpLogRetentionDays>90</smtpLogRetentionDays>
         <trackingLogRetentionDays>90</trackingLogRetentionDays>
+        <relayNetworks></relayNetworks>
       </smtp>
     </mailsecConfig>
 
@@ -106,6 +107,7 @@ _SMTP_ELEMENTS = {
     "max_message_size": "maxMessageSize",
     "smtp_log_retention_days": "smtpLogRetentionDays",
     "tracking_log_retention_days": "trackingLogRetentionDays",
+    "relay_networks": "relayNetworks",
 }
 _SECTIONS = ("policyObjects", "mailPolicy", "smtp")
 

@@ -9,6 +9,7 @@ the 2.8.1 conversion the settings live in the 2.8.1 configuration file
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, fields
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -29,6 +30,9 @@ class SmtpSettings:
     max_message_size: int = 20 * 1024 * 1024
     smtp_log_retention_days: int = 90
     tracking_log_retention_days: int = 90
+    # Client networks (CIDR, space-separated) that may relay to any domain; empty by default,
+    # so only mail for the local domains is accepted (see smtp.engine.check_relay).
+    relay_networks: str = ""
 
     def validate(self) -> None:
         """Refuse values the mail daemon would reject, before they reach the disk."""
@@ -40,6 +44,25 @@ class SmtpSettings:
             raise ValueError("log retention must be at least one day")
         if "\n" in self.next_hop:
             raise ValueError("next_hop must be a single line")
+        self.relay_network_list()
+
+    def relay_network_list(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """The relay networks parsed; ValueError names the first entry that is not one."""
+        return parse_relay_networks(self.relay_networks)
+
+
+def parse_relay_networks(
+    text: str,
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Networks separated by spaces, commas or line breaks; host bits are cleared
+    (``10.1.2.3/8`` is ``10.0.0.0/8``), a bare address is a one-host network."""
+    networks = []
+    for entry in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError as exc:
+            raise ValueError(f"relay network {entry!r} is not an IP network") from exc
+    return tuple(dict.fromkeys(networks))
 
 
 def parse_smtp_settings(data: bytes) -> SmtpSettings:

@@ -6,6 +6,12 @@ lists they name and the SMTP settings) is compiled into a :class:`CompiledPolicy
 applies to the next message without a restart. The checks themselves are pure functions of the
 compiled policy and the message:
 
+* at ``MAIL FROM`` and ``RCPT TO`` (:func:`check_path_syntax`): a path without angle brackets
+  is refused with 501, a control character (NUL included) in it with 553, and so is the null
+  path ``<>`` as a recipient (it is only valid as a reverse-path, RFC 5321 4.1.1.3);
+* at ``RCPT TO`` (:func:`check_relay`): a recipient outside the local domains is refused with
+  554 unless the client is in one of the SMTP settings' relay networks; no allow list opens
+  the relay, since a sender address is whatever the client claims;
 * at ``RCPT TO`` (:func:`check_recipient`): a blocked sender or recipient is refused with 550,
   unless an allow list covers the sender or that recipient (allow wins over block);
 * at the end of ``DATA`` (:func:`evaluate`), in this order: the maximum message size (552), a
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import ipaddress
 import os
 import re
 import threading
@@ -66,6 +73,24 @@ _SPACE = re.compile(r"\s+")
 REPLY_SENDER_BLOCKED = "550 5.7.1 <{address}>: Sender address rejected: blocked by policy"
 REPLY_RECIPIENT_BLOCKED = "550 5.7.1 <{address}>: Recipient address rejected: blocked by policy"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size ({limit} bytes)"
+REPLY_RELAY_DENIED = "554 5.7.1 <{address}>: Relay access denied"
+REPLY_MAIL_SYNTAX = "501 5.5.4 Syntax: MAIL FROM:<address>"
+REPLY_RCPT_SYNTAX = "501 5.5.4 Syntax: RCPT TO:<address>"
+REPLY_BAD_SENDER = "553 5.1.7 Bad sender address syntax"
+REPLY_BAD_RECIPIENT = "553 5.1.3 Bad recipient address syntax"
+REPLY_NULL_RECIPIENT = "553 5.1.3 The null path <> is not a valid recipient"
+
+# The policy object whose domains the appliance accepts mail for from any client: the demo's
+# and the shipped configuration's name for the company's own domains (also the senders of the
+# confidential-keywords rule). A domain listed there matches itself only; ".example.com" matches
+# every subdomain of example.com (not example.com itself), as Postfix's relay_domains does
+# without parent_domain_matches_subdomains.
+LOCAL_DOMAINS_OBJECT = "Internal domains"
+# Control characters: a NUL or a line break in an address would end up in the spool's envelope,
+# the logs and the next hop's session.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class PolicyError(ApplianceError):
@@ -119,6 +144,42 @@ class AddressList:
 
 
 @dataclass(frozen=True)
+class LocalDomains:
+    """The domains mail is accepted for from any client: exact names, and ``.parent`` entries
+    that match the parent's subdomains only."""
+
+    names: frozenset[str] = frozenset()
+    parents: tuple[str, ...] = ()  # each with its leading dot
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[str]) -> LocalDomains:
+        names, parents = set(), set()
+        for entry in entries:
+            domain = entry.strip().lower().lstrip("@").rstrip(".")
+            if domain.startswith("."):
+                if len(domain) > 1:
+                    parents.add(domain)
+            elif domain and "@" not in domain:
+                names.add(domain)
+        return cls(frozenset(names), tuple(sorted(parents)))
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.parents)
+
+    def matches(self, address: str) -> bool:
+        """True when the address's domain is local (an address without a domain never is)."""
+        local, at, domain = normalize_address(address).rpartition("@")
+        domain = domain.rstrip(".")
+        if not (local and at and domain):
+            return False
+        return domain in self.names or domain.endswith(self.parents)
+
+    def listed(self) -> tuple[str, ...]:
+        """As an administrator would list them: names, then ``.parent`` entries."""
+        return (*sorted(self.names), *self.parents)
+
+
+@dataclass(frozen=True)
 class ContentRule:
     """Keywords that send a message to the policy store, optionally only for some senders."""
 
@@ -139,6 +200,8 @@ class CompiledPolicy:
     spam_threshold: float = DEFAULT_SPAM_THRESHOLD
     content_rules: tuple[ContentRule, ...] = ()
     stores: tuple[tuple[str, str], ...] = tuple(DEFAULT_STORES.items())  # verdict, store name
+    local_domains: LocalDomains = LocalDomains()
+    relay_networks: tuple[IPNetwork, ...] = ()
 
     def store_for(self, verdict: str) -> str:
         return dict(self.stores)[verdict]
@@ -175,7 +238,9 @@ def compile_policy(root: Path | None = None) -> tuple[CompiledPolicy, tuple[Path
     """Read the configuration and return the compiled policy and the list files it read.
 
     Without a mail policy file nothing is blocked, allowed or keyword-scored (the header
-    indicators still count) and quarantines go to the stores of the default names.
+    indicators still count) and quarantines go to the stores of the default names. Without a
+    policy object named :data:`LOCAL_DOMAINS_OBJECT` there are no local domains, and only
+    clients in the relay networks get mail accepted (closed, not open, when it is missing).
     """
     base = appliance_root(root)
     try:
@@ -184,13 +249,20 @@ def compile_policy(root: Path | None = None) -> tuple[CompiledPolicy, tuple[Path
             rules = read_mail_policy(base)
         except ApplianceNotInitialized:
             rules = MailPolicy()
-        objects = list_policy_objects(base) if (rules.rules or rules.quarantine) else []
+        try:
+            objects = list_policy_objects(base)
+        except ApplianceNotInitialized:
+            objects = []
         rules.validate(objects)
+        relay_networks = smtp.relay_network_list()
     except (ApplianceError, ValueError, OSError) as exc:
         raise PolicyError(f"the mail policy cannot be read: {exc}") from exc
 
     by_id = {obj.id: obj for obj in objects}
     list_files: list[Path] = []
+    local_domain_ids = [
+        obj.id for obj in objects if obj.name == LOCAL_DOMAINS_OBJECT and obj.type == "domainlist"
+    ]
 
     def entries(obj_id: str) -> list[str]:
         obj = by_id[obj_id]
@@ -239,6 +311,10 @@ def compile_policy(root: Path | None = None) -> tuple[CompiledPolicy, tuple[Path
             for rule in rules.rules_of("content-keywords")
         ),
         stores=tuple(stores.items()),
+        local_domains=LocalDomains.from_entries(
+            entry for obj_id in local_domain_ids for entry in entries(obj_id)
+        ),
+        relay_networks=relay_networks,
     )
     return compiled, tuple(list_files)
 
@@ -311,6 +387,51 @@ def is_allowed(policy: CompiledPolicy, sender: str, recipients: Sequence[str]) -
     if policy.sender_allow.matches(sender):
         return True
     return bool(recipients) and all(policy.recipient_allow.matches(r) for r in recipients)
+
+
+def check_path_syntax(argument: str, *, recipient: bool) -> str | None:
+    """The 501 or 553 refusing a ``MAIL FROM:`` or ``RCPT TO:`` argument as the client sent it
+    (after the colon), or None to let the SMTP parser go on.
+
+    aiosmtpd parses leniently: it takes an address without angle brackets, keeps a NUL byte in
+    it, and accepts ``<>`` as a recipient; RFC 5321 (4.1.2) requires the brackets and allows the
+    null path only as the reverse-path.
+    """
+    argument = argument.lstrip(" ")
+    if _CONTROL.search(argument):
+        return REPLY_BAD_RECIPIENT if recipient else REPLY_BAD_SENDER
+    if not argument.startswith("<") or ">" not in argument:
+        return REPLY_RCPT_SYNTAX if recipient else REPLY_MAIL_SYNTAX
+    if recipient and argument[1:].lstrip().startswith(">"):
+        return REPLY_NULL_RECIPIENT
+    return None
+
+
+def client_address(client_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address, an IPv4-mapped IPv6 one as IPv4; None when it is not an address."""
+    try:
+        address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def may_relay(policy: CompiledPolicy, client_ip: str) -> bool:
+    """True when the client is in one of the relay networks (loopback is not implicitly)."""
+    address = client_address(client_ip)
+    return address is not None and any(address in network for network in policy.relay_networks)
+
+
+def check_relay(policy: CompiledPolicy, client_ip: str, recipient: str) -> str | None:
+    """The 554 refusing a recipient this appliance must not relay to, or None to go on.
+
+    Any client may send to a local domain; a client in a relay network may send anywhere.
+    """
+    if policy.local_domains.matches(recipient) or may_relay(policy, client_ip):
+        return None
+    return REPLY_RELAY_DENIED.format(address=normalize_address(recipient))
 
 
 def check_recipient(policy: CompiledPolicy, sender: str, recipient: str) -> str | None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from django import forms
 
+from appliance.smtp import parse_relay_networks
 from mailsecurity.forms import LogRetentionForm
 
-__all__ = ["LogRetentionForm", "MaintenanceModeForm"]
+__all__ = ["LogRetentionForm", "MaintenanceModeForm", "RelayNetworksForm"]
+MAX_RELAY_NETWORKS = 100
 
 
 class MaintenanceModeForm(forms.Form):
@@ -20,3 +22,25 @@ class MaintenanceModeForm(forms.Form):
         if "\n" in reason or "\r" in reason:
             raise forms.ValidationError("The reason must be a single line.")
         return reason
+
+
+class RelayNetworksForm(forms.Form):
+    """The networks whose clients may relay to any domain: one CIDR network per line."""
+
+    relay_networks = forms.CharField(
+        required=False,
+        max_length=8000,
+        label="Relay networks",
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="One network per line, e.g. 198.51.100.0/24 or 2001:db8::/32. Empty: none.",
+    )
+
+    def clean_relay_networks(self) -> list[str]:
+        """Each entry parsed with ``ipaddress.ip_network(strict=False)``, in its usual form."""
+        try:
+            networks = parse_relay_networks(self.cleaned_data["relay_networks"])
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc).capitalize() + ".") from exc
+        if len(networks) > MAX_RELAY_NETWORKS:
+            raise forms.ValidationError(f"At most {MAX_RELAY_NETWORKS} networks.")
+        return [str(network) for network in networks]

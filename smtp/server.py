@@ -12,6 +12,12 @@ Accepted means kept. The 250 at the end of DATA is sent only after the message i
 Anything that fails before that point answers 4xx, so the sender keeps the message and retries.
 A SIGKILL at any moment therefore loses nothing that was acknowledged.
 
+Mail is accepted for the local domains from any client, and for any domain only from the SMTP
+settings' relay networks: everything else is refused at RCPT with 554 (see
+:func:`smtp.engine.check_relay`), logged in the SMTP log like any refused recipient, and counted
+into one rolled-up event per :data:`REFUSAL_EVENT_INTERVAL` (:class:`RefusalTally`) so that a
+spammer probing for an open relay cannot flood the event log.
+
 Maintenance mode (and a damaged maintenance file) answers 421 at the greeting, at MAIL FROM and
 at the end of DATA, keeping nothing, so senders retry once it is over. A graceful stop closes the
 listener, lets transactions in flight finish, and answers 421 to anything new.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import queue
@@ -35,6 +42,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,7 +66,9 @@ from smtp.engine import (
     PolicyCache,
     PolicyError,
     Verdict,
+    check_path_syntax,
     check_recipient,
+    check_relay,
     envelope_address,
     evaluate,
 )
@@ -83,6 +93,11 @@ STOP_GRACE = 8.0
 # DATA); they are reworded with enhanced status codes, and the second is logged as a rejection.
 _AIOSMTPD_SIZE_AT_MAIL = "552 Error: message size exceeds fixed maximum message size"
 _AIOSMTPD_SIZE_AT_DATA = "552 Error: Too much mail data"
+# Refused relay attempts are summed into one event per interval, whatever their rate.
+REFUSAL_EVENT_INTERVAL = 60.0
+# Clients and examples an event names; the count covers them all.
+REFUSAL_EVENT_CLIENTS = 20
+REFUSAL_EVENT_EXAMPLES = 5
 
 
 def new_queue_id() -> str:
@@ -101,6 +116,54 @@ def received_header(
         f"\tby {hostname} (LMI mail security) with ESMTP id {queue_id}{recipient}; {date}\r\n"
     )
     return text.encode("ascii", errors="replace")
+
+
+class RefusalTally:
+    """Recipients refused with "Relay access denied" since the last event about them.
+
+    The refusal itself is in the SMTP log (one row per recipient, as for any refusal); the event
+    log gets one summary per interval, so an administrator sees that someone is probing the
+    relay without thousands of events drowning the rest.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.refused = 0
+        self.clients: Counter[str] = Counter()
+        self.examples: list[dict[str, str]] = []
+        self.since: datetime | None = None
+
+    def add(self, client_ip: str, sender: str, recipient: str) -> None:
+        if self.since is None:
+            self.since = datetime.now(tz=UTC)
+        self.refused += 1
+        self.clients[client_ip] += 1
+        if len(self.examples) < REFUSAL_EVENT_EXAMPLES:
+            self.examples.append({"client": client_ip, "sender": sender, "recipient": recipient})
+
+    def take(self) -> tuple[str, dict[str, object]] | None:
+        """The event's message and details for what was counted, and start counting anew;
+        None when nothing was refused."""
+        if not self.refused or self.since is None:
+            return None
+        clients = len(self.clients)
+        message = (
+            f"Relay access denied (554) to {self.refused} recipient(s) from {clients} "
+            f"client(s) since {self.since:%H:%M:%S} UTC: the appliance accepts mail for its "
+            "local domains, and for others only from its relay networks"
+        )
+        details: dict[str, object] = {
+            "refused": self.refused,
+            "clients": dict(self.clients.most_common(REFUSAL_EVENT_CLIENTS)),
+            "other_clients": max(0, clients - REFUSAL_EVENT_CLIENTS),
+            "examples": self.examples,
+            "since": self.since.isoformat(),
+            "until": datetime.now(tz=UTC).isoformat(),
+        }
+        self._reset()
+        return message, details
 
 
 @dataclass(frozen=True)
@@ -242,6 +305,35 @@ class MailSMTP(SMTP):
         self.bytes_in += len(data)
         super().data_received(data)
 
+    # aiosmtpd only hands the handler the parsed address, by then without the brackets that
+    # were missing and with the NUL that was there: the raw argument is checked here. The
+    # states aiosmtpd answers 503 to (no EHLO, nested MAIL, RCPT before MAIL) are left to it.
+    @functools.wraps(SMTP.smtp_MAIL)
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        path = self._path_argument("FROM:", arg)
+        if path is not None and self.envelope is not None and not self.envelope.mail_from:
+            refusal = check_path_syntax(path, recipient=False)
+            if refusal is not None:
+                await self.push(refusal)
+                return
+        await super().smtp_MAIL(arg)
+
+    @functools.wraps(SMTP.smtp_RCPT)
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        path = self._path_argument("TO:", arg)
+        if path is not None and self.envelope is not None and self.envelope.mail_from:
+            refusal = check_path_syntax(path, recipient=True)
+            if refusal is not None:
+                await self.push(refusal)
+                return
+        await super().smtp_RCPT(arg)
+
+    def _path_argument(self, keyword: str, arg: str | None) -> str | None:
+        """What follows ``FROM:``/``TO:`` once the client has greeted, else None."""
+        if arg is None or self.session is None or not self.session.host_name:
+            return None
+        return self._strip_command_keyword(keyword, arg)
+
     @property
     def in_transaction(self) -> bool:
         """Between an accepted MAIL FROM and the end of its DATA (or RSET)."""
@@ -326,6 +418,18 @@ class MailHandler:
         policy = server.policy
         if policy is None:
             return REPLY_TEMPFAIL
+        client_ip = _client_ip(session)
+        # Before the lists: an allow-listed sender is only what the client claims, and must not
+        # open the relay.
+        reply = check_relay(policy, client_ip, address)
+        if reply is not None:
+            self.service.relay_refusals.add(
+                client_ip, envelope_address(envelope.mail_from or ""), envelope_address(address)
+            )
+            await self.service.record_quietly(
+                self._record(session, envelope, (address,), reply, "policy", "rejected")
+            )
+            return reply
         reply = check_recipient(policy, envelope.mail_from or "", address)
         if reply is not None:
             await self.service.record_quietly(
@@ -501,6 +605,8 @@ class MailService:
         self._spool_lock: int | None = None
         self._server: asyncio.Server | None = None
         self._policy_errors: set[str] = set()
+        self.relay_refusals = RefusalTally()
+        self._refusal_reporter: asyncio.Task[None] | None = None
         self.delivery: DeliveryQueue
 
     # --- Life cycle ---------------------------------------------------------------------------
@@ -523,6 +629,7 @@ class MailService:
         )
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
+        self._refusal_reporter = asyncio.create_task(self._report_refusals(), name="refusal-events")
         if recovered:
             log.info("%d message(s) left in the spool are being delivered", recovered)
         return self.host, self.port
@@ -542,6 +649,10 @@ class MailService:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.close()
+        if self._refusal_reporter is not None:
+            self._refusal_reporter.cancel()
+            await asyncio.gather(self._refusal_reporter, return_exceptions=True)
+        self.report_refusals()  # what the last interval counted is not lost
         if hasattr(self, "delivery"):
             await self.delivery.stop()
         await loop.run_in_executor(None, self._writer.close)
@@ -603,6 +714,18 @@ class MailService:
             timeout=IDLE_TIMEOUT,
             loop=asyncio.get_running_loop(),
         )
+
+    async def _report_refusals(self) -> None:
+        while True:
+            await asyncio.sleep(REFUSAL_EVENT_INTERVAL)
+            self.report_refusals()
+
+    def report_refusals(self) -> None:
+        """Write the rolled-up event of the relay attempts refused since the last one, if any."""
+        summary = self.relay_refusals.take()
+        if summary is not None:
+            message, details = summary
+            self.event(message, Severity.WARNING, details)
 
     # --- Used by the handler ------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Writes of SMTP > Configuration > Maintenance: maintenance mode on and off, with events.
+"""Writes of SMTP > Configuration > Maintenance: maintenance mode on and off and the relay
+networks, with events.
 
 The SMTP log's retention is saved through mailsecurity.services.retention_apply, which starts
 the retention purge when it gets shorter.
@@ -6,10 +7,13 @@ the retention purge when it gets shorter.
 
 from __future__ import annotations
 
+import dataclasses
+
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
 from appliance import maintenance
 from appliance.maintenance import MaintenanceState
+from appliance.smtp import SmtpSettings, read_smtp_settings, write_smtp_settings
 from events.models import Category, Severity
 from events.services import event_write, username_of
 
@@ -41,3 +45,29 @@ def maintenance_mode_leave(*, user: User | None) -> bool:
             user=user,
         )
     return was_on
+
+
+def relay_networks_set(networks: list[str], *, user: User | None) -> SmtpSettings:
+    """Replace the networks whose clients may relay mail to any domain.
+
+    The mail service reads them with the policy before the next message (no restart). The
+    settings validate every network before anything is written; an event is written only when
+    they changed.
+    """
+    current = read_smtp_settings()
+    updated = dataclasses.replace(current, relay_networks=" ".join(networks))
+    if updated.relay_network_list() == current.relay_network_list():
+        return current
+    write_smtp_settings(updated)
+    event_write(
+        category=Category.SMTP,
+        severity=Severity.WARNING,
+        message=(
+            f"Relay networks set to {', '.join(networks)}: their clients may relay to any domain"
+            if networks
+            else "Relay networks cleared: mail is accepted for the local domains only"
+        ),
+        user=user,
+        details={"before": current.relay_networks.split(), "after": networks},
+    )
+    return updated

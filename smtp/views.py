@@ -1,4 +1,5 @@
-"""SMTP > Configuration > Maintenance: SMTP log retention and maintenance mode."""
+"""SMTP > Configuration > Maintenance: SMTP log retention, maintenance mode, and whom mail is
+accepted for (the local domains, read-only, and the relay networks)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from appliance.maintenance import maintenance_status
 from mailsecurity import selectors as mail_selectors
 from mailsecurity import services as mail_services
 from mailsecurity.views import disk_context, purge_context, refuse_read_only, retention_saved
-from smtp import services
-from smtp.forms import LogRetentionForm, MaintenanceModeForm
+from smtp import selectors, services
+from smtp.engine import PolicyError
+from smtp.forms import LogRetentionForm, MaintenanceModeForm, RelayNetworksForm
 
 
 def _page(
     request: HttpRequest,
     retention_form: LogRetentionForm | None = None,
     mode_form: MaintenanceModeForm | None = None,
+    relay_form: RelayNetworksForm | None = None,
     status: int = 200,
 ) -> HttpResponse:
     context: dict[str, object] = {
@@ -37,6 +40,15 @@ def _page(
         context["maintenance"] = maintenance_status()
     except ApplianceError as exc:
         context["appliance_error"] = str(exc)
+    try:
+        relay = selectors.relay_configuration()
+    except (ApplianceError, PolicyError) as exc:
+        context["relay_error"] = str(exc)
+    else:
+        context["relay"] = relay
+        context["relay_form"] = relay_form or RelayNetworksForm(
+            initial={"relay_networks": "\n".join(relay.relay_networks)}
+        )
     return render(request, "smtp/maintenance.html", context, status=status)
 
 
@@ -75,4 +87,21 @@ def maintenance_mode(request: HttpRequest) -> HttpResponse:
         messages.success(request, "Maintenance mode is off: mail is accepted again.")
     else:
         messages.info(request, "Maintenance mode was not on.")
+    return redirect("smtp:maintenance")
+
+
+@require_POST
+def relay_networks(request: HttpRequest) -> HttpResponse:
+    """Set the networks whose clients may relay to any domain (administrators only)."""
+    if refused := refuse_read_only(request):
+        return refused
+    form = RelayNetworksForm(request.POST)
+    if not form.is_valid():
+        return _page(request, relay_form=form, status=400)
+    networks = form.cleaned_data["relay_networks"]
+    services.relay_networks_set(networks, user=request.user)
+    if networks:
+        messages.success(request, f"Relay networks saved: {', '.join(networks)}.")
+    else:
+        messages.success(request, "No relay networks: mail is accepted for the local domains only.")
     return redirect("smtp:maintenance")

@@ -86,7 +86,7 @@ def test_the_demo_configuration_converts_with_every_object_rule_and_setting_equa
     assert result.objects == len(objects) == 12
     assert result.rules == len(mail_policy.rules) == 5
     assert result.quarantines == 3
-    assert result.settings == 5
+    assert result.settings == 6
     assert result.files_missing == ()
     for name in LEGACY_FILES:
         assert not (demo_appliance / name).exists()

@@ -99,7 +99,7 @@ def test_a_bad_retention_is_explained_on_the_page(demo_appliance, admin_page):
         "el => el.removeAttribute('min')"
     )
     page.get_by_label("Keep SMTP log entries for (days)").fill("0")
-    page.get_by_role("button", name="Save").click()
+    page.get_by_role("button", name="Save retention").click()
 
     assert "Keep at least 1 day." in page.get_by_test_id("form-errors").inner_text()
     assert retention.retention_settings().smtp_log_days == 90

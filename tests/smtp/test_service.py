@@ -370,3 +370,111 @@ def test_a_damaged_mail_policy_defers_mail_with_451_and_says_so_once(
         Event.objects.filter(message__startswith="The mail policy cannot be applied").count() == 1
     )
     assert query("SELECT count(*) FROM tracking_log") == tracked_before
+
+
+# --- Relay control and envelope syntax (issue 13) -------------------------------------------
+
+SPAMMER = "spammer@evil.example"
+VICTIM = "victim@gmail.com"
+
+
+def sink_recipients() -> list[tuple[str, ...]]:
+    return [parse_spool_file(path, path.read_bytes()).recipients for path in sink_files()]
+
+
+def test_an_open_relay_attempt_is_refused_with_554_and_nothing_is_kept(
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+) -> None:
+    raw = message("<relay.attempt@evil.example>", sender=SPAMMER, to=VICTIM).as_bytes(policy=SMTP)
+    with smtp_service.client() as client:
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            client.sendmail(SPAMMER, [VICTIM, "other@elsewhere.test"], raw)
+        assert refused.value.recipients == {
+            VICTIM: (554, b"5.7.1 <victim@gmail.com>: Relay access denied"),
+            "other@elsewhere.test": (554, b"5.7.1 <other@elsewhere.test>: Relay access denied"),
+        }
+        # In one transaction with a local recipient, only the local one gets the message.
+        client.rset()
+        assert client.mail(SPAMMER)[0] == 250
+        assert client.rcpt(VICTIM)[0] == 554
+        assert client.rcpt(STAFF)[0] == 250
+        assert client.data(raw)[0] == 250
+
+    wait_for(lambda: sink_recipients() == [(STAFF,)], message=smtp_service.log())
+    assert spool_list() == []
+    denied = [
+        (VICTIM, "554 5.7.1 <victim@gmail.com>: Relay access denied"),
+        ("other@elsewhere.test", "554 5.7.1 <other@elsewhere.test>: Relay access denied"),
+    ]
+    assert query(
+        "SELECT recipient, response FROM smtp_log WHERE sender = ? AND recipient != ? ORDER BY id",
+        SPAMMER,
+        STAFF,
+    ) == [*denied, denied[0]]
+    assert query(
+        "SELECT recipient, action FROM tracking_log"
+        " WHERE sender = ? AND recipient != ? ORDER BY id",
+        SPAMMER,
+        STAFF,
+    ) == [(VICTIM, "rejected"), ("other@elsewhere.test", "rejected"), (VICTIM, "rejected")]
+
+    # One rolled-up event for the three refusals, written at the latest when the service stops.
+    smtp_service.stop()
+    (event,) = Event.objects.filter(category=Category.SMTP, message__contains="Relay access denied")
+    assert event.details["refused"] == 3
+    assert event.details["clients"] == {"127.0.0.1": 3}
+    assert event.details["examples"][0] == {
+        "client": "127.0.0.1",
+        "sender": SPAMMER,
+        "recipient": VICTIM,
+    }
+
+
+def test_a_client_in_a_relay_network_may_send_to_any_domain(
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+) -> None:
+    smtp = read_smtp_settings()
+    smtp.relay_networks = "127.0.0.0/8"
+    write_smtp_settings(smtp)  # read with the policy: no restart
+
+    with smtp_service.client() as client:
+        assert client.sendmail(STAFF, [VICTIM], message("<out.1@example.com>").as_bytes()) == {}
+
+    wait_for(lambda: sink_recipients() == [(VICTIM,)], message=smtp_service.log())
+
+
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [
+        ("MAIL FROM:spammer@evil.example", 501),  # no angle brackets
+        ("MAIL FROM:<spam\x00mer@evil.example>", 553),  # a NUL byte
+    ],
+)
+def test_a_malformed_reverse_path_is_refused(
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+    command: str,
+    code: int,
+) -> None:
+    with smtp_service.client() as client:
+        client.ehlo()
+        assert client.docmd(command)[0] == code
+        # Nothing was started: a recipient is answered "need MAIL command".
+        assert client.rcpt(STAFF)[0] == 503
+        assert client.mail("<>")[0] == 250  # the null reverse-path of a bounce is fine
+
+    assert spool_list() == [] and sink_files() == []
+
+
+def test_the_null_path_and_malformed_forward_paths_are_refused_as_recipients(
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+) -> None:
+    with smtp_service.client() as client:
+        client.ehlo()
+        assert client.mail(PARTNER)[0] == 250
+        assert client.docmd("RCPT TO:<>")[0] == 553
+        assert client.docmd("RCPT TO:bob.meyer@example.com")[0] == 501
+        assert client.docmd("RCPT TO:<bob.meyer\x00@example.com>")[0] == 553
+        code, reply = client.docmd("DATA")
+
+    assert code == 503, reply  # no valid recipient: nothing to take
+    assert spool_list() == [] and sink_files() == []
