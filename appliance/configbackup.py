@@ -49,13 +49,20 @@ from typing import Any, BinaryIO
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from lxml import etree
 
-from appliance import msgstore
+from appliance import msgstore, network
 from appliance.atomic import atomic_write_bytes, atomic_write_text, exclusive_lock, fsync_dir
-from appliance.errors import ApplianceError, ApplianceNotInitialized, UnsafeXMLError
+from appliance.errors import (
+    ApplianceError,
+    ApplianceNotInitialized,
+    MalformedApplianceFile,
+    UnsafeXMLError,
+)
 from appliance.paths import Layout, appliance_root, layout, resolve_inside
 from appliance.safexml import parse_xml
-from appliance.system import parse_key_values, read_firmware_release
+from appliance.smtp import SmtpSettings
+from appliance.system import parse_key_values, read_appliance_text, read_firmware_release
 
 MAGIC = b"LMIBAK1\n"
 FORMAT = 1
@@ -94,6 +101,59 @@ _PROTECTED_FILES = frozenset(
 )
 _STAGED = ".lmirestore-new"
 _OLD = ".lmirestore-old"
+
+# What a restore may write, beyond "well-formed and in its place": each of these is read by
+# the console's pages afterwards, so a value they cannot show must be refused here, not there.
+MAX_HOSTNAME_CHARS = 253  # RFC 1123 / RFC 1035
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+# A SUSE interface configuration name: a Linux interface name, or the hardware-bound names of
+# SLES 10 (the 2.8.0 firmware's system), such as "eth-id-00:11:22:33:44:55" or
+# "eth-bus-pci-0000:00:19.0"; starting with a letter or digit, so never "." or "..", and never
+# a "/" that could leave the network directory.
+_INTERFACE = r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"
+# The files of etc/sysconfig/network a backup may carry: SUSE's per-interface configuration
+# and routes, the global route table and SUSE's two global settings files.
+_KEY_VALUE_FILE = re.compile(rf"ifcfg-{_INTERFACE}|config|dhcp")
+_ROUTES_FILE = re.compile(rf"ifroute-{_INTERFACE}|routes")
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*")
+MAX_NAME_CHARS = 200  # a message store's or a policy object's name
+# The elements of each configuration file this console reads and writes, by file name: (root
+# element, every element). Anything else (an XInclude, an element of another vocabulary) is not
+# part of a configuration this console made and is refused rather than kept unread.
+_SMTP_FIELDS = frozenset(spec.name for spec in dataclasses.fields(SmtpSettings))
+_CONFIG_ELEMENTS: dict[str, tuple[str, frozenset[str]]] = {
+    "mailsec_policyobjects1_1.xml": (
+        "policyobjects",
+        frozenset({"policyobjects", "object", "name", "value"}),
+    ),
+    "mailsec_policy1_0.xml": ("mailpolicy", frozenset({"mailpolicy", "rule", "quarantine"})),
+    "mailsec_smtp1_0.xml": ("smtp", frozenset({"smtp"}) | _SMTP_FIELDS),
+    "mailsec_config2_0.xml": (
+        "mailsecConfig",
+        frozenset(
+            {
+                "mailsecConfig",
+                "policyObjects",
+                "object",
+                "name",
+                "value",
+                "fileRef",
+                "mailPolicy",
+                "rules",
+                "rule",
+                "quarantine",
+                "store",
+                "smtp",
+                "listenPort",
+                "nextHop",
+                "maxMessageSize",
+                "smtpLogRetentionDays",
+                "trackingLogRetentionDays",
+                "relayNetworks",
+            }
+        ),
+    ),
+}
 
 
 # --- Errors and results ---------------------------------------------------------------------
@@ -223,8 +283,12 @@ def _running_config_format(root: Path) -> str:
 
 
 def _hostname(the_layout: Layout) -> str:
+    """The running host name; :class:`MalformedApplianceFile` when ``etc/HOSTNAME`` is damaged.
+
+    A backup is not made of a damaged host name: its restore would be refused.
+    """
     try:
-        return the_layout.hostname_file.read_text(encoding="utf-8").strip()
+        return read_appliance_text(the_layout.hostname_file, the_layout.root).strip()
     except FileNotFoundError:
         return ""
 
@@ -805,7 +869,7 @@ def _check_xml(files: dict[str, bytes]) -> None:
         if "/" in name.removeprefix(_CPE) or not name.endswith(".xml"):
             raise BackupRejected(f'The backup contains "{shown}" in the configuration directory.')
         try:
-            parse_xml(data)
+            document = parse_xml(data)
         except UnsafeXMLError as exc:
             raise BackupRejected(
                 f"The configuration file {shown} declares a DOCTYPE or entities (as in XXE or "
@@ -813,6 +877,134 @@ def _check_xml(files: dict[str, bytes]) -> None:
             ) from exc
         except ApplianceError as exc:
             raise BackupRejected(f"The configuration file {shown} is not well-formed XML.") from exc
+        _check_elements(shown, document)
+
+
+def _element_name(element: etree._Element) -> str:
+    """``xi:include (namespace http://www.w3.org/2001/XInclude)``, or a plain tag as it is."""
+    qname = etree.QName(element)
+    name = f"{element.prefix}:{qname.localname}" if element.prefix else qname.localname
+    if qname.namespace:
+        name += f" (namespace {qname.namespace})"
+    return name[:200]
+
+
+def _check_elements(shown: str, document: etree._Element) -> None:
+    """Refuse a configuration file of a name, or with an element, this console does not know.
+
+    parse_xml already refuses DOCTYPEs and entities; an XInclude or a foreign element would
+    not be expanded either, but it would be restored and kept unread in the appliance's
+    configuration, where the mail-security engine might act on it: no such file is ours.
+    """
+    known = _CONFIG_ELEMENTS.get(shown)
+    if known is None:
+        raise BackupRejected(
+            f"The backup contains the configuration file {shown!r}, which this console does not "
+            "know; the backup is refused."
+        )
+    root_tag, elements = known
+    if document.tag != root_tag:
+        raise BackupRejected(
+            f"The configuration file {shown} starts with the element <{_element_name(document)}> "
+            f"instead of <{root_tag}>; the backup is refused."
+        )
+    for element in document.iter():
+        if not isinstance(element.tag, str):
+            continue  # comments and processing instructions carry no configuration
+        if element.tag not in elements:
+            raise BackupRejected(
+                f"The configuration file {shown} contains the element "
+                f"<{_element_name(element)}>, which this console does not know (an XInclude "
+                "or another foreign element is never restored); the backup is refused."
+            )
+
+
+def _check_hostname(files: dict[str, bytes]) -> None:
+    """``etc/HOSTNAME`` must hold one RFC 1123 host name: every page shows it."""
+    data = files.get(_HOSTNAME)
+    if data is None:
+        return
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise BackupRejected(
+            f"The backup's host name ({_HOSTNAME}) is not ASCII text; the backup is refused."
+        ) from exc
+    name = text.removesuffix("\n")
+    problem = ""
+    if not name:
+        problem = "it is empty"
+    elif len(name) > MAX_HOSTNAME_CHARS:
+        problem = f"it is longer than {MAX_HOSTNAME_CHARS} characters"
+    else:
+        for label in name.split("."):
+            if not _HOST_LABEL.fullmatch(label):
+                problem = (
+                    f"the part {label[:80]!r} is not 1 to 63 letters, digits and hyphens that "
+                    "neither start nor end with a hyphen"
+                )
+                break
+    if problem:
+        raise BackupRejected(
+            f"The backup's host name ({_HOSTNAME}) {name[:80]!r} is not a valid host name: "
+            f"{problem}; the backup is refused."
+        )
+
+
+def _check_network(files: dict[str, bytes]) -> None:
+    """The network files must be SUSE's, in plain ASCII, and readable as the pages read them."""
+    network_files = {name: data for name, data in files.items() if name.startswith(_NETWORK)}
+    for relative, data in network_files.items():
+        name = relative.removeprefix(_NETWORK)
+        key_values = _KEY_VALUE_FILE.fullmatch(name) is not None
+        if not key_values and _ROUTES_FILE.fullmatch(name) is None:
+            raise BackupRejected(
+                f"The backup contains the network file {name[:80]!r}, which is not an interface "
+                "configuration (ifcfg-<interface>) or a route table; the backup is refused."
+            )
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise BackupRejected(
+                f"The backup's network file {name} is not ASCII text; the backup is refused."
+            ) from exc
+        # split("\n"), not splitlines(): the latter would take a form feed for a line break.
+        for number, line in enumerate(text.split("\n"), start=1):
+            if any(not (" " <= char <= "~" or char == "\t") for char in line):
+                raise BackupRejected(
+                    f"The backup's network file {name} has a control character on line "
+                    f"{number}; the backup is refused."
+                )
+            content = line.strip()
+            is_setting = key_values and content and not content.startswith("#")
+            if is_setting and not _ASSIGNMENT.fullmatch(content):
+                raise BackupRejected(
+                    f"The backup's network file {name} has line {number}, which is not "
+                    "KEY=value; the backup is refused."
+                )
+    with _scratch_root(network_files) as scratch:
+        for relative in network_files:
+            name = relative.removeprefix(_NETWORK)
+            if not name.startswith("ifcfg-"):
+                continue
+            try:
+                network.read_interface(name.removeprefix("ifcfg-"), scratch)
+            except (ApplianceError, ValueError) as exc:
+                raise BackupRejected(
+                    f"The backup's network file {name} cannot be used: {exc}; the backup is "
+                    "refused."
+                ) from exc
+
+
+def _name_problem(kind: str, name: object) -> str:
+    """'' when ``name`` is a usable store or object name, else what is wrong with it."""
+    if not isinstance(name, str) or not name.strip():
+        return f"The backup has a {kind} without a name"
+    if len(name) > MAX_NAME_CHARS:
+        return f"The backup's {kind} {name[:80]!r}... has a name over {MAX_NAME_CHARS} characters"
+    if not name.isprintable():
+        return f"The backup's {kind} {name!r} has a control character in its name"
+    return ""
 
 
 def _check_settings(data: bytes) -> dict[str, Any]:
@@ -823,10 +1015,11 @@ def _check_settings(data: bytes) -> dict[str, Any]:
     if not isinstance(stores, dict):
         raise BackupRejected("The backup's appliance settings have no store retention.")
     for name, days in stores.items():
+        problem = _name_problem("message store", name)
+        if problem:
+            raise BackupRejected(f"{problem}; the backup is refused.")
         if (
-            not name
-            or len(name) > 200
-            or isinstance(days, bool)
+            isinstance(days, bool)
             or not isinstance(days, int)
             or not 1 <= days <= MAX_RETENTION_DAYS
         ):
@@ -860,6 +1053,10 @@ def _backup_macros(files: dict[str, bytes]) -> list[str]:
             return []
         except (ApplianceError, ValueError) as exc:
             raise BackupRejected(f"The backup's policy objects cannot be read: {exc}") from exc
+    for obj in objects:
+        problem = _name_problem("policy object", obj.name)
+        if problem:
+            raise BackupRejected(f"{problem} (id {obj.id[:80]!r}); the backup is refused.")
     return [obj.file_path for obj in objects if obj.file_path is not None]
 
 
@@ -964,6 +1161,8 @@ def _load_bytes(data: bytes, name: str, passphrase: str | None, root: Path) -> L
     if not any(name.startswith(_CPE) for name in files):
         raise BackupRejected("The backup holds no configuration files.")
     _check_xml(files)
+    _check_hostname(files)
+    _check_network(files)
     settings = _check_settings(members["appliance_settings.json"])
     console = _loads(members["console.json"], "console settings")
     if not isinstance(console, dict):
@@ -1134,6 +1333,14 @@ def _describe_network(root: Path) -> dict[str, str]:
     return described
 
 
+def _described_hostname(the_layout: Layout) -> str:
+    # Restoring a good backup is how a damaged host name is repaired, so the diff shows it.
+    try:
+        return _hostname(the_layout)
+    except MalformedApplianceFile as exc:
+        return f"({exc})"
+
+
 def _describe(root: Path, retention: dict[str, int]) -> dict[str, dict[str, str]]:
     objects, names = _describe_objects(root)
     return {
@@ -1141,7 +1348,7 @@ def _describe(root: Path, retention: dict[str, int]) -> dict[str, dict[str, str]
         "Mail policy": _describe_policy(root, names),
         "SMTP settings": _describe_smtp(root),
         "Network": _describe_network(root),
-        "Host name": {"hostname": _hostname(layout(root))}
+        "Host name": {"hostname": _described_hostname(layout(root))}
         if layout(root).hostname_file.is_file()
         else {},
         "Message store retention": {name: f"{days} days" for name, days in retention.items()},

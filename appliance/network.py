@@ -16,7 +16,7 @@ from typing import Literal
 from appliance.atomic import atomic_write_text
 from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
 from appliance.paths import Layout, layout
-from appliance.system import parse_key_values
+from appliance.system import parse_key_values, read_appliance_text, shown_path
 
 Mode = Literal["dhcp", "static"]
 
@@ -53,21 +53,31 @@ class Interface:
         return f"{self.address}/{self.prefix}" if self.prefix is not None else self.address
 
 
-def _mode(bootproto: str, path: Path) -> Mode:
+def _mode(bootproto: str, path: Path, root: Path | None) -> Mode:
     value = bootproto.lower()
     if value.startswith("dhcp"):
         return "dhcp"
     if value == "static":
         return "static"
-    raise MalformedApplianceFile(f"{path}: unsupported BOOTPROTO {bootproto!r}")
+    raise MalformedApplianceFile(
+        f"the file {shown_path(path, root)} has an unsupported BOOTPROTO {bootproto[:80]!r}"
+    )
 
 
-def _address(ipaddr: str, netmask: str | None) -> tuple[str | None, int | None]:
+def _address(
+    ipaddr: str, netmask: str | None, path: Path, root: Path | None
+) -> tuple[str | None, int | None]:
     if not ipaddr:
         return None, None
     if "/" not in ipaddr and netmask:
         ipaddr = f"{ipaddr}/{netmask}"
-    iface = ipaddress.ip_interface(ipaddr)
+    try:
+        iface = ipaddress.ip_interface(ipaddr)
+    except ValueError as exc:
+        # A hand-edited or restored file: the page reports it instead of failing with a 500.
+        raise MalformedApplianceFile(
+            f"the file {shown_path(path, root)} has an invalid address {ipaddr[:80]!r}"
+        ) from exc
     prefix = iface.network.prefixlen if ("/" in ipaddr) else None
     return str(iface.ip), prefix
 
@@ -75,7 +85,7 @@ def _address(ipaddr: str, netmask: str | None) -> tuple[str | None, int | None]:
 def _default_routes(the_layout: Layout) -> list[tuple[str, str]]:
     """``(gateway, interface or "-")`` of each default route in ``etc/sysconfig/network/routes``."""
     try:
-        text = the_layout.routes_file.read_text(encoding="utf-8")
+        text = read_appliance_text(the_layout.routes_file, the_layout.root)
     except FileNotFoundError:
         return []
     routes = []
@@ -107,19 +117,26 @@ def read_interface(name: str, root: Path | None = None) -> Interface:
     the_layout = layout(root)
     path = the_layout.ifcfg(name)
     try:
-        config = parse_key_values(path.read_text(encoding="utf-8"))
+        config = parse_key_values(read_appliance_text(path, root))
     except FileNotFoundError as exc:
         raise ApplianceNotInitialized(f"no interface configuration at {path}") from exc
-    mode = _mode(config.get("BOOTPROTO", "static"), path)
+    mode = _mode(config.get("BOOTPROTO", "static"), path, root)
     if mode == "dhcp":
+        lease_path = the_layout.dhcp_lease(name)
         try:
-            lease = parse_key_values(the_layout.dhcp_lease(name).read_text(encoding="utf-8"))
+            lease = parse_key_values(read_appliance_text(lease_path, root))
         except FileNotFoundError:
             lease = {}
-        address, prefix = _address(lease.get("IPADDR", ""), lease.get("NETMASK"))
+        address, prefix = _address(lease.get("IPADDR", ""), lease.get("NETMASK"), lease_path, root)
         return Interface(name, "dhcp", address, prefix, lease.get("GATEWAY") or None)
-    address, prefix = _address(config.get("IPADDR", ""), config.get("NETMASK"))
-    gateway = _static_gateway(name, address, prefix, _default_routes(the_layout))
+    address, prefix = _address(config.get("IPADDR", ""), config.get("NETMASK"), path, root)
+    routes = _default_routes(the_layout)
+    try:
+        gateway = _static_gateway(name, address, prefix, routes)
+    except ValueError as exc:
+        raise MalformedApplianceFile(
+            f"the file {shown_path(the_layout.routes_file, root)} has an invalid default route"
+        ) from exc
     pinned = config.get(PINNED_KEY, "").lower() == "yes"
     return Interface(name, "static", address, prefix, gateway, pinned_from_dhcp=pinned)
 
@@ -132,7 +149,12 @@ def list_interfaces(root: Path | None = None) -> list[Interface]:
     names = sorted(
         path.name.removeprefix("ifcfg-")
         for path in network_dir.glob("ifcfg-*")
-        if path.is_file() and path.name != "ifcfg-lo" and not path.name.endswith("~")
+        if path.is_file()
+        and path.name != "ifcfg-lo"
+        and not path.name.endswith("~")
+        # ``ifcfg-`` or ``ifcfg-.x`` names no interface (and Layout.ifcfg refuses them).
+        and not path.name.removeprefix("ifcfg-").startswith(".")
+        and path.name != "ifcfg-"
     )
     return [read_interface(name, root) for name in names]
 
@@ -168,7 +190,7 @@ def write_interface(interface: Interface, root: Path | None = None) -> None:
     the_layout = layout(root)
     path = the_layout.ifcfg(interface.name)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_appliance_text(path, root)
     except FileNotFoundError:
         text = f"STARTMODE='auto'\nNAME='{interface.name}'\n"
     if interface.mode == "static":
@@ -189,7 +211,7 @@ def write_interface(interface: Interface, root: Path | None = None) -> None:
 
 def _write_default_route(the_layout: Layout, name: str, gateway: str | None) -> None:
     try:
-        lines = the_layout.routes_file.read_text(encoding="utf-8").splitlines()
+        lines = read_appliance_text(the_layout.routes_file, the_layout.root).splitlines()
     except FileNotFoundError:
         lines = []
     kept = []
@@ -231,7 +253,7 @@ def dhcp_pin_static(interface: str, root: Path | None = None) -> Interface:
     if current.gateway is not None:
         ipaddress.ip_address(current.gateway)
     path = the_layout.ifcfg(interface)
-    text = path.read_text(encoding="utf-8")
+    text = read_appliance_text(path, root)
     updates: dict[str, str | None] = {
         "BOOTPROTO": "static",
         "IPADDR": f"{current.address}/{current.prefix}",
@@ -259,7 +281,7 @@ def dhcp_unpin(interface: str, root: Path | None = None) -> Interface:
             "as it is."
         )
     path = the_layout.ifcfg(interface)
-    text = path.read_text(encoding="utf-8")
+    text = read_appliance_text(path, root)
     updates: dict[str, str | None] = {
         "BOOTPROTO": "dhcp",
         "IPADDR": None,

@@ -53,11 +53,37 @@ def parse_key_values(text: str) -> dict[str, str]:
     return values
 
 
+def read_appliance_text(path: Path, root: Path | None = None) -> str:
+    """The text of an appliance file, refusing one that is not UTF-8 as damaged.
+
+    The files come from the box (or a restored backup) and may hold any bytes; a
+    ``UnicodeDecodeError`` would reach the pages as a 500, whereas
+    :class:`MalformedApplianceFile` is what every page already reports as a damaged file.
+    ``FileNotFoundError`` passes through: each caller knows what a missing file means.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedApplianceFile(
+            f"the file {shown_path(path, root)} cannot be read: not UTF-8 (byte {exc.start})"
+        ) from exc
+
+
+def shown_path(path: Path, root: Path | None = None) -> str:
+    """``path`` as seen on the appliance (``etc/HOSTNAME``), not the console host's path."""
+    base = layout(root).root
+    try:
+        return path.relative_to(base).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def read_firmware_release(root: Path | None = None) -> dict[str, str]:
     """Return every key of ``etc/firmware-release``."""
     path = layout(root).firmware_release
     try:
-        return parse_key_values(path.read_text(encoding="utf-8"))
+        return parse_key_values(read_appliance_text(path, root))
     except FileNotFoundError as exc:
         raise ApplianceNotInitialized(f"no firmware release at {path}") from exc
 
@@ -77,7 +103,7 @@ def read_os_release(root: Path | None = None) -> str:
     """Return the first line of ``etc/SuSE-release``, e.g. "SUSE Linux Enterprise Server 10"."""
     path = layout(root).os_release
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_appliance_text(path, root).splitlines()
     except FileNotFoundError as exc:
         raise ApplianceNotInitialized(f"no OS release at {path}") from exc
     return lines[0].strip() if lines else ""
@@ -87,7 +113,8 @@ def system_info(root: Path | None = None) -> SystemInfo:
     """Read the firmware release, OS release and host name.
 
     Raises :class:`ApplianceNotInitialized` when the root has not been set up, and
-    :class:`MalformedApplianceFile` when the firmware release lacks its version.
+    :class:`MalformedApplianceFile` when the firmware release lacks its version or a file is
+    not text (a host name of other bytes than UTF-8, as a restored backup could once carry).
     """
     the_layout = layout(root)
     if not the_layout.root.is_dir():
@@ -96,7 +123,7 @@ def system_info(root: Path | None = None) -> SystemInfo:
     if not release.get("FIRMWARE_VERSION"):
         raise MalformedApplianceFile(f"{the_layout.firmware_release} has no FIRMWARE_VERSION")
     try:
-        hostname = the_layout.hostname_file.read_text(encoding="utf-8").strip()
+        hostname = read_appliance_text(the_layout.hostname_file, root).strip()
     except FileNotFoundError:
         hostname = ""
     return SystemInfo(

@@ -470,3 +470,159 @@ def test_hostile_kdf_parameters_are_refused_before_deriving(demo_appliance: Path
         "kdf": {"name": "scrypt", "n": 2**30, "r": 8, "p": 1, "salt": "AAAAAAAAAAAAAAAAAAAAAA=="},
     }
     refuse(wrap(b"\0" * 64, payload_size=64, **header), "parameters this console does not use")
+
+
+# --- Values the pages show: host name, network files, names, configuration elements ---------
+
+HOSTNAME = "files/etc/HOSTNAME"
+NETWORK = "files/etc/sysconfig/network/"
+SMTP = "files/etc/mailsec/cpe/mailsec_smtp1_0.xml"
+
+
+def test_a_host_name_that_is_not_utf8_is_refused(members: dict[str, bytes]) -> None:
+    refuse(archive({**members, HOSTNAME: b"\xffmailsec01\n"}), r"host name \(etc/HOSTNAME\)")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"-bad-\n",
+        b"mail sec01\n",
+        b"mail\x00sec01\n",
+        b"mail..example.com\n",
+        b"mail_sec.example.com\n",
+        b"\n",
+        b"a" * 64 + b".example.com\n",
+        b".".join([b"a" * 63] * 4) + b"\n",  # 255 characters
+        b"mailsec01\nsecond.example.com\n",
+    ],
+)
+def test_a_host_name_that_is_not_rfc_1123_is_refused(
+    members: dict[str, bytes], content: bytes
+) -> None:
+    refuse(archive({**members, HOSTNAME: content}), "is not a valid host name")
+
+
+def test_the_longest_valid_host_name_is_accepted(members: dict[str, bytes]) -> None:
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]).encode()  # 253 characters
+    header = backup_import(
+        archive({**members, HOSTNAME: name + b"\n"}), filename="ok", uploaded_by="admin"
+    )
+    backup_restore(backup_load(header.name))
+    assert layout().hostname_file.read_bytes() == name + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("ifcfg-../../x", 'a path with ".."'),
+        ("ifcfg-..", "not an interface configuration"),
+        ("ifcfg-.eth0", "not an interface configuration"),
+        ("ifcfg-eth0;reboot", "not an interface configuration"),
+        ("ifcfg-" + "e" * 65, "not an interface configuration"),
+        ("ifcfg-eth\u00e9", "not an interface configuration"),
+        ("notes.txt", "not an interface configuration"),
+    ],
+)
+def test_a_network_file_of_an_unsafe_name_is_refused(
+    members: dict[str, bytes], name: str, match: str
+) -> None:
+    refuse(archive({**members, NETWORK + name: b"BOOTPROTO='dhcp'\n"}), match)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "match"),
+    [
+        ("ifcfg-eth0", b"BOOTPROTO='dhcp'\nNAME='eth0\x00'\n", "control character on line 2"),
+        ("ifcfg-eth0", b"BOOTPROTO='dhcp'\x1b[2J\n", "control character on line 1"),
+        ("ifcfg-eth0", b"BOOTPROTO='dhcp'\fNAME='x'\n", "control character on line 1"),
+        ("ifcfg-eth0", b"BOOTPROTO='dhcp'\r\n", "control character on line 1"),
+        ("ifcfg-eth0", b"NAME='Ethernet \xc3\xa9'\n", "not ASCII text"),
+        ("ifcfg-eth0", b"BOOTPROTO='dhcp'\nrm -rf /\n", "line 2, which is not KEY=value"),
+        ("ifcfg-eth1", b"BOOTPROTO='static'\nIPADDR='999.0.0.1/24'\n", "invalid address"),
+        ("ifcfg-eth1", b"BOOTPROTO='bogus'\n", "unsupported BOOTPROTO"),
+        ("routes", b"default 192.0.2.1 - -\x00\n", "control character on line 1"),
+    ],
+)
+def test_a_network_file_with_a_value_the_console_cannot_use_is_refused(
+    members: dict[str, bytes], name: str, content: bytes, match: str
+) -> None:
+    refuse(archive({**members, NETWORK + name: content}), f"network file {name}.*{match}")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Spam\x1bquarantine", "Spam\nquarantine", "Spam\u2028quarantine", "", "   ", "x" * 201],
+)
+def test_a_message_store_name_that_is_not_printable_text_is_refused(
+    members: dict[str, bytes], name: str
+) -> None:
+    settings = json.dumps({"store_retention": {name: 30}}).encode()
+    refuse(archive({**members, "appliance_settings.json": settings}), "message store")
+
+
+@pytest.mark.parametrize("name", ["Evil\tlist", "Evil\x7flist", "Evil\u2028list", "x" * 201, " "])
+def test_a_policy_object_name_that_is_not_printable_text_is_refused(
+    members: dict[str, bytes], name: str
+) -> None:
+    evil = PolicyObject("evil", name, "keywordlist", "viagra")
+    refuse(archive(with_objects(members, evil)), "policy object")
+
+
+XINCLUDE = b"""<?xml version="1.0" encoding="UTF-8"?>
+<policyobjects version="1.1" xmlns:xi="http://www.w3.org/2001/XInclude">
+  <xi:include href="file:///etc/shadow" parse="text"/>
+</policyobjects>
+"""
+
+
+def test_a_policy_xml_with_an_xinclude_is_refused(members: dict[str, bytes]) -> None:
+    refuse(archive({**members, POLICY: XINCLUDE}), "element <xi:include .*XInclude")
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (
+            b'<smtp version="1.0"><listen_port>25</listen_port><script>x</script></smtp>',
+            "element <script>",
+        ),
+        (
+            b'<smtp version="1.0" xmlns:e="urn:evil"><e:listen_port>25</e:listen_port></smtp>',
+            "element <e:listen_port \\(namespace urn:evil\\)>",
+        ),
+        (b'<policyobjects version="1.1"/>', "starts with the element <policyobjects>"),
+    ],
+)
+def test_a_configuration_xml_with_an_unknown_element_is_refused(
+    members: dict[str, bytes], content: bytes, match: str
+) -> None:
+    refuse(archive({**members, SMTP: content}), match)
+
+
+def test_a_configuration_file_this_console_does_not_know_is_refused(
+    members: dict[str, bytes],
+) -> None:
+    extra = {**members, "files/etc/mailsec/cpe/mailsec_extra1_0.xml": b"<extra/>"}
+    refuse(archive(extra), "mailsec_extra1_0.xml', which this console does not know")
+
+
+def test_a_backup_of_the_2_8_1_format_passes_the_element_check(demo_appliance: Path) -> None:
+    configconvert = pytest.importorskip("appliance.configconvert")
+    configconvert.config_convert()
+    before = {k: v for k, v in tree(demo_appliance).items() if k.startswith("etc/")}
+    loaded = backup_load(backup_create(created_by="admin").name)
+    assert "etc/mailsec/cpe/mailsec_config2_0.xml" in loaded.files
+    backup_restore(loaded)
+    assert {k: v for k, v in tree(demo_appliance).items() if k.startswith("etc/")} == before
+
+
+def test_a_sles_10_hardware_bound_interface_file_is_restored(members: dict[str, bytes]) -> None:
+    """SLES 10 (the 2.8.0 firmware's system) names interface files by MAC or bus address."""
+    name = "ifcfg-eth-id-00:11:22:33:44:55"
+    content = b"BOOTPROTO='static'\nIPADDR='192.0.2.10/24'\n"
+    header = backup_import(
+        archive({**members, NETWORK + name: content}), filename="sles10", uploaded_by="admin"
+    )
+    backup_restore(backup_load(header.name))
+    assert (layout().network_dir / name).read_bytes() == content
