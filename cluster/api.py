@@ -1,4 +1,4 @@
-"""/api/v1/cluster: the Cluster page as JSON; join tokens and "Upgrade cluster".
+"""/api/v1/cluster: the Cluster page as JSON; join tokens, removing a member, "Upgrade cluster".
 
 The same selectors and services as the page; every change needs an administrator.
 """
@@ -115,3 +115,17 @@ def upgrade(request: HttpRequest):
     except services.ClusterError as exc:
         return Status(409, {"detail": str(exc)})
     return Status(202, selectors.upgrade_dict(started))
+
+
+@router.delete("/members/{node}", response={204: None, 404: Problem, 409: Problem})
+def member_remove(request: HttpRequest, node: str):
+    """Remove a member: Central forgets it (its secret, its latest report); the node runs on
+    alone until it joins again with a new token. Its name is free for a new join."""
+    require_administrator(request)
+    try:
+        services.member_remove(node=node, user=request.auth)  # type: ignore[attr-defined]
+    except services.NotAMember as exc:
+        return Status(404, {"detail": str(exc)})
+    except services.ClusterError as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(204, None)

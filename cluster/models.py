@@ -42,7 +42,8 @@ class ClusterMember(models.Model):
     """A member as Cluster Central knows it, from the member's latest report.
 
     ``secret_hash`` is the SHA-256 of the secret Central gave the member when it joined; every
-    report must carry the secret, so a node that never joined cannot pose as a member.
+    report must carry the secret, so a node that never joined cannot pose as a member. A join
+    never replaces it: the name stays taken until an administrator removes the member.
     ``events_cursor`` is the highest event id of the member already stored here: a batch sent
     twice (a report retried after a lost answer) is stored once.
     """
@@ -73,7 +74,8 @@ class ClusterMember(models.Model):
 
 
 class JoinState(models.TextChoices):
-    """A member's join: not_joined -> pending -> joined | refused; refused -> pending (retry)."""
+    """A member's join: not_joined -> pending -> joined | refused; refused -> pending (retry);
+    joined -> not_joined (Cluster Central removed the member); joined -> pending (re-join)."""
 
     NOT_JOINED = "not_joined", "Not joined"
     PENDING = "pending", "Waiting for Cluster Central"

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from appliance.bundle import version_tuple
 from cluster import services
-from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, UpgradeState
+from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 
 
 def _iso(value: Any) -> str | None:
@@ -46,6 +46,20 @@ def member_dict(member: ClusterMember) -> dict[str, Any]:
         "install_running": member.install_running,
         "install": member.install,
     }
+
+
+def member_for_removal(node: str) -> dict[str, Any] | None:
+    """The member the "Remove member" confirmation is about (None when there is none), and
+    whether a running cluster upgrade still has it ahead (it would stop there)."""
+    member = ClusterMember.objects.filter(node=node).first()
+    if member is None:
+        return None
+    upgrade = running_upgrade()
+    ahead = False
+    if upgrade is not None and node in upgrade.order:
+        step = upgrade.results.get(node, {}).get("state")
+        ahead = step not in (NodeStep.DONE, NodeStep.SKIPPED, NodeStep.FAILED)
+    return {**member_dict(member), "in_running_upgrade": ahead}
 
 
 def upgrade_dict(upgrade: ClusterUpgrade | None) -> dict[str, Any] | None:

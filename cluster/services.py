@@ -25,6 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
+from django.db.models import Case, F, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -62,8 +63,12 @@ class ClusterError(Exception):
     """A cluster action that cannot be done; the message is for the user."""
 
 
+class NotAMember(ClusterError):
+    """The node named is not (or no longer) a member of this cluster."""
+
+
 class JoinRefused(ClusterError):
-    """A join request Central refuses (bad, expired or used token; bad node name)."""
+    """A join request Central refuses (bad, expired or used token; bad or taken node name)."""
 
 
 # --- plumbing ------------------------------------------------------------------------------
@@ -84,7 +89,21 @@ class Outgoing:
     def __call__(self) -> None:
         from lmi.celery import app
 
-        app.send_task(self.task, args=list(self.args), queue=self.queue)
+        app.send_task(self.task, args=list(self.args), queue=self.queue, argsrepr=self.argsrepr())
+
+    def argsrepr(self) -> str:
+        """The arguments as Celery shows them (worker logs, task events, monitors): join
+        tokens and member secrets are masked, since whoever reads those is not a member."""
+        masked = SECRET_ARGS.get(self.task, ())
+        return repr(["***" if i in masked else arg for i, arg in enumerate(self.args)])
+
+
+# Positions of join tokens and member secrets in each message's arguments (see cluster.tasks).
+SECRET_ARGS: dict[str, tuple[int, ...]] = {
+    "cluster.tasks.member_join": (1,),
+    "cluster.tasks.join_answer": (3,),
+    "cluster.tasks.member_report": (1,),
+}
 
 
 def _send(task: str, node: str, *args: Any) -> None:
@@ -203,70 +222,123 @@ def join_token_create(*, user: User) -> tuple[JoinToken, str]:
     return row, token
 
 
-def _refuse_join(node: str, reason: str) -> JoinRefused:
+def _refuse_join(
+    node: str, reason: str, *, origin: str = "", hostname: str = "", token_id: int | None = None
+) -> JoinRefused:
+    """Write the WARNING event of a refused join and return the exception to raise.
+
+    The event says where the attempt came from as far as Central can tell: the sending worker
+    from Celery's message (``gen123@host``) and the hostname the request claims. A join
+    travels over the broker, so there is no network address to record, and both can be
+    forged: they help an administrator find a misconfigured node, they prove nothing.
+    """
+    where = [f"sent by {origin}" if origin else "", f"hostname {hostname}" if hostname else ""]
+    source = "; ".join(part for part in where if part)
     event_write(
         category=Category.CLUSTER,
         severity=Severity.WARNING,
-        message=f"Refused a join request from {node[:64]!r}: {reason}",
-        details={"node": node[:64], "reason": reason},
+        message=f"Refused a join request from {node[:64]!r}: {reason}"
+        + (f" ({source})" if source else ""),
+        details={
+            "node": node[:64],
+            "reason": reason,
+            "origin": origin,
+            "hostname": hostname,
+            **({"token_id": token_id} if token_id is not None else {}),
+        },
     )
     return JoinRefused(reason)
 
 
-def member_join(*, node: str, token: str, info: dict[str, Any]) -> tuple[ClusterMember, str]:
-    """Central: verify a join token and register (or re-register) the member.
+def member_join(
+    *, node: str, token: str, info: dict[str, Any], origin: str = ""
+) -> tuple[ClusterMember, str]:
+    """Central: verify a join token and register a new member under a free node name.
 
-    Returns the member and the secret it must send with every report. Refusals write an event
-    and raise JoinRefused; nothing else changes.
+    Returns the member and the secret it must send with every report. Refusals write a WARNING
+    event and raise JoinRefused.
+
+    A name already taken by a member (whatever its state, reachable or not) is refused: a join
+    never replaces a member's secret, or any holder of a join token could take over a member's
+    name, its place in a rolling upgrade and the trust Central gives its reports. An
+    administrator removes the member first (``member_remove``); then the name is free again.
+
+    A refused attempt on a taken name *spends* the token. Keeping it unspent would let whoever
+    holds it (an attacker probing names, or a leaked token) try again later, for example in
+    the window after an administrator removes a member to re-join it; spending it costs a
+    legitimate administrator only a new token, and the event says which token went. Tokens
+    refused for being malformed, unknown, used or expired, and bad node names, change nothing.
+
+    ``origin`` is the sending worker as Celery's message says (``gen123@host``), for the event.
     """
     _require(CENTRAL, "Accepting members")
     node = str(node)
+    info = info if isinstance(info, dict) else {}
+    source = {
+        "origin": str(origin or "")[:100],
+        "hostname": str(info.get("hostname") or "")[:255],
+    }
     if not NODE_NAME_RE.fullmatch(node):
-        raise _refuse_join(node, "the node name is not valid")
+        raise _refuse_join(node, "the node name is not valid", **source)
     if node == settings.NODE_NAME:
-        raise _refuse_join(node, "the member has Cluster Central's own node name")
+        raise _refuse_join(node, "the member has Cluster Central's own node name", **source)
     if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
-        raise _refuse_join(node, "the join token is not valid")
+        raise _refuse_join(node, "the join token is not valid", **source)
     now = timezone.now()
     row = JoinToken.objects.filter(token_hash=_hash(token)).first()
     if row is None:
-        raise _refuse_join(node, "the join token is not valid")
+        raise _refuse_join(node, "the join token is not valid", **source)
     if row.used_at is not None:
-        raise _refuse_join(node, "the join token was already used")
+        raise _refuse_join(node, "the join token was already used", **source)
     if row.expires_at <= now:
-        raise _refuse_join(node, "the join token has expired")
-    info = info if isinstance(info, dict) else {}
+        raise _refuse_join(node, "the join token has expired", **source)
     secret = secrets.token_urlsafe(32)
+    member: ClusterMember | None = None
     with transaction.atomic():
         spent = JoinToken.objects.filter(pk=row.pk, used_at__isnull=True).update(
             used_at=now, used_by=node
         )
         if spent != 1:
             raise JoinRefused("the join token was already used")
-        member, created = ClusterMember.objects.update_or_create(
-            node=node,
-            defaults={
-                "secret_hash": _hash(secret),
-                "hostname": str(info.get("hostname", ""))[:255],
-                "firmware_version": _version_or_blank(info.get("firmware")),
-                "joined_at": now,
-                "last_seen": now,
-                "reachable": True,
-                "events_cursor": 0,
-            },
+        try:
+            # The unique node name decides, not a read before it: two joins racing for one
+            # free name with two tokens cannot both win. The savepoint keeps the spend.
+            with transaction.atomic():
+                member = ClusterMember.objects.create(
+                    node=node,
+                    secret_hash=_hash(secret),
+                    hostname=source["hostname"],
+                    firmware_version=_version_or_blank(info.get("firmware")),
+                    joined_at=now,
+                    last_seen=now,
+                    reachable=True,
+                )
+        except IntegrityError:
+            member = None
+    if member is None:
+        raise _refuse_join(
+            node,
+            f"the node name {node} is taken by a member of this cluster: an administrator "
+            "must remove that member on Cluster Central first (this join token is now spent)",
+            **source,
+            token_id=row.pk,
         )
     event_write(
         category=Category.CLUSTER,
-        message=f"{node} {'joined' if created else 're-joined'} the cluster",
+        message=f"{node} joined the cluster",
         details={"node": node, "firmware": member.firmware_version, "token_id": row.pk},
     )
     return member, secret
 
 
-def join_request_receive(*, node: str, token: str, info: dict[str, Any]) -> bool:
-    """Central, the member_join task: join, then answer on the member's queue."""
+def join_request_receive(*, node: str, token: str, info: dict[str, Any], origin: str = "") -> bool:
+    """Central, the member_join task: join, then answer on the member's queue.
+
+    A refusal is answered too (with why), so the joining node's Cluster page says it; it goes
+    to the queue of the name the request claims, the only address Central has for it.
+    """
     try:
-        _member, secret = member_join(node=node, token=token, info=info)
+        _member, secret = member_join(node=node, token=token, info=info, origin=origin)
     except JoinRefused as exc:
         if NODE_NAME_RE.fullmatch(str(node)):
             _send(
@@ -472,7 +544,9 @@ def join_answer_receive(
             joined_at=now,
             central_firmware=_version_or_blank(firmware),
             central_seen_at=now,
-            events_acked=0,
+            # Re-joining the same Central (after an administrator removed us) keeps the events
+            # it already stored: they stay in its log, sending them again would double them.
+            events_acked=Case(When(central=str(central)[:64], then=F("events_acked")), default=0),
         )
     else:
         # A refused re-join leaves a working membership (and its secret) as it was.
@@ -916,14 +990,57 @@ def cluster_upgrade_advance() -> ClusterUpgrade | None:
 
 
 def member_remove(*, node: str, user: User) -> None:
-    """Central: forget a member (it may join again with a new token)."""
+    """Central: forget a member: its row goes, with its secret and its latest report.
+
+    This is how a name is freed for a new join (``member_join`` refuses a taken name). The
+    member's events already stored here stay in the event log. The delete is conditional on
+    the row still being there, so two administrators removing at once write one event and the
+    second is told. The member is told too (``member_removed``, after commit): it forgets its
+    secret and shows that it must join again; until then it runs on alone. If that message is
+    lost, its reports are ignored all the same (Central no longer knows its secret).
+
+    A running cluster upgrade that has not passed the node stops when it reaches it ("no
+    longer a member"), as it would for a member that vanished.
+    """
     _require(CENTRAL, "Removing a member")
-    deleted, _ = ClusterMember.objects.filter(node=node).delete()
-    if not deleted:
-        raise ClusterError(f"{node} is not a member of this cluster.")
+    with transaction.atomic():
+        deleted, _ = ClusterMember.objects.filter(node=str(node)).delete()
+        if not deleted:
+            raise NotAMember(f"{node} is not a member of this cluster.")
+        event_write(
+            category=Category.CLUSTER,
+            severity=Severity.WARNING,
+            message=f"Removed {node} from the cluster: it must join again with a new token",
+            user=user,
+            details={"node": node},
+        )
+        _send("cluster.tasks.member_removed", node, settings.NODE_NAME)
+
+
+def member_removed_receive(*, central: str) -> CentralLink | None:
+    """Member, the member_removed task: our Central forgot us. Drop the secret (it is worth
+    nothing now) and go back to not joined, so the Cluster page offers the join form again.
+    ``events_acked`` stays: Central keeps the events it stored, a re-join sends only newer ones.
+
+    Ignored unless we are joined to that Central; until inter-node messages are signed, this
+    trusts the broker as every other cluster message does.
+    """
+    if cluster_role() != MEMBER:
+        return None
+    changed = CentralLink.objects.filter(pk=1, state=JoinState.JOINED, central=central).update(
+        state=JoinState.NOT_JOINED,
+        secret="",
+        error=f"Cluster Central {central} removed this node from the cluster: join again "
+        "with a new token to rejoin.",
+        central_firmware="",
+    )
+    if not changed:
+        logger.warning("ignoring a removal notice from %r: not joined to it", central)
+        return None
     event_write(
         category=Category.CLUSTER,
-        message=f"Removed {node} from the cluster",
-        user=user,
-        details={"node": node},
+        severity=Severity.WARNING,
+        message=f"Cluster Central {central} removed this node from the cluster",
+        details={"central": str(central)[:64]},
     )
+    return _link()

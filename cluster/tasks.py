@@ -2,8 +2,8 @@
 
 Which node runs a task is decided by the queue it is sent to (``lmi.node.<name>``), never by
 the task: members send member_join and member_report to Central's queue; Central sends
-join_answer, central_update and node_install_start to a member's queue. Arguments are JSON.
-Each task calls one service and returns.
+join_answer, member_removed, central_update and node_install_start to a member's queue.
+Arguments are JSON. Each task calls one service and returns.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import shared_task
+from celery import Task, shared_task
 from celery.signals import worker_ready
 
 from cluster import services
@@ -19,10 +19,12 @@ from cluster import services
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="cluster.tasks.member_join", ignore_result=True)
-def member_join(node: str, token: str, info: dict[str, Any]) -> bool:
-    """On Central: a member asks to join with a token."""
-    return services.join_request_receive(node=node, token=token, info=info)
+@shared_task(name="cluster.tasks.member_join", bind=True, ignore_result=True)
+def member_join(self: Task, node: str, token: str, info: dict[str, Any]) -> bool:
+    """On Central: a member asks to join with a token (the sender's origin goes in the event
+    of a refusal)."""
+    origin = str(getattr(self.request, "origin", None) or "")
+    return services.join_request_receive(node=node, token=token, info=info, origin=origin)
 
 
 @shared_task(name="cluster.tasks.join_answer", ignore_result=True)
@@ -31,6 +33,12 @@ def join_answer(central: str, accepted: bool, message: str, secret: str, firmwar
     services.join_answer_receive(
         central=central, accepted=accepted, message=message, secret=secret, firmware=firmware
     )
+
+
+@shared_task(name="cluster.tasks.member_removed", ignore_result=True)
+def member_removed(central: str) -> None:
+    """On a member: Central removed it from the cluster."""
+    services.member_removed_receive(central=central)
 
 
 @shared_task(name="cluster.tasks.member_report", ignore_result=True)

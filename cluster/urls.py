@@ -9,4 +9,5 @@ urlpatterns = [
     path("tokens/", views.token_create, name="token_create"),
     path("join/", views.join, name="join"),
     path("upgrade/", views.upgrade, name="upgrade"),
+    path("members/<str:node>/remove/", views.member_remove, name="member_remove"),
 ]

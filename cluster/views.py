@@ -1,4 +1,5 @@
-"""Cluster page: role, this node, Central, the members, join tokens, "Upgrade cluster".
+"""Cluster page: role, this node, Central, the members (and removing one), join tokens,
+"Upgrade cluster".
 
 Views parse, call one service and render or redirect. Changes are for administrators only.
 """
@@ -6,14 +7,15 @@ Views parse, call one service and render or redirect. Changes are for administra
 from __future__ import annotations
 
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts.roles import is_administrator
 from cluster import selectors, services
 from cluster.forms import JoinForm
-from upgrades.views import administrators_only
+from upgrades.views import READ_ONLY, administrators_only
 
 
 def _context(request: HttpRequest, **extra: object) -> dict[str, object]:
@@ -80,3 +82,32 @@ def upgrade(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(request, f"Upgrading the cluster to {started.version}.")
     return redirect("cluster:index")
+
+
+@require_http_methods(["GET", "POST"])
+def member_remove(request: HttpRequest, node: str) -> HttpResponse:
+    """Remove a member: GET is the confirmation (what will happen), POST removes.
+
+    Anyone signed in may read the confirmation; only an administrator sees the button, and a
+    POST from anyone else is 403, as on every other change.
+    """
+    if request.method == "POST":
+        if not is_administrator(request.user):
+            return HttpResponseForbidden(READ_ONLY)
+        try:
+            services.member_remove(node=node, user=request.user)
+        except services.ClusterError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(
+                request, f"Removed {node} from the cluster: it must join again with a new token."
+            )
+        return redirect("cluster:index")
+    member = selectors.member_for_removal(node)
+    if member is None:
+        raise Http404(f"{node} is not a member of this cluster.")
+    return render(
+        request,
+        "cluster/remove.html",
+        {"breadcrumb": "Cluster > Remove member", "member": member},
+    )
