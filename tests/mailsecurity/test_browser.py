@@ -79,9 +79,14 @@ def test_an_administrator_shortens_a_retention_and_watches_the_purge_finish(
     assert re.search(r"\d", page.get_by_test_id("purge-reclaimed").inner_text())
     screenshot(page, "mailsecurity-purge-finished")
 
-    # The purge finished after the page was loaded: it offers the page's new figures.
+    # A purge that finished after the page was drawn offers the page's new figures; one that
+    # was quicker than the redirect (a small store on a fast disk) is already in them.
+    reload = page.get_by_test_id("purge-reload")
     with page.expect_navigation():
-        page.get_by_test_id("purge-reload").click()
+        if reload.count():
+            reload.click()
+        else:
+            page.reload()
     assert page.get_by_test_id("purge-reload").count() == 0
     after = int(page.locator("tr", has_text="Spam quarantine").get_by_test_id("store-count")
                 .inner_text())  # fmt: skip

@@ -420,3 +420,24 @@ def test_pages_explain_a_missing_appliance_instead_of_failing(admin):
         response = admin.get(url)
         assert response.status_code == 200, url
         assert 'class="error"' in response.content.decode()
+
+
+def test_the_purge_panel_offers_new_figures_only_for_a_purge_that_ended_after_the_page(
+    demo_appliance, admin_client
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    finished = timezone.now()
+    PurgeRun.objects.create(
+        trigger=PurgeTrigger.RETENTION, state=PurgeState.SUCCEEDED, finished_at=finished
+    )
+
+    def panel(loaded_at) -> str:
+        return admin_client.get(
+            "/mail-security/reclaim/purge/", {"since": loaded_at.isoformat()}
+        ).content.decode()
+
+    assert 'data-testid="purge-reload"' in panel(finished - timedelta(seconds=5))
+    assert 'data-testid="purge-reload"' not in panel(finished + timedelta(seconds=5))
