@@ -40,7 +40,7 @@ import struct
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +53,7 @@ from lxml import etree
 
 from appliance import msgstore, network
 from appliance.atomic import atomic_write_bytes, atomic_write_text, exclusive_lock, fsync_dir
+from appliance.backupmac import MAC_FIELD, appliance_key, backup_mac, mac_valid
 from appliance.errors import (
     ApplianceError,
     ApplianceNotInitialized,
@@ -93,12 +94,11 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CPE = "etc/mailsec/cpe/"
 _NETWORK = "etc/sysconfig/network/"
 _HOSTNAME = "etc/HOSTNAME"
-# Where a $(FILE) list may never be written, whatever a backup's policy objects say: files the
-# appliance itself manages (or restores by their own rules above).
-_PROTECTED_PREFIXES = ("system/", "rescue/", "var/lib/mailsec/", "var/spool/", _CPE, _NETWORK)
-_PROTECTED_FILES = frozenset(
-    {_HOSTNAME, "etc/firmware-release", "etc/SuSE-release", "etc/mailsec/license.json"}
-)
+# The only places a $(FILE) list is backed up from and restored to, whatever a backup's policy
+# objects say: an allow-list, so a file the console does not know about (cron, ssh keys, a
+# library, a lease) is never written. Under each, any depth, no symbolic link out.
+LIST_DIRS = ("etc/mailsec/lists/",)
+MAX_LIST_BYTES = 8 * 1024 * 1024  # a list of addresses, domains or words, one per line
 _STAGED = ".lmirestore-new"
 _OLD = ".lmirestore-old"
 
@@ -167,6 +167,14 @@ class BackupRejected(BackupError):
     """The file is not a usable backup: hostile, damaged, altered or unsupported."""
 
 
+class ConfirmationRequired(BackupError):
+    """An unverified backup: restored only once an administrator confirmed ``files``."""
+
+    def __init__(self, message: str, files: list[str]) -> None:
+        super().__init__(message)
+        self.files = files
+
+
 class PassphraseRequired(BackupError):
     """The backup is encrypted and no passphrase was given."""
 
@@ -190,6 +198,9 @@ class BackupHeader:
     trigger: str
     encrypted: bool
     size: int  # of the file
+    # True: made by this appliance and unchanged since (its MAC verifies); False: from elsewhere,
+    # from before backups were sealed, or altered; None: encrypted, known once it is opened.
+    verified: bool | None = False
 
 
 @dataclass(frozen=True)
@@ -215,6 +226,15 @@ class LoadedBackup:
     appliance_settings: dict[str, Any]
     console: dict[str, Any]
     converted_from: str | None = None
+    verified: bool = False  # see BackupHeader.verified; known here for encrypted ones too
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """What a restore would do to the appliance as it is now (paths under the root)."""
+
+    writes: list[str]
+    removes: list[str]
 
 
 @dataclass(frozen=True)
@@ -313,14 +333,17 @@ def _macro_files(root: Path) -> dict[str, Path]:
     except ApplianceNotInitialized:
         return {}
     found: dict[str, Path] = {}
+    real_root = Path(os.path.realpath(root))
     for obj in objects:
         relative = _macro_relative(obj.file_path or "")
-        if relative is None or _protected(relative):
-            continue
+        if relative is None or not _list_path(relative):
+            continue  # a restore would refuse it: it is not backed up either
         try:
-            path = resolve_inside(root, "/" + relative)
+            path = resolve_inside(real_root, "/" + relative)
         except ValueError:
             continue  # a path outside the root is never backed up (nor restored)
+        if not _list_path(path.relative_to(real_root).as_posix()):
+            continue  # a symbolic link out of the list directories
         if path.is_file():
             found[relative] = path
     return found
@@ -333,8 +356,13 @@ def _macro_relative(appliance_path: str) -> str | None:
     return "/".join(parts)
 
 
-def _protected(relative: str) -> bool:
-    return relative in _PROTECTED_FILES or relative.startswith(_PROTECTED_PREFIXES)
+def _list_path(relative: str) -> bool:
+    """A path a $(FILE) list may have: a file somewhere under one of :data:`LIST_DIRS`."""
+    return any(relative.startswith(directory) and relative != directory for directory in LIST_DIRS)
+
+
+def _list_dirs_shown() -> str:
+    return ", ".join("/" + directory for directory in LIST_DIRS)
 
 
 def _config_path(relative: str) -> bool:
@@ -351,8 +379,8 @@ def _check_target(relative: str, root: Path) -> Path:
     """The host path a backup file would be written to, refusing any way out of its place.
 
     The path is resolved as it is on disk now (symbolic links followed): a configuration file
-    must land exactly at its own path, and a $(FILE) list neither outside the root nor on a file
-    the appliance manages, even through a symbolic link.
+    must land exactly at its own path, and a $(FILE) list inside the list directories, on a
+    regular file or none, even through a symbolic link.
     """
     real_root = Path(os.path.realpath(root))
     try:
@@ -368,13 +396,17 @@ def _check_target(relative: str, root: Path) -> Path:
             f'The backup\'s "{relative[:200]}" would be redirected to "{landing[:200]}"; the '
             "backup is refused."
         )
-    if not _config_path(relative) and _protected(landing):
+    if not _config_path(relative) and not _list_path(landing):
         raise BackupRejected(
-            f'The backup\'s "{relative[:200]}" would overwrite "{landing[:200]}", a file the '
-            "appliance manages itself; the backup is refused."
+            f'The backup\'s "{relative[:200]}" would be written to "{landing[:200]}", outside the '
+            f"list directories ({_list_dirs_shown()}); the backup is refused."
         )
     if target.is_dir():
         raise BackupRejected(f'The backup\'s "{relative[:200]}" is a directory on this appliance.')
+    if target.exists() and not target.is_file():
+        raise BackupRejected(
+            f'The backup\'s "{relative[:200]}" is a device or special file on this appliance.'
+        )
     return target
 
 
@@ -463,6 +495,8 @@ def backup_create(
         raise BackupError(f"The console settings cannot be stored in a backup: {exc}") from exc
     firmware_version = _running_firmware(base)
     config_format = _running_config_format(base)
+    key = appliance_key(base, create=True)
+    assert key is not None
     files = _collect_files(base)
     if not any(name.startswith(_CPE) for name in files):
         raise ApplianceNotInitialized(f"no configuration XML in {the_layout.cpe_dir}")
@@ -502,6 +536,7 @@ def backup_create(
     if passphrase is None:
         payload = plain
         header.update(payload_size=len(payload), payload_sha256=_sha256(payload))
+        header[MAC_FIELD] = backup_mac(key, header, _sha256(plain))
         data = _assemble(header) + payload
     else:
         salt = secrets.token_bytes(_SALT_BYTES)
@@ -520,6 +555,8 @@ def backup_create(
                 "salt": _b64(salt),
             },
         )
+        # Sealed before encrypting: the MAC is part of the header, the associated data.
+        header[MAC_FIELD] = backup_mac(key, header, _sha256(plain))
         prefix = _assemble(header)
         payload = AESGCM(_derive_key(passphrase, salt)).encrypt(nonce, plain, prefix)
         data = prefix + payload
@@ -529,7 +566,7 @@ def backup_create(
     with exclusive_lock(directory / ".lock"):
         name = _new_name(directory, created_at, trigger)
         atomic_write_bytes(directory / name, data, 0o600)
-    return _parse_header(data, name, len(data))
+    return _parse_header(data, name, len(data), key)
 
 
 def _json_bytes(value: Any) -> bytes:
@@ -591,12 +628,15 @@ def _field(raw: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
-def _parse_header(head: bytes, name: str, file_size: int) -> BackupHeader:
-    return _parse(head, name, file_size).header
+def _parse_header(head: bytes, name: str, file_size: int, key: bytes | None) -> BackupHeader:
+    return _parse(head, name, file_size, key).header
 
 
-def _parse(head: bytes, name: str, file_size: int) -> _Parsed:
-    """Parse and check the header; ``head`` holds at least the whole header."""
+def _parse(head: bytes, name: str, file_size: int, key: bytes | None) -> _Parsed:
+    """Parse and check the header; ``head`` holds at least the whole header.
+
+    ``key`` is this appliance's backup key (None: it has none yet, so nothing verifies).
+    """
     length, header_bytes = _split_prefix(head)
     raw = _loads(header_bytes, "header")
     if not isinstance(raw, dict):
@@ -619,12 +659,17 @@ def _parse(head: bytes, name: str, file_size: int) -> _Parsed:
     payload_size = _field(raw, "payload_size", int)
     if payload_size < 0:
         raise BackupRejected("The backup's header has an invalid payload size.")
+    if MAC_FIELD in raw and not _SHA256.fullmatch(str(raw[MAC_FIELD])):
+        raise BackupRejected("The backup's header has an invalid seal.")
+    verified: bool | None = None
     if encrypted:
         _check_crypto_fields(raw)
     else:
         sha = _field(raw, "payload_sha256", str)
         if not _SHA256.fullmatch(sha):
             raise BackupRejected("The backup's header has an invalid payload checksum.")
+        # The payload is checked against payload_sha256 when it is loaded.
+        verified = mac_valid(key, raw, sha)
     expected = len(MAGIC) + 4 + length + payload_size
     if file_size < expected:
         raise BackupRejected(
@@ -646,6 +691,7 @@ def _parse(head: bytes, name: str, file_size: int) -> _Parsed:
         trigger=trigger,
         encrypted=encrypted,
         size=file_size,
+        verified=verified,
     )
     return _Parsed(header, raw, head[: len(MAGIC) + 4 + length])
 
@@ -672,11 +718,23 @@ def _check_crypto_fields(raw: dict[str, Any]) -> None:
 
 def backup_header(name: str, root: Path | None = None) -> BackupHeader:
     """The header of one stored backup (``KeyError``: none of that name)."""
+    return _header_of(name, root, _key_or_none(root))
+
+
+def _key_or_none(root: Path | None) -> bytes | None:
+    """The backup key for verifying; a damaged key verifies nothing (every backup unverified)."""
+    try:
+        return appliance_key(root)
+    except (MalformedApplianceFile, OSError):
+        return None
+
+
+def _header_of(name: str, root: Path | None, key: bytes | None) -> BackupHeader:
     path = backup_path(name, root)
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(len(MAGIC) + 4 + MAX_HEADER_BYTES)
-    return _parse_header(head, name, size)
+    return _parse_header(head, name, size, key)
 
 
 def backup_list(root: Path | None = None) -> list[BackupHeader]:
@@ -685,11 +743,12 @@ def backup_list(root: Path | None = None) -> list[BackupHeader]:
     if not directory.is_dir():
         return []
     headers = []
+    key = _key_or_none(root)
     for path in directory.iterdir():
         if not _NAME.fullmatch(path.name):
             continue
         try:
-            headers.append(backup_header(path.name, root))
+            headers.append(_header_of(path.name, root, key))
         except (BackupError, KeyError, OSError):
             continue
     return sorted(headers, key=lambda header: (header.created_at, header.name), reverse=True)
@@ -1042,8 +1101,8 @@ def _scratch_root(files: dict[str, bytes]) -> Iterator[Path]:
         yield base
 
 
-def _backup_macros(files: dict[str, bytes]) -> list[str]:
-    """The appliance paths of the $(FILE) macros in a backup's policy objects."""
+def _backup_macros(files: dict[str, bytes]) -> list[tuple[str, str]]:
+    """``(object name, appliance path)`` of the $(FILE) macros in a backup's policy objects."""
     from appliance.policy import list_policy_objects
 
     with _scratch_root({k: v for k, v in files.items() if k.startswith(_CPE)}) as scratch:
@@ -1057,33 +1116,66 @@ def _backup_macros(files: dict[str, bytes]) -> list[str]:
         problem = _name_problem("policy object", obj.name)
         if problem:
             raise BackupRejected(f"{problem} (id {obj.id[:80]!r}); the backup is refused.")
-    return [obj.file_path for obj in objects if obj.file_path is not None]
+    return [(obj.name, obj.file_path) for obj in objects if obj.file_path is not None]
+
+
+def _check_list_content(object_name: str, relative: str, data: bytes) -> None:
+    """A list file is bounded text: lines of printable characters (tabs allowed)."""
+    shown = f"The policy object {object_name[:80]!r} reads /{relative[:200]}, which"
+    if len(data) > MAX_LIST_BYTES:
+        raise BackupRejected(
+            f"{shown} is larger than {MAX_LIST_BYTES // (1024 * 1024)} MiB in the backup; "
+            "the backup is refused."
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BackupRejected(
+            f"{shown} is not UTF-8 text in the backup; the backup is refused."
+        ) from exc
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.removesuffix("\r").replace("\t", " ").isprintable():
+            raise BackupRejected(
+                f"{shown} has a control character on line {number} in the backup; the backup "
+                "is refused."
+            )
 
 
 def _check_paths(files: dict[str, bytes], root: Path) -> None:
-    """Every file must land where a configuration backup may write, inside the appliance."""
-    allowed: set[str] = set()
-    for appliance_path in _backup_macros(files):
+    """Every file must land where a configuration backup may write, inside the appliance.
+
+    A file named by a $(FILE) policy object is restored only under :data:`LIST_DIRS`, as
+    bounded text; an object naming any other path may be restored (it reads what is there)
+    but never carry that file.
+    """
+    allowed: dict[str, str] = {}
+    for object_name, appliance_path in _backup_macros(files):
         relative = _macro_relative(appliance_path)
         try:
             resolve_inside(root, appliance_path)
         except ValueError as exc:
             raise BackupRejected(
-                f"A $(FILE) policy object names {appliance_path[:200]}, which lies outside the "
-                "appliance; the backup is refused."
+                f"The policy object {object_name[:80]!r} reads {appliance_path[:200]}, which "
+                "lies outside the appliance; the backup is refused."
             ) from exc
-        if relative is not None and _protected(relative):
+        if relative is None:
+            continue
+        if relative in files and not _list_path(relative):
             raise BackupRejected(
-                f"A $(FILE) policy object names {appliance_path[:200]}, a file the appliance "
-                "manages itself; the backup is refused."
+                f"The policy object {object_name[:80]!r} reads {appliance_path[:200]}, and the "
+                f"backup carries that file: a restore writes list files only under "
+                f"{_list_dirs_shown()}; the backup is refused."
             )
-        if relative is not None:
-            allowed.add(relative)
-    for relative in files:
-        if not _config_path(relative) and relative not in allowed:
+        allowed.setdefault(relative, object_name)
+    for relative, data in files.items():
+        if _config_path(relative):
+            pass
+        elif relative not in allowed:
             raise BackupRejected(
                 f'The backup contains "{relative[:200]}", which no $(FILE) policy object names.'
             )
+        else:
+            _check_list_content(allowed[relative], relative, data)
         parts = relative.split("/")
         for depth in range(1, len(parts)):
             if "/".join(parts[:depth]) in files:
@@ -1146,11 +1238,13 @@ def _load_bytes(data: bytes, name: str, passphrase: str | None, root: Path) -> L
             f"The file is larger than {MAX_BACKUP_BYTES // (1024 * 1024)} MiB, too large for a "
             "configuration backup."
         )
-    parsed = _parse(data, name, len(data))
+    key = _key_or_none(root)
+    parsed = _parse(data, name, len(data), key)
     header = parsed.header
     running_firmware = _running_firmware(root)
     _check_firmware(header, running_firmware)
-    payload = _decrypt(parsed, data[len(parsed.prefix) :], passphrase)
+    payload = _decrypt(parsed, data[len(parsed.prefix) :], passphrase)  # unencrypted gzip
+    verified = mac_valid(key, parsed.raw, _sha256(payload))
     members = _untar(_gunzip(payload))
     _check_manifest(members, header)
     files = {
@@ -1171,7 +1265,7 @@ def _load_bytes(data: bytes, name: str, passphrase: str | None, root: Path) -> L
     if converted_from is not None:
         _check_xml(files)
     _check_paths(files, root)
-    return LoadedBackup(header, files, settings, console, converted_from)
+    return LoadedBackup(header, files, settings, console, converted_from, verified)
 
 
 def backup_load(
@@ -1229,7 +1323,8 @@ def backup_import(
     base = appliance_root(root)
     data = _read_limited(data_or_fileobj)
     name_probe = "upload-probe.lmibak"
-    parsed = _parse(data, name_probe, len(data))
+    key = _key_or_none(base)
+    parsed = _parse(data, name_probe, len(data), key)
     if parsed.header.encrypted:
         _check_firmware(parsed.header, _running_firmware(base))
     else:
@@ -1243,7 +1338,7 @@ def backup_import(
             if not (directory / name).exists():
                 break
         atomic_write_bytes(directory / name, data, 0o600)
-    return _parse_header(data, name, len(data))
+    return _parse_header(data, name, len(data), key)
 
 
 # --- Diff -----------------------------------------------------------------------------------
@@ -1563,7 +1658,41 @@ def _plan(loaded: LoadedBackup, root: Path) -> tuple[list[tuple[str, Path, bytes
     return writes, removes
 
 
-def backup_restore(loaded: LoadedBackup, root: Path | None = None) -> RestoreResult:
+def restore_plan(loaded: LoadedBackup, root: Path | None = None) -> RestorePlan:
+    """The files a restore of ``loaded`` would write and remove now (nothing changes).
+
+    This is the list an administrator confirms before an unverified backup is restored.
+    """
+    base = Path(os.path.realpath(appliance_root(root)))
+    writes, removes = _plan(loaded, base)
+    return RestorePlan(
+        writes=[relative for relative, _, _ in writes],
+        removes=[path.relative_to(base).as_posix() for path in removes],
+    )
+
+
+def _check_confirmed(
+    loaded: LoadedBackup, writes: list[tuple[str, Path, bytes]], confirmed: Collection[str]
+) -> None:
+    """An unverified backup writes only files an administrator saw listed and confirmed."""
+    if loaded.verified:
+        return
+    planned = [relative for relative, _, _ in writes]
+    unconfirmed = [relative for relative in planned if relative not in confirmed]
+    if unconfirmed or not confirmed:
+        raise ConfirmationRequired(
+            "This backup is unverified: it was not made by this appliance, or it was changed "
+            "since. Check the files it will write and confirm them to restore it: "
+            + (", ".join("/" + relative for relative in planned[:50]) or "(none)")
+            + (f" and {len(planned) - 50} more" if len(planned) > 50 else "")
+            + ".",
+            planned,
+        )
+
+
+def backup_restore(
+    loaded: LoadedBackup, root: Path | None = None, *, confirmed: Collection[str] = ()
+) -> RestoreResult:
     """Make the appliance's configuration the backup's, all or nothing.
 
     Every new file is first written next to its target and synced; a journal (synced) then
@@ -1571,6 +1700,10 @@ def backup_restore(loaded: LoadedBackup, root: Path | None = None) -> RestoreRes
     retention set in one transaction and files the backup lacks removed (in the configuration
     and network directories only). An error rolls everything back; a crash is rolled forward by
     :func:`restore_recover` from the journal. Restores are serialised with a lock.
+
+    An unverified backup (see :mod:`appliance.backupmac`) is restored only when ``confirmed``
+    holds every file the plan writes, as :func:`restore_plan` listed them
+    (:class:`ConfirmationRequired` otherwise, nothing changed).
     """
     base = Path(os.path.realpath(appliance_root(root)))
     the_layout = layout(base)
@@ -1578,6 +1711,7 @@ def backup_restore(loaded: LoadedBackup, root: Path | None = None) -> RestoreRes
     with exclusive_lock(the_layout.config_restore_lock):
         _recover_locked(base)
         writes, removes = _plan(loaded, base)
+        _check_confirmed(loaded, writes, confirmed)
         stores = dict(loaded.appliance_settings.get("store_retention", {}))
         current = _store_retention(base)
         stores_updated = sum(1 for name, days in stores.items() if current.get(name) != days)

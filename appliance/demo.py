@@ -20,6 +20,7 @@ from pathlib import Path
 
 from appliance import msgstore, processing, rescue
 from appliance.atomic import atomic_write_bytes, atomic_write_text
+from appliance.backupmac import appliance_key
 from appliance.errors import ApplianceExists
 from appliance.mailpolicy import MailPolicy, PolicyRule, write_mail_policy
 from appliance.paths import Layout, appliance_root, layout
@@ -286,6 +287,7 @@ def init_demo(
     _write_network(the_layout)
 
     msgstore.create(base)
+    appliance_key(base, create=True)  # an appliance has its backup key from its first start
     msgstore.fill_demo(base, messages=messages, seed=seed)
     processing.fill_demo_minutes(base, days=graph_days, seed=seed)
 

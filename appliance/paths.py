@@ -171,6 +171,11 @@ class Layout:
         return self.root / "var" / "lib" / "mailsec" / "backups"
 
     @property
+    def backup_key(self) -> Path:
+        """The key that seals this appliance's configuration backups (never inside one)."""
+        return self.root / "var" / "lib" / "mailsec" / "backup.key"
+
+    @property
     def config_restore_journal(self) -> Path:
         """Present only while a configuration restore is being applied (for crash recovery)."""
         return self.root / "var" / "lib" / "mailsec" / "config-restore.json"

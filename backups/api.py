@@ -19,6 +19,7 @@ from appliance.configbackup import (
     BackupError,
     BackupHeader,
     BackupRejected,
+    ConfirmationRequired,
     PassphraseRequired,
     WrongPassphrase,
 )
@@ -39,6 +40,7 @@ class BackupOut(Schema):
     trigger: str
     encrypted: bool
     size: int
+    verified: bool | None  # made here and unchanged; None: encrypted, known once opened
 
 
 class CreateIn(Schema):
@@ -48,6 +50,19 @@ class CreateIn(Schema):
 
 class PassphraseIn(Schema):
     passphrase: str | None = None
+
+
+class RestoreIn(Schema):
+    passphrase: str | None = None
+    # For an unverified backup: every file the restore writes, as the 409 answer listed them.
+    confirm_files: list[str] = []
+
+
+class ConfirmOut(Schema):
+    """An unverified backup: resend the restore with ``confirm_files`` set to ``files``."""
+
+    detail: str
+    files: list[str]
 
 
 class DiffItemOut(Schema):
@@ -107,6 +122,7 @@ def _backup(header: BackupHeader) -> dict[str, Any]:
         "trigger": header.trigger,
         "encrypted": header.encrypted,
         "size": header.size,
+        "verified": header.verified,
     }
 
 
@@ -217,18 +233,32 @@ def config_diff(request: HttpRequest, name: str, payload: PassphraseIn | None = 
 
 @router.post(
     "/config/{name}/restore",
-    response={200: RestoreOut, 400: Problem, 403: Problem, 404: Problem, 422: Problem},
+    response={
+        200: RestoreOut,
+        400: Problem,
+        403: Problem,
+        404: Problem,
+        409: ConfirmOut,
+        422: Problem,
+    },
 )
-def config_restore(request: HttpRequest, name: str, payload: PassphraseIn | None = None):
-    """Restore the backup, all or nothing (403 for a wrong passphrase: nothing changed)."""
+def config_restore(request: HttpRequest, name: str, payload: RestoreIn | None = None):
+    """Restore the backup, all or nothing (403 for a wrong passphrase: nothing changed).
+
+    An unverified backup (not made by this appliance, or changed since) answers 409 with the
+    files it would write; it is restored when the request names them all in ``confirm_files``.
+    """
     require_administrator(request)
-    passphrase = payload.passphrase if payload is not None else None
+    payload = payload or RestoreIn()
     try:
         result = services.config_backup_restore(
             user=request.auth,  # type: ignore[attr-defined]
             name=name,
-            passphrase=passphrase or None,
+            passphrase=payload.passphrase or None,
+            confirmed=payload.confirm_files[: configbackup.MAX_MEMBERS],
         )
+    except ConfirmationRequired as exc:
+        return Status(409, {"detail": str(exc), "files": exc.files})
     except BackupError as exc:
         return _refused(exc)
     return {"name": name, **result.__dict__}

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import IO, Any
 
@@ -33,6 +34,7 @@ from appliance.configbackup import (
     BackupError,
     BackupHeader,
     BackupRejected,
+    ConfirmationRequired,
     DiffItem,
     LoadedBackup,
     RestoreResult,
@@ -59,6 +61,7 @@ COMMENT_MAX = 200
 # Backups made before firmware installs are kept apart from the schedule's: the newest few.
 PRE_INSTALL_KEPT = 5
 CONSOLE_FORMAT = 1
+MAX_LISTED_FILES = 200  # of an unverified restore, in its event
 # A running job writes progress (and so its heartbeat) at most this often, at least once per
 # file or few MiB; one silent for STALE_AFTER lost its worker.
 PROGRESS_INTERVAL = 0.5
@@ -390,29 +393,62 @@ def _console_diff(console: Mapping[str, Any]) -> list[DiffItem]:
     ]
 
 
+@dataclass(frozen=True)
+class RestorePreview:
+    """What a restore would do: the differences, and for an unverified backup (one this
+    appliance did not make, or that was changed) the files an administrator must confirm."""
+
+    items: list[DiffItem]
+    verified: bool
+    writes: list[str]
+    removes: list[str]
+
+
 @sensitive_variables("passphrase")
-def config_backup_diff(*, name: str, passphrase: str | None = None) -> list[DiffItem]:
-    """Object by object, what restoring the backup would change in the running configuration."""
+def config_backup_preview(*, name: str, passphrase: str | None = None) -> RestorePreview:
+    """Object by object, what restoring the backup would change, and the files it would write."""
     loaded = _load(name, passphrase)
     try:
         items = list(configbackup.backup_diff(loaded))
+        plan = configbackup.restore_plan(loaded)
     except BackupError:
         raise
     except (ApplianceError, OSError) as exc:
         raise BackupError(f"The running configuration cannot be compared: {exc}") from exc
-    return items + _console_diff(loaded.console)
+    return RestorePreview(
+        items=items + _console_diff(loaded.console),
+        verified=loaded.verified,
+        writes=plan.writes,
+        removes=plan.removes,
+    )
+
+
+@sensitive_variables("passphrase")
+def config_backup_diff(*, name: str, passphrase: str | None = None) -> list[DiffItem]:
+    """Object by object, what restoring the backup would change in the running configuration."""
+    return config_backup_preview(name=name, passphrase=passphrase).items
 
 
 @sensitive_variables("passphrase")
 def config_backup_restore(
-    *, user: User | None, name: str, passphrase: str | None = None
+    *,
+    user: User | None,
+    name: str,
+    passphrase: str | None = None,
+    confirmed: Collection[str] = (),
 ) -> RestoreResult:
     """Restore a configuration backup, all or nothing, then its console settings; an event
-    with the outcome either way."""
+    with the outcome either way.
+
+    An unverified backup needs ``confirmed``: every file the restore writes, as the preview
+    listed them (:class:`ConfirmationRequired`, no event, nothing changed, otherwise).
+    """
     try:
         loaded = _load(name, passphrase)
         console = console_settings_parse(loaded.console)
-        result = configbackup.backup_restore(loaded)
+        result = configbackup.backup_restore(loaded, confirmed=confirmed)
+    except ConfirmationRequired:
+        raise  # a question for the administrator, not a failure
     except (ApplianceError, OSError) as exc:
         reason = str(exc)
         _event(
@@ -431,11 +467,18 @@ def config_backup_restore(
         if result.converted_from
         else ""
     )
+    unverified = (
+        ""
+        if loaded.verified
+        else "; the backup was unverified, the files it writes confirmed by the user"
+    )
     _event(
         f"Configuration backup {name} restored: {result.files_written} files written, "
         f"{result.files_removed} removed, {result.stores_updated} message stores updated"
-        f"{converted}",
+        f"{converted}{unverified}",
         user=user,
+        verified=loaded.verified,
+        confirmed_files=[] if loaded.verified else sorted(set(confirmed))[:MAX_LISTED_FILES],
         name=name,
         files_written=result.files_written,
         files_removed=result.files_removed,

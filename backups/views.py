@@ -20,7 +20,12 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from accounts.roles import is_administrator
 from appliance import configbackup
-from appliance.configbackup import BackupError, BackupHeader, PassphraseRequired
+from appliance.configbackup import (
+    BackupError,
+    BackupHeader,
+    ConfirmationRequired,
+    PassphraseRequired,
+)
 from appliance.errors import ApplianceError
 from backups import selectors, services
 from backups.forms import CreateBackupForm, PassphraseForm, ScheduleForm, UploadBackupForm
@@ -187,14 +192,28 @@ def _compare_context(
         context["needs_passphrase"] = True
         return context
     try:
-        items = services.config_backup_diff(name=header.name, passphrase=passphrase)
+        preview = services.config_backup_preview(name=header.name, passphrase=passphrase)
     except PassphraseRequired as exc:
         context.update(needs_passphrase=True, compare_error=str(exc))
     except BackupError as exc:
         context.update(needs_passphrase=header.encrypted, compare_error=str(exc))
     else:
-        context.update(compared=True, sections=selectors.diff_sections(items), changes=len(items))
+        context.update(
+            compared=True,
+            sections=selectors.diff_sections(preview.items),
+            changes=len(preview.items),
+            verified=preview.verified,
+            writes=preview.writes,
+            removes=preview.removes,
+        )
     return context
+
+
+def _confirmed(request: HttpRequest) -> list[str]:
+    """The files the administrator saw listed, when the box confirming them was ticked."""
+    if request.POST.get("confirm_unverified") != "yes":
+        return []
+    return request.POST.getlist("confirm_file")[: configbackup.MAX_MEMBERS]
 
 
 def _passphrase(request: HttpRequest) -> str | None:
@@ -228,8 +247,14 @@ def config_restore(request: HttpRequest, name: str) -> HttpResponse:
         if request.POST.get("action") == "restore":
             try:
                 result = services.config_backup_restore(
-                    user=request.user, name=name, passphrase=passphrase
+                    user=request.user,
+                    name=name,
+                    passphrase=passphrase,
+                    confirmed=_confirmed(request),
                 )
+            except ConfirmationRequired as exc:
+                messages.error(request, f"The backup was not restored, nothing changed: {exc}")
+                context = _compare_context(request, header, passphrase)
             except BackupError as exc:
                 messages.error(request, f"The backup was not restored, nothing changed: {exc}")
                 context = _compare_context(request, header, None)

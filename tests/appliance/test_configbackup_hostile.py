@@ -33,6 +33,7 @@ from appliance.configbackup import (
     backup_load,
     backup_path,
     backup_restore,
+    restore_plan,
 )
 from appliance.paths import layout
 from appliance.policy import PolicyObject, parse_policy_objects, render_policy_objects
@@ -391,7 +392,102 @@ def test_a_file_macro_on_a_managed_file_is_refused(members: dict[str, bytes]) ->
     evil = PolicyObject("evil", "Evil list", "emailaddresslist", "$(FILE/etc/firmware-release)")
     changed = with_objects(members, evil)
     changed["files/etc/firmware-release"] = b"FIRMWARE_VERSION=9.9.9.9\n"
-    refuse(archive(changed), "manages itself")
+    refuse(archive(changed), "list files only under")
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/etc/cron.d/evil",
+        "/root/.ssh/authorized_keys",
+        "/etc/passwd",
+        "/lib/x.so",
+        "/var/lib/dhcpcd/dhcpcd-eth0.info",
+        "/etc/mailsec/license.json",
+        "/etc/mailsec/listsX/evil",
+        "/etc/mailsec/lists",
+    ],
+)
+def test_a_file_macro_outside_the_list_directories_writes_nothing(
+    members: dict[str, bytes], target: str
+) -> None:
+    """The allow-list: a backup carries list files for /etc/mailsec/lists/ only."""
+    evil = PolicyObject("evil", "Evil list", "emailaddresslist", f"$(FILE{target})")
+    changed = with_objects(members, evil)
+    changed["files" + target] = b"ssh-ed25519 AAAA attacker\n"
+    refuse(archive(changed), f"'Evil list' reads {target}, and the backup carries that file")
+
+
+def test_a_file_macro_outside_the_lists_without_its_file_is_restored_as_an_object(
+    members: dict[str, bytes],
+) -> None:
+    """An object may read any file of the appliance; only carrying one is refused."""
+    reader = PolicyObject("reader", "Host list", "domainlist", "$(FILE/etc/hosts.allow)")
+    header = backup_import(
+        archive(with_objects(members, reader)), filename="x", uploaded_by="admin"
+    )
+    loaded = backup_load(header.name)
+    backup_restore(loaded, confirmed=restore_plan(loaded).writes)
+    assert not (layout().etc_dir / "hosts.allow").exists()
+    assert "Host list" in layout().policy_objects_xml.read_text()
+
+
+def test_a_list_file_through_a_symlink_out_of_the_lists_is_refused(
+    members: dict[str, bytes],
+) -> None:
+    os.symlink("../../cron.d", layout().lists_dir / "cron")
+    (layout().etc_dir / "cron.d").mkdir()
+    evil = PolicyObject("evil", "Evil list", "emailaddresslist", "$(FILE/etc/mailsec/lists/cron/x)")
+    changed = with_objects(members, evil)
+    changed["files/etc/mailsec/lists/cron/x"] = b"* * * * * root sh -c owned\n"
+    refuse(archive(changed), "outside the list directories")
+    assert list((layout().etc_dir / "cron.d").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"\x7fELF\x02\x01\x01\x00binary", "control character on line 1"),
+        (b"ok@example.com\n\xff\xfe\n", "not UTF-8 text"),
+        (b"a@example.com\nb@example.com\x1b[2J\n", "control character on line 2"),
+        (b"a" * (configbackup.MAX_LIST_BYTES + 1), "larger than 8 MiB"),
+    ],
+)
+def test_a_list_file_that_is_not_bounded_text_is_refused(
+    members: dict[str, bytes], content: bytes, match: str
+) -> None:
+    name = "files/etc/mailsec/lists/blocked_senders.txt"
+    assert name in members
+    refuse(archive({**members, name: content}), f"'Blocked senders' reads .*{match}")
+
+
+def test_a_list_file_with_tabs_and_crlf_line_ends_is_accepted(members: dict[str, bytes]) -> None:
+    name = "files/etc/mailsec/lists/blocked_senders.txt"
+    content = "a@example.com\t# tab\r\nb@exämple.com\r\n".encode()
+    header = backup_import(archive({**members, name: content}), filename="x", uploaded_by="a")
+    assert backup_load(header.name).files[name.removeprefix("files/")] == content
+
+
+def test_a_list_file_on_a_special_file_is_refused(members: dict[str, bytes]) -> None:
+    target = layout().lists_dir / "blocked_senders.txt"
+    target.unlink()
+    os.mkfifo(target)
+    name = "files/etc/mailsec/lists/blocked_senders.txt"
+    refuse(archive({**members, name: b"new@example.com\n"}), "a device or special file")
+
+
+def test_a_running_object_outside_the_lists_is_not_backed_up(demo_appliance: Path) -> None:
+    """What a restore would refuse is not put in a backup either."""
+    from appliance.policy import list_policy_objects, write_policy_objects
+
+    (demo_appliance / "etc" / "extra.txt").write_text("x@example.com\n")
+    objects = list_policy_objects(demo_appliance)
+    reader = PolicyObject("reader", "Extra", "emailaddresslist", "$(FILE/etc/extra.txt)")
+    write_policy_objects([*objects, reader], demo_appliance)
+    loaded = backup_load(backup_create(created_by="admin").name)
+    assert "etc/extra.txt" not in loaded.files
+    assert "etc/mailsec/lists/blocked_senders.txt" in loaded.files
+    assert loaded.verified
 
 
 def test_a_file_macro_through_a_symlink_out_of_the_root_is_refused(
@@ -414,7 +510,7 @@ def test_a_file_macro_through_a_symlink_onto_the_firmware_is_refused(
     evil = PolicyObject("evil", "Evil list", "emailaddresslist", "$(FILE/etc/mailsec/sys/x)")
     changed = with_objects(members, evil)
     changed["files/etc/mailsec/sys/x"] = b"owned\n"
-    refuse(archive(changed), "manages itself")
+    refuse(archive(changed), "list files only under")
 
 
 def test_a_config_file_redirected_by_a_symlink_is_refused(members: dict[str, bytes]) -> None:
@@ -508,7 +604,8 @@ def test_the_longest_valid_host_name_is_accepted(members: dict[str, bytes]) -> N
     header = backup_import(
         archive({**members, HOSTNAME: name + b"\n"}), filename="ok", uploaded_by="admin"
     )
-    backup_restore(backup_load(header.name))
+    loaded = backup_load(header.name)
+    backup_restore(loaded, confirmed=restore_plan(loaded).writes)  # hand-built: unverified
     assert layout().hostname_file.read_bytes() == name + b"\n"
 
 
@@ -624,5 +721,6 @@ def test_a_sles_10_hardware_bound_interface_file_is_restored(members: dict[str, 
     header = backup_import(
         archive({**members, NETWORK + name: content}), filename="sles10", uploaded_by="admin"
     )
-    backup_restore(backup_load(header.name))
+    loaded = backup_load(header.name)
+    backup_restore(loaded, confirmed=restore_plan(loaded).writes)  # hand-built: unverified
     assert (layout().network_dir / name).read_bytes() == content

@@ -116,3 +116,29 @@ def test_read_only_tokens_can_read_but_not_change(client, demo_appliance, viewer
 
 def test_the_api_needs_authentication(client, demo_appliance):
     assert client.get(f"{BASE}/config").status_code == 401
+
+
+def test_an_unverified_backup_answers_409_with_its_files_until_they_are_confirmed(
+    client, demo_appliance, admin_token, admin_user
+):
+    from tests.backups import archives
+
+    made = services.config_backup_create(user=admin_user)
+    header, members = archives.split(configbackup.backup_path(made.name).read_bytes())
+    members["files/etc/HOSTNAME"] = b"elsewhere.example.com\n"
+    upload = SimpleUploadedFile("x.lmibak", archives.join(header, members))
+    uploaded = client.post(f"{BASE}/config/upload", {"file": upload}, **admin_token)
+    assert uploaded.status_code == 201 and uploaded.json()["verified"] is False
+    name = uploaded.json()["name"]
+
+    asked = _post(client, f"/config/{name}/restore", admin_token)
+    assert asked.status_code == 409, asked.content
+    assert asked.json()["files"] == ["etc/HOSTNAME"]
+    assert "unverified" in asked.json()["detail"]
+    assert "mailsec01" in (demo_appliance / "etc/HOSTNAME").read_text()
+
+    done = _post(
+        client, f"/config/{name}/restore", admin_token, {"confirm_files": ["etc/HOSTNAME"]}
+    )
+    assert done.status_code == 200, done.content
+    assert (demo_appliance / "etc/HOSTNAME").read_text() == "elsewhere.example.com\n"

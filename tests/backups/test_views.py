@@ -317,3 +317,51 @@ def test_login_is_required(demo_appliance):
     for url in (PAGE, "/backup/system/image/", "/backup/system/config/x.lmibak/download/"):
         response = client.get(url)
         assert response.status_code == 302 and "/accounts/login/" in response["Location"], url
+
+
+def _altered_upload(client, admin_user) -> str:
+    """A backup made here, one list address added and its checksums recomputed, uploaded."""
+    made = _make(admin_user)
+    data = configbackup.backup_path(made.name).read_bytes()
+    header, members = archives.split(data)
+    members["files/etc/mailsec/lists/blocked_senders.txt"] += b"partner@example.net\n"
+    _upload(client, archives.join(header, members))
+    return next(h.name for h in configbackup.backup_list() if h.trigger == "upload")
+
+
+def test_an_unverified_backup_lists_its_files_and_restores_only_once_confirmed(
+    admin_client, demo_appliance, admin_user
+):
+    name = _altered_upload(admin_client, admin_user)
+    listing = admin_client.get(PAGE).content.decode()
+    assert 'data-testid="unverified"' in listing
+    url = f"/backup/system/config/{name}/restore/"
+    page = admin_client.get(url).content.decode()
+    assert "This backup is unverified" in page
+    assert 'data-testid="unverified-write">/etc/mailsec/lists/blocked_senders.txt' in page
+    assert 'name="confirm_unverified"' in page
+    before = tree_bytes(demo_appliance, "etc")
+    files = ["etc/mailsec/lists/blocked_senders.txt"]
+
+    html = post(admin_client, url, {"action": "restore", "confirm_file": files}).content.decode()
+    assert "nothing changed" in html and "unverified" in html
+    assert tree_bytes(demo_appliance, "etc") == before
+
+    html = post(
+        admin_client,
+        url,
+        {"action": "restore", "confirm_file": files, "confirm_unverified": "yes"},
+    ).content.decode()
+    assert f"Configuration backup {name} restored" in html
+    lists = (demo_appliance / "etc/mailsec/lists/blocked_senders.txt").read_text()
+    assert lists.endswith("partner@example.net\n")
+    event = Event.objects.filter(message__contains=f"backup {name} restored").get()
+    assert "unverified" in event.message
+    assert event.details["confirmed_files"] == files
+
+
+def test_a_backup_made_here_shows_as_verified(admin_client, demo_appliance, admin_user):
+    header = _make(admin_user)
+    page = admin_client.get(f"/backup/system/config/{header.name}/restore/").content.decode()
+    assert "made by this appliance and unchanged" in page
+    assert 'name="confirm_unverified"' not in page
