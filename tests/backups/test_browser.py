@@ -61,3 +61,36 @@ def test_an_administrator_creates_downloads_uploads_compares_and_restores(
     assert read_smtp_settings().listen_port == listen_port
     screenshot(page, "backups-restored")
     assert csp_errors == []
+
+
+def test_an_unverified_backup_is_restored_after_its_files_are_confirmed(
+    admin_page, demo_appliance, tmp_path
+):
+    from tests.backups import archives
+
+    page = admin_page
+    made = configbackup.backup_create(created_by="admin")
+    header, members = archives.split(configbackup.backup_path(made.name).read_bytes())
+    members["files/etc/mailsec/lists/blocked_senders.txt"] += b"partner@example.net\n"
+    altered = tmp_path / "from-elsewhere.lmibak"
+    altered.write_bytes(archives.join(header, members))
+
+    page.goto("/backup/system/")
+    page.set_input_files("#id_backup_file", str(altered))
+    page.get_by_test_id("upload-backup").click()
+    page.get_by_text("uploaded.").wait_for()
+    uploaded = next(h for h in configbackup.backup_list() if h.trigger == "upload")
+    row = page.get_by_test_id(f"backup-{uploaded.name}")
+    assert row.get_by_test_id("unverified").is_visible()
+
+    row.get_by_test_id("restore").click()
+    files = page.get_by_test_id("unverified-files")
+    assert "/etc/mailsec/lists/blocked_senders.txt" in files.inner_text()
+    screenshot(page, "backups-unverified-restore")
+    page.get_by_test_id("restore-submit").click()  # the box is required: nothing is sent
+    assert "restored:" not in page.content()
+    page.get_by_test_id("confirm-unverified").check()
+    page.get_by_test_id("restore-submit").click()
+    page.get_by_text("restored:").wait_for()
+    lists = demo_appliance / "etc/mailsec/lists/blocked_senders.txt"
+    assert lists.read_text().endswith("partner@example.net\n")
