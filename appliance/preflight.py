@@ -39,10 +39,13 @@ from appliance.errors import ApplianceError
 from appliance.paths import layout
 from appliance.system import read_firmware_release
 
-Status = Literal["pass", "warn", "fail"]
+Status = Literal["pass", "warn", "fail", "pending"]
 PASS: Status = "pass"  # noqa: S105 - a check verdict, not a password
 WARN: Status = "warn"
 FAIL: Status = "fail"
+# Cannot be measured yet (no firmware downloaded to compare with): the checklist is a plan that
+# can be read at any time, so such a check waits instead of stopping the others.
+PENDING: Status = "pending"
 
 # The guide: "at least 50% free space on the disks" of the database and of the message store.
 MIN_FREE_FRACTION = 0.5
@@ -110,7 +113,9 @@ def _existing(path: Path) -> Path:
 # --- The checks -----------------------------------------------------------------------------
 
 
-def _check_firmware(bundle_version: str, bundle_min_version: str, root: Path | None) -> Check:
+def _check_firmware(
+    bundle_version: str | None, bundle_min_version: str, root: Path | None
+) -> Check:
     title = "Firmware level"
     installed = read_firmware_release(root).get("FIRMWARE_VERSION", "")
     try:
@@ -122,6 +127,14 @@ def _check_firmware(bundle_version: str, bundle_min_version: str, root: Path | N
             FAIL,
             f"installed: {installed or 'unknown'}",
             "The installed firmware level cannot be read; contact support before upgrading.",
+        )
+    if bundle_version is None:
+        return Check(
+            "firmware",
+            title,
+            PENDING,
+            f"installed {installed}; no newer firmware to compare with",
+            "Measured again once a newer firmware is available.",
         )
     try:
         new, minimum = version_tuple(bundle_version), version_tuple(bundle_min_version)
@@ -177,7 +190,7 @@ def _check_console_disk(console_db_path: Path | None, disk_usage: DiskUsage) -> 
 
 def _check_space_for_upgrade(
     root: Path | None,
-    bundle_version: str,
+    bundle_version: str | None,
     image_bytes: int | None,
     disk_usage: DiskUsage,
 ) -> Check:
@@ -363,7 +376,7 @@ def _check_downtime(root: Path | None) -> Check:
 
 
 def preflight_checks(
-    bundle_version: str,
+    bundle_version: str | None,
     bundle_min_version: str,
     root: Path | None = None,
     *,
@@ -373,6 +386,8 @@ def preflight_checks(
 ) -> list[Check]:
     """Run every appliance check (read-only) and return them in the checklist's order.
 
+    ``bundle_version``: the firmware to install (the bundle's, or the newest offer's before a
+    download); None when there is none, so the firmware check is pending.
     ``image_bytes``: the size of the new system image (the bundle's payload size); without it
     the running slot's size stands in. ``disk_usage`` replaces ``psutil.disk_usage`` (tests).
     A check that cannot be measured fails with the reason, rather than letting the install go on

@@ -1,5 +1,7 @@
 """The home page's notification area. Each source returns the notices that hold right now.
 
+``Notice`` is re-exported from lmi.notices for the callers that import it from here.
+
 Later features (firmware available, ready to install, upgrade running) add a source to
 NOTICE_SOURCES; the home page and its partial render whatever the sources return.
 """
@@ -7,24 +9,14 @@ NOTICE_SOURCES; the home page and its partial render whatever the sources return
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from django.urls import reverse
 
 from appliance.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system import system_info
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, upgrade_disks
+from lmi.notices import Notice
 from upgrades.notifications import update_notices
-
-
-@dataclass(frozen=True)
-class Notice:
-    """One notification: level is info, warning or error."""
-
-    level: str
-    message: str
-    link_label: str = ""
-    link_url: str = ""
 
 
 def _appliance_notices() -> list[Notice]:

@@ -12,8 +12,9 @@ from ninja import Router, Schema, Status
 
 from api.auth import require_administrator
 from api.schemas import Problem
-from upgrades import install, install_status, selectors, services
+from upgrades import install, install_status, services
 from upgrades.models import CheckTrigger, DownloadTrigger, InstallRun, InstallTrigger
+from upgrades.story import update_status
 
 router = Router(tags=["updates"])
 
@@ -70,7 +71,26 @@ class LicenseOut(Schema):
     reason: str
 
 
+class StoryOut(Schema):
+    """Where the appliance is in its update life: the sentence every surface leads with."""
+
+    stage: str
+    level: str
+    installed: str | None
+    version: str | None
+    headline: str
+    percent: float | None
+    phase: int | None
+    at: str | None
+    by: str
+    reason: str
+    run_id: int | None
+    download_id: int | None
+    ready_version: str | None
+
+
 class UpdateStatusOut(Schema):
+    story: StoryOut
     installed_version: str | None
     last_check: CheckOut | None
     offers: list[OfferOut]
@@ -99,7 +119,7 @@ DOWNLOAD_REFUSALS: dict[type[services.UpdateError], int] = {
 def status(request: HttpRequest) -> dict[str, Any]:
     """Installed firmware, last check, offers, the current download (bytes, %, rate, ETA, state),
     the verified bundle ready to install, automatic downloads, and the license."""
-    return selectors.update_status()
+    return update_status()
 
 
 @router.post("/check", response={200: UpdateStatusOut, 502: Problem})
@@ -109,7 +129,7 @@ def check(request: HttpRequest):
     result = services.update_check(trigger=CheckTrigger.API, user=request.auth)  # type: ignore[attr-defined]
     if not result.ok:
         return Status(502, {"detail": result.error})
-    return selectors.update_status()
+    return update_status()
 
 
 @router.post(
@@ -128,7 +148,7 @@ def download(request: HttpRequest, payload: DownloadIn | None = None):
         )
     except services.UpdateError as exc:
         return Status(DOWNLOAD_REFUSALS.get(type(exc), 400), {"detail": str(exc)})
-    return Status(202, selectors.update_status())
+    return Status(202, update_status())
 
 
 @router.post("/cancel", response={200: UpdateStatusOut, 409: Problem})
@@ -139,7 +159,7 @@ def cancel(request: HttpRequest):
         services.download_cancel(user=request.auth)  # type: ignore[attr-defined]
     except services.UpdateError as exc:
         return Status(409, {"detail": str(exc)})
-    return selectors.update_status()
+    return update_status()
 
 
 # --- Install (issue 6): preflight, start, follow, abort ------------------------------------

@@ -162,6 +162,8 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
     def when(iso: str) -> str:
         return datetime.fromisoformat(iso).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
 
+    story = status["story"]
+    row("Status", story["headline"] + (f" {story['reason']}" if story["reason"] else ""))
     row("Installed firmware", status["installed_version"] or "unknown")
     check = status["last_check"]
     if check is None:
@@ -214,10 +216,9 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
 
 
 def _status(as_json: bool, out: TextIO) -> int:
-    from upgrades.install_status import install_summary
-    from upgrades.selectors import update_status
+    from upgrades.story import update_status
 
-    status = {**update_status(), "install": install_summary()}
+    status = update_status()
     if as_json:
         out.write(json.dumps(status, indent=2, sort_keys=True) + "\n")
     else:
@@ -228,10 +229,11 @@ def _status(as_json: bool, out: TextIO) -> int:
 def _check(as_json: bool, out: TextIO, err: TextIO) -> int:
     from upgrades import selectors, services
     from upgrades.models import CheckTrigger
+    from upgrades.story import update_status
 
     result = services.update_check(trigger=CheckTrigger.CLI, user=_cli_user())
     if as_json:
-        out.write(json.dumps(selectors.update_status(), indent=2, sort_keys=True) + "\n")
+        out.write(json.dumps(update_status(), indent=2, sort_keys=True) + "\n")
     if not result.ok:
         err.write(f"update-control: {result.error}\n")
         return EXIT_FAILURE
@@ -299,7 +301,7 @@ def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
     return EXIT_FAILURE
 
 
-STATUS_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
+STATUS_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "pending": "WAIT"}
 # How often the follower re-reads the run (one indexed row and its ten phases): the phases write
 # progress a few times a second, and the shell returns within this much of the run's end.
 FOLLOW_INTERVAL = 0.2
@@ -337,7 +339,13 @@ def _preflight(as_json: bool, out: TextIO, err: TextIO) -> int:
             err.write(f"update-control: the install is not possible: {_failed_reason(checks)}\n")
         return EXIT_PREFLIGHT_FAILED
     if not as_json:
-        out.write("Every check passed: the firmware can be installed.\n")
+        pending = [check for check in checks if check.status == "pending"]
+        if pending:
+            out.write(
+                f"No check failed; {len(pending)} wait for a downloaded firmware (WAIT).\n"
+            )
+        else:
+            out.write("Every check passed: the firmware can be installed.\n")
     return EXIT_OK
 
 
@@ -439,8 +447,13 @@ def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
 
     from upgrades import install
     from upgrades.models import InstallTrigger
+    from upgrades.story import Stage, update_story
 
     user = _cli_user()
+    story = update_story()
+    if story.stage not in (Stage.INSTALLING, Stage.ROLLING_BACK) and story.ready_version is None:
+        out.write(f"Nothing to install. {story.headline}\n")
+        return EXIT_NOTHING_TO_DO
     checks = install.install_preflight(user=user)
     out.write("Preflight checks:\n")
     _print_checks(checks, out)

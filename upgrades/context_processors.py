@@ -22,7 +22,13 @@ def install_banner(request: HttpRequest) -> dict[str, object]:
         # The progress page shows the run live; a banner loaded once would only lag behind it.
         return {"install_banner_run": None}
     run = install_status.active_run()
-    return {
+    read_only = install_status.holds_maintenance(run)
+    context: dict[str, object] = {
         "install_banner_run": run,
-        "install_banner_read_only": install_status.holds_maintenance(run),
+        "install_banner_read_only": read_only,
     }
+    if read_only:
+        # The pages render as for a read-only user, matching InstallMaintenanceMiddleware,
+        # which refuses every change meanwhile: no form offers what would be refused.
+        context["can_change"] = False
+    return context

@@ -60,6 +60,7 @@ from upgrades.models import (
 )
 
 if TYPE_CHECKING:
+    from appliance.configbackup import LoadedBackup
     from appliance.preflight import Check
 
 logger = logging.getLogger(__name__)
@@ -174,7 +175,9 @@ def install_preflight(*, user: User | None = None) -> list[Check]:
     """Every check before Install is allowed; reads only, never changes anything.
 
     The appliance's checks (appliance.preflight) plus the console's: the bundle present and
-    verified again, the entitlement, and the cluster role.
+    verified again, the entitlement, and the cluster role. It is a plan that can be read at any
+    time, like Proxmox's pmg7to8: before a download every check runs all the same, against the
+    newest firmware offered, and those that need the bundle are pending rather than failed.
     """
     from appliance import preflight
 
@@ -182,14 +185,23 @@ def install_preflight(*, user: User | None = None) -> list[Check]:
     installed = selectors.installed_version()
     download = selectors.ready_download(installed)
     manifest = None
+    offer = selectors.newest_downloadable(installed)
     if download is None:
         checks.append(
             preflight.Check(
                 key="bundle",
                 title="Firmware bundle",
-                status="fail",
-                value="no verified firmware is downloaded",
-                advice="Download the firmware under Updates & Licensing first.",
+                status=preflight.PENDING,
+                value=(
+                    f"firmware {offer.offer.version} is available, not yet downloaded"
+                    if offer is not None
+                    else f"nothing newer than the installed {installed or 'firmware'}"
+                ),
+                advice=(
+                    "Download it under Updates & Licensing; it is verified again here."
+                    if offer is not None
+                    else ""
+                ),
             )
         )
     else:
@@ -235,15 +247,22 @@ def install_preflight(*, user: User | None = None) -> list[Check]:
 
     checks.append(cluster_preflight_check(download.version if download else installed or ""))
     if manifest is not None:
-        checks.extend(
-            preflight.preflight_checks(
-                manifest.version,
-                manifest.min_version,
-                console_db_path=_console_db_path(),
-                image_bytes=manifest.payload_size,
-                disk_usage=PREFLIGHT_DISK_USAGE,
-            )
+        target, minimum, image = manifest.version, manifest.min_version, manifest.payload_size
+    elif download is not None:
+        return checks  # the bundle failed verification: nothing else can be trusted to it
+    elif offer is not None:
+        target, minimum, image = offer.offer.version, offer.offer.min_version, None
+    else:
+        target, minimum, image = None, "", None
+    checks.extend(
+        preflight.preflight_checks(
+            target,
+            minimum,
+            console_db_path=_console_db_path(),
+            image_bytes=image,
+            disk_usage=PREFLIGHT_DISK_USAGE,
         )
+    )
     return checks
 
 
@@ -938,14 +957,32 @@ def _phase_config_backup(ctx: PhaseContext) -> None:
     if not name:
         ctx.step("backing up the configuration")
         ctx.checkpoint("configuration backup next")
-        header = config_backup_before_install(user=ctx.run.requested_by or "update")
-        name = header.name
-        loaded = configbackup.backup_load(name)  # full validation: every checksum
+        loaded = _unchanged_start_backup(ctx)
+        if loaded is None:
+            header = config_backup_before_install(user=ctx.run.requested_by or "update")
+            loaded = configbackup.backup_load(header.name)  # full validation: every checksum
+        name = loaded.header.name
         # The exact 2.8.0 bytes for the rollback: after phase 8 a load of the archive would
         # convert them to the running (2.8.1) format.
         digest = updatelogs.install_files_save(ctx.run.pk, _cpe_files(loaded.files))
         ctx.save_details(config_backup=name, config_files_sha256=digest)
         ctx.counts(backup=name, files=len(loaded.files))
+
+
+def _unchanged_start_backup(ctx: PhaseContext) -> LoadedBackup | None:
+    """The backup taken when the install started, if the configuration is still exactly what
+    it holds: one automatic backup per install, unless phases 1-2 saw a change."""
+    from appliance import configbackup
+
+    name = ctx.details.get("pre_install_backup")
+    if not name:
+        return None
+    try:
+        loaded = configbackup.backup_load(name)
+        plan = configbackup.restore_plan(loaded)
+    except (ApplianceError, KeyError, OSError, ValueError):
+        return None
+    return loaded if not plan.writes and not plan.removes else None
 
 
 def _phase_switch(ctx: PhaseContext) -> None:

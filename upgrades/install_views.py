@@ -22,6 +22,7 @@ from appliance import network
 from appliance.errors import ApplianceError
 from upgrades import install, install_status, preflight_services, selectors
 from upgrades.models import InstallRun, InstallState, InstallTrigger
+from upgrades.story import update_story
 from upgrades.views import administrators_only
 
 BREADCRUMB = "Updates > Updates & Licensing > Install"
@@ -53,6 +54,7 @@ def install_checklist(request: HttpRequest) -> HttpResponse:
     failed = [check for check in checks if check.status == "fail"]
     active = install_status.active_run()
     dhcp, pinned, dhcp_error = _dhcp_interfaces()
+    story = update_story()
     context.update(
         {
             "checks": checks,
@@ -60,12 +62,16 @@ def install_checklist(request: HttpRequest) -> HttpResponse:
             "warnings": [check for check in checks if check.status == "warn"],
             "active_run": active,
             "latest_run": install_status.latest_run(),
-            "ready": selectors.ready_download(selectors.installed_version()),
-            "installed": selectors.installed_version(),
+            "story": story,
+            "ready": selectors.ready_download(story.installed) if story.ready_version else None,
+            "installed": story.installed,
             "dhcp_interfaces": dhcp,
             "pinned_interfaces": pinned,
             "dhcp_error": dhcp_error,
-            "install_possible": bool(checks) and not failed and active is None,
+            "install_possible": bool(checks)
+            and not failed
+            and active is None
+            and story.ready_version is not None,
             "backup_available": _backup_download_available(),
         }
     )

@@ -1,23 +1,26 @@
 """The notices Updates & Licensing puts on Home (and on its own page).
 
-As the guide says: "Firmware X is available" once the feed lists it, the download's progress
-while it runs, then "Firmware X is ready to install". A failed check or download is a warning
-until something newer replaces it.
+One notice tells the update story (upgrades.story): "Firmware X is available", the download's
+progress, "ready to install", the install's phase, then its outcome. The story has one stage at
+a time, so a notice is replaced when the state moves on, never stacked on the one before. Two
+warnings may stand beside it: a failed feed check, and a failed download nothing replaced.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from datetime import timedelta
 
-from django.urls import NoReverseMatch, reverse
+from django.urls import reverse
+from django.utils import timezone
 
+from lmi.notices import Notice
 from upgrades import selectors
 from upgrades.models import DownloadState
-
-if TYPE_CHECKING:
-    from home.notifications import Notice
+from upgrades.story import Stage, UpdateStory, update_story
 
 NOTES_SHOWN = 160
+# How long Home announces an install's outcome; the Install page keeps telling it.
+OUTCOME_SHOWN = timedelta(days=1)
 
 
 def _summary(notes: str) -> str:
@@ -26,53 +29,55 @@ def _summary(notes: str) -> str:
     return first if len(first) <= NOTES_SHOWN else first[: NOTES_SHOWN - 1].rstrip() + "…"
 
 
-def update_notices() -> list[Notice]:
-    """Available, downloading, ready, and what went wrong (in that order of importance)."""
-    from home.notifications import Notice
+def _run_link(story: UpdateStory) -> str:
+    if story.run_id is None:
+        return reverse("upgrades:install")
+    return reverse("upgrades:install_run", args=[story.run_id])
 
+
+def story_notice(story: UpdateStory) -> Notice | None:
+    """The story as one notice, or None when there is nothing to announce."""
     page = reverse("upgrades:index")
-    notices: list[Notice] = install_notices()
-    installed = selectors.installed_version()
-    active = selectors.active_download()
-    ready = selectors.ready_download(installed)
-    if active is not None:
-        if active.state == DownloadState.QUEUED:
-            text = f"Firmware {active.version} is queued for download."
-        elif active.state == DownloadState.VERIFYING:
-            text = f"Verifying firmware {active.version}: {active.verify_percent:.0f}%"
-        else:
-            text = f"Downloading firmware {active.version}: {active.percent:.0f}%"
-        notices.append(Notice("info", text, "Updates & Licensing", page))
-    if ready is not None:
-        notices.append(
-            Notice(
-                "info",
-                f"Firmware {ready.version} is ready to install.",
-                "Updates & Licensing",
-                page,
-            )
-        )
-    newest = selectors.newest_downloadable(installed)
-    if (
-        newest is not None
-        and (active is None or active.version != newest.offer.version)
-        and (ready is None or ready.version != newest.offer.version)
-    ):
-        offer = newest.offer
-        notes = _summary(offer.release_notes)
-        text = f"Firmware {offer.version} is available." + (f" {notes}" if notes else "")
-        lic = selectors.license_view()
-        if lic.entitled:
-            notices.append(Notice("info", text, "Release notes and Download", page))
-        else:
-            notices.append(
-                Notice(
-                    "warning",
-                    f"{text} Downloading it needs a valid license: {lic.reason}",
-                    "Licensing",
-                    page + "#licensing",
-                )
-            )
+    text = story.headline + (f" {story.reason}" if story.reason else "")
+    if story.stage in (Stage.INSTALLING, Stage.ROLLING_BACK):
+        return Notice(story.level, text, "Install progress", _run_link(story))
+    if story.stage == Stage.DOWNLOADING:
+        return Notice("info", text, "Updates & Licensing", page)
+    if story.stage == Stage.DOWNLOADED:
+        return Notice("info", text, "Install", reverse("upgrades:install"))
+    if story.stage == Stage.AVAILABLE:
+        return _available_notice(story, page)
+    if story.stage == Stage.FAILED:
+        return Notice("error", text, "Details", _run_link(story))
+    if story.stage in (Stage.INSTALLED, Stage.ROLLED_BACK):
+        if story.at is None or story.at < timezone.now() - OUTCOME_SHOWN:
+            return None
+        if story.stage == Stage.INSTALLED:
+            text = f"Upgrade complete: firmware {story.version}."
+        return Notice(story.level, text, "Details", _run_link(story))
+    return None
+
+
+def _available_notice(story: UpdateStory, page: str) -> Notice:
+    newest = selectors.newest_downloadable(story.installed)
+    notes = _summary(newest.offer.release_notes) if newest is not None else ""
+    text = story.headline + (f" {notes}" if notes else "")
+    lic = selectors.license_view()
+    if lic.entitled:
+        return Notice("info", text, "Release notes and Download", page)
+    return Notice(
+        "warning",
+        f"{text} Downloading it needs a valid license: {lic.reason}",
+        "Licensing",
+        page + "#licensing",
+    )
+
+
+def update_notices() -> list[Notice]:
+    """The story's notice, then what went wrong beside it."""
+    story = update_story()
+    page = reverse("upgrades:index")
+    notices = [notice] if (notice := story_notice(story)) is not None else []
     check = selectors.last_check()
     if check is not None and not check.ok:
         notices.append(
@@ -85,10 +90,10 @@ def update_notices() -> list[Notice]:
         )
     latest = selectors.latest_download()
     if (
-        active is None
+        story.stage != Stage.DOWNLOADING
         and latest is not None
         and latest.state == DownloadState.FAILED
-        and (ready is None or ready.version != latest.version)
+        and story.ready_version != latest.version
     ):
         notices.append(
             Notice(
@@ -99,48 +104,3 @@ def update_notices() -> list[Notice]:
             )
         )
     return notices
-
-
-def install_notices() -> list[Notice]:
-    """The firmware install: running (with its phase), complete, or rolled back and why.
-
-    A finished run is announced for a day; a later run replaces it.
-    """
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from home.notifications import Notice
-    from upgrades.install_selectors import latest_install
-    from upgrades.models import PHASE_COUNT, PHASE_NAMES, InstallState
-
-    run = latest_install()
-    if run is None:
-        return []
-    try:
-        link = reverse("upgrades:install_run", args=[run.pk])
-    except NoReverseMatch:  # the page may not be wired up yet
-        link = reverse("upgrades:index")
-    if run.state in (InstallState.QUEUED, InstallState.RUNNING):
-        text = (
-            f"Installing firmware {run.version}: phase {run.phase} of {PHASE_COUNT} "
-            f"({PHASE_NAMES.get(run.phase, '')})."
-        )
-        return [Notice("info", text, "Install progress", link)]
-    if run.state == InstallState.ROLLING_BACK:
-        text = f"The install of firmware {run.version} failed and is rolling back: {run.error}"
-        return [Notice("warning", text, "Install progress", link)]
-    if run.finished_at is None or run.finished_at < timezone.now() - timedelta(days=1):
-        return []
-    if run.state == InstallState.SUCCEEDED:
-        return [Notice("info", f"Upgrade complete: firmware {run.version}.", "Details", link)]
-    if run.state == InstallState.ROLLED_BACK:
-        text = (
-            f"The install of firmware {run.version} was rolled back; firmware "
-            f"{run.from_version} runs as before. {run.error}"
-        )
-        return [Notice("warning", text, "Details", link)]
-    if run.state == InstallState.FAILED:
-        text = f"The install of firmware {run.version} needs attention: {run.error}"
-        return [Notice("error", text, "Details", link)]
-    return []

@@ -196,14 +196,20 @@ def _iso(value: datetime | date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def download_dict(download: Download | None) -> dict[str, Any] | None:
+def download_dict(download: Download | None, installed: str | None = None) -> dict[str, Any] | None:
+    """A download as plain data; a ready bundle the appliance already runs reads "installed"
+    (it is kept for the record, never offered again)."""
     if download is None:
         return None
+    state, label = str(download.state), DownloadState(download.state).label
+    current, offered = _vt(installed) if installed else None, _vt(download.version)
+    if state == DownloadState.READY and current and offered and offered <= current:
+        state, label = "installed", "Installed"
     return {
         "id": download.pk,
         "version": download.version,
-        "state": str(download.state),
-        "state_label": DownloadState(download.state).label,
+        "state": state,
+        "state_label": label,
         "trigger": str(download.trigger),
         "requested_by": download.requested_by,
         "url": download.url,
@@ -223,8 +229,9 @@ def download_dict(download: Download | None) -> dict[str, Any] | None:
     }
 
 
-def update_status() -> dict[str, Any]:
-    """Everything Updates & Licensing knows, as plain data (the API and update-control -s)."""
+def update_facts() -> dict[str, Any]:
+    """Everything Updates & Licensing knows, as plain data; upgrades.story.update_status leads
+    it with the story (the API and update-control -s read that)."""
     installed = installed_version()
     check = last_check()
     lic = license_view()
@@ -254,7 +261,7 @@ def update_status() -> dict[str, Any]:
             }
             for view in listed_offers(installed)
         ],
-        "download": download_dict(active_download() or latest_download()),
+        "download": download_dict(active_download() or latest_download(), installed),
         "ready": download_dict(ready_download(installed)),
         "automatic_downloads": update_settings().automatic_downloads,
         "license": {

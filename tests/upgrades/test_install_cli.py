@@ -62,8 +62,37 @@ def test_preflight_prints_the_checklist_and_exits_0_when_nothing_fails(ready, ca
     assert out.rstrip().endswith("Every check passed: the firmware can be installed.")
 
 
+@pytest.fixture
+def full_disks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every disk 10% free: the 50% rule fails whatever this machine's disk holds."""
+    from types import SimpleNamespace
+
+    from upgrades import install
+
+    def usage(path: str) -> SimpleNamespace:
+        return SimpleNamespace(total=100 * 2**30, used=90 * 2**30, free=10 * 2**30, percent=90.0)
+
+    monkeypatch.setattr(install, "PREFLIGHT_DISK_USAGE", usage)
+
+
 @pytest.mark.django_db
-def test_preflight_fails_with_exit_4_and_the_reason(demo_appliance, capsys):
+def test_preflight_before_any_download_runs_every_check_and_waits_on_the_bundle(
+    demo_appliance, firmware, capsys
+):
+    """A plan that can be read at any time (pmg7to8): nothing stops after the bundle check."""
+    firmware.offer(firmware.build())
+    services.update_check(trigger="user", user="admin")
+    _, out, _ = run(capsys, "--preflight", "--json")
+    checks = {check["key"]: check for check in json.loads(out)["checks"]}
+    assert checks["bundle"]["status"] == "pending"
+    assert "not yet downloaded" in checks["bundle"]["value"]
+    assert {"firmware", "disk-msgstore", "file-macros", "rescue", "downtime"} <= set(checks)
+    assert checks["firmware"]["status"] == "pass"
+    assert checks["file-macros"]["value"].startswith("3 ")
+
+
+@pytest.mark.django_db
+def test_preflight_fails_with_exit_4_and_the_reason(demo_appliance, full_disks, capsys):
     code, out, err = run(capsys, "--preflight")
 
     assert code == cli.EXIT_PREFLIGHT_FAILED == 4
@@ -72,7 +101,7 @@ def test_preflight_fails_with_exit_4_and_the_reason(demo_appliance, capsys):
 
 
 @pytest.mark.django_db
-def test_preflight_as_json_for_scripts(demo_appliance, capsys):
+def test_preflight_as_json_for_scripts(demo_appliance, full_disks, capsys):
     code, out, _ = run(capsys, "--preflight", "--json")
 
     body = json.loads(out)
@@ -82,7 +111,7 @@ def test_preflight_as_json_for_scripts(demo_appliance, capsys):
 
 
 @pytest.mark.django_db
-def test_install_with_a_failed_check_exits_4_and_changes_nothing(demo_appliance, capsys):
+def test_install_with_a_failed_check_exits_4_and_changes_nothing(ready, full_disks, capsys):
     code, out, err = run(capsys, "-i", "fw")
 
     assert code == 4
@@ -187,3 +216,47 @@ def test_install_runs_all_ten_phases_to_success_from_the_shell(
     assert "Upgrade complete: firmware 2.8.1.0" in out
     assert system_info().firmware_version == "2.8.1.0"
     assert InstallRun.objects.get().trigger == "cli"
+    # One story on every surface afterwards (issue 14): the shell, the API's JSON, Home, the
+    # Install page; the bundle is consumed, and installing again is "nothing to do".
+    assert_every_surface_says_installed(capsys, "2.8.1.0")
+
+
+def assert_every_surface_says_installed(capsys, version: str) -> None:
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from appliance import configbackup
+    from home.notifications import current_notices
+
+    _, out, _ = run(capsys, "-s", "--json")
+    status = json.loads(out)
+    assert status["story"]["stage"] == "installed"
+    assert status["story"]["ready_version"] is None
+    assert status["ready"] is None
+    assert status["download"]["state"] == "installed"
+    _, out, _ = run(capsys, "-s")
+    assert f"Status:               Up to date: firmware {version} installed on" in out
+    assert "Ready to install:     nothing" in out
+    assert f"firmware {version} installed\n" in out  # the download row: consumed
+
+    runs = InstallRun.objects.count()
+    code, out, _ = run(capsys, "-i", "fw")
+    assert code == cli.EXIT_NOTHING_TO_DO == 3
+    assert out.startswith(f"Nothing to install. Up to date: firmware {version} installed")
+    assert InstallRun.objects.count() == runs
+
+    update_notices = [n.message for n in current_notices() if "irmware" in n.message]
+    assert update_notices == [f"Upgrade complete: firmware {version}."]
+
+    admin = get_user_model().objects.create_superuser("surfaces", password="x" * 12)
+    client = Client()
+    client.force_login(admin)
+    page = client.get("/updates/licensing/install/").content.decode()
+    assert f"Up to date: firmware {version} installed on" in page
+    assert 'data-testid="nothing-to-install"' in page
+    assert 'data-status="fail"' not in page
+    api = client.get("/api/v1/updates").json()
+    assert api["story"] == status["story"]
+
+    pre_install = [h for h in configbackup.backup_list() if h.trigger == "pre-install"]
+    assert len(pre_install) == 1, [h.name for h in pre_install]

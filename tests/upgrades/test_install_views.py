@@ -470,3 +470,15 @@ def test_api_abort_after_phase_2_is_409_and_unknown_runs_404(admin_client, demo_
     assert admin_client.post(f"{API}/999/abort", **csrf).status_code == 404
     body = json.loads(admin_client.get(f"{API}/{run.pk}").content)
     assert body["phase"] == 6 and body["can_abort"] is False
+
+
+def test_pages_offer_no_change_while_the_install_holds_maintenance(admin_client, demo_appliance):
+    """The page agrees with the middleware: no editable retention, no Save, while read-only."""
+    stores = "/mail-security/policy-objects/message-stores/"
+    assert 'class="retention-input' in admin_client.get(stores).content.decode()
+    make_run(InstallState.RUNNING, 5)
+
+    html = admin_client.get(stores).content.decode()
+
+    assert 'data-testid="install-banner"' in html and "configuration is read-only" in html
+    assert 'class="retention-input' not in html and "Save retention" not in html
