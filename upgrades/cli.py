@@ -341,9 +341,7 @@ def _preflight(as_json: bool, out: TextIO, err: TextIO) -> int:
     if not as_json:
         pending = [check for check in checks if check.status == "pending"]
         if pending:
-            out.write(
-                f"No check failed; {len(pending)} wait for a downloaded firmware (WAIT).\n"
-            )
+            out.write(f"No check failed; {len(pending)} wait for a downloaded firmware (WAIT).\n")
         else:
             out.write("Every check passed: the firmware can be installed.\n")
     return EXIT_OK
