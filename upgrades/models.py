@@ -6,6 +6,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from lmi.progress import seconds_left
+
 # The one component update-control knows today (``update-control -d fw``).
 FIRMWARE = "fw"
 
@@ -196,9 +198,9 @@ class Download(models.Model):
     @property
     def eta_seconds(self) -> int | None:
         """Time left at the current rate; None while unknown (no rate yet, or not downloading)."""
-        if self.state != DownloadState.RUNNING or self.rate <= 0:
+        if self.state != DownloadState.RUNNING:
             return None
-        return max(0, round((self.size - self.bytes_done) / self.rate))
+        return seconds_left(self.size, self.bytes_done, self.rate)
 
 
 class UpdateSettings(models.Model):

@@ -18,7 +18,6 @@ import errno
 import hashlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +39,7 @@ from appliance import license as appliance_license
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write, username_of
+from lmi.progress import RateMeter
 from upgrades import http, leases, selectors, spool
 from upgrades.hashing import StreamHasher
 from upgrades.models import (
@@ -69,7 +69,7 @@ MAX_RETRIES = 5
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 30.0
 CHUNK = 1024 * 1024
-RATE_WINDOW = 5.0  # seconds of progress the shown rate averages over
+RATE_WINDOW = 5.0  # the shown rate's time constant (lmi.progress.RateMeter), in seconds
 HEADER_PROBE_BYTES = 4096  # try the signed header once this much is in
 # A queued download nobody claimed for this long lost its task (the beat check re-enqueues it).
 QUEUED_STALE_AFTER = timedelta(minutes=2)
@@ -620,7 +620,7 @@ class _DownloadRun:
         self.offset = 0
         self.hasher: StreamHasher | None = None  # SHA-256 of bytes 0..offset of the part file
         self.last_write = 0.0
-        self.samples: deque[tuple[float, int]] = deque()
+        self.meter = RateMeter(time_constant=RATE_WINDOW)
         self.header_checked = False
         self.retries = 0
 
@@ -732,13 +732,8 @@ class _DownloadRun:
         raise _Cancelled
 
     def _progress(self, offset: int, *, force: bool = False) -> None:
-        now = time.monotonic()
-        self.samples.append((now, offset))
-        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
-            self.samples.popleft()
-        first_t, first_b = self.samples[0]
-        rate = (offset - first_b) / (now - first_t) if now > first_t else 0.0
-        self._tick(force=force, bytes_done=offset, rate=max(0.0, rate))
+        rate = self.meter.update(offset, time.monotonic())
+        self._tick(force=force, bytes_done=offset, rate=rate)
 
     def _sleep(self, seconds: float) -> None:
         """Back off while keeping the lease and honouring a cancel."""
@@ -788,6 +783,7 @@ class _DownloadRun:
         while self.offset < d.size:
             validator = (record.etag or record.last_modified) if record else ""
             began_at = self.offset
+            self.meter.resume(self.offset, time.monotonic())
             try:
                 source = http.open_source(d.url, self.offset, validator=validator)
             except http.TransientError as exc:
