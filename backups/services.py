@@ -50,6 +50,7 @@ from backups.models import (
 )
 from events.models import Category, Severity
 from events.services import event_write, username_of
+from lmi import celery as lmi_celery
 
 logger = logging.getLogger(__name__)
 
@@ -615,10 +616,8 @@ def system_restore_start(*, user: User | None) -> SystemBackupJob:
 
 def _enqueue(job_id: int) -> None:
     """Hand the job to the worker; a broker that refuses fails the job instead of the page."""
-    from backups.tasks import system_backup_run
-
     try:
-        system_backup_run.delay(job_id)
+        lmi_celery.enqueue("backups.tasks.system_backup_run", job_id)
     except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
         logger.exception("could not enqueue system backup job %s", job_id)
         _fail_jobs(

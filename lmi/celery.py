@@ -9,6 +9,7 @@ another node is sent there explicitly with ``apply_async(queue=node_queue(name))
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from celery import Celery
 
@@ -24,3 +25,13 @@ app.autodiscover_tasks()
 def node_queue(node: str) -> str:
     """The queue a cluster node's worker consumes."""
     return f"{NODE_QUEUE_PREFIX}{node}"
+
+
+def enqueue(task: str, *args: Any, countdown: float | None = None) -> None:
+    """Hand work to the worker by its task's registered name.
+
+    Services never import their ``tasks`` module (tasks import services, never the other
+    way), so the layers stay a line, not a circle. Raises what the broker raises when it cannot
+    take the message; the caller decides what a lost hand-off means for its work.
+    """
+    app.send_task(task, args=list(args), countdown=countdown)

@@ -25,6 +25,7 @@ from django.utils import timezone
 from appliance import retention
 from events.models import Category, Severity
 from events.services import event_write, username_of
+from lmi import celery as lmi_celery
 from mailsecurity.models import (
     ACTIVE_STATES,
     PurgePhase,
@@ -187,10 +188,8 @@ def purge_runs_reap(now: datetime | None = None) -> int:
 
 def _enqueue(run_id: int) -> None:
     """Hand the run to the worker; a broker that refuses fails the run instead of the page."""
-    from mailsecurity.tasks import retention_purge
-
     try:
-        retention_purge.delay(run_id)
+        lmi_celery.enqueue("mailsecurity.tasks.retention_purge", run_id)
     except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
         logger.exception("could not enqueue retention purge %s", run_id)
         failed = PurgeRun.objects.filter(pk=run_id, state=PurgeState.QUEUED).update(

@@ -45,6 +45,7 @@ from appliance import maintenance, updatelogs
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write, username_of
+from lmi import celery as lmi_celery
 from upgrades import leases, selectors, spool
 from upgrades.models import (
     FIRMWARE,
@@ -362,13 +363,11 @@ def _enqueue(run_id: int, phase: int, countdown: float | None = None) -> None:
     A run left without a task is picked up again by :func:`installs_recover` (worker start and
     beat), so a broker that is down for a moment loses nothing.
     """
-    from upgrades.tasks import install_phase, install_rollback
-
     try:
         if phase == ROLLBACK:
-            install_rollback.apply_async((run_id,), countdown=countdown)
+            lmi_celery.enqueue("upgrades.tasks.install_rollback", run_id, countdown=countdown)
         else:
-            install_phase.apply_async((run_id, phase), countdown=countdown)
+            lmi_celery.enqueue("upgrades.tasks.install_phase", run_id, phase, countdown=countdown)
     except Exception:
         logger.exception("could not enqueue phase %s of install %s", phase, run_id)
 

@@ -39,6 +39,7 @@ from appliance import license as appliance_license
 from appliance.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write, username_of
+from lmi import celery as lmi_celery
 from lmi.progress import RateMeter
 from upgrades import http, leases, selectors, spool
 from upgrades.hashing import StreamHasher
@@ -69,6 +70,7 @@ MAX_RETRIES = 5
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 30.0
 CHUNK = 1024 * 1024
+DOWNLOAD_TASK = "upgrades.tasks.download_run"
 RATE_WINDOW = 5.0  # the shown rate's time constant (lmi.progress.RateMeter), in seconds
 HEADER_PROBE_BYTES = 4096  # try the signed header once this much is in
 # A queued download nobody claimed for this long lost its task (the beat check re-enqueues it).
@@ -409,10 +411,8 @@ def _in_progress(active: Download | None) -> DownloadInProgress:
 
 
 def _enqueue(download_id: int) -> None:
-    from upgrades.tasks import download_run
-
     try:
-        download_run.delay(download_id)
+        lmi_celery.enqueue(DOWNLOAD_TASK, download_id)
     except Exception as exc:  # the broker is down: say so instead of leaving it queued
         logger.exception("could not enqueue download %s", download_id)
         _finish(
@@ -470,8 +470,6 @@ def downloads_recover(*, stale_only: bool) -> list[int]:
     looks alive; the task waits for its lease to lapse); the hourly check with ``True``. A task
     enqueued twice is harmless: the lease lets one executor through.
     """
-    from upgrades.tasks import download_run
-
     now = timezone.now()
     query = Download.objects.filter(state__in=ACTIVE_STATES)
     if stale_only:
@@ -482,7 +480,7 @@ def downloads_recover(*, stale_only: bool) -> list[int]:
         )
     ids = list(query.values_list("pk", flat=True))
     for pk in ids:
-        download_run.delay(pk)
+        lmi_celery.enqueue(DOWNLOAD_TASK, pk)
     return ids
 
 

@@ -3,6 +3,8 @@ the same figure whatever the reporting frequency, and pauses not averaged in."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from lmi.progress import RateMeter, seconds_left
@@ -37,7 +39,7 @@ def test_the_time_left_does_not_jump_when_a_burst_ends():
         now = float(second) / 2
         done = min(size, done + (20 * MB if second <= 2 else MB) // 2)
         etas.append(seconds_left(size, done, meter.update(done, now)))
-    pairs = [(a, b) for a, b in zip(etas, etas[1:], strict=False) if a and b]
+    pairs = [(a, b) for a, b in itertools.pairwise(etas) if a and b]
     assert pairs and all(b <= a * 1.35 + 1 for a, b in pairs), etas
 
 

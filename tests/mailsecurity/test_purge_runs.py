@@ -13,6 +13,7 @@ from appliance import retention
 from events.models import Category, Event, Severity
 from mailsecurity import services, tasks
 from mailsecurity.models import PurgePhase, PurgeRun, PurgeState, PurgeTrigger
+from tests.support import enqueue as enqueues
 
 from .conftest import MailData
 
@@ -22,9 +23,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def enqueued(monkeypatch) -> list[int]:
     """Run ids handed to the broker (no broker in these tests)."""
-    sent: list[int] = []
-    monkeypatch.setattr(tasks.retention_purge, "delay", lambda run_id: sent.append(run_id))
-    return sent
+    return enqueues.capture(monkeypatch, "mailsecurity.tasks.retention_purge")
 
 
 def test_a_shorter_retention_queues_a_run_and_enqueues_it_only_on_commit(
@@ -236,10 +235,7 @@ def test_a_run_reaped_while_it_works_stops_and_is_not_overwritten(mail: MailData
 def test_a_broker_that_refuses_the_task_fails_the_run_instead_of_the_page(
     mail: MailData, monkeypatch, django_capture_on_commit_callbacks
 ):
-    def refuse(run_id):
-        raise ConnectionRefusedError("redis is down")
-
-    monkeypatch.setattr(tasks.retention_purge, "delay", refuse)
+    enqueues.broker_down(monkeypatch)
 
     with django_capture_on_commit_callbacks(execute=True):
         run, _ = services.purge_start(trigger=PurgeTrigger.RETENTION, user="ann")

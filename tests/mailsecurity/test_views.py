@@ -12,8 +12,8 @@ from django.test import Client
 
 from appliance import maintenance, retention
 from events.models import Category, Event
-from mailsecurity import tasks
 from mailsecurity.models import PurgeRun, PurgeState, PurgeTrigger
+from tests.support import enqueue as enqueues
 
 from .conftest import MailData
 
@@ -30,9 +30,7 @@ PAGES = [OBJECTS, STORES, TRACKING, MAINTENANCE, RECLAIM]
 
 @pytest.fixture
 def enqueued(monkeypatch) -> list[int]:
-    sent: list[int] = []
-    monkeypatch.setattr(tasks.retention_purge, "delay", lambda run_id: sent.append(run_id))
-    return sent
+    return enqueues.capture(monkeypatch, "mailsecurity.tasks.retention_purge")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from tests.support import enqueue as enqueues
 from tests.upgrades.conftest import start_download
 from upgrades import services, tasks
 from upgrades.models import Download, DownloadState
@@ -16,9 +17,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def enqueued(monkeypatch) -> list[int]:
-    sent: list[int] = []
-    monkeypatch.setattr(tasks.download_run, "delay", sent.append)
-    return sent
+    return enqueues.capture(monkeypatch, "upgrades.tasks.download_run")
 
 
 def test_the_hourly_check_re_enqueues_a_download_whose_executor_went_silent(firmware, enqueued):
@@ -59,10 +58,7 @@ def test_a_starting_worker_re_enqueues_every_active_download(firmware, enqueued,
 
 
 def test_a_download_whose_task_could_not_be_queued_fails_visibly(firmware, monkeypatch):
-    def broker_down(download_id: int) -> None:
-        raise ConnectionRefusedError("redis is down")
-
-    monkeypatch.setattr(tasks.download_run, "delay", broker_down)
+    enqueues.broker_down(monkeypatch)
     firmware.offer(firmware.build())
     download = start_download()
 
