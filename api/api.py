@@ -16,7 +16,7 @@ from ninja.openapi.schema import OpenAPISchema
 
 from accounts.roles import role_name
 from api.auth import AUTH, docs_access
-from api.schemas import EventOut, EventPageOut, MeOut, Problem, ResourcesOut, SystemOut
+from api.schemas import EventOut, EventPageOut, MeOut, Problem, ResourcesOut, SystemInfoOut
 from appliance import network
 from appliance.errors import ApplianceError
 from appliance.system import system_info
@@ -122,7 +122,7 @@ def me(request: HttpRequest) -> dict[str, str]:
     return {"username": request.auth.get_username(), "role": role_name(request.auth)}
 
 
-@api.get("/system", response={200: SystemOut, 503: Problem}, tags=["home"])
+@api.get("/system", response={200: SystemInfoOut, 503: Problem}, tags=["home"])
 def system(request: HttpRequest):
     """Home > System: firmware level, operating system, host, uptime, network per interface."""
     try:

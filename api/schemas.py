@@ -1,4 +1,8 @@
-"""Response shapes of the API (they are also its OpenAPI description)."""
+"""Response shapes of the API (they are also its OpenAPI description).
+
+A shape's class name is its name among the description's components, which all routers share:
+ninja keeps the last of two classes with one name, so each name here must be unique in the API.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ class InterfaceOut(Schema):
     gateway: str | None
 
 
-class SystemOut(Schema):
+# Not ``SystemOut``: that name is the system backups' shape (backups.api).
+class SystemInfoOut(Schema):
     firmware_version: str
     os_release: str
     hostname: str

@@ -202,7 +202,20 @@ def config_upload(request: HttpRequest, file: File[UploadedFile]):
     return Status(201, _backup(header))
 
 
-@router.get("/config/{name}/download", response={404: Problem})
+@router.get(
+    "/config/{name}/download",
+    response={404: Problem},
+    openapi_extra={
+        "responses": {
+            "200": {
+                "description": "The backup file, byte for byte.",
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        }
+    },
+)
 def config_download(request: HttpRequest, name: str):
     """The backup file, byte for byte."""
     header = selectors.config_backup(name)

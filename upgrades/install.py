@@ -381,8 +381,15 @@ def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun
     if run is None:
         raise InstallError("No firmware install is in progress.")
     if run.state == InstallState.ROLLING_BACK or run.phase not in ONLINE_PHASES:
+        where = (
+            f"in phase {run.phase} ({PHASE_NAMES[run.phase]})"
+            if run.phase in PHASE_NAMES
+            else "rolling back"
+            if run.state == InstallState.ROLLING_BACK
+            else "not yet in a phase"
+        )
         raise InstallError(
-            f"The install is in phase {run.phase} ({PHASE_NAMES.get(run.phase, '')}): it can be "
+            f"The install is {where}: it can be "
             "aborted only while the new system is downloaded and installed (phases 1 and 2). "
             "From phase 3 it completes, or rolls back by itself on any failure."
         )

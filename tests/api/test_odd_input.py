@@ -7,6 +7,7 @@ import base64
 
 import pytest
 from django.test import Client
+from ninja.openapi.schema import OpenAPISchema
 
 from api import api as api_module
 from events.models import Category
@@ -123,3 +124,41 @@ def test_operations_keep_their_own_descriptions_of_shared_codes(admin_client: Cl
     events_400 = schema["paths"]["/api/v1/events"]["get"]["responses"]["400"]
 
     assert events_400["description"] == "Bad Request"  # from response=, not replaced
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("/api/v1/updates/install/first", id="path-parameter-not-an-integer"),
+        pytest.param("/api/v1/updates/install/-1/abort", id="negative-run-id"),
+        pytest.param("/api/v1/no-such-operation", id="unknown-path"),
+    ],
+)
+def test_a_url_no_operation_serves_is_a_json_404(admin_client: Client, url: str) -> None:
+    for response in (admin_client.get(url), admin_client.post(url)):
+        assert response.status_code == 404
+        assert response["Content-Type"].startswith("application/json")
+        assert response.json()["detail"].startswith(f"No API operation serves {url};")
+
+
+def test_every_shape_in_the_description_is_the_one_its_operation_returns(
+    admin_client: Client, monkeypatch
+) -> None:
+    # Component names are global: ninja kept backups.api.SystemOut for both /backups/system
+    # and /system, whose answers then broke their own description.
+    clashes: list[str] = []
+    seen: dict[str, object] = {}
+    add_definitions = OpenAPISchema.add_schema_definitions
+
+    def add_checking_names(self: OpenAPISchema, definitions: dict) -> None:
+        clashes.extend(n for n, d in definitions.items() if seen.setdefault(n, d) != d)
+        add_definitions(self, definitions)
+
+    monkeypatch.setattr(OpenAPISchema, "add_schema_definitions", add_checking_names)
+
+    schema = admin_client.get("/api/v1/openapi.json").json()
+
+    assert clashes == []
+    ok = schema["paths"]["/api/v1/system"]["get"]["responses"]["200"]
+    name = ok["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    assert "firmware_version" in schema["components"]["schemas"][name]["required"]
