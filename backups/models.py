@@ -105,6 +105,9 @@ class SystemBackupJob(models.Model):
     bytes_total = models.BigIntegerField(default=0)
     error = models.TextField(blank=True)
     firmware_version = models.CharField(max_length=32, blank=True)
+    # How many times the job was started again after its worker stopped (a creation writes
+    # through a temporary file and a restore keeps a journal, so a new start is safe).
+    restarts = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ("-created_at", "-id")

@@ -25,6 +25,7 @@ from typing import IO, Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
@@ -67,6 +68,7 @@ MAX_LISTED_FILES = 200  # of an unverified restore, in its event
 # file or few MiB; one silent for STALE_AFTER lost its worker.
 PROGRESS_INTERVAL = 0.5
 STALE_AFTER = timedelta(minutes=5)
+MAX_RESTARTS = 2  # a job whose worker keeps dying (a crash loop) fails after this many
 
 TRIGGER_LABELS = {
     "manual": "Manual",
@@ -541,23 +543,60 @@ def scheduled_backup_run() -> BackupHeader | None:
 
 
 def system_jobs_reap(*, executor: str | None = None, now: Any = None) -> int:
-    """Fail jobs whose worker is gone; returns how many.
+    """Start again the jobs whose worker is gone (fail them after MAX_RESTARTS); returns how
+    many were started again or failed.
 
     A running job is gone when its heartbeat lapsed (STALE_AFTER), or when ``executor`` (the
-    name of a worker that is just starting) ran it: that worker died. A queued job nobody took
-    for longer than a task may run was lost by the broker.
+    name of a worker that is just starting) ran it: that worker died. Starting again is safe
+    for both kinds: a creation writes the image through a temporary file, so the previous image
+    stays until the new one is whole; a restore finishes or discards its journal first. A
+    queued job nobody took for longer than a task may run was lost by the broker.
     """
     now = now or timezone.now()
     running = SystemBackupJob.objects.filter(state=SystemJobState.RUNNING)
-    stale = running.filter(heartbeat_at__lt=now - STALE_AFTER)
-    reaped = _fail_jobs(stale, "The worker stopped: the job was abandoned.", now)
+    reaped = _restart_jobs(running.filter(heartbeat_at__lt=now - STALE_AFTER), now)
     if executor:
-        mine = running.filter(executor=executor)
-        reaped += _fail_jobs(mine, "The worker stopped: the job was abandoned.", now)
+        reaped += _restart_jobs(running.filter(executor=executor), now)
     never = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT) - STALE_AFTER
     queued = SystemBackupJob.objects.filter(state=SystemJobState.QUEUED, created_at__lt=never)
     reaped += _fail_jobs(queued, "No worker picked the job up.", now)
     return reaped
+
+
+def _restart_jobs(query: Any, now: Any) -> int:
+    """Queue each lost job again, by a conditional update (one reaper wins), and enqueue it."""
+    count = 0
+    for job in list(query):
+        if job.restarts >= MAX_RESTARTS:
+            count += _fail_jobs(
+                SystemBackupJob.objects.filter(pk=job.pk, state=SystemJobState.RUNNING),
+                f"The worker stopped {job.restarts + 1} times during the job; it was given up "
+                "(the previous image is unchanged).",
+                now,
+            )
+            continue
+        restarted = SystemBackupJob.objects.filter(
+            pk=job.pk, state=SystemJobState.RUNNING, restarts=job.restarts
+        ).update(
+            state=SystemJobState.QUEUED,
+            executor="",
+            heartbeat_at=None,
+            bytes_done=0,
+            restarts=F("restarts") + 1,
+        )
+        if not restarted:
+            continue
+        count += 1
+        _event(
+            f"{job.get_kind_display()} interrupted: its worker stopped; started again "
+            f"(restart {job.restarts + 1} of {MAX_RESTARTS})",
+            severity=Severity.WARNING,
+            user=job.requested_by or None,
+            job=job.pk,
+        )
+        pk = job.pk
+        transaction.on_commit(lambda pk=pk: _enqueue(pk))
+    return count
 
 
 def _fail_jobs(query: Any, error: str, now: Any) -> int:

@@ -44,12 +44,13 @@ def system_backup_run(self: Any, job_id: int) -> None:
 
 @worker_ready.connect
 def on_worker_start(sender: Any = None, **kwargs: Any) -> None:
-    """Fail jobs the previous run of this worker left running; enqueue queued ones again."""
+    """Start again the jobs the previous run of this worker left running; enqueue queued ones
+    again."""
     try:
         hostname = getattr(sender, "hostname", None)
         reaped = services.system_jobs_reap(executor=hostname)
         if reaped:
-            logger.info("failed %s system backup jobs whose worker stopped", reaped)
+            logger.info("started again %s system backup jobs whose worker stopped", reaped)
         services.system_jobs_requeue()
     except Exception:  # never keep a worker from starting
         logger.exception("could not recover system backup jobs at start-up")

@@ -16,6 +16,7 @@ from backups import services
 from backups.models import BackupSettings, SystemBackupJob, SystemJobKind, SystemJobState
 from events.models import Category, Event, Severity
 from tests.backups.conftest import tree_bytes
+from tests.support import enqueue as enqueues
 from tests.support.clock import Clock
 from upgrades.models import UpdateSettings
 from upgrades.services import automatic_downloads_set
@@ -209,17 +210,31 @@ def test_a_failing_job_says_why(appliance_root, admin_user):
     assert Event.objects.filter(severity=Severity.ERROR, category=Category.BACKUP).exists()
 
 
-def test_a_job_whose_worker_stopped_does_not_stay_running(db):
+def test_a_job_whose_worker_stopped_is_started_again_then_given_up(
+    db, monkeypatch, django_capture_on_commit_callbacks
+):
+    sent = enqueues.capture(monkeypatch, "backups.tasks.system_backup_run")
     now = timezone.now()
     lost = SystemBackupJob.objects.create(
         kind=SystemJobKind.CREATE,
         state=SystemJobState.RUNNING,
         started_at=now - timedelta(minutes=10),
         heartbeat_at=now - services.STALE_AFTER - timedelta(seconds=1),
+        executor="celery@gone",
     )
+    for restart in range(1, services.MAX_RESTARTS + 1):
+        with django_capture_on_commit_callbacks(execute=True):
+            assert services.system_jobs_reap() == 1
+        lost.refresh_from_db()
+        assert (lost.state, lost.restarts, lost.executor) == (SystemJobState.QUEUED, restart, "")
+        assert sent[-1] == lost.pk
+        SystemBackupJob.objects.filter(pk=lost.pk).update(  # it runs, and its worker dies again
+            state=SystemJobState.RUNNING, heartbeat_at=now - services.STALE_AFTER * 2
+        )
     assert services.system_jobs_reap() == 1
     lost.refresh_from_db()
-    assert lost.state == SystemJobState.FAILED and "worker stopped" in lost.error
+    assert lost.state == SystemJobState.FAILED and "given up" in lost.error
+    assert Event.objects.filter(message__contains="started again (restart 1 of").exists()
 
     mine = SystemBackupJob.objects.create(
         kind=SystemJobKind.CREATE,
@@ -230,7 +245,7 @@ def test_a_job_whose_worker_stopped_does_not_stay_running(db):
     assert services.system_jobs_reap() == 0  # alive as far as anyone can tell
     assert services.system_jobs_reap(executor="celery@box") == 1  # its worker restarted
     mine.refresh_from_db()
-    assert mine.state == SystemJobState.FAILED
+    assert mine.state == SystemJobState.QUEUED and mine.restarts == 1
 
 
 def test_a_tampered_system_image_fails_the_restore_job_and_changes_nothing(demo_appliance):
