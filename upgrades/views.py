@@ -24,6 +24,7 @@ from upgrades import selectors, services
 from upgrades.forms import DownloadForm, LicenseUploadForm, UpdateSettingsForm
 from upgrades.models import CheckTrigger, DownloadTrigger
 from upgrades.notifications import update_notices
+from upgrades.story import update_story
 
 READ_ONLY = "Your account is read-only: ask an administrator to make this change."
 
@@ -71,6 +72,7 @@ def index(request: HttpRequest) -> HttpResponse:
             ),
             "license_form": LicenseUploadForm(),
             "notices": update_notices(),
+            "story": update_story(),
             **_download_context(),
         }
     )

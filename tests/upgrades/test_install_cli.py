@@ -255,6 +255,9 @@ def assert_every_surface_says_installed(capsys, version: str) -> None:
     assert f"Up to date: firmware {version} installed on" in page
     assert 'data-testid="nothing-to-install"' in page
     assert 'data-status="fail"' not in page
+    updates = client.get("/updates/licensing/").content.decode()
+    assert f"Up to date: firmware {version} installed on" in updates
+    assert 'data-testid="download-installed"' in updates
     api = client.get("/api/v1/updates").json()
     assert api["story"] == status["story"]
 
