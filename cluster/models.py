@@ -15,12 +15,16 @@ from django.utils import timezone
 class JoinToken(models.Model):
     """A single-use invitation to join this Cluster Central.
 
-    Only the SHA-256 of the token is kept: the token is shown once, when it is created. It
-    expires after 24 hours and is spent by the first member that joins with it (a conditional
-    update on ``used_at``, so two members racing with one token cannot both join).
+    The token is shown once, when it is created, and not kept: ``token_hash`` (its SHA-256) is
+    how a join request names it, ``key`` (an HMAC of it, ``cluster.signing.join_key``) signs the
+    join request and Central's answer and encrypts the member secret in that answer. A token
+    created before messages were signed has no key and cannot be used. It expires after 24
+    hours and is spent by the first member that joins with it (a conditional update on
+    ``used_at``, so two members racing with one token cannot both join).
     """
 
     token_hash = models.CharField(max_length=64, unique=True)
+    key = models.CharField(max_length=64, blank=True)
     created_by = models.CharField(max_length=150, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
@@ -41,9 +45,11 @@ class JoinToken(models.Model):
 class ClusterMember(models.Model):
     """A member as Cluster Central knows it, from the member's latest report.
 
-    ``secret_hash`` is the SHA-256 of the secret Central gave the member when it joined; every
-    report must carry the secret, so a node that never joined cannot pose as a member. A join
-    never replaces it: the name stays taken until an administrator removes the member.
+    ``secret_hash`` is the SHA-256 of the secret Central gave the member when it joined, and the
+    key of every message between Central and the member (``cluster.signing.member_key``): a
+    node that never joined cannot pose as a member, nor anyone writing to the broker as
+    Central. A join never replaces it: the name stays taken until an administrator removes
+    the member.
     ``events_cursor`` is the highest event id of the member already stored here: a batch sent
     twice (a report retried after a lost answer) is stored once.
     """
@@ -89,12 +95,16 @@ class CentralLink(models.Model):
     ``central_firmware`` is what Central last said it runs (it answers every report): the
     preflight refuses firmware newer than that. ``events_acked`` is the highest local event id
     Central confirmed it stored; events above it are sent (again) with the next report.
-    ``upgrade_*`` is this member's part in Central's current rolling upgrade.
+    ``upgrade_*`` is this member's part in Central's current rolling upgrade. ``secret`` is
+    what Central gave this member at its join (the key of their messages derives from it);
+    ``join_key`` is the key of a join request still waiting for its answer (derived from the
+    token, which is not kept), blank otherwise.
     """
 
     central = models.CharField(max_length=64, blank=True)
     state = models.CharField(max_length=16, choices=JoinState.choices, default=JoinState.NOT_JOINED)
     secret = models.CharField(max_length=100, blank=True)
+    join_key = models.CharField(max_length=64, blank=True)
     error = models.CharField(max_length=500, blank=True)
     requested_at = models.DateTimeField(null=True, blank=True)
     joined_at = models.DateTimeField(null=True, blank=True)
@@ -199,3 +209,17 @@ class ClusterUpgrade(models.Model):
                 }
             )
         return rows
+
+
+class ReceivedNonce(models.Model):
+    """The nonce of a signed message this node accepted (``cluster.signing``), so that a copy
+    of it is refused: the unique ``nonce`` decides, by the insert itself. Kept until
+    ``expires_at``, when the message would be refused for its age anyway, then deleted."""
+
+    nonce = models.CharField(max_length=32, unique=True)
+    sender = models.CharField(max_length=64)
+    kind = models.CharField(max_length=32)
+    expires_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"Nonce of a {self.kind} message from {self.sender}"

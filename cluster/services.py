@@ -2,9 +2,12 @@
 rolling upgrade ("Upgrade cluster": Cluster Central first, then each member in sequence).
 
 Nodes share nothing but the Redis broker: each has its own appliance root, database and worker
-consuming ``lmi.node.<name>``. Everything one node tells another is a Celery message (JSON
-arguments) sent with ``_send`` after the sender's transaction commits; the receiving task calls
-one of the ``*_receive`` services here. Messages can arrive twice or late, so every receiver is
+consuming ``lmi.node.<name>``. Everything one node tells another is a Celery message sent with
+``_send`` after the sender's transaction commits: one JSON envelope, signed with a key only the
+two nodes hold (``cluster.signing``: the join token's key for the join, the member's key after
+it). The receiving task calls one of the ``*_receive`` services here, which opens the envelope
+before anything else and refuses (one WARNING event) a message that is forged, altered,
+replayed, stale or not for this node. Messages can arrive twice or late, so every receiver is
 idempotent (cursors, conditional updates, an upgrade id on every install request).
 
 Roles (settings.CLUSTER_ROLE): ``standalone`` (none of this applies), ``central``, ``member``.
@@ -12,8 +15,6 @@ Roles (settings.CLUSTER_ROLE): ``standalone`` (none of this applies), ``central`
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import re
 import secrets
@@ -31,6 +32,7 @@ from django.utils.dateparse import parse_datetime
 
 from appliance.bundle import version_tuple
 from appliance.errors import ApplianceError
+from cluster import signing
 from cluster.models import (
     CentralLink,
     ClusterMember,
@@ -52,6 +54,7 @@ STANDALONE, CENTRAL, MEMBER = "standalone", "central", "member"
 TOKEN_LIFETIME = timedelta(hours=24)
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
+TOKEN_HASH_RE = re.compile(r"[0-9a-f]{64}")
 VERSION_RE = re.compile(r"\d{1,4}(\.\d{1,4}){0,7}")
 INSTALL_ACTIVE = ("queued", "running", "rolling_back")
 INSTALL_FAILED = ("failed", "rolled_back", "aborted")
@@ -92,30 +95,108 @@ class Outgoing:
         app.send_task(self.task, args=list(self.args), queue=self.queue, argsrepr=self.argsrepr())
 
     def argsrepr(self) -> str:
-        """The arguments as Celery shows them (worker logs, task events, monitors): join
-        tokens and member secrets are masked, since whoever reads those is not a member."""
-        masked = SECRET_ARGS.get(self.task, ())
-        return repr(["***" if i in masked else arg for i, arg in enumerate(self.args)])
+        """The arguments as Celery shows them (worker logs, task events, monitors).
+
+        A sealed message carries no secret in clear, but whoever reads those logs is not a
+        member: the join token's hash, the encrypted member secret and the signature are
+        masked all the same (a logged message is then no copy that could be sent again).
+        """
+        return repr([_masked(arg) for arg in self.args])
 
 
-# Positions of join tokens and member secrets in each message's arguments (see cluster.tasks).
-SECRET_ARGS: dict[str, tuple[int, ...]] = {
-    "cluster.tasks.member_join": (1,),
-    "cluster.tasks.join_answer": (3,),
-    "cluster.tasks.member_report": (1,),
+# Body fields of a sealed message never shown in Celery's logs (see Outgoing.argsrepr).
+MASKED_FIELDS = frozenset({"token", "secret"})
+
+
+def _masked(arg: Any) -> Any:
+    if not isinstance(arg, dict) or not isinstance(arg.get("body"), dict):
+        return arg
+    body = {k: "***" if k in MASKED_FIELDS else v for k, v in arg["body"].items()}
+    return {**arg, "body": body, "mac": "***"}
+
+
+def _send(kind: str, node: str, key: str, body: dict[str, Any]) -> None:
+    """Send ``body`` to ``node`` as a ``kind`` message (the task cluster.tasks.<kind>), sealed
+    with ``key``, once the current transaction commits."""
+    message = signing.seal(key, kind=kind, sender=settings.NODE_NAME, recipient=node, body=body)
+    transaction.on_commit(Outgoing(f"cluster.tasks.{kind}", (message,), node_queue(node)))
+
+
+# What the event of a refused message calls each kind.
+MESSAGE_NAMES = {
+    "member_join": "a join request",
+    "join_answer": "a join answer",
+    "member_report": "a report",
+    "central_update": "an update (Cluster Central's answer to a report)",
+    "node_install_start": "an install request",
+    "member_removed": "a removal notice",
 }
 
 
-def _send(task: str, node: str, *args: Any) -> None:
-    transaction.on_commit(Outgoing(task, tuple(args), node_queue(node)))
+def _open(
+    message: Any, *, kind: str, key: signing.KeyFor, origin: str = ""
+) -> signing.Opened | None:
+    """Open a received ``kind`` message addressed to this node (``signing.open_sealed``, with
+    ``key`` finding the claimed sender's key); None when it is refused, after its event."""
+    try:
+        return signing.open_sealed(message, kind=kind, recipient=settings.NODE_NAME, key=key)
+    except signing.Refused as exc:
+        _refusal_event(kind, message, str(exc), origin=origin)
+        return None
+
+
+def _refusal_event(kind: str, message: Any, reason: str, *, origin: str = "") -> None:
+    """The WARNING event of a refused message: what it claimed to be, from whom, and why.
+
+    Never the body or the signature. Written at most once per identical text within
+    ``signing.MAX_AGE`` (a read first: a rare duplicate in a race is harmless), so a node with
+    a wrong clock, or a removed member that missed its notice and still reports, does not
+    write an event every report interval; the process log has every refusal.
+    """
+    claimed = message.get("from") if isinstance(message, dict) else None
+    sender = repr(claimed[:64]) if isinstance(claimed, str) and claimed else "an unnamed sender"
+    text = f"Refused {MESSAGE_NAMES.get(kind, repr(kind))} from {sender}: {reason}"
+    if origin:
+        text += f" (sent by {origin[:100]})"
+    text = text[:500]
+    logger.warning("%s", text)
+    recent = timezone.now() - signing.MAX_AGE
+    if Event.objects.filter(
+        category=Category.CLUSTER, message=text, created_at__gte=recent
+    ).exists():
+        return
+    event_write(
+        category=Category.CLUSTER,
+        severity=Severity.WARNING,
+        message=text,
+        details={
+            "kind": kind,
+            "sender": claimed[:64] if isinstance(claimed, str) else "",
+            "reason": reason,
+            "origin": origin[:100],
+        },
+    )
+
+
+def _member_key(sender: str, _body: dict[str, Any]) -> str:
+    """Central: the key of messages from the member ``sender``."""
+    member = ClusterMember.objects.filter(node=sender).first()
+    if member is None:
+        raise signing.Refused("it is not a member of this cluster")
+    return member.secret_hash
+
+
+def _central_key(link: CentralLink, sender: str) -> str:
+    """A member: the key of messages from our Cluster Central ``sender``."""
+    if not link.secret:
+        raise signing.Refused("this node is not a member of a cluster")
+    if sender != link.central:
+        raise signing.Refused(f"this node's Cluster Central is {link.central}")
+    return signing.member_key(link.secret)
 
 
 def cluster_role() -> str:
     return settings.CLUSTER_ROLE
-
-
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def _require(role: str, action: str) -> None:
@@ -209,7 +290,8 @@ def join_token_create(*, user: User) -> tuple[JoinToken, str]:
     _require(CENTRAL, "Creating a join token")
     token = secrets.token_urlsafe(24)
     row = JoinToken.objects.create(
-        token_hash=_hash(token),
+        token_hash=signing.token_hash(token),
+        key=signing.join_key(token),
         created_by=username_of(user)[:150],
         expires_at=timezone.now() + TOKEN_LIFETIME,
     )
@@ -251,12 +333,13 @@ def _refuse_join(
 
 
 def member_join(
-    *, node: str, token: str, info: dict[str, Any], origin: str = ""
+    *, node: str, token_hash: str, info: dict[str, Any], origin: str = ""
 ) -> tuple[ClusterMember, str]:
-    """Central: verify a join token and register a new member under a free node name.
+    """Central: check a join token (named by its SHA-256) and register a new member under a
+    free node name. Called with a verified join request (``join_request_receive``).
 
-    Returns the member and the secret it must send with every report. Refusals write a WARNING
-    event and raise JoinRefused.
+    Returns the member and its secret (whose SHA-256 is the key of every message between
+    them). Refusals write a WARNING event and raise JoinRefused.
 
     A name already taken by a member (whatever its state, reachable or not) is refused: a join
     never replaces a member's secret, or any holder of a join token could take over a member's
@@ -282,10 +365,10 @@ def member_join(
         raise _refuse_join(node, "the node name is not valid", **source)
     if node == settings.NODE_NAME:
         raise _refuse_join(node, "the member has Cluster Central's own node name", **source)
-    if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
+    if not isinstance(token_hash, str) or not TOKEN_HASH_RE.fullmatch(token_hash):
         raise _refuse_join(node, "the join token is not valid", **source)
     now = timezone.now()
-    row = JoinToken.objects.filter(token_hash=_hash(token)).first()
+    row = JoinToken.objects.filter(token_hash=token_hash).first()
     if row is None:
         raise _refuse_join(node, "the join token is not valid", **source)
     if row.used_at is not None:
@@ -306,7 +389,7 @@ def member_join(
             with transaction.atomic():
                 member = ClusterMember.objects.create(
                     node=node,
-                    secret_hash=_hash(secret),
+                    secret_hash=signing.member_key(secret),
                     hostname=source["hostname"],
                     firmware_version=_version_or_blank(info.get("firmware")),
                     joined_at=now,
@@ -331,21 +414,58 @@ def member_join(
     return member, secret
 
 
-def join_request_receive(*, node: str, token: str, info: dict[str, Any], origin: str = "") -> bool:
-    """Central, the member_join task: join, then answer on the member's queue.
+def _join_token_key(_sender: str, body: dict[str, Any]) -> str:
+    """Central: the key of a join request, found by the token hash its body names."""
+    token_hash = body.get("token")
+    if not isinstance(token_hash, str) or not TOKEN_HASH_RE.fullmatch(token_hash):
+        raise signing.Refused("the join token is not valid")
+    row = JoinToken.objects.filter(token_hash=token_hash).first()
+    if row is None:
+        raise signing.Refused("the join token is not valid")
+    if not row.key:
+        raise signing.Refused(
+            "the join token was created before messages between nodes were signed: create a new one"
+        )
+    return row.key
 
-    A refusal is answered too (with why), so the joining node's Cluster page says it; it goes
-    to the queue of the name the request claims, the only address Central has for it.
+
+def join_request_receive(*, message: Any, origin: str = "") -> bool:
+    """Central, the member_join task: open the request, join, then answer on the member's queue.
+
+    The request is signed with the join token's key, so only a holder of the token can make
+    one; the name it claims (its sender) is then checked by ``member_join``. The answer is
+    signed with the same key and carries the member secret encrypted under it. A refusal is
+    answered too (with why), so the joining node's Cluster page says it; it goes to the queue
+    of the name the request claims, the only address Central has for it. A request Central
+    cannot verify (unknown token, wrong signature, replay) is not answered: an answer it
+    could sign would tell nothing to whoever sent it, and its event is on Central.
     """
-    try:
-        _member, secret = member_join(node=node, token=token, info=info, origin=origin)
-    except JoinRefused as exc:
-        if NODE_NAME_RE.fullmatch(str(node)):
-            _send(
-                "cluster.tasks.join_answer", str(node), settings.NODE_NAME, False, str(exc), "", ""
-            )
+    if cluster_role() != CENTRAL:
+        logger.warning("ignoring a join request: this node is not Cluster Central")
         return False
-    _send("cluster.tasks.join_answer", node, settings.NODE_NAME, True, "", secret, local_firmware())
+    with transaction.atomic():
+        opened = _open(message, kind="member_join", key=_join_token_key, origin=origin)
+        if opened is None:
+            return False
+        key = _join_token_key(opened.sender, opened.body)
+        node = opened.sender
+        info = opened.body.get("info")
+        try:
+            _member, secret = member_join(
+                node=node, token_hash=opened.body["token"], info=info, origin=origin
+            )
+        except JoinRefused as exc:
+            if NODE_NAME_RE.fullmatch(node):
+                answer = {"accepted": False, "message": str(exc), "secret": "", "firmware": ""}
+                _send("join_answer", node, key, answer)
+            return False
+        answer = {
+            "accepted": True,
+            "message": "",
+            "secret": signing.secret_encrypt(key, secret),
+            "firmware": local_firmware(),
+        }
+        _send("join_answer", node, key, answer)
     return True
 
 
@@ -416,29 +536,24 @@ def _store_events(member: ClusterMember, events: Any) -> int:
     return cursor
 
 
-def member_report_receive(
-    *, node: str, secret: str, report: dict[str, Any], events: list[dict[str, Any]]
-) -> ClusterMember | None:
+def member_report_receive(*, message: Any) -> ClusterMember | None:
     """Central, the member_report task: update the member, store its new events, advance a
     rolling upgrade, and answer with Central's firmware level and the events cursor.
 
-    A report from a node that is not a member (or with the wrong secret) is ignored (logged).
+    The report must be signed with the member's key: one from a node that is not a member, or
+    not signed by it, is refused (an event) and changes nothing.
     """
     if cluster_role() != CENTRAL:
-        logger.warning("ignoring a cluster report from %r: this node is not Central", node)
+        logger.warning("ignoring a cluster report: this node is not Central")
         return None
-    member = ClusterMember.objects.filter(node=str(node)).first()
-    if (
-        member is None
-        or not isinstance(secret, str)
-        or not hmac.compare_digest(member.secret_hash, _hash(secret))
-    ):
-        logger.warning("ignoring a cluster report from %r: not a member of this cluster", node)
-        return None
-    report = report if isinstance(report, dict) else {}
     now = timezone.now()
     with transaction.atomic():
-        member = ClusterMember.objects.select_for_update().get(pk=member.pk)
+        opened = _open(message, kind="member_report", key=_member_key)
+        if opened is None:
+            return None
+        report = opened.body.get("report")
+        report = report if isinstance(report, dict) else {}
+        member = ClusterMember.objects.select_for_update().get(node=opened.sender)
         was_reachable = member.reachable
         health = _clean_health(report.get("health"))
         member.firmware_version = (
@@ -452,7 +567,7 @@ def member_report_receive(
         member.last_seen = now
         member.reachable = True
         member.reports += 1
-        member.events_cursor = _store_events(member, events)
+        member.events_cursor = _store_events(member, opened.body.get("events"))
         member.save()
         if not was_reachable:
             event_write(
@@ -461,11 +576,10 @@ def member_report_receive(
                 details={"node": member.node},
             )
         _send(
-            "cluster.tasks.central_update",
+            "central_update",
             member.node,
-            settings.NODE_NAME,
-            local_firmware(),
-            member.events_cursor,
+            member.secret_hash,
+            {"firmware": local_firmware(), "events_cursor": member.events_cursor},
         )
     cluster_upgrade_advance()
     return member
@@ -502,7 +616,12 @@ def central_tick() -> None:
 
 
 def cluster_join_request(*, token: str, user: User = None) -> CentralLink:
-    """Member: ask Central (settings.CLUSTER_CENTRAL) to accept this node with a join token."""
+    """Member: ask Central (settings.CLUSTER_CENTRAL) to accept this node with a join token.
+
+    The token itself is not sent, nor kept: the request names it by its SHA-256 and is signed
+    with the join's key (both derived from it, ``cluster.signing``); the key waits in the link
+    for Central's answer, which is signed with it and carries our secret encrypted under it.
+    """
     _require(MEMBER, "Joining a cluster")
     token = (token or "").strip()
     if not TOKEN_RE.fullmatch(token):
@@ -510,15 +629,17 @@ def cluster_join_request(*, token: str, user: User = None) -> CentralLink:
             "That is not a join token (create one on Cluster Central's Cluster page)."
         )
     central = settings.CLUSTER_CENTRAL
+    key = signing.join_key(token)
     with transaction.atomic():
         link = _link()
         link.central = central
         link.state = JoinState.PENDING
+        link.join_key = key
         link.error = ""
         link.requested_at = timezone.now()
         link.save()
         info = {"hostname": socket.gethostname(), "firmware": local_firmware()}
-        _send("cluster.tasks.member_join", central, settings.NODE_NAME, token, info)
+        _send("member_join", central, key, {"token": signing.token_hash(token), "info": info})
         event_write(
             category=Category.CLUSTER,
             message=f"Asked Cluster Central {central} to join the cluster",
@@ -528,46 +649,72 @@ def cluster_join_request(*, token: str, user: User = None) -> CentralLink:
     return link
 
 
-def join_answer_receive(
-    *, central: str, accepted: bool, message: str, secret: str, firmware: str
-) -> CentralLink | None:
-    """Member: Central's answer to our join request (ignored unless one is pending)."""
+def _pending_join_key(link: CentralLink, sender: str) -> str:
+    """A member: the key of the answer to our pending join request, from ``sender``."""
+    if link.state != JoinState.PENDING or not link.join_key:
+        raise signing.Refused("no join request of this node is waiting for an answer")
+    if sender != link.central:
+        raise signing.Refused(f"this node asked {link.central} to join, not it")
+    return link.join_key
+
+
+def join_answer_receive(*, message: Any) -> CentralLink | None:
+    """Member: Central's answer to our join request, signed with the join's key (refused
+    unless one is pending and it is from the Central we asked). An accepted answer carries
+    our secret encrypted under that key; the join key is forgotten either way."""
     if cluster_role() != MEMBER:
         return None
     now = timezone.now()
-    if accepted:
-        changed = CentralLink.objects.filter(pk=1, state=JoinState.PENDING).update(
-            state=JoinState.JOINED,
-            central=str(central)[:64],
-            secret=str(secret)[:100],
-            error="",
-            joined_at=now,
-            central_firmware=_version_or_blank(firmware),
-            central_seen_at=now,
-            # Re-joining the same Central (after an administrator removed us) keeps the events
-            # it already stored: they stay in its log, sending them again would double them.
-            events_acked=Case(When(central=str(central)[:64], then=F("events_acked")), default=0),
-        )
-    else:
-        # A refused re-join leaves a working membership (and its secret) as it was.
+    with transaction.atomic():
         link = _link()
-        changed = CentralLink.objects.filter(pk=1, state=JoinState.PENDING).update(
-            state=JoinState.JOINED if link.secret else JoinState.REFUSED,
-            error=str(message)[:500],
+        opened = _open(
+            message, kind="join_answer", key=lambda sender, _body: _pending_join_key(link, sender)
         )
-    if not changed:
-        logger.warning("ignoring a join answer from %r: no join request is pending", central)
-        return None
-    event_write(
-        category=Category.CLUSTER,
-        severity=Severity.INFO if accepted else Severity.WARNING,
-        message=f"Joined the cluster of Cluster Central {central}"
-        if accepted
-        else f"Cluster Central {central} refused to let this node join: {message}",
-        details={"central": str(central)[:64]},
-    )
-    if accepted:
-        transaction.on_commit(_report_soon)
+        if opened is None:
+            return None
+        central = opened.sender
+        accepted = opened.body.get("accepted") is True
+        text = str(opened.body.get("message") or "")
+        if accepted:
+            try:
+                secret = signing.secret_decrypt(link.join_key, opened.body.get("secret"))
+            except signing.Refused as exc:
+                _refusal_event("join_answer", message, str(exc))
+                return None
+            changed = CentralLink.objects.filter(pk=1, state=JoinState.PENDING).update(
+                state=JoinState.JOINED,
+                central=central[:64],
+                secret=secret[:100],
+                join_key="",
+                error="",
+                joined_at=now,
+                central_firmware=_version_or_blank(opened.body.get("firmware")),
+                central_seen_at=now,
+                # Re-joining the same Central (after an administrator removed us) keeps the
+                # events it already stored: they stay in its log, sending them again would
+                # double them.
+                events_acked=Case(When(central=central[:64], then=F("events_acked")), default=0),
+            )
+        else:
+            # A refused re-join leaves a working membership (and its secret) as it was.
+            changed = CentralLink.objects.filter(pk=1, state=JoinState.PENDING).update(
+                state=JoinState.JOINED if link.secret else JoinState.REFUSED,
+                join_key="",
+                error=text[:500],
+            )
+        if not changed:
+            logger.warning("ignoring a join answer from %r: no join request is pending", central)
+            return None
+        event_write(
+            category=Category.CLUSTER,
+            severity=Severity.INFO if accepted else Severity.WARNING,
+            message=f"Joined the cluster of Cluster Central {central}"
+            if accepted
+            else f"Cluster Central {central} refused to let this node join: {text}",
+            details={"central": central[:64]},
+        )
+        if accepted:
+            transaction.on_commit(_report_soon)
     return _link()
 
 
@@ -577,20 +724,26 @@ def _report_soon() -> None:
     app.send_task("cluster.tasks.member_tick", queue=node_queue(settings.NODE_NAME))
 
 
-def central_update_receive(*, central: str, firmware: str, events_cursor: int) -> None:
-    """Member: Central's answer to a report: its firmware level, the events it has stored."""
+def central_update_receive(*, message: Any) -> None:
+    """Member: Central's answer to a report (its firmware level, the events it has stored),
+    signed with our key."""
     if cluster_role() != MEMBER:
         return
-    link = _link()
-    if link.state != JoinState.JOINED or link.central != central:
-        return
-    fields: dict[str, Any] = {"central_seen_at": timezone.now()}
-    level = _version_or_blank(firmware)
-    if level:
-        fields["central_firmware"] = level
-    if isinstance(events_cursor, int):
-        fields["events_acked"] = max(link.events_acked, events_cursor)
-    CentralLink.objects.filter(pk=1).update(**fields)
+    with transaction.atomic():
+        link = _link()
+        opened = _open(
+            message, kind="central_update", key=lambda sender, _body: _central_key(link, sender)
+        )
+        if opened is None or link.state != JoinState.JOINED:
+            return
+        fields: dict[str, Any] = {"central_seen_at": timezone.now()}
+        level = _version_or_blank(opened.body.get("firmware"))
+        if level:
+            fields["central_firmware"] = level
+        events_cursor = opened.body.get("events_cursor")
+        if isinstance(events_cursor, int):
+            fields["events_acked"] = max(link.events_acked, events_cursor)
+        CentralLink.objects.filter(pk=1).update(**fields)
 
 
 def member_report_build() -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -638,12 +791,10 @@ def member_report_send() -> bool:
     with transaction.atomic():
         CentralLink.objects.filter(pk=1).update(last_report_at=timezone.now())
         _send(
-            "cluster.tasks.member_report",
+            "member_report",
             link.central,
-            settings.NODE_NAME,
-            link.secret,
-            report,
-            events,
+            signing.member_key(link.secret),
+            {"report": report, "events": events},
         )
     return True
 
@@ -697,17 +848,33 @@ def cluster_preflight_check(bundle_version: str) -> Any:
 # --- Member: Central asks us to install (rolling upgrade) ---------------------------------
 
 
-def member_install_start(
-    *, upgrade_id: int, version: str, central: str, central_firmware: str
-) -> CentralLink | None:
-    """Member, the node_install_start task: start our own install of ``version`` for Central's
-    rolling upgrade ``upgrade_id``. Delivered twice, it starts nothing twice. The answer (run id
-    or why not) goes with an immediate report."""
-    if cluster_role() != MEMBER or not isinstance(upgrade_id, int):
+def member_install_start(*, message: Any) -> CentralLink | None:
+    """Member, the node_install_start task: start our own install of the version Central's
+    rolling upgrade asks for. Delivered twice (or asked again), it starts nothing twice for one
+    upgrade id. The answer (run id or why not) goes with an immediate report.
+
+    The request must be signed with our key by our Central: a writer to the broker who knows
+    Central's name starts nothing. Its nonce is recorded before the install starts, outside a
+    transaction (an install start takes a backup, too long to hold a write transaction for):
+    if the worker dies in between, a redelivery is refused and Central asks again once the
+    request is older than ``signing.MAX_AGE`` (``_step_member``).
+    """
+    if cluster_role() != MEMBER:
         return None
     link = _link()
-    if link.state != JoinState.JOINED or link.central != central:
-        logger.warning("ignoring an install request from %r: not our Central", central)
+    opened = _open(
+        message, kind="node_install_start", key=lambda sender, _body: _central_key(link, sender)
+    )
+    if opened is None:
+        return None
+    central = opened.sender
+    upgrade_id = opened.body.get("upgrade_id")
+    version = str(opened.body.get("version") or "")[:32]
+    central_firmware = opened.body.get("central_firmware")
+    if not isinstance(upgrade_id, int) or isinstance(upgrade_id, bool):
+        return None
+    if link.state != JoinState.JOINED:
+        logger.warning("ignoring an install request from %r: not joined", central)
         return None
     if link.upgrade_id == upgrade_id:
         transaction.on_commit(_report_soon)
@@ -855,18 +1022,24 @@ def _step_member(upgrade: ClusterUpgrade, node: str, result: dict[str, Any]) -> 
     if state == NodeStep.PENDING:
         if member.firmware_version == upgrade.version and member.healthy:
             return {"state": NodeStep.SKIPPED}
-        _send(
-            "cluster.tasks.node_install_start",
-            node,
-            upgrade.pk,
-            upgrade.version,
-            settings.NODE_NAME,
-            local_firmware(),
-        )
+        _request_install(upgrade, member)
         return {"state": NodeStep.REQUESTED, "requested_at": timezone.now().isoformat()}
     answer = member.upgrade_answer
     if answer.get("upgrade_id") != upgrade.pk:
-        return result  # the member has not handled the request yet
+        # The member has not handled the request yet. Once the request is older than a
+        # member accepts (signing.MAX_AGE) it never will: it was lost, or waited too long in
+        # a busy queue. Ask again (the member starts nothing twice for one upgrade id).
+        requested = parse_datetime(str(result.get("requested_at") or ""))
+        if state == NodeStep.REQUESTED and (
+            requested is None or timezone.now() - requested > signing.MAX_AGE
+        ):
+            _request_install(upgrade, member)
+            return {
+                **result,
+                "requested_at": timezone.now().isoformat(),
+                "requests": int(result.get("requests", 1)) + 1,
+            }
+        return result
     if answer.get("error"):
         return {**result, "state": NodeStep.FAILED, "error": f"refused: {answer['error']}"}
     install = member.install
@@ -889,6 +1062,20 @@ def _step_member(upgrade: ClusterUpgrade, node: str, result: dict[str, Any]) -> 
         }
     percent = install.get("percent", 0.0)
     return {**result, **progress, "state": NodeStep.INSTALLING, "percent": percent}
+
+
+def _request_install(upgrade: ClusterUpgrade, member: ClusterMember) -> None:
+    """Send a member the rolling upgrade's install request (node_install_start)."""
+    _send(
+        "node_install_start",
+        member.node,
+        member.secret_hash,
+        {
+            "upgrade_id": upgrade.pk,
+            "version": upgrade.version,
+            "central_firmware": local_firmware(),
+        },
+    )
 
 
 def cluster_upgrade_advance() -> ClusterUpgrade | None:
@@ -1004,8 +1191,11 @@ def member_remove(*, node: str, user: User) -> None:
     """
     _require(CENTRAL, "Removing a member")
     with transaction.atomic():
-        deleted, _ = ClusterMember.objects.filter(node=str(node)).delete()
-        if not deleted:
+        member = ClusterMember.objects.filter(node=str(node)).first()
+        deleted = 0
+        if member is not None:
+            deleted, _ = ClusterMember.objects.filter(pk=member.pk).delete()
+        if member is None or not deleted:
             raise NotAMember(f"{node} is not a member of this cluster.")
         event_write(
             category=Category.CLUSTER,
@@ -1014,33 +1204,41 @@ def member_remove(*, node: str, user: User) -> None:
             user=user,
             details={"node": node},
         )
-        _send("cluster.tasks.member_removed", node, settings.NODE_NAME)
+        # Signed with the key being forgotten: the last message the two nodes share.
+        _send("member_removed", member.node, member.secret_hash, {})
 
 
-def member_removed_receive(*, central: str) -> CentralLink | None:
+def member_removed_receive(*, message: Any) -> CentralLink | None:
     """Member, the member_removed task: our Central forgot us. Drop the secret (it is worth
     nothing now) and go back to not joined, so the Cluster page offers the join form again.
     ``events_acked`` stays: Central keeps the events it stored, a re-join sends only newer ones.
 
-    Ignored unless we are joined to that Central; until inter-node messages are signed, this
-    trusts the broker as every other cluster message does.
+    The notice must be signed with our key by our Central: nobody else can cut a member off.
     """
     if cluster_role() != MEMBER:
         return None
-    changed = CentralLink.objects.filter(pk=1, state=JoinState.JOINED, central=central).update(
-        state=JoinState.NOT_JOINED,
-        secret="",
-        error=f"Cluster Central {central} removed this node from the cluster: join again "
-        "with a new token to rejoin.",
-        central_firmware="",
-    )
-    if not changed:
-        logger.warning("ignoring a removal notice from %r: not joined to it", central)
-        return None
-    event_write(
-        category=Category.CLUSTER,
-        severity=Severity.WARNING,
-        message=f"Cluster Central {central} removed this node from the cluster",
-        details={"central": str(central)[:64]},
-    )
+    with transaction.atomic():
+        link = _link()
+        opened = _open(
+            message, kind="member_removed", key=lambda sender, _body: _central_key(link, sender)
+        )
+        if opened is None:
+            return None
+        central = opened.sender
+        changed = CentralLink.objects.filter(pk=1, state=JoinState.JOINED, central=central).update(
+            state=JoinState.NOT_JOINED,
+            secret="",
+            error=f"Cluster Central {central} removed this node from the cluster: join again "
+            "with a new token to rejoin.",
+            central_firmware="",
+        )
+        if not changed:
+            logger.warning("ignoring a removal notice from %r: not joined to it", central)
+            return None
+        event_write(
+            category=Category.CLUSTER,
+            severity=Severity.WARNING,
+            message=f"Cluster Central {central} removed this node from the cluster",
+            details={"central": central[:64]},
+        )
     return _link()

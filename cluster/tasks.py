@@ -3,7 +3,12 @@
 Which node runs a task is decided by the queue it is sent to (``lmi.node.<name>``), never by
 the task: members send member_join and member_report to Central's queue; Central sends
 join_answer, member_removed, central_update and node_install_start to a member's queue.
-Arguments are JSON. Each task calls one service and returns.
+
+Each of those takes one argument, a sealed message (``cluster.signing``), and calls one service,
+which opens it before anything else: whoever can write to the broker can put a task on any
+queue, so a message is worth only its signature. Anything else the broker delivers (the
+arguments of an older version, a forged message) reaches the service too, and is refused there
+with its event, instead of failing in Celery's call.
 """
 
 from __future__ import annotations
@@ -19,48 +24,48 @@ from cluster import services
 logger = logging.getLogger(__name__)
 
 
+def _one(args: tuple[Any, ...]) -> Any:
+    """The sealed message among a task's positional arguments (a lone one), else all of
+    them, which the service refuses as not a signed message."""
+    return args[0] if len(args) == 1 else list(args)
+
+
 @shared_task(name="cluster.tasks.member_join", bind=True, ignore_result=True)
-def member_join(self: Task, node: str, token: str, info: dict[str, Any]) -> bool:
+def member_join(self: Task, *message: Any) -> bool:
     """On Central: a member asks to join with a token (the sender's origin goes in the event
     of a refusal)."""
     origin = str(getattr(self.request, "origin", None) or "")
-    return services.join_request_receive(node=node, token=token, info=info, origin=origin)
+    return services.join_request_receive(message=_one(message), origin=origin)
 
 
 @shared_task(name="cluster.tasks.join_answer", ignore_result=True)
-def join_answer(central: str, accepted: bool, message: str, secret: str, firmware: str) -> None:
+def join_answer(*message: Any) -> None:
     """On a member: Central's answer to its join request."""
-    services.join_answer_receive(
-        central=central, accepted=accepted, message=message, secret=secret, firmware=firmware
-    )
+    services.join_answer_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.member_removed", ignore_result=True)
-def member_removed(central: str) -> None:
+def member_removed(*message: Any) -> None:
     """On a member: Central removed it from the cluster."""
-    services.member_removed_receive(central=central)
+    services.member_removed_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.member_report", ignore_result=True)
-def member_report(
-    node: str, secret: str, report: dict[str, Any], events: list[dict[str, Any]]
-) -> None:
+def member_report(*message: Any) -> None:
     """On Central: a member's report and its new events."""
-    services.member_report_receive(node=node, secret=secret, report=report, events=events)
+    services.member_report_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.central_update", ignore_result=True)
-def central_update(central: str, firmware: str, events_cursor: int) -> None:
+def central_update(*message: Any) -> None:
     """On a member: Central's firmware level and the events it has stored."""
-    services.central_update_receive(central=central, firmware=firmware, events_cursor=events_cursor)
+    services.central_update_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.node_install_start", ignore_result=True)
-def node_install_start(upgrade_id: int, version: str, central: str, central_firmware: str) -> None:
-    """On a member: Central's rolling upgrade asks this member to install ``version``."""
-    services.member_install_start(
-        upgrade_id=upgrade_id, version=version, central=central, central_firmware=central_firmware
-    )
+def node_install_start(*message: Any) -> None:
+    """On a member: Central's rolling upgrade asks this member to install a version."""
+    services.member_install_start(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.member_tick", ignore_result=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -61,7 +63,7 @@ def test_the_console_services_are_configured_through_lmi_variables_and_volumes()
     environment = web["environment"]
 
     assert environment["LMI_DATABASE_URL"].startswith("postgres://")
-    assert environment["LMI_REDIS_URL"] == "redis://redis:6379/0"
+    assert environment["LMI_REDIS_URL"] == "redis://:${REDIS_PASSWORD:-change-me}@redis:6379/0"
     assert {"appliance", "var", "backups", "postgres", "redis"} <= set(compose["volumes"])
     assert (BASE_DIR / web["env_file"].replace(".env", ".env.example")).is_file()
     assert (BASE_DIR / "Dockerfile").is_file()
@@ -90,3 +92,59 @@ def test_the_smtp_service_listens_on_all_interfaces_on_the_mapped_port():
     assert "--port" not in words or words[words.index("--port") + 1] == container_port
     assert "2525" in " ".join(smtp["healthcheck"]["test"])
     assert smtp["environment"] == _compose()["services"]["web"]["environment"]  # same anchor
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${NAME:-default} and ${NAME:?error} for the values these tests read."""
+
+    def one(match: re.Match[str]) -> str:
+        name, op, rest = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {rest}")
+        return rest or ""
+
+    return re.sub(r"\$\{(\w+)(:[-?])?([^}]*)\}", one, value)
+
+
+def test_redis_requires_the_password_the_console_and_its_health_check_use():
+    services = _compose()["services"]
+    redis = services["redis"]
+    words = _command_words(redis)
+    assert words[0] == "redis-server"
+    password = words[words.index("--requirepass") + 1]
+    assert password == "${REDIS_PASSWORD:-change-me}"  # from the environment, default changed
+    env = {"REDIS_PASSWORD": "0123abcd", "POSTGRES_PASSWORD": "p"}
+    url = urlsplit(_interpolate(services["web"]["environment"]["LMI_REDIS_URL"], env))
+    assert (url.scheme, url.hostname, url.password) == ("redis", "redis", "0123abcd")
+    assert _interpolate(password, env) == "0123abcd"
+    # The health check's redis-cli authenticates with the same password (REDISCLI_AUTH).
+    assert redis["environment"]["REDISCLI_AUTH"] == password
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # Nobody outside the compose network reaches the plain port.
+    assert "ports" not in redis
+
+
+def test_the_compose_file_says_how_to_serve_redis_with_tls_for_a_cluster():
+    text = (BASE_DIR / "docker-compose.yml").read_text()
+    notes = "\n".join(line.strip().lstrip("#") for line in text.splitlines() if "#" in line)
+    needed = [
+        '"--port", "0"',  # no plain port
+        '"--tls-port", "6380"',
+        "--tls-cert-file",
+        "--tls-ca-cert-file",
+        '"redis-cli", "--tls"',
+        "rediss://:${REDIS_PASSWORD}@redis:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/tls/ca.crt",
+    ]
+    for words in needed:
+        assert words in notes, words
+
+
+def test_the_readme_documents_a_cluster_redis_with_password_and_tls_and_signed_messages():
+    readme = (BASE_DIR / "README.md").read_text()
+    section = readme[readme.index("## Cluster") :]
+    section = section[: section.index("\n## ", 1)]
+    for needed in ("requirepass", "rediss://", "ssl_cert_reqs=required", "--tls-port",
+                   "signed", "HMAC", "nonce", "NTP", "Refused"):  # fmt: skip
+        assert needed in section, needed

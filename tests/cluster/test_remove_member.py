@@ -9,7 +9,7 @@ from django.urls import reverse
 from cluster import services
 from cluster.models import CentralLink, ClusterMember, JoinState
 from events.models import Event, Severity
-from tests.cluster.conftest import report, set_firmware
+from tests.cluster.conftest import from_central, member_joins, receive_report, set_firmware
 
 
 def csrf(client) -> dict[str, str]:
@@ -56,9 +56,15 @@ def test_an_administrator_removes_a_member_with_an_event_and_the_member_is_told(
     event = Event.objects.get(message__startswith="Removed member1 from the cluster")
     assert event.username == "admin" and event.severity == Severity.WARNING
     out = [c for c in sent if isinstance(c, services.Outgoing)]
-    assert [(c.task, c.queue, c.args) for c in out] == [
-        ("cluster.tasks.member_removed", "lmi.node.member1", ("central",))
+    assert [(c.task, c.queue) for c in out] == [
+        ("cluster.tasks.member_removed", "lmi.node.member1")
     ]
+    (notice,) = out[0].args
+    assert (notice["kind"], notice["from"], notice["to"]) == (
+        "member_removed",
+        "central",
+        "member1",
+    )
     page = admin_client.get(reverse("cluster:index")).content.decode()
     assert "Removed member1 from the cluster" in page
 
@@ -68,12 +74,8 @@ def test_after_removal_the_name_joins_again_with_a_new_token(joined) -> None:
     services.member_remove(node="member1", user="admin")
     member, new_secret = joined("member1")
     assert member.node == "member1" and new_secret != old_secret
-    assert services.member_report_receive(
-        node="member1", secret=old_secret, report=report(), events=[]
-    ) is None  # fmt: skip
-    assert services.member_report_receive(
-        node="member1", secret=new_secret, report=report(), events=[]
-    )
+    assert receive_report("member1", old_secret) is None
+    assert receive_report("member1", new_secret)
     assert Event.objects.filter(message="member1 joined the cluster").count() == 2
 
 
@@ -121,14 +123,13 @@ def test_the_api_removes_a_member_for_administrators_only(
 def test_a_removed_member_forgets_its_secret_and_offers_the_join_form(
     member_role: str, admin_client
 ) -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    services.join_answer_receive(
-        central="central", accepted=True, message="", secret="s3cret", firmware="2.8.0.0"
-    )
+    member_joins("t" * 32, secret="s3cret")
     CentralLink.objects.filter(pk=1).update(events_acked=42)
-    # A notice from some other Central is ignored.
-    assert services.member_removed_receive(central="elsewhere") is None
-    link = services.member_removed_receive(central="central")
+    # A notice from some other Central is refused, even signed with our key.
+    assert services.member_removed_receive(
+        message=from_central("s3cret", "member_removed", {}, central="elsewhere")
+    ) is None  # fmt: skip
+    link = services.member_removed_receive(message=from_central("s3cret", "member_removed", {}))
     assert link is not None and link.state == JoinState.NOT_JOINED and link.secret == ""
     assert "removed this node" in link.error
     assert not services.member_report_send()  # no more reports to a Central that forgot us
@@ -137,9 +138,27 @@ def test_a_removed_member_forgets_its_secret_and_offers_the_join_form(
         message="Cluster Central central removed this node from the cluster"
     )
     # Joining the same Central again does not send it the events it already stored.
-    services.cluster_join_request(token="u" * 32, user="admin")
-    link = services.join_answer_receive(
-        central="central", accepted=True, message="", secret="n3w", firmware="2.8.0.0"
-    )
+    link = member_joins("u" * 32, secret="n3w")
     assert link is not None and link.state == JoinState.JOINED and link.secret == "n3w"
     assert link.events_acked == 42
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda: ["central"], id="old-arguments"),
+        pytest.param(lambda: from_central("wrong", "member_removed", {}), id="wrong-key"),
+        pytest.param(
+            lambda: {**from_central("s3cret", "member_removed", {}), "mac": "0" * 64},
+            id="wrong-mac",
+        ),
+        pytest.param(lambda: from_central("s3cret", "central_update", {}), id="other-kind"),
+    ],
+)
+def test_a_forged_removal_notice_cuts_nobody_off(member_role: str, forge) -> None:
+    member_joins("t" * 32, secret="s3cret")
+    assert services.member_removed_receive(message=forge()) is None
+    link = CentralLink.objects.get()
+    assert link.state == JoinState.JOINED and link.secret == "s3cret"
+    event = Event.objects.get(message__startswith="Refused a removal notice")
+    assert event.severity == Severity.WARNING

@@ -3,25 +3,30 @@ report, Central's answers, and the preflight's cluster check."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
-from cluster import services
-from cluster.models import CentralLink, ClusterMember, JoinState
+from cluster import services, signing
+from cluster.models import CentralLink, ClusterMember, JoinState, ReceivedNonce
 from events.models import Event, Severity
 from events.services import event_write
-from tests.cluster.conftest import report
+from tests.cluster.conftest import (
+    from_central,
+    member_joins,
+    receive_report,
+    report,
+    report_message,
+)
 
 
 def test_a_report_updates_the_member(joined, django_capture_on_commit_callbacks) -> None:
     member, secret = joined()
     install = {"run_id": 4, "state": "running", "phase": 3, "percent": 25.0, "version": "2.8.1.0"}
     with django_capture_on_commit_callbacks() as sent:
-        services.member_report_receive(
-            node="member1", secret=secret, report=report("2.8.0.0", install=install), events=[]
-        )
+        receive_report("member1", secret, report("2.8.0.0", install=install))
     member.refresh_from_db()
     assert member.firmware_version == "2.8.0.0" and member.healthy and member.install_running
     assert member.install["phase"] == 3 and member.reports == 1
@@ -29,25 +34,78 @@ def test_a_report_updates_the_member(joined, django_capture_on_commit_callbacks)
     assert [(c.task, c.queue) for c in answer] == [
         ("cluster.tasks.central_update", "lmi.node.member1")
     ]
-    assert answer[0].args == ("central", "2.8.0.0", 0)
-
-
-def test_it_ignores_reports_from_strangers_and_wrong_secrets(joined) -> None:
-    member, _secret = joined()
-    assert services.member_report_receive(node="member1", secret="wrong", report=report("9.9"),
-                                          events=[]) is None  # fmt: skip
-    assert (
-        services.member_report_receive(node="ghost", secret="x", report=report(), events=[]) is None
+    (update,) = answer[0].args
+    assert (update["kind"], update["from"], update["to"]) == (
+        "central_update",
+        "central",
+        "member1",
     )
+    assert update["body"] == {"firmware": "2.8.0.0", "events_cursor": 0}
+
+
+def test_it_refuses_reports_from_strangers_and_wrong_secrets(joined) -> None:
+    member, _secret = joined()
+    assert receive_report("member1", "wrong", report("9.9")) is None
+    assert receive_report("ghost", "x") is None
     member.refresh_from_db()
     assert member.reports == 0
+    refused = Event.objects.filter(message__startswith="Refused a report").order_by("id")
+    assert [e.message for e in refused] == [
+        "Refused a report from 'member1': its signature is wrong",
+        "Refused a report from 'ghost': it is not a member of this cluster",
+    ]
+    assert all(e.severity == Severity.WARNING for e in refused)
+
+
+def test_a_replayed_report_is_refused_and_changes_nothing(joined) -> None:
+    member, secret = joined()
+    message = report_message("member1", secret, report("2.8.0.0"))
+    assert services.member_report_receive(message=message)
+    assert services.member_report_receive(message=message) is None
+    member.refresh_from_db()
+    assert member.reports == 1
+    assert Event.objects.filter(message__contains="it was received before").count() == 1
+
+
+def test_a_stale_or_future_report_is_refused(joined, clock) -> None:
+    member, secret = joined()
+    stale = report_message("member1", secret, now=clock.now() - timedelta(minutes=6))
+    future = report_message("member1", secret, now=clock.now() + timedelta(minutes=5))
+    assert services.member_report_receive(message=stale) is None
+    assert services.member_report_receive(message=future) is None
+    member.refresh_from_db()
+    assert member.reports == 0
+    assert Event.objects.filter(message__contains="sent more than 300 s ago").exists()
+    assert Event.objects.filter(message__contains="in the future").exists()
+    # Within the window it is accepted, once.
+    recent = report_message("member1", secret, now=clock.now() - timedelta(minutes=4))
+    assert services.member_report_receive(message=recent)
+
+
+def test_a_repeated_refusal_writes_one_event_per_window(joined, clock) -> None:
+    joined()
+    for _ in range(3):  # a removed member that missed its notice, reporting on
+        assert receive_report("ghost", "x") is None
+    assert Event.objects.filter(message__startswith="Refused a report from 'ghost'").count() == 1
+    clock.shift(timedelta(minutes=6))
+    receive_report("ghost", "x")
+    assert Event.objects.filter(message__startswith="Refused a report from 'ghost'").count() == 2
+
+
+def test_seen_nonces_are_forgotten_once_their_messages_are_too_old(joined, clock) -> None:
+    _member, secret = joined()
+    assert receive_report("member1", secret)
+    assert ReceivedNonce.objects.count() == 1
+    clock.shift(timedelta(minutes=6))
+    assert receive_report("member1", secret)
+    assert ReceivedNonce.objects.count() == 1  # the first one was pruned
 
 
 def test_hostile_report_fields_are_cleaned(joined) -> None:
     member, secret = joined()
     hostile = {"firmware": "<b>2.8</b>", "health": "up", "install": {"state": 5, "percent": 900},
                "cluster_upgrade": {"upgrade_id": "1"}}  # fmt: skip
-    services.member_report_receive(node="member1", secret=secret, report=hostile, events="x")
+    services.member_report_receive(message=report_message("member1", secret, hostile, events="x"))
     member.refresh_from_db()
     assert member.firmware_version == "2.8.0.0"  # kept from the join
     assert member.health == {} and not member.healthy
@@ -64,7 +122,7 @@ def test_member_events_are_stored_once_with_the_members_name_and_time(joined) ->
          "username": "", "message": "x" * 900, "details": []},
     ]  # fmt: skip
     for _ in range(2):  # the same batch again (a lost answer): stored once
-        services.member_report_receive(node="member1", secret=secret, report=report(), events=batch)
+        receive_report("member1", secret, report(), batch)
     forwarded = Event.objects.filter(node="member1").order_by("id")
     assert forwarded.count() == 2
     first, second = forwarded
@@ -88,16 +146,13 @@ def test_silent_members_are_marked_unreachable_and_back(joined, settings) -> Non
     assert services.members_mark_unreachable() == ["member1"]
     assert services.members_mark_unreachable() == []  # once
     assert Event.objects.filter(message__startswith="member1 is unreachable").count() == 1
-    services.member_report_receive(node="member1", secret=secret, report=report(), events=[])
+    receive_report("member1", secret)
     assert ClusterMember.objects.get().reachable
     assert Event.objects.filter(message="member1 is reachable again").exists()
 
 
 def _joined_member(firmware: str = "2.8.0.0") -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    services.join_answer_receive(
-        central="central", accepted=True, message="", secret="s3cret", firmware=firmware
-    )
+    member_joins("t" * 32, secret="s3cret", firmware=firmware)
 
 
 def test_member_report_carries_new_events_above_the_acknowledged_cursor(
@@ -111,12 +166,18 @@ def test_member_report_carries_new_events_above_the_acknowledged_cursor(
         assert services.member_report_send()
     out = [c for c in sent if isinstance(c, services.Outgoing)]
     assert [(c.task, c.queue) for c in out] == [("cluster.tasks.member_report", "lmi.node.central")]
-    node, secret, sent_report, events = out[0].args
-    assert (node, secret) == ("member1", "s3cret")
+    (message,) = out[0].args
+    assert "s3cret" not in json.dumps(message)
+    opened = signing.open_sealed(
+        message, kind="member_report", recipient="central",
+        key=lambda *_: signing.member_key("s3cret"),
+    )  # fmt: skip
+    assert opened.sender == "member1"
+    sent_report, events = opened.body["report"], opened.body["events"]
     assert sent_report["firmware"] == "2.8.0.0" and "healthy" in sent_report["health"]
     assert len(events) == 2 and events[0]["id"] < events[1]["id"]
-    services.central_update_receive(central="central", firmware="2.8.1.0",
-                                    events_cursor=events[1]["id"])  # fmt: skip
+    update = {"firmware": "2.8.1.0", "events_cursor": events[1]["id"]}
+    services.central_update_receive(message=from_central("s3cret", "central_update", update))
     _report, rest = services.member_report_build()
     newer = Event.objects.filter(id__gt=events[1]["id"]).order_by("id")[:2]
     assert [e["id"] for e in rest] == [e.id for e in newer]
@@ -158,3 +219,18 @@ def test_member_autojoin_uses_the_configured_token_once(member_role: str, settin
     assert services.member_autojoin()
     assert CentralLink.objects.get().state == JoinState.PENDING
     assert not services.member_autojoin()
+
+
+def test_central_updates_are_accepted_only_signed_by_our_central(member_role: str) -> None:
+    _joined_member("2.8.0.0")
+    update = {"firmware": "9.9.9.9", "events_cursor": 10**9}
+    for forged in (
+        ["central", "9.9.9.9", 10**9],  # the arguments of old, unsigned messages
+        from_central("wrong", "central_update", update),
+        from_central("s3cret", "central_update", update, central="rogue"),
+        from_central("s3cret", "central_update", update, node="member2"),
+    ):
+        services.central_update_receive(message=forged)
+    link = CentralLink.objects.get()
+    assert link.central_firmware == "2.8.0.0" and link.events_acked == 0
+    assert Event.objects.filter(message__startswith="Refused an update").count() == 4

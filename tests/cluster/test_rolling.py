@@ -3,15 +3,16 @@ Central first, then each member one at a time; the first failure stops it."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
-from cluster import services
+from cluster import services, signing, tasks
 from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
-from events.models import Event
-from tests.cluster.conftest import report, set_firmware
+from events.models import Event, Severity
+from tests.cluster.conftest import from_central, member_joins, receive_report, report, set_firmware
 
 NEW = "2.8.1.0"
 
@@ -31,8 +32,7 @@ def cluster(joined) -> dict[str, str]:
 
 
 def send_report(secrets, node: str, upgrade: ClusterUpgrade | None = None, **kwargs) -> None:
-    services.member_report_receive(node=node, secret=secrets[node], report=report(**kwargs),
-                                   events=[])  # fmt: skip
+    receive_report(node, secrets[node], report(**kwargs))
 
 
 def answer(upgrade: ClusterUpgrade, run_id: int | None = 11, error: str = "") -> dict:
@@ -54,7 +54,9 @@ def test_it_upgrades_members_one_at_a_time_as_their_reports_arrive(
     assert [(t, q) for t, q, _ in sends(captured)] == [
         ("cluster.tasks.node_install_start", "lmi.node.member1")
     ]
-    assert sends(captured)[0][2] == (upgrade.pk, NEW, "central", NEW)
+    (request,) = sends(captured)[0][2]
+    assert (request["from"], request["to"]) == ("central", "member1")
+    assert request["body"] == {"upgrade_id": upgrade.pk, "version": NEW, "central_firmware": NEW}
 
     # A report from before the member handled the request changes nothing.
     send_report(cluster, "member1")
@@ -207,15 +209,17 @@ def test_central_rolled_back_stops_before_any_member(joined) -> None:
     assert upgrade.results["member1"]["state"] == NodeStep.PENDING
 
 
+def install_request(upgrade_id: int = 9, *, secret: str = "s", **kwargs) -> dict:
+    body = {"upgrade_id": upgrade_id, "version": NEW, "central_firmware": NEW}
+    return from_central(secret, "node_install_start", body, **kwargs)
+
+
 def test_member_answers_an_install_request_once_and_says_why_not(
     member_role, django_capture_on_commit_callbacks
 ) -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    services.join_answer_receive(central="central", accepted=True, message="", secret="s",
-                                 firmware="2.8.0.0")  # fmt: skip
-    for _ in range(2):  # delivered twice
-        services.member_install_start(upgrade_id=9, version=NEW, central="central",
-                                      central_firmware=NEW)  # fmt: skip
+    member_joins("t" * 32, secret="s")
+    for _ in range(2):  # asked twice (Central asks again when no answer came)
+        services.member_install_start(message=install_request(9))
     link = CentralLink.objects.get()
     assert link.upgrade_id == 9 and link.upgrade_run_id is None
     assert "no firmware download is ready on member1" in link.upgrade_error
@@ -226,9 +230,91 @@ def test_member_answers_an_install_request_once_and_says_why_not(
 
 
 def test_member_ignores_install_requests_from_another_central(member_role) -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    services.join_answer_receive(central="central", accepted=True, message="", secret="s",
-                                 firmware="2.8.0.0")  # fmt: skip
-    assert services.member_install_start(upgrade_id=1, version=NEW, central="rogue",
-                                         central_firmware="9.9") is None  # fmt: skip
+    member_joins("t" * 32, secret="s")
+    assert services.member_install_start(message=install_request(1, central="rogue")) is None
     assert CentralLink.objects.get().upgrade_id is None
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        pytest.param(lambda: [1, NEW, "central", NEW], id="old-unsigned-arguments"),
+        pytest.param(lambda: {**install_request(1), "mac": "0" * 64}, id="wrong-mac"),
+        pytest.param(lambda: install_request(1, secret="guessed"), id="wrong-key"),
+        pytest.param(
+            lambda: {k: v for k, v in install_request(1).items() if k != "mac"}, id="no-mac"
+        ),
+        pytest.param(
+            lambda: {**install_request(1), "body": {**install_request(1)["body"], "upgrade_id": 2}},
+            id="altered-body",
+        ),
+    ],
+)
+def test_a_forged_install_request_is_refused_and_starts_nothing(
+    member_role, monkeypatch, forge
+) -> None:
+    member_joins("t" * 32, secret="s")
+    started: list[str] = []
+    monkeypatch.setattr(services, "_start_local_install",
+                        lambda version, user: started.append(version) or (1, ""))  # fmt: skip
+    assert services.member_install_start(message=forge()) is None
+    assert started == [] and CentralLink.objects.get().upgrade_id is None
+    event = Event.objects.get(message__startswith="Refused an install request")
+    assert event.severity == Severity.WARNING
+    assert signing.member_key("s") not in event.message + json.dumps(event.details)
+    # The genuine request, signed by Central, still starts the install.
+    assert services.member_install_start(message=install_request(1))
+    assert started == [NEW]
+
+
+def test_a_replayed_or_stale_install_request_is_refused(member_role, monkeypatch, clock) -> None:
+    member_joins("t" * 32, secret="s")
+    started: list[int] = []
+    monkeypatch.setattr(services, "_start_local_install",
+                        lambda version, user: started.append(1) or (len(started), ""))  # fmt: skip
+    genuine = install_request(1)
+    assert services.member_install_start(message=genuine)
+    CentralLink.objects.update(upgrade_id=None)  # even once this member has moved on
+    assert services.member_install_start(message=genuine) is None
+    stale = install_request(2, now=clock.now() - timedelta(minutes=6))
+    assert services.member_install_start(message=stale) is None
+    assert started == [1]
+    assert Event.objects.filter(message__contains="it was received before").count() == 1
+    assert Event.objects.filter(message__contains="sent more than 300 s ago").count() == 1
+
+
+def test_the_install_task_refuses_what_is_not_one_sealed_message(member_role, monkeypatch) -> None:
+    member_joins("t" * 32, secret="s")
+    started: list[str] = []
+    monkeypatch.setattr(services, "_start_local_install",
+                        lambda version, user: started.append(version) or (1, ""))  # fmt: skip
+    tasks.node_install_start.apply(args=(1, NEW, "central", NEW)).get()
+    tasks.node_install_start.apply(args=(install_request(1), "extra")).get()
+    assert started == []
+    assert Event.objects.filter(message__startswith="Refused an install request").count() == 1
+    tasks.node_install_start.apply(args=(install_request(1),)).get()
+    assert started == [NEW]
+
+
+def test_central_asks_again_when_the_install_request_is_not_answered_in_time(
+    cluster, clock, django_capture_on_commit_callbacks
+) -> None:
+    upgrade = services.cluster_upgrade_start(user="admin")
+    with django_capture_on_commit_callbacks() as captured:
+        services.central_tick()
+    assert sends(captured) == []  # not yet: the request may still be in the queue
+    clock.shift(timedelta(minutes=6))
+    with django_capture_on_commit_callbacks() as captured:
+        services.central_tick()
+    assert [(t, q) for t, q, _ in sends(captured)] == [
+        ("cluster.tasks.node_install_start", "lmi.node.member1")
+    ]
+    upgrade.refresh_from_db()
+    assert upgrade.results["member1"]["state"] == NodeStep.REQUESTED
+    assert upgrade.results["member1"]["requests"] == 2
+    # Once the member has answered, it is not asked again.
+    send_report(cluster, "member1", install=install("running"), answer=answer(upgrade))
+    clock.shift(timedelta(minutes=6))
+    with django_capture_on_commit_callbacks() as captured:
+        services.central_tick()
+    assert not [s for s in sends(captured) if s[0] == "cluster.tasks.node_install_start"]

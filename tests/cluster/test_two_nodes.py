@@ -1,6 +1,6 @@
 """Two real nodes on this machine sharing one Redis: Central (this test's database and root,
 its own worker) and a member (its own root, database, var/ and worker). They talk only through
-their queues, as in production."""
+their queues, as in production, every message sealed (cluster.signing)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,10 @@ def test_member_joins_reports_and_its_events_reach_central(
             return out.strip().splitlines()[-1].split()
 
         assert wait_for(lambda: link() == ["joined", "2.8.0.0", "True"], timeout=20, interval=1)
+        # Every message went sealed and was accepted on both sides (the member's events,
+        # refusals included, are in Central's log): the only refusal is that join's.
+        refused = Event.objects.filter(message__startswith="Refused")
+        assert [e.message for e in refused.exclude(message__contains="already used")] == []
         # Silent for three reports: unreachable (Central's beat notices).
         member.worker.kill()
         wait_for(

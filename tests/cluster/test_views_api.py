@@ -6,9 +6,8 @@ import json
 
 from django.urls import reverse
 
-from cluster import services
 from cluster.models import ClusterUpgrade, JoinToken
-from tests.cluster.conftest import report, set_firmware
+from tests.cluster.conftest import receive_report, set_firmware
 
 
 def csrf(client) -> dict[str, str]:
@@ -25,7 +24,7 @@ def test_standalone_page_explains_the_roles(admin_client, demo_appliance) -> Non
 def test_central_page_lists_members_and_mixed_versions(admin_client, joined) -> None:
     _member, secret = joined("member1")
     set_firmware("2.8.1.0")
-    services.member_report_receive(node="member1", secret=secret, report=report(), events=[])
+    receive_report("member1", secret)
     page = admin_client.get(reverse("cluster:index")).content.decode()
     assert 'data-testid="member-member1"' in page and "Healthy" in page
     assert "1 of 2 nodes run 2.8.1.0" in page
