@@ -30,7 +30,6 @@ from django.db.models import Case, F, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from appliance.bundle import version_tuple
 from appliance.errors import ApplianceError
 from cluster import signing
 from cluster.models import (
@@ -211,14 +210,6 @@ def _require(role: str, action: str) -> None:
 def _version_or_blank(value: Any) -> str:
     text = str(value or "")[:32]
     return text if VERSION_RE.fullmatch(text) else ""
-
-
-def _newer(a: str, b: str) -> bool:
-    """True when version a is newer than version b (unknown versions are never newer)."""
-    try:
-        return version_tuple(a) > version_tuple(b)
-    except ValueError:
-        return False
 
 
 # --- what this node knows about itself ----------------------------------------------------
@@ -807,42 +798,6 @@ def member_autojoin() -> bool:
         return False
     cluster_join_request(token=settings.CLUSTER_JOIN_TOKEN, user="cluster")
     return True
-
-
-# --- the preflight's cluster check ---------------------------------------------------------
-
-
-def cluster_preflight_check(bundle_version: str) -> Any:
-    """The install preflight's "cluster" check: a member never runs firmware newer than its
-    Cluster Central (the guide: upgrade Cluster Central first, then the members)."""
-    from appliance.preflight import Check
-
-    title = "Cluster"
-    role = cluster_role()
-    if role == STANDALONE:
-        return Check("cluster", title, "pass", "standalone", "")
-    if role == CENTRAL:
-        return Check("cluster", title, "pass", "Central", "")
-    link = _link()
-    central = link.central or settings.CLUSTER_CENTRAL
-    if link.state != JoinState.JOINED or not link.central_firmware:
-        return Check(
-            "cluster",
-            title,
-            "fail",
-            f"Cluster Central {central}'s firmware level is not known",
-            "Join the cluster (Cluster page or manage.py cluster_join TOKEN) and wait for "
-            "Cluster Central's answer.",
-        )
-    if _newer(bundle_version, link.central_firmware):
-        return Check(
-            "cluster",
-            title,
-            "fail",
-            f"Cluster Central runs {link.central_firmware}",
-            "Upgrade Cluster Central first",
-        )
-    return Check("cluster", title, "pass", f"Central runs {link.central_firmware}", "")
 
 
 # --- Member: Central asks us to install (rolling upgrade) ---------------------------------

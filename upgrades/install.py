@@ -244,7 +244,7 @@ def install_preflight(*, user: User | None = None) -> list[Check]:
             else "Upload a license with a valid update entitlement under Licensing.",
         )
     )
-    from cluster.services import cluster_preflight_check  # issue 7: members follow Central
+    from cluster.preflight import cluster_preflight_check  # issue 7: members follow Central
 
     checks.append(cluster_preflight_check(download.version if download else installed or ""))
     if manifest is not None:

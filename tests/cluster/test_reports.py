@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from cluster import services, signing
 from cluster.models import CentralLink, ClusterMember, JoinState, ReceivedNonce
+from cluster.preflight import cluster_preflight_check
 from events.models import Event, Severity
 from events.services import event_write
 from tests.cluster.conftest import (
@@ -207,7 +208,7 @@ def test_preflight_cluster_check(
     settings.NODE_NAME = "member1" if role == "member" else "central"
     if central_level is not None and role == "member":
         _joined_member(central_level)
-    check = services.cluster_preflight_check(bundle)
+    check = cluster_preflight_check(bundle)
     assert (check.key, check.status) == ("cluster", status)
     assert value in check.value
     if status == "fail" and central_level:
