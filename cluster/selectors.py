@@ -143,9 +143,14 @@ def cluster_overview() -> dict[str, Any]:
         )
         overview["upgrade"] = upgrade_dict(latest_upgrade())
         try:
-            overview["target_version"] = services.cluster_target_version()
+            target = services.cluster_target_version()
         except Exception:  # the page must render even when the update tables cannot say
-            overview["target_version"] = None
+            target = None
+        nodes = [firmware, *[m["firmware_version"] for m in members]]
+        if target is not None and all(version == target for version in nodes):
+            overview["all_on"] = target  # nothing to upgrade: say so, offer no button
+        else:
+            overview["target_version"] = target
     elif role == "member":
         overview["link"] = link_dict(CentralLink.objects.filter(pk=1).first())
     return overview

@@ -74,3 +74,11 @@ def test_api_reads_and_creates_tokens(admin_client, readonly_client, joined) -> 
     set_firmware("2.8.1.0")
     started = admin_client.post("/api/v1/cluster/upgrade", **token)
     assert started.status_code == 202 and started.json()["current_node"] == "member1"
+
+
+def test_no_upgrade_is_offered_when_every_node_runs_the_firmware(admin_client, joined) -> None:
+    joined("member1", firmware="2.8.1.0")
+    set_firmware("2.8.1.0")
+    page = admin_client.get(reverse("cluster:index")).content.decode()
+    assert 'data-testid="upgrade-cluster"' not in page
+    assert "Every node runs firmware 2.8.1.0: nothing to upgrade." in page
