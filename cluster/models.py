@@ -193,6 +193,9 @@ class ClusterUpgrade(models.Model):
         for node in self.order:
             result = dict(self.results.get(node, {}))
             state = str(result.get("state", NodeStep.PENDING))
+            if state == NodeStep.DONE:
+                # The last progress seen may be from mid-install: a finished node is at 100%.
+                result.update(percent=100.0, phase=None)
             rows.append(
                 {
                     "node": node,

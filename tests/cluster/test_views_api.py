@@ -82,3 +82,17 @@ def test_no_upgrade_is_offered_when_every_node_runs_the_firmware(admin_client, j
     page = admin_client.get(reverse("cluster:index")).content.decode()
     assert 'data-testid="upgrade-cluster"' not in page
     assert "Every node runs firmware 2.8.1.0: nothing to upgrade." in page
+
+
+def test_a_finished_node_reads_100_percent_not_its_last_phase_seen(db) -> None:
+    upgrade = ClusterUpgrade(
+        version="2.8.1.0",
+        order=["central", "member1"],
+        results={
+            "central": {"state": "done", "percent": 20.0, "phase": 2},
+            "member1": {"state": "installing", "percent": 40.0, "phase": 4},
+        },
+    )
+    central, member = upgrade.steps()
+    assert (central["label"], central["percent"], central["phase"]) == ("Upgraded", 100.0, None)
+    assert (member["percent"], member["phase"]) == (40.0, 4)
