@@ -28,6 +28,7 @@ from upgrades.models import (
 )
 
 NOT_NEWER = "not newer than the installed firmware"
+INSTALLED = "the installed firmware"
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,9 @@ def offer_eligibility(version: str, min_version: str, installed: str | None) -> 
         return Eligibility(False, "not a valid firmware version")
     if installed is None or (current := _vt(installed)) is None:
         return Eligibility(False, "the installed firmware level is unknown")
-    if offered <= current:
+    if offered == current:
+        return Eligibility(False, INSTALLED)
+    if offered < current:
         return Eligibility(False, NOT_NEWER)
     if minimum > current:
         return Eligibility(False, f"needs firmware {min_version} or later (installed: {installed})")

@@ -39,7 +39,7 @@ def test_a_check_lists_the_offers_and_says_which_apply(firmware):
     assert labels == {
         "2.9.0.0": (False, "needs firmware 2.8.1.0 or later (installed: 2.8.0.0)"),
         "2.8.1.0": (True, "newer than the installed firmware"),
-        "2.8.0.0": (False, "not newer than the installed firmware"),
+        "2.8.0.0": (False, "the installed firmware"),
     }
     offer = FirmwareOffer.objects.get(version="2.8.1.0")
     assert offer.url == firmware.server.url(newer.name)
@@ -54,7 +54,7 @@ def test_offers_that_do_not_apply_cannot_be_downloaded(firmware):
 
     with pytest.raises(services.NothingToDownload, match="No newer firmware"):
         services.download_start(user="admin", trigger=DownloadTrigger.USER)
-    with pytest.raises(services.NotDownloadable, match="not newer than the installed firmware"):
+    with pytest.raises(services.NotDownloadable, match="it is the installed firmware"):
         services.download_start(user="admin", trigger=DownloadTrigger.USER, version="2.8.0.0")
     assert not Download.objects.exists()
 

