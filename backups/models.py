@@ -12,6 +12,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from lmi import progress
+
 KEEP_LAST_MAX = 90
 
 
@@ -129,16 +131,11 @@ class SystemBackupJob(models.Model):
 
     @property
     def percent(self) -> float:
-        if self.state == SystemJobState.SUCCEEDED:
-            return 100.0
-        if self.bytes_total <= 0:
-            return 0.0
-        return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
+        return progress.percent(
+            self.bytes_done, self.bytes_total, finished=self.state == SystemJobState.SUCCEEDED
+        )
 
     @property
     def duration(self) -> float | None:
         """Seconds from claim to finish (or to now while it runs)."""
-        if self.started_at is None:
-            return None
-        end = self.finished_at or timezone.now()
-        return max(0.0, (end - self.started_at).total_seconds())
+        return progress.seconds_between(self.started_at, self.finished_at)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.utils import timezone
 
 DEFAULT_TIME_CONSTANT = 5.0  # seconds
 
@@ -54,3 +57,19 @@ def seconds_left(total: int, done: int, rate: float) -> int | None:
     if rate <= 0:
         return None
     return max(0, round((total - done) / rate))
+
+
+def percent(done: int, total: int, *, finished: bool = False) -> float:
+    """``done`` of ``total`` as 0-100 (100 once ``finished``; 0 while the total is unknown)."""
+    if finished:
+        return 100.0
+    if total <= 0:
+        return 0.0
+    return min(100.0, 100.0 * done / total)
+
+
+def seconds_between(start: datetime | None, end: datetime | None) -> float | None:
+    """From ``start`` to ``end``, or to now while ``end`` is None; None before a start."""
+    if start is None:
+        return None
+    return max(0.0, ((end or timezone.now()) - start).total_seconds())

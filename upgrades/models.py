@@ -6,7 +6,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from lmi.progress import seconds_left
+from lmi import progress
 
 # The one component update-control knows today (``update-control -d fw``).
 FIRMWARE = "fw"
@@ -175,32 +175,25 @@ class Download(models.Model):
 
     @property
     def percent(self) -> float:
-        if self.state == DownloadState.READY:
-            return 100.0
-        if self.size <= 0:
-            return 0.0
-        return min(100.0, 100.0 * self.bytes_done / self.size)
+        return progress.percent(
+            self.bytes_done, self.size, finished=self.state == DownloadState.READY
+        )
 
     @property
     def verify_percent(self) -> float:
-        if self.size <= 0:
-            return 0.0
-        return min(100.0, 100.0 * self.verified_bytes / self.size)
+        return progress.percent(self.verified_bytes, self.size)
 
     @property
     def elapsed_seconds(self) -> float | None:
         """From the first claim to the end (or to now while it runs)."""
-        if self.started_at is None:
-            return None
-        end = self.finished_at or timezone.now()
-        return max(0.0, (end - self.started_at).total_seconds())
+        return progress.seconds_between(self.started_at, self.finished_at)
 
     @property
     def eta_seconds(self) -> int | None:
         """Time left at the current rate; None while unknown (no rate yet, or not downloading)."""
         if self.state != DownloadState.RUNNING:
             return None
-        return seconds_left(self.size, self.bytes_done, self.rate)
+        return progress.seconds_left(self.size, self.bytes_done, self.rate)
 
 
 class UpdateSettings(models.Model):
@@ -356,17 +349,11 @@ class InstallRun(models.Model):
 
     @property
     def elapsed_seconds(self) -> float | None:
-        if self.started_at is None:
-            return None
-        end = self.finished_at or timezone.now()
-        return max(0.0, (end - self.started_at).total_seconds())
+        return progress.seconds_between(self.started_at, self.finished_at)
 
     @property
     def downtime_seconds(self) -> float | None:
-        if self.downtime_started_at is None:
-            return None
-        end = self.downtime_ended_at or timezone.now()
-        return max(0.0, (end - self.downtime_started_at).total_seconds())
+        return progress.seconds_between(self.downtime_started_at, self.downtime_ended_at)
 
 
 class InstallPhase(models.Model):
@@ -396,15 +383,8 @@ class InstallPhase(models.Model):
 
     @property
     def percent(self) -> float:
-        if self.state == PhaseState.SUCCEEDED:
-            return 100.0
-        if self.total <= 0:
-            return 0.0
-        return min(100.0, 100.0 * self.done / self.total)
+        return progress.percent(self.done, self.total, finished=self.state == PhaseState.SUCCEEDED)
 
     @property
     def elapsed_seconds(self) -> float | None:
-        if self.started_at is None:
-            return None
-        end = self.finished_at or timezone.now()
-        return max(0.0, (end - self.started_at).total_seconds())
+        return progress.seconds_between(self.started_at, self.finished_at)
