@@ -68,6 +68,11 @@ class PurgeRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     # Updated with every progress report; a running run whose heartbeat stops was lost.
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The worker running it (a worker that starts again under this name lost it), and how many
+    # times it was started again after its worker stopped (deleting expired rows twice is
+    # harmless: a new start carries on from what is left).
+    executor = models.CharField(max_length=200, blank=True)
+    restarts = models.PositiveSmallIntegerField(default=0)
     messages_deleted = models.BigIntegerField(default=0)
     smtp_log_deleted = models.BigIntegerField(default=0)
     tracking_log_deleted = models.BigIntegerField(default=0)

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
@@ -42,6 +43,7 @@ User = AbstractBaseUser | AnonymousUser | str
 # (its worker was killed) and is marked failed so that purges can start again.
 PROGRESS_INTERVAL = 1.0
 STALE_AFTER = timedelta(minutes=10)
+MAX_RESTARTS = 2  # a purge whose worker keeps dying (a crash loop) fails after this many
 # Pass this to a purge's follow-up loop at most; each pass is a retention shortened meanwhile.
 MAX_PASSES = 10
 
@@ -167,16 +169,19 @@ def reclaim_plan_apply(values: Mapping[str, int], *, user: User | None) -> Reten
 # --- Starting a purge ------------------------------------------------------------------------
 
 
-def purge_runs_reap(now: datetime | None = None) -> int:
-    """Fail runs whose worker is gone: running without progress for STALE_AFTER, or queued for
-    longer than a task may run (the broker lost it). Returns how many were failed."""
+def purge_runs_reap(now: datetime | None = None, *, executor: str | None = None) -> int:
+    """Start again the runs whose worker is gone (fail them after MAX_RESTARTS), and fail runs
+    queued for longer than a task may run (the broker lost them). Returns how many.
+
+    A running run is gone when it made no progress for STALE_AFTER, or when ``executor`` (a
+    worker that is just starting) ran it: that worker died mid-purge.
+    """
     now = now or timezone.now()
-    lost = PurgeRun.objects.filter(state=PurgeState.RUNNING, heartbeat_at__lt=now - STALE_AFTER)
-    reaped = lost.update(
-        state=PurgeState.FAILED,
-        finished_at=now,
-        error="The worker stopped reporting progress; the purge was abandoned.",
-    )
+    running = PurgeRun.objects.filter(state=PurgeState.RUNNING)
+    lost = list(running.filter(heartbeat_at__lt=now - STALE_AFTER))
+    if executor:
+        lost += list(running.filter(executor=executor).exclude(pk__in=[r.pk for r in lost]))
+    reaped = sum(_restart(run, now) for run in lost)
     never_started = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT) - STALE_AFTER
     reaped += PurgeRun.objects.filter(state=PurgeState.QUEUED, created_at__lt=never_started).update(
         state=PurgeState.FAILED,
@@ -184,6 +189,31 @@ def purge_runs_reap(now: datetime | None = None) -> int:
         error="No worker picked the purge up.",
     )
     return reaped
+
+
+def _restart(run: PurgeRun, now: datetime) -> int:
+    """Queue a lost run again by a conditional update (one reaper wins), or fail it for good."""
+    runs = PurgeRun.objects.filter(pk=run.pk, state=PurgeState.RUNNING, restarts=run.restarts)
+    if run.restarts >= MAX_RESTARTS:
+        return runs.update(
+            state=PurgeState.FAILED,
+            finished_at=now,
+            error=f"The worker stopped {run.restarts + 1} times during the purge; it was given up.",
+        )
+    if not runs.update(
+        state=PurgeState.QUEUED, executor="", heartbeat_at=None, restarts=F("restarts") + 1
+    ):
+        return 0
+    event_write(
+        category=Category.MAIL,
+        severity=Severity.WARNING,
+        message=f"Retention purge interrupted: its worker stopped; started again "
+        f"(restart {run.restarts + 1} of {MAX_RESTARTS})",
+        details={"run": run.pk},
+    )
+    pk = run.pk
+    transaction.on_commit(lambda: _enqueue(pk))
+    return 1
 
 
 def _enqueue(run_id: int) -> None:
@@ -264,7 +294,16 @@ class _ProgressWriter:
             raise PurgeLost(f"purge run {self.run_id} is no longer running")
 
 
-def purge_run_execute(run_id: int) -> PurgeState | None:
+def purge_runs_requeue() -> list[int]:
+    """Enqueue queued runs again (a worker that starts): a duplicate delivery is harmless, the
+    claim lets one executor through."""
+    ids = list(PurgeRun.objects.filter(state=PurgeState.QUEUED).values_list("pk", flat=True))
+    for run_id in ids:
+        _enqueue(run_id)
+    return ids
+
+
+def purge_run_execute(run_id: int, *, executor: str = "") -> PurgeState | None:
     """Claim the queued run and purge; returns its final state, or None if it was not queued.
 
     A redelivered task finds its run running or finished and does nothing: one executor per
@@ -274,6 +313,7 @@ def purge_run_execute(run_id: int) -> PurgeState | None:
     now = timezone.now()
     claimed = PurgeRun.objects.filter(pk=run_id, state=PurgeState.QUEUED).update(
         state=PurgeState.RUNNING,
+        executor=executor[:200],
         started_at=now,
         heartbeat_at=now,
         phase=PurgePhase.MESSAGES,
@@ -402,7 +442,7 @@ def _purge_fail(run_id: int, exc: BaseException) -> None:
         )
 
 
-def purge_scheduled() -> PurgeState | None:
+def purge_scheduled(*, executor: str = "") -> PurgeState | None:
     """The daily run (beat, no run id): reap lost runs, then create a run and execute it here.
 
     If a purge is already queued or running, that one covers today and nothing is started.
@@ -414,4 +454,4 @@ def purge_scheduled() -> PurgeState | None:
     except IntegrityError:
         logger.info("a retention purge is already active; the daily run is skipped")
         return None
-    return purge_run_execute(run.pk)
+    return purge_run_execute(run.pk, executor=executor)

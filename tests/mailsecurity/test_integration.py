@@ -53,3 +53,44 @@ def test_a_shorter_retention_is_purged_by_the_worker_and_the_page_shows_the_resu
     assert f'data-testid="purge-messages">{run.messages_deleted}<' in html
     assert re.search(r'data-testid="purge-reclaimed">[\d.]+\xa0(bytes|KB|MB)', html)
     assert "hx-trigger" not in html.split('id="purge-status"')[1].split(">")[0]
+
+
+def test_a_starting_worker_resumes_the_purge_its_killed_predecessor_left_running(
+    redis_settings, transactional_db, demo_appliance, tmp_path
+):
+    """The worker that ran a purge died (a row left running under its name); when it starts
+    again, the purge is started again and finishes, instead of ending 'failed'."""
+    from django.conf import settings
+    from django.utils import timezone
+
+    from mailsecurity.models import PurgeTrigger
+    from tests.support.services import launch_worker, worker_env
+
+    hostname = f"purger@{settings.NODE_NAME}"
+    lost = PurgeRun.objects.create(
+        trigger=PurgeTrigger.RETENTION,
+        state=PurgeState.RUNNING,
+        started_at=timezone.now(),
+        heartbeat_at=timezone.now(),
+        executor=hostname,
+    )
+    worker = launch_worker(
+        hostname,
+        worker_env(redis_settings, demo_appliance),
+        tmp_path / "purger.log",
+        "--concurrency",
+        "1",
+    )
+    try:
+        run = wait_for(
+            lambda: PurgeRun.objects.filter(
+                pk=lost.pk, state__in=[PurgeState.SUCCEEDED, PurgeState.FAILED]
+            ).first(),
+            timeout=60,
+            message=f"the starting worker did not resume the purge; its log:\n{worker.log()}",
+        )
+    finally:
+        worker.stop()
+    assert run.state == PurgeState.SUCCEEDED, run.error
+    assert run.restarts == 1 and run.executor == hostname
+    assert Event.objects.filter(message__contains="Retention purge interrupted").exists()

@@ -187,18 +187,44 @@ def test_a_failing_purge_marks_the_run_failed_and_says_why(mail: MailData, enque
     assert services.purge_start(trigger=PurgeTrigger.RETENTION)[1] is True
 
 
-def test_a_run_that_stops_reporting_progress_is_reaped_so_purges_can_start_again(db, enqueued):
+def test_a_run_whose_worker_stopped_is_started_again_then_given_up(
+    db, enqueued, django_capture_on_commit_callbacks
+):
+    """A killed purge resumes (deleting expired rows again is harmless), not 'failed'; a crash
+    loop is given up after MAX_RESTARTS."""
+    long_ago = timezone.now() - services.STALE_AFTER - timedelta(seconds=1)
     stale = PurgeRun.objects.create(
-        trigger=PurgeTrigger.RETENTION,
-        state=PurgeState.RUNNING,
-        heartbeat_at=timezone.now() - services.STALE_AFTER - timedelta(seconds=1),
+        trigger=PurgeTrigger.RETENTION, state=PurgeState.RUNNING, heartbeat_at=long_ago
     )
 
-    run, created = services.purge_start(trigger=PurgeTrigger.RETENTION)
+    with django_capture_on_commit_callbacks(execute=True):
+        run, created = services.purge_start(trigger=PurgeTrigger.RETENTION)
 
     stale.refresh_from_db()
-    assert created and run.pk != stale.pk
-    assert stale.state == PurgeState.FAILED and "stopped reporting" in stale.error
+    assert not created and run.pk == stale.pk  # the lost run covers the new request
+    assert (stale.state, stale.restarts, stale.follow_up) == (PurgeState.QUEUED, 1, True)
+    assert enqueued == [stale.pk]
+    assert Event.objects.filter(message__contains="started again (restart 1 of").exists()
+
+    for _ in range(services.MAX_RESTARTS):
+        PurgeRun.objects.filter(pk=stale.pk).update(state=PurgeState.RUNNING, heartbeat_at=long_ago)
+        services.purge_runs_reap()
+    stale.refresh_from_db()
+    assert stale.state == PurgeState.FAILED and "given up" in stale.error
+    assert services.purge_start(trigger=PurgeTrigger.RETENTION)[1] is True
+
+
+def test_a_starting_worker_resumes_the_purge_it_was_running(db, enqueued):
+    mine = PurgeRun.objects.create(
+        trigger=PurgeTrigger.RETENTION,
+        state=PurgeState.RUNNING,
+        heartbeat_at=timezone.now(),
+        executor="worker@box",
+    )
+    assert services.purge_runs_reap() == 0  # alive as far as anyone can tell
+    assert services.purge_runs_reap(executor="worker@box") == 1  # its worker restarted
+    mine.refresh_from_db()
+    assert (mine.state, mine.executor, mine.restarts) == (PurgeState.QUEUED, "", 1)
 
 
 def test_a_live_run_is_not_reaped(db):
