@@ -55,6 +55,7 @@ NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,128}")
 TOKEN_HASH_RE = re.compile(r"[0-9a-f]{64}")
 VERSION_RE = re.compile(r"\d{1,4}(\.\d{1,4}){0,7}")
+STAGE_RE = re.compile(r"[a-z_]{1,20}")  # an upgrades.story.Stage value
 INSTALL_ACTIVE = ("queued", "running", "rolling_back")
 INSTALL_FAILED = ("failed", "rolled_back", "aborted")
 # A report never carries more than this many events, whatever the sender claims.
@@ -245,14 +246,19 @@ def local_health() -> dict[str, bool]:
 
 
 def local_install() -> dict[str, Any]:
-    """The latest firmware install run on this node, in the shape reports carry."""
+    """The latest firmware install run on this node, in the shape reports carry, with the
+    node's update story (upgrades.story), so Central tells each member's update as the member's
+    own pages do."""
     try:
         from upgrades.models import InstallRun
+        from upgrades.story import update_story
     except ImportError:  # the install engine is not there yet
         return {}
+    story = update_story()
+    told = {"stage": str(story.stage), "story": story.headline}
     run = InstallRun.objects.order_by("-id").first()
     if run is None:
-        return {}
+        return told
     phase = run.phases.filter(number=run.phase).first() if run.phase else None
     within = (phase.percent if phase is not None else 0.0) / 100.0
     done_phases = max(0, run.phase - 1) + within
@@ -265,6 +271,7 @@ def local_install() -> dict[str, Any]:
         "version": run.version,
         "trigger": run.trigger,
         "error": run.error[:500],
+        **told,
     }
 
 
@@ -481,6 +488,10 @@ def _clean_install(value: Any) -> dict[str, Any]:
     for key in ("state", "trigger", "error"):
         if isinstance(value.get(key), str):
             clean[key] = value[key][:500]
+    if isinstance(value.get("story"), str) and value["story"].isprintable():
+        clean["story"] = value["story"][:300]
+    if isinstance(value.get("stage"), str) and STAGE_RE.fullmatch(value["stage"]):
+        clean["stage"] = value["stage"]
     clean["version"] = _version_or_blank(value.get("version"))
     return clean
 

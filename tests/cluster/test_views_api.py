@@ -96,3 +96,22 @@ def test_a_finished_node_reads_100_percent_not_its_last_phase_seen(db) -> None:
     central, member = upgrade.steps()
     assert (central["label"], central["percent"], central["phase"]) == ("Upgraded", 100.0, None)
     assert (member["percent"], member["phase"]) == (40.0, 4)
+
+
+def test_each_member_is_told_by_its_own_update_story(admin_client, joined, demo_appliance) -> None:
+    from cluster import services
+    from cluster.models import ClusterMember
+    from tests.cluster.conftest import report
+
+    _member, secret = joined("member1")
+    story = "Up to date: firmware 2.8.1.0 installed on 2026-12-05 00:40 UTC by admin."
+    install = {"state": "succeeded", "version": "2.8.1.0", "stage": "installed", "story": story}
+    receive_report("member1", secret, report("2.8.1.0", install=install))
+    page = admin_client.get(reverse("cluster:index")).content.decode()
+    assert f'data-testid="member-story">{story}<' in page
+
+    hostile = {**install, "story": "x\x1b[2Jy", "stage": "Installed; DROP"}
+    receive_report("member1", secret, report("2.8.1.0", install=hostile))
+    kept = ClusterMember.objects.get(node="member1").install
+    assert "story" not in kept and "stage" not in kept
+    assert services.local_install()["stage"] in ("up_to_date", "available", "installed")
