@@ -283,10 +283,19 @@ def _link() -> CentralLink:
 # --- Central: join tokens and joins --------------------------------------------------------
 
 
+def _new_token() -> str:
+    """A URL-safe token that does not start with '-', so ``cluster_join TOKEN`` never reads it
+    as an option (one in 64 would otherwise)."""
+    token = secrets.token_urlsafe(24)
+    while token.startswith("-"):
+        token = secrets.token_urlsafe(24)
+    return token
+
+
 def join_token_create(*, user: User) -> tuple[JoinToken, str]:
     """Create a single-use join token valid for 24 hours; the token itself is returned once."""
     _require(CENTRAL, "Creating a join token")
-    token = secrets.token_urlsafe(24)
+    token = _new_token()
     row = JoinToken.objects.create(
         token_hash=signing.token_hash(token),
         key=signing.join_key(token),

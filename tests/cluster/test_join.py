@@ -22,6 +22,15 @@ def test_token_is_stored_hashed_and_valid_for_a_day(central: str) -> None:
     assert not Event.objects.filter(message__contains=token).exists()
 
 
+def test_a_token_never_starts_with_a_dash_so_the_command_line_takes_it(
+    central: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drawn = iter(["-starts-like-an-option", "-again", "good-token"])
+    monkeypatch.setattr(services.secrets, "token_urlsafe", lambda _n: next(drawn))
+    _row, token = services.join_token_create(user="admin")
+    assert token == "good-token"
+
+
 def test_it_joins_with_a_good_token_and_answers_the_member(
     central: str, django_capture_on_commit_callbacks
 ) -> None:

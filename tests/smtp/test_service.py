@@ -252,6 +252,9 @@ def test_sigterm_lets_a_transaction_in_flight_finish_then_refuses_new_mail(
     assert client.rcpt(STAFF)[0] == 250
 
     smtp_service.terminate()
+    # Once it no longer accepts connections it is stopping; DATA sent earlier could be answered
+    # before the signal is handled, and the next MAIL with it.
+    wait_for(lambda: not smtp_service.accepts_connections(), message=smtp_service.log())
 
     code, reply = client.data(msg.as_bytes(policy=SMTP))
     assert code == 250, reply

@@ -107,6 +107,14 @@ class SmtpServiceProcess:
         """A connected smtplib client (greeted; EHLO is sent by smtplib when needed)."""
         return smtplib.SMTP(self.host, self.port, local_hostname=CLIENT_NAME, timeout=timeout)
 
+    def accepts_connections(self) -> bool:
+        """Whether a new TCP connection to the service's port is taken (not refused)."""
+        try:
+            with socket.create_connection((self.host, self.port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
     def terminate(self) -> None:
         """SIGTERM: a graceful stop. Does not wait."""
         if self.process is not None and self.process.poll() is None:
