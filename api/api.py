@@ -17,9 +17,9 @@ from ninja.openapi.schema import OpenAPISchema
 from accounts.roles import role_name
 from api.auth import AUTH, docs_access
 from api.schemas import EventOut, EventPageOut, MeOut, Problem, ResourcesOut, SystemInfoOut
-from appliance import network
-from appliance.errors import ApplianceError
-from appliance.system import system_info
+from appliance.system import network
+from appliance.system.errors import ApplianceError
+from appliance.system.facts import system_info
 from events.forms import EventQueryForm
 from events.models import Severity
 from events.selectors import event_page

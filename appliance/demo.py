@@ -18,15 +18,17 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance import msgstore, processing, rescue
-from appliance.atomic import atomic_write_bytes, atomic_write_text
-from appliance.backupmac import appliance_key
-from appliance.errors import ApplianceExists
-from appliance.mailpolicy import MailPolicy, PolicyRule, write_mail_policy
-from appliance.paths import Layout, appliance_root, layout
-from appliance.policy import PolicyObject, file_macro, write_policy_objects
-from appliance.smtp import SmtpSettings, write_smtp_settings
-from appliance.system import appliance_exists, write_firmware_release
+from appliance.config.backupmac import appliance_key
+from appliance.config.mailpolicy import MailPolicy, PolicyRule
+from appliance.config.policy import PolicyObject, file_macro
+from appliance.config.smtp import SmtpSettings
+from appliance.config.store import write_mail_policy, write_policy_objects, write_smtp_settings
+from appliance.mail import msgstore, processing
+from appliance.system import rescue
+from appliance.system.atomic import atomic_write_bytes, atomic_write_text
+from appliance.system.errors import ApplianceExists
+from appliance.system.facts import appliance_exists, write_firmware_release
+from appliance.system.paths import Layout, appliance_root, layout
 
 FIRMWARE_VERSION = "2.8.0.0"
 FIRMWARE_RELEASE = {

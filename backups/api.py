@@ -14,8 +14,8 @@ from ninja.files import UploadedFile
 
 from api.auth import require_administrator
 from api.schemas import Problem
-from appliance import configbackup
-from appliance.configbackup import (
+from appliance.config import configbackup
+from appliance.config.configbackup import (
     BackupError,
     BackupHeader,
     BackupRejected,

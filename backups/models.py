@@ -1,6 +1,6 @@
 """The console's record of Backup & Restore: the backup schedule and the system backup jobs.
 
-Configuration backups themselves live on the appliance (appliance.configbackup); the console
+Configuration backups themselves live on the appliance (appliance.config.configbackup); the console
 keeps only what the appliance has no place for: when to make scheduled backups, and the jobs
 that write or restore the system backup image on the rescue partition.
 """

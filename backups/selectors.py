@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from appliance import configbackup, rescue
-from appliance.configbackup import BackupHeader, DiffItem
-from appliance.errors import ApplianceError
+from appliance.config import configbackup
+from appliance.config.configbackup import BackupHeader, DiffItem
+from appliance.system import rescue
+from appliance.system.errors import ApplianceError
 from backups.models import ACTIVE_STATES, BackupSettings, SystemBackupJob
 
 

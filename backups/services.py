@@ -1,7 +1,7 @@
 """Writes of Backup & Restore > System: configuration backups, their schedule, the system image.
 
 Configuration backups are archives the appliance package writes and reads
-(``appliance.configbackup``); this module adds what only the console knows: who asked, the
+(``appliance.config.configbackup``); this module adds what only the console knows: who asked, the
 console's own settings carried inside every backup (update settings and this schedule), the
 events, and the daily schedule. Every outcome, refused or not, is an event in Category.BACKUP.
 A passphrase is passed through to the appliance package and nowhere else: never logged, never
@@ -30,8 +30,8 @@ from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from appliance import configbackup, rescue
-from appliance.configbackup import (
+from appliance.config import configbackup
+from appliance.config.configbackup import (
     BackupError,
     BackupHeader,
     BackupRejected,
@@ -40,7 +40,8 @@ from appliance.configbackup import (
     LoadedBackup,
     RestoreResult,
 )
-from appliance.errors import ApplianceError
+from appliance.system import rescue
+from appliance.system.errors import ApplianceError
 from backups.models import (
     ACTIVE_STATES,
     KEEP_LAST_MAX,

@@ -19,14 +19,14 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.roles import is_administrator
-from appliance import configbackup
-from appliance.configbackup import (
+from appliance.config import configbackup
+from appliance.config.configbackup import (
     BackupError,
     BackupHeader,
     ConfirmationRequired,
     PassphraseRequired,
 )
-from appliance.errors import ApplianceError
+from appliance.system.errors import ApplianceError
 from backups import selectors, services
 from backups.forms import CreateBackupForm, PassphraseForm, ScheduleForm, UploadBackupForm
 

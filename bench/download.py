@@ -84,7 +84,7 @@ def main() -> None:
 def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: bool) -> None:
     link_rate = link_mbit * 1e6 / 8  # bytes per second
     sys.path.insert(0, str(BASE_DIR))
-    from appliance.bundle import generate_keypair, public_key_b64
+    from appliance.firmware.bundle import generate_keypair, public_key_b64
 
     private, public = generate_keypair()
     os.environ.update(
@@ -106,8 +106,8 @@ def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: boo
     from django.conf import settings
     from django.core.management import call_command
 
-    from appliance import bundle, license
     from appliance.demo import init_demo
+    from appliance.firmware import bundle, license
     from tests.support.feed_server import FeedServer
     from upgrades import services
 
@@ -208,7 +208,8 @@ def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: boo
 
 def measure(url: str, work: Path, repeat: int) -> tuple[float, float, float]:
     """Best plain copy, and the best download's total and transfer-phase seconds."""
-    from upgrades import services, spool
+    from appliance.firmware import spool
+    from upgrades import services
     from upgrades.models import Download, DownloadState, DownloadTrigger
 
     copies: list[float] = []

@@ -54,8 +54,8 @@ def main() -> None:
     from django.test import Client
 
     from accounts.services import user_create
-    from appliance import msgstore
     from appliance.demo import init_demo
+    from appliance.mail import msgstore
     from home.models import ResourceHour, ResourceSample
 
     call_command("migrate", verbosity=0)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
 django.setup()
 
-from appliance import msgstore  # noqa: E402 - needs django.setup() first
+from appliance.mail import msgstore  # noqa: E402 - needs django.setup() first
 
 
 def main() -> None:

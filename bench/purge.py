@@ -135,7 +135,8 @@ def mail_writer(root: Path) -> tuple[Callable[[], object], dict[str, sqlite3.Con
     Its connection is opened on the first call, in the probe's own thread, and kept in the
     returned dict.
     """
-    from appliance import msgstore, paths
+    from appliance.mail import msgstore
+    from appliance.system import paths
 
     raw = b"Subject: bench\r\n\r\n" + b"x" * 2000
     counter = iter(range(10**9))
@@ -216,8 +217,9 @@ def main() -> None:
     from django.test import Client
 
     from accounts.services import user_create
-    from appliance import msgstore, paths, retention, tracking
     from appliance.demo import init_demo
+    from appliance.mail import msgstore, retention, tracking
+    from appliance.system import paths
     from mailsecurity import services
     from mailsecurity.models import PurgeRun, PurgeTrigger
 

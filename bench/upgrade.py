@@ -308,7 +308,7 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     import django
 
     django.setup()
-    from appliance.paths import layout
+    from appliance.system.paths import layout
     from tests.support.services import start_worker
     from tests.support.smtp import SmtpServiceProcess
     from upgrades import install, services

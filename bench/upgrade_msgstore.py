@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
 django.setup()
 
-from appliance import msgmigrate, msgstore  # noqa: E402 - needs django.setup() first
-from appliance.paths import layout  # noqa: E402
+from appliance.mail import msgmigrate, msgstore  # noqa: E402 - needs django.setup() first
+from appliance.system.paths import layout  # noqa: E402
 
 
 def _late_mail(root: Path, count: int) -> None:

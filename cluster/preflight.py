@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from appliance.bundle import version_tuple
-from appliance.preflight import FAIL, PASS, Check
+from appliance.firmware.bundle import version_tuple
+from appliance.firmware.preflight import FAIL, PASS, Check
 from cluster.models import CentralLink, JoinState
 
 TITLE = "Cluster"

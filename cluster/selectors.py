@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.utils import timezone
 
-from appliance.bundle import version_tuple
+from appliance.firmware.bundle import version_tuple
 from cluster import services
 from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 

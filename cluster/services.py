@@ -30,7 +30,7 @@ from django.db.models import Case, F, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from appliance.errors import ApplianceError
+from appliance.system.errors import ApplianceError
 from cluster import signing
 from cluster.models import (
     CentralLink,
@@ -218,7 +218,7 @@ def _version_or_blank(value: Any) -> str:
 
 def local_firmware() -> str:
     """The firmware level this node runs ("" when the appliance cannot say)."""
-    from appliance.system import system_info
+    from appliance.system.facts import system_info
 
     try:
         return system_info().firmware_version
@@ -229,7 +229,7 @@ def local_firmware() -> str:
 def local_health() -> dict[str, bool]:
     """Services up on this node: the appliance readable, mail accepted (not in maintenance),
     the mail processing service listening. ``healthy`` is all of them."""
-    from appliance.maintenance import maintenance_status
+    from appliance.system.maintenance import maintenance_status
 
     health = {"appliance": bool(local_firmware())}
     try:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from django.db.models import Avg, F, Sum
 
-from appliance import processing
-from appliance.errors import ApplianceError
+from appliance.mail import processing
+from appliance.system.errors import ApplianceError
 from home.models import ResourceHour, ResourceSample
 
 

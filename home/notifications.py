@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from django.urls import reverse
 
-from appliance.errors import ApplianceError, ApplianceNotInitialized
-from appliance.system import system_info
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized
+from appliance.system.facts import system_info
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, upgrade_disks
 from lmi.notices import Notice
 from upgrades.notifications import update_notices

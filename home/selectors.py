@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection
 from django.urls import reverse
 
-from appliance import paths
+from appliance.system import paths
 
 # The upgrade needs this much free space on the disks of the console's database and of the
 # message store (guide, "Disk space requirements": 50%; LMI_UPGRADE_MIN_FREE_PERCENT).

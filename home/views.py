@@ -8,9 +8,10 @@ from django.shortcuts import render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from appliance import msgstore, network, rescue
-from appliance.errors import ApplianceError
-from appliance.system import system_info
+from appliance.mail import msgstore
+from appliance.system import network, rescue
+from appliance.system.errors import ApplianceError
+from appliance.system.facts import system_info
 from events.selectors import recent_events
 from home import charts, graphs, health, selectors
 from home.notifications import current_notices

@@ -8,8 +8,8 @@ from datetime import datetime
 
 from django import forms
 
-from appliance import msgstore, tracking
-from appliance.retention import MAX_RETENTION_DAYS, StoreRetention
+from appliance.mail import msgstore, tracking
+from appliance.mail.retention import MAX_RETENTION_DAYS, StoreRetention
 from lmi.forms import TimeRangeMixin
 from mailsecurity.services import store_key
 

@@ -7,9 +7,10 @@ from datetime import datetime
 
 from django.template.defaultfilters import filesizeformat
 
-from appliance import policy, retention, tracking
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings
+from appliance.config import policy, store
+from appliance.config.store import read_smtp_settings
+from appliance.mail import retention, tracking
+from appliance.system.paths import layout
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage
 from mailsecurity.models import ACTIVE_STATES, PurgeRun
 from mailsecurity.planner import DiskFigures, ReclaimPlan, RetentionSource, plan_reclaim
@@ -74,7 +75,7 @@ def _file_facts(obj: policy.PolicyObject) -> dict[str, object]:
 def policy_object_rows() -> list[PolicyObjectRow]:
     """Every policy object in file order; macro objects with the facts of their file."""
     rows = []
-    for obj in policy.list_policy_objects():
+    for obj in store.list_policy_objects():
         macro = obj.file_path is not None
         rows.append(
             PolicyObjectRow(

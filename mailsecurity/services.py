@@ -23,7 +23,7 @@ from django.db.models import F
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
-from appliance import retention
+from appliance.mail import retention
 from events.models import Category, Severity
 from events.services import event_write, username_of
 from lmi import celery as lmi_celery

@@ -14,9 +14,9 @@ from django.utils import timezone
 from django.views.decorators.http import require_GET, require_http_methods
 
 from accounts.roles import is_administrator
-from appliance import tracking
-from appliance.errors import ApplianceError
-from appliance.retention import StoreRetention
+from appliance.mail import tracking
+from appliance.mail.retention import StoreRetention
+from appliance.system.errors import ApplianceError
 from mailsecurity import selectors, services
 from mailsecurity.forms import (
     TRACKING_FILTER_PARAMS,

@@ -2,7 +2,7 @@
 
 A message the policy lets through is in the spool (``var/spool/mailsec/outgoing``) before its
 sender is answered 250: written to a temporary file, fsynced, renamed to its final name and the
-directory fsynced (:func:`appliance.atomic.atomic_write_bytes`). From then on only delivery
+directory fsynced (:func:`appliance.system.atomic.atomic_write_bytes`). From then on only delivery
 removes it: after the next hop has answered 250 for it, or by an atomic rename into the sink
 (``var/spool/mailsec/delivered``) when no next hop is configured. On start the service delivers
 whatever a stop or a crash left in the spool; a failed attempt is retried with exponential
@@ -37,10 +37,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.atomic import atomic_write_bytes, fsync_dir
-from appliance.errors import ApplianceError
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings
+from appliance.config.store import read_smtp_settings
+from appliance.system.atomic import atomic_write_bytes, fsync_dir
+from appliance.system.errors import ApplianceError
+from appliance.system.paths import layout
 from events.models import Severity
 
 log = logging.getLogger("lmi.smtp.delivery")

@@ -36,18 +36,17 @@ from email.message import Message
 from email.utils import getaddresses
 from pathlib import Path
 
-from appliance.configconvert import config_path
-from appliance.errors import ApplianceError, ApplianceNotInitialized
-from appliance.mailpolicy import (
+from appliance.config.configconvert import config_path
+from appliance.config.mailpolicy import (
     DEFAULT_SPAM_THRESHOLD,
     DEFAULT_STORES,
     MailPolicy,
     mail_policy_path,
-    read_mail_policy,
 )
-from appliance.paths import appliance_root, layout
-from appliance.policy import PolicyObject, list_policy_objects, object_file, read_object_lines
-from appliance.smtp import read_smtp_settings
+from appliance.config.policy import PolicyObject, object_file, read_object_lines
+from appliance.config.store import list_policy_objects, read_mail_policy, read_smtp_settings
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized
+from appliance.system.paths import appliance_root, layout
 
 # The EICAR anti-virus test file. Spelled in two halves so that a virus scanner on a developer's
 # machine does not quarantine this source file.
@@ -337,7 +336,8 @@ class PolicyCache:
 
     A few ``stat`` calls per message instead of parsing XML and reading lists: the files are
     the configuration files of both formats (2.8.0 and 2.8.1, see
-    :mod:`appliance.configconvert`) and every ``$(FILE/...)`` list the rules use. Thread-safe.
+    :mod:`appliance.config.configconvert`) and every ``$(FILE/...)`` list the rules use.
+    Thread-safe.
     """
 
     def __init__(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
-from appliance.smtp import parse_relay_networks
+from appliance.config.smtp import parse_relay_networks
 from mailsecurity.forms import LogRetentionForm
 
 __all__ = ["LogRetentionForm", "MaintenanceModeForm", "RelayNetworksForm"]

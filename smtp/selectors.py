@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appliance.smtp import read_smtp_settings
+from appliance.config.store import read_smtp_settings
 from smtp.engine import LOCAL_DOMAINS_OBJECT, compile_policy
 
 

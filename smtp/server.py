@@ -53,11 +53,11 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from appliance import msgstore
-from appliance.errors import ApplianceError
-from appliance.maintenance import maintenance_status
-from appliance.msgstore import MailRecord
-from appliance.paths import appliance_root, layout
+from appliance.mail import msgstore
+from appliance.mail.msgstore import MailRecord
+from appliance.system.errors import ApplianceError
+from appliance.system.maintenance import maintenance_status
+from appliance.system.paths import appliance_root, layout
 from events.models import Category, Severity
 from smtp.delivery import DeliveryQueue, spool_lock, spool_write
 from smtp.engine import (

@@ -11,9 +11,10 @@ import dataclasses
 
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 
-from appliance import maintenance
-from appliance.maintenance import MaintenanceState
-from appliance.smtp import SmtpSettings, read_smtp_settings, write_smtp_settings
+from appliance.config.smtp import SmtpSettings
+from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.system import maintenance
+from appliance.system.maintenance import MaintenanceState
 from events.models import Category, Severity
 from events.services import event_write, username_of
 

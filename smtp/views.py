@@ -8,8 +8,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods, require_POST
 
-from appliance.errors import ApplianceError
-from appliance.maintenance import maintenance_status
+from appliance.system.errors import ApplianceError
+from appliance.system.maintenance import maintenance_status
 from mailsecurity import selectors as mail_selectors
 from mailsecurity import services as mail_services
 from mailsecurity.views import disk_context, purge_context, refuse_read_only, retention_saved

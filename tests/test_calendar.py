@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import paths, processing
-from appliance.demo_updates import init_demo_updates
-from appliance.license import install_license, license_status, sign_license
-from appliance.system import read_firmware_release
+from appliance.firmware.demo_feed import init_demo_updates
+from appliance.firmware.license import install_license, license_status, sign_license
+from appliance.mail import processing
+from appliance.system import paths
+from appliance.system.facts import read_firmware_release
 from home.graphs import RANGES, bucket_starts, processing_graphs
 from tests.support.clock import Clock
 from tests.upgrades.bundles import new_vendor

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django import forms
 
-from appliance.license import MAX_LICENSE
+from appliance.firmware.license import MAX_LICENSE
 
 
 class DownloadForm(forms.Form):

@@ -40,13 +40,14 @@ from django.db.models import F
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from appliance import bundle as appliance_bundle
-from appliance import maintenance, updatelogs
-from appliance.errors import ApplianceError
+from appliance.firmware import bundle as appliance_bundle
+from appliance.firmware import spool, updatelogs
+from appliance.system import maintenance
+from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write, username_of
 from lmi import celery as lmi_celery
-from upgrades import leases, selectors, spool
+from upgrades import leases, selectors
 from upgrades.models import (
     FIRMWARE,
     INSTALL_ACTIVE_STATES,
@@ -61,8 +62,8 @@ from upgrades.models import (
 )
 
 if TYPE_CHECKING:
-    from appliance.configbackup import LoadedBackup
-    from appliance.preflight import Check
+    from appliance.config.configbackup import LoadedBackup
+    from appliance.firmware.preflight import Check
 
 logger = logging.getLogger(__name__)
 
@@ -168,19 +169,19 @@ def _console_db_path() -> Path | None:
 
 
 # Tests on a shared machine cannot empty its disk: they point the 50% rule at a disk of their
-# own making here (appliance.preflight's documented substitute). Production leaves it None.
+# own making here (appliance.firmware.preflight's documented substitute). Production leaves it None.
 PREFLIGHT_DISK_USAGE: Callable[[str], Any] | None = None
 
 
 def install_preflight(*, user: User | None = None) -> list[Check]:
     """Every check before Install is allowed; reads only, never changes anything.
 
-    The appliance's checks (appliance.preflight) plus the console's: the bundle present and
+    The appliance's checks (appliance.firmware.preflight) plus the console's: the bundle present and
     verified again, the entitlement, and the cluster role. It is a plan that can be read at any
     time, like Proxmox's pmg7to8: before a download every check runs all the same, against the
     newest firmware offered, and those that need the bundle are pending rather than failed.
     """
-    from appliance import preflight
+    from appliance.firmware import preflight
 
     checks: list[Check] = []
     installed = selectors.installed_version()
@@ -806,7 +807,8 @@ def _phase_failed(ctx: PhaseContext, reason: str) -> None:
 def _abort_finish(ctx: PhaseContext, failure: str | None) -> None:
     """Phases 1-2 ended early: discard the staging, the running system was never touched."""
     run = ctx.run
-    from appliance import firmware, msgmigrate
+    from appliance.firmware import firmware
+    from appliance.mail import msgmigrate
 
     new_slot = run.details.get("new_slot")
     if new_slot and new_slot != firmware.active_slot():
@@ -871,7 +873,8 @@ def _phase_download(ctx: PhaseContext) -> None:
 
 def _phase_install_system(ctx: PhaseContext) -> None:
     """2: the new system into the inactive slot, and the message store's online copy."""
-    from appliance import firmware, msgmigrate
+    from appliance.firmware import firmware
+    from appliance.mail import msgmigrate
 
     path = _bundle_path(ctx.run.download)
     target = ctx.details.get("new_slot") or firmware.inactive_slot()
@@ -900,7 +903,8 @@ def _phase_install_system(ctx: PhaseContext) -> None:
 
 def _phase_shutdown(ctx: PhaseContext) -> None:
     """3: maintenance mode on (SMTP answers 421, beat skips, configuration read-only)."""
-    from appliance import firmware, msgstore
+    from appliance.firmware import firmware
+    from appliance.mail import msgstore
 
     run = ctx.run
     if "previous_slot" not in ctx.details:
@@ -935,7 +939,7 @@ def _message_count(msgstore: Any) -> int:
 
 def _phase_store_backup(ctx: PhaseContext) -> None:
     """4: a consistent, checksummed, synced copy of the message store."""
-    from appliance import msgmigrate
+    from appliance.mail import msgmigrate
 
     dest = updatelogs.install_workdir(ctx.run.pk) / "msgstore-backup.db"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -950,7 +954,7 @@ def _phase_store_backup(ctx: PhaseContext) -> None:
 
 def _phase_config_backup(ctx: PhaseContext) -> None:
     """5: the configuration in the Backup & Restore format, verified, for an exact revert."""
-    from appliance import configbackup
+    from appliance.config import configbackup
     from backups.services import config_backup_before_install
 
     name = ctx.details.get("config_backup")
@@ -978,7 +982,7 @@ def _phase_config_backup(ctx: PhaseContext) -> None:
 def _unchanged_start_backup(ctx: PhaseContext) -> LoadedBackup | None:
     """The backup taken when the install started, if the configuration is still exactly what
     it holds: one automatic backup per install, unless phases 1-2 saw a change."""
-    from appliance import configbackup
+    from appliance.config import configbackup
 
     name = ctx.details.get("pre_install_backup")
     if not name:
@@ -993,7 +997,7 @@ def _unchanged_start_backup(ctx: PhaseContext) -> LoadedBackup | None:
 
 def _phase_switch(ctx: PhaseContext) -> None:
     """6: the new system becomes the active one, with its firmware level."""
-    from appliance import firmware
+    from appliance.firmware import firmware
 
     new_slot = ctx.details["new_slot"]
     ctx.step(f"switching the active system to {new_slot}")
@@ -1010,7 +1014,7 @@ def _phase_switch(ctx: PhaseContext) -> None:
 
 def _phase_migrate(ctx: PhaseContext) -> None:
     """7: the message store in the 2.8.1 format, counts and checksums as before."""
-    from appliance import msgmigrate
+    from appliance.mail import msgmigrate
 
     ctx.step("migrating the message store")
     ctx.checkpoint("message store migration next")
@@ -1038,7 +1042,7 @@ def _phase_migrate(ctx: PhaseContext) -> None:
 
 def _phase_convert(ctx: PhaseContext) -> None:
     """8: the configuration in the 2.8.1 format, $(FILE) files carried over."""
-    from appliance import configconvert
+    from appliance.config import configconvert
 
     ctx.step("converting the configuration")
     ctx.checkpoint("configuration conversion next")
@@ -1053,7 +1057,8 @@ def _phase_convert(ctx: PhaseContext) -> None:
 
 def _phase_cleanup(ctx: PhaseContext) -> None:
     """9: temporary files removed, then the health check before the commit."""
-    from appliance import firmware, msgmigrate
+    from appliance.firmware import firmware
+    from appliance.mail import msgmigrate
 
     ctx.step("removing temporary files")
     freed = msgmigrate.migrate_discard() + firmware.staging_cleanup()
@@ -1065,7 +1070,7 @@ def _phase_cleanup(ctx: PhaseContext) -> None:
 
 def _health_check(ctx: PhaseContext) -> None:
     """Services up, a test message accepted and tracked, the message count as before."""
-    from appliance import msgstore
+    from appliance.mail import msgstore
 
     token = maintenance.maintenance_probe_open()
     sender = maintenance.probe_sender(token)
@@ -1103,7 +1108,7 @@ def _health_check(ctx: PhaseContext) -> None:
 
 def _probe_tracked(sender: str) -> bool:
     """The probe is in Message Tracking, found the way an administrator would search it."""
-    from appliance import tracking
+    from appliance.mail import tracking
 
     page = tracking.tracking_page(tracking.TrackingFilter(sender=sender), limit=5)
     return bool(page.entries)
@@ -1111,7 +1116,8 @@ def _probe_tracked(sender: str) -> bool:
 
 def _phase_commit(ctx: PhaseContext) -> None:
     """10: the commit. Mail accepted again, new firmware level, new system backup."""
-    from appliance import msgstore, rescue
+    from appliance.mail import msgstore
+    from appliance.system import rescue
 
     run = ctx.run
     ctx.step("leaving maintenance mode: mail is accepted again")
@@ -1190,7 +1196,9 @@ def install_rollback_execute(run_id: int, executor: str | None = None) -> None:
 
 
 def _rollback(run: InstallRun) -> None:
-    from appliance import configconvert, firmware, msgmigrate, msgstore
+    from appliance.config import configconvert
+    from appliance.firmware import firmware
+    from appliance.mail import msgmigrate, msgstore
 
     details = run.details
     started = {

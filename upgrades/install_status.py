@@ -21,7 +21,7 @@ from upgrades.models import (
 )
 
 if TYPE_CHECKING:
-    from appliance.preflight import Check
+    from appliance.firmware.preflight import Check
 
 # Configuration is read-only while the appliance is in maintenance for the install: from service
 # shutdown (3) to the end of clean-up (9), and during a rollback.

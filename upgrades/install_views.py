@@ -18,8 +18,8 @@ from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from appliance import network
-from appliance.errors import ApplianceError
+from appliance.system import network
+from appliance.system.errors import ApplianceError
 from upgrades import install, install_status, preflight_services, selectors
 from upgrades.models import InstallRun, InstallState, InstallTrigger
 from upgrades.story import update_story

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance import network
-from appliance.errors import ApplianceError
+from appliance.system import network
+from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write
 

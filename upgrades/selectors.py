@@ -12,11 +12,11 @@ from typing import Any
 
 from django.utils import timezone
 
-from appliance import license as appliance_license
-from appliance.bundle import version_tuple
-from appliance.errors import ApplianceError
-from appliance.system import system_info
-from upgrades import spool
+from appliance.firmware import license as appliance_license
+from appliance.firmware import spool
+from appliance.firmware.bundle import version_tuple
+from appliance.system.errors import ApplianceError
+from appliance.system.facts import system_info
 from upgrades.models import (
     ACTIVE_STATES,
     FIRMWARE,

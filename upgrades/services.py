@@ -33,15 +33,16 @@ from django.db.models.functions import Coalesce
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
-from appliance import bundle as appliance_bundle
-from appliance import feed as appliance_feed
-from appliance import license as appliance_license
-from appliance.errors import ApplianceError
+from appliance.firmware import bundle as appliance_bundle
+from appliance.firmware import feed as appliance_feed
+from appliance.firmware import license as appliance_license
+from appliance.firmware import spool
+from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import event_write, username_of
 from lmi import celery as lmi_celery
 from lmi.progress import RateMeter
-from upgrades import http, leases, selectors, spool
+from upgrades import http, leases, selectors
 from upgrades.hashing import StreamHasher
 from upgrades.models import (
     ACTIVE_STATES,

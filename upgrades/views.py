@@ -17,9 +17,9 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from accounts.roles import is_administrator
-from appliance import updatelogs
-from appliance.errors import ApplianceError
-from appliance.system import system_info
+from appliance.firmware import updatelogs
+from appliance.system.errors import ApplianceError
+from appliance.system.facts import system_info
 from upgrades import selectors, services
 from upgrades.forms import DownloadForm, LicenseUploadForm, UpdateSettingsForm
 from upgrades.models import CheckTrigger, DownloadTrigger

@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
 
 from accounts.services import api_token_create
 from api.api import api
-from appliance import license as appliance_license
+from appliance.firmware import license as appliance_license
 from backups import services as backup_services
 from lmi import celery as lmi_celery
 from tests.upgrades import bundles

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from appliance import bundle
-from appliance.bundle import (
+from appliance.firmware import bundle
+from appliance.firmware.bundle import (
     BundleDigestMismatch,
     BundleError,
     BundleManifest,
@@ -340,7 +340,7 @@ def test_bad_trusted_keys_are_skipped_with_a_warning(
     settings.TRUSTED_KEYS_DIR = tmp_path / "keys"
     settings.TRUSTED_KEYS_DIR.mkdir()
     (settings.TRUSTED_KEYS_DIR / "broken.pub").write_text("garbage")
-    with caplog.at_level(logging.WARNING, logger="appliance.bundle"):
+    with caplog.at_level(logging.WARNING, logger="appliance.firmware.bundle"):
         assert trusted_keys() == [PUBLIC]
     assert len(caplog.records) == 3
 

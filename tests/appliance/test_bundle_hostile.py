@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import bundle
-from appliance.bundle import (
+from appliance.firmware import bundle
+from appliance.firmware.bundle import (
     MAX_MANIFEST,
     MAX_PAYLOAD,
     BundleDigestMismatch,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import configbackup
-from appliance.configbackup import (
+from appliance.config import configbackup
+from appliance.config.configbackup import (
     BackupError,
     BackupRejected,
     PassphraseRequired,
@@ -27,12 +27,17 @@ from appliance.configbackup import (
     backup_restore,
     restore_recover,
 )
-from appliance.network import Interface, write_interface
-from appliance.paths import layout
-from appliance.policy import list_policy_objects, object_file, write_policy_objects
-from appliance.retention import retention_settings, store_retention_set
-from appliance.smtp import read_smtp_settings, write_smtp_settings
-from appliance.system import read_firmware_release, write_firmware_release
+from appliance.config.policy import object_file
+from appliance.config.store import (
+    list_policy_objects,
+    read_smtp_settings,
+    write_policy_objects,
+    write_smtp_settings,
+)
+from appliance.mail.retention import retention_settings, store_retention_set
+from appliance.system.facts import read_firmware_release, write_firmware_release
+from appliance.system.network import Interface, write_interface
+from appliance.system.paths import layout
 
 CONFIG_DIRS = ("etc/mailsec", "etc/sysconfig/network", "etc/HOSTNAME")
 
@@ -145,7 +150,8 @@ def test_the_diff_names_each_changed_object(demo_appliance: Path) -> None:
 
 
 def test_the_diff_shows_mail_policy_rules(demo_appliance: Path) -> None:
-    from appliance.mailpolicy import MailPolicy, read_mail_policy, write_mail_policy
+    from appliance.config.mailpolicy import MailPolicy
+    from appliance.config.store import read_mail_policy, write_mail_policy
 
     header = backup_create(created_by="admin")
     policy = read_mail_policy()
@@ -396,7 +402,7 @@ def test_restore_keeps_file_modes(demo_appliance: Path) -> None:
 
 
 def test_a_2_8_0_backup_is_converted_after_the_upgrade(demo_appliance: Path) -> None:
-    configconvert = pytest.importorskip("appliance.configconvert")
+    configconvert = pytest.importorskip("appliance.config.configconvert")
     objects_before = list_policy_objects()
     smtp_before = read_smtp_settings()
     header = backup_create(created_by="admin")

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from appliance import configbackup
-from appliance.configbackup import (
+from appliance.config import configbackup
+from appliance.config.configbackup import (
     MAX_BACKUP_BYTES,
     BackupRejected,
     WrongPassphrase,
@@ -35,8 +35,8 @@ from appliance.configbackup import (
     backup_restore,
     restore_plan,
 )
-from appliance.paths import layout
-from appliance.policy import PolicyObject, parse_policy_objects, render_policy_objects
+from appliance.config.policy import PolicyObject, parse_policy_objects, render_policy_objects
+from appliance.system.paths import layout
 
 POLICY = "files/etc/mailsec/cpe/mailsec_policyobjects1_1.xml"
 
@@ -478,7 +478,7 @@ def test_a_list_file_on_a_special_file_is_refused(members: dict[str, bytes]) -> 
 
 def test_a_running_object_outside_the_lists_is_not_backed_up(demo_appliance: Path) -> None:
     """What a restore would refuse is not put in a backup either."""
-    from appliance.policy import list_policy_objects, write_policy_objects
+    from appliance.config.store import list_policy_objects, write_policy_objects
 
     (demo_appliance / "etc" / "extra.txt").write_text("x@example.com\n")
     objects = list_policy_objects(demo_appliance)
@@ -705,7 +705,7 @@ def test_a_configuration_file_this_console_does_not_know_is_refused(
 
 
 def test_a_backup_of_the_2_8_1_format_passes_the_element_check(demo_appliance: Path) -> None:
-    configconvert = pytest.importorskip("appliance.configconvert")
+    configconvert = pytest.importorskip("appliance.config.configconvert")
     configconvert.config_convert()
     before = {k: v for k, v in tree(demo_appliance).items() if k.startswith("etc/")}
     loaded = backup_load(backup_create(created_by="admin").name)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import backupmac
-from appliance.configbackup import (
+from appliance.config import backupmac
+from appliance.config.configbackup import (
     ConfirmationRequired,
     backup_create,
     backup_import,
@@ -21,7 +21,7 @@ from appliance.configbackup import (
     backup_restore,
     restore_plan,
 )
-from appliance.paths import layout
+from appliance.system.paths import layout
 from tests.appliance.test_configbackup_hostile import tree
 from tests.backups.archives import join, split
 
@@ -130,7 +130,7 @@ def test_a_backup_without_a_seal_is_unverified(demo_appliance: Path) -> None:
 
 
 def test_a_forged_seal_of_the_wrong_shape_is_refused(demo_appliance: Path) -> None:
-    from appliance.configbackup import BackupRejected
+    from appliance.config.configbackup import BackupRejected
 
     data = backup_path(backup_create(created_by="admin").name).read_bytes()
     header, members = split(data)

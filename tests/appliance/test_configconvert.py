@@ -1,4 +1,4 @@
-"""The 2.8.1 configuration format and phase 8's lossless conversion (appliance.configconvert)."""
+"""The 2.8.1 configuration format and phase 8's lossless conversion (config.configconvert)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import configconvert, policy
-from appliance.configconvert import (
+from appliance.config import configconvert, policy, store
+from appliance.config.configconvert import (
     CONFIG_FILE,
     LEGACY_FILES,
     LEGACY_MAIL_POLICY,
@@ -26,16 +26,23 @@ from appliance.configconvert import (
     convert_files,
     parse_config,
 )
-from appliance.errors import (
+from appliance.config.mailpolicy import MailPolicy, PolicyRule
+from appliance.config.policy import PolicyObject
+from appliance.config.store import (
+    file_macro_objects,
+    list_policy_objects,
+    read_mail_policy,
+    read_smtp_settings,
+    write_mail_policy,
+    write_smtp_settings,
+)
+from appliance.system.errors import (
     ApplianceError,
     ApplianceNotInitialized,
     MalformedApplianceFile,
     UnsafeXMLError,
 )
-from appliance.mailpolicy import MailPolicy, PolicyRule, read_mail_policy, write_mail_policy
-from appliance.paths import layout
-from appliance.policy import PolicyObject, file_macro_objects, list_policy_objects
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.system.paths import layout
 from smtp.engine import PolicyCache, check_recipient, compile_policy
 
 STAFF = "bob.meyer@example.com"
@@ -166,7 +173,7 @@ def test_a_killed_conversion_leaves_old_or_new_and_a_rerun_completes(
         "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'lmi.settings')\n"
         "django.setup()\n"
         "from pathlib import Path\n"
-        "from appliance.configconvert import config_convert, config_revert\n"
+        "from appliance.config.configconvert import config_convert, config_revert\n"
         "root = Path(sys.argv[1])\n"
         "saved = {n: (root / n).read_bytes() for n in sys.argv[2:]}\n"
         "print('ready', flush=True)\n"
@@ -208,7 +215,7 @@ def test_writes_after_the_conversion_go_to_the_new_file(demo_appliance: Path) ->
     write_smtp_settings(smtp)
     objects = list_policy_objects()
     odd = PolicyObject("test-odd", "Odd\tvalue", "keywordlist", "a\r\nb \x01 <&>]]> é\n")
-    policy.write_policy_objects([*objects, odd])
+    store.write_policy_objects([*objects, odd])
     current = read_mail_policy()
     updated = MailPolicy(
         (*current.rules, PolicyRule("spam-keywords", "test-odd", threshold=4.123456789)),
@@ -230,7 +237,7 @@ def test_saving_unchanged_configuration_keeps_the_new_file_byte_identical(
     config_convert()
     data = config_path().read_bytes()
 
-    policy.write_policy_objects(list_policy_objects())
+    store.write_policy_objects(list_policy_objects())
     write_smtp_settings(read_smtp_settings())
     write_mail_policy(read_mail_policy())
 
@@ -245,7 +252,7 @@ def test_a_write_keeps_the_validation_of_the_old_format(demo_appliance: Path) ->
     smtp.listen_port = 70000
 
     with pytest.raises(ValueError, match="duplicate"):
-        policy.write_policy_objects([*objects, objects[0]])
+        store.write_policy_objects([*objects, objects[0]])
     with pytest.raises(ValueError, match="listen_port"):
         write_smtp_settings(smtp)
     with pytest.raises(ValueError, match="no policy object"):

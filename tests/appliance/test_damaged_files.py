@@ -10,11 +10,11 @@ import pytest
 from django.http import HttpResponse
 from django.test import Client
 
-from appliance import network
-from appliance.configbackup import backup_create, backup_diff, backup_load, backup_restore
-from appliance.errors import MalformedApplianceFile
-from appliance.paths import layout
-from appliance.system import read_firmware_release, read_os_release, system_info
+from appliance.config.configbackup import backup_create, backup_diff, backup_load, backup_restore
+from appliance.system import network
+from appliance.system.errors import MalformedApplianceFile
+from appliance.system.facts import read_firmware_release, read_os_release, system_info
+from appliance.system.paths import layout
 
 NOT_UTF8 = b"\xffmailsec01\n"
 DAMAGE = "the file etc/HOSTNAME cannot be read: not UTF-8"

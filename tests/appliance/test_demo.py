@@ -10,17 +10,20 @@ from xml.sax.saxutils import unescape
 
 import pytest
 
-from appliance import demo, msgstore, network, policy, rescue
+from appliance import demo
+from appliance.config import policy, store
+from appliance.config.store import read_smtp_settings
 from appliance.demo import init_demo
-from appliance.errors import ApplianceExists
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings
-from appliance.system import (
+from appliance.mail import msgstore
+from appliance.system import network, rescue
+from appliance.system.errors import ApplianceExists
+from appliance.system.facts import (
     appliance_exists,
     read_firmware_release,
     system_info,
     write_firmware_release,
 )
+from appliance.system.paths import layout
 
 
 def test_it_reports_firmware_2800_on_sles10(demo_appliance: Path) -> None:
@@ -41,20 +44,20 @@ def test_the_guides_grep_lists_exactly_the_file_macro_objects(demo_appliance: Pa
         check=True,
     )
     listed = [unescape(name) for name in re.findall(r"<name>(.*)</name>", result.stdout)]
-    expected = [obj.name for obj in policy.file_macro_objects()]
+    expected = [obj.name for obj in store.file_macro_objects()]
     assert len(expected) >= 3
     assert listed == expected
 
 
 def test_it_has_every_policy_object_type_and_inline_values(demo_appliance: Path) -> None:
-    objects = policy.list_policy_objects()
+    objects = store.list_policy_objects()
     assert {obj.type for obj in objects} == set(policy.OBJECT_TYPES)
     assert any(obj.file_path is None and obj.value for obj in objects)
     assert len({obj.id for obj in objects}) == len(objects)
 
 
 def test_every_file_a_macro_names_exists_with_entries(demo_appliance: Path) -> None:
-    for obj in policy.file_macro_objects():
+    for obj in store.file_macro_objects():
         assert obj.file_path is not None and obj.file_path.startswith("/etc/mailsec/lists/")
         path = policy.object_file(obj)
         assert path.parent == layout().lists_dir
@@ -146,5 +149,5 @@ def test_the_summary_counts_what_was_built(appliance_root: Path) -> None:
     summary = init_demo(appliance_root, messages=12)
     assert summary.firmware_version == "2.8.0.0"
     assert summary.messages == 12
-    assert summary.policy_objects == len(policy.list_policy_objects())
-    assert summary.file_macro_objects == len(policy.file_macro_objects())
+    assert summary.policy_objects == len(store.list_policy_objects())
+    assert summary.file_macro_objects == len(store.file_macro_objects())

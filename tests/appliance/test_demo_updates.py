@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from appliance.bundle import extract_payload, read_key_file, trusted_keys, verify_bundle
-from appliance.demo_updates import demo_updates_missing, init_demo_updates
-from appliance.feed import parse_feed
-from appliance.license import license_status
-from appliance.paths import layout
-from appliance.system import parse_key_values
+from appliance.firmware.bundle import extract_payload, read_key_file, trusted_keys, verify_bundle
+from appliance.firmware.demo_feed import demo_updates_missing, init_demo_updates
+from appliance.firmware.feed import parse_feed
+from appliance.firmware.license import license_status
+from appliance.system.facts import parse_key_values
+from appliance.system.paths import layout
 from tests.support.clock import Clock
 
 
@@ -235,7 +235,7 @@ def test_init_appliance_adds_the_demo_updates_to_an_existing_appliance(
 def test_init_appliance_never_adds_demo_updates_to_a_real_appliance(
     demo_appliance: Path, var_dir: Path
 ) -> None:
-    from appliance.system import read_firmware_release, write_firmware_release
+    from appliance.system.facts import read_firmware_release, write_firmware_release
     from events.models import Event
 
     release = read_firmware_release()

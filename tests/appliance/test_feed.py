@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from appliance.bundle import build_bundle, generate_keypair
-from appliance.feed import FeedEntry, FeedError, bundle_file_name, parse_feed, publish
+from appliance.firmware.bundle import build_bundle, generate_keypair
+from appliance.firmware.feed import FeedEntry, FeedError, bundle_file_name, parse_feed, publish
 
 PRIVATE, PUBLIC = generate_keypair()
 SHA = "ab" * 32
@@ -220,7 +220,7 @@ def test_publish_refuses_to_extend_a_broken_feed(tmp_path: Path) -> None:
 
 
 def test_publish_refuses_something_that_is_not_a_bundle(tmp_path: Path) -> None:
-    from appliance.bundle import BundleFormatError
+    from appliance.firmware.bundle import BundleFormatError
 
     junk = tmp_path / "junk.bundle"
     junk.write_bytes(b"not a bundle at all")

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance import demo_updates, firmware
-from appliance.bundle import (
+from appliance.firmware import demo_feed as demo_updates
+from appliance.firmware import firmware
+from appliance.firmware.bundle import (
     BundleDigestMismatch,
     BundleSignatureError,
     generate_keypair,
     public_key_b64,
 )
-from appliance.paths import layout
-from appliance.system import read_firmware_release, read_os_release
+from appliance.system.facts import read_firmware_release, read_os_release
+from appliance.system.paths import layout
 
 
 def tree_snapshot(top: Path) -> dict[str, tuple[str, int, str]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from appliance import msgstore
-from appliance.paths import layout
-from appliance.system import appliance_exists
+from appliance.mail import msgstore
+from appliance.system.facts import appliance_exists
+from appliance.system.paths import layout
 from events.models import Category, Event
 
 pytestmark = pytest.mark.django_db

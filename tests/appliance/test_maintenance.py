@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance import maintenance, paths
-from appliance.errors import MalformedApplianceFile
+from appliance.system import maintenance, paths
+from appliance.system.errors import MalformedApplianceFile
 
 
 def test_it_is_off_until_entered_and_off_again_after_leaving(appliance_root):

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import msgmigrate, msgstore, processing, retention, tracking
-from appliance.errors import ApplianceError, MalformedApplianceFile
-from appliance.msgmigrate import MigrateProgress, MigrationStopped, StoreCounts
-from appliance.msgstore import MailRecord
-from appliance.paths import layout
-from appliance.smtp import SmtpSettings, write_smtp_settings
+from appliance.config.smtp import SmtpSettings
+from appliance.config.store import write_smtp_settings
+from appliance.mail import msgmigrate, msgstore, processing, retention, tracking
+from appliance.mail.msgmigrate import MigrateProgress, MigrationStopped, StoreCounts
+from appliance.mail.msgstore import MailRecord
+from appliance.system.errors import ApplianceError, MalformedApplianceFile
+from appliance.system.paths import layout
 
 NOW = datetime(2013, 10, 1, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parents[2]
@@ -356,7 +357,7 @@ sys.path.insert(0, {repo!r})
 import django
 django.setup()
 from pathlib import Path
-from appliance import msgmigrate
+from appliance.mail import msgmigrate
 msgmigrate.CHUNK_BITS = 6  # as the small_chunks fixture: checksums depend on it
 root = Path({root!r})
 msgmigrate.migrate_prepare(root, pause=0.04)

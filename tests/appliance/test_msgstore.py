@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance import msgstore
-from appliance.errors import ApplianceError, ApplianceNotInitialized
-from appliance.paths import layout
+from appliance.mail import msgstore
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized
+from appliance.system.paths import layout
 
 NOW = datetime(2013, 10, 1, 12, 0, tzinfo=UTC)
 

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import msgstore, network, preflight
-from appliance.paths import layout
-from appliance.policy import PolicyObject, file_macro, list_policy_objects, write_policy_objects
-from appliance.system import read_firmware_release, write_firmware_release
+from appliance.config.policy import PolicyObject, file_macro
+from appliance.config.store import list_policy_objects, write_policy_objects
+from appliance.firmware import preflight
+from appliance.mail import msgstore
+from appliance.system import network
+from appliance.system.facts import read_firmware_release, write_firmware_release
+from appliance.system.paths import layout
 
 GB = 1024**3
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance import msgstore, processing
+from appliance.mail import msgstore, processing
 
 
 def test_the_hourly_roll_up_follows_inserts_updates_and_deletes(appliance_root):

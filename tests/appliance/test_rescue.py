@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import rescue
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
-from appliance.paths import layout
-from appliance.system import read_firmware_release, write_firmware_release
+from appliance.system import rescue
+from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.facts import read_firmware_release, write_firmware_release
+from appliance.system.paths import layout
 
 
 def test_there_is_no_backup_on_an_empty_root(appliance_root: Path) -> None:

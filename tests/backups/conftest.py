@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from appliance.paths import layout
+from appliance.system.paths import layout
 
 PAGE = "/backup/system/"
 

@@ -9,8 +9,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from accounts.services import api_token_create
-from appliance import configbackup
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import configbackup
+from appliance.config.store import read_smtp_settings, write_smtp_settings
 from backups import services
 from backups.models import SystemBackupJob
 

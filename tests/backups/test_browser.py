@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from appliance import configbackup
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import configbackup
+from appliance.config.store import read_smtp_settings, write_smtp_settings
 from tests.support.browser import screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -9,9 +9,9 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from appliance import rescue
-from appliance.smtp import read_smtp_settings, write_smtp_settings
-from appliance.system import read_firmware_release, write_firmware_release
+from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.system import rescue
+from appliance.system.facts import read_firmware_release, write_firmware_release
 from backups import services
 from backups.models import FINAL_STATES, SystemBackupJob, SystemJobKind, SystemJobState
 from events.models import Event

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from django.utils import timezone
 
-from appliance import configbackup
-from appliance.configbackup import BackupRejected, WrongPassphrase
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import configbackup
+from appliance.config.configbackup import BackupRejected, WrongPassphrase
+from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.system.paths import layout
 from backups import services
 from backups.models import BackupSettings, SystemBackupJob, SystemJobKind, SystemJobState
 from events.models import Category, Event, Severity

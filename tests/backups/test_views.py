@@ -9,8 +9,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from appliance import configbackup
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import configbackup
+from appliance.config.store import read_smtp_settings, write_smtp_settings
 from backups import services
 from backups.models import BackupSettings, SystemBackupJob, SystemJobState
 from events.models import Category, Event, Severity

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from appliance.system import read_firmware_release, write_firmware_release
+from appliance.system.facts import read_firmware_release, write_firmware_release
 from cluster import services, signing
 from cluster.models import CentralLink, ClusterMember
 

@@ -203,7 +203,7 @@ def test_a_member_that_has_not_joined_does_not_report(member_role: str) -> None:
 def test_preflight_cluster_check(
     settings, demo_appliance, db, role, central_level, bundle, status, value
 ) -> None:
-    pytest.importorskip("appliance.preflight")
+    pytest.importorskip("appliance.firmware.preflight")
     settings.CLUSTER_ROLE = role
     settings.NODE_NAME = "member1" if role == "member" else "central"
     if central_level is not None and role == "member":

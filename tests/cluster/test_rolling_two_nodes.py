@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import license as appliance_license
-from appliance.system import system_info
+from appliance.firmware import license as appliance_license
+from appliance.system.facts import system_info
 from cluster import services
 from cluster.models import ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 from events.models import Event

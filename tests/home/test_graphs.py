@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from appliance import msgstore
+from appliance.mail import msgstore
 from home import charts, graphs, services
 from home.models import ResourceSample
 

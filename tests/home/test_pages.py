@@ -5,7 +5,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from appliance import paths
+from appliance.system import paths
 
 pytestmark = pytest.mark.django_db
 

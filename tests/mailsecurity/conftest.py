@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import msgstore, paths
-from appliance.smtp import SmtpSettings, write_smtp_settings
+from appliance.config.smtp import SmtpSettings
+from appliance.config.store import write_smtp_settings
+from appliance.mail import msgstore
+from appliance.system import paths
 from tests.support.clock import Clock
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from appliance import maintenance, retention
+from appliance.mail import retention
+from appliance.system import maintenance
 from mailsecurity.models import PurgeRun, PurgeState
 from tests.support.browser import screenshot
 

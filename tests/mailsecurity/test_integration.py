@@ -7,7 +7,7 @@ import re
 import pytest
 from django.test import Client
 
-from appliance import retention
+from appliance.mail import retention
 from events.models import Event
 from mailsecurity.models import PurgeRun, PurgeState
 from tests.support.services import wait_for

@@ -14,7 +14,7 @@ from html import unescape
 import pytest
 from django.test import Client
 
-from appliance import tracking
+from appliance.mail import tracking
 
 from .conftest import MailData
 

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from appliance import paths, retention
-from appliance.retention import Pacing, PurgeProgress
+from appliance.mail import retention
+from appliance.mail.retention import Pacing, PurgeProgress
+from appliance.system import paths
 
 from .conftest import NOW, MailData
 

@@ -9,7 +9,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from appliance import retention
+from appliance.mail import retention
 from events.models import Category, Event, Severity
 from mailsecurity import services, tasks
 from mailsecurity.models import PurgePhase, PurgeRun, PurgeState, PurgeTrigger

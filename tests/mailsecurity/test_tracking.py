@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from appliance import tracking
-from appliance.tracking import Position, TrackingFilter
+from appliance.mail import tracking
+from appliance.mail.tracking import Position, TrackingFilter
 
 from .conftest import NOW, MailData
 

@@ -10,7 +10,8 @@ import psutil
 import pytest
 from django.test import Client
 
-from appliance import maintenance, retention
+from appliance.mail import retention
+from appliance.system import maintenance
 from events.models import Category, Event
 from mailsecurity.models import PurgeRun, PurgeState, PurgeTrigger
 from tests.support import enqueue as enqueues

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.system.paths import layout
 from smtp.delivery import (
     DeliveryError,
     SpoolLocked,

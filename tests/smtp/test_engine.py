@@ -11,11 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from appliance import policy
-from appliance.mailpolicy import MailPolicy, PolicyRule, read_mail_policy, write_mail_policy
-from appliance.paths import layout
-from appliance.policy import PolicyObject
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import policy, store
+from appliance.config.mailpolicy import MailPolicy, PolicyRule
+from appliance.config.policy import PolicyObject
+from appliance.config.store import (
+    read_mail_policy,
+    read_smtp_settings,
+    write_mail_policy,
+    write_smtp_settings,
+)
+from appliance.system.paths import layout
 from smtp.engine import (
     EICAR,
     PolicyCache,
@@ -57,14 +62,14 @@ def message(
 
 
 def objects_by_name() -> dict[str, PolicyObject]:
-    return {obj.name: obj for obj in policy.list_policy_objects()}
+    return {obj.name: obj for obj in store.list_policy_objects()}
 
 
 def add_rule(rule_type: str, name: str, obj_type: str, value: str) -> None:
     """Add a policy object and bind it with one more rule of the demo's mail policy."""
-    objects = policy.list_policy_objects()
+    objects = store.list_policy_objects()
     new = PolicyObject(f"test-{name}", name, obj_type, value)
-    policy.write_policy_objects([*objects, new])
+    store.write_policy_objects([*objects, new])
     current = read_mail_policy()
     write_mail_policy(
         MailPolicy((*current.rules, PolicyRule(rule_type, new.id)), current.quarantine)
@@ -200,11 +205,11 @@ def test_an_allowed_sender_is_still_checked_for_viruses(demo_appliance: Path) ->
 
 
 def test_a_message_over_the_sizelimit_object_is_rejected_with_552(demo_appliance: Path) -> None:
-    objects = policy.list_policy_objects()
+    objects = store.list_policy_objects()
     for obj in objects:
         if obj.name == "Maximum message size":
             obj.value = "2000"
-    policy.write_policy_objects(objects)
+    store.write_policy_objects(objects)
     compiled, _ = compile_policy()
     assert compiled.max_message_size == 2000
 

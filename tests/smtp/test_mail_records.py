@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance import msgstore
-from appliance.msgstore import MailRecord
+from appliance.mail import msgstore
+from appliance.mail.msgstore import MailRecord
 
 NOW = 1_380_628_800  # 2013-10-01 12:00:00 UTC, a minute boundary
 

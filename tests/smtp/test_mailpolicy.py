@@ -6,21 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from appliance import policy
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile, UnsafeXMLError
-from appliance.mailpolicy import (
+from appliance.config import policy, store
+from appliance.config.mailpolicy import (
     MailPolicy,
     PolicyRule,
     mail_policy_path,
     parse_mail_policy,
-    read_mail_policy,
     render_mail_policy,
-    write_mail_policy,
 )
+from appliance.config.store import read_mail_policy, write_mail_policy
+from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceFile, UnsafeXMLError
 
 
 def _objects_by_name() -> dict[str, policy.PolicyObject]:
-    return {obj.name: obj for obj in policy.list_policy_objects()}
+    return {obj.name: obj for obj in store.list_policy_objects()}
 
 
 def test_the_demo_binds_the_file_macro_block_list_to_the_sender_block_rule(

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import policy
-from appliance.configconvert import config_convert, config_format
-from appliance.policy import PolicyObject
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import store
+from appliance.config.configconvert import config_convert, config_format
+from appliance.config.policy import PolicyObject
+from appliance.config.store import read_smtp_settings, write_smtp_settings
 from smtp.engine import (
     REPLY_BAD_RECIPIENT,
     REPLY_BAD_SENDER,
@@ -41,9 +41,9 @@ def set_relay_networks(value: str) -> None:
 def set_internal_domains(value: str) -> None:
     objects = [
         replace(obj, value=value) if obj.name == "Internal domains" else obj
-        for obj in policy.list_policy_objects()
+        for obj in store.list_policy_objects()
     ]
-    policy.write_policy_objects(objects)
+    store.write_policy_objects(objects)
 
 
 def test_mail_for_another_domain_from_an_outside_client_is_relay_access_denied(
@@ -117,10 +117,10 @@ def test_an_allow_listed_sender_does_not_open_the_relay(demo_appliance: Path) ->
 
 
 def test_without_the_internal_domains_object_no_domain_is_local(demo_appliance: Path) -> None:
-    objects = [obj for obj in policy.list_policy_objects() if obj.name != "Internal domains"]
+    objects = [obj for obj in store.list_policy_objects() if obj.name != "Internal domains"]
     # The demo's content rule names the object as its senders: keep it under another name.
-    kept = next(obj for obj in policy.list_policy_objects() if obj.name == "Internal domains")
-    policy.write_policy_objects([*objects, PolicyObject(kept.id, "Our domains", kept.type, "")])
+    kept = next(obj for obj in store.list_policy_objects() if obj.name == "Internal domains")
+    store.write_policy_objects([*objects, PolicyObject(kept.id, "Our domains", kept.type, "")])
     compiled, _ = compile_policy()
 
     assert not compiled.local_domains

@@ -7,7 +7,7 @@ from pathlib import Path
 from django.http import HttpResponse
 from django.test import Client
 
-from appliance.smtp import read_smtp_settings
+from appliance.config.store import read_smtp_settings
 from events.models import Category, Event
 
 PAGE = "/smtp/configuration/maintenance/"

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import msgstore, policy
-from appliance.maintenance import maintenance_enter, maintenance_leave
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config import policy, store
+from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.mail import msgstore
+from appliance.system.maintenance import maintenance_enter, maintenance_leave
+from appliance.system.paths import layout
 from events.models import Category, Event
 from smtp.delivery import parse_spool_file, spool_list
 from smtp.engine import EICAR
@@ -161,7 +162,7 @@ def test_eicar_in_an_attachment_is_quarantined_in_the_virus_store(
 def test_a_sender_added_to_the_file_block_list_is_rejected_with_550(
     smtp_service: SmtpServiceProcess,  # noqa: F811
 ) -> None:
-    blocked = {obj.name: obj for obj in policy.list_policy_objects()}["Blocked senders"]
+    blocked = {obj.name: obj for obj in store.list_policy_objects()}["Blocked senders"]
     path = policy.object_file(blocked)
     path.write_text(path.read_text() + "mallory@elsewhere.test\n")  # while the service runs
 

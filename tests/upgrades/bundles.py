@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance import bundle
+from appliance.firmware import bundle
 
 
 @dataclass(frozen=True)

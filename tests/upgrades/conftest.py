@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from appliance import license as appliance_license
+from appliance.firmware import license as appliance_license
+from appliance.firmware import spool
 from tests.support.feed_server import FeedServer, feed_server  # noqa: F401
 from tests.support.services import WorkerProcess, start_worker
 from tests.upgrades import bundles
 from tests.upgrades.bundles import Vendor
-from upgrades import services, spool
+from upgrades import services
 from upgrades.models import Download, DownloadTrigger, FirmwareOffer
 
 

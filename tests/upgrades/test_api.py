@@ -98,7 +98,7 @@ def test_download_without_a_body_takes_the_newest_firmware(client, firmware, adm
 
 
 def test_download_refusals_have_their_own_status(client, firmware, admin_token):
-    from appliance.paths import layout
+    from appliance.system.paths import layout
 
     firmware.offer(firmware.build("2.8.0.0", "2.7.0.0", payload_bytes=4096), "2.8.0.0", "2.7.0.0")
     nothing = _post(client, "download", admin_token)

@@ -140,7 +140,7 @@ def test_automatic_downloads_stay_off_by_default(firmware):
 
 
 def test_automatic_downloads_without_entitlement_say_why(firmware, vendor):
-    from appliance import license as appliance_license
+    from appliance.firmware import license as appliance_license
     from tests.upgrades.conftest import issue_license
 
     appliance_license.install_license(issue_license(vendor, days=-1))
@@ -157,7 +157,7 @@ def test_automatic_downloads_without_entitlement_say_why(firmware, vendor):
 
 
 def test_downloads_need_a_license(firmware, demo_appliance):
-    from appliance.paths import layout
+    from appliance.system.paths import layout
 
     layout().license_file.unlink()
     firmware.offer(firmware.build())
@@ -167,7 +167,7 @@ def test_downloads_need_a_license(firmware, demo_appliance):
 
 
 def test_downloads_need_an_unexpired_entitlement(firmware, vendor):
-    from appliance import license as appliance_license
+    from appliance.firmware import license as appliance_license
     from tests.upgrades.conftest import issue_license
 
     appliance_license.install_license(issue_license(vendor, days=-30))

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from appliance.firmware import spool
 from events.models import Event
 from tests.support import services as support
 from tests.support.services import wait_for
 from tests.upgrades.conftest import offered_bundle, start_download
-from upgrades import cli, spool
+from upgrades import cli
 from upgrades.models import Download, DownloadState
 
 UPDATE_CONTROL = Path(sys.executable).parent / "update-control"

@@ -8,10 +8,11 @@ import pytest
 from django.db import IntegrityError
 from django.utils import timezone
 
+from appliance.firmware import spool
 from events.models import Event
 from tests.upgrades import bundles
 from tests.upgrades.conftest import offered_bundle, run_download, start_download
-from upgrades import services, spool
+from upgrades import services
 from upgrades.models import Download, DownloadState, DownloadTrigger
 
 pytestmark = pytest.mark.django_db

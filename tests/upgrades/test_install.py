@@ -19,10 +19,12 @@ import psutil
 import pytest
 from django.utils import timezone
 
-from appliance import configconvert, msgmigrate, msgstore
-from appliance.demo_updates import init_demo_updates
-from appliance.maintenance import maintenance_status
-from appliance.system import system_info
+from appliance.config import configconvert
+from appliance.firmware import spool
+from appliance.firmware.demo_feed import init_demo_updates
+from appliance.mail import msgmigrate, msgstore
+from appliance.system.facts import system_info
+from appliance.system.maintenance import maintenance_status
 from events.models import Category, Event
 from tests.support.services import WorkerProcess, start_worker, wait_for
 from tests.support.smtp import (
@@ -31,7 +33,7 @@ from tests.support.smtp import (
     read_banner,
     smtp_service,  # noqa: F401
 )
-from upgrades import install, services, spool
+from upgrades import install, services
 from upgrades.models import (
     INSTALL_FINAL_STATES,
     Download,
@@ -198,7 +200,7 @@ def test_full_install_upgrades_the_appliance(
     assert run.state == InstallState.QUEUED and run.phases.count() == 10
     run = wait_final(run.pk)
     assert_upgraded(run, before)
-    from appliance.rescue import system_backup_info
+    from appliance.system.rescue import system_backup_info
 
     backup = system_backup_info()
     assert backup is not None and backup.firmware_version == NEW_VERSION
@@ -364,7 +366,7 @@ def test_maintenance_lets_only_the_health_probe_through(
     smtp_service: SmtpServiceProcess,  # noqa: F811
 ) -> None:
 
-    from appliance import maintenance
+    from appliance.system import maintenance
 
     maintenance.maintenance_enter("Firmware upgrade to 2.8.1.0")
     assert read_banner(smtp_service.host, smtp_service.port)[:3] == b"421"

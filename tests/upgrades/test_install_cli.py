@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 
-from appliance.system import system_info
+from appliance.system.facts import system_info
 from tests.support.services import start_worker
 from tests.support.smtp import smtp_service  # noqa: F401
 from tests.upgrades.conftest import run_download
@@ -34,7 +34,7 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def download_demo_281() -> Download:
     """The demo vendor's real 2.8.1.0 bundle (a whole system image), listed in this test's feed,
     trusted, licensed, downloaded and verified: what ``make run`` offers to install."""
-    from appliance.demo_updates import init_demo_updates
+    from appliance.firmware.demo_feed import init_demo_updates
 
     init_demo_updates(Path(django_settings.VAR_DIR), out=io.StringIO())
     check = services.update_check(trigger="user", user="admin")
@@ -225,7 +225,7 @@ def assert_every_surface_says_installed(capsys, version: str) -> None:
     from django.contrib.auth import get_user_model
     from django.test import Client
 
-    from appliance import configbackup
+    from appliance.config import configbackup
     from home.notifications import current_notices
 
     _, out, _ = run(capsys, "-s", "--json")

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from appliance import configconvert, msgmigrate, msgstore
-from appliance.maintenance import maintenance_status
-from appliance.system import system_info
+from appliance.config import configconvert
+from appliance.mail import msgmigrate, msgstore
+from appliance.system.facts import system_info
+from appliance.system.maintenance import maintenance_status
 from tests.support.services import wait_for
 from tests.support.smtp import (
     SmtpServiceProcess,

@@ -13,7 +13,7 @@ import pytest
 from django.utils import timezone
 from django.utils.html import escape
 
-from appliance import network
+from appliance.system import network
 from events.models import Event
 from tests.upgrades.conftest import run_download
 from upgrades import install
@@ -49,8 +49,8 @@ def roomy_disks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The 50% rule against this machine's real free bytes, on disks made to look 60% free.
 
     The test machine's disk may well be more than half full, and a real disk cannot be emptied
-    on demand; psutil is the one substitute allowed (appliance.preflight's docstring). The free
-    bytes stay the real ones, so "space for the upgrade" is still measured honestly.
+    on demand; psutil is the one substitute allowed (appliance.firmware.preflight's docstring).
+    The free bytes stay the real ones, so "space for the upgrade" is still measured honestly.
     """
     real = psutil.disk_usage
 

@@ -72,7 +72,7 @@ def test_a_failed_download_is_a_warning_with_the_reason(firmware):
 
 
 def test_without_entitlement_the_notice_says_a_license_is_needed(firmware):
-    from appliance.paths import layout
+    from appliance.system.paths import layout
 
     firmware.offer(firmware.build())
     layout().license_file.unlink()

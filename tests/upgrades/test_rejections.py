@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.firmware import spool
 from events.models import Event, Severity
 from tests.upgrades import bundles
 from tests.upgrades.conftest import run_download
-from upgrades import spool
 from upgrades.models import Download, DownloadState
 
 pytestmark = pytest.mark.django_db

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from appliance.system import read_firmware_release, write_firmware_release
+from appliance.system.facts import read_firmware_release, write_firmware_release
 from tests.upgrades.conftest import run_download, start_download
 from tests.upgrades.test_install_views import make_run
 from upgrades.models import Download, DownloadState, InstallRun, InstallState

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from appliance import license as appliance_license
+from appliance.firmware import license as appliance_license
 from events.models import Event
 from tests.upgrades import bundles
 from tests.upgrades.conftest import issue_license, run_download, start_download
@@ -91,7 +91,7 @@ def test_a_second_download_is_refused_with_a_message(admin_client, firmware):
 
 
 def test_download_without_a_license_says_so(admin_client, firmware):
-    from appliance.paths import layout
+    from appliance.system.paths import layout
 
     firmware.offer(firmware.build())
     layout().license_file.unlink()

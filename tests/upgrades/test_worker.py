@@ -12,11 +12,12 @@ import re
 
 import pytest
 
+from appliance.firmware import spool
 from events.models import Event
 from lmi.celery import app as celery_app
 from tests.support.services import wait_for
 from tests.upgrades.conftest import offered_bundle
-from upgrades import services, spool
+from upgrades import services
 from upgrades.models import Download, DownloadState, DownloadTrigger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -21,8 +21,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from appliance.atomic import atomic_write_bytes, atomic_write_text
-from appliance.bundle import (
+from appliance.firmware.bundle import (
     build_bundle,
     generate_keypair,
     key_id,
@@ -30,9 +29,10 @@ from appliance.bundle import (
     read_key_file,
     version_tuple,
 )
-from appliance.errors import ApplianceError
-from appliance.feed import publish
-from appliance.license import sign_license
+from appliance.firmware.feed import publish
+from appliance.firmware.license import sign_license
+from appliance.system.atomic import atomic_write_bytes, atomic_write_text
+from appliance.system.errors import ApplianceError
 
 DEFAULT_OS_RELEASE = "SUSE Linux Enterprise Server 11 (x86_64)"
 

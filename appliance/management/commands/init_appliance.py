@@ -2,7 +2,7 @@
 
 `make run` runs this on every start, so with an appliance in place it only says so and exits
 successfully, touching nothing. The demo firmware updates (vendor key, feed, license; see
-appliance/demo_updates.py) come with a new appliance, and are added to an existing demo
+appliance/firmware/demo_feed.py) come with a new appliance, and are added to an existing demo
 appliance that lacks them, so older development setups get them too; a real appliance (another
 serial) never gets the demo vendor's key.
 """
@@ -17,10 +17,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from appliance.demo import init_demo
-from appliance.demo_updates import demo_updates_missing, init_demo_updates, is_demo_appliance
-from appliance.errors import ApplianceError, ApplianceExists
-from appliance.paths import appliance_root
-from appliance.system import appliance_exists
+from appliance.firmware.demo_feed import demo_updates_missing, init_demo_updates, is_demo_appliance
+from appliance.system.errors import ApplianceError, ApplianceExists
+from appliance.system.facts import appliance_exists
+from appliance.system.paths import appliance_root
 from events.models import Category, Severity
 from events.services import event_write
 

@@ -12,8 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from appliance import msgstore
-from appliance.errors import ApplianceError
+from appliance.mail import msgstore
+from appliance.system.errors import ApplianceError
 from smtp.delivery import SpoolLocked
 from smtp.server import serve
 

@@ -23,9 +23,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from appliance.atomic import fsync_dir
-from appliance.errors import MalformedApplianceFile
-from appliance.paths import layout
+from appliance.system.atomic import fsync_dir
+from appliance.system.errors import MalformedApplianceFile
+from appliance.system.paths import layout
 
 KEY_BYTES = 32
 MAC_FIELD = "mac"

@@ -3,20 +3,17 @@
 Besides the listener and next hop, this file holds the SMTP log and message tracking log
 retention, which the upgrade guide tells administrators to lower to reclaim disk space. After
 the 2.8.1 conversion the settings live in the 2.8.1 configuration file
-(:mod:`appliance.configconvert`); read and write here use whichever format is on disk.
+(:mod:`appliance.config.configconvert`); read and write here use whichever format is on disk.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from dataclasses import dataclass, fields
-from pathlib import Path
 from xml.sax.saxutils import escape
 
-from appliance.errors import MalformedApplianceFile
-from appliance.paths import layout
-from appliance.safexml import parse_xml
+from appliance.system.errors import MalformedApplianceFile
+from appliance.system.safexml import parse_xml
 
 _SCHEMA_VERSION = "1.0"
 
@@ -91,30 +88,3 @@ def render_smtp_settings(smtp: SmtpSettings) -> bytes:
         lines.append(f"  <{spec.name}>{escape(str(getattr(smtp, spec.name)))}</{spec.name}>")
     lines.append("</smtp>")
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def read_smtp_settings(root: Path | None = None) -> SmtpSettings:
-    """Read the SMTP settings from whichever configuration format is on disk."""
-    # Imported here: configconvert builds on this module's dataclass.
-    from appliance import configconvert
-
-    return configconvert.read_section(
-        root,
-        layout(root).smtp_xml,
-        parse_smtp_settings,
-        lambda config: config.smtp,
-        "SMTP settings",
-    )
-
-
-def write_smtp_settings(smtp: SmtpSettings, root: Path | None = None) -> None:
-    """Validate and atomically write the SMTP settings, in the format on disk."""
-    from appliance import configconvert
-
-    smtp.validate()
-    configconvert.write_section(
-        root,
-        layout(root).smtp_xml,
-        render_smtp_settings(smtp),
-        lambda config: dataclasses.replace(config, smtp=smtp),
-    )

@@ -33,11 +33,14 @@ from typing import Any, Literal
 import psutil
 from django.conf import settings
 
-from appliance import firmware, msgstore, network, policy, rescue
-from appliance.bundle import version_tuple
-from appliance.errors import ApplianceError
-from appliance.paths import layout
-from appliance.system import read_firmware_release
+from appliance.config import policy, store
+from appliance.firmware import firmware
+from appliance.firmware.bundle import version_tuple
+from appliance.mail import msgstore
+from appliance.system import network, rescue
+from appliance.system.errors import ApplianceError
+from appliance.system.facts import read_firmware_release
+from appliance.system.paths import layout
 
 Status = Literal["pass", "warn", "fail", "pending"]
 PASS: Status = "pass"  # noqa: S105 - a check verdict, not a password
@@ -287,7 +290,7 @@ def _check_dhcp(root: Path | None) -> Check:
 
 def _check_file_macros(root: Path | None) -> Check:
     title = "Policy objects using $(FILE)"
-    objects = policy.file_macro_objects(root)
+    objects = store.file_macro_objects(root)
     details: list[str] = []
     problems: list[str] = []
     for obj in objects:

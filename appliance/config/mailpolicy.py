@@ -27,23 +27,22 @@ without a ``quarantine`` element goes to the message store of the default name
 (:data:`DEFAULT_STORES`).
 
 That is the 2.8.0 format; after the 2.8.1 conversion the policy is the ``<mailPolicy>`` section
-of the 2.8.1 configuration file (:mod:`appliance.configconvert`), and read and write here use
+of the 2.8.1 configuration file (:mod:`appliance.config.configconvert`), and read and write here use
 whichever format is on disk.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-from appliance.errors import MalformedApplianceFile
-from appliance.paths import layout
-from appliance.policy import PolicyObject, list_policy_objects
-from appliance.safexml import parse_xml
+from appliance.config.policy import PolicyObject
+from appliance.system.errors import MalformedApplianceFile
+from appliance.system.paths import layout
+from appliance.system.safexml import parse_xml
 
 _SCHEMA_VERSION = "1.0"
 
@@ -146,7 +145,7 @@ def parse_threshold(text: str | None) -> float | None:
 
 
 def parse_mail_policy(data: bytes) -> MailPolicy:
-    """Parse the mail policy file's bytes (safely; see :mod:`appliance.safexml`)."""
+    """Parse the mail policy file's bytes (safely; see :mod:`appliance.system.safexml`)."""
     root = parse_xml(data)
     if root.tag != "mailpolicy":
         raise MalformedApplianceFile(f"mail policy: unexpected root element <{root.tag}>")
@@ -201,33 +200,3 @@ def render_mail_policy(policy: MailPolicy) -> bytes:
             lines.append(f'  <quarantine verdict="{verdict}" store={store}/>')
     lines.append("</mailpolicy>")
     return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-def read_mail_policy(root: Path | None = None) -> MailPolicy:
-    """Read the mail policy from whichever configuration format is on disk.
-
-    :class:`ApplianceNotInitialized` when there is none (no file, or no section in 2.8.1).
-    """
-    # Imported here: configconvert builds on this module's dataclasses.
-    from appliance import configconvert
-
-    return configconvert.read_section(
-        root,
-        mail_policy_path(root),
-        parse_mail_policy,
-        lambda config: config.mail_policy,
-        "mail policy",
-    )
-
-
-def write_mail_policy(policy: MailPolicy, root: Path | None = None) -> None:
-    """Check the policy against the current policy objects, then write it atomically."""
-    from appliance import configconvert
-
-    policy.validate(list_policy_objects(root))
-    configconvert.write_section(
-        root,
-        mail_policy_path(root),
-        render_mail_policy(policy),
-        lambda config: dataclasses.replace(config, mail_policy=policy),
-    )

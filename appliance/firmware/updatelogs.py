@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.atomic import atomic_write_text, fsync_dir
-from appliance.errors import MalformedApplianceFile
-from appliance.paths import layout
+from appliance.system.atomic import atomic_write_text, fsync_dir
+from appliance.system.errors import MalformedApplianceFile
+from appliance.system.paths import layout
 
 
 @dataclass(frozen=True)

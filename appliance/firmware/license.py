@@ -24,17 +24,17 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.atomic import atomic_write_bytes
-from appliance.bundle import (
+from appliance.firmware.bundle import (
     canonical_json,
     key_id,
     public_key_of,
     signing_key_for,
     trusted_keys,
 )
-from appliance.errors import ApplianceError, ApplianceNotInitialized
-from appliance.paths import layout
-from appliance.system import read_firmware_release
+from appliance.system.atomic import atomic_write_bytes
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized
+from appliance.system.facts import read_firmware_release
+from appliance.system.paths import layout
 
 MAX_LICENSE = 64 * 1024
 _FIELDS = ("customer", "serial", "updates_until", "issued_at", "key_id")

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from appliance import msgstore
+from appliance.mail import msgstore
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200

@@ -19,8 +19,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from appliance.atomic import atomic_write_text, fsync_dir
-from appliance.paths import layout
+from appliance.system.atomic import atomic_write_text, fsync_dir
+from appliance.system.paths import layout
 
 # Room kept free beyond the bundle itself, so a download never fills the disk to the last block.
 FREE_SPACE_MARGIN = 64 * 1024 * 1024

@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from appliance.atomic import atomic_open, fsync_dir
-from appliance.errors import ApplianceError
+from appliance.system.atomic import atomic_open, fsync_dir
+from appliance.system.errors import ApplianceError
 
 logger = logging.getLogger(__name__)
 

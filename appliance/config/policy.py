@@ -8,24 +8,23 @@ reader/writer pair is byte-stable so saving unchanged objects does not touch the
 
 Files named by ``$(FILE/...)`` macros are not migrated by the original 2.8.1 upgrade, which is
 why they are listed and read here. After our upgrade the objects live in the 2.8.1 configuration
-file (:mod:`appliance.configconvert`); the functions here read and write whichever format is on
-disk, so their callers do not change.
+file (:mod:`appliance.config.configconvert`); :mod:`appliance.config.store` reads and writes
+them in whichever format is on disk, so their callers do not change.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from appliance.errors import MalformedApplianceFile
-from appliance.paths import appliance_root, layout, resolve_inside
-from appliance.safexml import parse_xml
+from appliance.system.errors import MalformedApplianceFile
+from appliance.system.paths import appliance_root, resolve_inside
+from appliance.system.safexml import parse_xml
 
 FILE_MACRO = re.compile(r"^\$\(FILE(/[^()\x00\n]*)\)$")
 # base64("$(FILE/") starts with this; the guide greps for it.
@@ -81,7 +80,7 @@ def _decode(text: str, obj_id: str) -> str:
 
 
 def parse_policy_objects(data: bytes) -> list[PolicyObject]:
-    """Parse the policy objects file's bytes (safely; see :mod:`appliance.safexml`)."""
+    """Parse the policy objects file's bytes (safely; see :mod:`appliance.system.safexml`)."""
     root = parse_xml(data)
     objects = []
     for element in root.iter("object"):
@@ -122,34 +121,6 @@ def render_policy_objects(objs: Iterable[PolicyObject]) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def list_policy_objects(root: Path | None = None) -> list[PolicyObject]:
-    """All policy objects, in file order, from whichever configuration format is on disk."""
-    # Imported here: configconvert builds on this module's dataclasses.
-    from appliance import configconvert
-
-    objects = configconvert.read_section(
-        root,
-        layout(root).policy_objects_xml,
-        parse_policy_objects,
-        lambda config: config.policy_objects,
-        "policy objects",
-    )
-    return list(objects)
-
-
-def get_policy_object(obj_id: str, root: Path | None = None) -> PolicyObject:
-    """One policy object by id; ``KeyError`` when there is none."""
-    for obj in list_policy_objects(root):
-        if obj.id == obj_id:
-            return obj
-    raise KeyError(obj_id)
-
-
-def file_macro_objects(root: Path | None = None) -> list[PolicyObject]:
-    """The objects whose value is a ``$(FILE/...)`` macro: the files to back up before upgrading."""
-    return [obj for obj in list_policy_objects(root) if obj.file_path is not None]
-
-
 def object_file(obj: PolicyObject, root: Path | None = None) -> Path:
     """Host path of the file a macro object refers to, confined to the appliance root."""
     if obj.file_path is None:
@@ -169,16 +140,3 @@ def read_object_lines(obj: PolicyObject, root: Path | None = None) -> list[str]:
         text = obj.value
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
-
-
-def write_policy_objects(objs: Iterable[PolicyObject], root: Path | None = None) -> None:
-    """Atomically replace the policy objects with ``objs``, in the format on disk."""
-    from appliance import configconvert
-
-    objs = tuple(objs)
-    configconvert.write_section(
-        root,
-        layout(root).policy_objects_xml,
-        render_policy_objects(objs),
-        lambda config: dataclasses.replace(config, policy_objects=objs),
-    )

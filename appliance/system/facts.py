@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.atomic import atomic_write_text
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
-from appliance.paths import layout
+from appliance.system.atomic import atomic_write_text
+from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.paths import layout
 
 # The order firmware-release keys are written in; unknown keys keep their place after these.
 FIRMWARE_KEYS = ("FIRMWARE_VERSION", "MODEL", "BUILD", "SERIAL")

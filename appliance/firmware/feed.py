@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from appliance.atomic import atomic_open, atomic_write_bytes, exclusive_lock
-from appliance.bundle import (
+from appliance.firmware.bundle import (
     MAX_MANIFEST,
     MAX_PAYLOAD,
     SIGNATURE_SIZE,
@@ -33,7 +32,8 @@ from appliance.bundle import (
     read_manifest_unverified,
     version_tuple,
 )
-from appliance.errors import ApplianceError
+from appliance.system.atomic import atomic_open, atomic_write_bytes, exclusive_lock
+from appliance.system.errors import ApplianceError
 
 FEED_FILE = "feed.json"
 FEED_FORMAT = 1

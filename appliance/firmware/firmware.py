@@ -45,11 +45,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance import bundle as _bundle
-from appliance.atomic import atomic_write_text, exclusive_lock, fsync_dir
-from appliance.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
-from appliance.paths import Layout, layout
-from appliance.system import parse_key_values, read_firmware_release, write_firmware_release
+from appliance.firmware import bundle as _bundle
+from appliance.system.atomic import atomic_write_text, exclusive_lock, fsync_dir
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.facts import parse_key_values, read_firmware_release, write_firmware_release
+from appliance.system.paths import Layout, layout
 
 STATE_FORMAT = 1
 INSTALLING = "installing"

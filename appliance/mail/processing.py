@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance import msgstore
-from appliance.errors import MalformedApplianceFile
+from appliance.mail import msgstore
+from appliance.system.errors import MalformedApplianceFile
 
 COUNTERS = ("received", "delivered", "quarantined", "rejected", "virus", "spam")
 

@@ -19,7 +19,7 @@ Two formats exist, and every reader and writer here works on both:
   the line does not start with one) and ``response`` (the rest), which is lossless:
   ``status || ' ' || response`` is the old line. ``PRAGMA user_version`` is 20801.
 
-The conversion is :mod:`appliance.msgmigrate`'s; the format is always read from the file.
+The conversion is :mod:`appliance.mail.msgmigrate`'s; the format is always read from the file.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
-from appliance.paths import layout
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.paths import layout
 
 FORMAT_VERSION = "2.8.0"
 FORMAT_2_8_1 = "2.8.1"
@@ -382,7 +382,7 @@ def split_status(line: str) -> tuple[int | None, str]:
     """``"250 2.0.0 Ok"`` -> ``(250, "2.0.0 Ok")``; a line without a leading code stays whole.
 
     The inverse of :func:`join_status`, so the split loses nothing (the SQL in
-    :mod:`appliance.msgmigrate` does the same for the bulk conversion).
+    :mod:`appliance.mail.msgmigrate` does the same for the bulk conversion).
     """
     code = line[:3]
     if len(line) >= 4 and line[3] == " " and code.isdigit() and code[0] in "2345":

@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance import msgstore
-from appliance.paths import layout
-from appliance.smtp import read_smtp_settings, write_smtp_settings
+from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.mail import msgstore
+from appliance.system.paths import layout
 
 DAY = 86_400
 # How long a purge transaction waits for the mail service's write lock, as long as the service

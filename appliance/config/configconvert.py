@@ -69,25 +69,25 @@ from typing import TypeVar
 
 from lxml import etree
 
-from appliance.atomic import atomic_write_bytes, fsync_dir
-from appliance.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
-from appliance.mailpolicy import (
+from appliance.config.mailpolicy import (
     QUARANTINE_VERDICTS,
     MailPolicy,
     PolicyRule,
     parse_mail_policy,
     parse_threshold,
 )
-from appliance.paths import appliance_root, layout, resolve_inside
-from appliance.policy import (
+from appliance.config.policy import (
     FILE_MACRO,
     PolicyObject,
     file_macro,
     parse_policy_objects,
     render_policy_objects,
 )
-from appliance.safexml import parse_xml
-from appliance.smtp import SmtpSettings, parse_smtp_settings
+from appliance.config.smtp import SmtpSettings, parse_smtp_settings
+from appliance.system.atomic import atomic_write_bytes, fsync_dir
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.paths import appliance_root, layout, resolve_inside
+from appliance.system.safexml import parse_xml
 
 CONFIG_FORMATS = ("2.8.0", "2.8.1")
 CURRENT_FORMAT = "2.8.1"
@@ -379,7 +379,7 @@ def _parse_smtp(section: etree._Element) -> SmtpSettings:
 
 
 def parse_config(data: bytes) -> Configuration:
-    """Parse a 2.8.1 configuration file (safely, see :mod:`appliance.safexml`)."""
+    """Parse a 2.8.1 configuration file (safely, see :mod:`appliance.system.safexml`)."""
     root = parse_xml(data)
     if root.tag != "mailsecConfig":
         raise MalformedApplianceFile(f"2.8.1 configuration: unexpected root <{root.tag}>")
@@ -593,7 +593,7 @@ def convert_files(files: Mapping[str, bytes], source_format: str) -> dict[str, b
     replaced by the 2.8.1 file; every other entry is passed through unchanged. A ``$(FILE)``
     list's digest is recorded when the list is among ``files`` (as ``etc/...`` or
     ``files/etc/...``). Raises :class:`ConfigConvertError`, or the XML errors of
-    :mod:`appliance.safexml`, with a clear message on bad input.
+    :mod:`appliance.system.safexml`, with a clear message on bad input.
     """
     if source_format not in CONFIG_FORMATS:
         raise ConfigConvertError(

@@ -51,25 +51,26 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from lxml import etree
 
-from appliance import msgstore, network
-from appliance.atomic import atomic_write_bytes, atomic_write_text, exclusive_lock, fsync_dir
-from appliance.backupmac import MAC_FIELD, appliance_key, backup_mac, mac_valid
-from appliance.errors import (
+from appliance.config.backupmac import MAC_FIELD, appliance_key, backup_mac, mac_valid
+from appliance.config.smtp import SmtpSettings
+from appliance.mail import msgstore
+from appliance.system import network
+from appliance.system.atomic import atomic_write_bytes, atomic_write_text, exclusive_lock, fsync_dir
+from appliance.system.errors import (
     ApplianceError,
     ApplianceNotInitialized,
     MalformedApplianceFile,
     UnsafeXMLError,
 )
-from appliance.paths import Layout, appliance_root, layout, resolve_inside
-from appliance.safexml import parse_xml
-from appliance.smtp import SmtpSettings
-from appliance.system import parse_key_values, read_appliance_text, read_firmware_release
+from appliance.system.facts import parse_key_values, read_appliance_text, read_firmware_release
+from appliance.system.paths import Layout, appliance_root, layout, resolve_inside
+from appliance.system.safexml import parse_xml
 
 MAGIC = b"LMIBAK1\n"
 FORMAT = 1
 SUFFIX = ".lmibak"
 TRIGGERS = ("manual", "scheduled", "pre-install", "upload")
-# The configuration format the 2.8.0 firmware writes; appliance.configconvert knows the others.
+# The configuration format the 2.8.0 firmware writes; configconvert knows the others.
 BASE_CONFIG_FORMAT = "2.8.0"
 
 MAX_BACKUP_BYTES = 64 * 1024 * 1024
@@ -289,7 +290,7 @@ def _running_firmware(root: Path) -> str:
 def _configconvert() -> Any:
     """The configuration converter, or None while the firmware knows only one format."""
     try:
-        from appliance import configconvert
+        from appliance.config import configconvert
     except ImportError:
         return None
     return configconvert
@@ -326,7 +327,7 @@ def _plain_files(directory: Path, pattern: str) -> list[Path]:
 
 def _macro_files(root: Path) -> dict[str, Path]:
     """``{relative path: host path}`` of the files named by $(FILE) macros on this appliance."""
-    from appliance.policy import file_macro_objects
+    from appliance.config.store import file_macro_objects
 
     try:
         objects = file_macro_objects(root)
@@ -1067,7 +1068,7 @@ def _name_problem(kind: str, name: object) -> str:
 
 
 def _check_settings(data: bytes) -> dict[str, Any]:
-    from appliance.retention import MAX_RETENTION_DAYS
+    from appliance.mail.retention import MAX_RETENTION_DAYS
 
     settings = _loads(data, "appliance settings")
     stores = settings.get("store_retention") if isinstance(settings, dict) else None
@@ -1103,7 +1104,7 @@ def _scratch_root(files: dict[str, bytes]) -> Iterator[Path]:
 
 def _backup_macros(files: dict[str, bytes]) -> list[tuple[str, str]]:
     """``(object name, appliance path)`` of the $(FILE) macros in a backup's policy objects."""
-    from appliance.policy import list_policy_objects
+    from appliance.config.store import list_policy_objects
 
     with _scratch_root({k: v for k, v in files.items() if k.startswith(_CPE)}) as scratch:
         try:
@@ -1186,7 +1187,7 @@ def _check_paths(files: dict[str, bytes], root: Path) -> None:
 
 
 def _check_firmware(header: BackupHeader, running: str) -> None:
-    from appliance.bundle import version_tuple
+    from appliance.firmware.bundle import version_tuple
 
     try:
         made = version_tuple(header.firmware_version)
@@ -1357,7 +1358,8 @@ def _items(section: str, before: dict[str, str], after: dict[str, str]) -> list[
 
 def _describe_objects(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     """``({name: "type: value [file]"}, {id: name})`` of a root's policy objects."""
-    from appliance.policy import list_policy_objects, object_file
+    from appliance.config.policy import object_file
+    from appliance.config.store import list_policy_objects
 
     try:
         objects = list_policy_objects(root)
@@ -1378,7 +1380,7 @@ def _describe_objects(root: Path) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def _describe_policy(root: Path, names: dict[str, str]) -> dict[str, str]:
-    from appliance.mailpolicy import read_mail_policy
+    from appliance.config.store import read_mail_policy
 
     try:
         policy = read_mail_policy(root)
@@ -1403,7 +1405,7 @@ def _describe_policy(root: Path, names: dict[str, str]) -> dict[str, str]:
 
 
 def _describe_smtp(root: Path) -> dict[str, str]:
-    from appliance.smtp import read_smtp_settings
+    from appliance.config.store import read_smtp_settings
 
     try:
         smtp = read_smtp_settings(root)
@@ -1701,7 +1703,7 @@ def backup_restore(
     and network directories only). An error rolls everything back; a crash is rolled forward by
     :func:`restore_recover` from the journal. Restores are serialised with a lock.
 
-    An unverified backup (see :mod:`appliance.backupmac`) is restored only when ``confirmed``
+    An unverified backup (see :mod:`appliance.config.backupmac`) is restored only when ``confirmed``
     holds every file the plan writes, as :func:`restore_plan` listed them
     (:class:`ConfirmationRequired` otherwise, nothing changed).
     """

@@ -46,10 +46,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from appliance import msgstore
-from appliance.atomic import atomic_write_text, exclusive_lock, fsync_dir
-from appliance.errors import ApplianceError, MalformedApplianceFile
-from appliance.paths import layout
+from appliance.mail import msgstore
+from appliance.system.atomic import atomic_write_text, exclusive_lock, fsync_dir
+from appliance.system.errors import ApplianceError, MalformedApplianceFile
+from appliance.system.paths import layout
 
 OLD_FORMAT = msgstore.FORMAT_VERSION
 NEW_FORMAT = msgstore.FORMAT_2_8_1

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from appliance.atomic import atomic_write_text
-from appliance.errors import ApplianceNotInitialized, MalformedApplianceFile
-from appliance.paths import Layout, layout
-from appliance.system import parse_key_values, read_appliance_text, shown_path
+from appliance.system.atomic import atomic_write_text
+from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.facts import parse_key_values, read_appliance_text, shown_path
+from appliance.system.paths import Layout, layout
 
 Mode = Literal["dhcp", "static"]
 

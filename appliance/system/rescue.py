@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.atomic import atomic_open, atomic_write_text, exclusive_lock, fsync_dir
-from appliance.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
-from appliance.paths import Layout, layout
-from appliance.system import parse_key_values
+from appliance.system.atomic import atomic_open, atomic_write_text, exclusive_lock, fsync_dir
+from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.facts import parse_key_values
+from appliance.system.paths import Layout, layout
 
 MANIFEST_FORMAT = 1
 # Within a large file, report progress at most this often (plus once per file).
@@ -446,7 +446,7 @@ def _roll_forward(the_layout: Layout, journal: dict[str, Any]) -> None:
         _restore_step(staged_etc, the_layout.etc_dir)
         fsync_dir(root)
     with contextlib.suppress(ImportError, ApplianceError, ValueError):
-        from appliance.firmware import slot_seal
+        from appliance.firmware.firmware import slot_seal
 
         slot_seal(journal["slot"], root)  # the restored slot counts as bootable for a rollback
     _remove_tree(old_etc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from lxml import etree
 
-from appliance.errors import MalformedApplianceFile, UnsafeXMLError
+from appliance.system.errors import MalformedApplianceFile, UnsafeXMLError
 
 
 def _parser() -> etree.XMLParser:

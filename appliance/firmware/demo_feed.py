@@ -30,8 +30,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 
 from appliance import demo
-from appliance.atomic import atomic_write_text, exclusive_lock
-from appliance.bundle import (
+from appliance.firmware.bundle import (
     BundleError,
     build_bundle,
     decode_key,
@@ -40,11 +39,12 @@ from appliance.bundle import (
     public_key_of,
     read_manifest,
 )
-from appliance.errors import ApplianceNotInitialized
-from appliance.feed import FEED_FILE, FeedError, bundle_file_name, parse_feed, publish
-from appliance.license import install_license, license_status, sign_license
-from appliance.paths import layout
-from appliance.system import parse_key_values, read_firmware_release
+from appliance.firmware.feed import FEED_FILE, FeedError, bundle_file_name, parse_feed, publish
+from appliance.firmware.license import install_license, license_status, sign_license
+from appliance.system.atomic import atomic_write_text, exclusive_lock
+from appliance.system.errors import ApplianceNotInitialized
+from appliance.system.facts import parse_key_values, read_firmware_release
+from appliance.system.paths import layout
 
 VENDOR_DIR = "demo-vendor"
 PRIVATE_KEY_FILE = "vendor.key"
