@@ -7,8 +7,6 @@ passphrase only ever travels in a POST body.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from django.contrib import messages
@@ -18,7 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from accounts.roles import is_administrator
+from accounts.roles import READ_ONLY_REFUSAL, is_administrator
 from appliance.config import configbackup
 from appliance.config.configbackup import (
     BackupError,
@@ -29,21 +27,11 @@ from appliance.config.configbackup import (
 from appliance.system.errors import ApplianceError
 from backups import selectors, services
 from backups.forms import CreateBackupForm, PassphraseForm, ScheduleForm, UploadBackupForm
+from lmi.actions import act, administrators_only
 
-READ_ONLY = "Your account is read-only: ask an administrator to make this change."
 PAGE = "backups:system"
 # Error reports (a 500 mailed to the admins) must not carry a passphrase.
 hides_passphrases = sensitive_post_parameters("passphrase", "passphrase_again")
-
-
-def administrators_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    @wraps(view)
-    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if not is_administrator(request.user):
-            return HttpResponseForbidden(READ_ONLY)
-        return view(request, *args, **kwargs)
-
-    return wrapped
 
 
 def _form_errors(request: HttpRequest, form: Any) -> None:
@@ -128,17 +116,19 @@ def config_create(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         _form_errors(request, form)
         return redirect(PAGE)
-    try:
-        header = services.config_backup_create(
+    act(
+        request,
+        lambda: services.config_backup_create(
             user=request.user,
             comment=form.cleaned_data["comment"],
             passphrase=form.cleaned_data["passphrase"] or None,
-        )
-    except BackupError as exc:
-        messages.error(request, str(exc))
-    else:
-        how = " (encrypted)" if header.encrypted else ""
-        messages.success(request, f"Configuration backup {header.name} created{how}.")
+        ),
+        BackupError,
+        lambda header: (
+            f"Configuration backup {header.name} created"
+            f"{' (encrypted)' if header.encrypted else ''}."
+        ),
+    )
     return redirect(PAGE)
 
 
@@ -242,7 +232,7 @@ def config_restore(request: HttpRequest, name: str) -> HttpResponse:
     header = _header_or_404(name)
     if request.method == "POST":
         if not is_administrator(request.user):
-            return HttpResponseForbidden(READ_ONLY)
+            return HttpResponseForbidden(READ_ONLY_REFUSAL)
         passphrase = _passphrase(request)
         if request.POST.get("action") == "restore":
             try:
@@ -277,12 +267,12 @@ def config_restore(request: HttpRequest, name: str) -> HttpResponse:
 @administrators_only
 def config_delete(request: HttpRequest, name: str) -> HttpResponse:
     """Delete one configuration backup."""
-    try:
-        services.config_backup_delete(user=request.user, name=name)
-    except BackupError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Configuration backup {name} deleted.")
+    act(
+        request,
+        lambda: services.config_backup_delete(user=request.user, name=name),
+        BackupError,
+        f"Configuration backup {name} deleted.",
+    )
     return redirect(PAGE)
 
 
@@ -312,12 +302,12 @@ def schedule(request: HttpRequest) -> HttpResponse:
 @administrators_only
 def system_create(request: HttpRequest) -> HttpResponse:
     """Create System Backup: a job writes a new image onto the rescue partition."""
-    try:
-        services.system_backup_start(user=request.user)
-    except (BackupError, ApplianceError) as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, "Creating the system backup image.")
+    act(
+        request,
+        lambda: services.system_backup_start(user=request.user),
+        (BackupError, ApplianceError),
+        "Creating the system backup image.",
+    )
     return redirect(PAGE)
 
 
@@ -325,10 +315,10 @@ def system_create(request: HttpRequest) -> HttpResponse:
 @administrators_only
 def system_restore(request: HttpRequest) -> HttpResponse:
     """Restore System Backup: a job returns the system and configuration to the image."""
-    try:
-        services.system_restore_start(user=request.user)
-    except (BackupError, ApplianceError) as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, "Restoring the system from the system backup image.")
+    act(
+        request,
+        lambda: services.system_restore_start(user=request.user),
+        (BackupError, ApplianceError),
+        "Restoring the system from the system backup image.",
+    )
     return redirect(PAGE)

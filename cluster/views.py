@@ -12,10 +12,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from accounts.roles import is_administrator
+from accounts.roles import READ_ONLY_REFUSAL, is_administrator
 from cluster import selectors, services
 from cluster.forms import JoinForm
-from upgrades.views import READ_ONLY, administrators_only
+from lmi.actions import act, administrators_only
 
 
 def _context(request: HttpRequest, **extra: object) -> dict[str, object]:
@@ -59,12 +59,12 @@ def join(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         messages.error(request, "Enter the join token created on Cluster Central.")
         return redirect("cluster:index")
-    try:
-        link = services.cluster_join_request(token=form.cleaned_data["token"], user=request.user)
-    except services.ClusterError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Asked Cluster Central {link.central} to accept this node.")
+    act(
+        request,
+        lambda: services.cluster_join_request(token=form.cleaned_data["token"], user=request.user),
+        services.ClusterError,
+        lambda link: f"Asked Cluster Central {link.central} to accept this node.",
+    )
     return redirect("cluster:index")
 
 
@@ -93,15 +93,13 @@ def member_remove(request: HttpRequest, node: str) -> HttpResponse:
     """
     if request.method == "POST":
         if not is_administrator(request.user):
-            return HttpResponseForbidden(READ_ONLY)
-        try:
-            services.member_remove(node=node, user=request.user)
-        except services.ClusterError as exc:
-            messages.error(request, str(exc))
-        else:
-            messages.success(
-                request, f"Removed {node} from the cluster: it must join again with a new token."
-            )
+            return HttpResponseForbidden(READ_ONLY_REFUSAL)
+        act(
+            request,
+            lambda: services.member_remove(node=node, user=request.user),
+            services.ClusterError,
+            f"Removed {node} from the cluster: it must join again with a new token.",
+        )
         return redirect("cluster:index")
     member = selectors.member_for_removal(node)
     if member is None:

@@ -20,10 +20,10 @@ from django.views.decorators.http import require_GET, require_POST
 
 from appliance.system import network
 from appliance.system.errors import ApplianceError
+from lmi.actions import act, administrators_only
 from upgrades import install, install_status, preflight_services, selectors
 from upgrades.models import InstallRun, InstallState, InstallTrigger
 from upgrades.story import update_story
-from upgrades.views import administrators_only
 
 BREADCRUMB = "Updates > Updates & Licensing > Install"
 # Checks whose remedy is freeing disk space: they link to retention and the reclaim planner.
@@ -145,12 +145,12 @@ def install_run_partial(request: HttpRequest, run_id: int) -> HttpResponse:
 def install_abort(request: HttpRequest, run_id: int) -> HttpResponse:
     """Abort while in phases 1-2: the staged system is discarded, the appliance is untouched."""
     _run_or_404(run_id)
-    try:
-        run = install.install_abort(user=request.user, run_id=run_id)
-    except install.InstallError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Aborting the install of firmware {run.version}.")
+    act(
+        request,
+        lambda: install.install_abort(user=request.user, run_id=run_id),
+        install.InstallError,
+        lambda run: f"Aborting the install of firmware {run.version}.",
+    )
     return redirect("upgrades:install_run", run_id=run_id)
 
 
@@ -159,16 +159,15 @@ def install_abort(request: HttpRequest, run_id: int) -> HttpResponse:
 def install_pin_interface(request: HttpRequest) -> HttpResponse:
     """Pin a DHCP interface's current address as static for the upgrade."""
     name = request.POST.get("interface", "")
-    try:
-        pinned = preflight_services.interface_pin_static(user=request.user, interface=name)
-    except preflight_services.PinRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(
-            request,
-            f"Interface {pinned.name} now keeps {pinned.cidr} as a static address. Return it to "
-            f"DHCP after the upgrade.",
-        )
+    act(
+        request,
+        lambda: preflight_services.interface_pin_static(user=request.user, interface=name),
+        preflight_services.PinRefused,
+        lambda pinned: (
+            f"Interface {pinned.name} now keeps {pinned.cidr} as a static address. "
+            "Return it to DHCP after the upgrade."
+        ),
+    )
     return redirect("upgrades:install")
 
 
@@ -177,12 +176,12 @@ def install_pin_interface(request: HttpRequest) -> HttpResponse:
 def install_unpin_interface(request: HttpRequest) -> HttpResponse:
     """Return an interface pinned for the upgrade to DHCP."""
     name = request.POST.get("interface", "")
-    try:
-        restored = preflight_services.interface_unpin(user=request.user, interface=name)
-    except preflight_services.PinRefused as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Interface {restored.name} is on DHCP again.")
+    act(
+        request,
+        lambda: preflight_services.interface_unpin(user=request.user, interface=name),
+        preflight_services.PinRefused,
+        lambda restored: f"Interface {restored.name} is on DHCP again.",
+    )
     return redirect("upgrades:install")
 
 

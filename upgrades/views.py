@@ -6,37 +6,21 @@ administrators only (the read-only middleware refuses them earlier too).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import wraps
-from typing import Any
-
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from accounts.roles import is_administrator
 from appliance.firmware import updatelogs
 from appliance.system.errors import ApplianceError
 from appliance.system.facts import system_info
+from lmi.actions import act, administrators_only
 from upgrades import selectors, services
 from upgrades.forms import DownloadForm, LicenseUploadForm, UpdateSettingsForm
 from upgrades.models import CheckTrigger, DownloadTrigger
 from upgrades.notifications import update_notices
 from upgrades.story import update_story
-
-READ_ONLY = "Your account is read-only: ask an administrator to make this change."
-
-
-def administrators_only(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
-    @wraps(view)
-    def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if not is_administrator(request.user):
-            return HttpResponseForbidden(READ_ONLY)
-        return view(request, *args, **kwargs)
-
-    return wrapped
 
 
 def _download_context() -> dict[str, object]:
@@ -113,16 +97,16 @@ def download(request: HttpRequest) -> HttpResponse:
     if not form.is_valid():
         messages.error(request, "That is not a firmware version.")
         return redirect("upgrades:index")
-    try:
-        started = services.download_start(
+    act(
+        request,
+        lambda: services.download_start(
             user=request.user,
             trigger=DownloadTrigger.USER,
             version=form.cleaned_data["version"] or None,
-        )
-    except services.UpdateError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"Downloading firmware {started.version}.")
+        ),
+        services.UpdateError,
+        lambda started: f"Downloading firmware {started.version}.",
+    )
     return redirect("upgrades:index")
 
 
@@ -130,12 +114,12 @@ def download(request: HttpRequest) -> HttpResponse:
 @administrators_only
 def cancel(request: HttpRequest) -> HttpResponse:
     """Cancel the download in progress; its part file is deleted."""
-    try:
-        cancelled = services.download_cancel(user=request.user)
-    except services.UpdateError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, f"The download of firmware {cancelled.version} was cancelled.")
+    act(
+        request,
+        lambda: services.download_cancel(user=request.user),
+        services.UpdateError,
+        lambda cancelled: f"The download of firmware {cancelled.version} was cancelled.",
+    )
     return redirect("upgrades:index")
 
 
@@ -161,16 +145,16 @@ def license_upload(request: HttpRequest) -> HttpResponse:
             for error in errors:
                 messages.error(request, error)
         return redirect("upgrades:index")
-    try:
-        installed = services.license_install(form.cleaned_data["license_file"], user=request.user)
-    except services.UpdateError as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(
-            request,
+    installed = act(
+        request,
+        lambda: services.license_install(form.cleaned_data["license_file"], user=request.user),
+        services.UpdateError,
+        lambda installed: (
             f"License installed for {installed.customer}: firmware updates until "
-            f"{installed.updates_until:%Y-%m-%d}.",
-        )
+            f"{installed.updates_until:%Y-%m-%d}."
+        ),
+    )
+    if installed is not None:
         lic = selectors.license_view()
         if not lic.entitled:
             messages.warning(request, f"{lic.reason} Firmware downloads stay refused.")
