@@ -23,7 +23,6 @@ from datetime import timedelta
 from typing import IO, Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.template.defaultfilters import filesizeformat
@@ -51,12 +50,11 @@ from backups.models import (
     SystemJobState,
 )
 from events.models import Category, Severity
-from events.services import event_write, username_of
+from events.services import User, event_write, username_of
 from lmi import celery as lmi_celery
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser | str
 
 PASSPHRASE_MIN = 8
 PASSPHRASE_MAX = 1024

@@ -17,6 +17,9 @@ logger = logging.getLogger("lmi.events")
 
 # Keys whose values must never reach the event log (or the process log), whatever the caller
 # passes: the log is readable by read-only users and exported as CSV.
+# Whoever acted: a signed-in user, a name (a command, "system"), or an anonymous request.
+User = AbstractBaseUser | AnonymousUser | str
+
 SECRET_KEYS = frozenset({"password", "passphrase", "secret", "token", "key", "api_key"})
 
 
@@ -33,7 +36,7 @@ def _scrub(details: Mapping[str, Any]) -> dict[str, Any]:
     return clean
 
 
-def username_of(user: AbstractBaseUser | AnonymousUser | str | None) -> str:
+def username_of(user: User | None) -> str:
     """The name an event or a job records for whoever acted: a user, a name, or nobody."""
     if isinstance(user, str):
         return user

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.template.defaultfilters import filesizeformat
@@ -25,7 +24,7 @@ from django.utils import timezone
 
 from appliance.mail import retention
 from events.models import Category, Severity
-from events.services import event_write, username_of
+from events.services import User, event_write, username_of
 from lmi import celery as lmi_celery
 from mailsecurity.models import (
     ACTIVE_STATES,
@@ -37,7 +36,6 @@ from mailsecurity.models import (
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser | str
 
 # A running purge reports progress at least this often; one silent for STALE_AFTER was lost
 # (its worker was killed) and is marked failed so that purges can start again.

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-
 from appliance.config.smtp import SmtpSettings
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system import maintenance
 from appliance.system.maintenance import MaintenanceState
 from events.models import Category, Severity
-from events.services import event_write, username_of
+from events.services import User, event_write, username_of
 
-User = AbstractBaseUser | AnonymousUser | str
 DEFAULT_REASON = "Maintenance"
 
 

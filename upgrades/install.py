@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F
 from django.db.models.functions import Coalesce
@@ -45,7 +44,7 @@ from appliance.firmware import spool, updatelogs
 from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
-from events.services import event_write, username_of
+from events.services import User, event_write, username_of
 from lmi import celery as lmi_celery
 from upgrades import leases, selectors
 from upgrades.models import (
@@ -67,7 +66,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser | str
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes of one phase
 PHASE10_RETRY_MAX = 60  # seconds between retries of a failed commit

@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import IntegrityError, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
@@ -39,7 +38,7 @@ from appliance.firmware import license as appliance_license
 from appliance.firmware import spool
 from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
-from events.services import event_write, username_of
+from events.services import User, event_write, username_of
 from lmi import celery as lmi_celery
 from lmi.progress import RateMeter
 from upgrades import http, leases, selectors
@@ -58,7 +57,6 @@ from upgrades.models import (
 
 logger = logging.getLogger(__name__)
 
-User = AbstractBaseUser | AnonymousUser | str
 
 # An executor renews its lease with every progress write (PROGRESS_INTERVAL); one silent for
 # LEASE_SECONDS is gone (its worker was killed) and another may take the download over. The
