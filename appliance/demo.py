@@ -23,7 +23,7 @@ from appliance.config.mailpolicy import MailPolicy, PolicyRule
 from appliance.config.policy import PolicyObject, file_macro
 from appliance.config.smtp import SmtpSettings
 from appliance.config.store import write_mail_policy, write_policy_objects, write_smtp_settings
-from appliance.mail import msgstore, processing
+from appliance.mail import demo_store, msgstore, processing
 from appliance.system import rescue
 from appliance.system.atomic import atomic_write_bytes, atomic_write_text
 from appliance.system.errors import ApplianceExists
@@ -110,13 +110,13 @@ def _policy_objects() -> list[PolicyObject]:
         obj("Maximum message size", "sizelimit", str(20 * 1024 * 1024)),
         obj("Large attachment", "sizelimit", str(10 * 1024 * 1024)),
         # A message store object names its store; its retention lives in the message store.
-        *(obj(name, "messagestore", name) for name, _, _, _ in msgstore.DEMO_STORES),
+        *(obj(name, "messagestore", name) for name, _, _, _ in demo_store.DEMO_STORES),
     ]
 
 
 def _mail_policy() -> MailPolicy:
     """What the mail service applies: the demo's lists, size limit, keywords and stores."""
-    store_ids = {verdict: _object_id(name) for name, _, verdict, _ in msgstore.DEMO_STORES}
+    store_ids = {verdict: _object_id(name) for name, _, verdict, _ in demo_store.DEMO_STORES}
     return MailPolicy(
         rules=(
             PolicyRule("sender-block", _object_id("Blocked senders")),
@@ -290,7 +290,7 @@ def init_demo(
 
     msgstore.create(base)
     appliance_key(base, create=True)  # an appliance has its backup key from its first start
-    msgstore.fill_demo(base, messages=messages, seed=seed)
+    demo_store.fill_demo(base, messages=messages, seed=seed)
     processing.fill_demo_minutes(base, days=graph_days, seed=seed)
 
     _write_system(the_layout, seed)

@@ -14,17 +14,19 @@ from ninja.files import UploadedFile
 
 from api.auth import require_administrator
 from api.schemas import Problem
-from appliance.config import configbackup
-from appliance.config.configbackup import (
+from appliance.config import backupformat, configbackup
+from appliance.config.backupformat import (
     BackupError,
     BackupHeader,
     BackupRejected,
-    ConfirmationRequired,
     PassphraseRequired,
     WrongPassphrase,
 )
+from appliance.config.backuprestore import ConfirmationRequired
 from backups import selectors, services
-from backups.models import SystemBackupJob
+from backups.models import SYSTEM_BACKUP
+from jobs import engine as jobs_engine
+from jobs.models import Job
 
 router = Router(tags=["backups"])
 
@@ -130,10 +132,11 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _job(job: SystemBackupJob) -> dict[str, Any]:
+def _job(job: Job) -> dict[str, Any]:
+    shown = jobs_engine.job_dict(job)
     return {
         "id": job.pk,
-        "kind": job.kind,
+        "kind": "create" if job.kind == SYSTEM_BACKUP else "restore",
         "state": job.state,
         "requested_by": job.requested_by,
         "created_at": job.created_at.isoformat(),
@@ -141,9 +144,9 @@ def _job(job: SystemBackupJob) -> dict[str, Any]:
         "finished_at": _iso(job.finished_at),
         "bytes_done": job.bytes_done,
         "bytes_total": job.bytes_total,
-        "percent": round(job.percent, 2),
+        "percent": shown["percent"],
         "error": job.error,
-        "firmware_version": job.firmware_version,
+        "firmware_version": job.details.get("firmware_version", ""),
     }
 
 
@@ -268,7 +271,7 @@ def config_restore(request: HttpRequest, name: str, payload: RestoreIn | None = 
             user=request.auth,  # type: ignore[attr-defined]
             name=name,
             passphrase=payload.passphrase or None,
-            confirmed=payload.confirm_files[: configbackup.MAX_MEMBERS],
+            confirmed=payload.confirm_files[: backupformat.MAX_MEMBERS],
         )
     except ConfirmationRequired as exc:
         return Status(409, {"detail": str(exc), "files": exc.files})

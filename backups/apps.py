@@ -6,3 +6,8 @@ class BackupsConfig(AppConfig):
 
     name = "backups"
     verbose_name = "Backup & Restore"
+
+    def ready(self) -> None:
+        from backups import services
+
+        services.register_job_kinds()

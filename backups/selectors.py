@@ -6,10 +6,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from appliance.config import configbackup
-from appliance.config.configbackup import BackupHeader, DiffItem
+from appliance.config.backupdiff import DiffItem
+from appliance.config.backupformat import BackupHeader
 from appliance.system import rescue
 from appliance.system.errors import ApplianceError
-from backups.models import ACTIVE_STATES, BackupSettings, SystemBackupJob
+from backups.models import SYSTEM_KINDS, BackupSettings
+from jobs.models import ACTIVE_STATES, Job
 
 
 @dataclass(frozen=True)
@@ -48,16 +50,16 @@ def system_image() -> SystemImageView:
         return SystemImageView(None, f"The system backup image cannot be read: {exc}")
 
 
-def active_system_job() -> SystemBackupJob | None:
-    return SystemBackupJob.objects.filter(state__in=ACTIVE_STATES).first()
+def active_system_job() -> Job | None:
+    return Job.objects.filter(kind__in=SYSTEM_KINDS, state__in=ACTIVE_STATES).first()
 
 
-def latest_system_job() -> SystemBackupJob | None:
-    return SystemBackupJob.objects.first()
+def latest_system_job() -> Job | None:
+    return Job.objects.filter(kind__in=SYSTEM_KINDS).first()
 
 
-def system_job(job_id: int) -> SystemBackupJob | None:
-    return SystemBackupJob.objects.filter(pk=job_id).first()
+def system_job(job_id: int) -> Job | None:
+    return Job.objects.filter(kind__in=SYSTEM_KINDS, pk=job_id).first()
 
 
 def diff_sections(items: Iterable[DiffItem]) -> list[tuple[str, list[DiffItem]]]:

@@ -16,42 +16,34 @@ that starts, or by any start once its heartbeat has lapsed.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import IO, Any
 
-from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import transaction
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from appliance.config import configbackup
-from appliance.config.configbackup import (
-    BackupError,
-    BackupHeader,
-    BackupRejected,
-    ConfirmationRequired,
-    DiffItem,
-    LoadedBackup,
-    RestoreResult,
-)
+from appliance.config import backupdiff, backuprestore, configbackup
+from appliance.config.backupdiff import DiffItem
+from appliance.config.backupformat import BackupError, BackupHeader, BackupRejected
+from appliance.config.backuprestore import ConfirmationRequired, RestoreResult
+from appliance.config.configbackup import LoadedBackup
 from appliance.system import rescue
 from appliance.system.errors import ApplianceError
 from backups.models import (
-    ACTIVE_STATES,
     KEEP_LAST_MAX,
+    RESCUE_GROUP,
+    SYSTEM_BACKUP,
+    SYSTEM_RESTORE,
     BackupSettings,
-    SystemBackupJob,
-    SystemJobKind,
-    SystemJobState,
 )
 from events.models import Category, Severity
 from events.services import User, event_write, username_of
-from lmi import celery as lmi_celery
+from jobs import engine as jobs_engine
+from jobs import registry as jobs_registry
+from jobs.models import Job, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +55,6 @@ COMMENT_MAX = 200
 PRE_INSTALL_KEPT = 5
 CONSOLE_FORMAT = 1
 MAX_LISTED_FILES = 200  # of an unverified restore, in its event
-# A running job writes progress (and so its heartbeat) at most this often, at least once per
-# file or few MiB; one silent for STALE_AFTER lost its worker.
-PROGRESS_INTERVAL = 0.5
-STALE_AFTER = timedelta(minutes=5)
-MAX_RESTARTS = 2  # a job whose worker keeps dying (a crash loop) fails after this many
 
 TRIGGER_LABELS = {
     "manual": "Manual",
@@ -94,10 +81,6 @@ class SystemJobInProgress(BackupError):
 
 class NoSystemBackup(BackupError):
     """Restore asked for with no image on the rescue partition."""
-
-
-class _JobLost(Exception):
-    """The job was failed meanwhile (its heartbeat lapsed): stop writing the image."""
 
 
 def _event(
@@ -411,8 +394,8 @@ def config_backup_preview(*, name: str, passphrase: str | None = None) -> Restor
     """Object by object, what restoring the backup would change, and the files it would write."""
     loaded = _load(name, passphrase)
     try:
-        items = list(configbackup.backup_diff(loaded))
-        plan = configbackup.restore_plan(loaded)
+        items = list(backupdiff.backup_diff(loaded))
+        plan = backuprestore.restore_plan(loaded)
     except BackupError:
         raise
     except (ApplianceError, OSError) as exc:
@@ -448,7 +431,7 @@ def config_backup_restore(
     try:
         loaded = _load(name, passphrase)
         console = console_settings_parse(loaded.console)
-        result = configbackup.backup_restore(loaded, confirmed=confirmed)
+        result = backuprestore.backup_restore(loaded, confirmed=confirmed)
     except ConfirmationRequired:
         raise  # a question for the administrator, not a failure
     except (ApplianceError, OSError) as exc:
@@ -539,107 +522,25 @@ def scheduled_backup_run() -> BackupHeader | None:
 
 
 # --- The system backup image ------------------------------------------------------------------
+# Jobs of the engine (jobs/): one at a time on the rescue partition (conflict group "rescue").
+# A job whose worker died is started again from scratch: a creation writes the image through a
+# temporary file, so the previous image stays until the new one is whole; a restore finishes or
+# discards its journal first.
 
 
-def system_jobs_reap(*, executor: str | None = None, now: Any = None) -> int:
-    """Start again the jobs whose worker is gone (fail them after MAX_RESTARTS); returns how
-    many were started again or failed.
-
-    A running job is gone when its heartbeat lapsed (STALE_AFTER), or when ``executor`` (the
-    name of a worker that is just starting) ran it: that worker died. Starting again is safe
-    for both kinds: a creation writes the image through a temporary file, so the previous image
-    stays until the new one is whole; a restore finishes or discards its journal first. A
-    queued job nobody took for longer than a task may run was lost by the broker.
-    """
-    now = now or timezone.now()
-    running = SystemBackupJob.objects.filter(state=SystemJobState.RUNNING)
-    reaped = _restart_jobs(running.filter(heartbeat_at__lt=now - STALE_AFTER), now)
-    if executor:
-        reaped += _restart_jobs(running.filter(executor=executor), now)
-    never = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT) - STALE_AFTER
-    queued = SystemBackupJob.objects.filter(state=SystemJobState.QUEUED, created_at__lt=never)
-    reaped += _fail_jobs(queued, "No worker picked the job up.", now)
-    return reaped
+def _system_job_start(kind: str, title: str, user: User | None) -> Job:
+    try:
+        return jobs_engine.start(kind, title=title, user=user, conflict_group=RESCUE_GROUP)
+    except jobs_engine.JobConflict as exc:
+        raise SystemJobInProgress(str(exc)) from None
 
 
-def _restart_jobs(query: Any, now: Any) -> int:
-    """Queue each lost job again, by a conditional update (one reaper wins), and enqueue it."""
-    count = 0
-    for job in list(query):
-        if job.restarts >= MAX_RESTARTS:
-            count += _fail_jobs(
-                SystemBackupJob.objects.filter(pk=job.pk, state=SystemJobState.RUNNING),
-                f"The worker stopped {job.restarts + 1} times during the job; it was given up "
-                "(the previous image is unchanged).",
-                now,
-            )
-            continue
-        restarted = SystemBackupJob.objects.filter(
-            pk=job.pk, state=SystemJobState.RUNNING, restarts=job.restarts
-        ).update(
-            state=SystemJobState.QUEUED,
-            executor="",
-            heartbeat_at=None,
-            bytes_done=0,
-            restarts=F("restarts") + 1,
-        )
-        if not restarted:
-            continue
-        count += 1
-        _event(
-            f"{job.get_kind_display()} interrupted: its worker stopped; started again "
-            f"(restart {job.restarts + 1} of {MAX_RESTARTS})",
-            severity=Severity.WARNING,
-            user=job.requested_by or None,
-            job=job.pk,
-        )
-        pk = job.pk
-        transaction.on_commit(lambda pk=pk: _enqueue(pk))
-    return count
-
-
-def _fail_jobs(query: Any, error: str, now: Any) -> int:
-    count = 0
-    for job in list(query):
-        failed = SystemBackupJob.objects.filter(pk=job.pk, state=job.state).update(
-            state=SystemJobState.FAILED, finished_at=now, error=error
-        )
-        if failed:
-            count += 1
-            _event(
-                f"{job.get_kind_display()} failed: {error}",
-                severity=Severity.ERROR,
-                user=job.requested_by or None,
-                job=job.pk,
-            )
-    return count
-
-
-def _job_start(kind: SystemJobKind, user: User | None) -> SystemBackupJob:
-    system_jobs_reap()
-    username = username_of(user)
-    with transaction.atomic():
-        try:
-            with transaction.atomic():
-                job = SystemBackupJob.objects.create(kind=kind, requested_by=username)
-        except IntegrityError:
-            active = SystemBackupJob.objects.filter(state__in=ACTIVE_STATES).first()
-            what = active.get_kind_display().lower() if active else "system backup job"
-            raise SystemJobInProgress(
-                f"A {what} is already in progress: wait for it to finish."
-            ) from None
-        _event(f"{job.get_kind_display()} started", user=user, job=job.pk)
-        pk = job.pk
-        transaction.on_commit(lambda: _enqueue(pk))
-    return job
-
-
-def system_backup_start(*, user: User | None) -> SystemBackupJob:
+def system_backup_start(*, user: User | None) -> Job:
     """Queue the creation of a new system backup image (it replaces the one there is)."""
-    return _job_start(SystemJobKind.CREATE, user)
+    return _system_job_start(SYSTEM_BACKUP, "System backup", user)
 
 
-def system_restore_start(*, user: User | None) -> SystemBackupJob:
+def system_restore_start(*, user: User | None) -> Job:
     """Queue the return of the appliance to the system backup image on the rescue partition."""
     try:
         info = rescue.system_backup_info()
@@ -649,113 +550,49 @@ def system_restore_start(*, user: User | None) -> SystemBackupJob:
         raise NoSystemBackup(
             "There is no system backup image on the rescue partition: create one first."
         )
-    return _job_start(SystemJobKind.RESTORE, user)
+    return _system_job_start(SYSTEM_RESTORE, "System restore", user)
 
 
-def _enqueue(job_id: int) -> None:
-    """Hand the job to the worker; a broker that refuses fails the job instead of the page."""
-    try:
-        lmi_celery.enqueue("backups.tasks.system_backup_run", job_id)
-    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
-        logger.exception("could not enqueue system backup job %s", job_id)
-        _fail_jobs(
-            SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.QUEUED),
-            f"The job could not be queued: {exc}",
-            timezone.now(),
-        )
+def system_job_run(lease: jobs_engine.Lease) -> None:
+    """Create or restore the image for one job (the engine claimed it and keeps it alive)."""
+    creating = lease.kind == SYSTEM_BACKUP
 
+    def progress(done: int, total: int) -> None:
+        lease.progress(bytes_done=done, bytes_total=total)
 
-def system_jobs_requeue() -> list[int]:
-    """Enqueue queued jobs again (a worker that starts): a duplicate delivery is harmless,
-    the claim lets one executor through."""
-    ids = list(
-        SystemBackupJob.objects.filter(state=SystemJobState.QUEUED).values_list("pk", flat=True)
-    )
-    for job_id in ids:
-        _enqueue(job_id)
-    return ids
-
-
-class _JobProgress:
-    """Writes progress and the heartbeat onto the job, throttled; notices a reaped job."""
-
-    def __init__(self, job_id: int, *, stop_if_lost: bool) -> None:
-        self.job_id = job_id
-        self.stop_if_lost = stop_if_lost
-        self.done = 0
-        self.total = 0
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
-        now = time.monotonic()
-        if done < total and now - self._last < PROGRESS_INTERVAL:
-            return
-        self._last = now
-        updated = SystemBackupJob.objects.filter(
-            pk=self.job_id, state=SystemJobState.RUNNING
-        ).update(bytes_done=done, bytes_total=total, heartbeat_at=timezone.now())
-        if not updated and self.stop_if_lost:
-            raise _JobLost(f"system backup job {self.job_id} is no longer running")
-
-
-def system_backup_execute(job_id: int, *, executor: str = "") -> None:
-    """Claim the queued job and create or restore the image; write its final state.
-
-    A redelivered task finds the job running or finished and does nothing. A create that finds
-    its job failed meanwhile stops (the image is written through a temporary file, so nothing
-    half-written stays); a restore is never interrupted from here once it began.
-    """
-    now = timezone.now()
-    claimed = SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.QUEUED).update(
-        state=SystemJobState.RUNNING, started_at=now, heartbeat_at=now, executor=executor[:200]
-    )
-    if not claimed:
-        logger.warning("system backup job %s is not queued; not running it", job_id)
-        return
-    job = SystemBackupJob.objects.get(pk=job_id)
-    creating = job.kind == SystemJobKind.CREATE
-    progress = _JobProgress(job_id, stop_if_lost=creating)
-    try:
-        if creating:
-            info = rescue.system_backup_create(progress=progress)
-        else:
-            info = rescue.system_backup_restore(progress=progress)
-    except _JobLost:
-        logger.warning("system backup job %s was abandoned while it ran", job_id)
-        return
-    except Exception as exc:  # the appliance's refusals, OS errors, the soft time limit
-        logger.exception("system backup job %s failed", job_id)
-        reason = str(exc) or type(exc).__name__
-        _fail_jobs(
-            SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.RUNNING),
-            reason[:2000],
-            timezone.now(),
-        )
-        return
-    total = progress.total or info.size
-    finished = SystemBackupJob.objects.filter(pk=job_id, state=SystemJobState.RUNNING).update(
-        state=SystemJobState.SUCCEEDED,
-        finished_at=timezone.now(),
-        heartbeat_at=timezone.now(),
-        bytes_done=total,
-        bytes_total=total,
-        firmware_version=info.firmware_version[:32],
-    )
-    if not finished:
-        logger.warning("system backup job %s finished after it was failed", job_id)
-        return
+    if creating:
+        info = rescue.system_backup_create(progress=progress)
+    else:
+        info = rescue.system_backup_restore(progress=progress)
     what = (
         f"System backup created: firmware {info.firmware_version}, {filesizeformat(info.size)}"
         if creating
         else f"System restored from the system backup image of firmware {info.firmware_version}"
         f" made {info.created_at:%Y-%m-%d %H:%M} UTC"
     )
-    _event(
-        what,
-        user=job.requested_by or None,
-        job=job_id,
-        firmware_version=info.firmware_version,
-        size=info.size,
-        sha256=info.sha256,
+    lease.progress(step=1, steps=1, bytes_done=info.size, bytes_total=info.size)
+    lease.finish(
+        JobState.SUCCEEDED,
+        message=what,
+        details={
+            "firmware_version": info.firmware_version,
+            "size": info.size,
+            "sha256": info.sha256,
+        },
     )
+
+
+def register_job_kinds() -> None:
+    """The system backup kinds of the job engine (BackupsConfig.ready)."""
+    for name, label in ((SYSTEM_BACKUP, "System backup"), (SYSTEM_RESTORE, "System restore")):
+        jobs_registry.register(
+            jobs_registry.Kind(
+                name=name,
+                label=label,
+                category=Category.BACKUP,
+                run=system_job_run,
+                on_dead="restart",
+                max_restarts=2,
+                lease_seconds=60.0,
+            )
+        )

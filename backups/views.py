@@ -17,13 +17,9 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.roles import READ_ONLY_REFUSAL, is_administrator
-from appliance.config import configbackup
-from appliance.config.configbackup import (
-    BackupError,
-    BackupHeader,
-    ConfirmationRequired,
-    PassphraseRequired,
-)
+from appliance.config import backupformat, configbackup
+from appliance.config.backupformat import BackupError, BackupHeader, PassphraseRequired
+from appliance.config.backuprestore import ConfirmationRequired
 from appliance.system.errors import ApplianceError
 from backups import selectors, services
 from backups.forms import CreateBackupForm, PassphraseForm, ScheduleForm, UploadBackupForm
@@ -79,7 +75,6 @@ def system(request: HttpRequest) -> HttpResponse:
 @require_GET
 def system_partial(request: HttpRequest) -> HttpResponse:
     """The system backup panel alone; htmx polls it while a job is queued or running."""
-    services.system_jobs_reap()
     return render(request, "backups/_system_panel.html", _system_context())
 
 
@@ -203,7 +198,7 @@ def _confirmed(request: HttpRequest) -> list[str]:
     """The files the administrator saw listed, when the box confirming them was ticked."""
     if request.POST.get("confirm_unverified") != "yes":
         return []
-    return request.POST.getlist("confirm_file")[: configbackup.MAX_MEMBERS]
+    return request.POST.getlist("confirm_file")[: backupformat.MAX_MEMBERS]
 
 
 def _passphrase(request: HttpRequest) -> str | None:

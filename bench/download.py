@@ -84,7 +84,7 @@ def main() -> None:
 def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: bool) -> None:
     link_rate = link_mbit * 1e6 / 8  # bytes per second
     sys.path.insert(0, str(BASE_DIR))
-    from appliance.firmware.bundle import generate_keypair, public_key_b64
+    from appliance.firmware.signing import generate_keypair, public_key_b64
 
     private, public = generate_keypair()
     os.environ.update(
@@ -107,7 +107,7 @@ def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: boo
     from django.core.management import call_command
 
     from appliance.demo import init_demo
-    from appliance.firmware import bundle, license
+    from appliance.firmware import bundle, bundlebuild, license
     from tests.support.feed_server import FeedServer
     from upgrades import services
 
@@ -128,7 +128,7 @@ def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: boo
     started = time.perf_counter()
     build_tree(work / "image", size_mb)
     path = served / "lmi-firmware-2.8.1.0.bundle"
-    bundle.build_bundle(
+    bundlebuild.build_bundle(
         work / "image",
         path,
         private_key=private,

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
 django.setup()
 
-from appliance.mail import msgstore  # noqa: E402 - needs django.setup() first
+from appliance.mail import demo_store, msgstore  # noqa: E402 - needs django.setup() first
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmi-msgstore-bench-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
-        msgstore.fill_demo(root, messages=messages)
+        demo_store.fill_demo(root, messages=messages)
         elapsed = time.perf_counter() - started
         totals = msgstore.totals(root)
         assert totals is not None and totals.messages == messages

@@ -38,7 +38,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
+from _common import quarantined_spam  # bench/ is sys.path[0]
+from _report import add_json_flag, emit, ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
@@ -135,32 +136,25 @@ def mail_writer(root: Path) -> tuple[Callable[[], object], dict[str, sqlite3.Con
     Its connection is opened on the first call, in the probe's own thread, and kept in the
     returned dict.
     """
-    from appliance.mail import msgstore
+    from appliance.mail import mailrecords
     from appliance.system import paths
 
     raw = b"Subject: bench\r\n\r\n" + b"x" * 2000
     counter = iter(range(10**9))
     local: dict[str, sqlite3.Connection] = {}
 
-    if hasattr(msgstore, "connect_writer") and hasattr(msgstore, "MailRecord"):
+    if hasattr(mailrecords, "connect_writer") and hasattr(mailrecords, "MailRecord"):
         # The mail service's own write path.
         def write() -> object:
-            conn = local.get("conn") or local.setdefault("conn", msgstore.connect_writer(root))
-            record = msgstore.MailRecord(
+            conn = local.get("conn") or local.setdefault("conn", mailrecords.connect_writer(root))
+            record = quarantined_spam(
+                next(counter),
+                raw,
                 logged_at=int(time.time()),
-                client_ip="203.0.113.7",
                 sender="bench@example.net",
-                recipients=("anna.schmidt@example.com",),
-                message_id=f"<bench.{next(counter)}@example.net>",
                 subject="Benchmark message",
-                size=len(raw),
-                verdict="spam",
-                action="quarantined",
-                response="250 2.0.0 Ok",
-                store_name="Spam quarantine",
-                raw=raw,
             )
-            return msgstore.mail_record_many(conn, [record])
+            return mailrecords.mail_record_many(conn, [record])
 
         return write, local
 
@@ -218,7 +212,7 @@ def main() -> None:
 
     from accounts.services import user_create
     from appliance.demo import init_demo
-    from appliance.mail import msgstore, retention, tracking
+    from appliance.mail import demo_store, msgstore, retention, tracking
     from appliance.system import paths
     from mailsecurity import services
     from mailsecurity.models import PurgeRun, PurgeTrigger
@@ -233,7 +227,7 @@ def main() -> None:
     # The appliance with an empty store, then a million messages dated a year back.
     init_demo(root, messages=0, graph_days=1)
     started = time.perf_counter()
-    msgstore.fill_demo(root, messages=args.messages, now=datetime.now(UTC) - timedelta(days=365))
+    demo_store.fill_demo(root, messages=args.messages, now=datetime.now(UTC) - timedelta(days=365))
     fill_seconds = time.perf_counter() - started
     db = paths.layout(root).msgstore_db
     store_mib = db.stat().st_size / MiB
@@ -405,7 +399,7 @@ def main() -> None:
         for suffix in ("", "-wal", "-shm"):
             Path(str(db) + suffix).unlink(missing_ok=True)
         msgstore.create(root)
-        msgstore.fill_demo(root, messages=args.messages)
+        demo_store.fill_demo(root, messages=args.messages)
         spam = next(
             s for s in retention.retention_settings(root).stores if s.name == "Spam quarantine"
         )

@@ -32,7 +32,8 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
-from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
+from _common import spool_drain  # bench/ is sys.path[0]
+from _report import add_json_flag, emit, ratio
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 CLIENT_NAME = "bench.test"  # smtplib would otherwise look up socket.getfqdn()
@@ -191,17 +192,6 @@ def stop(process: subprocess.Popen[bytes]) -> int:
     return process.wait(timeout=60)
 
 
-def drain(root: Path, timeout: float = 120.0) -> None:
-    """Wait until the background delivery has moved every spooled message to the sink."""
-    spool = root / "var" / "spool" / "mailsec" / "outgoing"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(path.suffix == ".eml" for path in spool.iterdir()):
-            return
-        time.sleep(0.1)
-    raise SystemExit("the spool did not drain")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=2000)
@@ -246,7 +236,7 @@ def main() -> None:
         ours = []
         for level in levels:
             ours.append(measured(service, port, batch, level))
-            drain(root)
+            spool_drain(root / "var" / "spool" / "mailsec" / "outgoing", timeout=120.0)
         code = stop(service)
         db = root / "var" / "lib" / "mailsec" / "msgstore" / "msgstore.db"
         with sqlite3.connect(db) as conn:

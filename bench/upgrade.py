@@ -51,7 +51,8 @@ from typing import Any
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from _report import add_json_flag, emit, ratio  # noqa: E402 - bench/ is sys.path[0]
+from _common import spool_drain  # noqa: E402 - bench/ is sys.path[0]
+from _report import add_json_flag, emit, ratio  # noqa: E402
 from smtp_accept import CLIENT_NAME, free_port, messages  # noqa: E402
 
 MIN_FREE_PERCENT = "20"
@@ -191,16 +192,6 @@ def wall(moment: datetime | None) -> float:
     """A row's timestamp as time.time() seconds (the worker runs on this machine's clock)."""
     assert moment is not None
     return moment.timestamp()
-
-
-def drain(spool: Path, timeout: float = 300.0) -> None:
-    """Wait until the background delivery moved every spooled message to the sink."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(path.suffix == ".eml" for path in spool.iterdir()):
-            return
-        time.sleep(0.2)
-    raise SystemExit("the mail spool did not drain")
 
 
 def copy_with_fsync(source: Path, target: Path) -> float:
@@ -350,7 +341,7 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
         load.accepted_between(window_start, window_end), window_start, window_end
     )
     print(f"  {rate_before:,.0f} msg/s ({len(load.errors)} errors)", flush=True)
-    drain(paths.mail_spool_dir)
+    spool_drain(paths.mail_spool_dir, timeout=300.0)
 
     step("baseline: cp + fsync of the message store file")
     copy_seconds = copy_with_fsync(store, work / "store-copy.db")

@@ -21,42 +21,32 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import django
-from _report import add_json_flag, emit, ratio  # bench/ is sys.path[0]
+from _common import quarantined_spam  # bench/ is sys.path[0]
+from _report import add_json_flag, emit, ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
 django.setup()
 
-from appliance.mail import msgmigrate, msgstore  # noqa: E402 - needs django.setup() first
+from appliance.mail import demo_store, mailrecords, msgbackup, msgmigrate  # noqa: E402 - needs django.setup() first
 from appliance.system.paths import layout  # noqa: E402
 
 
 def _late_mail(root: Path, count: int) -> None:
     """Mail that arrives between prepare and finish, for finish to carry over."""
     now = int(datetime.now(UTC).timestamp())
-    conn = msgstore.connect_writer(root)
+    conn = mailrecords.connect_writer(root)
     try:
         records = []
         for n in range(count):
             raw = f"From: bench{n}@example.net\r\nSubject: late\r\n\r\n{'x' * 2000}\r\n".encode()
             records.append(
-                msgstore.MailRecord(
-                    logged_at=now,
-                    client_ip="203.0.113.7",
-                    sender=f"bench{n}@example.net",
-                    recipients=("anna.schmidt@example.com",),
-                    message_id=f"<bench{n}@example.net>",
-                    subject="late",
-                    size=len(raw),
-                    verdict="spam",
-                    action="quarantined",
-                    response="250 2.0.0 Ok: queued as BENCH",
-                    store_name="Spam quarantine",
-                    raw=raw,
+                quarantined_spam(
+                    n, raw, logged_at=now, sender=f"bench{n}@example.net", subject="late"
                 )
             )
         for start in range(0, count, 100):
-            msgstore.mail_record_many(conn, records[start : start + 100])
+            mailrecords.mail_record_many(conn, records[start : start + 100])
     finally:
         conn.close()
 
@@ -85,7 +75,7 @@ def main() -> None:
         else:
             _, fill_s = _timed(
                 f"fill {args.messages:,} messages",
-                lambda: msgstore.fill_demo(root, messages=args.messages),
+                lambda: demo_store.fill_demo(root, messages=args.messages),
             )
         size = db.stat().st_size
         print(f"store: {size / 2**20:,.0f} MiB")
@@ -111,7 +101,7 @@ def main() -> None:
 
         backup, backup_s = _timed(
             "phase 4 backup (checkpoint, copy, sha256, fsync)",
-            lambda: msgmigrate.msgstore_backup(Path(tmp) / "backup" / "msgstore.db", root),
+            lambda: msgbackup.msgstore_backup(Path(tmp) / "backup" / "msgstore.db", root),
         )
         result, finish_s = _timed(
             "phase 7 finish (delta, verify, swap)", lambda: msgmigrate.migrate_finish(root)
@@ -132,7 +122,7 @@ def main() -> None:
             f" finish alone {finish_over_cp or 0:.2f}x"
         )
         _, restore_s = _timed(
-            "rollback: msgstore_restore", lambda: msgmigrate.msgstore_restore(backup, root)
+            "rollback: msgstore_restore", lambda: msgbackup.msgstore_restore(backup, root)
         )
         _, whole_s = _timed(
             "finish without prepare (whole conversion)",

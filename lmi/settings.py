@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "appliance",
+    "jobs",
     "accounts",
     "events",
     "home",
@@ -153,6 +154,11 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT 
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "lmi")
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
+    # The job engine's reconciler: a lost enqueue or a dead worker costs at most this long.
+    "jobs-reconcile": {
+        "task": "jobs.reconcile",
+        "schedule": float(env_int("JOBS_RECONCILE_SECONDS", 10, minimum=1)),
+    },
     "events-prune": {
         "task": "events.tasks.events_prune",
         "schedule": crontab(minute=17, hour=3),

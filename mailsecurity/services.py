@@ -22,7 +22,7 @@ from django.db.models import F
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
-from appliance.mail import retention
+from appliance.mail import purge, retention
 from events.models import Category, Severity
 from events.services import User, event_write, username_of
 from lmi import celery as lmi_celery
@@ -275,7 +275,7 @@ class _ProgressWriter:
         self.base = base  # what earlier passes of this run deleted
         self.last = 0.0
 
-    def __call__(self, progress: retention.PurgeProgress) -> None:
+    def __call__(self, progress: purge.PurgeProgress) -> None:
         now = time.monotonic()
         if now - self.last < PROGRESS_INTERVAL:
             return
@@ -324,12 +324,12 @@ def purge_run_execute(run_id: int, *, executor: str = "") -> PurgeState | None:
     totals = {"messages": 0, "smtp_log": 0, "tracking_log": 0, "pages": 0}
     per_store: dict[str, int] = {}
     phase_seconds: dict[str, float] = {}
-    first: retention.PurgeResult | None = None
-    last: retention.PurgeResult | None = None
+    first: purge.PurgeResult | None = None
+    last: purge.PurgeResult | None = None
     try:
         for _ in range(MAX_PASSES):
             writer = _ProgressWriter(run_id, dict(totals))
-            last = retention.purge_expired(progress=writer)
+            last = purge.purge_expired(progress=writer)
             first = first or last
             names = {store.id: store.name for store in last.settings.stores}
             for store_id, count in last.messages_deleted.items():
@@ -364,8 +364,8 @@ def purge_run_execute(run_id: int, *, executor: str = "") -> PurgeState | None:
 
 def _purge_finish(
     run_id: int,
-    first: retention.PurgeResult,
-    last: retention.PurgeResult,
+    first: purge.PurgeResult,
+    last: purge.PurgeResult,
     totals: dict[str, int],
     details: dict[str, Mapping[str, object]],
     *,

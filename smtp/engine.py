@@ -336,7 +336,7 @@ class PolicyCache:
 
     A few ``stat`` calls per message instead of parsing XML and reading lists: the files are
     the configuration files of both formats (2.8.0 and 2.8.1, see
-    :mod:`appliance.config.configconvert`) and every ``$(FILE/...)`` list the rules use.
+    :mod:`appliance.config.configformat`) and every ``$(FILE/...)`` list the rules use.
     Thread-safe.
     """
 

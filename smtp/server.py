@@ -53,8 +53,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from appliance.mail import msgstore
-from appliance.mail.msgstore import MailRecord
+from appliance.mail import mailrecords
+from appliance.mail.mailrecords import MailRecord
 from appliance.system.errors import ApplianceError
 from appliance.system.maintenance import maintenance_status
 from appliance.system.paths import appliance_root, layout
@@ -84,7 +84,7 @@ REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {queue_id}"
 MAX_RECIPIENTS = 1000
 # Longer than the message store's busy timeout: a commit that waits for a purge is not cut off.
-RECORD_TIMEOUT = msgstore.BUSY_TIMEOUT_MS / 1000 + 30
+RECORD_TIMEOUT = mailrecords.BUSY_TIMEOUT_MS / 1000 + 30
 IDLE_TIMEOUT = 300.0
 # Within docker stop's default 10 s and the launcher's 15 s: a client still mid-transaction after
 # this is cut off, and since it got no 250 it keeps the message and retries.
@@ -215,7 +215,7 @@ class StoreWriter:
     def _run(self) -> None:
         try:
             identity = self._store_identity()
-            conn = msgstore.connect_writer(self._root)
+            conn = mailrecords.connect_writer(self._root)
         except BaseException as exc:
             self._ready.set_exception(exc)
             return
@@ -245,7 +245,7 @@ class StoreWriter:
                     current = self._store_identity()
                     if current is not None and current != identity:
                         try:
-                            fresh = msgstore.connect_writer(self._root)
+                            fresh = mailrecords.connect_writer(self._root)
                         except Exception as exc:
                             for _, future in batch:
                                 future.set_exception(exc)
@@ -266,7 +266,7 @@ class StoreWriter:
         batch: list[tuple[MailRecord, concurrent.futures.Future[int | None]]],
     ) -> None:
         try:
-            ids = msgstore.mail_record_many(conn, [record for record, _ in batch])
+            ids = mailrecords.mail_record_many(conn, [record for record, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)
@@ -274,7 +274,7 @@ class StoreWriter:
             # One bad record must not fail the others: write them one by one.
             for record, future in batch:
                 try:
-                    future.set_result(msgstore.mail_record_many(conn, [record])[0])
+                    future.set_result(mailrecords.mail_record_many(conn, [record])[0])
                 except Exception as single:
                     future.set_exception(single)
             return

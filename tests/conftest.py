@@ -16,7 +16,7 @@ import pytest
 from django.contrib.auth.models import AbstractBaseUser
 from django.test import Client
 
-from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD
+from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD, bearer
 
 pytest_plugins = ["tests.support.services", "tests.support.browser", "tests.support.clock"]
 
@@ -127,3 +127,19 @@ def readonly_client(readonly_user: AbstractBaseUser) -> Client:
     client = Client(enforce_csrf_checks=True)
     client.force_login(readonly_user)
     return client
+
+
+@pytest.fixture
+def admin_token(admin_user: AbstractBaseUser) -> dict[str, str]:
+    """An administrator's API token, as keyword arguments of a test client's request."""
+    from accounts.services import api_token_create
+
+    return bearer(api_token_create(admin_user, "ci"))
+
+
+@pytest.fixture
+def viewer_token(readonly_user: AbstractBaseUser) -> dict[str, str]:
+    """A read-only user's API token, as keyword arguments of a test client's request."""
+    from accounts.services import api_token_create
+
+    return bearer(api_token_create(readonly_user, "monitoring"))

@@ -45,8 +45,9 @@ from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import User, event_write, username_of
+from jobs import leases
 from lmi import celery as lmi_celery
-from upgrades import leases, selectors
+from upgrades import selectors
 from upgrades.models import (
     FIRMWARE,
     INSTALL_ACTIVE_STATES,
@@ -937,13 +938,13 @@ def _message_count(msgstore: Any) -> int:
 
 def _phase_store_backup(ctx: PhaseContext) -> None:
     """4: a consistent, checksummed, synced copy of the message store."""
-    from appliance.mail import msgmigrate
+    from appliance.mail import msgbackup
 
     dest = updatelogs.install_workdir(ctx.run.pk) / "msgstore-backup.db"
     dest.parent.mkdir(parents=True, exist_ok=True)
     ctx.step(f"backing up the message store to var/spool/updates/{dest.parent.name}")
     ctx.checkpoint("message store backup next")
-    result = msgmigrate.msgstore_backup(dest, progress=ctx.callback("bytes", "copying"))
+    result = msgbackup.msgstore_backup(dest, progress=ctx.callback("bytes", "copying"))
     backup = _plain(result)
     backup["path"] = str(getattr(result, "path", dest))
     ctx.save_details(store_backup=backup)
@@ -980,14 +981,14 @@ def _phase_config_backup(ctx: PhaseContext) -> None:
 def _unchanged_start_backup(ctx: PhaseContext) -> LoadedBackup | None:
     """The backup taken when the install started, if the configuration is still exactly what
     it holds: one automatic backup per install, unless phases 1-2 saw a change."""
-    from appliance.config import configbackup
+    from appliance.config import backuprestore, configbackup
 
     name = ctx.details.get("pre_install_backup")
     if not name:
         return None
     try:
         loaded = configbackup.backup_load(name)
-        plan = configbackup.restore_plan(loaded)
+        plan = backuprestore.restore_plan(loaded)
     except (ApplianceError, KeyError, OSError, ValueError):
         return None
     return loaded if not plan.writes and not plan.removes else None
@@ -1196,7 +1197,7 @@ def install_rollback_execute(run_id: int, executor: str | None = None) -> None:
 def _rollback(run: InstallRun) -> None:
     from appliance.config import configconvert
     from appliance.firmware import firmware
-    from appliance.mail import msgmigrate, msgstore
+    from appliance.mail import msgbackup, msgmigrate, msgstore
 
     details = run.details
     started = {
@@ -1215,7 +1216,7 @@ def _rollback(run: InstallRun) -> None:
     backup = details.get("store_backup")
     if 7 in started and backup:
         _log(run, "rollback: restoring the message store from the phase 4 copy")
-        msgmigrate.msgstore_restore(Path(backup["path"]))
+        msgbackup.msgstore_restore(Path(backup["path"]))
     if 8 in started and details.get("config_files_sha256"):
         _log(run, "rollback: restoring the exact 2.8.0 configuration files saved in phase 5")
         configconvert.config_revert(updatelogs.install_files_load(run.pk))

@@ -39,9 +39,10 @@ from appliance.firmware import spool
 from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import User, event_write, username_of
+from jobs import leases
 from lmi import celery as lmi_celery
 from lmi.progress import RateMeter
-from upgrades import http, leases, selectors
+from upgrades import http, selectors
 from upgrades.hashing import StreamHasher
 from upgrades.models import (
     ACTIVE_STATES,
@@ -466,7 +467,8 @@ def downloads_recover(*, stale_only: bool) -> list[int]:
     """Enqueue the task again for active downloads whose executor may be gone.
 
     A worker that starts calls this with ``stale_only=False`` (a worker killed a moment ago still
-    looks alive; the task waits for its lease to lapse); the hourly check with ``True``. A task
+    looks alive; the task waits for its lease to lapse); the job engine's reconciler, every few
+    seconds, with ``True``. A task
     enqueued twice is harmless: the lease lets one executor through.
     """
     now = timezone.now()

@@ -31,17 +31,15 @@ DOWNLOAD_TIME_LIMIT = DOWNLOAD_SOFT_TIME_LIMIT + 120
 
 @shared_task(name="upgrades.tasks.update_check", ignore_result=True)
 def update_check() -> bool:
-    """Beat, hourly: check the feed, and pick up downloads and installs whose executor went away.
+    """Beat, hourly: check the feed (downloads and installs that lost their worker are the job
+    engine's reconciler's, every few seconds).
 
     While an install holds maintenance the feed is left alone (an automatic download would
     compete with the upgrade for the spool's disk).
     """
-    install.installs_recover()
     if install.install_holds_maintenance():
         return False
-    check = services.update_check(trigger=CheckTrigger.SCHEDULE)
-    services.downloads_recover(stale_only=True)
-    return check.ok
+    return services.update_check(trigger=CheckTrigger.SCHEDULE).ok
 
 
 @shared_task(

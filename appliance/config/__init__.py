@@ -1,2 +1,3 @@
 """The configuration room: policy objects, mail policy and SMTP settings in both formats, the
-2.8.0 -> 2.8.1 conversion, and configuration backups with their seal."""
+2.8.1 format and the conversion to it, and configuration backups (their file format, seal, files,
+checks, diff and restore)."""

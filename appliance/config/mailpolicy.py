@@ -27,8 +27,8 @@ without a ``quarantine`` element goes to the message store of the default name
 (:data:`DEFAULT_STORES`).
 
 That is the 2.8.0 format; after the 2.8.1 conversion the policy is the ``<mailPolicy>`` section
-of the 2.8.1 configuration file (:mod:`appliance.config.configconvert`), and read and write here use
-whichever format is on disk.
+of the 2.8.1 configuration file (:mod:`appliance.config.configformat`), and read and write here
+use whichever format is on disk.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ reader/writer pair is byte-stable so saving unchanged objects does not touch the
 
 Files named by ``$(FILE/...)`` macros are not migrated by the original 2.8.1 upgrade, which is
 why they are listed and read here. After our upgrade the objects live in the 2.8.1 configuration
-file (:mod:`appliance.config.configconvert`); :mod:`appliance.config.store` reads and writes
+file (:mod:`appliance.config.configformat`); :mod:`appliance.config.store` reads and writes
 them in whichever format is on disk, so their callers do not change.
 """
 

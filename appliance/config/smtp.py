@@ -3,7 +3,7 @@
 Besides the listener and next hop, this file holds the SMTP log and message tracking log
 retention, which the upgrade guide tells administrators to lower to reclaim disk space. After
 the 2.8.1 conversion the settings live in the 2.8.1 configuration file
-(:mod:`appliance.config.configconvert`); read and write here use whichever format is on disk.
+(:mod:`appliance.config.configformat`); read and write here use whichever format is on disk.
 """
 
 from __future__ import annotations

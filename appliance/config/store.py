@@ -2,6 +2,7 @@
 
 The parsers and renderers of each part live beside their dataclasses (:mod:`policy`,
 :mod:`mailpolicy`, :mod:`smtp`); the 2.8.1 file that holds all three is
+:mod:`appliance.config.configformat`, read and written on disk by
 :mod:`appliance.config.configconvert`. Reading and writing a part needs both, so it lives here,
 above them: the parts never import the format that contains them, and there is no circle.
 """

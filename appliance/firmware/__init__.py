@@ -1,2 +1,3 @@
-"""The firmware room: bundles, the update feed, firmware slots, licences, the preflight checks,
-the download spool and the firmware update logs."""
+"""The firmware room: signing keys, bundles (verified, built, unpacked), the update feed,
+firmware slots and their tree manifests, licences, the preflight checks, the download spool and
+the firmware update logs."""

@@ -15,39 +15,33 @@ payload is hashed in full before any of it is used, and the tar's members are ch
 absolute paths, no ``..``, no hard links, no device nodes, no symbolic links that leave the
 image, bounded counts and sizes) both before extraction and again while extracting, on the very
 bytes being extracted, which are hashed once more so a file swapped after verification is caught.
+
+Reading and verifying stay in this one module, longer than most: the header, the signature, the
+manifest's fields, the payload's digest and every member's check together are what "verified"
+means, and they are best read in one place. Keys and signatures are
+:mod:`appliance.firmware.signing`'s, building a bundle :mod:`appliance.firmware.bundlebuild`'s,
+unpacking one :mod:`appliance.firmware.bundleextract`'s.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import hmac
-import json
-import logging
 import os
 import posixpath
 import re
-import shutil
-import stat
 import struct
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-
-from appliance.system.atomic import atomic_open, fsync_dir
+from appliance.firmware.signing import canonical_json, key_id, signing_key_for, trusted_keys
 from appliance.system.errors import ApplianceError
-
-logger = logging.getLogger(__name__)
+from appliance.system.safejson import loads_strict
 
 MAGIC = b"LMIFW\x00\x01\n"
 FORMAT = 1
@@ -62,9 +56,6 @@ MAX_MEMBER_NAME = 4096
 READ_SIZE = 1024 * 1024
 # Report hashing progress at most this often (plus at the start and the end).
 _PROGRESS_STEP = 4 * 1024 * 1024
-# Every member of a built payload gets this modification time (2013-10-01 00:00 UTC, the 2.8.1
-# release), so the same tree always gives the same tar.
-TAR_MTIME = 1_380_585_600
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
@@ -134,7 +125,7 @@ class BundleManifest:
     total_size: int
 
 
-# --- Keys ---------------------------------------------------------------------------------
+# --- Versions ---------------------------------------------------------------------------------
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -150,102 +141,17 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in version.split("."))
 
 
-def generate_keypair() -> tuple[bytes, bytes]:
-    """A new Ed25519 signing key: (private key, public key), raw 32 bytes each."""
-    private = Ed25519PrivateKey.generate()
-    return private.private_bytes_raw(), private.public_key().public_bytes_raw()
-
-
-def public_key_of(private_key: bytes) -> bytes:
-    """The raw public key belonging to a raw private key."""
-    return _private_key(private_key).public_key().public_bytes_raw()
-
-
-def key_id(public: bytes) -> str:
-    """The short name of a public key: the first 16 hex digits of its SHA-256."""
-    return hashlib.sha256(public).hexdigest()[:16]
-
-
-def public_key_b64(public: bytes) -> str:
-    """The base64 form of a raw public key, as LMI_TRUSTED_KEYS and ``*.pub`` files hold it."""
-    return base64.b64encode(public).decode("ascii")
-
-
-def decode_key(text: str) -> bytes:
-    """Decode one base64 key (private or public) into its raw 32 bytes; ``ValueError`` if not."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except ValueError as exc:
-        raise ValueError("not valid base64") from exc
-    if len(raw) != 32:
-        raise ValueError(f"an Ed25519 key has 32 bytes, this one has {len(raw)}")
-    return raw
-
-
-def read_key_file(path: Path) -> bytes:
-    """Read a key file of one base64 line (``vendor.key`` or a ``*.pub``) into raw bytes."""
-    try:
-        return decode_key(Path(path).read_text(encoding="ascii"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{path} does not hold an Ed25519 key: {exc}") from exc
-
-
-def trusted_keys() -> list[bytes]:
-    """The public keys this console trusts: ``settings.TRUSTED_KEYS`` and ``*.pub`` files.
-
-    A bad entry (not base64, not 32 bytes, unreadable) is skipped with a warning rather than
-    stopping every update check; duplicates are dropped.
-    """
-    from django.conf import settings
-
-    keys: list[bytes] = []
-    for index, text in enumerate(getattr(settings, "TRUSTED_KEYS", None) or []):
-        try:
-            keys.append(decode_key(text))
-        except ValueError as exc:
-            logger.warning("Ignoring entry %d of LMI_TRUSTED_KEYS: %s", index + 1, exc)
-    directory = getattr(settings, "TRUSTED_KEYS_DIR", None)
-    if directory:
-        try:
-            paths = sorted(Path(directory).glob("*.pub"))
-        except OSError as exc:
-            logger.warning("Cannot list trusted keys in %s: %s", directory, exc)
-            paths = []
-        for path in paths:
-            try:
-                keys.append(read_key_file(path))
-            except ValueError as exc:
-                logger.warning("Ignoring trusted key file: %s", exc)
-    unique: list[bytes] = []
-    for key in keys:
-        if key not in unique:
-            unique.append(key)
-    return unique
-
-
-def _private_key(raw: bytes) -> Ed25519PrivateKey:
-    if not isinstance(raw, bytes) or len(raw) != 32:
-        raise ValueError("an Ed25519 private key is 32 raw bytes")
-    return Ed25519PrivateKey.from_private_bytes(raw)
-
-
-def canonical_json(value: Any) -> bytes:
-    """The one byte form a signature covers: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def signing_key_for(message: bytes, signature: bytes, keys: list[bytes]) -> bytes | None:
-    """The trusted key whose signature ``signature`` is over ``message``, or None."""
-    for key in keys:
-        try:
-            Ed25519PublicKey.from_public_bytes(key).verify(signature, message)
-        except (InvalidSignature, ValueError):
-            continue
-        return key
-    return None
-
-
 # --- Reading the header -------------------------------------------------------------------
+
+
+def header_size_for(manifest_length: int) -> int:
+    """The bytes before the payload: magic, the manifest's length, the manifest, its signature."""
+    return len(MAGIC) + _LENGTH.size + manifest_length + SIGNATURE_SIZE
+
+
+def header_bytes(manifest: bytes, signature: bytes) -> bytes:
+    """The header a bundle file starts with (see :func:`header_size_for`)."""
+    return MAGIC + _LENGTH.pack(len(manifest)) + manifest + signature
 
 
 def read_manifest(
@@ -261,7 +167,7 @@ def read_manifest(
     try again once more bytes are in.
     """
     with open(path, "rb") as handle:
-        return _read_header(handle, keys, partial=partial)
+        return read_header(handle, keys, partial=partial)
 
 
 def read_manifest_unverified(path: Path) -> BundleManifest:
@@ -271,7 +177,7 @@ def read_manifest_unverified(path: Path) -> BundleManifest:
     checked as in :func:`read_manifest`; never use this to decide whether to install.
     """
     with open(path, "rb") as handle:
-        return _read_header(handle, None, partial=False, check_signature=False)
+        return read_header(handle, None, partial=False, check_signature=False)
 
 
 def _read_exactly(handle: BinaryIO, size: int, where: str) -> bytes:
@@ -283,7 +189,7 @@ def _read_exactly(handle: BinaryIO, size: int, where: str) -> bytes:
     return data
 
 
-def _read_header(
+def read_header(
     handle: BinaryIO,
     keys: list[bytes] | None,
     *,
@@ -318,7 +224,7 @@ def _read_header(
         raise BundleFormatError("The bundle's manifest is empty.")
     manifest_bytes = _read_exactly(handle, length, "manifest")
     signature = _read_exactly(handle, SIGNATURE_SIZE, "signature")
-    header_size = len(MAGIC) + _LENGTH.size + length + SIGNATURE_SIZE
+    header_size = header_size_for(length)
 
     signer: bytes | None = None
     if check_signature:
@@ -363,18 +269,9 @@ def _check_signature(manifest: bytes, signature: bytes, keys: list[bytes] | None
     )
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f'the field "{key}" appears twice')
-        result[key] = value
-    return result
-
-
 def _manifest_from_bytes(data: bytes, header_size: int) -> BundleManifest:
     try:
-        fields = json.loads(data.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        fields = loads_strict(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleFormatError(f"The bundle's manifest is not valid JSON: {exc}.") from exc
     if not isinstance(fields, dict):
@@ -487,7 +384,7 @@ def _check_file_size(file_size: int, manifest: BundleManifest, *, partial: bool)
 # --- The payload --------------------------------------------------------------------------
 
 
-class _PayloadView:
+class PayloadView:
     """The payload region of an open bundle as a file of its own (offset 0 = payload start).
 
     Reads never go past the payload. With ``digest`` set, every byte read is hashed, which is
@@ -537,7 +434,7 @@ class _PayloadView:
         return nonzero
 
 
-def _hash_payload(handle: BinaryIO, manifest: BundleManifest, progress: Progress | None) -> None:
+def hash_payload(handle: BinaryIO, manifest: BundleManifest, progress: Progress | None) -> None:
     """Hash the payload in one pass of large reads and compare size and SHA-256."""
     total = manifest.payload_size
     digest = hashlib.sha256()
@@ -573,7 +470,7 @@ def _hash_payload(handle: BinaryIO, manifest: BundleManifest, progress: Progress
         )
 
 
-class _MemberChecker:
+class MemberChecker:
     """Refuses tar members that could write outside the image or exceed the limits.
 
     Stricter than tarfile's "data" filter, and independent of what is already on disk: no
@@ -697,10 +594,10 @@ class _MemberChecker:
             )
 
 
-def _walk_members(handle: BinaryIO, manifest: BundleManifest) -> int:
+def walk_members(handle: BinaryIO, manifest: BundleManifest) -> int:
     """Check every tar header without extracting (file data is seeked over); return the count."""
-    view = _PayloadView(handle, manifest.header_size, manifest.payload_size)
-    checker = _MemberChecker()
+    view = PayloadView(handle, manifest.header_size, manifest.payload_size)
+    checker = MemberChecker()
     try:
         with tarfile.open(fileobj=view, mode="r:") as tar:  # type: ignore[call-overload]
             while (info := tar.next()) is not None:
@@ -729,245 +626,9 @@ def verify_bundle(
     subclass naming the problem.
     """
     with open(path, "rb") as handle:
-        manifest = _read_header(handle, keys, partial=False)
-        _hash_payload(handle, manifest, progress)
-        _walk_members(handle, manifest)
-    return manifest
-
-
-# --- Extraction ---------------------------------------------------------------------------
-
-
-def _prepare_target(target: Path) -> bool:
-    """Make sure ``target`` is an empty directory; return whether we created it."""
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise BundleError(f"Cannot unpack the system image into {target}: it is not a directory.")
-    if target.is_dir():
-        if any(target.iterdir()):
-            raise BundleError(f"Cannot unpack the system image into {target}: it is not empty.")
-        return False
-    target.mkdir(parents=True, mode=0o755)
-    return True
-
-
-def _clear_target(target: Path, created: bool) -> None:
-    def make_writable(function: Any, name: str, exc_info: Any) -> None:
-        os.chmod(os.path.dirname(name), 0o700)
-        function(name)
-
-    if created:
-        shutil.rmtree(target, onerror=make_writable)
-        return
-    for entry in target.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, onerror=make_writable)
-        else:
-            entry.unlink()
-
-
-def _fsync_tree(target: Path) -> None:
-    for dirpath, _dirnames, filenames in os.walk(target, topdown=False):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if os.path.islink(path):
-                continue  # a link lives in its directory, synced below
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def extract_payload(path: Path, target: Path, keys: list[bytes] | None = None) -> BundleManifest:
-    """Verify the bundle, then unpack its system image into ``target`` (empty or absent).
-
-    The payload is read from the same open file as the verification and hashed again while it
-    is unpacked; every member passes our own checks and tarfile's ``data`` filter. Regular files
-    keep their permission bits (tarfile's data filter always gives the owner read and write),
-    directories get theirs without group/other write. Everything is fsynced. On any error the
-    partly unpacked tree is removed and the error raised.
-    """
-    target = Path(target)
-    with open(path, "rb") as handle:
-        manifest = _read_header(handle, keys, partial=False)
-        _hash_payload(handle, manifest, None)
-        _walk_members(handle, manifest)
-
-        created = _prepare_target(target)
-        try:
-            _unpack(handle, manifest, target)
-            _fsync_tree(target)
-            if created:
-                fsync_dir(target.parent)
-        except BaseException:
-            _clear_target(target, created)
-            raise
-    return manifest
-
-
-def _unpack(handle: BinaryIO, manifest: BundleManifest, target: Path) -> None:
-    digest = hashlib.sha256()
-    view = _PayloadView(handle, manifest.header_size, manifest.payload_size, digest)
-    checker = _MemberChecker()
-
-    def safe(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-        checker.check(member)
-        filtered = tarfile.data_filter(member, dest)
-        if filtered.isdir():
-            filtered = filtered.replace(mode=(member.mode & 0o755) | 0o700, deep=False)
-        return filtered
-
-    try:
-        with tarfile.open(  # type: ignore[call-overload]
-            fileobj=view, mode="r|", bufsize=READ_SIZE, errorlevel=2
-        ) as tar:
-            # Safe: every member passes _MemberChecker and tarfile's data filter first.
-            tar.extractall(target, filter=safe)  # noqa: S202
-    except tarfile.TarError as exc:
-        raise BundleUnsafePath(f"The system image could not be unpacked safely: {exc}.") from exc
-    view.drain()
-    if not hmac.compare_digest(digest.hexdigest(), manifest.payload_sha256):
-        raise BundleDigestMismatch(
-            "The bundle file changed while its system image was being unpacked; nothing was "
-            "installed. Download it again."
-        )
-
-
-# --- Building (vendor side) ---------------------------------------------------------------
-
-
-class _HashingWriter:
-    """A write-only sink that counts and hashes what tarfile writes, optionally passing it on.
-
-    ``tell()`` starts at 0 so tarfile pads the archive the same way whatever precedes it.
-    """
-
-    def __init__(self, out: BinaryIO | None = None) -> None:
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self._out = out
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        if self._out is not None:
-            self._out.write(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-
-def _source_entries(source_dir: Path) -> list[str]:
-    names: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(source_dir):
-        for name in dirnames + filenames:
-            names.append(Path(dirpath, name).relative_to(source_dir).as_posix())
-    return sorted(names)
-
-
-@contextlib.contextmanager
-def _member(source_dir: Path, name: str) -> Iterator[tuple[tarfile.TarInfo, BinaryIO | None]]:
-    path = source_dir / name
-    st = os.lstat(path)
-    info = tarfile.TarInfo(name)
-    info.mtime = TAR_MTIME
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    info.mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISDIR(st.st_mode):
-        info.type = tarfile.DIRTYPE
-        yield info, None
-    elif stat.S_ISLNK(st.st_mode):
-        info.type = tarfile.SYMTYPE
-        info.linkname = os.readlink(path)
-        yield info, None
-    elif stat.S_ISREG(st.st_mode):
-        info.type = tarfile.REGTYPE
-        info.size = st.st_size
-        with open(path, "rb") as content:
-            yield info, content
-    else:
-        raise BundleUnsafePath(
-            f'"{name}" is a device, socket or FIFO; a firmware image may hold only files, '
-            "directories and symbolic links."
-        )
-
-
-def _write_payload(source_dir: Path, names: list[str], sink: _HashingWriter) -> None:
-    checker = _MemberChecker()
-    with tarfile.open(  # type: ignore[call-overload]
-        fileobj=sink, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8"
-    ) as tar:
-        for name in names:
-            with _member(source_dir, name) as (info, content):
-                checker.check(info)
-                tar.addfile(info, content)
-
-
-def build_bundle(
-    source_dir: Path,
-    out: Path,
-    *,
-    private_key: bytes,
-    version: str,
-    min_version: str,
-    msgstore_format: str,
-    config_format: str,
-    os_release: str,
-    release_notes: str,
-) -> BundleManifest:
-    """Build and sign a bundle of the system image tree ``source_dir``, written atomically.
-
-    The tar is deterministic (sorted names, fixed mtime, uid/gid 0) so the same tree always
-    gives the same payload. A first pass over the tree hashes the tar; the second writes it
-    after the signed header and must hash the same, so a tree changing under the build is
-    refused rather than shipped with a wrong digest.
-    """
-    source_dir = Path(source_dir)
-    if not source_dir.is_dir():
-        raise BundleError(f"The system image source {source_dir} is not a directory.")
-    signer = _private_key(private_key)
-    public = signer.public_key().public_bytes_raw()
-    names = _source_entries(source_dir)
-
-    measured = _HashingWriter()
-    _write_payload(source_dir, names, measured)
-    fields: dict[str, Any] = {
-        "format": FORMAT,
-        "product": PRODUCT,
-        "version": version,
-        "min_version": min_version,
-        "msgstore_format": msgstore_format,
-        "config_format": config_format,
-        "os_release": os_release,
-        "payload_size": measured.size,
-        "payload_sha256": measured.digest.hexdigest(),
-        "release_notes": release_notes,
-        "key_id": key_id(public),
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    manifest_bytes = canonical_json(fields)
-    if len(manifest_bytes) > MAX_MANIFEST:
-        raise BundleTooLarge(
-            f"The manifest would have {len(manifest_bytes)} bytes; at most {MAX_MANIFEST} are "
-            "allowed (shorten the release notes)."
-        )
-    header_size = len(MAGIC) + _LENGTH.size + len(manifest_bytes) + SIGNATURE_SIZE
-    manifest = manifest_from_fields(fields, header_size)
-    signature = signer.sign(manifest_bytes)
-
-    out = Path(out)
-    with atomic_open(out, 0o644) as handle:
-        handle.write(MAGIC + _LENGTH.pack(len(manifest_bytes)) + manifest_bytes + signature)
-        written = _HashingWriter(handle)
-        _write_payload(source_dir, names, written)
-        if written.size != measured.size or written.digest.digest() != measured.digest.digest():
-            raise BundleError(
-                f"The files under {source_dir} changed while the bundle was being built; build "
-                "it again."
-            )
+        manifest = read_header(handle, keys, partial=False)
+        hash_payload(handle, manifest, progress)
+        walk_members(handle, manifest)
     return manifest
 
 

@@ -30,17 +30,11 @@ from urllib.parse import urlsplit
 from django.conf import settings
 
 from appliance import demo
-from appliance.firmware.bundle import (
-    BundleError,
-    build_bundle,
-    decode_key,
-    generate_keypair,
-    public_key_b64,
-    public_key_of,
-    read_manifest,
-)
+from appliance.firmware.bundle import BundleError, read_manifest
+from appliance.firmware.bundlebuild import build_bundle
 from appliance.firmware.feed import FEED_FILE, FeedError, bundle_file_name, parse_feed, publish
 from appliance.firmware.license import install_license, license_status, sign_license
+from appliance.firmware.signing import decode_key, generate_keypair, public_key_b64, public_key_of
 from appliance.system.atomic import atomic_write_text, exclusive_lock
 from appliance.system.errors import ApplianceNotInitialized
 from appliance.system.facts import parse_key_values, read_firmware_release

@@ -27,8 +27,8 @@ from urllib.parse import urljoin, urlsplit
 from appliance.firmware.bundle import (
     MAX_MANIFEST,
     MAX_PAYLOAD,
-    SIGNATURE_SIZE,
     file_sha256,
+    header_size_for,
     read_manifest_unverified,
     version_tuple,
 )
@@ -41,7 +41,7 @@ MAX_FEED = 1024 * 1024
 MAX_ENTRIES = 1000
 MAX_NOTES = 64 * 1024
 # The largest bundle file a feed may announce: the biggest header plus the biggest payload.
-MAX_BUNDLE_FILE = 8 + 4 + MAX_MANIFEST + SIGNATURE_SIZE + MAX_PAYLOAD
+MAX_BUNDLE_FILE = header_size_for(MAX_MANIFEST) + MAX_PAYLOAD
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,254}")
 

@@ -26,6 +26,12 @@ and so deletes the system backup image when the upgrade starts. Our slots live i
 so the image in ``rescue/`` is *not* deleted for space and remains a restorable 2.8.0 image
 throughout the run; phase 10 replaces it with a backup of the new system (the one image there
 is), which is why the preflight still warns that it will be overwritten.
+
+Installing, verifying, switching and cleaning up stay in this one module, longer than most: each
+step reads and writes the same state records under the same lock, and the order of those writes
+(not bootable before the first byte is written, bootable only after the read-back, the slot left
+behind recorded before the link moves) is what makes every step safe to kill, so it is best read
+in one place. The tree manifest and the meter are :mod:`appliance.firmware.slottree`'s.
 """
 
 from __future__ import annotations
@@ -35,50 +41,36 @@ import hashlib
 import hmac
 import json
 import os
-import shutil
-import stat
 import tarfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from appliance.firmware import bundle as _bundle
+from appliance.firmware.slottree import (
+    FirmwareError,
+    Meter,
+    Progress,
+    ShouldStop,
+    SlotCorrupt,
+    SlotNotBootable,
+    record_tree,
+    remove_tree,
+    tree_sha256,
+    verify_tree,
+)
 from appliance.system.atomic import atomic_write_text, exclusive_lock, fsync_dir
-from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
+from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceFile
 from appliance.system.facts import parse_key_values, read_firmware_release, write_firmware_release
 from appliance.system.paths import Layout, layout
+from appliance.system.safejson import read_json
 
 STATE_FORMAT = 1
 INSTALLING = "installing"
 BOOTABLE = "bootable"
-CHUNK = 1024 * 1024
-# Report progress at most this often (plus at the start and the end of each stage).
-_PROGRESS_STEP = 1024 * 1024
-# Longest single sleep of the throttle, so should_stop is honoured promptly.
-_MAX_SLEEP = 0.1
 _MAX_OS_RELEASE = 4096
-
-Progress = Callable[[int, int], None]
-ShouldStop = Callable[[], bool]
-
-
-class FirmwareError(ApplianceError):
-    """A firmware slot cannot be installed, verified or switched; the message says why."""
-
-
-class SlotCorrupt(FirmwareError):
-    """A slot's files differ from the manifest recorded when it was written."""
-
-
-class SlotNotBootable(FirmwareError):
-    """The slot was never completely written and read back (or has no manifest)."""
-
-
-class InstallAborted(FirmwareError):
-    """``should_stop`` asked the install to stop; the partial slot was removed."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +108,9 @@ def _locked(the_layout: Layout) -> Iterator[None]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    data = read_json(path)
+    if data is None:
         return None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedApplianceFile(f"{path} is not valid JSON") from exc
     if not isinstance(data, dict):
         raise MalformedApplianceFile(f"{path} does not hold a JSON object")
     return data
@@ -136,10 +125,6 @@ def _slot_state(the_layout: Layout, slot: str) -> dict[str, Any] | None:
     return _read_json(_state_path(the_layout, slot))
 
 
-def _tree_sha256(entries: list[dict[str, Any]]) -> str:
-    return hashlib.sha256(_bundle.canonical_json(entries)).hexdigest()
-
-
 def _image_from_state(slot: str, state: dict[str, Any]) -> SlotImage:
     try:
         return SlotImage(
@@ -151,78 +136,6 @@ def _image_from_state(slot: str, state: dict[str, Any]) -> SlotImage:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedApplianceFile(f"the state of {slot} is incomplete: {exc}") from exc
-
-
-def _remove_tree(path: Path) -> int:
-    """Remove a file, link or directory tree (links never followed); return the bytes freed."""
-    freed = 0
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return 0
-    if not stat.S_ISDIR(st.st_mode):
-        path.unlink()
-        return st.st_size
-    for dirpath, dirnames, filenames in os.walk(path):
-        os.chmod(dirpath, 0o700)  # a read-only directory of the image must still be emptied
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            with contextlib.suppress(FileNotFoundError):
-                freed += os.lstat(os.path.join(dirpath, name)).st_size
-    shutil.rmtree(path)
-    return freed
-
-
-class _Meter:
-    """Throttles and reports the bytes of one install; checks should_stop between chunks."""
-
-    def __init__(
-        self,
-        total: int,
-        rate_limit: int | None,
-        progress: Progress | None,
-        should_stop: ShouldStop | None,
-    ) -> None:
-        if rate_limit is not None and rate_limit <= 0:
-            raise ValueError("rate_limit must be a positive number of bytes per second")
-        self.total = total
-        self.done = 0
-        self._rate = rate_limit
-        self._progress = progress
-        self._should_stop = should_stop
-        self._throttled = 0
-        self._started = time.monotonic()
-        self._reported = -_PROGRESS_STEP
-
-    @property
-    def chunk(self) -> int:
-        """Chunks small enough that a throttled install still reacts within a fraction of 1 s."""
-        if self._rate is None:
-            return CHUNK
-        return max(64 * 1024, min(CHUNK, self._rate // 10))
-
-    def check_stop(self) -> None:
-        if self._should_stop is not None and self._should_stop():
-            raise InstallAborted("The firmware installation was stopped; nothing was changed.")
-
-    def advance(self, count: int, *, throttle: bool = True) -> None:
-        self.done += count
-        if throttle and self._rate is not None:
-            self._throttled += count
-            while True:
-                self.check_stop()
-                ahead = self._throttled / self._rate - (time.monotonic() - self._started)
-                if ahead <= 0:
-                    break
-                time.sleep(min(ahead, _MAX_SLEEP))
-        self.check_stop()
-        self.report()
-
-    def report(self, force: bool = False) -> None:
-        if self._progress is None:
-            return
-        if force or self.done - self._reported >= _PROGRESS_STEP:
-            self._reported = self.done
-            self._progress(min(self.done, self.total), self.total)
 
 
 # --- Slots --------------------------------------------------------------------------------
@@ -292,98 +205,14 @@ def slot_os_release(slot: str, root: Path | None = None) -> str | None:
         return None
 
 
-# --- The tree manifest --------------------------------------------------------------------
-
-
-def _hash_file(path: Path, meter: _Meter | None, *, throttle: bool = True) -> tuple[int, str]:
-    """Size and SHA-256 of a regular file opened without following a symlink."""
-    digest = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        with contextlib.suppress(OSError, AttributeError):
-            # The read-back must come from the disk, not from what is still in the page cache.
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunk = meter.chunk if meter else CHUNK
-        while data := os.read(fd, chunk):
-            digest.update(data)
-            size += len(data)
-            if meter is not None:
-                meter.advance(len(data), throttle=throttle)
-    finally:
-        os.close(fd)
-    return size, digest.hexdigest()
-
-
-def _scan(top: Path) -> dict[str, os.stat_result]:
-    """Every entry under ``top`` by relative POSIX path, via lstat (links never followed)."""
-    found: dict[str, os.stat_result] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = Path(dirpath)
-        for name in dirnames + filenames:
-            path = here / name
-            found[path.relative_to(top).as_posix()] = os.lstat(path)
-    return found
-
-
-def _record(top: Path, meter: _Meter | None = None) -> list[dict[str, Any]]:
-    """The manifest of an existing tree (used to seal a slot that was not installed by us)."""
-    entries = []
-    for rel, st in sorted(_scan(top).items()):
-        path = top / rel
-        mode = stat.S_IMODE(st.st_mode)
-        if stat.S_ISDIR(st.st_mode):
-            entries.append({"path": rel, "type": "dir", "mode": mode})
-        elif stat.S_ISLNK(st.st_mode):
-            entries.append({"path": rel, "type": "symlink", "target": os.readlink(path)})
-        elif stat.S_ISREG(st.st_mode):
-            size, sha = _hash_file(path, meter, throttle=False)
-            entries.append({"path": rel, "type": "file", "mode": mode, "size": size, "sha256": sha})
-        else:
-            raise FirmwareError(f'"{rel}" in {top.name} is neither a file, a directory nor a link.')
-    return entries
-
-
-def _verify_tree(top: Path, entries: list[dict[str, Any]], meter: _Meter | None) -> None:
-    """Read the whole tree back and compare it with the manifest; raise SlotCorrupt if not equal."""
-    if top.is_symlink() or not top.is_dir():
-        raise SlotCorrupt(f"The firmware slot {top.name} is missing.")
-    actual = _scan(top)
-    expected = {entry["path"]: entry for entry in entries}
-    problems = [f'"{path}" is missing' for path in sorted(expected.keys() - actual.keys())]
-    problems += [f'"{path}" is not in the image' for path in sorted(actual.keys() - expected)]
-    for path, entry in sorted(expected.items()):
-        st = actual.get(path)
-        if st is None:
-            continue
-        kind = entry["type"]
-        if kind == "dir":
-            if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != entry["mode"]:
-                problems.append(f'"{path}" is not the directory it should be')
-        elif kind == "symlink":
-            if not stat.S_ISLNK(st.st_mode) or os.readlink(top / path) != entry["target"]:
-                problems.append(f'"{path}" is not the symbolic link it should be')
-        elif not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
-            problems.append(f'"{path}" has the wrong type or size')
-        elif stat.S_IMODE(st.st_mode) != entry["mode"]:
-            problems.append(f'"{path}" has the wrong permissions')
-        else:
-            size, sha = _hash_file(top / path, meter)
-            if size != entry["size"] or not hmac.compare_digest(sha, entry["sha256"]):
-                problems.append(f'"{path}" has different content (SHA-256 mismatch)')
-        if len(problems) >= 10:
-            break
-    if problems:
-        raise SlotCorrupt(
-            f"The firmware slot {top.name} does not match its manifest: " + "; ".join(problems)
-        )
+# --- Verifying and sealing --------------------------------------------------------------------
 
 
 def _loaded_entries(slot: str, state: dict[str, Any] | None) -> list[dict[str, Any]]:
     entries = state.get("entries") if state else None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise SlotNotBootable(f"The firmware slot {slot} has no manifest to verify it against.")
-    if state and state.get("tree_sha256") != _tree_sha256(entries):
+    if state and state.get("tree_sha256") != tree_sha256(entries):
         raise SlotCorrupt(f"The manifest of the firmware slot {slot} was altered.")
     return entries
 
@@ -406,9 +235,9 @@ def slot_verify(
         raise SlotNotBootable(f"The firmware slot {slot} was not completely installed.")
     entries = _loaded_entries(slot, state)
     total = sum(int(entry.get("size", 0)) for entry in entries)
-    meter = _Meter(total, rate_limit, progress, should_stop)
+    meter = Meter(total, rate_limit, progress, should_stop)
     meter.report(force=True)
-    _verify_tree(the_layout.slot_dir(slot), entries, meter)
+    verify_tree(the_layout.slot_dir(slot), entries, meter)
     meter.report(force=True)
     return _image_from_state(slot, state)
 
@@ -416,7 +245,7 @@ def slot_verify(
 def _seal(the_layout: Layout, slot: str) -> dict[str, Any]:
     """Record the manifest of a slot we did not install (the demo's, or a restored one)."""
     slot_dir = the_layout.slot_dir(slot)
-    entries = _record(slot_dir)
+    entries = record_tree(slot_dir)
     files = [entry for entry in entries if entry["type"] == "file"]
     state = {
         "format": STATE_FORMAT,
@@ -427,7 +256,7 @@ def _seal(the_layout: Layout, slot: str) -> dict[str, Any]:
         "sealed_at": _now(),
         "files": len(files),
         "size": sum(entry["size"] for entry in files),
-        "tree_sha256": _tree_sha256(entries),
+        "tree_sha256": tree_sha256(entries),
         "entries": entries,
     }
     _write_json(_state_path(the_layout, slot), state)
@@ -455,8 +284,8 @@ def _member_parts(member: tarfile.TarInfo) -> list[str]:
 
 def _image_size(handle: BinaryIO, manifest: _bundle.BundleManifest) -> int:
     """Bytes the image unpacks to, from its headers, every member checked (data seeked over)."""
-    view = _bundle._PayloadView(handle, manifest.header_size, manifest.payload_size)
-    checker = _bundle._MemberChecker()
+    view = _bundle.PayloadView(handle, manifest.header_size, manifest.payload_size)
+    checker = _bundle.MemberChecker()
     total = 0
     try:
         with tarfile.open(fileobj=view, mode="r:") as tar:  # type: ignore[call-overload]
@@ -479,12 +308,12 @@ def _inside(staging: Path, path: Path) -> bool:
 
 
 def _unpack(
-    handle: BinaryIO, manifest: _bundle.BundleManifest, staging: Path, meter: _Meter
+    handle: BinaryIO, manifest: _bundle.BundleManifest, staging: Path, meter: Meter
 ) -> list[dict[str, Any]]:
     """Stream the payload into ``staging`` (empty), hashing it whole and per file."""
     digest = hashlib.sha256()
-    view = _bundle._PayloadView(handle, manifest.header_size, manifest.payload_size, digest)
-    checker = _bundle._MemberChecker()
+    view = _bundle.PayloadView(handle, manifest.header_size, manifest.payload_size, digest)
+    checker = _bundle.MemberChecker()
     entries: dict[str, dict[str, Any]] = {}
 
     def ensure_dirs(parts: list[str]) -> None:
@@ -547,7 +376,7 @@ def _unpack(
 
 
 def _write_member(
-    source: BinaryIO, dest: Path, rel: str, mode: int, meter: _Meter
+    source: BinaryIO, dest: Path, rel: str, mode: int, meter: Meter
 ) -> dict[str, Any]:
     digest = hashlib.sha256()
     size = 0
@@ -595,12 +424,12 @@ def slot_install(
         # Everything about the bundle is checked before anything is written, even a lock file:
         # the signature, every member's header and the payload's SHA-256. A hostile or damaged
         # bundle therefore changes nothing at all.
-        manifest = _bundle._read_header(handle, keys, partial=False)
+        manifest = _bundle.read_header(handle, keys, partial=False)
         state = _slot_state(the_layout, target)
         if _holds(state, manifest, slot_dir):
             return _image_from_state(target, state or {})
         unpacked = _image_size(handle, manifest)
-        meter = _Meter(manifest.payload_size + 2 * unpacked, rate_limit, progress, should_stop)
+        meter = Meter(manifest.payload_size + 2 * unpacked, rate_limit, progress, should_stop)
         meter.check_stop()
         meter.report(force=True)
 
@@ -609,10 +438,10 @@ def slot_install(
             meter.check_stop()
             meter.report()
 
-        _bundle._hash_payload(handle, manifest, hashed)
+        _bundle.hash_payload(handle, manifest, hashed)
         meter.done = manifest.payload_size
         with _locked(the_layout):
-            if _bundle._read_header(handle, keys, partial=False) != manifest:
+            if _bundle.read_header(handle, keys, partial=False) != manifest:
                 raise _bundle.BundleDigestMismatch(
                     "The bundle file changed while it was being verified; nothing was installed."
                 )
@@ -646,7 +475,7 @@ def _install_locked(
     target: str,
     handle: BinaryIO,
     manifest: _bundle.BundleManifest,
-    meter: _Meter,
+    meter: Meter,
 ) -> SlotImage:
     """Unpack, read back and rename the image into ``target``; called with the lock held."""
     slot_dir = the_layout.slot_dir(target)
@@ -664,19 +493,19 @@ def _install_locked(
     )
     staging = the_layout.firmware_staging_dir / target
     try:
-        _remove_tree(staging)
+        remove_tree(staging)
         staging.mkdir(parents=True, mode=0o700)
         entries = _unpack(handle, manifest, staging, meter)
-        _verify_tree(staging, entries, meter)  # the read-back
-        _remove_tree(slot_dir)  # an older image in the inactive slot
+        verify_tree(staging, entries, meter)  # the read-back
+        remove_tree(slot_dir)  # an older image in the inactive slot
         os.replace(staging, slot_dir)
         fsync_dir(the_layout.system_dir)
         fsync_dir(staging.parent)
     except BaseException:
         with contextlib.suppress(OSError):
-            _remove_tree(staging)
+            remove_tree(staging)
         with contextlib.suppress(OSError):
-            _remove_tree(slot_dir)
+            remove_tree(slot_dir)
         with contextlib.suppress(OSError):
             _state_path(the_layout, target).unlink(missing_ok=True)
         raise
@@ -691,7 +520,7 @@ def _install_locked(
         "installed_at": _now(),
         "files": len(files),
         "size": sum(entry["size"] for entry in files),
-        "tree_sha256": _tree_sha256(entries),
+        "tree_sha256": tree_sha256(entries),
         "entries": entries,
     }
     _write_json(_state_path(the_layout, target), state)
@@ -730,7 +559,7 @@ def slot_switch(slot: str, root: Path | None = None, *, verify: bool = True) -> 
                 "system was not switched."
             )
         if verify:
-            _verify_tree(slot_dir, _loaded_entries(slot, state), None)
+            verify_tree(slot_dir, _loaded_entries(slot, state), None)
         current_state = _slot_state(the_layout, current)
         if not current_state or current_state.get("state") != BOOTABLE:
             _seal(the_layout, current)
@@ -806,7 +635,7 @@ def slot_remove(slot: str, root: Path | None = None) -> int:
     with _locked(the_layout):
         if slot == active_slot(root):
             raise FirmwareError(f"The firmware slot {slot} is running; it cannot be removed.")
-        freed = _remove_tree(slot_dir)
+        freed = remove_tree(slot_dir)
         _state_path(the_layout, slot).unlink(missing_ok=True)
         fsync_dir(the_layout.system_dir)
     return freed
@@ -824,10 +653,10 @@ def staging_cleanup(root: Path | None = None) -> int:
         staging = the_layout.firmware_staging_dir
         if staging.is_dir():
             for entry in staging.iterdir():
-                freed += _remove_tree(entry)
+                freed += remove_tree(entry)
             staging.rmdir()
         for temporary in the_layout.system_dir.glob(".active.*.tmp"):
-            freed += _remove_tree(temporary)
+            freed += remove_tree(temporary)
         running = active_slot(root)
         for state_file in the_layout.firmware_state_dir.glob("slot-*.json"):
             slot = state_file.stem
@@ -838,7 +667,7 @@ def staging_cleanup(root: Path | None = None) -> int:
             if slot == running or (state and state.get("state") == BOOTABLE):
                 continue
             with contextlib.suppress(ValueError):
-                freed += _remove_tree(the_layout.slot_dir(slot))
+                freed += remove_tree(the_layout.slot_dir(slot))
             state_file.unlink(missing_ok=True)
         fsync_dir(the_layout.system_dir)
     return freed

@@ -24,7 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.firmware.bundle import (
+from appliance.firmware.signing import (
     canonical_json,
     key_id,
     public_key_of,

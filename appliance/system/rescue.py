@@ -15,6 +15,7 @@ leaves either a consistent old backup, no backup, or the consistent new one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,9 @@ from typing import Any, BinaryIO
 from appliance.system.atomic import atomic_open, atomic_write_text, exclusive_lock, fsync_dir
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
 from appliance.system.facts import parse_key_values
+from appliance.system.journal import journal_recover
 from appliance.system.paths import Layout, layout
+from appliance.system.safejson import read_json
 
 MANIFEST_FORMAT = 1
 # Within a large file, report progress at most this often (plus once per file).
@@ -59,12 +62,9 @@ def system_backup_info(root: Path | None = None) -> SystemBackupInfo | None:
     """
     the_layout = layout(root)
     path = the_layout.system_backup_manifest
-    try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    data = read_json(path)
+    if data is None:
         return None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedApplianceFile(f"{path} is not valid JSON") from exc
     try:
         info = _info_from_manifest(data)
     except (KeyError, TypeError, ValueError) as exc:
@@ -463,19 +463,13 @@ def _discard_staging(the_layout: Layout, journal: dict[str, Any]) -> None:
 
 
 def _recover_locked(the_layout: Layout) -> bool:
-    try:
-        journal = json.loads(the_layout.system_restore_journal.read_bytes())
-    except FileNotFoundError:
-        return False
-    except ValueError as exc:
-        raise SystemBackupError(
-            f"The interrupted restore's journal {the_layout.system_restore_journal} is damaged."
-        ) from exc
-    if journal.get("state") == "staged":
-        _roll_forward(the_layout, journal)
-        return True
-    _discard_staging(the_layout, journal)
-    return False
+    return journal_recover(
+        the_layout.system_restore_journal,
+        committed="staged",
+        finish=functools.partial(_roll_forward, the_layout),
+        undo=functools.partial(_discard_staging, the_layout),
+        damaged=SystemBackupError,
+    )
 
 
 def system_restore_recover(root: Path | None = None) -> bool:

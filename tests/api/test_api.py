@@ -8,12 +8,9 @@ from django.test import Client
 from accounts.services import api_token_create
 from events.models import Category
 from events.services import event_write
+from tests.support.users import bearer
 
 pytestmark = pytest.mark.django_db
-
-
-def _bearer(key: str) -> dict[str, str]:
-    return {"HTTP_AUTHORIZATION": f"Bearer {key}"}
 
 
 def test_an_anonymous_call_gets_401_json_not_a_login_redirect(client):
@@ -26,13 +23,13 @@ def test_an_anonymous_call_gets_401_json_not_a_login_redirect(client):
 def test_a_wrong_token_is_refused(client, admin_user):
     api_token_create(admin_user, "ci")
 
-    assert client.get("/api/v1/me", **_bearer("lmi_not-a-token")).status_code == 401
+    assert client.get("/api/v1/me", **bearer("lmi_not-a-token")).status_code == 401
 
 
 def test_a_token_acts_as_its_user_with_its_role(client, readonly_user):
     key = api_token_create(readonly_user, "monitoring")
 
-    response = client.get("/api/v1/me", **_bearer(key))
+    response = client.get("/api/v1/me", **bearer(key))
 
     assert response.json() == {"username": "viewer", "role": "Read-only"}
 
@@ -63,9 +60,9 @@ def test_events_page_by_cursor_with_the_console_filters(client, admin_user):
     event_write(category=Category.SYSTEM, message="other")
     key = api_token_create(admin_user, "ci")
 
-    first = client.get("/api/v1/events?category=smtp&limit=3", **_bearer(key)).json()
+    first = client.get("/api/v1/events?category=smtp&limit=3", **bearer(key)).json()
     second = client.get(
-        f"/api/v1/events?category=smtp&limit=3&after={first['older']}", **_bearer(key)
+        f"/api/v1/events?category=smtp&limit=3&after={first['older']}", **bearer(key)
     ).json()
 
     assert [e["message"] for e in first["events"]] == ["relay 4", "relay 3", "relay 2"]
@@ -92,7 +89,7 @@ def test_the_openapi_description_lists_the_routes_for_a_logged_in_caller(admin_c
 def test_a_token_may_read_the_openapi_description(client, readonly_user):
     key = api_token_create(readonly_user, "tooling")
 
-    assert client.get("/api/v1/openapi.json", **_bearer(key)).status_code == 200
+    assert client.get("/api/v1/openapi.json", **bearer(key)).status_code == 200
 
 
 def test_only_the_digest_of_a_token_is_stored(admin_user):
@@ -110,7 +107,7 @@ def test_a_deactivated_user_token_stops_working(client, admin_user):
     admin_user.is_active = False
     admin_user.save()
 
-    assert client.get("/api/v1/me", **_bearer(key)).status_code == 401
+    assert client.get("/api/v1/me", **bearer(key)).status_code == 401
 
 
 def test_session_auth_does_not_need_a_token_header(admin_user):

@@ -3,8 +3,6 @@ and its description lists the errors each operation can give (issue 13)."""
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 from django.test import Client
 from ninja.openapi.schema import OpenAPISchema
@@ -12,15 +10,11 @@ from ninja.openapi.schema import OpenAPISchema
 from api import api as api_module
 from events.models import Category
 from events.services import event_write
+from tests.support.odd_input import OUT_OF_RANGE, page_link
 
 pytestmark = pytest.mark.django_db
 
 EVENTS = "/api/v1/events"
-OUT_OF_RANGE = "is out of range: enter a time between 0001-01-02 and 9999-12-30 UTC."
-
-
-def _token(raw: str) -> str:
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 @pytest.mark.parametrize(
@@ -31,12 +25,12 @@ def _token(raw: str) -> str:
         pytest.param({"since": "0001-01-01T00:00:00+14:00"}, OUT_OF_RANGE, id="early-since"),
         pytest.param({"until": "9999-12-31T23:59:59-14:00"}, OUT_OF_RANGE, id="late-until"),
         pytest.param(
-            {"after": _token("2026-01-01T00:00:00+00:00|" + "9" * 30)},
+            {"after": page_link("2026-01-01T00:00:00+00:00|" + "9" * 30)},
             "This page link is damaged",
             id="cursor-id-of-thirty-nines",
         ),
         pytest.param(
-            {"before": _token("9999-12-31T23:59:59-14:00|1")},
+            {"before": page_link("9999-12-31T23:59:59-14:00|1")},
             "This page link is damaged",
             id="cursor-time-after-year-9999",
         ),

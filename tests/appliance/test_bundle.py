@@ -18,23 +18,20 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from appliance.firmware import bundle
+from appliance.firmware import bundlebuild, signing
 from appliance.firmware.bundle import (
     BundleDigestMismatch,
     BundleError,
     BundleManifest,
     BundleSignatureError,
     BundleUnsafePath,
-    build_bundle,
-    extract_payload,
-    generate_keypair,
-    key_id,
-    public_key_b64,
     read_manifest,
-    trusted_keys,
     verify_bundle,
     version_tuple,
 )
+from appliance.firmware.bundlebuild import build_bundle
+from appliance.firmware.bundleextract import extract_payload
+from appliance.firmware.signing import generate_keypair, key_id, public_key_b64, trusted_keys
 
 KEYS = generate_keypair()
 PRIVATE, PUBLIC = KEYS
@@ -131,7 +128,7 @@ def test_the_file_layout_is_magic_length_canonical_manifest_signature_payload(
     assert data[:8] == b"LMIFW\x00\x01\n"
     length = int.from_bytes(data[8:12], "big")
     manifest = data[12 : 12 + length]
-    assert manifest == bundle.canonical_json(json.loads(manifest))
+    assert manifest == signing.canonical_json(json.loads(manifest))
     signature = data[12 + length : 12 + length + 64]
     Ed25519PublicKey.from_public_bytes(PUBLIC).verify(signature, manifest)
     assert tarfile.is_tarfile(io.BytesIO(data[12 + length + 64 :]))
@@ -181,7 +178,7 @@ def test_the_tar_is_sorted_with_fixed_owner_and_time(built: Path) -> None:
             members = list(tar)
     names = [member.name for member in members]
     assert names == sorted(names)
-    assert {(m.uid, m.gid, m.mtime) for m in members} == {(0, 0, bundle.TAR_MTIME)}
+    assert {(m.uid, m.gid, m.mtime) for m in members} == {(0, 0, bundlebuild.TAR_MTIME)}
     assert "lib/libmailsec.so.2" in names
 
 
@@ -314,7 +311,7 @@ def test_key_id_and_base64_of_a_public_key() -> None:
     assert base64.b64decode(public_key_b64(PUBLIC)) == PUBLIC
     private, public = generate_keypair()
     assert len(private) == len(public) == 32
-    assert bundle.public_key_of(private) == public
+    assert signing.public_key_of(private) == public
 
 
 def test_trusted_keys_come_from_settings_and_pub_files(settings, tmp_path: Path) -> None:
@@ -340,7 +337,7 @@ def test_bad_trusted_keys_are_skipped_with_a_warning(
     settings.TRUSTED_KEYS_DIR = tmp_path / "keys"
     settings.TRUSTED_KEYS_DIR.mkdir()
     (settings.TRUSTED_KEYS_DIR / "broken.pub").write_text("garbage")
-    with caplog.at_level(logging.WARNING, logger="appliance.firmware.bundle"):
+    with caplog.at_level(logging.WARNING, logger="appliance.firmware.signing"):
         assert trusted_keys() == [PUBLIC]
     assert len(caplog.records) == 3
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.firmware import bundle
+from appliance.firmware import bundle, bundleextract, signing
 from appliance.firmware.bundle import (
     MAX_MANIFEST,
     MAX_PAYLOAD,
@@ -30,12 +30,11 @@ from appliance.firmware.bundle import (
     BundleSignatureError,
     BundleTooLarge,
     BundleUnsafePath,
-    extract_payload,
-    generate_keypair,
-    key_id,
     read_manifest,
     verify_bundle,
 )
+from appliance.firmware.bundleextract import extract_payload
+from appliance.firmware.signing import generate_keypair, key_id
 
 PRIVATE, PUBLIC = generate_keypair()
 UNTRUSTED_PRIVATE, UNTRUSTED_PUBLIC = generate_keypair()
@@ -102,7 +101,7 @@ def assemble(
 ) -> bytes:
     """A bundle of exactly these parts; the manifest is signed unless ``signature`` is given."""
     if manifest is None:
-        manifest = bundle.canonical_json(manifest_fields(payload, **overrides))
+        manifest = signing.canonical_json(manifest_fields(payload, **overrides))
     if signature is None:
         signature = Ed25519PrivateKey.from_private_bytes(private).sign(manifest)
     size = len(manifest) if length is None else length
@@ -266,7 +265,7 @@ def test_it_rejects_a_signed_manifest_missing_a_field(write, tmp_path: Path) -> 
     payload = good_payload()
     fields = manifest_fields(payload)
     del fields["payload_sha256"]
-    data = assemble(payload, manifest=bundle.canonical_json(fields))
+    data = assemble(payload, manifest=signing.canonical_json(fields))
     refused(write(data), BundleFormatError, 'lacks the field "payload_sha256"', tmp_path)
 
 
@@ -384,7 +383,7 @@ def test_it_rejects_more_than_100000_members(write) -> None:
 
 
 def test_the_unpacked_size_limit_is_enforced_per_member_total() -> None:
-    checker = bundle._MemberChecker()
+    checker = bundle.MemberChecker()
     checker.check(member("a", size=MAX_PAYLOAD - 10))
     with pytest.raises(BundleUnsafePath, match="more than 8 GiB"):
         checker.check(member("b", size=11))
@@ -418,18 +417,25 @@ def test_a_corrupt_header_inside_the_archive_is_refused(write, tmp_path: Path) -
 # --- Extraction's own defences --------------------------------------------------------------
 
 
+def signed_past_the_walk(
+    write, monkeypatch: pytest.MonkeyPatch, *members: tuple[tarfile.TarInfo, bytes | None]
+) -> Path:
+    """A signed bundle of VERSION and ``members``, verification's walk over the members switched
+    off: what is refused then is refused by extraction's own checks."""
+    path = signed(write, tar_bytes((member("VERSION"), b"2.8.1.0\n"), *members))
+    monkeypatch.setattr(bundleextract, "walk_members", lambda handle, manifest: 0)
+    return path
+
+
 def test_extraction_checks_members_itself_even_if_verification_was_skipped(
     write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = signed(
+    path = signed_past_the_walk(
         write,
-        tar_bytes(
-            (member("VERSION"), b"2.8.1.0\n"),
-            (member("out", tarfile.SYMTYPE, linkname=str(tmp_path)), None),
-            (member("out/escape"), b"owned"),
-        ),
+        monkeypatch,
+        (member("out", tarfile.SYMTYPE, linkname=str(tmp_path)), None),
+        (member("out/escape"), b"owned"),
     )
-    monkeypatch.setattr(bundle, "_walk_members", lambda handle, manifest: 0)
     target = tmp_path / "stage"
     with pytest.raises(BundleUnsafePath):
         extract_payload(path, target, [PUBLIC])
@@ -448,7 +454,7 @@ def test_a_file_swapped_after_verification_is_caught_while_unpacking(
     swapped = bytearray(good)
     # Inside the library's data: still a valid tar, but not the verified one.
     swapped[len(good) - len(payload) + library.offset_data + 100] ^= 0xFF
-    real_walk = bundle._walk_members
+    real_walk = bundleextract.walk_members
 
     def walk_then_swap(handle: Any, manifest: Any) -> int:
         count = real_walk(handle, manifest)
@@ -456,7 +462,7 @@ def test_a_file_swapped_after_verification_is_caught_while_unpacking(
             out.write(swapped)
         return count
 
-    monkeypatch.setattr(bundle, "_walk_members", walk_then_swap)
+    monkeypatch.setattr(bundleextract, "walk_members", walk_then_swap)
     target = tmp_path / "stage"
     with pytest.raises(BundleDigestMismatch, match="changed while"):
         extract_payload(path, target, [PUBLIC])
@@ -466,16 +472,13 @@ def test_a_file_swapped_after_verification_is_caught_while_unpacking(
 def test_a_failed_extraction_into_an_existing_empty_target_leaves_it_empty(
     write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = signed(
+    path = signed_past_the_walk(
         write,
-        tar_bytes(
-            (member("VERSION"), b"2.8.1.0\n"),
-            (member("bin", tarfile.DIRTYPE, mode=0o555), None),
-            (member("bin/x"), b"x"),
-            (member("../escape"), b"x"),
-        ),
+        monkeypatch,
+        (member("bin", tarfile.DIRTYPE, mode=0o555), None),
+        (member("bin/x"), b"x"),
+        (member("../escape"), b"x"),
     )
-    monkeypatch.setattr(bundle, "_walk_members", lambda handle, manifest: 0)
     target = tmp_path / "stage"
     target.mkdir()
     with pytest.raises(BundleUnsafePath):
@@ -566,7 +569,7 @@ def test_manifest_json_is_not_parsed_before_the_signature_holds(
         calls.append(data)
         return real_loads(data, *args, **kwargs)
 
-    monkeypatch.setattr(bundle.json, "loads", spy)
+    monkeypatch.setattr(json, "loads", spy)  # the manifest is parsed by appliance.system.safejson
     path = write(assemble(good_payload(), private=UNTRUSTED_PRIVATE))
     with pytest.raises(BundleSignatureError):
         read_manifest(path, [PUBLIC])

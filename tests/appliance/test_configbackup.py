@@ -9,23 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import configbackup
-from appliance.config.configbackup import (
+from appliance.config import backuprestore, configbackup
+from appliance.config.backupdiff import backup_diff
+from appliance.config.backupformat import (
     BackupError,
     BackupRejected,
     PassphraseRequired,
     WrongPassphrase,
+)
+from appliance.config.backuprestore import backup_restore, restore_recover
+from appliance.config.configbackup import (
     backup_create,
     backup_delete,
-    backup_diff,
     backup_header,
     backup_import,
     backup_list,
     backup_load,
     backup_path,
     backup_prune,
-    backup_restore,
-    restore_recover,
 )
 from appliance.config.policy import object_file
 from appliance.config.store import (
@@ -38,6 +39,7 @@ from appliance.mail.retention import retention_settings, store_retention_set
 from appliance.system.facts import read_firmware_release, write_firmware_release
 from appliance.system.network import Interface, write_interface
 from appliance.system.paths import layout
+from tests.support.crash import Crash, crash_on_call
 
 CONFIG_DIRS = ("etc/mailsec", "etc/sysconfig/network", "etc/HOSTNAME")
 
@@ -190,31 +192,15 @@ def test_a_wrong_passphrase_changes_nothing(demo_appliance: Path) -> None:
     assert snapshot(demo_appliance) == changed
 
 
-def test_a_crash_between_renames_is_rolled_forward(
-    demo_appliance: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_crash_between_renames_is_rolled_forward(demo_appliance: Path) -> None:
     before = snapshot(demo_appliance)
     retention = retention_by_name(demo_appliance)
     header = backup_create(created_by="admin")
     change_everything(demo_appliance)
     loaded = backup_load(header.name)
-    real_rename = configbackup._rename_into_place
-    calls = 0
 
-    class Crash(BaseException):
-        """Stands for the process dying: nothing in the restore catches it."""
-
-    def crash_on_third(source: Path, target: Path) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise Crash
-        real_rename(source, target)
-
-    monkeypatch.setattr(configbackup, "_rename_into_place", crash_on_third)
-    with pytest.raises(Crash):
+    with pytest.raises(Crash), crash_on_call(backuprestore, "_rename_into_place", 3):
         backup_restore(loaded)
-    monkeypatch.setattr(configbackup, "_rename_into_place", real_rename)
     assert layout().config_restore_journal.exists()
     assert snapshot(demo_appliance) not in (before,)
 
@@ -232,15 +218,15 @@ def test_the_next_restore_finishes_an_interrupted_one_first(
     header = backup_create(created_by="admin")
     change_everything(demo_appliance)
     loaded = backup_load(header.name)
-    real_rename = configbackup._rename_into_place
+    real_rename = backuprestore._rename_into_place
 
     def crash(source: Path, target: Path) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(configbackup, "_rename_into_place", crash)
+    monkeypatch.setattr(backuprestore, "_rename_into_place", crash)
     with pytest.raises(KeyboardInterrupt):
         backup_restore(loaded)
-    monkeypatch.setattr(configbackup, "_rename_into_place", real_rename)
+    monkeypatch.setattr(backuprestore, "_rename_into_place", real_rename)
     backup_restore(loaded)
     assert snapshot(demo_appliance) == before
 
@@ -253,7 +239,7 @@ def test_an_error_during_the_renames_rolls_everything_back(
     changed = snapshot(demo_appliance)
     retention = retention_by_name(demo_appliance)
     loaded = backup_load(header.name)
-    real_rename = configbackup._rename_into_place
+    real_rename = backuprestore._rename_into_place
     calls = 0
 
     def fail_on_second(source: Path, target: Path) -> None:
@@ -263,7 +249,7 @@ def test_an_error_during_the_renames_rolls_everything_back(
             raise OSError(28, "No space left on device")
         real_rename(source, target)
 
-    monkeypatch.setattr(configbackup, "_rename_into_place", fail_on_second)
+    monkeypatch.setattr(backuprestore, "_rename_into_place", fail_on_second)
     with pytest.raises(OSError):
         backup_restore(loaded)
     assert snapshot(demo_appliance) == changed

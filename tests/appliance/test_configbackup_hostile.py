@@ -23,17 +23,15 @@ from typing import Any
 
 import pytest
 
-from appliance.config import configbackup
+from appliance.config import backupcheck, backupformat
+from appliance.config.backupformat import BackupRejected, WrongPassphrase
+from appliance.config.backuprestore import backup_restore, restore_plan
 from appliance.config.configbackup import (
     MAX_BACKUP_BYTES,
-    BackupRejected,
-    WrongPassphrase,
     backup_create,
     backup_import,
     backup_load,
     backup_path,
-    backup_restore,
-    restore_plan,
 )
 from appliance.config.policy import PolicyObject, parse_policy_objects, render_policy_objects
 from appliance.system.paths import layout
@@ -295,7 +293,7 @@ def test_a_member_over_the_size_limit_is_refused(
     members: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     big = {**members, "files/etc/sysconfig/network/ifcfg-big": b"#" * (1024 * 1024 + 1)}
-    monkeypatch.setattr(configbackup, "MAX_MEMBER_BYTES", 1024 * 1024)
+    monkeypatch.setattr(backupformat, "MAX_MEMBER_BYTES", 1024 * 1024)
     refuse(archive(big), "too large")
 
 
@@ -450,7 +448,7 @@ def test_a_list_file_through_a_symlink_out_of_the_lists_is_refused(
         (b"\x7fELF\x02\x01\x01\x00binary", "control character on line 1"),
         (b"ok@example.com\n\xff\xfe\n", "not UTF-8 text"),
         (b"a@example.com\nb@example.com\x1b[2J\n", "control character on line 2"),
-        (b"a" * (configbackup.MAX_LIST_BYTES + 1), "larger than 8 MiB"),
+        (b"a" * (backupcheck.MAX_LIST_BYTES + 1), "larger than 8 MiB"),
     ],
 )
 def test_a_list_file_that_is_not_bounded_text_is_refused(

@@ -11,15 +11,13 @@ from pathlib import Path
 import pytest
 
 from appliance.config import backupmac
+from appliance.config.backuprestore import ConfirmationRequired, backup_restore, restore_plan
 from appliance.config.configbackup import (
-    ConfirmationRequired,
     backup_create,
     backup_import,
     backup_list,
     backup_load,
     backup_path,
-    backup_restore,
-    restore_plan,
 )
 from appliance.system.paths import layout
 from tests.appliance.test_configbackup_hostile import tree
@@ -130,7 +128,7 @@ def test_a_backup_without_a_seal_is_unverified(demo_appliance: Path) -> None:
 
 
 def test_a_forged_seal_of_the_wrong_shape_is_refused(demo_appliance: Path) -> None:
-    from appliance.config.configbackup import BackupRejected
+    from appliance.config.backupformat import BackupRejected
 
     data = backup_path(backup_create(created_by="admin").name).read_bytes()
     header, members = split(data)

@@ -11,19 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import configconvert, policy, store
+from appliance.config import configformat, policy, store
 from appliance.config.configconvert import (
-    CONFIG_FILE,
-    LEGACY_FILES,
-    LEGACY_MAIL_POLICY,
-    LEGACY_POLICY_OBJECTS,
-    LEGACY_SMTP,
     ConfigConvertError,
     config_convert,
     config_format,
     config_path,
     config_revert,
     convert_files,
+)
+from appliance.config.configformat import (
+    CONFIG_FILE,
+    LEGACY_FILES,
+    LEGACY_MAIL_POLICY,
+    LEGACY_POLICY_OBJECTS,
+    LEGACY_SMTP,
     parse_config,
 )
 from appliance.config.mailpolicy import MailPolicy, PolicyRule
@@ -468,4 +470,4 @@ def test_a_hostile_file_on_disk_stops_the_conversion_and_changes_nothing(
 def test_convert_files_without_configuration_returns_the_files_unchanged() -> None:
     files = {"etc/HOSTNAME": b"h\n"}
     assert convert_files(files, "2.8.0") == files
-    assert configconvert.CONFIG_FORMATS == ("2.8.0", "2.8.1")
+    assert configformat.CONFIG_FORMATS == ("2.8.0", "2.8.1")

@@ -10,7 +10,9 @@ import pytest
 from django.http import HttpResponse
 from django.test import Client
 
-from appliance.config.configbackup import backup_create, backup_diff, backup_load, backup_restore
+from appliance.config.backupdiff import backup_diff
+from appliance.config.backuprestore import backup_restore
+from appliance.config.configbackup import backup_create, backup_load
 from appliance.system import network
 from appliance.system.errors import MalformedApplianceFile
 from appliance.system.facts import read_firmware_release, read_os_release, system_info

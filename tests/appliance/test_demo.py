@@ -14,7 +14,7 @@ from appliance import demo
 from appliance.config import policy, store
 from appliance.config.store import read_smtp_settings
 from appliance.demo import init_demo
-from appliance.mail import msgstore
+from appliance.mail import demo_store, msgstore
 from appliance.system import network, rescue
 from appliance.system.errors import ApplianceExists
 from appliance.system.facts import (
@@ -121,7 +121,7 @@ def test_force_replaces_the_appliance_and_empties_the_root(demo_appliance: Path)
 
 
 def test_an_interrupted_build_is_redone_without_doubling_the_store(appliance_root: Path) -> None:
-    msgstore.fill_demo(appliance_root, messages=50)  # as if init_demo died after the fill
+    demo_store.fill_demo(appliance_root, messages=50)  # as if init_demo died after the fill
     assert not appliance_exists()
     summary = init_demo(appliance_root, messages=30)
     assert summary.messages == 30

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from django.core.management import call_command
 
-from appliance.firmware.bundle import extract_payload, read_key_file, trusted_keys, verify_bundle
+from appliance.firmware.bundle import verify_bundle
+from appliance.firmware.bundleextract import extract_payload
 from appliance.firmware.demo_feed import demo_updates_missing, init_demo_updates
 from appliance.firmware.feed import parse_feed
 from appliance.firmware.license import license_status
+from appliance.firmware.signing import read_key_file, trusted_keys
 from appliance.system.facts import parse_key_values
 from appliance.system.paths import layout
 from tests.support.clock import Clock

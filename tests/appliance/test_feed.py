@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from appliance.firmware.bundle import build_bundle, generate_keypair
+from appliance.firmware.bundlebuild import build_bundle
 from appliance.firmware.feed import FeedEntry, FeedError, bundle_file_name, parse_feed, publish
+from appliance.firmware.signing import generate_keypair
 
 PRIVATE, PUBLIC = generate_keypair()
 SHA = "ab" * 32

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
 import signal
-import stat
 import threading
 import time
 from pathlib import Path
@@ -15,33 +13,12 @@ from pathlib import Path
 import pytest
 
 from appliance.firmware import demo_feed as demo_updates
-from appliance.firmware import firmware
-from appliance.firmware.bundle import (
-    BundleDigestMismatch,
-    BundleSignatureError,
-    generate_keypair,
-    public_key_b64,
-)
+from appliance.firmware import firmware, slottree
+from appliance.firmware.bundle import BundleDigestMismatch, BundleSignatureError
+from appliance.firmware.signing import generate_keypair, public_key_b64
 from appliance.system.facts import read_firmware_release, read_os_release
 from appliance.system.paths import layout
-
-
-def tree_snapshot(top: Path) -> dict[str, tuple[str, int, str]]:
-    """Every entry under ``top``: kind, permission bits and content hash (or link target)."""
-    snapshot: dict[str, tuple[str, int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            st = os.lstat(path)
-            rel = str(path.relative_to(top))
-            mode = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                snapshot[rel] = ("link", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                snapshot[rel] = ("dir", mode, "")
-            else:
-                snapshot[rel] = ("file", mode, hashlib.sha256(path.read_bytes()).hexdigest())
-    return snapshot
+from tests.support.trees import tree_snapshot
 
 
 @pytest.fixture
@@ -123,9 +100,9 @@ def test_a_flipped_byte_in_the_staged_slot_fails_verification(
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
 
-    with pytest.raises(firmware.SlotCorrupt, match=r"mailsecd\.bin"):
+    with pytest.raises(slottree.SlotCorrupt, match=r"mailsecd\.bin"):
         firmware.slot_verify("slot-b")
-    with pytest.raises(firmware.SlotCorrupt):
+    with pytest.raises(slottree.SlotCorrupt):
         firmware.slot_switch("slot-b")
     assert firmware.active_slot() == "slot-a"
 
@@ -135,12 +112,12 @@ def test_an_extra_file_or_a_changed_link_fails_verification(
 ) -> None:
     slot_b = demo_appliance / "system" / "slot-b"
     (slot_b / "etc" / "backdoor").write_text("x")
-    with pytest.raises(firmware.SlotCorrupt, match="backdoor"):
+    with pytest.raises(slottree.SlotCorrupt, match="backdoor"):
         firmware.slot_verify("slot-b")
     (slot_b / "etc" / "backdoor").unlink()
     (slot_b / "boot" / "vmlinuz").unlink()
     os.symlink("../../slot-a/boot/vmlinuz", slot_b / "boot" / "vmlinuz")
-    with pytest.raises(firmware.SlotCorrupt, match="vmlinuz"):
+    with pytest.raises(slottree.SlotCorrupt, match="vmlinuz"):
         firmware.slot_verify("slot-b")
 
 
@@ -151,7 +128,7 @@ def test_an_altered_manifest_is_detected(
     state = json.loads(state_file.read_text())
     state["entries"][0]["mode"] = 0o777
     state_file.write_text(json.dumps(state))
-    with pytest.raises(firmware.SlotCorrupt, match="manifest"):
+    with pytest.raises(slottree.SlotCorrupt, match="manifest"):
         firmware.slot_verify("slot-b")
 
 
@@ -173,7 +150,7 @@ def test_should_stop_aborts_leaving_slot_a_running_and_untouched(
         polls += 1
         return polls >= stop_after
 
-    with pytest.raises(firmware.InstallAborted):
+    with pytest.raises(slottree.InstallAborted):
         # Small chunks (rate_limit / 10) so the stop points land in every stage.
         firmware.slot_install(bundle_281, should_stop=should_stop, rate_limit=10 * 1024**3)
 
@@ -224,7 +201,7 @@ def test_a_killed_install_leaves_an_unbootable_slot_that_a_rerun_completes(
 
     assert b"installing" in state_file.read_bytes()
     assert not firmware.slot_bootable("slot-b")
-    with pytest.raises(firmware.SlotNotBootable):
+    with pytest.raises(slottree.SlotNotBootable):
         firmware.slot_switch("slot-b")
     assert firmware.active_slot() == "slot-a"
     assert tree_snapshot(demo_appliance / "system" / "slot-a") == before
@@ -261,7 +238,7 @@ def test_it_refuses_to_install_over_the_running_slot(
     bundle_281: Path, demo_appliance: Path
 ) -> None:
     before = tree_snapshot(demo_appliance)
-    with pytest.raises(firmware.FirmwareError, match="running"):
+    with pytest.raises(slottree.FirmwareError, match="running"):
         firmware.slot_install(bundle_281, slot="slot-a")
     assert tree_snapshot(demo_appliance) == before
 
@@ -332,9 +309,9 @@ def test_it_refuses_to_switch_to_a_slot_that_was_not_completely_installed(
     slot_b = demo_appliance / "system" / "slot-b"
     (slot_b / "etc").mkdir(parents=True)
     (slot_b / "etc" / "firmware-release").write_text("FIRMWARE_VERSION=9.9.9.9\n")
-    with pytest.raises(firmware.SlotNotBootable):
+    with pytest.raises(slottree.SlotNotBootable):
         firmware.slot_switch("slot-b")
-    with pytest.raises(firmware.SlotNotBootable):
+    with pytest.raises(slottree.SlotNotBootable):
         firmware.slot_switch("slot-c")
     assert firmware.active_slot() == "slot-a"
 
@@ -368,7 +345,7 @@ def test_firmware_level_set_refuses_a_bad_version(demo_appliance: Path, version:
 def test_slot_remove_refuses_the_running_slot_and_frees_the_other(
     installed: firmware.SlotImage, demo_appliance: Path
 ) -> None:
-    with pytest.raises(firmware.FirmwareError, match="running"):
+    with pytest.raises(slottree.FirmwareError, match="running"):
         firmware.slot_remove("slot-a")
     freed = firmware.slot_remove("slot-b")
     assert freed >= installed.size

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from appliance.firmware.bundle import generate_keypair, key_id, public_key_b64
 from appliance.firmware.license import (
     MAX_LICENSE,
     License,
@@ -19,6 +18,7 @@ from appliance.firmware.license import (
     parse_license,
     sign_license,
 )
+from appliance.firmware.signing import generate_keypair, key_id, public_key_b64
 from appliance.system.paths import layout
 
 PRIVATE, PUBLIC = generate_keypair()
@@ -98,7 +98,7 @@ def test_it_rejects_what_is_not_a_license(data: bytes, message: str) -> None:
 def _signed_body(body: dict[str, object]) -> bytes:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from appliance.firmware.bundle import canonical_json
+    from appliance.firmware.signing import canonical_json
 
     signature = Ed25519PrivateKey.from_private_bytes(PRIVATE).sign(canonical_json(body))
     return json.dumps({"license": body, "signature": base64.b64encode(signature).decode()}).encode()

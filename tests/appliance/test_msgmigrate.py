@@ -16,9 +16,21 @@ import pytest
 
 from appliance.config.smtp import SmtpSettings
 from appliance.config.store import write_smtp_settings
-from appliance.mail import msgmigrate, msgstore, processing, retention, tracking
-from appliance.mail.msgmigrate import MigrateProgress, MigrationStopped, StoreCounts
-from appliance.mail.msgstore import MailRecord
+from appliance.mail import (
+    demo_store,
+    mailrecords,
+    msgbackup,
+    msgcounts,
+    msgmigrate,
+    msgstore,
+    processing,
+    purge,
+    retention,
+    tracking,
+)
+from appliance.mail.mailrecords import MailRecord
+from appliance.mail.msgcounts import StoreCounts
+from appliance.mail.msgmigrate import MigrateProgress, MigrationStopped
 from appliance.system.errors import ApplianceError, MalformedApplianceFile
 from appliance.system.paths import layout
 
@@ -29,12 +41,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """64 ids a chunk, so a few hundred messages make many chunks (and many transactions)."""
-    monkeypatch.setattr(msgmigrate, "CHUNK_BITS", 6)
+    monkeypatch.setattr(msgcounts, "CHUNK_BITS", 6)
 
 
 @pytest.fixture
 def store(appliance_root: Path) -> Path:
-    msgstore.fill_demo(messages=600, now=NOW)
+    demo_store.fill_demo(messages=600, now=NOW)
     processing.fill_demo_minutes(days=1, now=NOW)
     (layout().cpe_dir).mkdir(parents=True, exist_ok=True)
     write_smtp_settings(SmtpSettings())  # the log retentions a purge reads
@@ -80,7 +92,7 @@ def _record(n: int, *, quarantine: bool = True) -> MailRecord:
 
 
 def test_a_demo_store_converts_with_every_body_and_row_preserved(store: Path) -> None:
-    before = msgmigrate.store_counts(cached=False)
+    before = msgcounts.store_counts(cached=False)
     raws, lines = _raws(), _smtp_lines()
     prepared = msgmigrate.migrate_prepare()
     assert prepared.in_sync and prepared.counts == before
@@ -88,7 +100,7 @@ def test_a_demo_store_converts_with_every_body_and_row_preserved(store: Path) ->
 
     assert msgstore.format_version() == "2.8.1"
     assert result.counts == before and result.counts.messages == 600
-    assert msgmigrate.store_counts(cached=False) == before  # every row re-read
+    assert msgcounts.store_counts(cached=False) == before  # every row re-read
     assert _raws() == raws
     assert _smtp_lines() == lines
     conn = msgstore.connect(readonly=True)
@@ -107,27 +119,27 @@ def test_a_demo_store_converts_with_every_body_and_row_preserved(store: Path) ->
 
 
 def test_finish_without_prepare_converts_everything(store: Path) -> None:
-    before = msgmigrate.store_counts(cached=False)
+    before = msgcounts.store_counts(cached=False)
     result = msgmigrate.migrate_finish()
     assert result.full_conversion
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
 
 
 def test_mail_and_purges_between_prepare_and_finish_are_carried_over(store: Path) -> None:
     msgmigrate.migrate_prepare()
     # While mail still flows: new mail, a lowered retention and the purge it triggers.
-    late_ids = [msgstore.mail_record(_record(n)) for n in range(3)]
-    msgstore.mail_record(_record(99, quarantine=False))
+    late_ids = [mailrecords.mail_record(_record(n)) for n in range(3)]
+    mailrecords.mail_record(_record(99, quarantine=False))
     spam = next(s for s in retention.store_usage() if s.name == "Spam quarantine")
     retention.store_retention_set(spam.id, 5)
-    purged = retention.purge_expired(now=NOW, pacing=retention.Pacing(idle_pause=0, busy_pause=0))
+    purged = purge.purge_expired(now=NOW, pacing=purge.Pacing(idle_pause=0, busy_pause=0))
     assert purged.messages_deleted[spam.id] > 0
-    before = msgmigrate.store_counts(cached=False)
+    before = msgcounts.store_counts(cached=False)
     raws = _raws()
 
     result = msgmigrate.migrate_finish()
     assert result.counts == before and not result.full_conversion
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
     assert _raws() == raws
     assert all(msgstore.message_raw(i) is not None for i in late_ids)
     kept = next(s for s in retention.store_usage() if s.id == spam.id)
@@ -150,8 +162,8 @@ def test_a_failure_inside_finish_leaves_the_2_8_0_store_and_a_rerun_succeeds(
     store: Path, step: str
 ) -> None:
     msgmigrate.migrate_prepare()
-    msgstore.mail_record(_record(1))  # so finish has a chunk to copy
-    before = msgmigrate.store_counts(cached=False)
+    mailrecords.mail_record(_record(1))  # so finish has a chunk to copy
+    before = msgcounts.store_counts(cached=False)
 
     def crash(progress: MigrateProgress) -> None:
         if progress.step == step:
@@ -160,7 +172,7 @@ def test_a_failure_inside_finish_leaves_the_2_8_0_store_and_a_rerun_succeeds(
     with pytest.raises(RuntimeError, match="injected"):
         msgmigrate.migrate_finish(progress=crash)
     assert msgstore.format_version() == "2.8.0"
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
     assert msgmigrate.migrate_finish().counts == before
 
 
@@ -183,14 +195,14 @@ def test_should_stop_stops_prepare_and_discard_frees_its_files(store: Path) -> N
 
 
 def test_a_damaged_partial_file_is_rebuilt(store: Path) -> None:
-    before = msgmigrate.store_counts(cached=False)
+    before = msgcounts.store_counts(cached=False)
     msgmigrate.partial_path().write_bytes(b"not a database at all" * 100)
     assert msgmigrate.migrate_prepare().in_sync
     assert msgmigrate.migrate_finish().counts == before
 
 
 def test_a_tampered_partial_file_is_caught_and_recopied(store: Path) -> None:
-    before = msgmigrate.store_counts(cached=False)
+    before = msgcounts.store_counts(cached=False)
     raws = _raws()
     msgmigrate.migrate_prepare()
     conn = sqlite3.connect(msgmigrate.partial_path())
@@ -202,7 +214,7 @@ def test_a_tampered_partial_file_is_caught_and_recopied(store: Path) -> None:
     # damaged body fails its SHA-256, the subject its digest, and both chunks are copied again.
     (layout().msgstore_dir / "msgstore-checksums.db").unlink()
     assert msgmigrate.migrate_finish().counts == before
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
     assert _raws() == raws
 
 
@@ -218,36 +230,36 @@ def test_an_unknown_store_format_is_refused_and_left_alone(store: Path) -> None:
 
 
 def test_backup_and_restore_put_the_2_8_0_store_back_exactly(store: Path, tmp_path: Path) -> None:
-    before = msgmigrate.store_counts(cached=False)
-    backup = msgmigrate.msgstore_backup(tmp_path / "backup" / "msgstore.db")
+    before = msgcounts.store_counts(cached=False)
+    backup = msgbackup.msgstore_backup(tmp_path / "backup" / "msgstore.db")
     assert backup.counts == before and backup.format_version == "2.8.0"
-    assert msgmigrate.read_backup(backup.path) == backup
-    again = msgmigrate.msgstore_backup(backup.path)  # idempotent
+    assert msgbackup.read_backup(backup.path) == backup
+    again = msgbackup.msgstore_backup(backup.path)  # idempotent
     assert again.sha256 == backup.sha256
     msgmigrate.migrate_finish()
-    msgstore.mail_record(_record(5))  # the new system ran a little
+    mailrecords.mail_record(_record(5))  # the new system ran a little
 
-    msgmigrate.msgstore_restore(backup.path)
+    msgbackup.msgstore_restore(backup.path)
     assert msgstore.format_version() == "2.8.0"
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
     # And the upgrade can be run again from there.
     assert msgmigrate.migrate_finish().counts == before
 
 
 def test_a_tampered_backup_is_refused_and_the_store_unchanged(store: Path, tmp_path: Path) -> None:
-    backup = msgmigrate.msgstore_backup(tmp_path / "msgstore.db")
+    backup = msgbackup.msgstore_backup(tmp_path / "msgstore.db")
     msgmigrate.migrate_finish()
-    after = msgmigrate.store_counts(cached=False)
+    after = msgcounts.store_counts(cached=False)
     data = bytearray(backup.path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     backup.path.write_bytes(bytes(data))
     with pytest.raises(MalformedApplianceFile):
-        msgmigrate.msgstore_restore(backup.path)
+        msgbackup.msgstore_restore(backup.path)
     assert msgstore.format_version() == "2.8.1"
-    assert msgmigrate.store_counts(cached=False) == after
+    assert msgcounts.store_counts(cached=False) == after
     assert not list(layout().msgstore_dir.glob(".msgstore-restore-*"))
     with pytest.raises(MalformedApplianceFile):
-        msgmigrate.msgstore_restore(tmp_path / "no-such-backup.db")
+        msgbackup.msgstore_restore(tmp_path / "no-such-backup.db")
 
 
 def test_the_console_readers_and_the_mail_writer_work_on_2_8_1(store: Path) -> None:
@@ -270,12 +282,12 @@ def test_the_console_readers_and_the_mail_writer_work_on_2_8_1(store: Path) -> N
     assert totals is not None and totals.messages == 600
     assert retention.age_distribution(now=NOW).stores
 
-    new_id = msgstore.mail_record(_record(7))
+    new_id = mailrecords.mail_record(_record(7))
     assert new_id is not None
     assert msgstore.message_raw(new_id) == _record(7).raw
     assert _smtp_lines()[-1][1] == "250 2.0.0 Ok: queued as LATE"
-    result = retention.purge_expired(
-        now=NOW + timedelta(days=400), pacing=retention.Pacing(idle_pause=0, busy_pause=0)
+    result = purge.purge_expired(
+        now=NOW + timedelta(days=400), pacing=purge.Pacing(idle_pause=0, busy_pause=0)
     )
     assert sum(result.messages_deleted.values()) == 601
     conn = msgstore.connect(readonly=True)
@@ -290,9 +302,9 @@ def test_a_store_can_be_created_and_filled_in_2_8_1(appliance_root: Path) -> Non
     msgstore.create(format_version="2.8.1")  # idempotent
     with pytest.raises(ApplianceError):
         msgstore.create()  # not grafted onto 2.8.0
-    msgstore.fill_demo(messages=50, now=NOW)
+    demo_store.fill_demo(messages=50, now=NOW)
     assert msgstore.format_version() == "2.8.1"
-    counts = msgmigrate.store_counts(cached=False)
+    counts = msgcounts.store_counts(cached=False)
     assert (counts.messages, counts.bodies, counts.smtp_log) == (50, 50, 50)
 
 
@@ -316,9 +328,9 @@ def test_the_status_split_in_sql_matches_python(appliance_root: Path) -> None:
             [(line,) for line in lines],
         )
     conn.close()
-    before = msgmigrate.store_counts(cached=False)
+    before = msgcounts.store_counts(cached=False)
     msgmigrate.migrate_finish()
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
     conn = msgstore.connect(readonly=True)
     try:
         rows = conn.execute("SELECT status, response FROM smtp_log ORDER BY id").fetchall()
@@ -328,9 +340,9 @@ def test_the_status_split_in_sql_matches_python(appliance_root: Path) -> None:
 
 
 def test_store_counts_is_the_same_cached_and_uncached(store: Path) -> None:
-    full = msgmigrate.store_counts(cached=False)
-    assert msgmigrate.store_counts() == full
-    assert msgmigrate.store_counts() == full  # from the cache now
+    full = msgcounts.store_counts(cached=False)
+    assert msgcounts.store_counts() == full
+    assert msgcounts.store_counts() == full  # from the cache now
     assert isinstance(StoreCounts.from_json(full.__dict__), StoreCounts)
 
 
@@ -357,8 +369,8 @@ sys.path.insert(0, {repo!r})
 import django
 django.setup()
 from pathlib import Path
-from appliance.mail import msgmigrate
-msgmigrate.CHUNK_BITS = 6  # as the small_chunks fixture: checksums depend on it
+from appliance.mail import msgcounts, msgmigrate
+msgcounts.CHUNK_BITS = 6  # as the small_chunks fixture: checksums depend on it
 root = Path({root!r})
 msgmigrate.migrate_prepare(root, pause=0.04)
 msgmigrate.migrate_finish(root)
@@ -370,8 +382,8 @@ print("done")
 def test_killing_the_conversion_anywhere_leaves_the_old_or_the_new_store(
     appliance_root: Path,
 ) -> None:
-    msgstore.fill_demo(messages=1500, now=NOW)
-    before = msgmigrate.store_counts(cached=False)
+    demo_store.fill_demo(messages=1500, now=NOW)
+    before = msgcounts.store_counts(cached=False)
     script = _KILL_SCRIPT.format(repo=str(REPO), root=str(appliance_root))
     rng = random.Random(6)
     outcomes = set()
@@ -383,13 +395,13 @@ def test_killing_the_conversion_anywhere_leaves_the_old_or_the_new_store(
         proc.wait()
         version = msgstore.format_version()
         outcomes.add(version)
-        assert msgmigrate.store_counts(cached=False) == before, version
+        assert msgcounts.store_counts(cached=False) == before, version
         if version == "2.8.1":
             break
     assert "2.8.0" in outcomes  # at least one kill landed mid-conversion
     msgmigrate.migrate_prepare()
     assert msgmigrate.migrate_finish().counts == before
-    assert msgmigrate.store_counts(cached=False) == before
+    assert msgcounts.store_counts(cached=False) == before
     conn = msgstore.connect(readonly=True)
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.mail import msgstore
+from appliance.mail import demo_store, msgstore
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system.paths import layout
 
@@ -39,7 +39,7 @@ def test_it_records_format_2_8_0(appliance_root: Path) -> None:
 
 
 def test_it_keeps_its_own_database_in_wal_mode(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=10, now=NOW)
+    demo_store.fill_demo(messages=10, now=NOW)
     assert layout().msgstore_db.parent == layout().msgstore_dir
     conn = msgstore.connect()
     try:
@@ -49,7 +49,7 @@ def test_it_keeps_its_own_database_in_wal_mode(appliance_root: Path) -> None:
 
 
 def test_create_is_idempotent_and_keeps_data(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=25, now=NOW)
+    demo_store.fill_demo(messages=25, now=NOW)
     msgstore.create()
     msgstore.create()
     assert msgstore.totals().messages == 25
@@ -86,7 +86,7 @@ def test_a_readonly_connection_cannot_write(appliance_root: Path) -> None:
 
 
 def test_totals_count_rows_and_bytes_on_disk(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=120, now=NOW)
+    demo_store.fill_demo(messages=120, now=NOW)
     totals = msgstore.totals()
     assert totals is not None
     assert (totals.messages, totals.smtp_log, totals.tracking_log) == (120, 120, 120)
@@ -97,10 +97,10 @@ def test_totals_count_rows_and_bytes_on_disk(appliance_root: Path) -> None:
 
 
 def test_list_stores_counts_messages_and_sums_their_sizes(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=300, now=NOW)
+    demo_store.fill_demo(messages=300, now=NOW)
     stores = msgstore.list_stores()
     assert [(s.name, s.retention_days) for s in stores] == [
-        (name, days) for name, days, _, _ in msgstore.DEMO_STORES
+        (name, days) for name, days, _, _ in demo_store.DEMO_STORES
     ]
     conn = msgstore.connect(readonly=True)
     try:
@@ -120,7 +120,7 @@ def test_list_stores_counts_messages_and_sums_their_sizes(appliance_root: Path) 
 
 
 def test_demo_messages_are_within_their_stores_retention(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=300, now=NOW)
+    demo_store.fill_demo(messages=300, now=NOW)
     now_ts = int(NOW.timestamp())
     conn = msgstore.connect(readonly=True)
     try:
@@ -142,7 +142,7 @@ def test_demo_messages_are_within_their_stores_retention(appliance_root: Path) -
 def test_raw_messages_are_rfc5322_with_the_recorded_headers(appliance_root: Path) -> None:
     from email import message_from_bytes
 
-    msgstore.fill_demo(messages=40, now=NOW)
+    demo_store.fill_demo(messages=40, now=NOW)
     conn = msgstore.connect(readonly=True)
     try:
         rows = conn.execute(
@@ -164,23 +164,23 @@ def test_raw_messages_are_rfc5322_with_the_recorded_headers(appliance_root: Path
 
 def test_fill_demo_is_deterministic_for_a_seed(tmp_path: Path) -> None:
     first, second, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    msgstore.fill_demo(first, messages=150, seed=7, now=NOW)
-    msgstore.fill_demo(second, messages=150, seed=7, now=NOW)
-    msgstore.fill_demo(other, messages=150, seed=8, now=NOW)
+    demo_store.fill_demo(first, messages=150, seed=7, now=NOW)
+    demo_store.fill_demo(second, messages=150, seed=7, now=NOW)
+    demo_store.fill_demo(other, messages=150, seed=8, now=NOW)
     assert _rows(first) == _rows(second)
     assert _rows(first) != _rows(other)
 
 
 def test_a_second_fill_adds_to_the_store(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=40, now=NOW)
-    msgstore.fill_demo(messages=10, seed=1, now=NOW)
+    demo_store.fill_demo(messages=40, now=NOW)
+    demo_store.fill_demo(messages=10, seed=1, now=NOW)
     totals = msgstore.totals()
     assert (totals.messages, totals.smtp_log, totals.tracking_log) == (50, 50, 50)
-    assert len(msgstore.list_stores()) == len(msgstore.DEMO_STORES)
+    assert len(msgstore.list_stores()) == len(demo_store.DEMO_STORES)
 
 
 def test_the_indexes_later_features_need_exist_after_a_fill(appliance_root: Path) -> None:
-    msgstore.fill_demo(messages=30, now=NOW)
+    demo_store.fill_demo(messages=30, now=NOW)
     conn = msgstore.connect(readonly=True)
     try:
         names = {

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,25 +14,9 @@ from appliance.mail import msgstore
 from appliance.system import network
 from appliance.system.facts import read_firmware_release, write_firmware_release
 from appliance.system.paths import layout
+from tests.support.trees import tree_snapshot
 
 GB = 1024**3
-
-
-def tree_snapshot(top: Path) -> dict[str, tuple[str, int, str]]:
-    snapshot: dict[str, tuple[str, int, str]] = {}
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            st = os.lstat(path)
-            rel = str(path.relative_to(top))
-            if stat.S_ISLNK(st.st_mode):
-                snapshot[rel] = ("link", 0, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                snapshot[rel] = ("dir", stat.S_IMODE(st.st_mode), "")
-            else:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                snapshot[rel] = ("file", stat.S_IMODE(st.st_mode), digest)
-    return snapshot
 
 
 @dataclass(frozen=True)

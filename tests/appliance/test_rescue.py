@@ -15,6 +15,7 @@ from appliance.system import rescue
 from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceFile
 from appliance.system.facts import read_firmware_release, write_firmware_release
 from appliance.system.paths import layout
+from tests.support.crash import Crash, crash_on_call
 
 
 def test_there_is_no_backup_on_an_empty_root(appliance_root: Path) -> None:
@@ -258,31 +259,16 @@ def test_a_member_beneath_a_symlink_is_refused(demo_appliance: Path) -> None:
     assert _tree(demo_appliance) == before
 
 
-def test_a_crash_during_the_switch_is_rolled_forward(
-    demo_appliance: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_crash_during_the_switch_is_rolled_forward(demo_appliance: Path) -> None:
     the_layout = layout()
     rescue.system_backup_create()
     system_before = _tree(the_layout.active_system.resolve())
     etc_before = _tree(the_layout.etc_dir)
     _change_system_and_config(demo_appliance)
-    real_step = rescue._restore_step
-    calls = 0
 
-    class Crash(BaseException):
-        """Stands for the process dying between two renames."""
-
-    def crash_on_third(source: Path, target: Path) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:  # after etc/ was moved aside, before the image's etc/ took its place
-            raise Crash
-        real_step(source, target)
-
-    monkeypatch.setattr(rescue, "_restore_step", crash_on_third)
-    with pytest.raises(Crash):
+    # The third step: after etc/ was moved aside, before the image's etc/ took its place.
+    with pytest.raises(Crash), crash_on_call(rescue, "_restore_step", 3):
         rescue.system_backup_restore()
-    monkeypatch.setattr(rescue, "_restore_step", real_step)
     assert not the_layout.etc_dir.exists()
     assert the_layout.system_restore_journal.exists()
 

@@ -12,7 +12,8 @@ from accounts.services import api_token_create
 from appliance.config import configbackup
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from backups import services
-from backups.models import SystemBackupJob
+from jobs.models import Job
+from jobs.tasks import run_job
 
 pytestmark = pytest.mark.django_db
 
@@ -94,7 +95,7 @@ def test_system_image_and_jobs(client, demo_appliance, admin_token):
     job_id = started.json()["id"]
     assert _post(client, "/system/restore", admin_token).status_code == 409
 
-    services.system_backup_execute(job_id)
+    run_job(job_id)
     job = client.get(f"{BASE}/system/jobs/{job_id}", **admin_token).json()
     assert job["state"] == "succeeded" and job["bytes_done"] == job["bytes_total"] > 0
     assert client.get(f"{BASE}/system/jobs/999", **admin_token).status_code == 404
@@ -111,7 +112,7 @@ def test_read_only_tokens_can_read_but_not_change(client, demo_appliance, viewer
         f"{BASE}/config/upload", {"file": SimpleUploadedFile("b.lmibak", b"x")}, **viewer_token
     )
     assert upload.status_code == 403
-    assert len(configbackup.backup_list()) == 1 and not SystemBackupJob.objects.exists()
+    assert len(configbackup.backup_list()) == 1 and not Job.objects.exists()
 
 
 def test_the_api_needs_authentication(client, demo_appliance):

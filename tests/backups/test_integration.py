@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 from dataclasses import replace
 from datetime import timedelta
 
@@ -13,17 +15,17 @@ from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system import rescue
 from appliance.system.facts import read_firmware_release, write_firmware_release
 from backups import services
-from backups.models import FINAL_STATES, SystemBackupJob, SystemJobKind, SystemJobState
 from events.models import Event
+from jobs.models import FINAL_STATES, Job, JobState
 from tests.backups.conftest import tree_bytes
 from tests.support.services import start_worker, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def _finished(job_id: int, worker) -> SystemBackupJob:
+def _finished(job_id: int, worker) -> Job:
     return wait_for(
-        lambda: SystemBackupJob.objects.filter(pk=job_id, state__in=FINAL_STATES).first(),
+        lambda: Job.objects.filter(pk=job_id, state__in=FINAL_STATES).first(),
         timeout=90,
         message=f"the worker did not finish the job; its log:\n{worker.log()}",
     )
@@ -37,13 +39,13 @@ def test_a_system_backup_job_runs_to_succeeded_in_the_worker(
     old = rescue.system_backup_info()
 
     assert client.post("/backup/system/image/create/").status_code == 302
-    job = _finished(SystemBackupJob.objects.get().pk, celery_worker)
+    job = _finished(Job.objects.get().pk, celery_worker)
 
-    assert job.state == SystemJobState.SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     assert job.bytes_done == job.bytes_total > 0
     info = rescue.system_backup_info()
     assert info is not None and info.created_at >= old.created_at
-    assert job.firmware_version == info.firmware_version
+    assert job.details["firmware_version"] == info.firmware_version
     assert Event.objects.filter(message__startswith="System backup created").exists()
     html = client.get("/backup/system/").content.decode()
     assert 'data-testid="job-done"' in html and "hx-trigger" not in html
@@ -55,8 +57,8 @@ def test_a_system_restore_job_returns_the_appliance_to_the_image(
     client = Client()
     client.force_login(admin_user)
     client.post("/backup/system/image/create/")
-    created = _finished(SystemBackupJob.objects.get().pk, celery_worker)
-    assert created.state == SystemJobState.SUCCEEDED, created.error
+    created = _finished(Job.objects.get().pk, celery_worker)
+    assert created.state == JobState.SUCCEEDED, created.error
     etc_before = tree_bytes(demo_appliance, "etc")
 
     write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
@@ -64,10 +66,10 @@ def test_a_system_restore_job_returns_the_appliance_to_the_image(
     assert tree_bytes(demo_appliance, "etc") != etc_before
 
     assert client.post("/backup/system/image/restore/").status_code == 302
-    restore = SystemBackupJob.objects.exclude(pk=created.pk).get()
+    restore = Job.objects.exclude(pk=created.pk).get()
     restore = _finished(restore.pk, celery_worker)
 
-    assert restore.state == SystemJobState.SUCCEEDED, restore.error
+    assert restore.state == JobState.SUCCEEDED, restore.error
     assert tree_bytes(demo_appliance, "etc") == etc_before
     assert read_smtp_settings().listen_port != 2626
     assert Event.objects.filter(message__startswith="System restored").exists()
@@ -76,20 +78,25 @@ def test_a_system_restore_job_returns_the_appliance_to_the_image(
 def test_a_starting_worker_finishes_the_job_a_dead_worker_left_running(
     redis_settings, transactional_db, demo_appliance, tmp_path
 ):
-    long_ago = timezone.now() - services.STALE_AFTER - timedelta(seconds=5)
-    lost = SystemBackupJob.objects.create(
-        kind=SystemJobKind.CREATE,
-        state=SystemJobState.RUNNING,
+    # Left running by a worker of this host whose process is gone: no need to wait out a lease.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    long_ago = timezone.now() - timedelta(minutes=5)
+    lost = Job.objects.create(
+        kind="system_backup",
+        title="System backup",
+        state=JobState.RUNNING,
         started_at=long_ago,
-        heartbeat_at=long_ago,
-        executor="celery@a-worker-that-was-killed",
+        lease_owner=f"job:{socket.gethostname()}:{dead.pid}:killed",
+        lease_expires_at=timezone.now() + timedelta(minutes=1),
+        fence=1,
     )
     worker = start_worker(redis_settings, demo_appliance, tmp_path)
     try:
         resumed = _finished(lost.pk, worker)
-        assert resumed.state == SystemJobState.SUCCEEDED, resumed.error
+        assert resumed.state == JobState.SUCCEEDED, resumed.error
         assert resumed.restarts == 1
         job = services.system_backup_start(user="admin")  # the way is free again
-        assert _finished(job.pk, worker).state == SystemJobState.SUCCEEDED
+        assert _finished(job.pk, worker).state == JobState.SUCCEEDED
     finally:
         worker.stop()

@@ -9,12 +9,15 @@ import pytest
 from django.utils import timezone
 
 from appliance.config import configbackup
-from appliance.config.configbackup import BackupRejected, WrongPassphrase
+from appliance.config.backupformat import BackupRejected, WrongPassphrase
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system.paths import layout
 from backups import services
-from backups.models import BackupSettings, SystemBackupJob, SystemJobKind, SystemJobState
+from backups.models import BackupSettings
 from events.models import Category, Event, Severity
+from jobs.models import Job, JobState
+from jobs.reconciler import reconcile
+from jobs.tasks import run_job
 from tests.backups.conftest import tree_bytes
 from tests.support import enqueue as enqueues
 from tests.support.clock import Clock
@@ -174,78 +177,75 @@ def test_backup_before_install_is_marked_and_kept_apart(demo_appliance, admin_us
 def test_one_system_job_at_a_time(demo_appliance, admin_user, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks() as callbacks:
         job = services.system_backup_start(user=admin_user)
-    assert job.state == SystemJobState.QUEUED and len(callbacks) == 1
+    assert job.state == JobState.QUEUED and job.kind == "system_backup" and len(callbacks) == 1
 
-    with pytest.raises(services.SystemJobInProgress):
+    with pytest.raises(services.SystemJobInProgress, match="already in progress"):
         services.system_restore_start(user=admin_user)
-    assert SystemBackupJob.objects.count() == 1
+    assert Job.objects.count() == 1
 
 
 def test_restore_without_an_image_is_refused(appliance_root, admin_user):
     with pytest.raises(services.NoSystemBackup):
         services.system_restore_start(user=admin_user)
-    assert not SystemBackupJob.objects.exists()
+    assert not Job.objects.exists()
+
+
+def _system_job(kind: str = "system_backup") -> Job:
+    return Job.objects.create(kind=kind, title="System job", requested_by="admin")
 
 
 def test_the_job_runs_to_succeeded_with_every_byte_counted(demo_appliance, admin_user):
-    job = SystemBackupJob.objects.create(kind=SystemJobKind.CREATE, requested_by="admin")
+    job = _system_job()
 
-    services.system_backup_execute(job.pk)
+    run_job(job.pk)
 
     job.refresh_from_db()
-    assert job.state == SystemJobState.SUCCEEDED, job.error
-    assert job.bytes_done == job.bytes_total > 0
-    assert job.firmware_version
-    services.system_backup_execute(job.pk)  # a second delivery does nothing
-    assert SystemBackupJob.objects.get(pk=job.pk).finished_at == job.finished_at
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.bytes_done == job.bytes_total > 0 and job.percent == 100
+    assert job.details["firmware_version"]
+    assert not job.lease_owner
+    run_job(job.pk)  # a second delivery does nothing
+    assert Job.objects.get(pk=job.pk).finished_at == job.finished_at
 
 
 def test_a_failing_job_says_why(appliance_root, admin_user):
-    job = SystemBackupJob.objects.create(kind=SystemJobKind.CREATE, requested_by="admin")
+    job = _system_job()
 
-    services.system_backup_execute(job.pk)
+    run_job(job.pk)
 
     job.refresh_from_db()
-    assert job.state == SystemJobState.FAILED and job.error
+    assert job.state == JobState.FAILED and job.error
     assert Event.objects.filter(severity=Severity.ERROR, category=Category.BACKUP).exists()
 
 
-def test_a_job_whose_worker_stopped_is_started_again_then_given_up(
-    db, monkeypatch, django_capture_on_commit_callbacks
-):
-    sent = enqueues.capture(monkeypatch, "backups.tasks.system_backup_run")
+def test_a_job_whose_worker_stopped_is_started_again_then_given_up(db, monkeypatch):
+    sent = enqueues.capture(monkeypatch, "jobs.run")
     now = timezone.now()
-    lost = SystemBackupJob.objects.create(
-        kind=SystemJobKind.CREATE,
-        state=SystemJobState.RUNNING,
+    lost = Job.objects.create(
+        kind="system_backup",
+        title="System backup",
+        state=JobState.RUNNING,
         started_at=now - timedelta(minutes=10),
-        heartbeat_at=now - services.STALE_AFTER - timedelta(seconds=1),
-        executor="celery@gone",
+        lease_owner="job:elsewhere:1:abc",
+        lease_expires_at=now - timedelta(seconds=1),
+        fence=1,
     )
-    for restart in range(1, services.MAX_RESTARTS + 1):
-        with django_capture_on_commit_callbacks(execute=True):
-            assert services.system_jobs_reap() == 1
+    for restart in (1, 2):
+        assert reconcile(now).restarted == [lost.pk]
         lost.refresh_from_db()
-        assert (lost.state, lost.restarts, lost.executor) == (SystemJobState.QUEUED, restart, "")
+        assert (lost.state, lost.restarts, lost.lease_owner) == (JobState.QUEUED, restart, "")
         assert sent[-1] == lost.pk
-        SystemBackupJob.objects.filter(pk=lost.pk).update(  # it runs, and its worker dies again
-            state=SystemJobState.RUNNING, heartbeat_at=now - services.STALE_AFTER * 2
+        Job.objects.filter(pk=lost.pk).update(  # it runs, and its worker dies again
+            state=JobState.RUNNING,
+            lease_owner="job:elsewhere:1:abc",
+            lease_expires_at=now - timedelta(seconds=1),
         )
-    assert services.system_jobs_reap() == 1
+    assert reconcile(now).failed == [lost.pk]
     lost.refresh_from_db()
-    assert lost.state == SystemJobState.FAILED and "given up" in lost.error
-    assert Event.objects.filter(message__contains="started again (restart 1 of").exists()
-
-    mine = SystemBackupJob.objects.create(
-        kind=SystemJobKind.CREATE,
-        state=SystemJobState.RUNNING,
-        heartbeat_at=now,
-        executor="celery@box",
-    )
-    assert services.system_jobs_reap() == 0  # alive as far as anyone can tell
-    assert services.system_jobs_reap(executor="celery@box") == 1  # its worker restarted
-    mine.refresh_from_db()
-    assert mine.state == SystemJobState.QUEUED and mine.restarts == 1
+    assert lost.state == JobState.FAILED and "given up" in lost.error
+    assert Event.objects.filter(
+        category=Category.BACKUP, message__contains="started again (restart 1 of 2)"
+    ).exists()
 
 
 def test_a_tampered_system_image_fails_the_restore_job_and_changes_nothing(demo_appliance):
@@ -254,10 +254,10 @@ def test_a_tampered_system_image_fails_the_restore_job_and_changes_nothing(demo_
     data[len(data) // 2] ^= 0xFF
     tar.write_bytes(bytes(data))
     etc_before = tree_bytes(demo_appliance, "etc")
-    job = SystemBackupJob.objects.create(kind=SystemJobKind.RESTORE, requested_by="admin")
+    job = _system_job("system_restore")
 
-    services.system_backup_execute(job.pk)
+    run_job(job.pk)
 
     job.refresh_from_db()
-    assert job.state == SystemJobState.FAILED and "checksum" in job.error
+    assert job.state == JobState.FAILED and "checksum" in job.error
     assert tree_bytes(demo_appliance, "etc") == etc_before

@@ -9,11 +9,13 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 
-from appliance.config import configbackup
+from appliance.config import backupformat, configbackup
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from backups import services
-from backups.models import BackupSettings, SystemBackupJob, SystemJobState
+from backups.models import BackupSettings
 from events.models import Category, Event, Severity
+from jobs.models import Job, JobState
+from jobs.tasks import run_job
 from tests.backups import archives
 from tests.backups.conftest import PAGE, backup_files, csrf, post, tree_bytes
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.django_db
 SECRET = "correct horse battery"
 
 
-def _make(admin_user, **kw) -> configbackup.BackupHeader:
+def _make(admin_user, **kw) -> backupformat.BackupHeader:
     return services.config_backup_create(user=admin_user, **kw)
 
 
@@ -264,8 +266,8 @@ def test_system_create_starts_a_job_and_the_panel_polls(
     with django_capture_on_commit_callbacks() as callbacks:
         html = post(admin_client, "/backup/system/image/create/").content.decode()
 
-    job = SystemBackupJob.objects.get()
-    assert job.state == SystemJobState.QUEUED and len(callbacks) == 1
+    job = Job.objects.get()
+    assert job.state == JobState.QUEUED and len(callbacks) == 1
     assert "Creating the system backup image." in html
     assert 'hx-trigger="every 1s"' in html
     partial = admin_client.get("/backup/system/image/").content.decode()
@@ -273,12 +275,12 @@ def test_system_create_starts_a_job_and_the_panel_polls(
 
     again = post(admin_client, "/backup/system/image/restore/").content.decode()
     assert "already in progress" in again
-    assert SystemBackupJob.objects.count() == 1
+    assert Job.objects.count() == 1
 
 
 def test_the_panel_stops_polling_when_the_job_ended(admin_client, demo_appliance):
-    job = SystemBackupJob.objects.create(kind="create", requested_by="admin")
-    services.system_backup_execute(job.pk)
+    job = Job.objects.create(kind="system_backup", title="System backup", requested_by="admin")
+    run_job(job.pk)
 
     partial = admin_client.get("/backup/system/image/").content.decode()
 
@@ -309,7 +311,7 @@ def test_read_only_users_see_everything_and_change_nothing(
     ]:
         assert readonly_client.post(url, data, **token).status_code == 403, url
     assert [h.name for h in configbackup.backup_list()] == [header.name]
-    assert not SystemBackupJob.objects.exists()
+    assert not Job.objects.exists()
 
 
 def test_login_is_required(demo_appliance):

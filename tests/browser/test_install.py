@@ -8,14 +8,14 @@ htmx polling the progress partial until the run ends.
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from tests.support.browser import screenshot
-from tests.support.services import start_worker
+from tests.support.services import WorkerProcess
 from tests.support.smtp import smtp_service  # noqa: F401
-from tests.upgrades.test_install_cli import download_demo_281
+from tests.upgrades.test_install_cli import demo_281_worker  # noqa: F401
 from tests.upgrades.test_install_views import roomy_disks  # noqa: F401
 from upgrades.models import InstallRun, InstallState
 
@@ -24,28 +24,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
 def test_install_from_the_checklist_to_the_new_firmware_level(
     admin_page,
-    smtp_service,  # noqa: F811
-    redis_settings,
-    demo_appliance: Path,
-    tmp_path: Path,
-    monkeypatch,
-    settings,
+    csp_errors: list[str],
+    demo_281_worker: Callable[..., WorkerProcess],  # noqa: F811
 ):
     page = admin_page
-    csp_errors: list[str] = []
-    page.on(
-        "console",
-        lambda message: (
-            csp_errors.append(message.text) if "Content Security Policy" in message.text else None
-        ),
-    )
-    download_demo_281()
-    monkeypatch.setenv("LMI_SMTP_PORT", str(smtp_service.port))
     # A pause in every phase (the kill tests' checkpoint), so the page, which polls every second,
     # watches the install run: at full speed it can finish between two polls.
-    monkeypatch.setenv("LMI_INSTALL_PHASE_DELAY_MS", "400")
-    settings.SMTP_PORT = smtp_service.port
-    worker = start_worker(redis_settings, demo_appliance, tmp_path)
+    worker = demo_281_worker(LMI_INSTALL_PHASE_DELAY_MS="400")
     try:
         page.goto("/updates/licensing/")
         page.get_by_test_id("install-entry").click()

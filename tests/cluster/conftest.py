@@ -71,6 +71,17 @@ def joined(central: str) -> Callable[[str], tuple[ClusterMember, str]]:
     return join
 
 
+def sent_message(sent: list[Any], kind: str, *, sender: str, recipient: str) -> dict[str, Any]:
+    """The one cluster message among the callbacks a test captured on commit: task
+    ``cluster.tasks.<kind>`` on the recipient's queue, its envelope naming kind, sender and
+    recipient."""
+    out = [c for c in sent if isinstance(c, services.Outgoing)]
+    assert [(c.task, c.queue) for c in out] == [(f"cluster.tasks.{kind}", f"lmi.node.{recipient}")]
+    (message,) = out[0].args
+    assert (message["kind"], message["from"], message["to"]) == (kind, sender, recipient)
+    return message
+
+
 # --- messages as the other node seals them ----------------------------------------------------
 
 

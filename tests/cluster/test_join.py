@@ -11,7 +11,7 @@ from django.utils import timezone
 from cluster import services, signing
 from cluster.models import CentralLink, ClusterMember, JoinState, JoinToken
 from events.models import Category, Event
-from tests.cluster.conftest import join_answer, join_request, member_joins
+from tests.cluster.conftest import join_answer, join_request, member_joins, sent_message
 
 
 def test_token_is_stored_hashed_and_valid_for_a_day(central: str) -> None:
@@ -40,11 +40,7 @@ def test_it_joins_with_a_good_token_and_answers_the_member(
         assert services.join_request_receive(message=request)
     member = ClusterMember.objects.get(node="member1")
     assert member.firmware_version == "2.8.0.0" and member.hostname == "mx2"
-    answer = [c for c in sent if isinstance(c, services.Outgoing)]
-    assert [(c.task, c.queue) for c in answer] == [
-        ("cluster.tasks.join_answer", "lmi.node.member1")
-    ]
-    (message,) = answer[0].args
+    message = sent_message(sent, "join_answer", sender="central", recipient="member1")
     opened = signing.open_sealed(
         message, kind="join_answer", recipient="member1", key=lambda *_: signing.join_key(token)
     )
@@ -197,14 +193,7 @@ def test_member_join_request_goes_to_centrals_queue(
 ) -> None:
     with django_capture_on_commit_callbacks() as sent:
         services.cluster_join_request(token="t" * 32, user="admin")
-    out = [c for c in sent if isinstance(c, services.Outgoing)]
-    assert [(c.task, c.queue) for c in out] == [("cluster.tasks.member_join", "lmi.node.central")]
-    (message,) = out[0].args
-    assert (message["kind"], message["from"], message["to"]) == (
-        "member_join",
-        "member1",
-        "central",
-    )
+    sent_message(sent, "member_join", sender="member1", recipient="central")
     assert CentralLink.objects.get().state == JoinState.PENDING
 
 

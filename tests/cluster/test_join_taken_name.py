@@ -17,6 +17,7 @@ from tests.cluster.conftest import (
     member_joins,
     receive_report,
     report_message,
+    sent_message,
 )
 
 
@@ -34,11 +35,7 @@ def test_a_second_join_under_a_taken_name_is_refused_and_keeps_the_members_secre
     assert member.hostname == original.hostname
     # The original member still reports with its secret.
     assert receive_report("member1", secret)
-    answer = [c for c in sent if isinstance(c, services.Outgoing)]
-    assert [(c.task, c.queue) for c in answer] == [
-        ("cluster.tasks.join_answer", "lmi.node.member1")
-    ]
-    body = answer[0].args[0]["body"]
+    body = sent_message(sent, "join_answer", sender="central", recipient="member1")["body"]
     ok, message, new_secret = body["accepted"], body["message"], body["secret"]
     assert not ok and new_secret == "" and "member1 is taken" in message
     assert "remove that member" in message

@@ -20,6 +20,7 @@ from tests.cluster.conftest import (
     receive_report,
     report,
     report_message,
+    sent_message,
 )
 
 
@@ -31,16 +32,7 @@ def test_a_report_updates_the_member(joined, django_capture_on_commit_callbacks)
     member.refresh_from_db()
     assert member.firmware_version == "2.8.0.0" and member.healthy and member.install_running
     assert member.install["phase"] == 3 and member.reports == 1
-    answer = [c for c in sent if isinstance(c, services.Outgoing)]
-    assert [(c.task, c.queue) for c in answer] == [
-        ("cluster.tasks.central_update", "lmi.node.member1")
-    ]
-    (update,) = answer[0].args
-    assert (update["kind"], update["from"], update["to"]) == (
-        "central_update",
-        "central",
-        "member1",
-    )
+    update = sent_message(sent, "central_update", sender="central", recipient="member1")
     assert update["body"] == {"firmware": "2.8.0.0", "events_cursor": 0}
 
 
@@ -165,9 +157,7 @@ def test_member_report_carries_new_events_above_the_acknowledged_cursor(
         event_write(category="system", message=f"local {n}")
     with django_capture_on_commit_callbacks() as sent:
         assert services.member_report_send()
-    out = [c for c in sent if isinstance(c, services.Outgoing)]
-    assert [(c.task, c.queue) for c in out] == [("cluster.tasks.member_report", "lmi.node.central")]
-    (message,) = out[0].args
+    message = sent_message(sent, "member_report", sender="member1", recipient="central")
     assert "s3cret" not in json.dumps(message)
     opened = signing.open_sealed(
         message, kind="member_report", recipient="central",

@@ -11,15 +11,8 @@ from tests.support.browser import screenshot
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def test_new_matching_events_appear_on_top_until_paused(admin_page) -> None:
+def test_new_matching_events_appear_on_top_until_paused(admin_page, csp_errors: list[str]) -> None:
     page = admin_page
-    csp_errors: list[str] = []
-    page.on(
-        "console",
-        lambda message: (
-            csp_errors.append(message.text) if "Content Security Policy" in message.text else None
-        ),
-    )
     event_write(category=Category.CONFIG, message="Relay host set to mx.example.com")
     page.goto("/system/events/?category=config")
     assert page.get_by_test_id("live").is_visible()

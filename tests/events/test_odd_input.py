@@ -7,7 +7,6 @@ numbers do not fit the database's integers.
 
 from __future__ import annotations
 
-import base64
 from html import unescape
 
 import pytest
@@ -17,6 +16,7 @@ from django.test import Client
 from events.models import Category
 from events.selectors import Cursor
 from events.services import event_write
+from tests.support.odd_input import OUT_OF_RANGE, page_link
 
 LIST = "/system/events/"
 TAIL = "/system/events/tail/"
@@ -24,12 +24,6 @@ EXPORT = "/system/events/export.csv"
 
 EARLIEST_PLUS_14 = "0001-01-01T00:00:00+14:00"
 LATEST_MINUS_14 = "9999-12-31T23:59:59-14:00"
-OUT_OF_RANGE = "is out of range: enter a time between 0001-01-02 and 9999-12-30 UTC."
-
-
-def _token(raw: str) -> str:
-    """A cursor as Cursor.encode writes one, around any text."""
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 ODD_FILTERS = [
@@ -41,12 +35,12 @@ ODD_FILTERS = [
         {"since": EARLIEST_PLUS_14, "until": LATEST_MINUS_14}, OUT_OF_RANGE, id="both-ends"
     ),
     pytest.param(
-        {"after": _token("0001-01-01T00:00:00+14:00|5")},
+        {"after": page_link("0001-01-01T00:00:00+14:00|5")},
         "This page link is damaged",
         id="cursor-time-before-year-1",
     ),
     pytest.param(
-        {"before": _token("2026-01-01T00:00:00+00:00|" + "9" * 30)},
+        {"before": page_link("2026-01-01T00:00:00+00:00|" + "9" * 30)},
         "This page link is damaged",
         id="cursor-id-of-thirty-nines",
     ),
@@ -89,7 +83,7 @@ def test_the_live_tail_refuses_odd_input_quietly(
 
 
 def test_a_newest_cursor_of_thirty_nines_is_refused_by_the_tail(admin_client: Client) -> None:
-    token = _token("2026-01-01T00:00:00+00:00|" + "9" * 30)
+    token = page_link("2026-01-01T00:00:00+00:00|" + "9" * 30)
 
     assert admin_client.get(TAIL, {"newest": token}).status_code == 400
 
@@ -124,7 +118,7 @@ def test_an_ascii_page_size_is_still_accepted_and_capped(admin_client: Client) -
 
 def test_a_cursor_at_the_largest_database_id_is_still_accepted(admin_client: Client) -> None:
     event_write(category=Category.SYSTEM, message="older than the cursor")
-    token = _token("9999-12-30T00:00:00+00:00|" + str(2**63 - 1))
+    token = page_link("9999-12-30T00:00:00+00:00|" + str(2**63 - 1))
 
     response = admin_client.get(LIST, {"after": token})
 
@@ -137,4 +131,4 @@ def test_cursors_out_of_range_do_not_decode() -> None:
 
     for raw in ("0001-01-01T00:00:00+14:00|1", "2026-01-01T00:00:00+00:00|" + str(2**63)):
         with pytest.raises(InvalidCursor):
-            Cursor.decode(_token(raw))
+            Cursor.decode(page_link(raw))

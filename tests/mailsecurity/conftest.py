@@ -16,7 +16,7 @@ import pytest
 
 from appliance.config.smtp import SmtpSettings
 from appliance.config.store import write_smtp_settings
-from appliance.mail import msgstore
+from appliance.mail import demo_store, msgstore
 from appliance.system import paths
 from tests.support.clock import Clock
 
@@ -93,7 +93,7 @@ class MailData:
 def store_root(appliance_root: Path) -> Path:
     """An empty message store with the demo's four stores, and SMTP settings (logs 90 days)."""
     msgstore.create(appliance_root)
-    msgstore.fill_demo(appliance_root, messages=0)
+    demo_store.fill_demo(appliance_root, messages=0)
     paths.layout(appliance_root).cpe_dir.mkdir(parents=True, exist_ok=True)
     write_smtp_settings(SmtpSettings(), appliance_root)
     return appliance_root

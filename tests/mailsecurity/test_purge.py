@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from appliance.mail import retention
-from appliance.mail.retention import Pacing, PurgeProgress
+from appliance.mail import purge, retention
+from appliance.mail.purge import Pacing, PurgeProgress
 from appliance.system import paths
 
 from .conftest import NOW, MailData
@@ -40,7 +40,7 @@ def test_it_deletes_exactly_the_expired_rows_of_each_store_and_log(store_root, m
     tracking_expired = {mail.tracking(age) for age in (20.1, 95)}
     mail.commit()
 
-    result = retention.purge_expired(store_root, now=NOW, pacing=TINY)
+    result = purge.purge_expired(store_root, now=NOW, pacing=TINY)
 
     assert mail.ids("quarantined_message") == kept
     assert mail.ids("quarantined_message_raw") == kept  # the raw message went with its row
@@ -64,7 +64,7 @@ def test_many_small_batches_delete_everything_expired_and_nothing_else(store_roo
     def progress(state: PurgeProgress) -> None:
         batches.append(state.messages_deleted.get(mail.store("Archive"), 0))
 
-    result = retention.purge_expired(store_root, now=NOW, pacing=TINY, progress=progress)
+    result = purge.purge_expired(store_root, now=NOW, pacing=TINY, progress=progress)
 
     assert mail.ids("quarantined_message") == kept
     assert result.messages_deleted[mail.store("Archive")] == 100
@@ -81,7 +81,7 @@ def test_the_file_shrinks_and_the_disk_gets_the_space_back(store_root, mail: Mai
     before = db.stat().st_size
     assert before > 70 * 2**20
 
-    result = retention.purge_expired(store_root, now=NOW)
+    result = purge.purge_expired(store_root, now=NOW)
 
     after = db.stat().st_size
     assert after < before - 65 * 2**20
@@ -106,7 +106,7 @@ def test_pages_left_free_by_an_interrupted_purge_are_returned_first(store_root, 
     with _db(store_root) as conn:
         assert conn.execute("PRAGMA freelist_count").fetchone()[0] > 500
 
-    result = retention.purge_expired(store_root, now=NOW, pacing=TINY)
+    result = purge.purge_expired(store_root, now=NOW, pacing=TINY)
 
     assert result.rows_deleted == 0
     assert result.pages_returned > 500
@@ -129,7 +129,7 @@ def test_a_progress_callback_that_raises_stops_the_purge_after_a_committed_batch
             raise Stop
 
     with pytest.raises(Stop):
-        retention.purge_expired(store_root, now=NOW, pacing=TINY, progress=progress)
+        purge.purge_expired(store_root, now=NOW, pacing=TINY, progress=progress)
 
     assert len(mail.ids("quarantined_message")) == 50 - 14
 
@@ -175,7 +175,7 @@ def test_the_mail_service_can_write_while_a_purge_runs(store_root, mail: MailDat
     writer = threading.Thread(target=mail_service)
     writer.start()
     try:
-        retention.purge_expired(
+        purge.purge_expired(
             store_root, now=NOW, pacing=Pacing(first_rows=200), progress=between_batches
         )
     finally:

@@ -9,7 +9,7 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from appliance.mail import retention
+from appliance.mail import purge, retention
 from events.models import Category, Event, Severity
 from mailsecurity import services, tasks
 from mailsecurity.models import PurgePhase, PurgeRun, PurgeState, PurgeTrigger
@@ -130,9 +130,7 @@ def test_executing_a_run_purges_and_records_rows_bytes_and_an_event(mail: MailDa
 @pytest.mark.parametrize("state", [PurgeState.RUNNING, PurgeState.SUCCEEDED, PurgeState.FAILED])
 def test_the_task_refuses_a_run_that_is_not_queued(mail: MailData, state, monkeypatch):
     run = PurgeRun.objects.create(trigger=PurgeTrigger.RETENTION, state=state)
-    monkeypatch.setattr(
-        retention, "purge_expired", lambda **kw: pytest.fail("a second executor ran")
-    )
+    monkeypatch.setattr(purge, "purge_expired", lambda **kw: pytest.fail("a second executor ran"))
 
     assert tasks.retention_purge(run.pk) is None
 
@@ -147,7 +145,7 @@ def test_a_retention_shortened_during_the_run_is_purged_before_it_finishes(
     old_archive = mail.message("Archive", 20)  # expired at 14 days
     mail.commit()
     run, _ = services.purge_start(trigger=PurgeTrigger.RETENTION, user="ann")
-    real = retention.purge_expired
+    real = purge.purge_expired
     passes: list[int] = []
 
     def purge_expired(**kwargs):
@@ -158,7 +156,7 @@ def test_a_retention_shortened_during_the_run_is_purged_before_it_finishes(
                                      user="bob")  # fmt: skip
         return result
 
-    monkeypatch.setattr(retention, "purge_expired", purge_expired)
+    monkeypatch.setattr(purge, "purge_expired", purge_expired)
 
     assert tasks.retention_purge(run.pk) == PurgeState.SUCCEEDED
 
@@ -175,7 +173,7 @@ def test_a_failing_purge_marks_the_run_failed_and_says_why(mail: MailData, enque
     def broken(**kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(retention, "purge_expired", broken)
+    monkeypatch.setattr(purge, "purge_expired", broken)
 
     assert tasks.retention_purge(run.pk) == PurgeState.FAILED
 
@@ -242,14 +240,14 @@ def test_a_run_reaped_while_it_works_stops_and_is_not_overwritten(mail: MailData
         mail.message("Archive", 20)
     mail.commit()
     run = PurgeRun.objects.create(trigger=PurgeTrigger.RETENTION)
-    real = retention.purge_expired
+    real = purge.purge_expired
 
     def reaped_midway(**kwargs):
         # Another process decides the run was lost before the first progress report.
         PurgeRun.objects.filter(pk=run.pk).update(state=PurgeState.FAILED, error="reaped")
         return real(**kwargs)
 
-    monkeypatch.setattr(retention, "purge_expired", reaped_midway)
+    monkeypatch.setattr(purge, "purge_expired", reaped_midway)
 
     assert tasks.retention_purge(run.pk) == PurgeState.FAILED
 

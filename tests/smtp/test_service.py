@@ -16,12 +16,12 @@ import pytest
 
 from appliance.config import policy, store
 from appliance.config.store import read_smtp_settings, write_smtp_settings
-from appliance.mail import msgstore
 from appliance.system.maintenance import maintenance_enter, maintenance_leave
 from appliance.system.paths import layout
 from events.models import Category, Event
 from smtp.delivery import parse_spool_file, spool_list
 from smtp.engine import EICAR
+from tests.support.message_store import store_rows
 from tests.support.services import wait_for
 from tests.support.smtp import (  # noqa: F401
     NextHop,
@@ -70,16 +70,8 @@ def delivered_ids() -> list[str]:
     return ids
 
 
-def query(sql: str, *params: object) -> list[tuple[object, ...]]:
-    conn = msgstore.connect(readonly=True)
-    try:
-        return [tuple(row) for row in conn.execute(sql, params)]
-    finally:
-        conn.close()
-
-
 def minute_totals() -> tuple[int, int]:
-    ((received, delivered),) = query(
+    ((received, delivered),) = store_rows(
         "SELECT coalesce(sum(received), 0), coalesce(sum(delivered), 0) FROM processing_minute"
     )
     return int(received), int(delivered)  # type: ignore[arg-type]
@@ -102,11 +94,11 @@ def test_a_clean_message_is_delivered_to_the_sink_and_tracked(
         lambda: delivered_ids() == ["<clean.1@partner.example.net>"], message=smtp_service.log()
     )
     assert spool_list() == []
-    assert query(
+    assert store_rows(
         "SELECT sender, recipient, verdict, action FROM tracking_log WHERE message_id = ?",
         "<clean.1@partner.example.net>",
     ) == [(PARTNER, STAFF, "clean", "delivered")]
-    ((response,),) = query("SELECT response FROM smtp_log ORDER BY id DESC LIMIT 1")
+    ((response,),) = store_rows("SELECT response FROM smtp_log ORDER BY id DESC LIMIT 1")
     assert str(response).startswith("250 2.0.0 Ok: queued as ")
     assert minute_totals() == (received_before + 1, delivered_before + 1)
     assert Event.objects.filter(
@@ -144,7 +136,7 @@ def test_eicar_in_an_attachment_is_quarantined_in_the_virus_store(
         assert client.sendmail("invoice@billing.test", [STAFF], raw) == {}
 
     # Answered 250 only after the commit: the copy is there the moment sendmail() returns.
-    ((store, verdict, stored),) = query(
+    ((store, verdict, stored),) = store_rows(
         "SELECT s.name, m.verdict, r.raw FROM quarantined_message m"
         " JOIN message_store s ON s.id = m.store_id"
         " JOIN quarantined_message_raw r ON r.message_id = m.id WHERE m.message_id = ?",
@@ -153,7 +145,7 @@ def test_eicar_in_an_attachment_is_quarantined_in_the_virus_store(
     assert (store, verdict) == ("Virus quarantine", "virus")
     assert bytes(stored).startswith(b"Received: ")  # type: ignore[arg-type]
     assert bytes(stored).endswith(raw)  # type: ignore[arg-type]
-    assert query(
+    assert store_rows(
         "SELECT verdict, action FROM tracking_log WHERE message_id = ?", "<virus.1@billing.test>"
     ) == [("virus", "quarantined")]
     assert sink_files() == [] and spool_list() == []
@@ -171,10 +163,10 @@ def test_a_sender_added_to_the_file_block_list_is_rejected_with_550(
 
     code, text = refused.value.recipients[STAFF]
     assert code == 550 and b"Sender address rejected" in text
-    assert query(
+    assert store_rows(
         "SELECT sender, recipient, verdict, action FROM tracking_log ORDER BY id DESC LIMIT 1"
     ) == [("mallory@elsewhere.test", STAFF, "policy", "rejected")]
-    ((response,),) = query("SELECT response FROM smtp_log ORDER BY id DESC LIMIT 1")
+    ((response,),) = store_rows("SELECT response FROM smtp_log ORDER BY id DESC LIMIT 1")
     assert str(response).startswith("550 5.7.1")
     assert sink_files() == []
 
@@ -203,7 +195,7 @@ def test_maintenance_answers_421_and_the_retry_afterwards_delivers_once(
     code, _ = in_flight.data(msg.as_bytes(policy=SMTP))
     assert code == 421
     assert sink_files() == [] and spool_list() == []
-    assert query("SELECT 1 FROM tracking_log WHERE message_id = ?", msg["Message-ID"]) == []
+    assert store_rows("SELECT 1 FROM tracking_log WHERE message_id = ?", msg["Message-ID"]) == []
 
     maintenance_leave()
     assert send(smtp_service, msg) == {}  # the sender's retry
@@ -295,7 +287,7 @@ def test_concurrent_clients_are_all_accepted_and_logged(
     assert sorted(delivered_ids()) == sorted(
         f"<c{n}.{i}@partner.example.net>" for n in range(8) for i in range(10)
     )
-    assert query("SELECT count(*) FROM tracking_log WHERE message_id LIKE '<c%'") == [(80,)]
+    assert store_rows("SELECT count(*) FROM tracking_log WHERE message_id LIKE '<c%'") == [(80,)]
 
 
 def set_max_message_size(size: int) -> None:
@@ -324,7 +316,7 @@ def test_size_is_refused_early_at_mail_from_and_at_the_end_of_data(
 
     assert code == 552 and reply.startswith(b"5.3.4")
     # Read past the limit without keeping it: logged as refused, by size alone.
-    ((verdict, action, size),) = query(
+    ((verdict, action, size),) = store_rows(
         "SELECT verdict, action, size FROM tracking_log ORDER BY id DESC LIMIT 1"
     )
     assert (verdict, action) == ("policy", "rejected") and int(size) > 5000  # type: ignore[arg-type]
@@ -346,7 +338,7 @@ def test_a_limit_lowered_during_a_connection_applies_to_its_next_message(
         code, _ = client.data(big_message("<big.2@partner.example.net>"))
 
     assert code == 552
-    assert query(
+    assert store_rows(
         "SELECT verdict, action FROM tracking_log WHERE message_id = ?",
         "<big.2@partner.example.net>",
     ) == [("policy", "rejected")]
@@ -356,7 +348,7 @@ def test_a_limit_lowered_during_a_connection_applies_to_its_next_message(
 def test_a_damaged_mail_policy_defers_mail_with_451_and_says_so_once(
     smtp_service: SmtpServiceProcess,  # noqa: F811
 ) -> None:
-    tracked_before = query("SELECT count(*) FROM tracking_log")
+    tracked_before = store_rows("SELECT count(*) FROM tracking_log")
     (layout().cpe_dir / "mailsec_policy1_0.xml").write_bytes(b"<mailpolicy><rule")
 
     for _ in range(2):
@@ -373,7 +365,7 @@ def test_a_damaged_mail_policy_defers_mail_with_451_and_says_so_once(
     assert (
         Event.objects.filter(message__startswith="The mail policy cannot be applied").count() == 1
     )
-    assert query("SELECT count(*) FROM tracking_log") == tracked_before
+    assert store_rows("SELECT count(*) FROM tracking_log") == tracked_before
 
 
 # --- Relay control and envelope syntax (issue 13) -------------------------------------------
@@ -410,12 +402,12 @@ def test_an_open_relay_attempt_is_refused_with_554_and_nothing_is_kept(
         (VICTIM, "554 5.7.1 <victim@gmail.com>: Relay access denied"),
         ("other@elsewhere.test", "554 5.7.1 <other@elsewhere.test>: Relay access denied"),
     ]
-    assert query(
+    assert store_rows(
         "SELECT recipient, response FROM smtp_log WHERE sender = ? AND recipient != ? ORDER BY id",
         SPAMMER,
         STAFF,
     ) == [*denied, denied[0]]
-    assert query(
+    assert store_rows(
         "SELECT recipient, action FROM tracking_log"
         " WHERE sender = ? AND recipient != ? ORDER BY id",
         SPAMMER,

@@ -77,6 +77,20 @@ def readonly_page(page, readonly_user: AbstractBaseUser):
     return page
 
 
+@pytest.fixture
+def csp_errors(admin_page) -> list[str]:
+    """What the Content Security Policy refused on the administrator's page from here on (the
+    login form already behind it); a test ends with ``assert csp_errors == []``."""
+    errors: list[str] = []
+    admin_page.on(
+        "console",
+        lambda message: (
+            errors.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
+    return errors
+
+
 def screenshot(page, name: str) -> Path:
     """Keep a screenshot of what the test saw, for a person to look at afterwards."""
     SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from appliance.firmware import bundle
+from appliance.firmware import bundle, bundlebuild, signing
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,11 @@ class Vendor:
 
     @property
     def public_b64(self) -> str:
-        return bundle.public_key_b64(self.public)
+        return signing.public_key_b64(self.public)
 
 
 def new_vendor() -> Vendor:
-    private, public = bundle.generate_keypair()
+    private, public = signing.generate_keypair()
     return Vendor(private, public)
 
 
@@ -62,7 +62,7 @@ def build(
     notes: str = "Upgrades the operating system to SUSE Linux Enterprise Server 11.",
 ) -> Path:
     image = make_image(out.parent / f"image-{out.stem}", payload_bytes)
-    bundle.build_bundle(
+    bundlebuild.build_bundle(
         image,
         out,
         private_key=vendor.private,
@@ -147,11 +147,11 @@ def signed_by_hand(
         "payload_size": len(payload),
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "release_notes": "hand made",
-        "key_id": bundle.key_id(public),
+        "key_id": signing.key_id(public),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     fields.update(overrides)
-    manifest = bundle.canonical_json(fields)
+    manifest = signing.canonical_json(fields)
     signature = Ed25519PrivateKey.from_private_bytes(vendor.private).sign(manifest)
     out.write_bytes(
         bundle.MAGIC + struct.pack(">I", len(manifest)) + manifest + signature + payload

@@ -19,7 +19,7 @@ from tests.support.feed_server import FeedServer, feed_server  # noqa: F401
 from tests.support.services import WorkerProcess, start_worker
 from tests.upgrades import bundles
 from tests.upgrades.bundles import Vendor
-from upgrades import services
+from upgrades import cli, services
 from upgrades.models import Download, DownloadTrigger, FirmwareOffer
 
 
@@ -85,6 +85,20 @@ def firmware(feed_server: FeedServer, vendor: Vendor, settings, licensed) -> Fir
     """A licensed demo appliance (2.8.0.0) whose feed is served over HTTP on 127.0.0.1."""
     settings.UPDATE_FEED_URL = feed_server.base_url
     return Firmware(feed_server, vendor)
+
+
+@pytest.fixture
+def cli_in_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """update-control's main() called in this process, where Django is already set up (the real
+    set-up runs in the subprocess tests)."""
+    monkeypatch.setattr(cli, "setup_django", lambda: None)
+
+
+def update_control(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """update-control ``args`` run in this process: its exit code, stdout and stderr."""
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def offered_bundle(version: str = "2.8.1.0") -> str:

@@ -4,31 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from accounts.services import api_token_create
 from tests.upgrades.conftest import start_download
 from upgrades.models import Download, DownloadState
 
 pytestmark = pytest.mark.django_db
 
 
-def _bearer(key: str) -> dict[str, str]:
-    return {"HTTP_AUTHORIZATION": f"Bearer {key}"}
-
-
 def _post(client, route: str, auth: dict[str, str] | None = None, data: dict | None = None):
     return client.post(
         f"/api/v1/updates/{route}", data or {}, content_type="application/json", **(auth or {})
     )
-
-
-@pytest.fixture
-def admin_token(admin_user) -> dict[str, str]:
-    return _bearer(api_token_create(admin_user, "ci"))
-
-
-@pytest.fixture
-def viewer_token(readonly_user) -> dict[str, str]:
-    return _bearer(api_token_create(readonly_user, "monitoring"))
 
 
 def test_status_tells_installed_firmware_offers_download_and_license(client, firmware, admin_token):

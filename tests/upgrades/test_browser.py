@@ -16,15 +16,10 @@ from upgrades.models import Download, DownloadState
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
 
-def test_download_fills_the_bar_and_home_says_ready_to_install(admin_page, workers, firmware):
+def test_download_fills_the_bar_and_home_says_ready_to_install(
+    admin_page, csp_errors: list[str], workers, firmware
+):
     page = admin_page
-    csp_errors: list[str] = []
-    page.on(
-        "console",
-        lambda message: (
-            csp_errors.append(message.text) if "Content Security Policy" in message.text else None
-        ),
-    )
     firmware.offer(firmware.build(payload_bytes=4 * 1024 * 1024))
     firmware.server.rate = 1024 * 1024  # about four seconds: the bar visibly moves
     workers()

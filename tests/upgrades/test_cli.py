@@ -16,30 +16,19 @@ from appliance.firmware import spool
 from events.models import Event
 from tests.support import services as support
 from tests.support.services import wait_for
-from tests.upgrades.conftest import offered_bundle, start_download
-from upgrades import cli
+from tests.upgrades.conftest import offered_bundle, start_download, update_control
 from upgrades.models import Download, DownloadState
 
+pytestmark = pytest.mark.usefixtures("cli_in_this_process")
+
 UPDATE_CONTROL = Path(sys.executable).parent / "update-control"
-
-
-@pytest.fixture(autouse=True)
-def django_is_set_up(monkeypatch):
-    """In this process Django is already set up; the real set-up runs in the subprocess tests."""
-    monkeypatch.setattr(cli, "setup_django", lambda: None)
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.django_db
 def test_check_exits_0_when_newer_firmware_is_available(firmware, capsys):
     firmware.publish((firmware.build(), "2.8.1.0", "2.8.0.0"))
 
-    assert run(capsys, "--check")[:2] == (0, "Firmware 2.8.1.0 is available.\n")
+    assert update_control(capsys, "--check")[:2] == (0, "Firmware 2.8.1.0 is available.\n")
 
 
 @pytest.mark.django_db
@@ -47,7 +36,7 @@ def test_check_exits_3_when_there_is_nothing_newer(firmware, capsys):
     old = firmware.build("2.8.0.0", "2.7.0.0", payload_bytes=4096)
     firmware.publish((old, "2.8.0.0", "2.7.0.0"))
 
-    code, out, _ = run(capsys, "--check")
+    code, out, _ = update_control(capsys, "--check")
 
     assert code == 3
     assert "No newer firmware is available (installed: 2.8.0.0)" in out
@@ -57,7 +46,7 @@ def test_check_exits_3_when_there_is_nothing_newer(firmware, capsys):
 def test_check_exits_1_when_the_feed_is_unreachable(demo_appliance, settings, tmp_path, capsys):
     settings.UPDATE_FEED_URL = str(tmp_path / "nothing")
 
-    code, _, err = run(capsys, "--check")
+    code, _, err = update_control(capsys, "--check")
 
     assert code == 1
     assert "The update feed is unreachable" in err
@@ -69,7 +58,7 @@ def test_download_shows_progress_and_then_has_nothing_to_do(firmware, capsys):
     firmware.publish((firmware.build(payload_bytes=3 * 1024 * 1024), "2.8.1.0", "2.8.0.0"))
     firmware.server.rate = 3 * 1024 * 1024
 
-    code, out, err = run(capsys, "-d", "fw")
+    code, out, err = update_control(capsys, "-d", "fw")
 
     assert code == 0, err
     assert out.splitlines()[-1] == "Firmware 2.8.1.0 is ready to install."
@@ -82,7 +71,7 @@ def test_download_shows_progress_and_then_has_nothing_to_do(firmware, capsys):
     assert download.trigger == "cli"
     assert download.requested_by.endswith("(update-control)")
 
-    again = run(capsys, "-d", "fw")
+    again = update_control(capsys, "-d", "fw")
     assert again[0] == 3
     assert "already downloaded and ready to install" in again[1]
 
@@ -92,7 +81,7 @@ def test_download_fails_while_another_download_runs(firmware, capsys):
     firmware.offer(firmware.build())
     start_download()
 
-    code, _, err = run(capsys, "-d", "fw")
+    code, _, err = update_control(capsys, "-d", "fw")
 
     assert code == 1
     assert "already in progress" in err
@@ -106,7 +95,7 @@ def test_download_of_a_rejected_bundle_fails_with_the_reason(firmware, capsys):
     bundles.unsign(path)
     firmware.publish((path, "2.8.1.0", "2.8.0.0"))
 
-    code, _, err = run(capsys, "-d", "fw", "-q")
+    code, _, err = update_control(capsys, "-d", "fw", "-q")
 
     assert code == 1
     assert "not signed" in err
@@ -116,7 +105,7 @@ def test_download_of_a_rejected_bundle_fails_with_the_reason(firmware, capsys):
 def test_status_as_json_for_scripts(firmware, capsys):
     firmware.offer(firmware.build())
 
-    code, out, _ = run(capsys, "-s", "--json")
+    code, out, _ = update_control(capsys, "-s", "--json")
 
     status = json.loads(out)
     assert code == 0
@@ -129,7 +118,7 @@ def test_status_as_json_for_scripts(firmware, capsys):
 def test_status_for_people(firmware, capsys):
     firmware.offer(firmware.build())
 
-    code, out, _ = run(capsys, "-s")
+    code, out, _ = update_control(capsys, "-s")
 
     assert code == 0
     assert "Installed firmware:   2.8.0.0" in out
@@ -139,7 +128,7 @@ def test_status_for_people(firmware, capsys):
 
 @pytest.mark.parametrize("args", [[], ["-d", "db"], ["--json"], ["-s", "--check"], ["--bogus"]])
 def test_usage_errors_exit_2(capsys, args):
-    assert run(capsys, *args)[0] == 2
+    assert update_control(capsys, *args)[0] == 2
 
 
 # --- The installed console script, as an administrator runs it -------------------------------

@@ -22,7 +22,7 @@ from django.utils import timezone
 from appliance.config import configconvert
 from appliance.firmware import spool
 from appliance.firmware.demo_feed import init_demo_updates
-from appliance.mail import msgmigrate, msgstore
+from appliance.mail import msgcounts, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
 from events.models import Category, Event
@@ -158,6 +158,20 @@ def wait_final(run_id: int, timeout: float = RUN_TIMEOUT) -> InstallRun:
     return wait_for(final, timeout=timeout, interval=0.2, message=f"install {run_id} did not end")
 
 
+def wait_for_checkpoint(
+    run: InstallRun, phase: int, *, timeout: float, interval: float = 0.1
+) -> None:
+    """Wait until the worker sits at ``phase``'s checkpoint (LMI_INSTALL_PHASE_DELAY_MS)."""
+    wait_for(
+        lambda: InstallPhase.objects.filter(
+            run=run, number=phase, state=PhaseState.RUNNING, message__startswith="checkpoint"
+        ).exists(),
+        timeout=timeout,
+        interval=interval,
+        message=f"phase {phase} never reached its checkpoint",
+    )
+
+
 def completed_events(run: InstallRun) -> dict[int, int]:
     """How many 'phase N ... completed' events each phase wrote."""
     counts: dict[int, int] = {}
@@ -168,12 +182,12 @@ def completed_events(run: InstallRun) -> dict[int, int]:
     return counts
 
 
-def assert_upgraded(run: InstallRun, before: msgmigrate.StoreCounts) -> None:
+def assert_upgraded(run: InstallRun, before: msgcounts.StoreCounts) -> None:
     assert run.state == InstallState.SUCCEEDED, (run.error, run.phase)
     assert system_info().firmware_version == NEW_VERSION
     assert msgstore.format_version() == "2.8.1"
     assert configconvert.config_format() == "2.8.1"
-    after = msgmigrate.store_counts()
+    after = msgcounts.store_counts()
     assert after.messages == before.messages == run.messages_before == run.messages_after
     # Every message and body as before; the logs gained the health check's one probe.
     assert after.tables["messages"] == before.tables["messages"]
@@ -195,7 +209,7 @@ def test_full_install_upgrades_the_appliance(
     admin_user,
 ) -> None:
     install_workers(LMI_SMTP_PORT=str(smtp_service.port))
-    before = msgmigrate.store_counts()
+    before = msgcounts.store_counts()
     run = install.install_start(user=admin_user)
     assert run.state == InstallState.QUEUED and run.phases.count() == 10
     run = wait_final(run.pk)
@@ -218,7 +232,7 @@ def test_failed_health_check_rolls_back_to_the_exact_previous_state(
     # No mail service listens on this port: the health check before the commit fails.
     install_workers(LMI_SMTP_PORT=str(free_port()))
     tree_before = tree_digest(appliance_root)
-    counts_before = msgmigrate.store_counts()
+    counts_before = msgcounts.store_counts()
     run = install.install_start(user=admin_user)
     run = wait_final(run.pk)
     assert run.state == InstallState.ROLLED_BACK, (run.state, run.error)
@@ -226,7 +240,7 @@ def test_failed_health_check_rolls_back_to_the_exact_previous_state(
     assert system_info().firmware_version == OLD_VERSION
     assert msgstore.format_version() == "2.8.0"
     assert configconvert.config_format() == "2.8.0"
-    counts_after = msgmigrate.store_counts()
+    counts_after = msgcounts.store_counts()
     assert counts_after.messages == counts_before.messages
     assert counts_after.checksum == counts_before.checksum
     assert maintenance_status() is None
@@ -269,12 +283,7 @@ def test_abort_in_phase_2_leaves_the_running_system_untouched(
     install_workers(LMI_INSTALL_PHASE_DELAY_MS="3000", LMI_INSTALL_PHASE_DELAY_PHASE="2")
     tree_before = tree_digest(appliance_root)
     run = install.install_start(user=admin_user)
-    wait_for(
-        lambda: InstallPhase.objects.filter(
-            run=run, number=2, state=PhaseState.RUNNING, message__startswith="checkpoint"
-        ).exists(),
-        timeout=60,
-    )
+    wait_for_checkpoint(run, 2, timeout=60)
     install.install_abort(user=admin_user, run_id=run.pk)
     run = wait_final(run.pk)
     assert run.state == InstallState.ABORTED
@@ -407,15 +416,9 @@ def test_a_damaged_new_system_rolls_back_before_the_store_is_touched(
         LMI_SMTP_PORT=str(free_port()),
     )
     tree_before = tree_digest(appliance_root)
-    counts_before = msgmigrate.store_counts()
+    counts_before = msgcounts.store_counts()
     run = install.install_start(user=admin_user)
-    wait_for(
-        lambda: InstallPhase.objects.filter(
-            run=run, number=4, state=PhaseState.RUNNING, message__startswith="checkpoint"
-        ).exists(),
-        timeout=60,
-        interval=0.05,
-    )
+    wait_for_checkpoint(run, 4, timeout=60, interval=0.05)
     staged = max(
         (p for p in (appliance_root / "system" / "slot-b").rglob("*") if p.is_file()),
         key=lambda p: p.stat().st_size,
@@ -428,7 +431,7 @@ def test_a_damaged_new_system_rolls_back_before_the_store_is_touched(
     assert run.error.startswith("Phase 6")
     assert system_info().firmware_version == OLD_VERSION
     assert msgstore.format_version() == "2.8.0"
-    assert msgmigrate.store_counts().checksum == counts_before.checksum
+    assert msgcounts.store_counts().checksum == counts_before.checksum
     assert differences(tree_before, tree_digest(appliance_root)) == []
     phases = {p.number: p.state for p in run.phases.all()}
     assert phases[6] == PhaseState.ROLLED_BACK and phases[7] == PhaseState.SKIPPED

@@ -5,30 +5,21 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
 
 from appliance.system.facts import system_info
-from tests.support.services import start_worker
+from tests.support.services import WorkerProcess, start_worker
 from tests.support.smtp import smtp_service  # noqa: F401
-from tests.upgrades.conftest import run_download
+from tests.upgrades.conftest import run_download, update_control
 from tests.upgrades.test_install_views import make_run, roomy_disks  # noqa: F401
 from upgrades import cli, services
 from upgrades.models import Download, InstallRun, InstallState
 
-
-@pytest.fixture(autouse=True)
-def django_is_set_up(monkeypatch):
-    """In this process Django is already set up."""
-    monkeypatch.setattr(cli, "setup_django", lambda: None)
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("cli_in_this_process")
 
 
 def download_demo_281() -> Download:
@@ -45,6 +36,31 @@ def download_demo_281() -> Download:
 
 
 @pytest.fixture
+def demo_281_worker(
+    transactional_db,
+    smtp_service,  # noqa: F811
+    redis_settings: str,
+    demo_appliance: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings,
+) -> Callable[..., WorkerProcess]:
+    """The demo's 2.8.1.0 ready to install (download_demo_281), and a function that starts a
+    real worker, extra LMI_* settings given as keywords; the test stops it."""
+    download_demo_281()
+    # The worker's health check talks to this test's SMTP service.
+    monkeypatch.setenv("LMI_SMTP_PORT", str(smtp_service.port))
+    settings.SMTP_PORT = smtp_service.port
+
+    def start(**env: str) -> WorkerProcess:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        return start_worker(redis_settings, demo_appliance, tmp_path)
+
+    return start
+
+
+@pytest.fixture
 def ready(firmware):
     firmware.offer(firmware.build())
     download = run_download()
@@ -54,7 +70,7 @@ def ready(firmware):
 
 @pytest.mark.django_db
 def test_preflight_prints_the_checklist_and_exits_0_when_nothing_fails(ready, capsys):
-    code, out, err = run(capsys, "--preflight")
+    code, out, err = update_control(capsys, "--preflight")
 
     assert code == 0, out + err
     assert "[PASS] " in out and "[WARN] " in out
@@ -82,7 +98,7 @@ def test_preflight_before_any_download_runs_every_check_and_waits_on_the_bundle(
     """A plan that can be read at any time (pmg7to8): nothing stops after the bundle check."""
     firmware.offer(firmware.build())
     services.update_check(trigger="user", user="admin")
-    _, out, _ = run(capsys, "--preflight", "--json")
+    _, out, _ = update_control(capsys, "--preflight", "--json")
     checks = {check["key"]: check for check in json.loads(out)["checks"]}
     assert checks["bundle"]["status"] == "pending"
     assert "not yet downloaded" in checks["bundle"]["value"]
@@ -93,7 +109,7 @@ def test_preflight_before_any_download_runs_every_check_and_waits_on_the_bundle(
 
 @pytest.mark.django_db
 def test_preflight_fails_with_exit_4_and_the_reason(demo_appliance, full_disks, capsys):
-    code, out, err = run(capsys, "--preflight")
+    code, out, err = update_control(capsys, "--preflight")
 
     assert code == cli.EXIT_PREFLIGHT_FAILED == 4
     assert "[FAIL] " in out
@@ -102,7 +118,7 @@ def test_preflight_fails_with_exit_4_and_the_reason(demo_appliance, full_disks, 
 
 @pytest.mark.django_db
 def test_preflight_as_json_for_scripts(demo_appliance, full_disks, capsys):
-    code, out, _ = run(capsys, "--preflight", "--json")
+    code, out, _ = update_control(capsys, "--preflight", "--json")
 
     body = json.loads(out)
     assert code == 4 and body["ok"] is False
@@ -112,7 +128,7 @@ def test_preflight_as_json_for_scripts(demo_appliance, full_disks, capsys):
 
 @pytest.mark.django_db
 def test_install_with_a_failed_check_exits_4_and_changes_nothing(ready, full_disks, capsys):
-    code, out, err = run(capsys, "-i", "fw")
+    code, out, err = update_control(capsys, "-i", "fw")
 
     assert code == 4
     assert "Preflight checks:" in out and "[FAIL] " in out
@@ -175,13 +191,13 @@ def test_the_phase_display_redraws_in_place_on_a_terminal(demo_appliance):
 def test_status_includes_the_install_run(demo_appliance, capsys):
     the_run = make_run(InstallState.RUNNING, 4)
 
-    code, out, _ = run(capsys, "-s", "--json")
+    code, out, _ = update_control(capsys, "-s", "--json")
     assert code == 0
     install = json.loads(out)["install"]
     assert install["id"] == the_run.pk and install["phase"] == 4 and install["active"] is True
     assert len(install["phases"]) == 10
 
-    code, out, _ = run(capsys, "-s")
+    code, out, _ = update_control(capsys, "-s")
     assert "firmware 2.8.1.0 installing, phase 4/10" in out
 
 
@@ -191,22 +207,11 @@ def test_status_includes_the_install_run(demo_appliance, capsys):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_install_runs_all_ten_phases_to_success_from_the_shell(
-    transactional_db,
-    smtp_service,  # noqa: F811
-    redis_settings,
-    demo_appliance: Path,
-    tmp_path: Path,
-    monkeypatch,
-    settings,
-    capsys,
+    demo_281_worker: Callable[..., WorkerProcess], capsys: pytest.CaptureFixture[str]
 ):
-    download_demo_281()
-    # The worker's health check talks to this test's SMTP service.
-    monkeypatch.setenv("LMI_SMTP_PORT", str(smtp_service.port))
-    settings.SMTP_PORT = smtp_service.port
-    worker = start_worker(redis_settings, demo_appliance, tmp_path)
+    worker = demo_281_worker()
     try:
-        code, out, err = run(capsys, "-i", "fw")
+        code, out, err = update_control(capsys, "-i", "fw")
     finally:
         worker.stop()
 
@@ -228,19 +233,19 @@ def assert_every_surface_says_installed(capsys, version: str) -> None:
     from appliance.config import configbackup
     from home.notifications import current_notices
 
-    _, out, _ = run(capsys, "-s", "--json")
+    _, out, _ = update_control(capsys, "-s", "--json")
     status = json.loads(out)
     assert status["story"]["stage"] == "installed"
     assert status["story"]["ready_version"] is None
     assert status["ready"] is None
     assert status["download"]["state"] == "installed"
-    _, out, _ = run(capsys, "-s")
+    _, out, _ = update_control(capsys, "-s")
     assert f"Status:               Up to date: firmware {version} installed on" in out
     assert "Ready to install:     nothing" in out
     assert f"firmware {version} installed\n" in out  # the download row: consumed
 
     runs = InstallRun.objects.count()
-    code, out, _ = run(capsys, "-i", "fw")
+    code, out, _ = update_control(capsys, "-i", "fw")
     assert code == cli.EXIT_NOTHING_TO_DO == 3
     assert out.startswith(f"Nothing to install. Up to date: firmware {version} installed")
     assert InstallRun.objects.count() == runs

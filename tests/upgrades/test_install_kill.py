@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from appliance.config import configconvert
-from appliance.mail import msgmigrate, msgstore
+from appliance.mail import msgcounts, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
-from tests.support.services import wait_for
 from tests.support.smtp import (
     SmtpServiceProcess,
     smtp_service,  # noqa: F401
@@ -31,9 +30,10 @@ from tests.upgrades.test_install import (  # noqa: F401
     ready_firmware,
     roomy_preflight_disk,
     wait_final,
+    wait_for_checkpoint,
 )
 from upgrades import install
-from upgrades.models import Download, InstallPhase, InstallState, PhaseState
+from upgrades.models import Download, InstallState
 
 DELAY_MS = "800"
 LEASE = "6"
@@ -55,17 +55,10 @@ def test_worker_killed_inside_a_phase_resumes_to_success(
     first = install_workers(
         LMI_INSTALL_PHASE_DELAY_MS=DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
     )
-    before = msgmigrate.store_counts()
+    before = msgcounts.store_counts()
     run = install.install_start(user=admin_user)
 
-    wait_for(
-        lambda: InstallPhase.objects.filter(
-            run=run, number=phase, state=PhaseState.RUNNING, message__startswith="checkpoint"
-        ).exists(),
-        timeout=90,
-        interval=0.05,
-        message=f"phase {phase} never reached its checkpoint",
-    )
+    wait_for_checkpoint(run, phase, timeout=90, interval=0.05)
     first.kill()
     install_workers(**env)
 
@@ -78,7 +71,7 @@ def test_worker_killed_inside_a_phase_resumes_to_success(
     assert msgstore.format_version() == "2.8.1"
     assert configconvert.config_format() == "2.8.1"
     assert maintenance_status() is None
-    after = msgmigrate.store_counts()
+    after = msgcounts.store_counts()
     assert after.messages == before.messages == run.messages_after
     assert after.tables["messages"] == before.tables["messages"]
     assert after.tables["bodies"] == before.tables["bodies"]

@@ -1,4 +1,4 @@
-"""The Celery interface: the hourly check picks up downloads whose executor went away."""
+"""The Celery interface: the job engine's reconciler picks up downloads whose executor went away."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from jobs.reconciler import reconcile
 from tests.support import enqueue as enqueues
 from tests.upgrades.conftest import start_download
 from upgrades import services, tasks
@@ -20,7 +21,7 @@ def enqueued(monkeypatch) -> list[int]:
     return enqueues.capture(monkeypatch, "upgrades.tasks.download_run")
 
 
-def test_the_hourly_check_re_enqueues_a_download_whose_executor_went_silent(firmware, enqueued):
+def test_the_reconciler_re_enqueues_a_download_whose_executor_went_silent(firmware, enqueued):
     firmware.offer(firmware.build())
     download = start_download()
     silent_since = timezone.now() - timedelta(seconds=services.LEASE_SECONDS + 5)
@@ -28,19 +29,19 @@ def test_the_hourly_check_re_enqueues_a_download_whose_executor_went_silent(firm
         state=DownloadState.RUNNING, lease_owner="gone", heartbeat_at=silent_since
     )
 
-    assert tasks.update_check() is True
+    assert reconcile().recovered["download"] == [download.pk]
 
     assert enqueued == [download.pk]
 
 
-def test_the_hourly_check_leaves_a_live_download_alone(firmware, enqueued):
+def test_the_reconciler_leaves_a_live_download_alone(firmware, enqueued):
     firmware.offer(firmware.build())
     download = start_download()
     Download.objects.filter(pk=download.pk).update(
         state=DownloadState.RUNNING, lease_owner="alive", heartbeat_at=timezone.now()
     )
 
-    tasks.update_check()
+    assert reconcile().recovered["download"] == []
 
     assert enqueued == []
 

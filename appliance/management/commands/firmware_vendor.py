@@ -21,16 +21,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from appliance.firmware.bundle import (
-    build_bundle,
-    generate_keypair,
-    key_id,
-    public_key_b64,
-    read_key_file,
-    version_tuple,
-)
+from appliance.firmware.bundle import version_tuple
+from appliance.firmware.bundlebuild import build_bundle
 from appliance.firmware.feed import publish
 from appliance.firmware.license import sign_license
+from appliance.firmware.signing import generate_keypair, key_id, public_key_b64, read_key_file
 from appliance.system.atomic import atomic_write_bytes, atomic_write_text
 from appliance.system.errors import ApplianceError
 

@@ -1,4 +1,4 @@
-"""Who holds a download or an install run, and whether that executor is still there.
+"""Who holds a job (any job of the engine, a download, an install run), and whether it still runs.
 
 Both the download and the install are claimed by a conditional update of ``lease_owner`` and
 kept with a heartbeat. A holder that stops heartbeating is gone once its lease lapses; a holder

@@ -1,0 +1,173 @@
+"""Phase 4 of the 2.8.1 upgrade: a consistent, checksummed copy of the message store, and the
+rollback that puts it back.
+
+Both run under the conversion's lock (:func:`appliance.mail.msgmigrate.conversion_lock`), so a
+copy never races a conversion step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from appliance.mail import msgstore
+from appliance.mail.msgcounts import StoreCounts, store_counts
+from appliance.mail.msgmigrate import (
+    BUSY_TIMEOUT_MS,
+    MigrateProgress,
+    ProgressCallback,
+    checkpoint,
+    conversion_lock,
+)
+from appliance.system.atomic import atomic_write_text, fsync_dir
+from appliance.system.errors import ApplianceError, MalformedApplianceFile
+from appliance.system.paths import layout
+
+_COPY_BUFFER = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    """Phase 4's copy of the store; a manifest with the same fields sits at ``path.json``."""
+
+    path: Path
+    size: int
+    sha256: str
+    format_version: str
+    counts: StoreCounts
+    seconds: float
+
+    @property
+    def manifest(self) -> Path:
+        return manifest_path(self.path)
+
+
+def manifest_path(backup: Path) -> Path:
+    return backup.with_name(backup.name + ".json")
+
+
+def _copy_hashed(
+    source: Path, dest_dir: Path, prefix: str, progress: ProgressCallback | None, step: str
+) -> tuple[Path, int, str]:
+    """Copy to a fsynced temporary file in dest_dir; (temp path, size, sha256 hex)."""
+    total = source.stat().st_size
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=dest_dir)
+    tmp = Path(tmp_name)
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_COPY_BUFFER)
+    view = memoryview(buffer)
+    try:
+        with source.open("rb", buffering=0) as src, os.fdopen(fd, "wb", buffering=0) as out:
+            while True:
+                read = src.readinto(buffer)
+                if not read:
+                    break
+                digest.update(view[:read])
+                out.write(view[:read])
+                size += read
+                if progress is not None:
+                    progress(MigrateProgress(step, size, total))
+            os.fchmod(out.fileno(), 0o600)
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp, size, digest.hexdigest()
+
+
+def msgstore_backup(
+    dest: Path, root: Path | None = None, *, progress: ProgressCallback | None = None
+) -> BackupResult:
+    """Phase 4, mail stopped: a consistent, checksummed, fsynced copy of the store at ``dest``.
+
+    The log is checkpointed into the file, then the file is copied while this process holds
+    the store's write lock, so nobody can change it mid-copy. The copy and its manifest
+    (``dest.json``: size, SHA-256, format, counts) appear by rename; a rerun replaces both.
+    """
+    started = time.monotonic()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    db = layout(root).msgstore_db
+    with conversion_lock(root):
+        version = msgstore.format_version(root)
+        for _ in range(20):
+            checkpoint(db)
+            conn = msgstore.connect(root)
+            conn.isolation_level = None
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if msgstore.wal_bytes(db):
+                    continue  # a write slipped in between checkpoint and lock: again
+                counts = store_counts(root)
+                tmp, size, sha = _copy_hashed(db, dest.parent, f".{dest.name}.", progress, "backup")
+            finally:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                conn.close()
+            break
+        else:
+            raise ApplianceError("the message store kept changing; no consistent backup")
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        result = BackupResult(
+            path=dest,
+            size=size,
+            sha256=sha,
+            format_version=version,
+            counts=counts,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        data = asdict(result)
+        data["path"] = str(dest)
+        atomic_write_text(manifest_path(dest), json.dumps(data, indent=2, sort_keys=True))
+    return result
+
+
+def read_backup(backup: Path) -> BackupResult:
+    """The manifest of a backup made by :func:`msgstore_backup`."""
+    manifest = manifest_path(Path(backup))
+    try:
+        data = json.loads(manifest.read_text())
+        data["path"] = Path(backup)
+        data["counts"] = StoreCounts.from_json(data["counts"])
+        return BackupResult(**data)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise MalformedApplianceFile(f"no readable backup manifest at {manifest}: {exc}") from exc
+
+
+def msgstore_restore(backup: BackupResult | Path, root: Path | None = None) -> None:
+    """Roll back: put the phase-4 copy back as the store, after checking its SHA-256.
+
+    The copy is made next to the store and checked while it is written; only a copy that
+    matches the manifest replaces the store (rename, directory synced).
+    """
+    info = backup if isinstance(backup, BackupResult) else read_backup(backup)
+    db = layout(root).msgstore_db
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with conversion_lock(root):
+        tmp, size, sha = _copy_hashed(info.path, db.parent, ".msgstore-restore-", None, "restore")
+        try:
+            if (size, sha) != (info.size, info.sha256):
+                raise MalformedApplianceFile(
+                    f"message store backup {info.path} does not match its manifest"
+                )
+            with contextlib.suppress(sqlite3.Error, ApplianceError):
+                checkpoint(db)
+            wal, shm = msgstore.wal_files(db)
+            wal.unlink(missing_ok=True)
+            shm.unlink(missing_ok=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, db)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(db.parent)

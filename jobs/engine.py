@@ -1,0 +1,327 @@
+"""Start, claim, keep alive, report, finish and cancel jobs: every change a conditional update.
+
+The lease says who runs a job and until when; the fence, moved on at every claim, makes every
+write of a worker conditional on still holding the job, so a redelivered task or a worker that
+stalled past its lease can never run a step twice or overwrite another's progress (fencing
+tokens, as in UPGRADE-SAFETY.md). Services start jobs here; they never import a tasks module:
+the job is handed to the worker by task name when the transaction commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from events.models import Severity
+from events.services import User, event_write, username_of
+from jobs import leases, registry
+from jobs.models import ACTIVE_STATES, FINAL_STATES, Job, JobState
+from lmi import celery as lmi_celery
+from lmi.progress import RateMeter
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 0.5  # seconds between progress writes within one step
+
+
+class JobError(Exception):
+    """A job cannot be started or changed as asked; the message is for the administrator."""
+
+
+class JobConflict(JobError):
+    """Another job of the same group is queued or running."""
+
+    def __init__(self, message: str, active: Job | None) -> None:
+        super().__init__(message)
+        self.active = active
+
+
+class LeaseLost(Exception):
+    """The job moved on without this worker (reconciled, cancelled, finished): stop quietly."""
+
+
+def event(job: Job, message: str, severity: str = Severity.INFO, **details: Any) -> None:
+    """The one way a job's event is written: its kind's category, its requester, its id."""
+    event_write(
+        category=registry.get(job.kind).category,
+        severity=severity,
+        message=message,
+        user=job.requested_by or None,
+        details={"job": job.pk, "kind": job.kind, **details},
+    )
+
+
+def enqueue(job_id: int, kind: str) -> bool:
+    """Hand the job to the worker; a broker that refuses leaves it queued for the reconciler."""
+    try:
+        lmi_celery.enqueue(registry.get(kind).task_name, job_id)
+    except Exception:  # kombu raises several unrelated types for an unreachable broker
+        logger.exception("could not enqueue job %s; the reconciler will", job_id)
+        return False
+    return True
+
+
+def start(
+    kind: str,
+    *,
+    title: str,
+    user: User | None = None,
+    trigger: str = "",
+    conflict_group: str = "",
+    steps: int = 0,
+    bytes_total: int = 0,
+    details: Mapping[str, Any] | None = None,
+) -> Job:
+    """Create a queued job and enqueue it on commit; JobConflict when its group is busy."""
+    spec = registry.get(kind)
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                job = Job.objects.create(
+                    kind=kind,
+                    title=title[:200],
+                    requested_by=username_of(user)[:150],
+                    trigger=trigger,
+                    conflict_group=conflict_group,
+                    steps=steps,
+                    bytes_total=bytes_total,
+                    details=dict(details or {}),
+                )
+        except IntegrityError:
+            active = Job.objects.filter(
+                conflict_group=conflict_group, state__in=ACTIVE_STATES
+            ).first()
+            what = active.title.lower() if active else spec.label.lower()
+            raise JobConflict(
+                f"A {what} is already in progress: wait for it to finish.", active
+            ) from None
+        event(job, f"{job.title} started")
+        pk = job.pk
+        transaction.on_commit(lambda: enqueue(pk, kind))
+    return job
+
+
+@dataclass
+class Lease:
+    """A worker's hold on one job; every write through it is fenced."""
+
+    job_id: int
+    owner: str
+    fence: int
+    kind: str
+    lease_seconds: float
+    _meter: RateMeter = field(default_factory=RateMeter, repr=False)
+    _last_write: float = field(default=0.0, repr=False)
+    _last_step: int = field(default=-1, repr=False)
+
+    def _held(self) -> Any:
+        return Job.objects.filter(pk=self.job_id, fence=self.fence, state=JobState.RUNNING)
+
+    def job(self) -> Job:
+        return Job.objects.get(pk=self.job_id)
+
+    def renew(self) -> None:
+        """Extend the lease (the heartbeat); LeaseLost when the job moved on."""
+        now = timezone.now()
+        if not self._held().update(
+            heartbeat_at=now, lease_expires_at=now + timedelta(seconds=self.lease_seconds)
+        ):
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
+
+    def progress(
+        self,
+        *,
+        step: int | None = None,
+        steps: int | None = None,
+        step_name: str | None = None,
+        bytes_done: int | None = None,
+        bytes_total: int | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Record progress (throttled within a step); renews the lease; LeaseLost when lost."""
+        clock = time.monotonic()
+        new_step = step is not None and step != self._last_step
+        if bytes_done is not None:
+            self._meter.update(bytes_done, clock)
+        if not new_step and clock - self._last_write < PROGRESS_INTERVAL:
+            return
+        self._last_write = clock
+        if step is not None:
+            self._last_step = step
+        now = timezone.now()
+        values: dict[str, Any] = {
+            "heartbeat_at": now,
+            "progress_at": now,
+            "lease_expires_at": now + timedelta(seconds=self.lease_seconds),
+            "rate": self._meter.rate,
+        }
+        for name, value in (
+            ("step", step),
+            ("steps", steps),
+            ("step_name", step_name),
+            ("bytes_done", bytes_done),
+            ("bytes_total", bytes_total),
+        ):
+            if value is not None:
+                values[name] = value
+        if details is not None:
+            job = self.job()
+            values["details"] = {**job.details, **details}
+        if not self._held().update(**values):
+            raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
+
+    def cancel_requested(self) -> bool:
+        return Job.objects.filter(pk=self.job_id, cancel_requested=True).exists()
+
+    def finish(
+        self,
+        state: JobState,
+        *,
+        error: str = "",
+        message: str = "",
+        details: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Write the final state (and its event); False when the job had moved on."""
+        if state not in FINAL_STATES:
+            raise ValueError(f"{state} is not a final state")
+        job = self.job()
+        values: dict[str, Any] = {
+            "state": state,
+            "finished_at": timezone.now(),
+            "error": error[:2000],
+            "lease_owner": "",
+            "lease_expires_at": None,
+        }
+        if state == JobState.SUCCEEDED:
+            values.update(step=F("steps"), bytes_done=F("bytes_total"))
+        if details is not None:
+            values["details"] = {**job.details, **details}
+        if not self._held().update(**values):
+            return False
+        severity = Severity.INFO if state == JobState.SUCCEEDED else Severity.ERROR
+        text = message or (
+            f"{job.title} {JobState(state).label.lower()}" + (f": {error}" if error else "")
+        )
+        event(job, text, severity, **({"error": error[:300]} if error else {}))
+        return True
+
+    def release(self) -> None:
+        """Give the job up without finishing it (the next step runs in another task)."""
+        self._held().update(lease_owner="", lease_expires_at=None)
+
+    @contextmanager
+    def keep_alive(self) -> Iterator[threading.Event]:
+        """Renew the lease from a thread every third of it while the body runs.
+
+        Yields an event that is set when the lease was lost, for long steps that cannot report
+        progress but can look between pieces of work.
+        """
+        lost = threading.Event()
+        stop = threading.Event()
+
+        def beat() -> None:
+            from django.db import connection
+
+            try:
+                while not stop.wait(self.lease_seconds / 3):
+                    try:
+                        self.renew()
+                    except LeaseLost:
+                        lost.set()
+                        return
+                    except Exception:  # a database blip: try again at the next beat
+                        logger.exception("job %s: heartbeat failed", self.job_id)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=beat, name=f"job-{self.job_id}-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            stop.set()
+            thread.join()
+
+
+def claim(job_id: int, owner: str) -> Lease | None:
+    """Take a queued job, or a running one whose holder is gone; None when someone holds it or
+    it is finished (a redelivered task then does nothing)."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or job.state in FINAL_STATES:
+        return None
+    spec = registry.get(job.kind)
+    now = timezone.now()
+    free = Q(state=JobState.QUEUED) | Q(lease_owner="") | Q(lease_expires_at__lt=now)
+    if job.state == JobState.RUNNING and job.lease_owner and leases.holder_dead(job.lease_owner):
+        free |= Q(lease_owner=job.lease_owner)  # its process is gone: no need to wait
+    claimed = (
+        Job.objects.filter(pk=job_id, fence=job.fence, state__in=ACTIVE_STATES)
+        .filter(free)
+        .update(
+            state=JobState.RUNNING,
+            lease_owner=owner[:200],
+            lease_expires_at=now + timedelta(seconds=spec.lease_seconds),
+            heartbeat_at=now,
+            fence=F("fence") + 1,
+        )
+    )
+    if not claimed:
+        return None
+    Job.objects.filter(pk=job_id, started_at__isnull=True).update(started_at=now)
+    return Lease(job_id, owner, job.fence + 1, job.kind, spec.lease_seconds)
+
+
+def cancel(job_id: int, *, user: User | None) -> Job:
+    """Cancel a queued job at once; ask a running cancellable one to stop between steps."""
+    job = Job.objects.filter(pk=job_id).first()
+    if job is None or job.state in FINAL_STATES:
+        raise JobError("The job is not running.")
+    if Job.objects.filter(pk=job_id, state=JobState.QUEUED).update(
+        state=JobState.CANCELLED, finished_at=timezone.now()
+    ):
+        event(job, f"{job.title} cancelled before it started ({username_of(user) or 'system'})")
+    elif registry.get(job.kind).cancellable:
+        Job.objects.filter(pk=job_id, state=JobState.RUNNING).update(cancel_requested=True)
+    else:
+        raise JobError(f"A running {job.title.lower()} cannot be cancelled safely.")
+    job.refresh_from_db()
+    return job
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    """The one shape of a job for the browser, the API and the command line."""
+    spec = registry.get(job.kind)
+    return {
+        "id": job.pk,
+        "kind": job.kind,
+        "label": spec.label,
+        "title": job.title,
+        "state": job.state,
+        "state_label": JobState(job.state).label,
+        "step": job.step,
+        "steps": job.steps,
+        "step_name": job.step_name,
+        "percent": round(job.percent, 1),
+        "bytes_done": job.bytes_done,
+        "bytes_total": job.bytes_total,
+        "rate": round(job.rate, 1),
+        "seconds_left": job.seconds_left,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "requested_by": job.requested_by,
+        "error": job.error,
+        "restarts": job.restarts,
+        "cancellable": spec.cancellable and job.active,
+        "details": job.details,
+    }

@@ -1,0 +1,26 @@
+"""A file tree as a comparable value, for tests that prove a step left a tree untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from pathlib import Path
+
+
+def tree_snapshot(top: Path) -> dict[str, tuple[str, int, str]]:
+    """Every entry under ``top``: kind, permission bits and content hash (or link target)."""
+    snapshot: dict[str, tuple[str, int, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            st = os.lstat(path)
+            rel = str(path.relative_to(top))
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                snapshot[rel] = ("link", 0, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                snapshot[rel] = ("dir", mode, "")
+            else:
+                snapshot[rel] = ("file", mode, hashlib.sha256(path.read_bytes()).hexdigest())
+    return snapshot
