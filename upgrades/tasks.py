@@ -89,13 +89,9 @@ def install_rollback(run_id: int) -> None:
 
 @worker_ready.connect
 def on_worker_start(sender: Any = None, **kwargs: Any) -> None:
-    """Resume downloads whose worker died; check the feed if the last check is overdue."""
-    try:
-        resumed_installs = install.installs_recover()
-        if resumed_installs:
-            logger.info("re-enqueued firmware installs %s", resumed_installs)
-    except Exception:  # never keep a worker from starting
-        logger.exception("could not resume firmware installs at start-up")
+    """Resume every active download (one killed a moment ago still looks alive to the job
+    engine's reconciler, which also resumes install runs at worker start); check the feed if
+    the last check is overdue."""
     try:
         resumed = services.downloads_recover(stale_only=False)
         if resumed:
