@@ -556,9 +556,17 @@ def system_restore_start(*, user: User | None) -> Job:
 def system_job_run(lease: jobs_engine.Lease) -> None:
     """Create or restore the image for one job (the engine claimed it and keeps it alive)."""
     creating = lease.kind == SYSTEM_BACKUP
+    lease.progress(step=0, steps=2, step_name="Preparing")
+    writing = (
+        "Writing the image to the rescue partition"
+        if creating
+        else "Restoring the system from the image"
+    )
 
     def progress(done: int, total: int) -> None:
-        lease.progress(bytes_done=done, bytes_total=total)
+        # Step 1 starts with the first file written (the kill tests pause there, mid-image).
+        step, name = (1, writing) if done else (0, "Preparing")
+        lease.progress(step=step, step_name=name, bytes_done=done, bytes_total=total)
 
     if creating:
         info = rescue.system_backup_create(progress=progress)
@@ -570,7 +578,6 @@ def system_job_run(lease: jobs_engine.Lease) -> None:
         else f"System restored from the system backup image of firmware {info.firmware_version}"
         f" made {info.created_at:%Y-%m-%d %H:%M} UTC"
     )
-    lease.progress(step=1, steps=1, bytes_done=info.size, bytes_total=info.size)
     lease.finish(
         JobState.SUCCEEDED,
         message=what,

@@ -4,8 +4,8 @@
 
 Builds a 2.8.0 message store with N messages (default 1,000,000) dated a year back, so every
 message and log entry is past its retention, then runs the purge through the same service
-function the Celery task calls (a PurgeRun claimed and executed by
-mailsecurity.services.purge_run_execute), three times on copies of the same store:
+function the worker calls (a purge job of the engine, claimed and run by
+jobs.tasks.run_job), three times on copies of the same store:
 
 0. alone, nothing else reading or writing: the purge's own throughput;
 A. with the console being read meanwhile: the Message Stores and Message Tracking pages
@@ -214,8 +214,9 @@ def main() -> None:
     from appliance.demo import init_demo
     from appliance.mail import demo_store, msgstore, retention, tracking
     from appliance.system import paths
-    from mailsecurity import services
-    from mailsecurity.models import PurgeRun, PurgeTrigger
+    from jobs.models import Job
+    from jobs.tasks import run_job
+    from mailsecurity.models import PURGE, PurgeTrigger
 
     settings.DEBUG = False
     call_command("migrate", verbosity=0)
@@ -296,45 +297,51 @@ def main() -> None:
         figures["tracking"][key] = probe.figures()
         print("  " + probe.summary())
 
-    def purge() -> PurgeRun:
-        run = PurgeRun.objects.create(trigger=PurgeTrigger.RETENTION, reason="benchmark")
-        services.purge_run_execute(run.pk)
-        run.refresh_from_db()
-        return run
+    def purge() -> Job:
+        job = Job.objects.create(
+            kind=PURGE, title="Retention purge", trigger=PurgeTrigger.RETENTION
+        )
+        run_job(job.pk)
+        job.refresh_from_db()
+        return job
 
-    def report(run: PurgeRun) -> dict[str, Any]:
-        """Print the run's figures, and return them for the JSON line."""
-        seconds = (run.finished_at - run.started_at).total_seconds()
-        rows_s = ratio(run.rows_deleted, seconds)
-        messages_s = ratio(run.messages_deleted, seconds)
-        phases = ", ".join(f"{name} {t:.1f} s" for name, t in run.details["phase_seconds"].items())
-        print(f"  state {run.state}, {seconds:.1f} s ({phases})")
+    def report(job: Job) -> dict[str, Any]:
+        """Print the purge's figures, and return them for the JSON line."""
+        run = job.details
+        assert job.state == "succeeded", (job.state, job.error, run)
+        seconds = job.duration or 0.0
+        rows = run["messages_deleted"] + run["smtp_log_deleted"] + run["tracking_log_deleted"]
+        rows_s = ratio(rows, seconds)
+        messages_s = ratio(run["messages_deleted"], seconds)
+        phases = ", ".join(f"{name} {t:.1f} s" for name, t in run["phase_seconds"].items())
+        print(f"  state {job.state}, {seconds:.1f} s ({phases})")
         print(
-            f"  deleted {run.messages_deleted:,} messages, {run.smtp_log_deleted:,} SMTP and "
-            f"{run.tracking_log_deleted:,} tracking log entries: {run.rows_deleted:,} rows, "
+            f"  deleted {run['messages_deleted']:,} messages, {run['smtp_log_deleted']:,} SMTP "
+            f"and {run['tracking_log_deleted']:,} tracking log entries: {rows:,} rows, "
             f"{rows_s or 0:,.0f} rows/s, {messages_s or 0:,.0f} messages/s"
         )
         print(
-            f"  message store {run.store_bytes_before / MiB:,.1f} -> "
-            f"{run.store_bytes_after / MiB:,.1f} MiB: "
-            f"reclaimed {run.bytes_reclaimed / MiB:,.1f} MiB"
+            f"  message store {run['store_bytes_before'] / MiB:,.1f} -> "
+            f"{run['store_bytes_after'] / MiB:,.1f} MiB: "
+            f"reclaimed {run['bytes_reclaimed'] / MiB:,.1f} MiB"
         )
+        gained = run["disk_free_after"] - run["disk_free_before"]
         print(
-            f"  disk free {run.disk_free_before / MiB:,.0f} -> {run.disk_free_after / MiB:,.0f} "
-            f"MiB ({run.disk_free_gained / MiB:+,.0f} MiB, other writers on the disk included)"
+            f"  disk free {run['disk_free_before'] / MiB:,.0f} -> "
+            f"{run['disk_free_after'] / MiB:,.0f} MiB ({gained / MiB:+,.0f} MiB, other writers "
+            "on the disk included)"
         )
-        assert run.state == "succeeded", (run.state, run.details)
         return {
-            "state": run.state,
+            "state": job.state,
             "seconds": seconds,
-            "phase_s": run.details["phase_seconds"],
-            "messages_deleted": run.messages_deleted,
-            "rows_deleted": run.rows_deleted,
+            "phase_s": run["phase_seconds"],
+            "messages_deleted": run["messages_deleted"],
+            "rows_deleted": rows,
             "rows_s": rows_s,
             "messages_s": messages_s,
-            "mib_before": run.store_bytes_before / MiB,
-            "mib_after": run.store_bytes_after / MiB,
-            "mib_reclaimed": run.bytes_reclaimed / MiB,
+            "mib_before": run["store_bytes_before"] / MiB,
+            "mib_after": run["store_bytes_after"] / MiB,
+            "mib_reclaimed": run["bytes_reclaimed"] / MiB,
         }
 
     def probes(baseline: list[Probe], during: list[Probe]) -> dict[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
@@ -179,9 +180,15 @@ class Lease:
             values["details"] = {**job.details, **details}
         if not self._held().update(**values):
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
+        if new_step:
+            _pause_for_tests(self.kind, self._last_step)
 
     def cancel_requested(self) -> bool:
         return Job.objects.filter(pk=self.job_id, cancel_requested=True).exists()
+
+    def take_again(self) -> bool:
+        """Clear a request to go round once more; True when there was one to take."""
+        return bool(self._held().filter(again_requested=True).update(again_requested=False))
 
     def finish(
         self,
@@ -190,8 +197,11 @@ class Lease:
         error: str = "",
         message: str = "",
         details: Mapping[str, Any] | None = None,
+        unless_again: bool = False,
     ) -> bool:
-        """Write the final state (and its event); False when the job had moved on."""
+        """Write the final state (and its event); False when the job had moved on, or (with
+        ``unless_again``) when it was asked to go round once more: the check and the write are
+        one update, so a request that comes in at the last moment is never lost."""
         if state not in FINAL_STATES:
             raise ValueError(f"{state} is not a final state")
         job = self.job()
@@ -206,7 +216,8 @@ class Lease:
             values.update(step=F("steps"), bytes_done=F("bytes_total"))
         if details is not None:
             values["details"] = {**job.details, **details}
-        if not self._held().update(**values):
+        held = self._held().filter(again_requested=False) if unless_again else self._held()
+        if not held.update(**values):
             return False
         severity = Severity.INFO if state == JobState.SUCCEEDED else Severity.ERROR
         text = message or (
@@ -253,6 +264,16 @@ class Lease:
             thread.join()
 
 
+def _pause_for_tests(kind: str, step: int) -> None:
+    """The kill tests' checkpoint (settings.JOB_PAUSE, empty in production): the step is
+    recorded, and the worker waits inside it so that a SIGKILL lands mid-job."""
+    if not settings.JOB_PAUSE:
+        return
+    want_kind, want_step, milliseconds = settings.JOB_PAUSE.split(":")
+    if kind == want_kind and step == int(want_step):
+        time.sleep(int(milliseconds) / 1000)
+
+
 def claim(job_id: int, owner: str) -> Lease | None:
     """Take a queued job, or a running one whose holder is gone; None when someone holds it or
     it is finished (a redelivered task then does nothing)."""
@@ -279,6 +300,12 @@ def claim(job_id: int, owner: str) -> Lease | None:
         return None
     Job.objects.filter(pk=job_id, started_at__isnull=True).update(started_at=now)
     return Lease(job_id, owner, job.fence + 1, job.kind, spec.lease_seconds)
+
+
+def request_again(job_id: int) -> bool:
+    """Ask an active job to go round once more before it finishes; False when it is not active
+    (it finished meanwhile: the caller starts a new one)."""
+    return bool(Job.objects.filter(pk=job_id, state__in=ACTIVE_STATES).update(again_requested=True))
 
 
 def cancel(job_id: int, *, user: User | None) -> Job:
@@ -323,5 +350,6 @@ def job_dict(job: Job) -> dict[str, Any]:
         "error": job.error,
         "restarts": job.restarts,
         "cancellable": spec.cancellable and job.active,
+        "again_requested": job.again_requested,
         "details": job.details,
     }

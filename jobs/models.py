@@ -71,6 +71,9 @@ class Job(models.Model):
     fence = models.PositiveBigIntegerField(default=0)
     restarts = models.PositiveSmallIntegerField(default=0)
     cancel_requested = models.BooleanField(default=False)
+    # What the job works from changed while it ran (a retention shortened during a purge): it
+    # goes round once more before it finishes instead of a second job being started.
+    again_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     details = models.JSONField(default=dict, blank=True)
 

@@ -6,3 +6,8 @@ class MailSecurityConfig(AppConfig):
 
     name = "mailsecurity"
     verbose_name = "Mail Security"
+
+    def ready(self) -> None:
+        from mailsecurity import services
+
+        services.register_job_kinds()

@@ -12,7 +12,8 @@ from appliance.config.store import read_smtp_settings
 from appliance.mail import retention, tracking
 from appliance.system.paths import layout
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage
-from mailsecurity.models import ACTIVE_STATES, PurgeRun
+from jobs.models import ACTIVE_STATES, Job
+from mailsecurity.models import PURGE
 from mailsecurity.planner import DiskFigures, ReclaimPlan, RetentionSource, plan_reclaim
 from mailsecurity.services import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
 
@@ -112,10 +113,10 @@ def log_retention(key: str) -> LogRetention:
     return LogRetention(key, LOG_LABELS[key], days, retention.log_oldest()[key])
 
 
-def purge_latest() -> PurgeRun | None:
+def purge_latest() -> Job | None:
     """The queued or running purge, else the latest finished one."""
-    active = PurgeRun.objects.filter(state__in=ACTIVE_STATES).first()
-    return active or PurgeRun.objects.order_by("-created_at", "-id").first()
+    purges = Job.objects.filter(kind=PURGE)
+    return purges.filter(state__in=ACTIVE_STATES).first() or purges.first()
 
 
 def msgstore_disk() -> DiskUsage:

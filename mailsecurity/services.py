@@ -1,53 +1,33 @@
 """Writes of Mail Security: retention changes and the retention purge that reclaims disk space.
 
 A shorter retention only frees space once the expired rows are deleted and the file shrinks,
-so saving one starts a purge: a PurgeRun row is created (queued) and its task enqueued when
-the transaction commits. The database allows one queued or running purge at a time; a
-retention shortened while one is active asks that run to go round once more (follow_up)
-instead of starting a second. The task claims the run by a conditional update, reports
-progress on it, and writes the final state itself.
+so saving one starts a purge, a job of the engine (jobs/) handed to the worker when the
+transaction commits. One purge is queued or running at a time; a retention shortened while one
+is active asks that job to go round once more instead of starting a second.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
-from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import F
 from django.template.defaultfilters import filesizeformat
-from django.utils import timezone
 
 from appliance.mail import purge, retention
-from events.models import Category, Severity
-from events.services import User, event_write, username_of
-from lmi import celery as lmi_celery
-from mailsecurity.models import (
-    ACTIVE_STATES,
-    PurgePhase,
-    PurgeRun,
-    PurgeState,
-    PurgeTrigger,
-)
+from events.models import Category
+from events.services import User, event_write
+from jobs import engine as jobs_engine
+from jobs import registry as jobs_registry
+from jobs.models import Job, JobState
+from mailsecurity.models import PURGE, PurgePhase, PurgeTrigger
 
 logger = logging.getLogger(__name__)
 
 
-# A running purge reports progress at least this often; one silent for STALE_AFTER was lost
-# (its worker was killed) and is marked failed so that purges can start again.
-PROGRESS_INTERVAL = 1.0
-STALE_AFTER = timedelta(minutes=10)
 MAX_RESTARTS = 2  # a purge whose worker keeps dying (a crash loop) fails after this many
 # Pass this to a purge's follow-up loop at most; each pass is a retention shortened meanwhile.
 MAX_PASSES = 10
-
-
-class PurgeLost(Exception):
-    """The run is no longer running (it was reaped as stale); the purge must stop."""
 
 
 # --- Retention changes -----------------------------------------------------------------------
@@ -72,7 +52,7 @@ class RetentionResult:
     """What a save changed and the purge it started or joined (None: nothing got shorter)."""
 
     changes: tuple[RetentionChange, ...]
-    purge: PurgeRun | None
+    purge: Job | None
     purge_created: bool = False
 
 
@@ -164,292 +144,170 @@ def reclaim_plan_apply(values: Mapping[str, int], *, user: User | None) -> Reten
     return RetentionResult(result.changes, run, created)
 
 
-# --- Starting a purge ------------------------------------------------------------------------
+# --- The purge job ---------------------------------------------------------------------------
+# A job of the engine (jobs/), one at a time (conflict group "purge"). A purge whose worker
+# died is started again from the top: it deletes only expired rows, so a second pass over what
+# the first already did deletes nothing twice.
 
-
-def purge_runs_reap(now: datetime | None = None, *, executor: str | None = None) -> int:
-    """Start again the runs whose worker is gone (fail them after MAX_RESTARTS), and fail runs
-    queued for longer than a task may run (the broker lost them). Returns how many.
-
-    A running run is gone when it made no progress for STALE_AFTER, or when ``executor`` (a
-    worker that is just starting) ran it: that worker died mid-purge.
-    """
-    now = now or timezone.now()
-    running = PurgeRun.objects.filter(state=PurgeState.RUNNING)
-    lost = list(running.filter(heartbeat_at__lt=now - STALE_AFTER))
-    if executor:
-        lost += list(running.filter(executor=executor).exclude(pk__in=[r.pk for r in lost]))
-    reaped = sum(_restart(run, now) for run in lost)
-    never_started = now - timedelta(seconds=settings.CELERY_TASK_TIME_LIMIT) - STALE_AFTER
-    reaped += PurgeRun.objects.filter(state=PurgeState.QUEUED, created_at__lt=never_started).update(
-        state=PurgeState.FAILED,
-        finished_at=now,
-        error="No worker picked the purge up.",
-    )
-    return reaped
-
-
-def _restart(run: PurgeRun, now: datetime) -> int:
-    """Queue a lost run again by a conditional update (one reaper wins), or fail it for good."""
-    runs = PurgeRun.objects.filter(pk=run.pk, state=PurgeState.RUNNING, restarts=run.restarts)
-    if run.restarts >= MAX_RESTARTS:
-        return runs.update(
-            state=PurgeState.FAILED,
-            finished_at=now,
-            error=f"The worker stopped {run.restarts + 1} times during the purge; it was given up.",
-        )
-    if not runs.update(
-        state=PurgeState.QUEUED, executor="", heartbeat_at=None, restarts=F("restarts") + 1
-    ):
-        return 0
-    event_write(
-        category=Category.MAIL,
-        severity=Severity.WARNING,
-        message=f"Retention purge interrupted: its worker stopped; started again "
-        f"(restart {run.restarts + 1} of {MAX_RESTARTS})",
-        details={"run": run.pk},
-    )
-    pk = run.pk
-    transaction.on_commit(lambda: _enqueue(pk))
-    return 1
-
-
-def _enqueue(run_id: int) -> None:
-    """Hand the run to the worker; a broker that refuses fails the run instead of the page."""
-    try:
-        lmi_celery.enqueue("mailsecurity.tasks.retention_purge", run_id)
-    except Exception as exc:  # kombu raises several unrelated types for an unreachable broker
-        logger.exception("could not enqueue retention purge %s", run_id)
-        failed = PurgeRun.objects.filter(pk=run_id, state=PurgeState.QUEUED).update(
-            state=PurgeState.FAILED,
-            finished_at=timezone.now(),
-            error=f"The purge could not be queued: {exc}",
-        )
-        if failed:
-            event_write(
-                category=Category.MAIL,
-                severity=Severity.ERROR,
-                message="Retention purge could not be queued: the task queue is unreachable",
-                details={"run": run_id, "error": str(exc)[:300]},
-            )
+_PHASES = (PurgePhase.MESSAGES, PurgePhase.SMTP_LOG, PurgePhase.TRACKING_LOG, PurgePhase.VACUUM)
 
 
 def purge_start(
     *, trigger: PurgeTrigger, user: User | None = None, reason: str = ""
-) -> tuple[PurgeRun, bool]:
+) -> tuple[Job, bool]:
     """Queue a purge, or (one is already queued or running) ask that one to go round again.
 
-    Returns the run and whether it is new. The new run's task is enqueued when the caller's
+    Returns the job and whether it is new. The job is handed to the worker when the caller's
     transaction commits, so the worker never looks for a row that is not there yet.
     """
-    purge_runs_reap()
-    with transaction.atomic():
+    for _ in range(3):
         try:
-            with transaction.atomic():
-                run = PurgeRun.objects.create(
-                    trigger=trigger, requested_by=username_of(user), reason=reason[:500]
-                )
-        except IntegrityError:
-            active = PurgeRun.objects.filter(state__in=ACTIVE_STATES).first()
-            if active is None:  # it finished in between: try once more
-                return purge_start(trigger=trigger, user=user, reason=reason)
-            PurgeRun.objects.filter(pk=active.pk, state__in=ACTIVE_STATES).update(follow_up=True)
-            active.refresh_from_db()
-            return active, False
-        transaction.on_commit(lambda: _enqueue(run.pk))
-    return run, True
+            job = jobs_engine.start(
+                PURGE,
+                title="Retention purge",
+                user=user,
+                trigger=trigger,
+                conflict_group=PURGE,
+                steps=len(_PHASES),
+                details={"reason": reason[:500]},
+            )
+            return job, True
+        except jobs_engine.JobConflict as exc:
+            if exc.active is not None and jobs_engine.request_again(exc.active.pk):
+                exc.active.refresh_from_db()
+                return exc.active, False
+            # It finished in between: start a new one.
+    raise jobs_engine.JobError("The retention purge could not be started; try again.")
 
 
-# --- Running a purge -------------------------------------------------------------------------
-
-
-class _ProgressWriter:
-    """Copies the purge's progress onto its run, at most once per PROGRESS_INTERVAL.
-
-    Every write is conditional on the run still running; when it is not (it was reaped), the
-    purge is stopped by raising PurgeLost from inside it.
-    """
-
-    def __init__(self, run_id: int, base: dict[str, int]) -> None:
-        self.run_id = run_id
-        self.base = base  # what earlier passes of this run deleted
-        self.last = 0.0
-
-    def __call__(self, progress: purge.PurgeProgress) -> None:
-        now = time.monotonic()
-        if now - self.last < PROGRESS_INTERVAL:
-            return
-        self.last = now
-        updated = PurgeRun.objects.filter(pk=self.run_id, state=PurgeState.RUNNING).update(
-            phase=progress.phase,
-            heartbeat_at=timezone.now(),
-            messages_deleted=self.base["messages"] + sum(progress.messages_deleted.values()),
-            smtp_log_deleted=self.base["smtp_log"] + progress.smtp_log_deleted,
-            tracking_log_deleted=self.base["tracking_log"] + progress.tracking_log_deleted,
-            pages_returned=self.base["pages"] + progress.pages_returned,
-        )
-        if not updated:
-            raise PurgeLost(f"purge run {self.run_id} is no longer running")
-
-
-def purge_runs_requeue() -> list[int]:
-    """Enqueue queued runs again (a worker that starts): a duplicate delivery is harmless, the
-    claim lets one executor through."""
-    ids = list(PurgeRun.objects.filter(state=PurgeState.QUEUED).values_list("pk", flat=True))
-    for run_id in ids:
-        _enqueue(run_id)
-    return ids
-
-
-def purge_run_execute(run_id: int, *, executor: str = "") -> PurgeState | None:
-    """Claim the queued run and purge; returns its final state, or None if it was not queued.
-
-    A redelivered task finds its run running or finished and does nothing: one executor per
-    run. The run is finished as succeeded only when no follow-up was asked for meanwhile;
-    otherwise the follow-up flag is cleared and the purge goes round again.
-    """
-    now = timezone.now()
-    claimed = PurgeRun.objects.filter(pk=run_id, state=PurgeState.QUEUED).update(
-        state=PurgeState.RUNNING,
-        executor=executor[:200],
-        started_at=now,
-        heartbeat_at=now,
-        phase=PurgePhase.MESSAGES,
-        follow_up=False,
-    )
-    if not claimed:
-        logger.warning("retention purge %s is not queued; not running it", run_id)
-        return None
-
-    totals = {"messages": 0, "smtp_log": 0, "tracking_log": 0, "pages": 0}
-    per_store: dict[str, int] = {}
-    phase_seconds: dict[str, float] = {}
-    first: purge.PurgeResult | None = None
-    last: purge.PurgeResult | None = None
+def purge_scheduled() -> Job | None:
+    """The daily purge (beat); an active one covers today, so nothing is started then."""
     try:
-        for _ in range(MAX_PASSES):
-            writer = _ProgressWriter(run_id, dict(totals))
-            last = purge.purge_expired(progress=writer)
-            first = first or last
-            names = {store.id: store.name for store in last.settings.stores}
-            for store_id, count in last.messages_deleted.items():
-                name = names.get(store_id, str(store_id))
-                per_store[name] = per_store.get(name, 0) + count
-            totals["messages"] += sum(last.messages_deleted.values())
-            totals["smtp_log"] += last.smtp_log_deleted
-            totals["tracking_log"] += last.tracking_log_deleted
-            totals["pages"] += last.pages_returned
-            for name, seconds in last.phase_seconds.items():
-                phase_seconds[name] = round(phase_seconds.get(name, 0.0) + seconds, 3)
-            details = {"messages_per_store": per_store, "phase_seconds": phase_seconds}
-            finished = _purge_finish(run_id, first, last, totals, details)
-            if finished:
-                break
-            # A retention was shortened during this pass: clear the flag and go round again.
-            again = PurgeRun.objects.filter(
-                pk=run_id, state=PurgeState.RUNNING, follow_up=True
-            ).update(follow_up=False)
-            if not again:
-                raise PurgeLost(f"purge run {run_id} is no longer running")
-        else:
-            _purge_finish(run_id, first, last, totals, details, force=True)
-    except PurgeLost:
-        logger.warning("retention purge %s was abandoned while it ran", run_id)
-        return PurgeRun.objects.get(pk=run_id).state
-    except Exception as exc:  # the purge's own errors, SQLite's, the soft time limit
-        _purge_fail(run_id, exc)
-        return PurgeState.FAILED
-    return PurgeState.SUCCEEDED
-
-
-def _purge_finish(
-    run_id: int,
-    first: purge.PurgeResult,
-    last: purge.PurgeResult,
-    totals: dict[str, int],
-    details: dict[str, Mapping[str, object]],
-    *,
-    force: bool = False,
-) -> bool:
-    """Mark the run succeeded (unless a follow-up is pending) and write its event."""
-    reclaimed = max(0, first.store_bytes_before - last.store_bytes_after)
-    runs = PurgeRun.objects.filter(pk=run_id, state=PurgeState.RUNNING)
-    if not force:
-        runs = runs.filter(follow_up=False)
-    finished = runs.update(
-        state=PurgeState.SUCCEEDED,
-        phase=PurgePhase.DONE,
-        finished_at=timezone.now(),
-        heartbeat_at=timezone.now(),
-        messages_deleted=totals["messages"],
-        smtp_log_deleted=totals["smtp_log"],
-        tracking_log_deleted=totals["tracking_log"],
-        pages_returned=totals["pages"],
-        store_bytes_before=first.store_bytes_before,
-        store_bytes_after=last.store_bytes_after,
-        disk_free_before=first.disk_free_before,
-        disk_free_after=last.disk_free_after,
-        bytes_reclaimed=reclaimed,
-        details={
-            **details,
-            "retention_days": {
-                **{store.name: store.retention_days for store in last.settings.stores},
-                LOG_LABELS[SMTP_LOG]: last.settings.smtp_log_days,
-                LOG_LABELS[TRACKING_LOG]: last.settings.tracking_log_days,
-            },
-        },
-    )
-    if not finished:
-        return False
-    run = PurgeRun.objects.get(pk=run_id)
-    event_write(
-        category=Category.MAIL,
-        message=f"Retention purge reclaimed {filesizeformat(reclaimed)}: deleted "
-        f"{run.messages_deleted} messages, {run.smtp_log_deleted} SMTP log and "
-        f"{run.tracking_log_deleted} tracking log entries",
-        user=run.requested_by,
-        details={
-            "run": run.pk,
-            "trigger": run.trigger,
-            "bytes_reclaimed": reclaimed,
-            "disk_free_before": first.disk_free_before,
-            "disk_free_after": last.disk_free_after,
-            "messages_deleted": run.messages_deleted,
-            "smtp_log_deleted": run.smtp_log_deleted,
-            "tracking_log_deleted": run.tracking_log_deleted,
-            "messages_per_store": details["messages_per_store"],
-        },
-    )
-    return True
-
-
-def _purge_fail(run_id: int, exc: BaseException) -> None:
-    """Mark the run failed (its counters keep the last progress report) and say so."""
-    logger.exception("retention purge %s failed", run_id)
-    failed = PurgeRun.objects.filter(pk=run_id, state=PurgeState.RUNNING).update(
-        state=PurgeState.FAILED,
-        finished_at=timezone.now(),
-        error=f"{type(exc).__name__}: {exc}"[:2000],
-    )
-    if failed:
-        event_write(
-            category=Category.MAIL,
-            severity=Severity.ERROR,
-            message=f"Retention purge failed: {exc}"[:500],
-            details={"run": run_id, "error": f"{type(exc).__name__}: {exc}"[:500]},
+        return jobs_engine.start(
+            PURGE,
+            title="Retention purge",
+            trigger=PurgeTrigger.SCHEDULE,
+            conflict_group=PURGE,
+            steps=len(_PHASES),
+            details={"reason": "Daily purge"},
         )
-
-
-def purge_scheduled(*, executor: str = "") -> PurgeState | None:
-    """The daily run (beat, no run id): reap lost runs, then create a run and execute it here.
-
-    If a purge is already queued or running, that one covers today and nothing is started.
-    """
-    purge_runs_reap()
-    try:
-        with transaction.atomic():
-            run = PurgeRun.objects.create(trigger=PurgeTrigger.SCHEDULE, reason="Daily purge")
-    except IntegrityError:
+    except jobs_engine.JobConflict:
         logger.info("a retention purge is already active; the daily run is skipped")
         return None
-    return purge_run_execute(run.pk, executor=executor)
+
+
+class _Totals:
+    """What the passes of one job deleted so far; reported as the job's progress."""
+
+    def __init__(self) -> None:
+        self.counts = {
+            "messages_deleted": 0,
+            "smtp_log_deleted": 0,
+            "tracking_log_deleted": 0,
+            "pages_returned": 0,
+        }
+        self.per_store: dict[str, int] = {}
+        self.phase_seconds: dict[str, float] = {}
+
+    def with_progress(self, done: purge.PurgeProgress) -> dict[str, int]:
+        """The totals plus what the pass under way has done."""
+        return {
+            "messages_deleted": self.counts["messages_deleted"]
+            + sum(done.messages_deleted.values()),
+            "smtp_log_deleted": self.counts["smtp_log_deleted"] + done.smtp_log_deleted,
+            "tracking_log_deleted": self.counts["tracking_log_deleted"] + done.tracking_log_deleted,
+            "pages_returned": self.counts["pages_returned"] + done.pages_returned,
+        }
+
+    def add(self, result: purge.PurgeResult) -> None:
+        names = {store.id: store.name for store in result.settings.stores}
+        for store_id, count in result.messages_deleted.items():
+            name = names.get(store_id, str(store_id))
+            self.per_store[name] = self.per_store.get(name, 0) + count
+        self.counts = self.with_progress(
+            purge.PurgeProgress(
+                messages_deleted=result.messages_deleted,
+                smtp_log_deleted=result.smtp_log_deleted,
+                tracking_log_deleted=result.tracking_log_deleted,
+                pages_returned=result.pages_returned,
+            )
+        )
+        for name, seconds in result.phase_seconds.items():
+            self.phase_seconds[name] = round(self.phase_seconds.get(name, 0.0) + seconds, 3)
+
+
+def purge_job_run(lease: jobs_engine.Lease) -> None:
+    """Purge for one job, going round again while retentions were shortened meanwhile.
+
+    The job finishes as succeeded only when no new request came in: the check and the final
+    write are one update (Lease.finish ``unless_again``), so a retention shortened at the last
+    moment is purged by this job, not forgotten.
+    """
+    totals = _Totals()
+
+    def progress(done: purge.PurgeProgress) -> None:
+        phase = PurgePhase(done.phase)
+        lease.progress(
+            step=_PHASES.index(phase),
+            step_name=phase.label,
+            details=totals.with_progress(done),
+        )
+
+    lease.progress(step=0, step_name=PurgePhase.MESSAGES.label)
+    first: purge.PurgeResult | None = None
+    for passes in range(1, MAX_PASSES + 1):
+        last = purge.purge_expired(progress=progress)
+        first = first or last
+        totals.add(last)
+        if lease.finish(
+            JobState.SUCCEEDED,
+            message=_purge_summary(first, last, totals),
+            details=_purge_details(first, last, totals),
+            unless_again=passes < MAX_PASSES,
+        ):
+            return
+        if not lease.take_again():
+            raise jobs_engine.LeaseLost(f"purge job {lease.job_id} moved on")
+
+
+def _purge_details(
+    first: purge.PurgeResult, last: purge.PurgeResult, totals: _Totals
+) -> dict[str, object]:
+    return {
+        **totals.counts,
+        "store_bytes_before": first.store_bytes_before,
+        "store_bytes_after": last.store_bytes_after,
+        "disk_free_before": first.disk_free_before,
+        "disk_free_after": last.disk_free_after,
+        "bytes_reclaimed": max(0, first.store_bytes_before - last.store_bytes_after),
+        "messages_per_store": totals.per_store,
+        "phase_seconds": totals.phase_seconds,
+        "retention_days": {
+            **{store.name: store.retention_days for store in last.settings.stores},
+            LOG_LABELS[SMTP_LOG]: last.settings.smtp_log_days,
+            LOG_LABELS[TRACKING_LOG]: last.settings.tracking_log_days,
+        },
+    }
+
+
+def _purge_summary(first: purge.PurgeResult, last: purge.PurgeResult, totals: _Totals) -> str:
+    reclaimed = max(0, first.store_bytes_before - last.store_bytes_after)
+    return (
+        f"Retention purge reclaimed {filesizeformat(reclaimed)}: deleted "
+        f"{totals.counts['messages_deleted']} messages, {totals.counts['smtp_log_deleted']} "
+        f"SMTP log and {totals.counts['tracking_log_deleted']} tracking log entries"
+    )
+
+
+def register_job_kinds() -> None:
+    """The purge kind of the job engine (MailSecurityConfig.ready)."""
+    jobs_registry.register(
+        jobs_registry.Kind(
+            name=PURGE,
+            label="Retention purge",
+            category=Category.MAIL,
+            run=purge_job_run,
+            on_dead="restart",
+            max_restarts=MAX_RESTARTS,
+        )
+    )

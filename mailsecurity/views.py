@@ -25,6 +25,7 @@ from mailsecurity.forms import (
     StoreRetentionForm,
     TrackingQueryForm,
 )
+from mailsecurity.models import PurgeTrigger
 
 READ_ONLY_MESSAGE = "Your account is read-only: ask an administrator to make this change."
 
@@ -52,8 +53,11 @@ def purge_context(loaded_at: str | None = None) -> dict[str, object]:
         loaded = now
     if timezone.is_naive(loaded):
         loaded = now
+    purge = selectors.purge_latest()
+    trigger = purge.trigger if purge else ""
     return {
-        "purge": selectors.purge_latest(),
+        "purge": purge,
+        "purge_trigger": PurgeTrigger(trigger).label if trigger in PurgeTrigger else trigger,
         "loaded_at": loaded,
         "loaded_at_iso": loaded.isoformat(),
     }

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
 from dataclasses import replace
-from datetime import timedelta
 
 import pytest
 from django.test import Client
-from django.utils import timezone
 
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system import rescue
@@ -18,7 +14,7 @@ from backups import services
 from events.models import Event
 from jobs.models import FINAL_STATES, Job, JobState
 from tests.backups.conftest import tree_bytes
-from tests.support.services import start_worker, wait_for
+from tests.support.services import launch_worker, start_worker, wait_for, worker_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,28 +71,45 @@ def test_a_system_restore_job_returns_the_appliance_to_the_image(
     assert Event.objects.filter(message__startswith="System restored").exists()
 
 
-def test_a_starting_worker_finishes_the_job_a_dead_worker_left_running(
-    redis_settings, transactional_db, demo_appliance, tmp_path
+@pytest.mark.parametrize("kind", [services.SYSTEM_BACKUP, services.SYSTEM_RESTORE])
+def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scratch(
+    kind, redis_settings, transactional_db, demo_appliance, admin_user, tmp_path
 ):
-    # Left running by a worker of this host whose process is gone: no need to wait out a lease.
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    long_ago = timezone.now() - timedelta(minutes=5)
-    lost = Job.objects.create(
-        kind="system_backup",
-        title="System backup",
-        state=JobState.RUNNING,
-        started_at=long_ago,
-        lease_owner=f"job:{socket.gethostname()}:{dead.pid}:killed",
-        lease_expires_at=timezone.now() + timedelta(minutes=1),
-        fence=1,
-    )
-    worker = start_worker(redis_settings, demo_appliance, tmp_path)
+    """SIGKILL the worker after the first file of the image (or of the restore) is written; the
+    previous image is intact meanwhile, and the next worker's start-up reconcile starts the job
+    again from scratch, to success."""
+    rescue.system_backup_create()
+    image = rescue.system_backup_info()
+    etc_before = tree_bytes(demo_appliance, "etc")
+    env = {**worker_env(redis_settings, demo_appliance), "LMI_JOB_PAUSE": f"{kind}:1:30000"}
+    first = launch_worker("imager@test", env, tmp_path / "imager.log", "--concurrency", "1")
     try:
-        resumed = _finished(lost.pk, worker)
-        assert resumed.state == JobState.SUCCEEDED, resumed.error
-        assert resumed.restarts == 1
-        job = services.system_backup_start(user="admin")  # the way is free again
-        assert _finished(job.pk, worker).state == JobState.SUCCEEDED
+        if kind == services.SYSTEM_BACKUP:
+            job = services.system_backup_start(user=admin_user)
+        else:
+            write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
+            job = services.system_restore_start(user=admin_user)
+        wait_for(
+            lambda: Job.objects.filter(pk=job.pk, step=1, bytes_done__gt=0).exists(),
+            timeout=30,
+            message=f"the worker did not start writing; its log:\n{first.log()}",
+        )
     finally:
-        worker.stop()
+        first.kill()
+    assert rescue.system_backup_info() == image  # the previous image is whole
+    second = start_worker(redis_settings, demo_appliance, tmp_path)
+    try:
+        job = _finished(job.pk, second)
+    finally:
+        second.stop()
+
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.restarts == 1
+    assert Event.objects.filter(message__contains="interrupted: its worker stopped").exists()
+    if kind == services.SYSTEM_BACKUP:
+        info = rescue.system_backup_info()
+        assert info is not None and info.created_at >= image.created_at
+        assert job.details["sha256"] == info.sha256
+    else:
+        assert tree_bytes(demo_appliance, "etc") == etc_before
+        assert read_smtp_settings().listen_port != 2626

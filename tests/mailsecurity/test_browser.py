@@ -8,7 +8,8 @@ import pytest
 
 from appliance.mail import retention
 from appliance.system import maintenance
-from mailsecurity.models import PurgeRun, PurgeState
+from jobs.models import Job, JobState
+from mailsecurity.models import PURGE
 from tests.support.browser import screenshot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -72,7 +73,7 @@ def test_an_administrator_shortens_a_retention_and_watches_the_purge_finish(
     assert "retention changed from 30 days to 1 day" in page.locator(".flash").inner_text()
     # The panel polls its partial: mark the document so a reload would show.
     page.evaluate("document.body.dataset.sameDocument = 'yes'")
-    state = page.get_by_test_id("purge-state")
+    state = page.get_by_test_id("purge-status").get_by_test_id("job-state")
     state.filter(has_text="Succeeded").wait_for(timeout=60_000)
     assert page.evaluate("document.body.dataset.sameDocument") == "yes"
     deleted = int(page.get_by_test_id("purge-messages").inner_text())
@@ -92,8 +93,8 @@ def test_an_administrator_shortens_a_retention_and_watches_the_purge_finish(
     after = int(page.locator("tr", has_text="Spam quarantine").get_by_test_id("store-count")
                 .inner_text())  # fmt: skip
     assert after == before - deleted
-    run = PurgeRun.objects.get()
-    assert run.state == PurgeState.SUCCEEDED and run.messages_deleted == deleted
+    job = Job.objects.get(kind=PURGE)
+    assert job.state == JobState.SUCCEEDED and job.details["messages_deleted"] == deleted
     assert errors == []
 
 

@@ -13,7 +13,8 @@ from django.test import Client
 from appliance.mail import retention
 from appliance.system import maintenance
 from events.models import Category, Event
-from mailsecurity.models import PurgeRun, PurgeState, PurgeTrigger
+from jobs.models import Job, JobState
+from mailsecurity.models import PURGE, PurgeTrigger
 from tests.support import enqueue as enqueues
 
 from .conftest import MailData
@@ -31,7 +32,7 @@ PAGES = [OBJECTS, STORES, TRACKING, MAINTENANCE, RECLAIM]
 
 @pytest.fixture
 def enqueued(monkeypatch) -> list[int]:
-    return enqueues.capture(monkeypatch, "mailsecurity.tasks.retention_purge")
+    return enqueues.capture(monkeypatch, "jobs.run")
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_read_only_users_cannot_change_anything(demo_appliance, readonly_user, u
     assert retention.retention_settings().smtp_log_days == 90
     assert retention.retention_settings().stores[0].retention_days == 30
     assert maintenance.maintenance_status() is None
-    assert not PurgeRun.objects.exists()
+    assert not Job.objects.filter(kind=PURGE).exists()
 
 
 def test_a_post_without_the_csrf_token_is_refused(demo_appliance, admin_client):
@@ -172,10 +173,11 @@ def test_an_administrator_shortens_a_store_retention_and_a_purge_starts(
 
     assert response.status_code == 302 and response["Location"] == STORES
     assert retention.retention_settings().store(spam.id).retention_days == 7
-    run = PurgeRun.objects.get()
+    run = Job.objects.get(kind=PURGE)
     assert enqueued == [run.pk] and run.requested_by == "admin"
-    event = Event.objects.get(category=Category.MAIL)
+    event = Event.objects.get(category=Category.MAIL, message__contains="retention changed")
     assert event.message == "Message store Spam quarantine retention changed from 30 days to 7 days"
+    assert Event.objects.filter(category=Category.MAIL, message="Retention purge started").exists()
     page = admin_client.get(STORES).content.decode()
     assert "retention changed from 30 days to 7 days" in page
     assert "A retention purge has started" in page
@@ -216,7 +218,7 @@ def test_invalid_retention_values_are_explained_and_nothing_is_saved(
         stores=stores, smtp_log_days=90, tracking_log_days=90
     )
     assert not Event.objects.filter(message__contains="retention").exists()
-    assert not PurgeRun.objects.exists()
+    assert not Job.objects.filter(kind=PURGE).exists()
 
 
 def test_the_smtp_log_retention_is_saved_on_the_maintenance_page(demo_appliance, admin, enqueued):
@@ -224,9 +226,9 @@ def test_the_smtp_log_retention_is_saved_on_the_maintenance_page(demo_appliance,
 
     assert response.status_code == 302
     assert retention.retention_settings().smtp_log_days == 30
-    run = PurgeRun.objects.get()
-    assert "SMTP log: 90 days to 30 days" in run.reason
-    assert Event.objects.get(message__contains="retention").category == Category.SMTP
+    run = Job.objects.get(kind=PURGE)
+    assert "SMTP log: 90 days to 30 days" in run.details["reason"]
+    assert Event.objects.get(message__contains="retention changed").category == Category.SMTP
     assert 'value="30"' in admin.get(MAINTENANCE).content.decode()
 
 
@@ -238,18 +240,21 @@ def test_the_tracking_log_retention_is_saved_and_the_search_is_kept(
 
     assert response.status_code == 302 and response["Location"] == url
     assert retention.retention_settings().tracking_log_days == 120
-    assert not PurgeRun.objects.exists()  # longer: nothing to purge
+    assert not Job.objects.filter(kind=PURGE).exists()  # longer: nothing to purge
 
 
 def test_a_purge_already_running_goes_round_again_instead_of_a_second_run(
     demo_appliance, admin, enqueued
 ):
-    running = PurgeRun.objects.create(trigger=PurgeTrigger.SCHEDULE, state=PurgeState.RUNNING)
+    running = Job.objects.create(
+        kind=PURGE, title="Retention purge", trigger=PurgeTrigger.SCHEDULE,
+        state=JobState.RUNNING, conflict_group=PURGE,
+    )  # fmt: skip
 
     admin.post(MAINTENANCE, {"retention_days": "10"})
 
     running.refresh_from_db()
-    assert running.follow_up and PurgeRun.objects.count() == 1
+    assert running.again_requested and Job.objects.filter(kind=PURGE).count() == 1
     assert "it will purge again" in admin.get(MAINTENANCE).content.decode()
 
 
@@ -385,7 +390,7 @@ def test_the_planner_proposes_retentions_and_applies_them_in_one_click(
     after = retention.retention_settings()
     for key in shortened:
         assert after.store(int(key[6:])).retention_days == int(proposed[key])
-    run = PurgeRun.objects.get()
+    run = Job.objects.get(kind=PURGE)
     assert run.trigger == PurgeTrigger.PLANNER and enqueued == [run.pk]
 
 
@@ -394,21 +399,23 @@ def test_the_planner_refuses_a_tampered_plan(demo_appliance, admin, monkeypatch)
 
     assert response.status_code == 400
     assert "The plan could not be applied" in unescape(response.content.decode())
-    assert not PurgeRun.objects.exists()
+    assert not Job.objects.filter(kind=PURGE).exists()
 
 
 def test_the_purge_partial_polls_only_while_a_purge_is_active(db, admin):
     assert "No purge has run yet" in admin.get("/mail-security/reclaim/purge/").content.decode()
-    run = PurgeRun.objects.create(trigger=PurgeTrigger.RETENTION, state=PurgeState.RUNNING,
-                                  messages_deleted=1234)  # fmt: skip
+    run = Job.objects.create(
+        kind=PURGE, title="Retention purge", state=JobState.RUNNING,
+        trigger=PurgeTrigger.RETENTION, details={"messages_deleted": 1234},
+    )  # fmt: skip
 
     active = admin.get("/mail-security/reclaim/purge/").content.decode()
 
     assert "hx-trigger" in active and 'data-testid="purge-messages">1234<' in active
-    PurgeRun.objects.filter(pk=run.pk).update(
-        state=PurgeState.SUCCEEDED, bytes_reclaimed=5 * 2**20, store_bytes_before=10 * 2**20,
-        store_bytes_after=5 * 2**20, disk_free_before=1, disk_free_after=5 * 2**20,
-    )  # fmt: skip
+    Job.objects.filter(pk=run.pk).update(state=JobState.SUCCEEDED, details={
+        "bytes_reclaimed": 5 * 2**20, "store_bytes_before": 10 * 2**20,
+        "store_bytes_after": 5 * 2**20, "disk_free_before": 1, "disk_free_after": 5 * 2**20,
+    })  # fmt: skip
     done = admin.get("/mail-security/reclaim/purge/").content.decode()
     assert "hx-trigger" not in done
     assert 'data-testid="purge-reclaimed">5.0\xa0MB' in done
@@ -429,9 +436,10 @@ def test_the_purge_panel_offers_new_figures_only_for_a_purge_that_ended_after_th
     from django.utils import timezone
 
     finished = timezone.now()
-    PurgeRun.objects.create(
-        trigger=PurgeTrigger.RETENTION, state=PurgeState.SUCCEEDED, finished_at=finished
-    )
+    Job.objects.create(
+        kind=PURGE, title="Retention purge", trigger=PurgeTrigger.RETENTION,
+        state=JobState.SUCCEEDED, finished_at=finished,
+    )  # fmt: skip
 
     def panel(loaded_at) -> str:
         return admin_client.get(

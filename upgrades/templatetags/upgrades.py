@@ -4,19 +4,9 @@ from __future__ import annotations
 
 from django import template
 
+from jobs.templatetags.jobs import duration
+
 register = template.Library()
 
 
-@register.filter
-def duration(seconds: int | float | None) -> str:
-    """Seconds as "2 h 05 min", "3 min 20 s" or "40 s"; an em dash while unknown."""
-    if seconds is None:
-        return "—"
-    total = max(0, round(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
+register.filter("duration", duration)  # the job engine's, for the pages of updates
