@@ -54,3 +54,9 @@ SYSTEM_BACKUP = "system_backup"
 SYSTEM_RESTORE = "system_restore"
 SYSTEM_KINDS = (SYSTEM_BACKUP, SYSTEM_RESTORE)
 RESCUE_GROUP = "rescue"
+
+# Configuration backups are made and restored in the process that asks (they take a second),
+# as jobs of the engine of these kinds: in the one history, one restore at a time, and a restore
+# whose process died is finished from its journal by a worker (the reconciler resumes it).
+CONFIG_BACKUP = "config_backup"
+CONFIG_RESTORE = "config_restore"

@@ -7,10 +7,10 @@ events, and the daily schedule. Every outcome, refused or not, is an event in Ca
 A passphrase is passed through to the appliance package and nowhere else: never logged, never
 in an event, never in a URL.
 
-The system backup image is written or restored by a SystemBackupJob: created queued, enqueued
-on commit, claimed by a conditional update, progress (and heartbeat) written while it runs, its
-final state written by the task itself. A job whose worker died is failed by the next worker
-that starts, or by any start once its heartbeat has lapsed.
+Every backup and restore is a job of the engine (jobs/). Configuration backups are made and
+restored in the process that asks, as jobs held by it (jobs.engine.run_here): a restore whose
+process died is finished (or undone) from its journal by a worker. The system backup image is
+written or restored by a queued job in the worker, started again from scratch if its worker dies.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from appliance.config.configbackup import LoadedBackup
 from appliance.system import rescue
 from appliance.system.errors import ApplianceError
 from backups.models import (
+    CONFIG_BACKUP,
+    CONFIG_RESTORE,
     KEEP_LAST_MAX,
     RESCUE_GROUP,
     SYSTEM_BACKUP,
@@ -250,13 +252,19 @@ def config_backup_create(
     passphrase = _check_new_passphrase(passphrase)
     comment = " ".join(comment.split())[:COMMENT_MAX]
     created_by = username_of(user) or "system"
-    try:
-        header = configbackup.backup_create(
+
+    def create(lease: jobs_engine.Lease) -> BackupHeader:
+        return configbackup.backup_create(
             created_by=created_by,
             comment=comment,
             trigger=trigger,
             passphrase=passphrase,
             console=console_settings_snapshot(),
+        )
+
+    try:
+        header = jobs_engine.run_here(
+            CONFIG_BACKUP, create, title="Configuration backup", user=user, trigger=trigger
         )
     except (ApplianceError, OSError) as exc:
         _event(
@@ -428,12 +436,33 @@ def config_backup_restore(
     An unverified backup needs ``confirmed``: every file the restore writes, as the preview
     listed them (:class:`ConfirmationRequired`, no event, nothing changed, otherwise).
     """
+
+    def restore(lease: jobs_engine.Lease) -> RestoreResult:
+        def progress(step: int, what: str) -> None:
+            lease.progress(step=step, step_name=what)
+
+        try:
+            return backuprestore.backup_restore(loaded, confirmed=confirmed, progress=progress)
+        except ConfirmationRequired as exc:
+            lease.finish(JobState.CANCELLED, error=str(exc))  # nothing changed
+            raise
+
     try:
         loaded = _load(name, passphrase)
         console = console_settings_parse(loaded.console)
-        result = backuprestore.backup_restore(loaded, confirmed=confirmed)
+        result = jobs_engine.run_here(
+            CONFIG_RESTORE,
+            restore,
+            title=f"Restore of configuration backup {name}",
+            user=user,
+            conflict_group=CONFIG_RESTORE,
+            steps=2,
+            details={"backup": name, "console": loaded.console},
+        )
     except ConfirmationRequired:
         raise  # a question for the administrator, not a failure
+    except jobs_engine.JobConflict as exc:
+        raise BackupError(str(exc)) from None
     except (ApplianceError, OSError) as exc:
         reason = str(exc)
         _event(
@@ -589,8 +618,55 @@ def system_job_run(lease: jobs_engine.Lease) -> None:
     )
 
 
+def config_restore_resume(lease: jobs_engine.Lease) -> None:
+    """Finish a restore whose process died, from its journal (a worker, sent by the reconciler).
+
+    Past its commit point the restore is rolled forward and the backup's console settings
+    applied; before it, nothing had been replaced and its staged files are removed.
+    """
+    job = lease.job()
+    name = job.details.get("backup", "")
+    if backuprestore.restore_recover():
+        console_settings_apply(job.details.get("console") or {}, job.requested_by or None)
+        lease.finish(
+            JobState.SUCCEEDED,
+            message=f"Configuration backup {name} restored: finished from its journal after "
+            "the process restoring it stopped",
+        )
+    else:
+        lease.finish(
+            JobState.ROLLED_BACK,
+            message=f"Restore of configuration backup {name} undone: the process restoring it "
+            "stopped before anything was replaced; the configuration is as it was",
+        )
+
+
+def _config_create_lost(lease: jobs_engine.Lease) -> None:
+    raise BackupError("The configuration backup stopped with its process; make it again.")
+
+
 def register_job_kinds() -> None:
-    """The system backup kinds of the job engine (BackupsConfig.ready)."""
+    """The backup kinds of the job engine (BackupsConfig.ready)."""
+    jobs_registry.register(
+        jobs_registry.Kind(
+            name=CONFIG_BACKUP,
+            label="Configuration backup",
+            category=Category.BACKUP,
+            run=_config_create_lost,
+            on_dead="fail",  # its archive is written atomically: nothing to finish or undo
+            own_events=True,
+        )
+    )
+    jobs_registry.register(
+        jobs_registry.Kind(
+            name=CONFIG_RESTORE,
+            label="Configuration restore",
+            category=Category.BACKUP,
+            run=config_restore_resume,
+            on_dead="resume",
+            own_events=True,
+        )
+    )
     for name, label in ((SYSTEM_BACKUP, "System backup"), (SYSTEM_RESTORE, "System restore")):
         jobs_registry.register(
             jobs_registry.Kind(

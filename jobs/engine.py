@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -31,6 +31,7 @@ from lmi import celery as lmi_celery
 from lmi.progress import RateMeter
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes within one step
 
@@ -72,6 +73,19 @@ def enqueue(job_id: int, kind: str) -> bool:
     return True
 
 
+def _create(spec: registry.Kind, conflict_group: str, **fields: Any) -> Job:
+    """The job row; JobConflict (naming the active one) when its group is busy."""
+    try:
+        with transaction.atomic():
+            return Job.objects.create(kind=spec.name, conflict_group=conflict_group, **fields)
+    except IntegrityError:
+        active = Job.objects.filter(conflict_group=conflict_group, state__in=ACTIVE_STATES).first()
+        what = active.title.lower() if active else spec.label.lower()
+        raise JobConflict(
+            f"A {what} is already in progress: wait for it to finish.", active
+        ) from None
+
+
 def start(
     kind: str,
     *,
@@ -84,28 +98,17 @@ def start(
     details: Mapping[str, Any] | None = None,
 ) -> Job:
     """Create a queued job and enqueue it on commit; JobConflict when its group is busy."""
-    spec = registry.get(kind)
     with transaction.atomic():
-        try:
-            with transaction.atomic():
-                job = Job.objects.create(
-                    kind=kind,
-                    title=title[:200],
-                    requested_by=username_of(user)[:150],
-                    trigger=trigger,
-                    conflict_group=conflict_group,
-                    steps=steps,
-                    bytes_total=bytes_total,
-                    details=dict(details or {}),
-                )
-        except IntegrityError:
-            active = Job.objects.filter(
-                conflict_group=conflict_group, state__in=ACTIVE_STATES
-            ).first()
-            what = active.title.lower() if active else spec.label.lower()
-            raise JobConflict(
-                f"A {what} is already in progress: wait for it to finish.", active
-            ) from None
+        job = _create(
+            registry.get(kind),
+            conflict_group,
+            title=title[:200],
+            requested_by=username_of(user)[:150],
+            trigger=trigger,
+            steps=steps,
+            bytes_total=bytes_total,
+            details=dict(details or {}),
+        )
         event(job, f"{job.title} started")
         pk = job.pk
         transaction.on_commit(lambda: enqueue(pk, kind))
@@ -219,11 +222,15 @@ class Lease:
         held = self._held().filter(again_requested=False) if unless_again else self._held()
         if not held.update(**values):
             return False
-        severity = Severity.INFO if state == JobState.SUCCEEDED else Severity.ERROR
+        severity = {JobState.SUCCEEDED: Severity.INFO, JobState.FAILED: Severity.ERROR}.get(
+            state,
+            Severity.WARNING,  # cancelled, rolled back: nothing broken, nothing done
+        )
         text = message or (
             f"{job.title} {JobState(state).label.lower()}" + (f": {error}" if error else "")
         )
-        event(job, text, severity, **({"error": error[:300]} if error else {}))
+        if not registry.get(job.kind).own_events or message:
+            event(job, text, severity, **({"error": error[:300]} if error else {}))
         return True
 
     def release(self) -> None:
@@ -300,6 +307,56 @@ def claim(job_id: int, owner: str) -> Lease | None:
         return None
     Job.objects.filter(pk=job_id, started_at__isnull=True).update(started_at=now)
     return Lease(job_id, owner, job.fence + 1, job.kind, spec.lease_seconds)
+
+
+def run_here(
+    kind: str,
+    body: Callable[[Lease], T],
+    *,
+    title: str,
+    user: User | None = None,
+    trigger: str = "",
+    conflict_group: str = "",
+    steps: int = 0,
+    details: Mapping[str, Any] | None = None,
+) -> T:
+    """Run short work in this process (a page's request, the CLI) as a job, and return what
+    ``body`` returns; its exception propagates once the job is marked failed.
+
+    The job is created already held by this process, so it is in the one table (history, one
+    per group, events) and, should the process die, the reconciler sees its holder gone and
+    does what the kind's ``on_dead`` says: ``resume`` hands it to a worker, which runs the
+    kind's ``run`` (for a restore, finishing from its journal).
+    """
+    spec = registry.get(kind)
+    owner = leases.executor_name("here")
+    now = timezone.now()
+    job = _create(
+        spec,
+        conflict_group,
+        title=title[:200],
+        requested_by=username_of(user)[:150],
+        trigger=trigger,
+        steps=steps,
+        details=dict(details or {}),
+        state=JobState.RUNNING,
+        started_at=now,
+        heartbeat_at=now,
+        lease_owner=owner,
+        lease_expires_at=now + timedelta(seconds=spec.lease_seconds),
+        fence=1,
+    )
+    if not spec.own_events:
+        event(job, f"{job.title} started")
+    lease = Lease(job.pk, owner, 1, kind, spec.lease_seconds)
+    try:
+        with lease.keep_alive():
+            result = body(lease)
+    except BaseException as exc:
+        lease.finish(JobState.FAILED, error=str(exc) or type(exc).__name__)
+        raise
+    lease.finish(JobState.SUCCEEDED)  # a no-op when the body wrote its own final state
+    return result
 
 
 def request_again(job_id: int) -> bool:

@@ -79,12 +79,14 @@ def _requeue(job: Job, now: datetime, *, rollback: bool = False) -> bool:
 
 def _dead(job: Job, now: datetime, summary: Reconciled) -> None:
     spec = registry.get(job.kind)
+    # A job run where it was asked for (jobs.engine.run_here) had a process, not a worker.
+    holder = "process" if job.lease_owner.startswith("here:") else "worker"
     if spec.on_dead == "fail":
-        if _fail(job, "The worker running it stopped; it was not started again.", now):
+        if _fail(job, f"The {holder} running it stopped; it was not started again.", now):
             summary.failed.append(job.pk)
         return
     if job.restarts >= spec.max_restarts:
-        error = f"The worker stopped {job.restarts + 1} times during the job; it was given up."
+        error = f"The {holder} stopped {job.restarts + 1} times during the job; it was given up."
         if _fail(job, error, now):
             summary.failed.append(job.pk)
         return
@@ -92,7 +94,9 @@ def _dead(job: Job, now: datetime, summary: Reconciled) -> None:
         # A rollback is idempotent: one interrupted in its turn is simply run again.
         if _requeue(job, now, rollback=True):
             engine.event(
-                job, f"{job.title} interrupted: its worker stopped; rolling back", Severity.WARNING
+                job,
+                f"{job.title} interrupted: its {holder} stopped; rolling back",
+                Severity.WARNING,
             )
             summary.rolling_back.append(job.pk)
         return
@@ -100,7 +104,7 @@ def _dead(job: Job, now: datetime, summary: Reconciled) -> None:
         how = "resumed" if spec.on_dead == "resume" else "started again"
         engine.event(
             job,
-            f"{job.title} interrupted: its worker stopped; {how} "
+            f"{job.title} interrupted: its {holder} stopped; {how} "
             f"(restart {job.restarts + 1} of {spec.max_restarts})",
             Severity.WARNING,
         )

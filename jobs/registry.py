@@ -30,6 +30,9 @@ class Kind:
     cancellable: bool = False
     rollback: Callable[[Any], None] | None = None
     lease_seconds: float = 30.0
+    # The service writes the start and the outcome events itself (with its own figures); the
+    # engine then writes only what the service cannot: a finish with a message, a recovery.
+    own_events: bool = False
     # Where the worker runs it: its own queue lets a long job not hold up short ones.
     task_name: str = "jobs.run"
 

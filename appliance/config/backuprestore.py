@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,11 @@ def _check_confirmed(
 
 
 def backup_restore(
-    loaded: LoadedBackup, root: Path | None = None, *, confirmed: Collection[str] = ()
+    loaded: LoadedBackup,
+    root: Path | None = None,
+    *,
+    confirmed: Collection[str] = (),
+    progress: Callable[[int, str], None] | None = None,
 ) -> RestoreResult:
     """Make the appliance's configuration the backup's, all or nothing.
 
@@ -266,8 +270,10 @@ def backup_restore(
 
     An unverified backup (see :mod:`appliance.config.backupmac`) is restored only when ``confirmed``
     holds every file the plan writes, as :func:`restore_plan` listed them
-    (:class:`ConfirmationRequired` otherwise, nothing changed).
+    (:class:`ConfirmationRequired` otherwise, nothing changed). ``progress(step, what)`` is
+    told when staging (step 1) and putting in place (step 2) begin.
     """
+    report = progress or (lambda step, what: None)
     base = Path(os.path.realpath(appliance_root(root)))
     the_layout = layout(base)
     the_layout.config_restore_lock.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +308,7 @@ def backup_restore(
         }
         resolved = base
         _journal_write(the_layout, journal)
+        report(1, "Writing the new files beside the old ones")
         try:
             directories: set[Path] = set()
             for (_, target, data), op in zip(writes, journal["write"], strict=True):
@@ -320,6 +327,7 @@ def backup_restore(
             raise
         journal["state"] = "committed"
         _journal_write(the_layout, journal)
+        report(2, "Putting the new files in place")
         try:
             _roll_forward(resolved, journal)
         except Exception:

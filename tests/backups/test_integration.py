@@ -113,3 +113,66 @@ def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scr
     else:
         assert tree_bytes(demo_appliance, "etc") == etc_before
         assert read_smtp_settings().listen_port != 2626
+
+
+RESTORE_SCRIPT = """
+import django
+django.setup()
+from backups import services
+services.config_backup_restore(user="admin", name={name!r})
+"""
+
+
+@pytest.mark.parametrize(("step", "outcome"), [(1, JobState.ROLLED_BACK), (2, JobState.SUCCEEDED)])
+def test_a_configuration_restore_killed_midway_is_finished_or_undone_from_its_journal(
+    step, outcome, redis_settings, transactional_db, demo_appliance, monkeypatch, tmp_path
+):
+    """SIGKILL the process restoring while it stages the new files (step 1) or puts them in
+    place (step 2, past the commit point): the reconciler sees the holder gone and a worker
+    finishes the restore from its journal, or undoes it; never a half-restored configuration."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from jobs.reconciler import reconcile
+    from jobs.tasks import run_job
+    from tests.support import enqueue as enqueues
+
+    header = services.config_backup_create(user="admin")
+    etc_backup = tree_bytes(demo_appliance, "etc")
+    write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
+    etc_changed = tree_bytes(demo_appliance, "etc")
+    env = {
+        **worker_env(redis_settings, demo_appliance),
+        "LMI_JOB_PAUSE": f"config_restore:{step}:30000",
+    }
+    restoring = subprocess.Popen(
+        [sys.executable, "-c", RESTORE_SCRIPT.format(name=header.name)],
+        cwd=settings.BASE_DIR,
+        env=env,
+    )
+    try:
+        job = wait_for(
+            lambda: Job.objects.filter(kind="config_restore", step=step).first(),
+            timeout=30,
+            message="the restore did not reach the step",
+        )
+    finally:
+        restoring.kill()
+        restoring.wait()
+    assert Job.objects.get(pk=job.pk).state == JobState.RUNNING  # its holder is gone
+
+    sent = enqueues.capture(monkeypatch, "jobs.run")
+    assert reconcile().resumed == [job.pk] and sent == [job.pk]
+    run_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.state == outcome, job.error
+    assert tree_bytes(demo_appliance, "etc") == (
+        etc_backup if outcome == JobState.SUCCEEDED else etc_changed
+    )
+    assert not list(demo_appliance.rglob("*.lmirestore-*"))  # no staged file or old copy left
+    assert Event.objects.filter(message__contains="the process restoring it stopped").exists()
+    services.config_backup_restore(user="admin", name=header.name)  # the way is free again
+    assert tree_bytes(demo_appliance, "etc") == etc_backup

@@ -192,3 +192,51 @@ def test_progress_gives_percent_and_time_left_in_one_shape(db):
     shown = engine.job_dict(job)
     assert shown["percent"] == 10.0 and shown["cancellable"] is True
     assert shown["state"] == "running" and shown["label"] == "Test resume"
+
+
+def test_run_here_holds_the_job_in_this_process_and_returns_what_the_body_returns(db):
+    seen: list[Job] = []
+
+    def body(lease: engine.Lease) -> str:
+        seen.append(lease.job())
+        lease.progress(step=1, steps=2, step_name="half way")
+        return "done"
+
+    assert engine.run_here("test_resume", body, title="Here", conflict_group="g") == "done"
+
+    held = seen[0]
+    assert held.state == JobState.RUNNING and held.lease_owner.startswith("here:")
+    job = Job.objects.get()
+    assert job.state == JobState.SUCCEEDED and job.step == 2 and job.lease_owner == ""
+
+
+def test_run_here_fails_the_job_and_raises_the_bodys_error_and_refuses_a_busy_group(db):
+    engine.start("test_fail", title="Busy", conflict_group="g")
+
+    with pytest.raises(engine.JobConflict):
+        engine.run_here("test_fail", lambda lease: None, title="Here", conflict_group="g")
+
+    def broken(lease: engine.Lease) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        engine.run_here("test_fail", broken, title="Broken")
+    failed = Job.objects.get(title="Broken")
+    assert failed.state == JobState.FAILED and failed.error == "disk full"
+
+
+def test_a_job_whose_process_died_is_resumed_by_a_worker(db, monkeypatch):
+    sent = enqueues.capture(monkeypatch, "jobs.run")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    job = _running(
+        "test_resume",
+        lease_owner=f"here:{socket.gethostname()}:{dead.pid}:gone",
+        lease_expires_at=timezone.now() + timedelta(minutes=1),
+    )
+
+    assert reconcile().resumed == [job.pk] and sent == [job.pk]
+
+    assert Event.objects.filter(message__contains="interrupted: its process stopped").exists()
+    run_job(job.pk)
+    assert Job.objects.get(pk=job.pk).state == JobState.SUCCEEDED
