@@ -6,6 +6,7 @@ in a request body, never in a URL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.http import FileResponse, HttpRequest
@@ -314,26 +315,25 @@ def system(request: HttpRequest) -> dict[str, Any]:
     return _system()
 
 
-@router.post("/system/create", response={202: JobOut, 409: Problem, 400: Problem})
-def system_create(request: HttpRequest):
-    """Start writing a new system backup image; follow it with GET /system/jobs/{id}."""
+def _system_start(request: HttpRequest, start: Callable[..., Job]) -> Status:
     require_administrator(request)
     try:
-        job = services.system_backup_start(user=request.auth)  # type: ignore[attr-defined]
+        job = start(user=request.auth)  # type: ignore[attr-defined]
     except BackupError as exc:
         return _refused(exc)
     return Status(202, _job(job))
+
+
+@router.post("/system/create", response={202: JobOut, 409: Problem, 400: Problem})
+def system_create(request: HttpRequest):
+    """Start writing a new system backup image; follow it with GET /system/jobs/{id}."""
+    return _system_start(request, services.system_backup_start)
 
 
 @router.post("/system/restore", response={202: JobOut, 409: Problem, 400: Problem})
 def system_restore(request: HttpRequest):
     """Start returning the appliance to the system backup image."""
-    require_administrator(request)
-    try:
-        job = services.system_restore_start(user=request.auth)  # type: ignore[attr-defined]
-    except BackupError as exc:
-        return _refused(exc)
-    return Status(202, _job(job))
+    return _system_start(request, services.system_restore_start)
 
 
 @router.get("/system/jobs/{job_id}", response={200: JobOut, 404: Problem})

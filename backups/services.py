@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from django.db import transaction
 from django.template.defaultfilters import filesizeformat
@@ -91,6 +91,23 @@ def _event(
     event_write(
         category=Category.BACKUP, message=message, severity=severity, user=user, details=details
     )
+
+
+def _refused(
+    exc: BaseException,
+    event: str,
+    *,
+    user: User | None,
+    error: type[BackupError] = BackupError,
+    refusal: str,
+    **details: Any,
+) -> NoReturn:
+    """Write the ERROR event of a refused or failed operation and raise the BackupError the
+    caller shows: ``exc`` itself when it is one (its text says why), else ``error(refusal)``."""
+    _event(event, severity=Severity.ERROR, user=user, **details)
+    if isinstance(exc, BackupError):
+        raise exc
+    raise error(refusal) from exc
 
 
 def _not_found(name: str) -> BackupNotFound:
@@ -267,15 +284,13 @@ def config_backup_create(
             CONFIG_BACKUP, create, title="Configuration backup", user=user, trigger=trigger
         )
     except (ApplianceError, OSError) as exc:
-        _event(
+        _refused(
+            exc,
             f"Configuration backup failed: {exc}",
-            severity=Severity.ERROR,
             user=user,
+            refusal=f"The configuration backup could not be made: {exc}",
             trigger=trigger,
         )
-        if isinstance(exc, BackupError):
-            raise
-        raise BackupError(f"The configuration backup could not be made: {exc}") from exc
     _event(
         f"Configuration backup {header.name} created ({TRIGGER_LABELS.get(trigger, trigger)}"
         f"{', encrypted' if header.encrypted else ''})",
@@ -329,16 +344,15 @@ def config_backup_upload(*, user: User | None, fileobj: IO[bytes], filename: str
         )
     except (ApplianceError, OSError, ValueError) as exc:
         reason = str(exc) if isinstance(exc, BackupError) else f"it cannot be read: {exc}"
-        _event(
+        _refused(
+            exc,
             f"Uploaded configuration backup {shown} refused: {reason}",
-            severity=Severity.ERROR,
             user=user,
+            error=BackupRejected,
+            refusal=f"The file was refused: {reason}",
             filename=shown,
             reason=reason,
         )
-        if isinstance(exc, BackupError):
-            raise
-        raise BackupRejected(f"The file was refused: {reason}") from exc
     _event(
         f"Configuration backup {header.name} uploaded (from {shown})",
         user=user,
@@ -464,17 +478,14 @@ def config_backup_restore(
     except jobs_engine.JobConflict as exc:
         raise BackupError(str(exc)) from None
     except (ApplianceError, OSError) as exc:
-        reason = str(exc)
-        _event(
-            f"Restore of configuration backup {name} failed: {reason}",
-            severity=Severity.ERROR,
+        _refused(
+            exc,
+            f"Restore of configuration backup {name} failed: {exc}",
             user=user,
+            refusal=f"The restore failed, nothing was changed: {exc}",
             name=name,
-            reason=reason,
+            reason=str(exc),
         )
-        if isinstance(exc, BackupError):
-            raise
-        raise BackupError(f"The restore failed, nothing was changed: {reason}") from exc
     console_settings_apply(loaded.console, user)
     converted = (
         f", converted from configuration format {result.converted_from}"
