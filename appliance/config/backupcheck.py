@@ -148,17 +148,28 @@ def _check_elements(shown: str, document: etree._Element) -> None:
             )
 
 
+def _decoded(data: bytes, encoding: str, refusal: str) -> str:
+    """``data`` as text, or the backup refused with ``refusal``.
+
+    A member the console cannot read as text cannot be checked either, so it refuses the
+    whole backup rather than restoring bytes nothing has looked at.
+    """
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise BackupRejected(refusal) from exc
+
+
 def check_hostname(files: dict[str, bytes]) -> None:
     """``etc/HOSTNAME`` must hold one RFC 1123 host name: every page shows it."""
     data = files.get(HOSTNAME)
     if data is None:
         return
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError as exc:
-        raise BackupRejected(
-            f"The backup's host name ({HOSTNAME}) is not ASCII text; the backup is refused."
-        ) from exc
+    text = _decoded(
+        data,
+        "ascii",
+        f"The backup's host name ({HOSTNAME}) is not ASCII text; the backup is refused.",
+    )
     name = text.removesuffix("\n")
     problem = ""
     if not name:
@@ -191,12 +202,11 @@ def check_network(files: dict[str, bytes]) -> None:
                 f"The backup contains the network file {name[:80]!r}, which is not an interface "
                 "configuration (ifcfg-<interface>) or a route table; the backup is refused."
             )
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise BackupRejected(
-                f"The backup's network file {name} is not ASCII text; the backup is refused."
-            ) from exc
+        text = _decoded(
+            data,
+            "ascii",
+            f"The backup's network file {name} is not ASCII text; the backup is refused.",
+        )
         # split("\n"), not splitlines(): the latter would take a form feed for a line break.
         for number, line in enumerate(text.split("\n"), start=1):
             if any(not (" " <= char <= "~" or char == "\t") for char in line):
@@ -284,12 +294,9 @@ def _check_list_content(object_name: str, relative: str, data: bytes) -> None:
             f"{shown} is larger than {MAX_LIST_BYTES // (1024 * 1024)} MiB in the backup; "
             "the backup is refused."
         )
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BackupRejected(
-            f"{shown} is not UTF-8 text in the backup; the backup is refused."
-        ) from exc
+    text = _decoded(
+        data, "utf-8", f"{shown} is not UTF-8 text in the backup; the backup is refused."
+    )
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.removesuffix("\r").replace("\t", " ").isprintable():
             raise BackupRejected(

@@ -64,8 +64,9 @@ from appliance.config.mailpolicy import (
     QUARANTINE_VERDICTS,
     MailPolicy,
     PolicyRule,
+    bind_quarantine,
     parse_mail_policy,
-    parse_threshold,
+    parse_rule,
 )
 from appliance.config.policy import (
     FILE_MACRO,
@@ -258,21 +259,14 @@ def _parse_mail_policy(section: etree._Element) -> MailPolicy:
                     if element.tag != "rule":
                         raise ValueError(f"unexpected element <{element.tag}> in <rules>")
                     rules.append(
-                        PolicyRule(
-                            type=element.get("type", ""),
-                            object_id=element.get("objectRef", ""),
-                            threshold=parse_threshold(element.get("threshold")),
-                            senders_id=element.get("sendersRef"),
-                        )
+                        parse_rule(element, object_attr="objectRef", senders_attr="sendersRef")
                     )
             elif group.tag == "quarantine":
                 for element in _children(group):
+                    if element.tag != "store":
+                        raise ValueError(f"unexpected element <{element.tag}> in <quarantine>")
                     verdict, store = element.get("verdict", ""), element.get("objectRef", "")
-                    if element.tag != "store" or verdict not in QUARANTINE_VERDICTS or not store:
-                        raise ValueError(f"quarantine <{element.tag}> verdict={verdict!r}")
-                    if verdict in quarantine:
-                        raise ValueError(f"two quarantine stores for {verdict}")
-                    quarantine[verdict] = store
+                    bind_quarantine(quarantine, verdict, store)
             else:
                 raise ValueError(f"unexpected element <{group.tag}> in <mailPolicy>")
         return MailPolicy(tuple(rules), quarantine)

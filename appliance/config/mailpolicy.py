@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
+from lxml import etree
+
 from appliance.config.policy import PolicyObject
 from appliance.system.errors import MalformedApplianceFile
 from appliance.system.paths import layout
@@ -144,6 +146,32 @@ def parse_threshold(text: str | None) -> float | None:
     return value
 
 
+def parse_rule(element: etree._Element, *, object_attr: str, senders_attr: str) -> PolicyRule:
+    """One ``rule`` element of either configuration format as a :class:`PolicyRule`.
+
+    The two formats differ only in what they call the object and senders attributes, so
+    the attribute names are parameters and a rule means the same thing in both.
+    """
+    return PolicyRule(
+        type=element.get("type", ""),
+        object_id=element.get(object_attr, ""),
+        threshold=parse_threshold(element.get("threshold")),
+        senders_id=element.get(senders_attr),
+    )
+
+
+def bind_quarantine(quarantine: dict[str, str], verdict: str, store: str) -> None:
+    """Record that ``verdict`` goes to ``store``, refusing an unknown verdict or a second store.
+
+    Shared by both configuration formats so they accept and refuse the same bindings.
+    """
+    if verdict not in QUARANTINE_VERDICTS or not store:
+        raise ValueError(f"quarantine verdict={verdict!r} store={store!r}")
+    if verdict in quarantine:
+        raise ValueError(f"two quarantine stores for {verdict}")
+    quarantine[verdict] = store
+
+
 def parse_mail_policy(data: bytes) -> MailPolicy:
     """Parse the mail policy file's bytes (safely; see :mod:`appliance.system.safexml`)."""
     root = parse_xml(data)
@@ -156,22 +184,9 @@ def parse_mail_policy(data: bytes) -> MailPolicy:
             continue  # comments and processing instructions
         try:
             if element.tag == "rule":
-                rules.append(
-                    PolicyRule(
-                        type=element.get("type", ""),
-                        object_id=element.get("object", ""),
-                        threshold=parse_threshold(element.get("threshold")),
-                        senders_id=element.get("senders"),
-                    )
-                )
+                rules.append(parse_rule(element, object_attr="object", senders_attr="senders"))
             elif element.tag == "quarantine":
-                verdict = element.get("verdict", "")
-                store = element.get("store", "")
-                if verdict not in QUARANTINE_VERDICTS or not store:
-                    raise ValueError(f"quarantine verdict={verdict!r} store={store!r}")
-                if verdict in quarantine:
-                    raise ValueError(f"two quarantine stores for {verdict}")
-                quarantine[verdict] = store
+                bind_quarantine(quarantine, element.get("verdict", ""), element.get("store", ""))
             else:
                 raise ValueError(f"unexpected element <{element.tag}>")
         except ValueError as exc:

@@ -41,7 +41,7 @@ from typing import Any, BinaryIO
 
 from appliance.firmware.signing import canonical_json, key_id, signing_key_for, trusted_keys
 from appliance.system.errors import ApplianceError
-from appliance.system.safejson import loads_strict
+from appliance.system.safejson import check_field_names, loads_strict
 
 MAGIC = b"LMIFW\x00\x01\n"
 FORMAT = 1
@@ -285,12 +285,7 @@ def _manifest_from_bytes(data: bytes, header_size: int) -> BundleManifest:
 
 def manifest_from_fields(fields: dict[str, Any], header_size: int) -> BundleManifest:
     """Validate manifest fields and return the manifest (``BundleFormatError`` names the field)."""
-    missing = [name for name in _FIELDS if name not in fields]
-    if missing:
-        raise BundleFormatError(f'The bundle\'s manifest lacks the field "{missing[0]}".')
-    unknown = sorted(set(fields) - set(_FIELDS))
-    if unknown:
-        raise BundleFormatError(f'The bundle\'s manifest has an unknown field "{unknown[0]}".')
+    check_field_names(fields, _FIELDS, "The bundle's manifest", BundleFormatError)
     for name, kind in _FIELDS.items():
         value = fields[name]
         if not isinstance(value, kind) or isinstance(value, bool):

@@ -35,6 +35,7 @@ from appliance.system.atomic import atomic_write_bytes
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system.facts import read_firmware_release
 from appliance.system.paths import layout
+from appliance.system.safejson import check_field_names
 
 MAX_LICENSE = 64 * 1024
 _FIELDS = ("customer", "serial", "updates_until", "issued_at", "key_id")
@@ -166,12 +167,7 @@ def parse_license(data: bytes, keys: list[bytes] | None = None) -> License:
 
 
 def _license_from_fields(body: dict[str, Any], signer_id: str) -> License:
-    missing = [name for name in _FIELDS if name not in body]
-    if missing:
-        raise LicenseError(f'The license lacks the field "{missing[0]}".')
-    unknown = sorted(set(body) - set(_FIELDS))
-    if unknown:
-        raise LicenseError(f'The license has an unknown field "{unknown[0]}".')
+    check_field_names(body, _FIELDS, "The license", LicenseError)
     for name in _FIELDS:
         if not isinstance(body[name], str):
             raise LicenseError(f'The license field "{name}" must be a string.')

@@ -49,6 +49,17 @@ BODY_LEVEL = 1
 VERDICTS = ("spam", "virus", "policy", "clean")
 ACTIONS = ("delivered", "quarantined", "rejected")
 
+# The processing figures' columns, the same in the minute table and its hourly roll-up.
+_FIGURE_COLUMNS = """
+    received INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0,
+    virus INTEGER NOT NULL DEFAULT 0,
+    spam INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    processing_ms INTEGER NOT NULL DEFAULT 0"""
+
 # The processing figures of a conflicting row added to the row it meets: a minute's to its hour
 # (the trigger below), a message's to its minute (:data:`UPSERT_MINUTE`).
 _ADD_FIGURES = """
@@ -131,33 +142,22 @@ CREATE TABLE IF NOT EXISTS tracking_log (
 );
 
 -- Processing figures per minute, written by the mail service as it works and read by the
--- processing graphs. One row per minute that saw mail; bytes and processing time are sums so
--- that any roll-up (hour, day) is a plain SUM.
+-- processing graphs. One row per minute that saw mail; bytes and processing time are sums
+-- (processing_ms the total over the minute's messages) so that any roll-up (hour, day) is a
+-- plain SUM.
 CREATE TABLE IF NOT EXISTS processing_minute (
-    minute INTEGER PRIMARY KEY,  -- epoch seconds of the minute's start, UTC
-    received INTEGER NOT NULL DEFAULT 0,
-    delivered INTEGER NOT NULL DEFAULT 0,
-    quarantined INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    virus INTEGER NOT NULL DEFAULT 0,
-    spam INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    processing_ms INTEGER NOT NULL DEFAULT 0  -- total over the minute's messages
+    minute INTEGER PRIMARY KEY,  -- epoch seconds of the minute's start, UTC"""  # noqa: S608 - constant text, no value in it
+    + _FIGURE_COLUMNS
+    + """
 );
 
 -- The same figures per hour, kept by triggers so that every writer of processing_minute keeps
 -- them right without knowing they exist. Graphs of 7 and 30 days read these: 24 times fewer
 -- rows than the minutes.
 CREATE TABLE IF NOT EXISTS processing_hour (
-    hour INTEGER PRIMARY KEY,  -- epoch seconds of the hour's start, UTC
-    received INTEGER NOT NULL DEFAULT 0,
-    delivered INTEGER NOT NULL DEFAULT 0,
-    quarantined INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    virus INTEGER NOT NULL DEFAULT 0,
-    spam INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    processing_ms INTEGER NOT NULL DEFAULT 0
+    hour INTEGER PRIMARY KEY,  -- epoch seconds of the hour's start, UTC"""
+    + _FIGURE_COLUMNS
+    + """
 );
 
 CREATE TRIGGER IF NOT EXISTS processing_minute_insert AFTER INSERT ON processing_minute BEGIN
@@ -167,7 +167,7 @@ CREATE TRIGGER IF NOT EXISTS processing_minute_insert AFTER INSERT ON processing
         NEW.minute / 3600 * 3600, NEW.received, NEW.delivered, NEW.quarantined, NEW.rejected,
         NEW.virus, NEW.spam, NEW.bytes, NEW.processing_ms
     )
-    ON CONFLICT (hour) DO UPDATE SET"""  # noqa: S608 - constant text, no value in it
+    ON CONFLICT (hour) DO UPDATE SET"""
     + _ADD_FIGURES
     + """;
 END;

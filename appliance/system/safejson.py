@@ -9,6 +9,7 @@ one, so such a document is refused rather than read.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +45,20 @@ def read_json(path: Path) -> Any:
         return None
     except ValueError as exc:  # UnicodeDecodeError is one too
         raise MalformedApplianceFile(f"{path} is not valid JSON") from exc
+
+
+def check_field_names(
+    fields: Mapping[str, Any], expected: Collection[str], what: str, error: type[Exception]
+) -> None:
+    """Refuse a document that lacks one of ``expected`` or has a field beyond them.
+
+    A signed document with an extra field says something no reader checks, so it is refused
+    like a missing one. ``error`` is the caller's own exception class and ``what`` names the
+    document in the message (``The license``), so administrators read one wording everywhere.
+    """
+    missing = [name for name in expected if name not in fields]
+    if missing:
+        raise error(f'{what} lacks the field "{missing[0]}".')
+    unknown = sorted(set(fields) - set(expected))
+    if unknown:
+        raise error(f'{what} has an unknown field "{unknown[0]}".')

@@ -35,20 +35,9 @@ from appliance.config.configbackup import (
 )
 from appliance.config.policy import PolicyObject, parse_policy_objects, render_policy_objects
 from appliance.system.paths import layout
+from tests.support.trees import tree_snapshot
 
 POLICY = "files/etc/mailsec/cpe/mailsec_policyobjects1_1.xml"
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file and link under the root with its digest or target."""
-    result = {}
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            result[relative] = "-> " + os.readlink(path)
-        elif path.is_file():
-            result[relative] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return result
 
 
 def good_members() -> dict[str, bytes]:
@@ -132,18 +121,18 @@ def with_objects(members: dict[str, bytes], *objects: PolicyObject) -> dict[str,
 def refuse(data: bytes, match: str) -> None:
     """Both ways in (upload, and a file already in the backups directory) refuse ``data``."""
     root = layout().root
-    before = tree(root)
+    before = tree_snapshot(root)
     with pytest.raises(BackupRejected, match=match):
         backup_import(data, filename="evil.lmibak", uploaded_by="admin")
-    assert tree(root) == before
+    assert tree_snapshot(root) == before
     directory = layout().config_backups_dir
     directory.mkdir(parents=True, exist_ok=True)
     planted = directory / "planted.lmibak"
     planted.write_bytes(data)
-    before = tree(root)
+    before = tree_snapshot(root)
     with pytest.raises(BackupRejected, match=match):
         backup_restore(backup_load("planted.lmibak"))
-    assert tree(root) == before
+    assert tree_snapshot(root) == before
     planted.unlink()
 
 
@@ -200,11 +189,11 @@ def test_trailing_data_is_refused(members: dict[str, bytes]) -> None:
 
 
 def test_an_oversized_upload_is_refused(demo_appliance: Path) -> None:
-    before = tree(demo_appliance)
+    before = tree_snapshot(demo_appliance)
     data = io.BytesIO(b"LMIBAK1\n" + b"\0" * MAX_BACKUP_BYTES)
     with pytest.raises(BackupRejected, match="larger than 64 MiB"):
         backup_import(data, filename="big.lmibak", uploaded_by="admin")
-    assert tree(demo_appliance) == before
+    assert tree_snapshot(demo_appliance) == before
 
 
 @pytest.mark.parametrize(
@@ -540,10 +529,10 @@ def test_a_tampered_encrypted_header_fails_authentication(demo_appliance: Path) 
     tampered = data.replace(b'"comment":"original"', b'"comment":"tampered"')
     assert tampered != data
     path.write_bytes(tampered)
-    before = tree(demo_appliance)
+    before = tree_snapshot(demo_appliance)
     with pytest.raises(WrongPassphrase, match="or the backup was altered"):
         backup_load(header.name, passphrase="passphrase!")
-    assert tree(demo_appliance) == before
+    assert tree_snapshot(demo_appliance) == before
 
 
 def test_a_tampered_ciphertext_fails_authentication(demo_appliance: Path) -> None:
@@ -705,11 +694,11 @@ def test_a_configuration_file_this_console_does_not_know_is_refused(
 def test_a_backup_of_the_2_8_1_format_passes_the_element_check(demo_appliance: Path) -> None:
     configconvert = pytest.importorskip("appliance.config.configconvert")
     configconvert.config_convert()
-    before = {k: v for k, v in tree(demo_appliance).items() if k.startswith("etc/")}
+    before = tree_snapshot(demo_appliance / "etc")
     loaded = backup_load(backup_create(created_by="admin").name)
     assert "etc/mailsec/cpe/mailsec_config2_0.xml" in loaded.files
     backup_restore(loaded)
-    assert {k: v for k, v in tree(demo_appliance).items() if k.startswith("etc/")} == before
+    assert tree_snapshot(demo_appliance / "etc") == before
 
 
 def test_a_sles_10_hardware_bound_interface_file_is_restored(members: dict[str, bytes]) -> None:

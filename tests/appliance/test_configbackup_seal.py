@@ -20,8 +20,8 @@ from appliance.config.configbackup import (
     backup_path,
 )
 from appliance.system.paths import layout
-from tests.appliance.test_configbackup_hostile import tree
 from tests.backups.archives import join, split
+from tests.support.trees import tree_snapshot
 
 BLOCKED = "files/etc/mailsec/lists/blocked_senders.txt"
 
@@ -34,9 +34,10 @@ def altered(data: bytes) -> bytes:
     return join(header, members)
 
 
-def state(root: Path) -> dict[str, str]:
-    """Every file of the appliance but the restore's lock, which a refused restore may create."""
-    return {k: v for k, v in tree(root).items() if not k.endswith(".config-restore.lock")}
+def state(root: Path) -> dict[str, tuple[str, int, str]]:
+    """Every entry of the appliance but the restore's lock, which a refused restore may create."""
+    snapshot = tree_snapshot(root)
+    return {k: v for k, v in snapshot.items() if not k.endswith(".config-restore.lock")}
 
 
 def stored(data: bytes) -> str:

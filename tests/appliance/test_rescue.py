@@ -16,6 +16,7 @@ from appliance.system.errors import ApplianceNotInitialized, MalformedApplianceF
 from appliance.system.facts import read_firmware_release, write_firmware_release
 from appliance.system.paths import layout
 from tests.support.crash import Crash, crash_on_call
+from tests.support.trees import tree_snapshot
 
 
 def test_there_is_no_backup_on_an_empty_root(appliance_root: Path) -> None:
@@ -110,21 +111,6 @@ def test_a_manifest_without_its_image_is_no_backup(demo_appliance: Path) -> None
 # --- Restore ---------------------------------------------------------------------------------
 
 
-def _tree(top: Path) -> dict[str, str]:
-    """Files (digest and mode), directories and links under ``top``, relative to it."""
-    result = {}
-    for path in sorted(top.rglob("*")):
-        relative = path.relative_to(top).as_posix()
-        if path.is_symlink():
-            result[relative] = "-> " + os.readlink(path)
-        elif path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            result[relative] = f"{digest} {path.stat().st_mode & 0o777:o}"
-        else:
-            result[relative] = "dir"
-    return result
-
-
 def _change_system_and_config(root: Path) -> None:
     the_layout = layout()
     write_firmware_release({**read_firmware_release(), "FIRMWARE_VERSION": "2.8.1.0"})
@@ -137,11 +123,11 @@ def _change_system_and_config(root: Path) -> None:
 def test_restore_returns_system_and_configuration_to_the_image(demo_appliance: Path) -> None:
     the_layout = layout()
     rescue.system_backup_create()
-    system_before = _tree(the_layout.active_system.resolve())
-    etc_before = _tree(the_layout.etc_dir)
+    system_before = tree_snapshot(the_layout.active_system.resolve())
+    etc_before = tree_snapshot(the_layout.etc_dir)
     msgstore_before = hashlib.sha256(the_layout.msgstore_db.read_bytes()).hexdigest()
     _change_system_and_config(demo_appliance)
-    assert _tree(the_layout.etc_dir) != etc_before
+    assert tree_snapshot(the_layout.etc_dir) != etc_before
 
     calls: list[tuple[int, int]] = []
     info = rescue.system_backup_restore(progress=lambda done, total: calls.append((done, total)))
@@ -150,8 +136,8 @@ def test_restore_returns_system_and_configuration_to_the_image(demo_appliance: P
     active = the_layout.active_system.resolve()
     assert active.name.startswith("slot-restored-")
     assert os.readlink(the_layout.active_system) == active.name
-    assert _tree(active) == system_before
-    assert _tree(the_layout.etc_dir) == etc_before
+    assert tree_snapshot(active) == system_before
+    assert tree_snapshot(the_layout.etc_dir) == etc_before
     assert read_firmware_release()["FIRMWARE_VERSION"] == "2.8.0.0"
     assert hashlib.sha256(the_layout.msgstore_db.read_bytes()).hexdigest() == msgstore_before
     assert calls[-1][0] == calls[-1][1] > 0
@@ -180,10 +166,10 @@ def test_a_tampered_image_is_refused_and_nothing_changes(demo_appliance: Path) -
     data[2000] ^= 0x01
     path.write_bytes(bytes(data))
     _change_system_and_config(demo_appliance)
-    before = _tree(demo_appliance)
+    before = tree_snapshot(demo_appliance)
     with pytest.raises(rescue.SystemBackupError, match="does not match its checksum"):
         rescue.system_backup_restore()
-    assert _tree(demo_appliance) == before
+    assert tree_snapshot(demo_appliance) == before
 
 
 def test_restore_without_an_image_is_refused(appliance_root: Path) -> None:
@@ -239,10 +225,10 @@ def test_a_forged_image_with_unsafe_members_is_refused(
     demo_appliance: Path, entry: tuple[tarfile.TarInfo, bytes | None], match: str
 ) -> None:
     _plant_image([*TOPS, _entry("etc/HOSTNAME", content=b"x\n"), entry])
-    before = _tree(demo_appliance)
+    before = tree_snapshot(demo_appliance)
     with pytest.raises(rescue.SystemBackupError, match=match):
         rescue.system_backup_restore()
-    assert _tree(demo_appliance) == before
+    assert tree_snapshot(demo_appliance) == before
 
 
 def test_a_member_beneath_a_symlink_is_refused(demo_appliance: Path) -> None:
@@ -253,17 +239,17 @@ def test_a_member_beneath_a_symlink_is_refused(demo_appliance: Path) -> None:
             _entry("system/lib/evil", content=b"x"),
         ]
     )
-    before = _tree(demo_appliance)
+    before = tree_snapshot(demo_appliance)
     with pytest.raises(rescue.SystemBackupError, match="beneath"):
         rescue.system_backup_restore()
-    assert _tree(demo_appliance) == before
+    assert tree_snapshot(demo_appliance) == before
 
 
 def test_a_crash_during_the_switch_is_rolled_forward(demo_appliance: Path) -> None:
     the_layout = layout()
     rescue.system_backup_create()
-    system_before = _tree(the_layout.active_system.resolve())
-    etc_before = _tree(the_layout.etc_dir)
+    system_before = tree_snapshot(the_layout.active_system.resolve())
+    etc_before = tree_snapshot(the_layout.etc_dir)
     _change_system_and_config(demo_appliance)
 
     # The third step: after etc/ was moved aside, before the image's etc/ took its place.
@@ -273,7 +259,7 @@ def test_a_crash_during_the_switch_is_rolled_forward(demo_appliance: Path) -> No
     assert the_layout.system_restore_journal.exists()
 
     assert rescue.system_restore_recover() is True
-    assert _tree(the_layout.active_system.resolve()) == system_before
-    assert _tree(the_layout.etc_dir) == etc_before
+    assert tree_snapshot(the_layout.active_system.resolve()) == system_before
+    assert tree_snapshot(the_layout.etc_dir) == etc_before
     assert not the_layout.system_restore_journal.exists()
     assert rescue.system_restore_recover() is False

@@ -21,6 +21,9 @@ def tree_snapshot(top: Path) -> dict[str, tuple[str, int, str]]:
                 snapshot[rel] = ("link", 0, os.readlink(path))
             elif stat.S_ISDIR(st.st_mode):
                 snapshot[rel] = ("dir", mode, "")
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 snapshot[rel] = ("file", mode, hashlib.sha256(path.read_bytes()).hexdigest())
+            else:
+                # A FIFO or device: reading it could block forever, and its kind is what counts.
+                snapshot[rel] = ("special", mode, "")
     return snapshot
