@@ -209,7 +209,7 @@ def run(work: Path, size_mb: int, repeat: int, link_mbit: float, *, as_json: boo
 def measure(url: str, work: Path, repeat: int) -> tuple[float, float, float]:
     """Best plain copy, and the best download's total and transfer-phase seconds."""
     from appliance.firmware import spool
-    from upgrades import services
+    from upgrades import downloader, services
     from upgrades.models import Download, DownloadState, DownloadTrigger
 
     copies: list[float] = []
@@ -224,7 +224,7 @@ def measure(url: str, work: Path, repeat: int) -> tuple[float, float, float]:
                 phases["verifying"] = time.perf_counter()
 
         started = time.perf_counter()
-        state = services.download_execute(download.pk, on_progress=note)
+        state = downloader.download_execute(download.pk, on_progress=note)
         total = time.perf_counter() - started
         assert state == DownloadState.READY, Download.objects.get(pk=download.pk).error
         downloads.append((total, phases["verifying"] - started))

@@ -302,7 +302,7 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     from appliance.system.paths import layout
     from tests.support.services import start_worker
     from tests.support.smtp import SmtpServiceProcess
-    from upgrades import install, services
+    from upgrades import downloader, install, services
     from upgrades.models import INSTALL_FINAL_STATES, Download, DownloadState, InstallRun
 
     paths = layout(root)
@@ -314,7 +314,7 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     check = services.update_check(trigger="cli", user="bench")
     assert check.ok, check.error
     download = services.download_start(user="bench", trigger="cli", enqueue=False)
-    services.download_execute(download.pk)
+    downloader.download_execute(download.pk)
     download = Download.objects.get(pk=download.pk)
     assert download.state == DownloadState.READY, download.error
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -96,11 +96,17 @@ def start(
     steps: int = 0,
     bytes_total: int = 0,
     details: Mapping[str, Any] | None = None,
+    enqueue_on_commit: bool = True,
 ) -> Job:
-    """Create a queued job and enqueue it on commit; JobConflict when its group is busy."""
+    """Create a queued job and enqueue it on commit; JobConflict when its group is busy.
+
+    With ``enqueue_on_commit=False`` the caller claims it in its own process (update-control
+    downloading in the foreground); should that process die, the reconciler sends it on.
+    """
+    spec = registry.get(kind)
     with transaction.atomic():
         job = _create(
-            registry.get(kind),
+            spec,
             conflict_group,
             title=title[:200],
             requested_by=username_of(user)[:150],
@@ -109,9 +115,11 @@ def start(
             bytes_total=bytes_total,
             details=dict(details or {}),
         )
-        event(job, f"{job.title} started")
+        if not spec.own_events:
+            event(job, f"{job.title} started")
         pk = job.pk
-        transaction.on_commit(lambda: enqueue(pk, kind))
+        if enqueue_on_commit:
+            transaction.on_commit(lambda: enqueue(pk, kind))
     return job
 
 
@@ -365,16 +373,32 @@ def request_again(job_id: int) -> bool:
     return bool(Job.objects.filter(pk=job_id, state__in=ACTIVE_STATES).update(again_requested=True))
 
 
+def holder_gone(job: Job, now: datetime) -> bool:
+    """Nobody runs this job any more: no lease, a lapsed one, or its process here is gone."""
+    if not job.lease_owner or job.lease_expires_at is None:
+        return True
+    return job.lease_expires_at < now or leases.holder_dead(job.lease_owner)
+
+
 def cancel(job_id: int, *, user: User | None) -> Job:
-    """Cancel a queued job at once; ask a running cancellable one to stop between steps."""
+    """Cancel a queued job, or a cancellable one nobody runs any more, at once; ask a running
+    cancellable one to stop between steps."""
     job = Job.objects.filter(pk=job_id).first()
     if job is None or job.state in FINAL_STATES:
         raise JobError("The job is not running.")
-    if Job.objects.filter(pk=job_id, state=JobState.QUEUED).update(
-        state=JobState.CANCELLED, finished_at=timezone.now()
+    spec = registry.get(job.kind)
+    now = timezone.now()
+    unheld = Q(state=JobState.QUEUED)
+    if spec.cancellable and holder_gone(job, now):
+        unheld |= Q(state=JobState.RUNNING, fence=job.fence)
+    if Job.objects.filter(unheld, pk=job_id).update(
+        state=JobState.CANCELLED, finished_at=now, lease_owner="", lease_expires_at=None
     ):
-        event(job, f"{job.title} cancelled before it started ({username_of(user) or 'system'})")
-    elif registry.get(job.kind).cancellable:
+        if not spec.own_events:
+            who = username_of(user) or "system"
+            when = " before it started" if job.state == JobState.QUEUED else ""
+            event(job, f"{job.title} cancelled{when} ({who})", Severity.WARNING)
+    elif spec.cancellable:
         Job.objects.filter(pk=job_id, state=JobState.RUNNING).update(cancel_requested=True)
     else:
         raise JobError(f"A running {job.title.lower()} cannot be cancelled safely.")

@@ -17,7 +17,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from events.models import Severity
-from jobs import engine, leases, registry
+from jobs import engine, registry
 from jobs.models import Job, JobState
 
 logger = logging.getLogger(__name__)
@@ -42,12 +42,6 @@ class Reconciled:
         return any(
             (self.enqueued, self.restarted, self.resumed, self.rolling_back, self.failed)
         ) or any(self.recovered.values())
-
-
-def _holder_gone(job: Job, now: datetime) -> bool:
-    if not job.lease_owner or job.lease_expires_at is None:
-        return True
-    return job.lease_expires_at < now or leases.holder_dead(job.lease_owner)
 
 
 def _fail(job: Job, error: str, now: datetime) -> bool:
@@ -125,7 +119,7 @@ def reconcile(now: datetime | None = None) -> Reconciled:
             )
             summary.enqueued.append(job.pk)
     for job in Job.objects.filter(state=JobState.RUNNING, kind__in=known):
-        if _holder_gone(job, now):
+        if engine.holder_gone(job, now):
             _dead(job, now, summary)
     for name, recover in registry.recoveries().items():
         try:

@@ -8,11 +8,11 @@ class UpgradesConfig(AppConfig):
     verbose_name = "Updates & Licensing"
 
     def ready(self) -> None:
-        # Downloads and install runs keep their own records (their phases, their bytes); the
-        # job engine's reconciler hands what lost its worker or its message to the worker again
+        # A download is a job of the engine. Install runs keep their own records (their
+        # phases); the reconciler hands what lost its worker or its message to the worker again
         # on every pass, so a lost phase hand-off or rollback costs one pass, not a worker start.
         from jobs import registry
-        from upgrades import install, services
+        from upgrades import downloader, install
 
+        downloader.register_job_kind()
         registry.register_recovery("install", install.installs_recover)
-        registry.register_recovery("download", lambda: services.downloads_recover(stale_only=True))

@@ -23,6 +23,7 @@ LMI_* environment as the console.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import os
@@ -150,9 +151,11 @@ class ProgressBar:
 
 
 def _cli_user() -> str:
-    from upgrades.services import _os_user
-
-    return f"{_os_user()} (update-control)"
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "root"
+    return f"{name} (update-control)"
 
 
 def _print_status(status: dict[str, Any], out: TextIO) -> None:
@@ -248,7 +251,8 @@ def _check(as_json: bool, out: TextIO, err: TextIO) -> int:
 
 
 def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
-    from upgrades import services
+    from jobs import leases
+    from upgrades import downloader, services
     from upgrades.models import CheckTrigger, DownloadState, DownloadTrigger
 
     user = _cli_user()
@@ -279,11 +283,12 @@ def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
     out.write(f"Downloading firmware {download.version} ({size}) from {download.url}\n")
     out.flush()
     try:
-        state = services.download_execute(
+        state = downloader.download_execute(
             download.pk,
-            executor=services.executor_name("update-control"),
+            executor=leases.executor_name("here"),
             on_progress=bar,
             should_cancel=lambda: bool(interrupted),
+            user=user,
         )
     finally:
         bar.finish()

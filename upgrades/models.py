@@ -115,10 +115,12 @@ class DownloadTrigger(models.TextChoices):
 class Download(models.Model):
     """One attempt to download a firmware bundle into var/spool/updates.
 
-    Created queued before its task is enqueued (on commit); an executor claims it by a
-    conditional update and holds a lease (``lease_owner``, renewed in ``heartbeat_at``) while it
-    writes the spool. The partial unique index allows one active download per component, so two
-    clicks, the API and update-control can never run two at once. The bundle's identity (URL,
+    Created queued with its job (jobs.Job, kind ``download``), whose task is enqueued on commit;
+    an executor claims the job (lease and fence are the job engine's) and every write it makes
+    here is conditional on still holding that job, so a redelivered task or an executor that
+    stalled past its lease never writes over another's progress. The partial unique index allows
+    one active download per component, so two clicks, the API and update-control can never run
+    two at once. The bundle's identity (URL,
     size, SHA-256) is copied from the offer: a resumed transfer must fetch these exact bytes.
     """
 
@@ -141,9 +143,10 @@ class Download(models.Model):
     verified_bytes = models.BigIntegerField(default=0)
     rate = models.FloatField(default=0.0)  # bytes per second, smoothed
     progress_at = models.DateTimeField(null=True, blank=True)
-    # The executor holding the download and when it last said it is alive.
-    lease_owner = models.CharField(max_length=200, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The job that runs it: who holds it, its lease and fence, its restarts after a dead worker.
+    job = models.OneToOneField(
+        "jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="download"
+    )
     # How many times a transfer started (1 + resumes after cuts or a killed worker), and how
     # many of those went on from a kept part file instead of byte 0.
     transfers = models.PositiveIntegerField(default=0)

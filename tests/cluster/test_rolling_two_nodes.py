@@ -30,9 +30,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 NEW = "2.8.1.0"
 MEMBER_DOWNLOAD = (
-    "from upgrades import services as s; s.update_check(trigger='user', user='admin'); "
+    "from upgrades import downloader, services as s; s.update_check(trigger='user', user='admin'); "
     "d = s.download_start(user='admin', trigger='user', enqueue=False); "
-    "s.download_execute(d.pk); d.refresh_from_db(); print('DOWNLOAD', d.state)"
+    "downloader.download_execute(d.pk); d.refresh_from_db(); print('DOWNLOAD', d.state)"
 )
 
 

@@ -19,7 +19,7 @@ from tests.support.feed_server import FeedServer, feed_server  # noqa: F401
 from tests.support.services import WorkerProcess, start_worker
 from tests.upgrades import bundles
 from tests.upgrades.bundles import Vendor
-from upgrades import cli, services
+from upgrades import cli, downloader, services
 from upgrades.models import Download, DownloadTrigger, FirmwareOffer
 
 
@@ -27,7 +27,7 @@ from upgrades.models import Download, DownloadTrigger, FirmwareOffer
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Retries back off in milliseconds here, not seconds (tests/conftest.py already gives
     every test its own trusted keys, feed and var/)."""
-    monkeypatch.setattr(services, "BACKOFF_BASE", 0.05)
+    monkeypatch.setattr(downloader, "BACKOFF_BASE", 0.05)
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def start_download(version: str | None = None, user: str = "admin") -> Download:
 def run_download(version: str | None = None, **kwargs) -> Download:
     """Start and run a download in this process, as update-control -d fw does."""
     download = start_download(version)
-    services.download_execute(download.pk, **kwargs)
+    downloader.download_execute(download.pk, **kwargs)
     download.refresh_from_db()
     return download
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import socket
+import subprocess
+from datetime import timedelta
 
 import pytest
 from django.db import IntegrityError
@@ -10,9 +13,11 @@ from django.utils import timezone
 
 from appliance.firmware import spool
 from events.models import Event
+from jobs import engine
+from jobs.models import Job, JobState
 from tests.upgrades import bundles
 from tests.upgrades.conftest import offered_bundle, run_download, start_download
-from upgrades import services
+from upgrades import downloader, services
 from upgrades.models import Download, DownloadState, DownloadTrigger
 
 pytestmark = pytest.mark.django_db
@@ -116,7 +121,7 @@ def test_it_gives_up_after_the_retry_limit_keeping_the_part_to_resume_later(firm
     download = run_download()
 
     assert download.state == DownloadState.FAILED
-    assert f"gave up after {services.MAX_RETRIES} retries" in download.error
+    assert f"gave up after {downloader.MAX_RETRIES} retries" in download.error
     assert "503" in download.error
     assert spool.part_size(offered_bundle()) == size // 2
     assert _events("Download of firmware 2.8.1.0 failed")
@@ -202,7 +207,8 @@ def test_cancelling_a_queued_download_deletes_its_kept_part(firmware):
     download.refresh_from_db()
     assert download.state == DownloadState.CANCELLED
     assert not spool.part_path(offered_bundle()).exists()
-    assert services.download_execute(download.pk) == DownloadState.CANCELLED
+    assert downloader.download_execute(download.pk) == DownloadState.CANCELLED
+    assert download.job.state == JobState.CANCELLED
 
 
 def test_a_redelivered_task_for_a_finished_download_does_nothing(firmware):
@@ -210,53 +216,75 @@ def test_a_redelivered_task_for_a_finished_download_does_nothing(firmware):
     download = run_download()
     requests = len(firmware.server.requests)
 
-    assert services.download_execute(download.pk) == DownloadState.READY
+    assert downloader.download_execute(download.pk) == DownloadState.READY
     assert len(firmware.server.requests) == requests
+    assert download.job.state == JobState.SUCCEEDED and not download.job.lease_owner
 
 
-def test_an_executor_takes_over_a_lapsed_lease_and_resumes_the_part(firmware, monkeypatch):
+def _dead_executor() -> str:
+    """An executor name whose process on this host has ended (its pid reaped)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return f"here:{socket.gethostname()}:{gone.pid}:dead"
+
+
+def test_an_executor_takes_over_from_a_dead_one_and_resumes_the_part(firmware, monkeypatch):
     path = firmware.build()
     size = path.stat().st_size
     firmware.offer(path)
     firmware.server.cuts = [size // 2]
-    monkeypatch.setattr(services, "MAX_RETRIES", 0)  # the first executor stops at the cut
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # the first executor stops at the cut
     download = start_download()
 
-    # A first executor that dies at the cut: it leaves the row running with its lease.
+    # A first executor that dies at the cut: its job stays running, held by a gone process.
     def die(download: Download) -> None:
         if download.bytes_done >= size // 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        services.download_execute(download.pk, executor="dead-worker", on_progress=die)
-    Download.objects.filter(pk=download.pk).update(lease_owner="dead-worker")
-    monkeypatch.setattr(services, "LEASE_SECONDS", 1.0)
-    monkeypatch.setattr(services, "MAX_RETRIES", 5)
+        downloader.download_execute(download.pk, executor=_dead_executor(), on_progress=die)
+    download.refresh_from_db()
+    assert (download.state, download.job.state) == (DownloadState.RUNNING, JobState.RUNNING)
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 5)
 
-    assert services.download_execute(download.pk, executor="second") == DownloadState.READY
+    assert downloader.download_execute(download.pk, executor="second") == DownloadState.READY
     download.refresh_from_db()
     assert download.resumes == 1
+    assert download.job.state == JobState.SUCCEEDED
     assert firmware.server.downloads_of(path.name)[-1].range == f"bytes={size // 2}-"
     assert _events("resumed at 50%")
 
 
-def test_a_live_holder_keeps_the_download(firmware, monkeypatch):
+def test_a_live_holder_keeps_the_download(firmware):
     firmware.offer(firmware.build())
     download = start_download()
-    monkeypatch.setattr(services, "LEASE_SECONDS", 1.0)
-
-    def holder_heartbeats(seconds: float) -> None:
-        Download.objects.filter(pk=download.pk).update(heartbeat_at=timezone.now())
-
-    Download.objects.filter(pk=download.pk).update(
-        lease_owner="alive", heartbeat_at=timezone.now(), state=DownloadState.RUNNING
+    Job.objects.filter(pk=download.job_id).update(
+        state=JobState.RUNNING,
+        lease_owner="job:elsewhere:1:alive",
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
+        fence=1,
     )
-    monkeypatch.setattr(services.time, "sleep", holder_heartbeats)
+    Download.objects.filter(pk=download.pk).update(state=DownloadState.RUNNING)
 
-    assert services.download_execute(download.pk, executor="duplicate") == DownloadState.RUNNING
+    assert downloader.download_execute(download.pk, executor="duplicate") == DownloadState.RUNNING
     download.refresh_from_db()
-    assert download.lease_owner == "alive"
+    assert download.job.lease_owner == "job:elsewhere:1:alive"
     assert firmware.server.downloads_of("lmi-firmware-2.8.1.0.bundle") == []
+
+
+def test_a_write_of_an_executor_that_lost_its_job_changes_nothing(firmware):
+    firmware.offer(firmware.build())
+    download = start_download()
+    stalled = engine.claim(download.job_id, "job:elsewhere:1:stalled")
+    assert stalled is not None
+    # The reconciler gave the job to another executor meanwhile (the fence moved on).
+    Job.objects.filter(pk=download.job_id).update(fence=stalled.fence + 1)
+
+    assert downloader.download_execute(download.pk, executor="late") == DownloadState.QUEUED
+    run = downloader._DownloadRun(download, stalled)
+    assert run.execute() == "lease lost"
+    download.refresh_from_db()
+    assert (download.state, download.bytes_done, download.transfers) == (DownloadState.QUEUED, 0, 0)
 
 
 def test_a_local_directory_feed_goes_through_the_same_download_and_checks(
@@ -292,7 +320,7 @@ def test_it_fails_with_a_message_when_space_runs_out_before_the_transfer(firmwar
     download = start_download()
     monkeypatch.setattr(spool, "free_bytes", lambda root=None: 1024)
 
-    assert services.download_execute(download.pk) == DownloadState.FAILED
+    assert downloader.download_execute(download.pk) == DownloadState.FAILED
     download.refresh_from_db()
     assert "Not enough free space in var/spool/updates" in download.error
     assert firmware.server.downloads_of("lmi-firmware-2.8.1.0.bundle") == []

@@ -33,7 +33,7 @@ from tests.support.smtp import (
     read_banner,
     smtp_service,  # noqa: F401
 )
-from upgrades import install, services
+from upgrades import downloader, install, services
 from upgrades.models import (
     INSTALL_FINAL_STATES,
     Download,
@@ -118,7 +118,7 @@ def ready_firmware(
     check = services.update_check(trigger="user", user="admin")
     assert check.ok, check.error
     download = services.download_start(user="admin", trigger="user", enqueue=False)
-    services.download_execute(download.pk)
+    downloader.download_execute(download.pk)
     download.refresh_from_db()
     assert download.state == DownloadState.READY, download.error
     return download

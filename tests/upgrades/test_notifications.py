@@ -43,9 +43,9 @@ def test_the_download_shows_its_progress_then_ready_to_install(firmware, client,
     assert not [m for m in _messages() if "is available" in m]
 
     Download.objects.filter(pk=download.pk).update(state=DownloadState.QUEUED, bytes_done=0)
-    from upgrades import services
+    from upgrades import downloader
 
-    services.download_execute(download.pk)
+    downloader.download_execute(download.pk)
 
     assert "Firmware 2.8.1.0 is ready to install." in _messages()
     client.force_login(admin_user)

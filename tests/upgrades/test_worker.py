@@ -14,17 +14,19 @@ import pytest
 
 from appliance.firmware import spool
 from events.models import Event
+from jobs.models import JobState
 from lmi.celery import app as celery_app
 from tests.support.services import wait_for
 from tests.upgrades.conftest import offered_bundle
-from upgrades import services
+from upgrades import downloader, services
 from upgrades.models import Download, DownloadState, DownloadTrigger
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BUNDLE = "lmi-firmware-2.8.1.0.bundle"
-# The new worker's task waits for the killed one's lease to lapse before taking over.
-RESUME_TIMEOUT = services.LEASE_SECONDS + 60
+# The reconciler at the new worker's start sees the killed one's process gone at once; a lease
+# that must lapse (another host) takes LEASE_SECONDS.
+RESUME_TIMEOUT = downloader.LEASE_SECONDS + 60
 
 
 def _start(user: str = "admin") -> Download:
@@ -65,7 +67,7 @@ def _assert_resumed_and_verified(firmware, path, kept: int, worker) -> Download:
     assert not spool.part_path(offered_bundle()).exists()
     resumed = [t for t in firmware.server.downloads_of(BUNDLE) if t.status == 206]
     assert resumed, firmware.server.requests
-    assert resumed[0].start >= kept - services.CHUNK  # it went on from the part file, not byte 0
+    assert resumed[0].start >= kept - downloader.CHUNK  # it went on from the part file, not byte 0
     assert download.resumes >= 1
     assert Event.objects.filter(message__startswith="Download of firmware 2.8.1.0 resumed").exists()
     assert Event.objects.filter(message="Firmware 2.8.1.0 is ready to install").count() == 1
@@ -84,7 +86,7 @@ def test_the_worker_downloads_and_verifies_a_bundle(workers, firmware):
         timeout=60,
         message=f"not ready; the worker's log:\n{worker.log()}",
     )
-    assert download.lease_owner == ""
+    assert download.job.state == JobState.SUCCEEDED and not download.job.lease_owner
     assert spool.bundle_path(offered_bundle()).read_bytes() == path.read_bytes()
 
 
@@ -122,14 +124,14 @@ def test_the_redelivered_task_of_a_killed_worker_resumes_the_same_download(worke
 
     _start()
     kept = _kill_mid_transfer(first, firmware, size)
-    [task_id] = re.findall(r"upgrades\.tasks\.download_run\[([0-9a-f-]+)\] received", first.log())
+    [task_id] = re.findall(r"jobs\.run\[([0-9a-f-]+)\] received", first.log())
     assert _redeliver_unacked() == 1  # acks_late: the killed worker never acknowledged it
     second = workers()
 
     _assert_resumed_and_verified(firmware, path, kept, second)
-    # The same task ran again in the new worker; with the recovery at start-up it may run twice,
-    # and the lease lets exactly one of them do the work.
-    wait_for(lambda: f"download_run[{task_id}] succeeded" in second.log(), timeout=RESUME_TIMEOUT)
+    # The same task ran again in the new worker; with the reconciler at start-up it may run
+    # twice, and the job's lease lets exactly one of them do the work.
+    wait_for(lambda: f"jobs.run[{task_id}] succeeded" in second.log(), timeout=RESUME_TIMEOUT)
 
 
 def test_a_starting_worker_checks_the_feed_when_the_last_check_is_overdue(workers, firmware):
