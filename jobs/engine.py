@@ -132,6 +132,9 @@ class Lease:
     fence: int
     kind: str
     lease_seconds: float
+    # Set once a write found the job moved on, or the heartbeat could not renew the lease: a
+    # long step that cannot report progress looks at it between pieces of work.
+    lost: threading.Event = field(default_factory=threading.Event, repr=False)
     _meter: RateMeter = field(default_factory=RateMeter, repr=False)
     _last_write: float = field(default=0.0, repr=False)
     _last_step: int = field(default=-1, repr=False)
@@ -148,6 +151,7 @@ class Lease:
         if not self._held().update(
             heartbeat_at=now, lease_expires_at=now + timedelta(seconds=self.lease_seconds)
         ):
+            self.lost.set()
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
 
     def progress(
@@ -190,6 +194,7 @@ class Lease:
             job = self.job()
             values["details"] = {**job.details, **details}
         if not self._held().update(**values):
+            self.lost.set()
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
         if new_step:
             _pause_for_tests(self.kind, self._last_step)
@@ -249,10 +254,10 @@ class Lease:
     def keep_alive(self) -> Iterator[threading.Event]:
         """Renew the lease from a thread every third of it while the body runs.
 
-        Yields an event that is set when the lease was lost, for long steps that cannot report
-        progress but can look between pieces of work.
+        Yields ``lost``, set when the lease was lost, for long steps that cannot report progress
+        but can look between pieces of work.
         """
-        lost = threading.Event()
+        lost = self.lost
         stop = threading.Event()
 
         def beat() -> None:
@@ -263,8 +268,7 @@ class Lease:
                     try:
                         self.renew()
                     except LeaseLost:
-                        lost.set()
-                        return
+                        return  # renew() set lost
                     except Exception:  # a database blip: try again at the next beat
                         logger.exception("job %s: heartbeat failed", self.job_id)
             finally:

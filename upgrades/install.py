@@ -1,15 +1,17 @@
 """Writes of the firmware install: preflight, start, abort, the ten phases and the rollback.
 
 The run is a persisted state machine (``InstallRun`` and its ten ``InstallPhase`` rows, see
-upgrades.models for the transitions). Each phase is one Celery task (``install_phase``) that
-calls :func:`install_execute`; when a phase succeeds it commits the next phase number and
-enqueues that phase on commit. Every side effect of a phase is idempotent, so a phase whose
-worker was killed is simply run again from its start by the next executor:
+upgrades.models for the transitions) and one job of the job engine (kind ``install``). The
+job's task claims it and runs the phases one after the other, then the rollback when one
+failed (:func:`install_job_run`): there is no hand-off between phases that a broker blip could
+lose. Every side effect of a phase is idempotent, so a phase whose worker was killed is simply
+run again from its start by the next executor:
 
-* one executor at a time: a task claims the run by a conditional update of ``lease_owner`` and
-  renews ``heartbeat_at`` from a heartbeat thread; a second copy of the task (a redelivery, a
-  recovery) sees a live holder and exits without doing anything. A holder on this host whose
-  process is gone is dead at once; any other holder is dead when its lease lapses;
+* one executor at a time: the engine's lease and fence; every write to the run is conditional
+  on still holding the job (``_mine``), so a second copy of the task (a redelivery) finds it
+  held and exits, and an executor that stalled past its lease changes nothing. The reconciler
+  sees a dead holder (its process on this host gone at once, any other when its lease lapses)
+  and hands the job to a worker (``on_dead="resume"``), which goes on where the run says;
 * ``attempts`` counts phase starts: past ``INSTALL_MAX_ATTEMPTS`` (a crash loop) the run stops
   trying and rolls back;
 * phases 1-2 touch nothing the running appliance uses: a failure or an abort there discards the
@@ -23,19 +25,16 @@ the run's log in var/spool/updates/XPU.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import smtplib
-import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
-from django.db.models import F
+from django.db import IntegrityError, transaction
+from django.db.models import F, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -45,8 +44,10 @@ from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import User, event_write, username_of
+from jobs import engine as jobs_engine
 from jobs import leases
-from lmi import celery as lmi_celery
+from jobs import registry as jobs_registry
+from jobs.models import JobState
 from upgrades import selectors
 from upgrades.models import (
     FIRMWARE,
@@ -73,7 +74,14 @@ PHASE10_RETRY_MAX = 60  # seconds between retries of a failed commit
 ROLLBACK_RETRIES = 3  # rollback attempts that raised before the run is called failed
 ONLINE_PHASES = (1, 2)  # nothing the running appliance uses is touched: abort allowed
 COMMIT_PHASE = PHASE_COUNT
-ROLLBACK = 0  # the "phase" number the rollback task passes
+INSTALL_KIND = "install"
+# What the run's final state makes of its job.
+JOB_OUTCOME = {
+    InstallState.SUCCEEDED: JobState.SUCCEEDED,
+    InstallState.ROLLED_BACK: JobState.ROLLED_BACK,
+    InstallState.ABORTED: JobState.CANCELLED,
+    InstallState.FAILED: JobState.FAILED,
+}
 
 
 # --- Errors a caller shows to a person ---------------------------------------------------------
@@ -104,8 +112,8 @@ class NothingToInstall(InstallError):
 # --- Internal outcomes of a phase -----------------------------------------------------------
 
 
-class _LeaseLost(Exception):
-    """Another executor holds the run now: stop touching the appliance."""
+# Another executor holds the run now: stop touching the appliance.
+_LeaseLost = jobs_engine.LeaseLost
 
 
 class _Stopped(Exception):
@@ -141,16 +149,11 @@ def _log(run: InstallRun, line: str) -> None:
         logger.exception("install %s: cannot write its log", run.pk)
 
 
-executor_name = leases.executor_name
-
-
-def _lease_seconds() -> float:
-    return float(settings.INSTALL_LEASE_SECONDS)
-
-
-def executor_alive(run: InstallRun) -> bool:
-    """Is the run's lease holder still working? Same host: by its pid; else by the lease."""
-    return leases.holder_alive(run.lease_owner, run.heartbeat_at, _lease_seconds())
+def _mine(run_id: int, lease: jobs_engine.Lease) -> QuerySet[InstallRun]:
+    """The run while this executor still holds its job: every write of a phase goes through it."""
+    return InstallRun.objects.filter(
+        pk=run_id, job_id=lease.job_id, job__fence=lease.fence, job__state=JobState.RUNNING
+    )
 
 
 def _bundle_path(download: Download) -> Path:
@@ -316,9 +319,18 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             f"The automatic configuration backup failed, so the install did not start: {exc}"
         ) from exc
     with transaction.atomic():
+        job = jobs_engine.start(
+            INSTALL_KIND,
+            title=f"Install of firmware {download.version}",
+            user=user,
+            trigger=str(trigger),
+            steps=PHASE_COUNT,
+            details={"version": download.version},
+        )
         try:
             with transaction.atomic():
                 run = InstallRun.objects.create(
+                    job=job,
                     download=download,
                     version=download.version,
                     from_version=installed or "",
@@ -345,8 +357,6 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             trigger=run.trigger,
             backup=header.name,
         )
-        pk = run.pk
-        transaction.on_commit(lambda: _enqueue(pk, 1))
     _log(
         run,
         f"install of firmware {run.version} over {run.from_version} started by "
@@ -355,21 +365,6 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
     for check in checks:
         _log(run, f"preflight {check.key}: {check.status}: {check.value}")
     return run
-
-
-def _enqueue(run_id: int, phase: int, countdown: float | None = None) -> None:
-    """Phase ``phase`` of the run as a task (0: the rollback); a dead broker is logged.
-
-    A run left without a task is picked up again by :func:`installs_recover` (worker start and
-    beat), so a broker that is down for a moment loses nothing.
-    """
-    try:
-        if phase == ROLLBACK:
-            lmi_celery.enqueue("upgrades.tasks.install_rollback", run_id, countdown=countdown)
-        else:
-            lmi_celery.enqueue("upgrades.tasks.install_phase", run_id, phase, countdown=countdown)
-    except Exception:
-        logger.exception("could not enqueue phase %s of install %s", phase, run_id)
 
 
 def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun:
@@ -412,30 +407,8 @@ def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun
     )
     _log(run, f"abort requested by {username_of(user) or 'the system'} in phase {run.phase}")
     # The executor sees the flag within a second; a dead one's successor aborts at its start.
-    transaction.on_commit(lambda: _enqueue(run.pk, run.phase))
     run.refresh_from_db()
     return run
-
-
-def installs_recover() -> list[int]:
-    """Enqueue again the active run whose executor is gone (worker start and beat).
-
-    A holder on this host whose process is gone is dead at once; another host's holder when its
-    lease lapsed; a run nobody holds (its task lost with a broker restart) at once. A task
-    enqueued twice is harmless: the lease lets one executor through.
-    """
-    resumed: list[int] = []
-    for run in InstallRun.objects.filter(state__in=INSTALL_ACTIVE_STATES):
-        if executor_alive(run):
-            continue
-        if run.state == InstallState.QUEUED and run.created_at > timezone.now() - timedelta(
-            seconds=_lease_seconds()
-        ):
-            continue  # its first task is probably on its way
-        phase = ROLLBACK if run.state == InstallState.ROLLING_BACK else run.phase
-        _enqueue(run.pk, phase)
-        resumed.append(run.pk)
-    return resumed
 
 
 def install_holds_maintenance() -> bool:
@@ -455,88 +428,89 @@ def install_log_tail(run: InstallRun, lines: int = 200) -> list[str]:
         return []
 
 
-# --- Claiming and holding the run --------------------------------------------------------------
+# --- The job: claiming the run, its phases one after the other, the rollback -----------------
 
 
-def _claim(run_id: int, phase: int, executor: str) -> InstallRun | None:
-    """Take the run's lease by a conditional update; None when it is not this task's to run.
-
-    ``phase`` 0 claims a run that is rolling back; otherwise the run must be queued or running
-    in exactly that phase (a stale redelivery of a finished phase finds a later phase number).
-    """
-    for _ in range(5):
-        row = InstallRun.objects.filter(pk=run_id).first()
-        if row is None:
-            return None
-        if phase == ROLLBACK:
-            if row.state != InstallState.ROLLING_BACK:
-                return None
-        elif row.state not in (InstallState.QUEUED, InstallState.RUNNING) or row.phase != phase:
-            return None
-        if row.lease_owner and executor_alive(row):
-            logger.info("install %s is held by a live executor (%s)", run_id, row.lease_owner)
-            return None
-        now = timezone.now()
-        fields: dict[str, Any] = {
-            "lease_owner": executor,
-            "heartbeat_at": now,
-            "attempts": F("attempts") + 1,
-        }
-        if row.state == InstallState.QUEUED:
-            fields.update(state=InstallState.RUNNING, started_at=now)
-        claimed = InstallRun.objects.filter(
-            pk=run_id, state=row.state, phase=row.phase, lease_owner=row.lease_owner
-        ).update(**fields)
-        if claimed:
-            row.refresh_from_db()
-            return row
-    return None
+def install_execute(run_id: int, executor: str | None = None) -> str:
+    """Run the install in this process from where its run is to its end (tests, a bench);
+    returns the state it left. A no-op when a live executor holds its job or it is finished."""
+    run = InstallRun.objects.filter(pk=run_id).first()
+    if run is None or run.job_id is None:
+        return "missing"
+    lease = jobs_engine.claim(run.job_id, executor or leases.executor_name("here"))
+    if lease is not None:
+        with lease.keep_alive():
+            install_job_run(lease)
+    run.refresh_from_db()
+    return str(run.state)
 
 
-class _Heartbeat:
-    """Renews the lease while a phase's blocking work runs; notices when it was lost."""
+def install_job_run(lease: jobs_engine.Lease) -> None:
+    """The install kind's ``run``: the phases from the run's phase to the end, then the
+    rollback when one failed; what a killed worker left is resumed here from the stored state."""
+    run = InstallRun.objects.filter(job_id=lease.job_id).first()
+    if run is None:
+        lease.finish(JobState.FAILED, error="its install record is gone")
+        return
+    _mine(run.pk, lease).filter(state=InstallState.QUEUED).update(
+        state=InstallState.RUNNING, started_at=timezone.now()
+    )
+    while True:
+        if lease.lost.is_set():
+            raise _LeaseLost(f"install {run.pk} is held by another executor")
+        run.refresh_from_db()
+        if run.state == InstallState.RUNNING:
+            _execute_phase(run, run.phase, lease)
+        elif run.state == InstallState.ROLLING_BACK:
+            _rollback_execute(run, lease)
+        elif run.state in JOB_OUTCOME:
+            # Finished (an earlier executor may have died between the run's and the job's
+            # write): the job ends the same way; a no-op when it already did.
+            lease.finish(JOB_OUTCOME[InstallState(run.state)], error=run.error)
+            return
+        else:  # still queued: the update above did not go through, so the job is not ours
+            raise _LeaseLost(f"install {run.pk} is held by another executor")
 
-    def __init__(self, run_id: int, executor: str) -> None:
-        self.run_id = run_id
-        self.executor = executor
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="install-heartbeat", daemon=True)
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
+def _wait(lease: jobs_engine.Lease, seconds: float) -> None:
+    """A pause before a retry, keeping the lease (the heartbeat renews it meanwhile)."""
+    if lease.lost.wait(seconds):
+        raise _LeaseLost("the install's job moved on during a retry pause")
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
-    def _beat(self) -> None:
-        interval = max(0.5, _lease_seconds() / 4)
-        try:
-            while not self._stop.wait(interval):
-                try:
-                    updated = InstallRun.objects.filter(
-                        pk=self.run_id, lease_owner=self.executor
-                    ).update(heartbeat_at=timezone.now())
-                except Exception:
-                    logger.exception("install %s: heartbeat failed", self.run_id)
-                    continue
-                if not updated:
-                    self.lost = True
-                    return
-        finally:
-            connection.close()
+def _finish_job(lease: jobs_engine.Lease, run: InstallRun, state: InstallState) -> None:
+    """The job's end, written in the transaction that wrote the run's (the caller's)."""
+    if not lease.finish(
+        JOB_OUTCOME[state], error=run.error if state != InstallState.SUCCEEDED else ""
+    ):
+        raise _LeaseLost(f"install {run.pk}: its job moved on")
+
+
+def register_job_kind() -> None:
+    """The install kind of the job engine (UpgradesConfig.ready)."""
+    jobs_registry.register(
+        jobs_registry.Kind(
+            name=INSTALL_KIND,
+            label="Firmware install",
+            category=Category.UPDATE,
+            run=install_job_run,
+            on_dead="resume",  # every phase and the rollback are idempotent
+            # The run counts its own phase starts and rolls back a crash loop (attempts); the
+            # engine must never give an install up half-done.
+            max_restarts=10_000,
+            lease_seconds=float(settings.INSTALL_LEASE_SECONDS),
+            own_events=True,
+        )
+    )
 
 
 class PhaseContext:
     """One executor's run of one phase: the row, progress writes, abort and lease checks."""
 
-    def __init__(self, run: InstallRun, number: int, executor: str, heartbeat: _Heartbeat) -> None:
+    def __init__(self, run: InstallRun, number: int, lease: jobs_engine.Lease) -> None:
         self.run = run
         self.number = number
-        self.executor = executor
-        self.heartbeat = heartbeat
+        self.lease = lease
         self._last_write = 0.0
         self._last_stop_check = 0.0
 
@@ -549,12 +523,13 @@ class PhaseContext:
         self.run.details = {**self.run.details, **values}
         self._update_run(details=self.run.details)
 
+    def mine(self) -> QuerySet[InstallRun]:
+        return _mine(self.run.pk, self.lease)
+
     def _update_run(self, **fields: Any) -> None:
-        updated = InstallRun.objects.filter(pk=self.run.pk, lease_owner=self.executor).update(
-            heartbeat_at=timezone.now(), **fields
-        )
-        if not updated:
-            raise _LeaseLost
+        if not self.mine().update(**fields):
+            self.lease.lost.set()
+            raise _LeaseLost(f"install {self.run.pk}: its job moved on")
         for name, value in fields.items():
             setattr(self.run, name, value)
 
@@ -563,14 +538,14 @@ class PhaseContext:
 
     def check(self) -> None:
         """Raise when the lease is gone; in phases 1-2 also when an abort was requested."""
-        if self.heartbeat.lost:
-            raise _LeaseLost
+        if self.lease.lost.is_set():
+            raise _LeaseLost(f"install {self.run.pk}: its job moved on")
         if self.should_stop():
             raise _Stopped
 
     def should_stop(self) -> bool:
         """For the appliance's long steps (phases 1-2): stop promptly on abort or lease loss."""
-        if self.heartbeat.lost:
+        if self.lease.lost.is_set():
             return True
         if self.number not in ONLINE_PHASES:
             return False
@@ -589,9 +564,9 @@ class PhaseContext:
         message: str = "",
         force: bool = False,
     ) -> None:
-        """Write the phase's progress at most every PROGRESS_INTERVAL (and the heartbeat)."""
-        if self.heartbeat.lost:
-            raise _LeaseLost
+        """Write the phase's progress at most every PROGRESS_INTERVAL."""
+        if self.lease.lost.is_set():
+            raise _LeaseLost(f"install {self.run.pk}: its job moved on")
         now = time.monotonic()
         if not force and now - self._last_write < PROGRESS_INTERVAL:
             return
@@ -642,50 +617,41 @@ class PhaseContext:
 # --- Executing a phase ----------------------------------------------------------------------------
 
 
-def install_execute(run_id: int, phase: int, executor: str | None = None) -> None:
-    """Run phase ``phase`` of the run (called by the task); a no-op when it is not ours to run."""
-    executor = executor or executor_name()
-    run = _claim(run_id, phase, executor)
-    if run is None:
-        return
-    heartbeat = _Heartbeat(run_id, executor)
-    with heartbeat:
-        ctx = PhaseContext(run, phase, executor, heartbeat)
-        try:
-            if run.abort_requested and phase in ONLINE_PHASES:
-                raise _Stopped
-            if run.attempts > settings.INSTALL_MAX_ATTEMPTS and phase != COMMIT_PHASE:
-                raise _PhaseFailed(
-                    f"the install was started {run.attempts} times without completing "
-                    "(its worker keeps stopping): giving up"
-                )
-            _phase_start(ctx)
-            PHASES[phase](ctx)
-            _phase_succeeded(ctx)
-        except _LeaseLost:
-            logger.warning("install %s phase %s: lease lost, stopping", run_id, phase)
-        except _Stopped:
-            with contextlib.suppress(_LeaseLost):
-                _abort_finish(ctx, None)
-        except Exception as exc:
-            if phase in ONLINE_PHASES and _abort_requested(run_id):
-                # The appliance step stopped because of the abort (InstallAborted and the like).
-                with contextlib.suppress(_LeaseLost):
-                    _abort_finish(ctx, None)
-                return
-            if isinstance(exc, _PhaseFailed):
-                reason = str(exc)
-            else:
-                logger.exception("install %s phase %s failed", run_id, phase)
-                reason = (
-                    f"{type(exc).__name__}: {exc}"
-                    if not isinstance(exc, ApplianceError)
-                    else str(exc)
-                )
-            with contextlib.suppress(_LeaseLost):
-                _phase_failed(ctx, reason)
-        finally:
-            InstallRun.objects.filter(pk=run_id, lease_owner=executor).update(lease_owner="")
+def _execute_phase(run: InstallRun, phase: int, lease: jobs_engine.Lease) -> None:
+    """Run phase ``phase`` of the run; a failure rolls back (3-9), aborts (1-2) or is retried
+    after a pause (10); LeaseLost when another executor has the run now."""
+    _mine(run.pk, lease).update(attempts=F("attempts") + 1)
+    run.refresh_from_db()
+    ctx = PhaseContext(run, phase, lease)
+    try:
+        if run.abort_requested and phase in ONLINE_PHASES:
+            raise _Stopped
+        if run.attempts > settings.INSTALL_MAX_ATTEMPTS and phase != COMMIT_PHASE:
+            raise _PhaseFailed(
+                f"the install was started {run.attempts} times without completing "
+                "(its worker keeps stopping): giving up"
+            )
+        _phase_start(ctx)
+        PHASES[phase](ctx)
+        _phase_succeeded(ctx)
+    except _LeaseLost:
+        logger.warning("install %s phase %s: lease lost, stopping", run.pk, phase)
+        raise
+    except _Stopped:
+        _abort_finish(ctx, None)
+    except Exception as exc:
+        if phase in ONLINE_PHASES and _abort_requested(run.pk):
+            # The appliance step stopped because of the abort (InstallAborted and the like).
+            _abort_finish(ctx, None)
+            return
+        if isinstance(exc, _PhaseFailed):
+            reason = str(exc)
+        else:
+            logger.exception("install %s phase %s failed", run.pk, phase)
+            reason = (
+                f"{type(exc).__name__}: {exc}" if not isinstance(exc, ApplianceError) else str(exc)
+            )
+        _phase_failed(ctx, reason)
 
 
 def _abort_requested(run_id: int) -> bool:
@@ -705,6 +671,9 @@ def _phase_start(ctx: PhaseContext) -> None:
     )
     phase = InstallPhase.objects.get(run=ctx.run, number=ctx.number)
     name = PHASE_NAMES[ctx.number]
+    ctx.lease.progress(
+        step=ctx.number - 1, steps=PHASE_COUNT, step_name=f"Phase {ctx.number}: {name}"
+    )
     if phase.attempts > 1:
         text = f"Install of {ctx.run.version}: phase {ctx.number} ({name}) restarted"
         _event(text + " (its previous executor stopped)", run=ctx.run.pk, phase=ctx.number)
@@ -726,16 +695,15 @@ def _phase_succeeded(ctx: PhaseContext) -> None:
         InstallPhase.objects.filter(run=run, number=number, state=PhaseState.RUNNING).update(
             state=PhaseState.SUCCEEDED, finished_at=now, message=""
         )
-        fields: dict[str, Any] = {"lease_owner": ""}
+        fields: dict[str, Any] = {}
         if number == COMMIT_PHASE:
             fields.update(state=InstallState.SUCCEEDED, finished_at=now)
         else:
             fields["phase"] = number + 1
-        updated = InstallRun.objects.filter(
-            pk=run.pk, lease_owner=ctx.executor, state=InstallState.RUNNING, phase=number
-        ).update(**fields)
-        if not updated:
-            raise _LeaseLost
+        if not ctx.mine().filter(state=InstallState.RUNNING, phase=number).update(**fields):
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
+        if number == COMMIT_PHASE:
+            _finish_job(ctx.lease, run, InstallState.SUCCEEDED)
         _event(
             f"Install of {run.version}: phase {number} ({name}) completed",
             run=run.pk,
@@ -751,9 +719,6 @@ def _phase_succeeded(ctx: PhaseContext) -> None:
                 downtime_seconds=run.downtime_seconds,
                 messages=run.messages_after,
             )
-        else:
-            pk, following = run.pk, number + 1
-            transaction.on_commit(lambda: _enqueue(pk, following))
     _log(run, f"phase {number} ({name}) completed")
     if number == COMMIT_PHASE:
         _log(run, f"upgrade complete: firmware {run.version}")
@@ -779,19 +744,19 @@ def _phase_failed(ctx: PhaseContext, reason: str) -> None:
             phase=number,
             reason=reason,
         )
-        InstallRun.objects.filter(pk=run.pk, lease_owner=ctx.executor).update(lease_owner="")
-        _enqueue(run.pk, number, countdown=delay)
+        _wait(ctx.lease, delay)  # then the loop runs the phase again
         return
     now = timezone.now()
     with transaction.atomic():
         InstallPhase.objects.filter(run=run, number=number).update(
             state=PhaseState.FAILED, finished_at=now, message=reason[:300]
         )
-        updated = InstallRun.objects.filter(
-            pk=run.pk, lease_owner=ctx.executor, state=InstallState.RUNNING
-        ).update(state=InstallState.ROLLING_BACK, error=f"Phase {number} ({name}): {reason}")
-        if not updated:
-            raise _LeaseLost
+        if (
+            not ctx.mine()
+            .filter(state=InstallState.RUNNING)
+            .update(state=InstallState.ROLLING_BACK, error=f"Phase {number} ({name}): {reason}")
+        ):
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
         _event(
             f"Install of {run.version}: phase {number} ({name}) failed, rolling back: {reason}",
             severity=Severity.ERROR,
@@ -799,8 +764,6 @@ def _phase_failed(ctx: PhaseContext, reason: str) -> None:
             phase=number,
             reason=reason,
         )
-        pk = run.pk
-        transaction.on_commit(lambda: _enqueue(pk, ROLLBACK))
 
 
 def _abort_finish(ctx: PhaseContext, failure: str | None) -> None:
@@ -821,11 +784,14 @@ def _abort_finish(ctx: PhaseContext, failure: str | None) -> None:
     now = timezone.now()
     error = failure or "Aborted by an administrator; the running system was not changed."
     with transaction.atomic():
-        updated = InstallRun.objects.filter(
-            pk=run.pk, lease_owner=ctx.executor, state__in=INSTALL_ACTIVE_STATES
-        ).update(state=InstallState.ABORTED, finished_at=now, error=error, lease_owner="")
-        if not updated:
-            raise _LeaseLost
+        if (
+            not ctx.mine()
+            .filter(state__in=INSTALL_ACTIVE_STATES)
+            .update(state=InstallState.ABORTED, finished_at=now, error=error)
+        ):
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
+        run.error = error
+        _finish_job(ctx.lease, run, InstallState.ABORTED)
         run.phases.filter(state__in=(PhaseState.RUNNING, PhaseState.SUCCEEDED)).update(
             state=PhaseState.ROLLED_BACK, finished_at=now
         )
@@ -1175,23 +1141,17 @@ def _plain(value: Any) -> dict[str, Any]:
 # --- Rollback ------------------------------------------------------------------------------------
 
 
-def install_rollback_execute(run_id: int, executor: str | None = None) -> None:
-    """Put the exact pre-upgrade state back (called by the rollback task); idempotent."""
-    executor = executor or executor_name()
-    run = _claim(run_id, ROLLBACK, executor)
-    if run is None:
-        return
-    heartbeat = _Heartbeat(run_id, executor)
-    with heartbeat:
-        try:
-            _rollback(run)
-        except Exception as exc:
-            logger.exception("install %s: rollback failed", run_id)
-            _rollback_failed(run, executor, f"{type(exc).__name__}: {exc}")
-        else:
-            _rollback_done(run, executor)
-        finally:
-            InstallRun.objects.filter(pk=run_id, lease_owner=executor).update(lease_owner="")
+def _rollback_execute(run: InstallRun, lease: jobs_engine.Lease) -> None:
+    """Put the exact pre-upgrade state back; idempotent, retried after a pause when it raised."""
+    try:
+        _rollback(run)
+    except _LeaseLost:
+        raise
+    except Exception as exc:
+        logger.exception("install %s: rollback failed", run.pk)
+        _rollback_failed(run, lease, f"{type(exc).__name__}: {exc}")
+    else:
+        _rollback_done(run, lease)
 
 
 def _rollback(run: InstallRun) -> None:
@@ -1248,19 +1208,21 @@ def _cpe_files(files: dict[str, bytes]) -> dict[str, bytes]:
     return chosen
 
 
-def _rollback_done(run: InstallRun, executor: str) -> None:
+def _rollback_done(run: InstallRun, lease: jobs_engine.Lease) -> None:
     now = timezone.now()
     with transaction.atomic():
-        updated = InstallRun.objects.filter(
-            pk=run.pk, lease_owner=executor, state=InstallState.ROLLING_BACK
-        ).update(
-            state=InstallState.ROLLED_BACK,
-            finished_at=now,
-            lease_owner="",
-            downtime_ended_at=Coalesce(F("downtime_ended_at"), now),
+        updated = (
+            _mine(run.pk, lease)
+            .filter(state=InstallState.ROLLING_BACK)
+            .update(
+                state=InstallState.ROLLED_BACK,
+                finished_at=now,
+                downtime_ended_at=Coalesce(F("downtime_ended_at"), now),
+            )
         )
         if not updated:
-            return
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
+        _finish_job(lease, run, InstallState.ROLLED_BACK)
         run.phases.filter(
             state__in=(PhaseState.RUNNING, PhaseState.SUCCEEDED, PhaseState.FAILED)
         ).update(state=PhaseState.ROLLED_BACK)
@@ -1274,39 +1236,36 @@ def _rollback_done(run: InstallRun, executor: str) -> None:
     _log(run, f"rollback complete: firmware {run.from_version} runs as before")
 
 
-def _rollback_failed(run: InstallRun, executor: str, reason: str) -> None:
+def _rollback_failed(run: InstallRun, lease: jobs_engine.Lease, reason: str) -> None:
     details = dict(run.details)
     tries = int(details.get("rollback_failures", 0)) + 1
     details["rollback_failures"] = tries
     _log(run, f"rollback attempt {tries} failed: {reason}")
     if tries < ROLLBACK_RETRIES:
-        InstallRun.objects.filter(pk=run.pk, lease_owner=executor).update(
-            details=details, lease_owner=""
-        )
+        if not _mine(run.pk, lease).update(details=details):
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
         _event(
             f"Rollback of the install of {run.version} failed, retrying: {reason}",
             severity=Severity.ERROR,
             run=run.pk,
         )
-        _enqueue(run.pk, ROLLBACK, countdown=2 * tries)
+        _wait(lease, 2 * tries)  # then the loop runs the rollback again
         return
-    InstallRun.objects.filter(
-        pk=run.pk, lease_owner=executor, state=InstallState.ROLLING_BACK
-    ).update(
-        state=InstallState.FAILED,
-        finished_at=timezone.now(),
-        details=details,
-        lease_owner="",
-        error=f"{run.error}; the rollback failed too: {reason}",
-    )
+    error = f"{run.error}; the rollback failed too: {reason}"
+    with transaction.atomic():
+        if (
+            not _mine(run.pk, lease)
+            .filter(state=InstallState.ROLLING_BACK)
+            .update(
+                state=InstallState.FAILED, finished_at=timezone.now(), details=details, error=error
+            )
+        ):
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
+        run.error = error
+        _finish_job(lease, run, InstallState.FAILED)
     _event(
         f"Install of firmware {run.version} could not be rolled back: {reason}. The appliance "
         "needs attention: restore the configuration backup and the system backup.",
         severity=Severity.CRITICAL,
         run=run.pk,
     )
-
-
-def install_close_connections() -> None:
-    """Tasks call this first: a worker's connection may have gone stale between tasks."""
-    close_old_connections()

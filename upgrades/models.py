@@ -292,10 +292,12 @@ PHASE_COUNT = len(PHASE_NAMES)
 class InstallRun(models.Model):
     """One firmware install: the persisted state machine of the ten phases of Table 1.
 
-    Created queued (with its ten phase rows) before phase 1's task is enqueued on commit. One
-    executor at a time holds the run (``lease_owner``, renewed in ``heartbeat_at``); a
-    redelivered task whose lease is held by a live executor exits without doing anything. The
-    partial unique index allows one active run, so the console, update-control and the API can
+    Created queued (with its ten phase rows) with its job (jobs.Job, kind ``install``), whose
+    task is enqueued on commit. One executor at a time holds the job and runs the phases one
+    after the other; every write it makes to the run is conditional on still holding the job
+    (its fence), so a redelivered task or an executor that stalled past its lease changes
+    nothing, and one whose worker died is resumed in its phase by the reconciler. The partial
+    unique index allows one active run, so the console, update-control and the API can
     never start two. ``attempts`` counts phase starts: past a limit (a crash loop) the run is
     rolled back instead of tried again.
     """
@@ -317,8 +319,10 @@ class InstallRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     abort_requested = models.BooleanField(default=False)
     error = models.TextField(blank=True)
-    lease_owner = models.CharField(max_length=200, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The job that runs it: who holds it, its lease and fence, its restarts after a dead worker.
+    job = models.OneToOneField(
+        "jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="install_run"
+    )
     attempts = models.PositiveIntegerField(default=0)
     downtime_started_at = models.DateTimeField(null=True, blank=True)
     downtime_ended_at = models.DateTimeField(null=True, blank=True)

@@ -1,7 +1,8 @@
 """Celery interface to Updates & Licensing: fetch by id, call the service, return.
 
 ``update_check`` is the hourly beat entry (the name is the one lmi/settings.py schedules).
-Downloads run as jobs of the job engine (``jobs.run``, upgrades/downloader.py).
+Downloads and installs run as jobs of the job engine (``jobs.run``; upgrades/downloader.py,
+upgrades/install.py).
 
 A worker that starts checks the feed when the last check is more than an hour old (or there
 was none): beat's hourly entry first fires at the next :07, and a fresh `make run` should show
@@ -34,40 +35,6 @@ def update_check() -> bool:
     if install.install_holds_maintenance():
         return False
     return services.update_check(trigger=CheckTrigger.SCHEDULE).ok
-
-
-# A phase's blocking work is bounded by the lease and its own steps, not by the time limit;
-# the limits only stop a task that hangs for ever (the recovery then takes the run over).
-INSTALL_SOFT_TIME_LIMIT = 6 * 3600
-INSTALL_TIME_LIMIT = INSTALL_SOFT_TIME_LIMIT + 120
-
-
-@shared_task(
-    name="upgrades.tasks.install_phase",
-    ignore_result=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=INSTALL_SOFT_TIME_LIMIT,
-    time_limit=INSTALL_TIME_LIMIT,
-)
-def install_phase(run_id: int, phase: int) -> None:
-    """Run one phase of a firmware install; a second copy finds the lease held and exits."""
-    install.install_close_connections()
-    install.install_execute(run_id, phase, install.executor_name("worker"))
-
-
-@shared_task(
-    name="upgrades.tasks.install_rollback",
-    ignore_result=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    soft_time_limit=INSTALL_SOFT_TIME_LIMIT,
-    time_limit=INSTALL_TIME_LIMIT,
-)
-def install_rollback(run_id: int) -> None:
-    """Roll a failed install back to the exact pre-upgrade state (idempotent)."""
-    install.install_close_connections()
-    install.install_rollback_execute(run_id, install.executor_name("worker"))
 
 
 @worker_ready.connect

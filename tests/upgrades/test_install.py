@@ -13,7 +13,9 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -26,6 +28,8 @@ from appliance.mail import msgcounts, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
 from events.models import Category, Event
+from jobs import leases
+from jobs.models import Job, JobState
 from tests.support.services import WorkerProcess, start_worker, wait_for
 from tests.support.smtp import (
     SmtpServiceProcess,
@@ -314,42 +318,48 @@ def test_a_second_install_is_refused(ready_firmware: Download, admin_user) -> No
     assert InstallRun.objects.count() == 1
 
 
+def _run_with_job(download: Download, **fields: Any) -> InstallRun:
+    job = Job.objects.create(kind="install", title=f"Install of firmware {NEW_VERSION}", steps=10)
+    return InstallRun.objects.create(download=download, version=NEW_VERSION, job=job, **fields)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_task_for_a_held_run_does_nothing(ready_firmware: Download) -> None:
-    """A second copy of a phase task sees the live holder and leaves (no phase start)."""
-    run = InstallRun.objects.create(
-        download=ready_firmware,
-        version=NEW_VERSION,
-        state=InstallState.RUNNING,
-        phase=1,
-        lease_owner=install.executor_name("other"),  # this very process: alive
-        heartbeat_at=timezone.now(),
+    """A second copy of the install's task finds the job held by a live executor and leaves."""
+    run = _run_with_job(ready_firmware, state=InstallState.RUNNING, phase=1)
+    Job.objects.filter(pk=run.job_id).update(
+        state=JobState.RUNNING,
+        lease_owner=leases.executor_name("other"),  # this very process: alive
+        lease_expires_at=timezone.now() + timedelta(seconds=30),
+        fence=1,
     )
     InstallPhase.objects.create(run=run, number=1, name="Download")
-    install.install_execute(run.pk, 1, install.executor_name("worker"))
+
+    assert install.install_execute(run.pk, leases.executor_name("worker")) == InstallState.RUNNING
+
     run.refresh_from_db()
     assert run.attempts == 0
     assert InstallPhase.objects.get(run=run, number=1).state == PhaseState.PENDING
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_stale_task_for_a_finished_phase_does_nothing(ready_firmware: Download) -> None:
-    run = InstallRun.objects.create(
-        download=ready_firmware, version=NEW_VERSION, state=InstallState.RUNNING, phase=5
-    )
-    install.install_execute(run.pk, 3, install.executor_name("worker"))
+def test_a_redelivered_task_of_a_finished_install_does_nothing(ready_firmware: Download) -> None:
+    run = _run_with_job(ready_firmware, state=InstallState.SUCCEEDED, phase=10)
+    Job.objects.filter(pk=run.job_id).update(state=JobState.SUCCEEDED)
+
+    assert install.install_execute(run.pk) == InstallState.SUCCEEDED
+
     run.refresh_from_db()
-    assert run.attempts == 0 and run.phase == 5
+    assert run.attempts == 0 and run.phase == 10
 
 
 @pytest.mark.django_db(transaction=True)
 def test_a_crash_loop_rolls_back_instead_of_trying_for_ever(
     ready_firmware: Download, admin_user, settings
 ) -> None:
-    """Past INSTALL_MAX_ATTEMPTS phase starts the phase fails and the rollback runs."""
-    run = InstallRun.objects.create(
-        download=ready_firmware,
-        version=NEW_VERSION,
+    """Past INSTALL_MAX_ATTEMPTS phase starts the phase fails and the same job rolls back."""
+    run = _run_with_job(
+        ready_firmware,
         from_version=OLD_VERSION,
         state=InstallState.RUNNING,
         phase=3,
@@ -358,14 +368,12 @@ def test_a_crash_loop_rolls_back_instead_of_trying_for_ever(
     InstallPhase.objects.bulk_create(
         InstallPhase(run=run, number=n, name=f"phase {n}") for n in range(1, 11)
     )
-    install.install_execute(run.pk, 3, install.executor_name("worker"))
+
+    assert install.install_execute(run.pk) == InstallState.ROLLED_BACK
+
     run.refresh_from_db()
-    assert run.state == InstallState.ROLLING_BACK
     assert "keeps stopping" in run.error
-    # The rollback task's work, run here (the task is in the real broker's queue).
-    install.install_rollback_execute(run.pk, install.executor_name("worker"))
-    run.refresh_from_db()
-    assert run.state == InstallState.ROLLED_BACK, run.error
+    assert run.job.state == JobState.ROLLED_BACK and not run.job.lease_owner
     assert system_info().firmware_version == OLD_VERSION
     assert maintenance_status() is None
 

@@ -3,10 +3,10 @@
 Each test starts a real worker with a pause inside every phase (LMI_INSTALL_PHASE_DELAY_MS, a
 checkpoint placed after the phase's first side effect where it has several), waits until phase
 N sits at its checkpoint, kills the whole worker (main process and pool child) with SIGKILL,
-and starts a fresh one. The fresh worker's start-up recovery sees the holder's process gone
-and enqueues phase N again at once. Asserted: the run ends SUCCEEDED (never a third state),
-phase N was started exactly twice and every other phase once, every phase completed exactly
-once, and no message was lost or changed.
+and starts a fresh one. The job engine's reconciler, at the fresh worker's start, sees the
+holder's process gone and hands the install's job to it at once (on_dead resume). Asserted:
+the run ends SUCCEEDED (never a third state), phase N was started exactly twice and every
+other phase once, every phase completed exactly once, and no message was lost or changed.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def test_worker_killed_inside_a_phase_resumes_to_success(
 
     run = wait_final(run.pk)
     assert run.state == InstallState.SUCCEEDED, (run.state, run.error)
+    run.job.refresh_from_db()
+    assert (run.job.state, run.job.restarts, run.job.lease_owner) == ("succeeded", 1, "")
     attempts = dict(run.phases.values_list("number", "attempts"))
     assert attempts == {n: 2 if n == phase else 1 for n in range(1, 11)}
     assert completed_events(run) == {n: 1 for n in range(1, 11)}
