@@ -7,3 +7,8 @@ class ClusterConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "cluster"
     verbose_name = "Cluster"
+
+    def ready(self) -> None:
+        from cluster import services
+
+        services.register_job_kind()

@@ -168,6 +168,11 @@ class ClusterUpgrade(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     error = models.TextField(blank=True)
     stopped_node = models.CharField(max_length=64, blank=True)
+    # Its record in the job engine's one table (a driven job: who started it, node i of N,
+    # how it ended), moved on in the same transaction as ``results``.
+    job = models.OneToOneField(
+        "jobs.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="cluster_upgrade"
+    )
 
     class Meta:
         ordering = ("-created_at", "-id")

@@ -43,6 +43,9 @@ from cluster.models import (
 )
 from events.models import Category, Event, Severity
 from events.services import event_write, username_of
+from jobs import engine as jobs_engine
+from jobs import registry as jobs_registry
+from jobs.models import JobState
 from lmi.celery import node_queue
 
 logger = logging.getLogger(__name__)
@@ -915,6 +918,27 @@ def cluster_target_version() -> str | None:
     return installed or None
 
 
+CLUSTER_UPGRADE_KIND = "cluster_upgrade"
+UPGRADE_JOB_OUTCOME = {
+    UpgradeState.SUCCEEDED: JobState.SUCCEEDED,
+    UpgradeState.STOPPED: JobState.FAILED,
+}
+
+
+def register_job_kind() -> None:
+    """The rolling upgrade's kind of the job engine (ClusterConfig.ready): driven by
+    cluster_upgrade_advance from the members' reports and beat, never held by a worker."""
+    jobs_registry.register(
+        jobs_registry.Kind(
+            name=CLUSTER_UPGRADE_KIND,
+            label="Cluster upgrade",
+            category=Category.CLUSTER,
+            driven=True,
+            own_events=True,
+        )
+    )
+
+
 def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
     """Central: start "Upgrade cluster" (Central first, then each member in node order)."""
     _require(CENTRAL, "Upgrade cluster")
@@ -934,6 +958,14 @@ def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
     order = [settings.NODE_NAME, *[m.node for m in members]]
     try:
         with transaction.atomic():
+            job = jobs_engine.start_driven(
+                CLUSTER_UPGRADE_KIND,
+                title=f"Cluster upgrade to {version}",
+                user=user,
+                conflict_group=CLUSTER_UPGRADE_KIND,
+                steps=len(order),
+                details={"version": version, "order": order},
+            )
             upgrade = ClusterUpgrade.objects.create(
                 version=version,
                 order=order,
@@ -941,8 +973,9 @@ def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
                 results={node: {"state": NodeStep.PENDING} for node in order},
                 started_by=username_of(user)[:150],
                 step_started_at=timezone.now(),
+                job=job,
             )
-    except IntegrityError as exc:
+    except (IntegrityError, jobs_engine.JobConflict) as exc:
         raise ClusterError("A cluster upgrade is already running.") from exc
     event_write(
         category=Category.CLUSTER,
@@ -1139,6 +1172,16 @@ def cluster_upgrade_advance() -> ClusterUpgrade | None:
             # row) with the transaction and let the winner's state stand.
             transaction.set_rollback(True)
             return ClusterUpgrade.objects.filter(pk=upgrade.pk).first()
+        if upgrade.job_id is not None:
+            step = results.get(current, {}).get("state", NodeStep.PENDING)
+            label = NodeStep(step).label if step in NodeStep.values else str(step)
+            jobs_engine.drive(
+                upgrade.job_id,
+                step=upgrade.order.index(current),
+                step_name=f"{current}: {label}",
+                final=UPGRADE_JOB_OUTCOME.get(state),
+                error=error,
+            )
         for message, severity in notes:
             event_write(
                 category=Category.CLUSTER,

@@ -371,6 +371,70 @@ def run_here(
     return result
 
 
+def start_driven(
+    kind: str,
+    *,
+    title: str,
+    user: User | None = None,
+    trigger: str = "",
+    conflict_group: str = "",
+    steps: int = 0,
+    details: Mapping[str, Any] | None = None,
+) -> Job:
+    """Create a driven job (registry.Kind.driven): running from the start, held by nobody;
+    its service moves it on and ends it with :func:`drive`. JobConflict when its group is busy."""
+    spec = registry.get(kind)
+    if not spec.driven:
+        raise ValueError(f"job kind {kind} is run by a worker, not driven")
+    now = timezone.now()
+    job = _create(
+        spec,
+        conflict_group,
+        title=title[:200],
+        requested_by=username_of(user)[:150],
+        trigger=trigger,
+        steps=steps,
+        details=dict(details or {}),
+        state=JobState.RUNNING,
+        started_at=now,
+        progress_at=now,
+    )
+    if not spec.own_events:
+        event(job, f"{job.title} started")
+    return job
+
+
+def drive(
+    job_id: int,
+    *,
+    step: int | None = None,
+    step_name: str | None = None,
+    details: Mapping[str, Any] | None = None,
+    final: JobState | None = None,
+    error: str = "",
+) -> bool:
+    """Move a driven job on (its step) or end it (``final``); False when it already ended.
+
+    The caller serialises its own advances (the cluster upgrade's revision), so this is the
+    record of what the service decided, written in the caller's transaction.
+    """
+    values: dict[str, Any] = {"progress_at": timezone.now()}
+    if step is not None:
+        values["step"] = step
+    if step_name is not None:
+        values["step_name"] = step_name[:200]
+    if details is not None:
+        job = Job.objects.filter(pk=job_id).first()
+        values["details"] = {**(job.details if job else {}), **details}
+    if final is not None:
+        if final not in FINAL_STATES:
+            raise ValueError(f"{final} is not a final state")
+        values.update(state=final, finished_at=timezone.now(), error=error[:2000])
+        if final == JobState.SUCCEEDED:
+            values["step"] = F("steps")
+    return bool(Job.objects.filter(pk=job_id, state=JobState.RUNNING).update(**values))
+
+
 def request_again(job_id: int) -> bool:
     """Ask an active job to go round once more before it finishes; False when it is not active
     (it finished meanwhile: the caller starts a new one)."""

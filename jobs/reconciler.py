@@ -109,7 +109,7 @@ def reconcile(now: datetime | None = None) -> Reconciled:
     """One pass over the active jobs; returns what it did."""
     now = now or timezone.now()
     summary = Reconciled()
-    known = {kind.name for kind in registry.kinds()}
+    known = {kind.name for kind in registry.kinds() if not kind.driven}
     stale = Q(state=JobState.QUEUED, queued_at__lt=now - ENQUEUE_GRACE)
     for job in Job.objects.filter(stale, kind__in=known):
         if engine.enqueue(job.pk, job.kind):

@@ -23,8 +23,8 @@ class Kind:
     label: str
     category: str  # events.models.Category of its events
     # Called with the worker's jobs.engine.Lease (typed loosely: the engine builds on this
-    # module, so this module does not import it back).
-    run: Callable[[Any], None]
+    # module, so this module does not import it back). None for a driven kind.
+    run: Callable[[Any], None] | None = None
     on_dead: OnDead = "fail"
     max_restarts: int = 2
     cancellable: bool = False
@@ -35,6 +35,11 @@ class Kind:
     own_events: bool = False
     # Where the worker runs it: its own queue lets a long job not hold up short ones.
     task_name: str = "jobs.run"
+    # Advanced by its service from the facts as they arrive (a cluster upgrade follows its
+    # members' reports) instead of held by a worker: created running without a lease, moved
+    # on and finished with jobs.engine.drive, and left alone by the reconciler (no holder can
+    # die; its service's own timeout ends it).
+    driven: bool = False
 
 
 _KINDS: dict[str, Kind] = {}
@@ -48,6 +53,8 @@ def register(kind: Kind) -> Kind:
     """Add (or, on a reload, replace) a kind."""
     if kind.on_dead == "rollback" and kind.rollback is None:
         raise ValueError(f"job kind {kind.name} rolls back but has no rollback")
+    if (kind.run is None) != kind.driven:
+        raise ValueError(f"job kind {kind.name} needs a run, or is driven (and has none)")
     _KINDS[kind.name] = kind
     return kind
 

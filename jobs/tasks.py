@@ -38,6 +38,7 @@ def run_job(job_id: int) -> None:
                 assert spec.rollback is not None
                 spec.rollback(lease)
             else:
+                assert spec.run is not None  # registry.register: only driven kinds have none
                 spec.run(lease)
     except engine.LeaseLost:
         logger.warning("job %s moved on without this worker", job_id)

@@ -86,6 +86,9 @@ def test_it_upgrades_members_one_at_a_time_as_their_reports_arrive(
     upgrade.refresh_from_db()
     assert upgrade.state == UpgradeState.SUCCEEDED and upgrade.finished_at is not None
     assert Event.objects.filter(message=f"Cluster upgrade to {NEW} complete").exists()
+    # Its record in the job engine's one table followed it node by node and ended with it.
+    assert (upgrade.job.kind, upgrade.job.state) == ("cluster_upgrade", "succeeded")
+    assert upgrade.job.step == upgrade.job.steps == 3 and not upgrade.job.lease_owner
 
 
 def test_it_stops_at_the_first_failure(cluster, django_capture_on_commit_callbacks) -> None:
@@ -94,6 +97,8 @@ def test_it_stops_at_the_first_failure(cluster, django_capture_on_commit_callbac
     upgrade.refresh_from_db()
     assert upgrade.state == UpgradeState.STOPPED and upgrade.stopped_node == "member1"
     assert "rolled_back" in upgrade.error
+    assert upgrade.job.state == "failed" and "member1" in upgrade.job.error
+    assert upgrade.job.step_name.startswith("member1: ")
     assert upgrade.results["member2"]["state"] == NodeStep.PENDING
     # Nothing moves after a stop, whatever arrives.
     with django_capture_on_commit_callbacks() as captured:
