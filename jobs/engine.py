@@ -475,8 +475,12 @@ def cancel(job_id: int, *, user: User | None) -> Job:
 
 
 def job_dict(job: Job) -> dict[str, Any]:
-    """The one shape of a job for the browser, the API and the command line."""
+    """The one shape of a job for the browser, the API and the command line (plain JSON)."""
     spec = registry.get(job.kind)
+
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value is not None else None
+
     return {
         "id": job.pk,
         "kind": job.kind,
@@ -492,9 +496,9 @@ def job_dict(job: Job) -> dict[str, Any]:
         "bytes_total": job.bytes_total,
         "rate": round(job.rate, 1),
         "seconds_left": job.seconds_left,
-        "created_at": job.created_at,
-        "started_at": job.started_at,
-        "finished_at": job.finished_at,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "requested_by": job.requested_by,
         "error": job.error,
         "restarts": job.restarts,

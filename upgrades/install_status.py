@@ -12,6 +12,7 @@ from datetime import datetime
 from statistics import mean
 from typing import TYPE_CHECKING, Any
 
+from jobs.engine import job_dict
 from upgrades.models import (
     INSTALL_ACTIVE_STATES,
     InstallPhase,
@@ -135,6 +136,8 @@ def run_dict(run: InstallRun) -> dict[str, Any]:
         "messages_after": run.messages_after,
         "log_name": run.log_name,
         "phases": [phase_dict(phase) for phase in phases],
+        # Its job in the engine's one shape (the same for every kind of long work).
+        "job": job_dict(run.job) if run.job is not None else None,
     }
 
 

@@ -17,6 +17,7 @@ from appliance.firmware import spool
 from appliance.firmware.bundle import version_tuple
 from appliance.system.errors import ApplianceError
 from appliance.system.facts import system_info
+from jobs.engine import job_dict
 from upgrades.models import (
     ACTIVE_STATES,
     FIRMWARE,
@@ -229,6 +230,8 @@ def download_dict(download: Download | None, installed: str | None = None) -> di
         "created_at": _iso(download.created_at),
         "started_at": _iso(download.started_at),
         "finished_at": _iso(download.finished_at),
+        # Its job in the engine's one shape (the same for every kind of long work).
+        "job": job_dict(download.job) if download.job is not None else None,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import subprocess
 from datetime import timedelta
@@ -17,7 +18,7 @@ from jobs import engine
 from jobs.models import Job, JobState
 from tests.upgrades import bundles
 from tests.upgrades.conftest import offered_bundle, run_download, start_download
-from upgrades import downloader, services
+from upgrades import downloader, selectors, services
 from upgrades.models import Download, DownloadState, DownloadTrigger
 
 pytestmark = pytest.mark.django_db
@@ -43,6 +44,10 @@ def test_it_downloads_verifies_and_publishes_the_bundle(firmware):
     digest = bundles.sha256_of(path)
     assert str(published).endswith(f"var/spool/updates/firmware-2.8.1.0-{digest[:12]}.bundle")
     assert download.file_name == published.name
+    # Its job, in the one shape every kind of long work has (plain JSON for the API and CLI).
+    shown = selectors.download_dict(download)["job"]
+    assert json.loads(json.dumps(shown)) == shown
+    assert (shown["kind"], shown["state"], shown["percent"]) == ("download", "succeeded", 100.0)
     [ready] = _events("is ready to install")
     assert ready.details["sha256"] == bundles.sha256_of(path)
     assert _events("Download of firmware 2.8.1.0 started")[0].username == "admin"
