@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Required, TypedDict, TypeVar, Unpack
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -73,50 +73,56 @@ def enqueue(job_id: int, kind: str) -> bool:
     return True
 
 
-def _create(spec: registry.Kind, conflict_group: str, **fields: Any) -> Job:
-    """The job row; JobConflict (naming the active one) when its group is busy."""
+class Request(TypedDict, total=False):
+    """What a caller says about the job it starts (the same for every way of starting one)."""
+
+    title: Required[str]
+    user: User | None
+    trigger: str
+    # At most one queued or running job per non-empty group (JobConflict otherwise).
+    conflict_group: str
+    steps: int
+    bytes_total: int
+    details: Mapping[str, Any] | None
+
+
+def _create(kind: str, request: Request, **fields: Any) -> Job:
+    """The job row and its start event (unless its kind writes its own); JobConflict (naming
+    the active one) when its group is busy."""
+    spec = registry.get(kind)
+    group = request.get("conflict_group", "")
     try:
         with transaction.atomic():
-            return Job.objects.create(kind=spec.name, conflict_group=conflict_group, **fields)
+            job = Job.objects.create(
+                kind=kind,
+                conflict_group=group,
+                title=request["title"][:200],
+                requested_by=username_of(request.get("user"))[:150],
+                trigger=request.get("trigger", ""),
+                steps=request.get("steps", 0),
+                bytes_total=request.get("bytes_total", 0),
+                details=dict(request.get("details") or {}),
+                **fields,
+            )
     except IntegrityError:
-        active = Job.objects.filter(conflict_group=conflict_group, state__in=ACTIVE_STATES).first()
+        active = Job.objects.filter(conflict_group=group, state__in=ACTIVE_STATES).first()
         what = active.title.lower() if active else spec.label.lower()
         raise JobConflict(
             f"A {what} is already in progress: wait for it to finish.", active
         ) from None
+    if not spec.own_events:
+        event(job, f"{job.title} started")
+    return job
 
 
-def start(
-    kind: str,
-    *,
-    title: str,
-    user: User | None = None,
-    trigger: str = "",
-    conflict_group: str = "",
-    steps: int = 0,
-    bytes_total: int = 0,
-    details: Mapping[str, Any] | None = None,
-    enqueue_on_commit: bool = True,
-) -> Job:
+def start(kind: str, *, enqueue_on_commit: bool = True, **request: Unpack[Request]) -> Job:
     """Create a queued job and enqueue it on commit; JobConflict when its group is busy.
 
     With ``enqueue_on_commit=False`` the caller claims it in its own process (update-control
     downloading in the foreground); should that process die, the reconciler sends it on.
     """
-    spec = registry.get(kind)
     with transaction.atomic():
-        job = _create(
-            spec,
-            conflict_group,
-            title=title[:200],
-            requested_by=username_of(user)[:150],
-            trigger=trigger,
-            steps=steps,
-            bytes_total=bytes_total,
-            details=dict(details or {}),
-        )
-        if not spec.own_events:
-            event(job, f"{job.title} started")
+        job = _create(kind, request)
         pk = job.pk
         if enqueue_on_commit:
             transaction.on_commit(lambda: enqueue(pk, kind))
@@ -321,17 +327,7 @@ def claim(job_id: int, owner: str) -> Lease | None:
     return Lease(job_id, owner, job.fence + 1, job.kind, spec.lease_seconds)
 
 
-def run_here(
-    kind: str,
-    body: Callable[[Lease], T],
-    *,
-    title: str,
-    user: User | None = None,
-    trigger: str = "",
-    conflict_group: str = "",
-    steps: int = 0,
-    details: Mapping[str, Any] | None = None,
-) -> T:
+def run_here(kind: str, body: Callable[[Lease], T], **request: Unpack[Request]) -> T:
     """Run short work in this process (a page's request, the CLI) as a job, and return what
     ``body`` returns; its exception propagates once the job is marked failed.
 
@@ -344,13 +340,8 @@ def run_here(
     owner = leases.executor_name("here")
     now = timezone.now()
     job = _create(
-        spec,
-        conflict_group,
-        title=title[:200],
-        requested_by=username_of(user)[:150],
-        trigger=trigger,
-        steps=steps,
-        details=dict(details or {}),
+        kind,
+        request,
         state=JobState.RUNNING,
         started_at=now,
         heartbeat_at=now,
@@ -358,8 +349,6 @@ def run_here(
         lease_expires_at=now + timedelta(seconds=spec.lease_seconds),
         fence=1,
     )
-    if not spec.own_events:
-        event(job, f"{job.title} started")
     lease = Lease(job.pk, owner, 1, kind, spec.lease_seconds)
     try:
         with lease.keep_alive():
@@ -371,37 +360,13 @@ def run_here(
     return result
 
 
-def start_driven(
-    kind: str,
-    *,
-    title: str,
-    user: User | None = None,
-    trigger: str = "",
-    conflict_group: str = "",
-    steps: int = 0,
-    details: Mapping[str, Any] | None = None,
-) -> Job:
+def start_driven(kind: str, **request: Unpack[Request]) -> Job:
     """Create a driven job (registry.Kind.driven): running from the start, held by nobody;
     its service moves it on and ends it with :func:`drive`. JobConflict when its group is busy."""
-    spec = registry.get(kind)
-    if not spec.driven:
+    if not registry.get(kind).driven:
         raise ValueError(f"job kind {kind} is run by a worker, not driven")
     now = timezone.now()
-    job = _create(
-        spec,
-        conflict_group,
-        title=title[:200],
-        requested_by=username_of(user)[:150],
-        trigger=trigger,
-        steps=steps,
-        details=dict(details or {}),
-        state=JobState.RUNNING,
-        started_at=now,
-        progress_at=now,
-    )
-    if not spec.own_events:
-        event(job, f"{job.title} started")
-    return job
+    return _create(kind, request, state=JobState.RUNNING, started_at=now, progress_at=now)
 
 
 def drive(
