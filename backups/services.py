@@ -271,6 +271,7 @@ def config_backup_create(
     created_by = username_of(user) or "system"
 
     def create(lease: jobs_engine.Lease) -> BackupHeader:
+        lease.progress(step=1, steps=1, step_name="Writing the archive")
         return configbackup.backup_create(
             created_by=created_by,
             comment=comment,
@@ -656,6 +657,18 @@ def _config_create_lost(lease: jobs_engine.Lease) -> None:
     raise BackupError("The configuration backup stopped with its process; make it again.")
 
 
+def _config_create_undo(lease: jobs_engine.Lease) -> None:
+    """A configuration backup whose process died: its archive appears whole or not at all,
+    so undoing it is deleting the temporary file a write cut short left."""
+    removed = len(configbackup.backup_leftovers_remove())
+    partial = f" ({removed} partial file{'s' if removed != 1 else ''} removed)" if removed else ""
+    lease.finish(
+        JobState.ROLLED_BACK,
+        message="Configuration backup undone: the process making it stopped before it was "
+        f"written{partial}; make it again",
+    )
+
+
 def register_job_kinds() -> None:
     """The backup kinds of the job engine (BackupsConfig.ready)."""
     jobs_registry.register(
@@ -664,7 +677,8 @@ def register_job_kinds() -> None:
             label="Configuration backup",
             category=Category.BACKUP,
             run=_config_create_lost,
-            on_dead="fail",  # its archive is written atomically: nothing to finish or undo
+            on_dead="rollback",  # written atomically: undoing it is removing a partial file
+            rollback=_config_create_undo,
             own_events=True,
         )
     )

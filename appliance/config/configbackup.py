@@ -263,6 +263,25 @@ def backup_prune(trigger: str, keep: int, root: Path | None = None) -> list[str]
     return deleted
 
 
+def backup_leftovers_remove(root: Path | None = None) -> list[str]:
+    """Delete the temporary files a writer that died mid-backup left; return their names.
+
+    Taken under the directory's lock, which every writer holds while its file is written (and
+    the kernel drops when a writer dies), so a backup being written now is never touched.
+    """
+    directory = layout(root).config_backups_dir
+    if not directory.is_dir():
+        return []
+    removed = []
+    with exclusive_lock(directory / ".lock"):
+        for leftover in directory.glob(f".*{SUFFIX}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+            removed.append(leftover.name)
+        if removed:
+            fsync_dir(directory)
+    return removed
+
+
 # --- Loading and validating -----------------------------------------------------------------------
 
 

@@ -176,3 +176,60 @@ def test_a_configuration_restore_killed_midway_is_finished_or_undone_from_its_jo
     assert Event.objects.filter(message__contains="the process restoring it stopped").exists()
     services.config_backup_restore(user="admin", name=header.name)  # the way is free again
     assert tree_bytes(demo_appliance, "etc") == etc_backup
+
+
+CREATE_SCRIPT = """
+import django, os
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
+django.setup()
+from backups import services
+services.config_backup_create(user="admin")
+"""
+
+
+def test_a_configuration_backup_killed_midway_is_undone_and_leaves_no_partial_file(
+    redis_settings, transactional_db, demo_appliance, monkeypatch
+):
+    """SIGKILL the process making a configuration backup: the reconciler sees its holder gone
+    and a worker undoes it (a write cut short leaves only a temporary file, which goes); the
+    backups are as they were, and the next backup is made at once."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from appliance.config import configbackup
+    from appliance.system.paths import layout
+    from jobs.reconciler import reconcile
+    from jobs.tasks import run_job
+    from tests.support import enqueue as enqueues
+
+    before = [header.name for header in configbackup.backup_list()]
+    env = {**worker_env(redis_settings, demo_appliance), "LMI_JOB_PAUSE": "config_backup:1:30000"}
+    making = subprocess.Popen([sys.executable, "-c", CREATE_SCRIPT], cwd=settings.BASE_DIR, env=env)
+    try:
+        job = wait_for(
+            lambda: Job.objects.filter(kind="config_backup", step=1).first(),
+            timeout=30,
+            message="the backup did not reach its write",
+        )
+    finally:
+        making.kill()
+        making.wait()
+    # What a write cut short leaves (atomic_open's temporary file next to the archive).
+    directory = layout(demo_appliance).config_backups_dir
+    partial = directory / ".lmi-config-20261205.lmibak.abc123.tmp"
+    directory.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"half an archive")
+
+    sent = enqueues.capture(monkeypatch, "jobs.run")
+    assert reconcile().rolling_back == [job.pk] and sent == [job.pk]
+    run_job(job.pk)
+
+    job.refresh_from_db()
+    assert job.state == JobState.ROLLED_BACK, job.error
+    assert not partial.exists()
+    assert [header.name for header in configbackup.backup_list()] == before
+    assert Event.objects.filter(message__startswith="Configuration backup undone").exists()
+    made = services.config_backup_create(user="admin")  # the way is free again
+    assert made.name in [header.name for header in configbackup.backup_list()]
