@@ -62,10 +62,12 @@ class RestoreIn(Schema):
 
 
 class ConfirmOut(Schema):
-    """An unverified backup: resend the restore with ``confirm_files`` set to ``files``."""
+    """A restore that cannot go on now: an unverified backup (resend the restore with
+    ``confirm_files`` set to ``files``), or another job that changes the appliance is running
+    (``files`` empty; ``detail`` names it)."""
 
     detail: str
-    files: list[str]
+    files: list[str] = []
 
 
 class DiffItemOut(Schema):
@@ -157,7 +159,7 @@ def _status(exc: BackupError) -> int:
         return 404
     if isinstance(exc, PassphraseRequired | WrongPassphrase):
         return 403 if isinstance(exc, WrongPassphrase) else 400
-    if isinstance(exc, services.SystemJobInProgress):
+    if isinstance(exc, services.JobInProgress):
         return 409
     if isinstance(exc, BackupRejected | services.BadPassphrase):
         return 422

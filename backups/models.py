@@ -49,11 +49,10 @@ class BackupSettings(models.Model):
 
 
 # The system backup image is written and restored by jobs of the engine (jobs.models.Job), of
-# these kinds, one at a time on the rescue partition (their conflict group).
+# these kinds, one at a time with every job that changes the appliance (jobs.APPLIANCE_GROUP).
 SYSTEM_BACKUP = "system_backup"
 SYSTEM_RESTORE = "system_restore"
 SYSTEM_KINDS = (SYSTEM_BACKUP, SYSTEM_RESTORE)
-RESCUE_GROUP = "rescue"
 
 # Configuration backups are made and restored in the process that asks (they take a second),
 # as jobs of the engine of these kinds: in the one history, one restore at a time, and a restore

@@ -36,7 +36,6 @@ from backups.models import (
     CONFIG_BACKUP,
     CONFIG_RESTORE,
     KEEP_LAST_MAX,
-    RESCUE_GROUP,
     SYSTEM_BACKUP,
     SYSTEM_RESTORE,
     BackupSettings,
@@ -45,7 +44,7 @@ from events.models import Category, Severity
 from events.services import User, event_write, username_of
 from jobs import engine as jobs_engine
 from jobs import registry as jobs_registry
-from jobs.models import Job, JobState
+from jobs.models import APPLIANCE_GROUP, Job, JobState
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +76,8 @@ class BadPassphrase(BackupError):
     """A new passphrase that is too short or too long."""
 
 
-class SystemJobInProgress(BackupError):
-    """One system backup job at a time."""
+class JobInProgress(BackupError):
+    """Another job that changes the appliance runs (an install, a restore, a system backup)."""
 
 
 class NoSystemBackup(BackupError):
@@ -470,14 +469,14 @@ def config_backup_restore(
             restore,
             title=f"Restore of configuration backup {name}",
             user=user,
-            conflict_group=CONFIG_RESTORE,
+            conflict_group=APPLIANCE_GROUP,
             steps=2,
             details={"backup": name, "console": loaded.console},
         )
     except ConfirmationRequired:
         raise  # a question for the administrator, not a failure
     except jobs_engine.JobConflict as exc:
-        raise BackupError(str(exc)) from None
+        raise JobInProgress(str(exc)) from None
     except (ApplianceError, OSError) as exc:
         _refused(
             exc,
@@ -563,7 +562,7 @@ def scheduled_backup_run() -> BackupHeader | None:
 
 
 # --- The system backup image ------------------------------------------------------------------
-# Jobs of the engine (jobs/): one at a time on the rescue partition (conflict group "rescue").
+# Jobs of the engine (jobs/): one at a time with every job that changes the appliance.
 # A job whose worker died is started again from scratch: a creation writes the image through a
 # temporary file, so the previous image stays until the new one is whole; a restore finishes or
 # discards its journal first.
@@ -571,9 +570,9 @@ def scheduled_backup_run() -> BackupHeader | None:
 
 def _system_job_start(kind: str, title: str, user: User | None) -> Job:
     try:
-        return jobs_engine.start(kind, title=title, user=user, conflict_group=RESCUE_GROUP)
+        return jobs_engine.start(kind, title=title, user=user, conflict_group=APPLIANCE_GROUP)
     except jobs_engine.JobConflict as exc:
-        raise SystemJobInProgress(str(exc)) from None
+        raise JobInProgress(str(exc)) from None
 
 
 def system_backup_start(*, user: User | None) -> Job:

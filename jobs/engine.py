@@ -106,13 +106,21 @@ def _create(kind: str, request: Request, **fields: Any) -> Job:
             )
     except IntegrityError:
         active = Job.objects.filter(conflict_group=group, state__in=ACTIVE_STATES).first()
-        what = active.title.lower() if active else spec.label.lower()
-        raise JobConflict(
-            f"A {what} is already in progress: wait for it to finish.", active
-        ) from None
+        if active is None:  # it ended meanwhile: say what kind of job it was
+            message = f"A {spec.label.lower()} is already in progress: try again in a moment."
+        else:
+            who = f", started by {active.requested_by}" if active.requested_by else ""
+            message = f"{active.title} is already in progress{who}: wait for it to finish."
+        raise JobConflict(message, active) from None
     if not spec.own_events:
         event(job, f"{job.title} started")
     return job
+
+
+def active_in(group: str) -> Job | None:
+    """The queued or running job of a conflict group, if any (for a refusal that names it
+    before any work; the group's constraint is what really keeps a second one out)."""
+    return Job.objects.filter(conflict_group=group, state__in=ACTIVE_STATES).first()
 
 
 def start(kind: str, *, enqueue_on_commit: bool = True, **request: Unpack[Request]) -> Job:

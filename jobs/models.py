@@ -34,6 +34,11 @@ class JobState(models.TextChoices):
 
 
 ACTIVE_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+# The conflict group of every job that changes the appliance itself (an install and its
+# rollback, a configuration restore, a system backup or restore): one at a time, so a restore
+# can never run under an install, nor an install start under a restore.
+APPLIANCE_GROUP = "appliance"
 FINAL_STATES = (
     JobState.SUCCEEDED,
     JobState.FAILED,

@@ -47,7 +47,7 @@ from events.services import User, event_write, username_of
 from jobs import engine as jobs_engine
 from jobs import leases
 from jobs import registry as jobs_registry
-from jobs.models import JobState
+from jobs.models import APPLIANCE_GROUP, JobState
 from upgrades import selectors
 from upgrades.models import (
     FIRMWARE,
@@ -293,6 +293,11 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
     """
     if (active := _active_run()) is not None:
         raise _in_progress(active)
+    if (busy := jobs_engine.active_in(APPLIANCE_GROUP)) is not None:
+        who = f", started by {busy.requested_by}" if busy.requested_by else ""
+        raise InstallInProgress(
+            f"{busy.title} is in progress{who}: the install can start once it has finished."
+        )
     installed = selectors.installed_version()
     download = selectors.ready_download(installed)
     if download is None:
@@ -319,14 +324,18 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             f"The automatic configuration backup failed, so the install did not start: {exc}"
         ) from exc
     with transaction.atomic():
-        job = jobs_engine.start(
-            INSTALL_KIND,
-            title=f"Install of firmware {download.version}",
-            user=user,
-            trigger=str(trigger),
-            steps=PHASE_COUNT,
-            details={"version": download.version},
-        )
+        try:
+            job = jobs_engine.start(
+                INSTALL_KIND,
+                title=f"Install of firmware {download.version}",
+                user=user,
+                trigger=str(trigger),
+                conflict_group=APPLIANCE_GROUP,  # no restore or system backup under it
+                steps=PHASE_COUNT,
+                details={"version": download.version},
+            )
+        except jobs_engine.JobConflict as exc:
+            raise InstallInProgress(str(exc)) from None
         try:
             with transaction.atomic():
                 run = InstallRun.objects.create(

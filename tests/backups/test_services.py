@@ -179,9 +179,48 @@ def test_one_system_job_at_a_time(demo_appliance, admin_user, django_capture_on_
         job = services.system_backup_start(user=admin_user)
     assert job.state == JobState.QUEUED and job.kind == "system_backup" and len(callbacks) == 1
 
-    with pytest.raises(services.SystemJobInProgress, match="already in progress"):
+    with pytest.raises(services.JobInProgress, match="already in progress"):
         services.system_restore_start(user=admin_user)
     assert Job.objects.count() == 1
+
+
+def test_no_restore_or_system_backup_runs_under_an_install(
+    demo_appliance, admin_user, client, admin_token
+):
+    """Every job that changes the appliance excludes the others: during an install a system
+    restore, a configuration restore and a system backup are refused, naming the install."""
+    header = services.config_backup_create(user=admin_user)
+    Job.objects.create(
+        kind="install",
+        title="Install of firmware 2.8.1.0",
+        state=JobState.RUNNING,
+        conflict_group="appliance",
+        requested_by="admin",
+    )
+    etc_before = tree_bytes(demo_appliance, "etc")
+    named = r"Install of firmware 2\.8\.1\.0 is already in progress, started by admin"
+
+    with pytest.raises(services.JobInProgress, match=named):
+        services.system_restore_start(user=admin_user)
+    with pytest.raises(services.JobInProgress, match=named):
+        services.system_backup_start(user=admin_user)
+    with pytest.raises(services.JobInProgress, match=named):
+        services.config_backup_restore(user=admin_user, name=header.name)
+    answer = client.post("/api/v1/backups/system/restore", **admin_token)
+    assert answer.status_code == 409 and "Install of firmware 2.8.1.0" in answer.json()["detail"]
+    answer = client.post(
+        f"/api/v1/backups/config/{header.name}/restore",
+        {},
+        content_type="application/json",
+        **admin_token,
+    )
+    assert answer.status_code == 409, answer.content
+    assert "Install of firmware 2.8.1.0" in answer.json()["detail"]
+
+    assert list(Job.objects.exclude(kind="config_backup").values_list("kind", flat=True)) == [
+        "install"
+    ]
+    assert tree_bytes(demo_appliance, "etc") == etc_before
 
 
 def test_restore_without_an_image_is_refused(appliance_root, admin_user):

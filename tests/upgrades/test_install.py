@@ -318,6 +318,20 @@ def test_a_second_install_is_refused(ready_firmware: Download, admin_user) -> No
     assert InstallRun.objects.count() == 1
 
 
+@pytest.mark.django_db(transaction=True)
+def test_no_install_starts_under_a_restore(ready_firmware: Download, admin_user) -> None:
+    Job.objects.create(
+        kind="system_restore",
+        title="System restore",
+        state=JobState.RUNNING,
+        conflict_group="appliance",
+        requested_by="admin",
+    )
+    with pytest.raises(install.InstallInProgress, match="System restore is in progress, started"):
+        install.install_start(user=admin_user)
+    assert not InstallRun.objects.exists()
+
+
 def _run_with_job(download: Download, **fields: Any) -> InstallRun:
     job = Job.objects.create(kind="install", title=f"Install of firmware {NEW_VERSION}", steps=10)
     return InstallRun.objects.create(download=download, version=NEW_VERSION, job=job, **fields)
