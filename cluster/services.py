@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -196,6 +197,18 @@ def _central_key(link: CentralLink, sender: str) -> str:
     if sender != link.central:
         raise signing.Refused(f"this node's Cluster Central is {link.central}")
     return signing.member_key(link.secret)
+
+
+def _open_from_central(
+    link: CentralLink,
+    message: Any,
+    *,
+    kind: str,
+    key: Callable[[CentralLink, str], str] = _central_key,
+) -> signing.Opened | None:
+    """A member: open a received ``kind`` message with the key ``key`` finds in our ``link``
+    for its sender (``_open``: None when it is refused, after its event)."""
+    return _open(message, kind=kind, key=lambda sender, _body: key(link, sender))
 
 
 def cluster_role() -> str:
@@ -681,9 +694,7 @@ def join_answer_receive(*, message: Any) -> CentralLink | None:
     now = timezone.now()
     with transaction.atomic():
         link = _link()
-        opened = _open(
-            message, kind="join_answer", key=lambda sender, _body: _pending_join_key(link, sender)
-        )
+        opened = _open_from_central(link, message, kind="join_answer", key=_pending_join_key)
         if opened is None:
             return None
         central = opened.sender
@@ -745,9 +756,7 @@ def central_update_receive(*, message: Any) -> None:
         return
     with transaction.atomic():
         link = _link()
-        opened = _open(
-            message, kind="central_update", key=lambda sender, _body: _central_key(link, sender)
-        )
+        opened = _open_from_central(link, message, kind="central_update")
         if opened is None or link.state != JoinState.JOINED:
             return
         fields: dict[str, Any] = {"central_seen_at": timezone.now()}
@@ -840,9 +849,7 @@ def member_install_start(*, message: Any) -> CentralLink | None:
     if cluster_role() != MEMBER:
         return None
     link = _link()
-    opened = _open(
-        message, kind="node_install_start", key=lambda sender, _body: _central_key(link, sender)
-    )
+    opened = _open_from_central(link, message, kind="node_install_start")
     if opened is None:
         return None
     central = opened.sender
@@ -1236,10 +1243,7 @@ def member_removed_receive(*, message: Any) -> CentralLink | None:
     if cluster_role() != MEMBER:
         return None
     with transaction.atomic():
-        link = _link()
-        opened = _open(
-            message, kind="member_removed", key=lambda sender, _body: _central_key(link, sender)
-        )
+        opened = _open_from_central(_link(), message, kind="member_removed")
         if opened is None:
             return None
         central = opened.sender

@@ -22,20 +22,21 @@ Two filters cannot be answered by walking one index in order, and each gets its 
 
 from __future__ import annotations
 
-import base64
 import binascii
 import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import islice
-from typing import Any, Literal
+from typing import Any
 
 from django.db.models import Q, QuerySet, TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
 from events.models import Category, Event, Severity
+from lmi import pagelinks
+from lmi.pagelinks import EARLIEST, LATEST, MAX_ROW_ID, Direction
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
@@ -43,16 +44,6 @@ EXPORT_CHUNK = 2000
 # Rows of the log one page of a text search reads at most: about 10 ms of LIKE on SQLite and
 # 20 ms on PostgreSQL on the benchmark machine (docs/performance.md).
 SEARCH_WINDOW = 10_000
-
-Direction = Literal["older", "newer"]
-
-# The times a filter or a cursor may name: a day inside datetime's years 1 to 9999, so that
-# converting one to UTC or to any time zone (never a day away) stays inside datetime's range.
-# Outside it, the conversion raised OverflowError and the page was a 500 (issue 13).
-EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
-LATEST = datetime(9999, 12, 30, tzinfo=UTC)
-# The largest id a row can have: a signed 64-bit integer, in SQLite and PostgreSQL alike.
-MAX_EVENT_ID = 2**63 - 1
 
 
 class InvalidCursor(ValueError):
@@ -74,25 +65,23 @@ class Cursor:
         return cls(event.created_at, event.id)
 
     def encode(self) -> str:
-        """Opaque for the URL: urlsafe base64 of "<ISO time>|<id>", without padding."""
-        raw = f"{self.created_at.isoformat()}|{self.id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        """Opaque for the URL: the page link of "<ISO time>|<id>"."""
+        return pagelinks.encode(f"{self.created_at.isoformat()}|{self.id}")
 
     @classmethod
     def decode(cls, token: str) -> Cursor:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            when, _, ident = raw.partition("|")
+            when, _, ident = pagelinks.decode(token).decode().partition("|")
             created_at = datetime.fromisoformat(when)
             event_id = int(ident)
         except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-            raise InvalidCursor("This page link is damaged; start again from the newest.") from exc
+            raise InvalidCursor(pagelinks.DAMAGED) from exc
         if (
             timezone.is_naive(created_at)
             or not EARLIEST <= created_at <= LATEST
-            or not 0 <= event_id <= MAX_EVENT_ID
+            or not 0 <= event_id <= MAX_ROW_ID
         ):
-            raise InvalidCursor("This page link is damaged; start again from the newest.")
+            raise InvalidCursor(pagelinks.DAMAGED)
         return cls(created_at, event_id)
 
 

@@ -32,6 +32,7 @@ from appliance.firmware.bundle import (
     read_manifest_unverified,
     version_tuple,
 )
+from appliance.firmware.vendorjson import load_vendor_json
 from appliance.system.atomic import atomic_open, atomic_write_bytes, exclusive_lock
 from appliance.system.errors import ApplianceError
 
@@ -139,14 +140,14 @@ def _entry(index: int, raw: Any, resolve: Callable[[str], str]) -> FeedEntry:
 
 
 def _load(data: bytes) -> dict[str, Any]:
-    if not isinstance(data, bytes | bytearray):
-        raise FeedError("The feed must be given as bytes.")
-    if len(data) > MAX_FEED:
-        raise FeedError(f"The feed has {len(data)} bytes; this console reads at most 1 MiB.")
-    try:
-        document = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise FeedError("The feed is not valid JSON.") from None
+    document = load_vendor_json(
+        data,
+        MAX_FEED,
+        FeedError,
+        not_bytes="The feed must be given as bytes.",
+        too_large="The feed has {size} bytes; this console reads at most 1 MiB.",
+        not_json="The feed is not valid JSON.",
+    )
     if not isinstance(document, dict):
         raise FeedError("The feed is not a JSON object.")
     if document.get("format") != FEED_FORMAT or isinstance(document.get("format"), bool):

@@ -31,6 +31,7 @@ from appliance.firmware.signing import (
     signing_key_for,
     trusted_keys,
 )
+from appliance.firmware.vendorjson import load_vendor_json
 from appliance.system.atomic import atomic_write_bytes
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system.facts import read_firmware_release
@@ -108,16 +109,14 @@ def sign_license(private_key: bytes, *, customer: str, serial: str, updates_unti
 
 def _load(data: bytes) -> tuple[dict[str, Any], bytes]:
     """The license object and its signature, structure checked, nothing trusted yet."""
-    if not isinstance(data, bytes | bytearray):
-        raise LicenseError("A license file must be given as bytes.")
-    if len(data) > MAX_LICENSE:
-        raise LicenseError(
-            f"This file has {len(data)} bytes; a license file has at most {MAX_LICENSE}."
-        )
-    try:
-        document = json.loads(bytes(data).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise LicenseError("This file is not a license: it is not valid JSON.") from None
+    document = load_vendor_json(
+        data,
+        MAX_LICENSE,
+        LicenseError,
+        not_bytes="A license file must be given as bytes.",
+        too_large="This file has {size} bytes; a license file has at most {limit}.",
+        not_json="This file is not a license: it is not valid JSON.",
+    )
     if (
         not isinstance(document, dict)
         or set(document) != {"license", "signature"}

@@ -21,31 +21,23 @@ Older link goes on from there.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from appliance.mail import msgstore
+from lmi import pagelinks
+from lmi.pagelinks import EARLIEST, LATEST, MAX_ROW_ID, Direction
 
 PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 SEARCH_WINDOW = 10_000
 
-Direction = Literal["older", "newer"]
-
-# The times a search or a page link may name: a day inside datetime's years 1 to 9999, so that
-# a time converts to UTC, to any time zone and back from epoch seconds without OverflowError.
-EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
-LATEST = datetime(9999, 12, 30, tzinfo=UTC)
-# A position's numbers go to SQLite as INTEGER, a signed 64-bit value; a larger one raised
-# OverflowError (a page link of thirty 9s was a 500, issue 13).
+# The range of a position's time (lmi.pagelinks says why), in the epoch seconds it is written in.
 _EARLIEST_SECOND = int(EARLIEST.timestamp())
 _LATEST_SECOND = int(LATEST.timestamp())
-MAX_ROW_ID = 2**63 - 1
 
 
 class InvalidPosition(ValueError):
@@ -60,24 +52,20 @@ class Position:
     id: int
 
     def encode(self) -> str:
-        raw = f"{self.logged_at}.{self.id}".encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        return pagelinks.encode(f"{self.logged_at}.{self.id}")
 
     @classmethod
     def decode(cls, token: str) -> Position:
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-            when, _, ident = raw.partition(".")
+            when, _, ident = pagelinks.decode(token).decode("ascii").partition(".")
             position = cls(int(when), int(ident))
         except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-            raise InvalidPosition(
-                "This page link is damaged; start again from the newest."
-            ) from exc
+            raise InvalidPosition(pagelinks.DAMAGED) from exc
         if (
             not _EARLIEST_SECOND <= position.logged_at <= _LATEST_SECOND
             or not 0 <= position.id <= MAX_ROW_ID
         ):
-            raise InvalidPosition("This page link is damaged; start again from the newest.")
+            raise InvalidPosition(pagelinks.DAMAGED)
         return position
 
 

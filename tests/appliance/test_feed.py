@@ -126,6 +126,20 @@ def test_it_rejects_a_malformed_feed(data: bytes, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("key", "first"),
+    [(b'"bundles": ', b"[]"), (b'"file": ', b'"other.bundle"')],
+    ids=["in-the-feed", "in-an-entry"],
+)
+def test_it_rejects_a_feed_that_names_a_key_twice(key: bytes, first: bytes) -> None:
+    # Which value counts would depend on the reader's parser; a feed must say one thing.
+    data = feed(entry()).replace(key, key + first + b", " + key, 1)
+    assert json.loads(data)["bundles"]  # a lenient parser takes the last and reads a bundle
+
+    with pytest.raises(FeedError, match="not valid JSON"):
+        parse_feed(data, "https://updates.example.com/feed.json")
+
+
+@pytest.mark.parametrize(
     ("overrides", "message"),
     [
         ({"version": "2.8.x"}, 'invalid "version"'),

@@ -95,6 +95,16 @@ def test_it_rejects_what_is_not_a_license(data: bytes, message: str) -> None:
         parse_license(data, [PUBLIC])
 
 
+def test_it_rejects_a_license_that_names_a_field_twice() -> None:
+    # The signature covers the last "serial" (what Python reads); another reader would take the
+    # first, so a license must name each field once.
+    data = issue().replace(b'"serial": ', b'"serial": "OTHER01", "serial": ', 1)
+    assert json.loads(data)["license"]["serial"] == SERIAL
+
+    with pytest.raises(LicenseError, match="not valid JSON"):
+        parse_license(data, [PUBLIC])
+
+
 def _signed_body(body: dict[str, object]) -> bytes:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 

@@ -8,7 +8,6 @@ from dataclasses import replace
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from accounts.services import api_token_create
 from appliance.config import configbackup
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from backups import services
@@ -19,20 +18,6 @@ pytestmark = pytest.mark.django_db
 
 SECRET = "correct horse battery"
 BASE = "/api/v1/backups"
-
-
-def _bearer(key: str) -> dict[str, str]:
-    return {"HTTP_AUTHORIZATION": f"Bearer {key}"}
-
-
-@pytest.fixture
-def admin_token(admin_user) -> dict[str, str]:
-    return _bearer(api_token_create(admin_user, "ci"))
-
-
-@pytest.fixture
-def viewer_token(readonly_user) -> dict[str, str]:
-    return _bearer(api_token_create(readonly_user, "monitoring"))
 
 
 def _post(client, route: str, auth: dict[str, str], data: dict | None = None):

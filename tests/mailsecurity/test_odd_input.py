@@ -7,7 +7,6 @@ numbers SQLite cannot hold.
 
 from __future__ import annotations
 
-import base64
 import re
 from html import unescape
 
@@ -15,6 +14,7 @@ import pytest
 from django.test import Client
 
 from appliance.mail import tracking
+from tests.support.odd_input import OUT_OF_RANGE, OUT_OF_RANGE_TIMES, page_link
 
 from .conftest import MailData
 
@@ -22,19 +22,6 @@ pytestmark = pytest.mark.django_db
 
 TRACKING = "/mail-security/policy/message-tracking/"
 THIRTY_NINES = "9" * 30
-OUT_OF_RANGE = "is out of range: enter a time between 0001-01-02 and 9999-12-30 UTC."
-
-
-@pytest.fixture
-def admin(admin_user) -> Client:
-    client = Client()
-    client.force_login(admin_user)
-    return client
-
-
-def _link(raw: str) -> str:
-    """A page link as Position.encode writes one, around any text."""
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
 @pytest.mark.parametrize(
@@ -42,20 +29,19 @@ def _link(raw: str) -> str:
     [
         pytest.param({"limit": "²"}, "Page size must be a number", id="superscript-limit"),
         pytest.param({"limit": "٣"}, "Page size must be a number", id="arabic-indic-limit"),
-        pytest.param({"since": "0001-01-01T00:00:00+14:00"}, OUT_OF_RANGE, id="early-since"),
-        pytest.param({"until": "9999-12-31T23:59:59-14:00"}, OUT_OF_RANGE, id="late-until"),
+        *OUT_OF_RANGE_TIMES,
         pytest.param(
-            {"after": _link(f"{THIRTY_NINES}.1")},
+            {"after": page_link(f"{THIRTY_NINES}.1")},
             "This page link is damaged",
             id="position-time-of-thirty-nines",
         ),
         pytest.param(
-            {"before": _link(f"1700000000.{THIRTY_NINES}")},
+            {"before": page_link(f"1700000000.{THIRTY_NINES}")},
             "This page link is damaged",
             id="position-id-of-thirty-nines",
         ),
         pytest.param(
-            {"after": _link(f"-{THIRTY_NINES}.1")},
+            {"after": page_link(f"-{THIRTY_NINES}.1")},
             "This page link is damaged",
             id="position-time-far-before-year-1",
         ),
@@ -63,9 +49,9 @@ def _link(raw: str) -> str:
     ],
 )
 def test_the_search_explains_odd_input_with_a_400(
-    demo_appliance, admin: Client, params: dict[str, str], message: str
+    demo_appliance, admin_client: Client, params: dict[str, str], message: str
 ) -> None:
-    response = admin.get(TRACKING, params)
+    response = admin_client.get(TRACKING, params)
 
     assert response.status_code == 400
     html = unescape(response.content.decode())
@@ -73,21 +59,23 @@ def test_the_search_explains_odd_input_with_a_400(
 
 
 def test_a_date_in_a_zone_far_ahead_of_utc_is_refused_at_the_edge_of_time(
-    demo_appliance, admin: Client, settings
+    demo_appliance, admin_client: Client, settings
 ) -> None:
     settings.TIME_ZONE = "Pacific/Kiritimati"  # UTC+14: 0001-01-01 local is before year 1 UTC
 
-    response = admin.get(TRACKING, {"since": "0001-01-01T00:00"})
+    response = admin_client.get(TRACKING, {"since": "0001-01-01T00:00"})
 
     assert response.status_code == 400
     assert OUT_OF_RANGE in unescape(response.content.decode())
 
 
-def test_the_widest_accepted_range_still_finds_entries(admin: Client, mail: MailData) -> None:
+def test_the_widest_accepted_range_still_finds_entries(
+    admin_client: Client, mail: MailData
+) -> None:
     mail.tracking(0.1, subject="Inside the range")
     mail.commit()
 
-    response = admin.get(
+    response = admin_client.get(
         TRACKING, {"since": "0001-01-02T00:00:00+00:00", "until": "9999-12-30T00:00:00+00:00"}
     )
 
@@ -95,12 +83,14 @@ def test_the_widest_accepted_range_still_finds_entries(admin: Client, mail: Mail
     assert "Inside the range" in response.content.decode()
 
 
-def test_a_position_at_the_largest_row_id_is_still_a_page(admin: Client, mail: MailData) -> None:
+def test_a_position_at_the_largest_row_id_is_still_a_page(
+    admin_client: Client, mail: MailData
+) -> None:
     mail.tracking(0.1, subject="Older than the link")
     mail.commit()
     latest = int(tracking.LATEST.timestamp())
 
-    response = admin.get(TRACKING, {"after": _link(f"{latest}.{2**63 - 1}")})
+    response = admin_client.get(TRACKING, {"after": page_link(f"{latest}.{2**63 - 1}")})
 
     assert response.status_code == 200
     assert re.findall(r'data-entry-id="(\d+)"', response.content.decode())
@@ -109,4 +99,4 @@ def test_a_position_at_the_largest_row_id_is_still_a_page(admin: Client, mail: M
 def test_positions_out_of_range_do_not_decode() -> None:
     for raw in (f"{THIRTY_NINES}.1", f"1700000000.{2**63}", "1700000000.-1"):
         with pytest.raises(tracking.InvalidPosition):
-            tracking.Position.decode(_link(raw))
+            tracking.Position.decode(page_link(raw))

@@ -9,6 +9,7 @@ verified, exactly once.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from appliance.firmware import spool
 from events.models import Event
 from jobs.models import JobState
 from lmi.celery import app as celery_app
-from tests.support.services import wait_for
+from tests.support.services import WorkerProcess, wait_for
 from tests.upgrades.conftest import offered_bundle
 from upgrades import downloader, services
 from upgrades.models import Download, DownloadState, DownloadTrigger
@@ -37,8 +38,15 @@ def _download() -> Download:
     return Download.objects.get()
 
 
-def _kill_mid_transfer(worker, firmware, size: int) -> int:
-    """Wait until the worker is well into the transfer, SIGKILL it, return the bytes it got."""
+def _killed_mid_transfer(workers, firmware) -> tuple[Path, WorkerProcess, int]:
+    """A 6 MiB bundle offered at 1 MiB/s, its download started in a worker and that worker
+    SIGKILLed well into the transfer: the bundle, the dead worker and the bytes it got."""
+    path = firmware.build(payload_bytes=6 * 1024 * 1024)
+    size = path.stat().st_size
+    firmware.offer(path)
+    firmware.server.rate = 1024 * 1024
+    worker = workers()
+    _start()
     wait_for(
         lambda: _download().bytes_done > size // 4,
         timeout=60,
@@ -49,7 +57,7 @@ def _kill_mid_transfer(worker, firmware, size: int) -> int:
     assert 0 < kept < size
     assert _download().state == DownloadState.RUNNING
     firmware.server.rate = None  # the rest at full speed
-    return kept
+    return path, worker, kept
 
 
 def _assert_resumed_and_verified(firmware, path, kept: int, worker) -> Download:
@@ -91,14 +99,7 @@ def test_the_worker_downloads_and_verifies_a_bundle(workers, firmware):
 
 
 def test_a_download_resumes_in_a_new_worker_after_the_old_one_is_killed(workers, firmware):
-    path = firmware.build(payload_bytes=6 * 1024 * 1024)
-    size = path.stat().st_size
-    firmware.offer(path)
-    firmware.server.rate = 1024 * 1024
-    first = workers()
-
-    _start()
-    kept = _kill_mid_transfer(first, firmware, size)
+    path, _, kept = _killed_mid_transfer(workers, firmware)
     second = workers()
 
     _assert_resumed_and_verified(firmware, path, kept, second)
@@ -116,14 +117,7 @@ def _redeliver_unacked() -> int:
 
 
 def test_the_redelivered_task_of_a_killed_worker_resumes_the_same_download(workers, firmware):
-    path = firmware.build(payload_bytes=6 * 1024 * 1024)
-    size = path.stat().st_size
-    firmware.offer(path)
-    firmware.server.rate = 1024 * 1024
-    first = workers()
-
-    _start()
-    kept = _kill_mid_transfer(first, firmware, size)
+    path, first, kept = _killed_mid_transfer(workers, firmware)
     [task_id] = re.findall(r"jobs\.run\[([0-9a-f-]+)\] received", first.log())
     assert _redeliver_unacked() == 1  # acks_late: the killed worker never acknowledged it
     second = workers()
