@@ -211,7 +211,7 @@ class Lease:
             self.lost.set()
             raise LeaseLost(f"job {self.job_id} is no longer held by {self.owner}")
         if new_step:
-            _pause_for_tests(self.kind, self._last_step)
+            pause_for_tests(self.kind, self._last_step)
 
     def cancel_requested(self) -> bool:
         return Job.objects.filter(pk=self.job_id, cancel_requested=True).exists()
@@ -297,13 +297,14 @@ class Lease:
             thread.join()
 
 
-def _pause_for_tests(kind: str, step: int) -> None:
-    """The kill tests' checkpoint (settings.JOB_PAUSE, empty in production): the step is
-    recorded, and the worker waits inside it so that a SIGKILL lands mid-job."""
+def pause_for_tests(kind: str, step: int | str) -> None:
+    """The kill tests' checkpoint (settings.JOB_PAUSE "kind:step:ms", empty in production):
+    called once a step is recorded, so the worker waits inside it and a SIGKILL lands mid-job.
+    A kind's own checkpoints may name their steps (the install's rollback steps)."""
     if not settings.JOB_PAUSE:
         return
     want_kind, want_step, milliseconds = settings.JOB_PAUSE.split(":")
-    if kind == want_kind and step == int(want_step):
+    if kind == want_kind and str(step) == want_step:
         time.sleep(int(milliseconds) / 1000)
 
 

@@ -71,7 +71,8 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes of one phase
 PHASE10_RETRY_MAX = 60  # seconds between retries of a failed commit
-ROLLBACK_RETRIES = 3  # rollback attempts that raised before the run is called failed
+ROLLBACK_RETRY_MAX = 60  # seconds between the tries of a rollback that keeps failing
+ROLLBACK_ALERT_AFTER = 3  # failed tries before a critical event says it keeps failing
 ONLINE_PHASES = (1, 2)  # nothing the running appliance uses is touched: abort allowed
 COMMIT_PHASE = PHASE_COUNT
 INSTALL_KIND = "install"
@@ -1153,7 +1154,7 @@ def _plain(value: Any) -> dict[str, Any]:
 def _rollback_execute(run: InstallRun, lease: jobs_engine.Lease) -> None:
     """Put the exact pre-upgrade state back; idempotent, retried after a pause when it raised."""
     try:
-        _rollback(run)
+        _rollback(run, lease)
     except _LeaseLost:
         raise
     except Exception as exc:
@@ -1163,47 +1164,96 @@ def _rollback_execute(run: InstallRun, lease: jobs_engine.Lease) -> None:
         _rollback_done(run, lease)
 
 
-def _rollback(run: InstallRun) -> None:
+def _rollback(run: InstallRun, lease: jobs_engine.Lease) -> None:
+    """Put the pre-upgrade state back, one recorded step at a time.
+
+    Each step's completion is saved in the run (``details["rollback_done"]``, a fenced write)
+    before the next begins, and a pass run again (its process died, or a step raised and is
+    retried) skips what is recorded: a healthy appliance is never "rolled back" twice, and the
+    store is never restored again once maintenance was left and mail accepted since. The store
+    is written only while maintenance holds mail.
+    """
     from appliance.config import configconvert
     from appliance.firmware import firmware
     from appliance.mail import msgbackup, msgmigrate, msgstore
 
     details = run.details
+    done: list[str] = list(details.get("rollback_done", []))
     started = {
         p.number
         for p in run.phases.all()
         if p.state != PhaseState.PENDING or p.started_at is not None
     }
-    _log(run, f"rollback started: {run.error}")
-    previous = details.get("previous_slot")
-    if previous and firmware.active_slot() != previous:
-        _log(run, f"rollback: switching the active system back to {previous}")
-        firmware.slot_switch(previous)
-    if 6 in started and details.get("from_firmware"):
-        _log(run, f"rollback: firmware level back to {details['from_firmware']}")
-        firmware.firmware_level_set(details["from_firmware"], details.get("from_os_release"))
-    backup = details.get("store_backup")
-    if 7 in started and backup:
-        _log(run, "rollback: restoring the message store from the phase 4 copy")
-        msgbackup.msgstore_restore(Path(backup["path"]))
-    if 8 in started and details.get("config_files_sha256"):
-        _log(run, "rollback: restoring the exact 2.8.0 configuration files saved in phase 5")
-        configconvert.config_revert(updatelogs.install_files_load(run.pk))
-    _log(run, "rollback: discarding the staging")
-    msgmigrate.migrate_discard()
-    firmware.staging_cleanup()
-    new_slot = details.get("new_slot")
-    if new_slot and new_slot != firmware.active_slot():
-        firmware.slot_remove(new_slot)
-    if run.messages_before is not None:
+
+    def step(name: str, line: str, work: Callable[[], object]) -> None:
+        if name in done:
+            return
+        _log(run, f"rollback: {line}")
+        work()
+        done.append(name)
+        run.details = {**run.details, "rollback_done": done}
+        if not _mine(run.pk, lease).update(details=run.details):
+            raise _LeaseLost(f"install {run.pk}: its job moved on")
+        jobs_engine.pause_for_tests("install_rollback", name)
+
+    def restore_store() -> None:
+        if maintenance.maintenance_status() is None:  # never write the store under live mail
+            maintenance.maintenance_enter(
+                f"Rollback of the upgrade to {run.version}", by=run.requested_by or "update"
+            )
+        msgbackup.msgstore_restore(Path(details["store_backup"]["path"]))
+
+    def check_count() -> None:
         messages = _message_count(msgstore)
         if messages != run.messages_before:
             raise ApplianceError(
                 f"after the rollback the message store holds {messages} messages, "
                 f"{run.messages_before} before"
             )
-    maintenance.maintenance_leave()
-    updatelogs.install_workdir_remove(run.pk)
+
+    def discard_staging() -> None:
+        msgmigrate.migrate_discard()
+        firmware.staging_cleanup()
+        new_slot = details.get("new_slot")
+        if new_slot and new_slot != firmware.active_slot():
+            firmware.slot_remove(new_slot)
+
+    if not done:
+        _log(run, f"rollback started: {run.error}")
+    previous = details.get("previous_slot")
+    if previous and firmware.active_slot() != previous:
+        step(
+            "slot",
+            f"switching the active system back to {previous}",
+            lambda: firmware.slot_switch(previous),
+        )
+    if 6 in started and details.get("from_firmware"):
+        step(
+            "firmware_level",
+            f"firmware level back to {details['from_firmware']}",
+            lambda: firmware.firmware_level_set(
+                details["from_firmware"], details.get("from_os_release")
+            ),
+        )
+    if 7 in started and details.get("store_backup"):
+        step("store", "restoring the message store from the phase 4 copy", restore_store)
+    if 8 in started and details.get("config_files_sha256"):
+        step(
+            "config",
+            "restoring the exact 2.8.0 configuration files saved in phase 5",
+            lambda: configconvert.config_revert(updatelogs.install_files_load(run.pk)),
+        )
+    step("staging", "discarding the staging", discard_staging)
+    if run.messages_before is not None:
+        step("count", "counting the message store", check_count)
+    step(
+        "maintenance", "leaving maintenance: mail is accepted again", maintenance.maintenance_leave
+    )
+    step(
+        "workdir",
+        "removing the install's work files",
+        lambda: updatelogs.install_workdir_remove(run.pk),
+    )
 
 
 def _cpe_files(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -1246,35 +1296,31 @@ def _rollback_done(run: InstallRun, lease: jobs_engine.Lease) -> None:
 
 
 def _rollback_failed(run: InstallRun, lease: jobs_engine.Lease, reason: str) -> None:
+    """A rollback step raised (a full disk, a file it needs): record why and try again after a
+    growing pause, for as long as it takes. The run stays rolling back, so maintenance keeps
+    holding mail (421) over a half-upgraded appliance instead of a final state leaving it on;
+    the Install page and Home say what is wrong, and the next pass goes on from the recorded
+    steps once the cause is gone (space freed)."""
     details = dict(run.details)
     tries = int(details.get("rollback_failures", 0)) + 1
-    details["rollback_failures"] = tries
-    _log(run, f"rollback attempt {tries} failed: {reason}")
-    if tries < ROLLBACK_RETRIES:
-        if not _mine(run.pk, lease).update(details=details):
-            raise _LeaseLost(f"install {run.pk}: its job moved on")
+    delay = min(ROLLBACK_RETRY_MAX, 2**tries)
+    details.update(rollback_failures=tries, rollback_error=reason[:500])
+    _log(run, f"rollback attempt {tries} failed: {reason}; retrying in {delay} s")
+    if not _mine(run.pk, lease).update(details=details):
+        raise _LeaseLost(f"install {run.pk}: its job moved on")
+    run.details = details
+    if tries == ROLLBACK_ALERT_AFTER:
         _event(
-            f"Rollback of the install of {run.version} failed, retrying: {reason}",
+            f"The rollback of the install of firmware {run.version} keeps failing: {reason}. "
+            f"It is retried every {ROLLBACK_RETRY_MAX} s at most; mail is held (421) until it "
+            "completes. Fix the cause (for a full disk, free space on it).",
+            severity=Severity.CRITICAL,
+            run=run.pk,
+        )
+    else:
+        _event(
+            f"Rollback of the install of {run.version} failed, retrying in {delay} s: {reason}",
             severity=Severity.ERROR,
             run=run.pk,
         )
-        _wait(lease, 2 * tries)  # then the loop runs the rollback again
-        return
-    error = f"{run.error}; the rollback failed too: {reason}"
-    with transaction.atomic():
-        if (
-            not _mine(run.pk, lease)
-            .filter(state=InstallState.ROLLING_BACK)
-            .update(
-                state=InstallState.FAILED, finished_at=timezone.now(), details=details, error=error
-            )
-        ):
-            raise _LeaseLost(f"install {run.pk}: its job moved on")
-        run.error = error
-        _finish_job(lease, run, InstallState.FAILED)
-    _event(
-        f"Install of firmware {run.version} could not be rolled back: {reason}. The appliance "
-        "needs attention: restore the configuration backup and the system backup.",
-        severity=Severity.CRITICAL,
-        run=run.pk,
-    )
+    _wait(lease, delay)  # then the loop runs the rollback again, from its recorded steps

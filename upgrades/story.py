@@ -109,9 +109,13 @@ def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
             **common,
         )
     if run.state == InstallState.ROLLING_BACK:
+        stuck = run.details.get("rollback_error")
         return UpdateStory(
             Stage.ROLLING_BACK,
-            headline=f"The install of firmware {run.version} failed and is rolling back.",
+            headline=(
+                f"The install of firmware {run.version} failed and is rolling back"
+                + (f"; the rollback keeps failing and is retried: {stuck}" if stuck else ".")
+            ),
             reason=run.error,
             phase=run.phase,
             by=run.requested_by,

@@ -8,6 +8,7 @@ copy never races a conversion step.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -144,30 +145,63 @@ def read_backup(backup: Path) -> BackupResult:
         raise MalformedApplianceFile(f"no readable backup manifest at {manifest}: {exc}") from exc
 
 
+def _hash_file(path: Path) -> tuple[int, str]:
+    """(size, SHA-256 hex) of a file, read in place."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(_COPY_BUFFER)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as handle:
+        while read := handle.readinto(buffer):
+            digest.update(view[:read])
+            size += read
+    return size, digest.hexdigest()
+
+
 def msgstore_restore(backup: BackupResult | Path, root: Path | None = None) -> None:
     """Roll back: put the phase-4 copy back as the store, after checking its SHA-256.
 
-    The copy is made next to the store and checked while it is written; only a copy that
-    matches the manifest replaces the store (rename, directory synced).
+    The copy is checked where it lies and renamed over the store, so a rollback needs no new
+    space on a disk that may be full (a copy, checked while it is written, only when the copy
+    is on another filesystem). Run again after a rename that was not recorded (its process
+    died), it finds the copy gone and the store matching the manifest, and does nothing.
     """
     info = backup if isinstance(backup, BackupResult) else read_backup(backup)
     db = layout(root).msgstore_db
     db.parent.mkdir(parents=True, exist_ok=True)
     with conversion_lock(root):
-        tmp, size, sha = _copy_hashed(info.path, db.parent, ".msgstore-restore-", None, "restore")
+        if not info.path.exists():
+            if db.is_file() and _hash_file(db) == (info.size, info.sha256):
+                return  # renamed into place by an earlier pass
+            raise MalformedApplianceFile(f"message store backup {info.path} is gone")
+        if _hash_file(info.path) != (info.size, info.sha256):
+            raise MalformedApplianceFile(
+                f"message store backup {info.path} does not match its manifest"
+            )
+        with contextlib.suppress(sqlite3.Error, ApplianceError):
+            checkpoint(db)
+        wal, shm = msgstore.wal_files(db)
+        wal.unlink(missing_ok=True)
+        shm.unlink(missing_ok=True)
         try:
-            if (size, sha) != (info.size, info.sha256):
-                raise MalformedApplianceFile(
-                    f"message store backup {info.path} does not match its manifest"
-                )
-            with contextlib.suppress(sqlite3.Error, ApplianceError):
-                checkpoint(db)
-            wal, shm = msgstore.wal_files(db)
-            wal.unlink(missing_ok=True)
-            shm.unlink(missing_ok=True)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, db)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            os.chmod(info.path, 0o644)
+            os.replace(info.path, db)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _restore_by_copy(info, db)
+        fsync_dir(info.path.parent)
         fsync_dir(db.parent)
+
+
+def _restore_by_copy(info: BackupResult, db: Path) -> None:
+    """The copy on another filesystem: copied next to the store, checked, renamed."""
+    tmp, size, sha = _copy_hashed(info.path, db.parent, ".msgstore-restore-", None, "restore")
+    try:
+        if (size, sha) != (info.size, info.sha256):
+            raise MalformedApplianceFile(f"message store backup {info.path} changed while read")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, db)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -246,6 +246,25 @@ def test_backup_and_restore_put_the_2_8_0_store_back_exactly(store: Path, tmp_pa
     assert msgmigrate.migrate_finish().counts == before
 
 
+def test_the_rollback_renames_the_copy_into_place_and_a_second_pass_does_nothing(
+    store: Path, tmp_path: Path
+) -> None:
+    """No new space on a disk that may be full: the checked copy becomes the store by rename;
+    a pass run again after that rename (its process died before recording it) changes nothing."""
+    before = msgcounts.store_counts(cached=False)
+    backup = msgbackup.msgstore_backup(layout().msgstore_dir.parent / "phase4" / "msgstore.db")
+    copy_inode = backup.path.stat().st_ino
+    msgmigrate.migrate_finish()
+
+    msgbackup.msgstore_restore(backup.path)
+    assert layout().msgstore_db.stat().st_ino == copy_inode and not backup.path.exists()
+    msgbackup.msgstore_restore(backup.path)  # the manifest is still there; the copy is not
+
+    assert msgstore.format_version() == "2.8.0"
+    assert msgcounts.store_counts(cached=False) == before
+    assert not list(layout().msgstore_dir.glob(".msgstore-restore-*"))
+
+
 def test_a_tampered_backup_is_refused_and_the_store_unchanged(store: Path, tmp_path: Path) -> None:
     backup = msgbackup.msgstore_backup(tmp_path / "msgstore.db")
     msgmigrate.migrate_finish()

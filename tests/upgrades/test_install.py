@@ -30,6 +30,8 @@ from appliance.system.maintenance import maintenance_status
 from events.models import Category, Event
 from jobs import leases
 from jobs.models import Job, JobState
+from jobs.reconciler import ENQUEUE_GRACE, reconcile
+from tests.support import enqueue as enqueues
 from tests.support.services import WorkerProcess, start_worker, wait_for
 from tests.support.smtp import (
     SmtpServiceProcess,
@@ -254,6 +256,72 @@ def test_failed_health_check_rolls_back_to_the_exact_previous_state(
     assert Event.objects.filter(message__contains="rolled back to").count() == 1
 
 
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_rollback_killed_after_restoring_the_store_goes_on_without_restoring_it_again(
+    ready_firmware: Download, install_workers, admin_user, appliance_root: Path
+) -> None:
+    """SIGKILL the worker right after the rollback recorded the store's restore: the next
+    worker goes on from the recorded steps (the store is restored once, under maintenance)."""
+    no_smtp = str(free_port())  # the health check fails: phase 9 rolls back
+    first = install_workers(LMI_SMTP_PORT=no_smtp, LMI_JOB_PAUSE="install_rollback:store:30000")
+    counts_before = msgcounts.store_counts()
+    run = install.install_start(user=admin_user)
+    wait_for(
+        lambda: "store" in InstallRun.objects.get(pk=run.pk).details.get("rollback_done", []),
+        timeout=RUN_TIMEOUT,
+        message=f"the rollback did not restore the store; the worker's log:\n{first.log()}",
+    )
+    assert maintenance_status() is not None  # the store was written while mail was held
+    first.kill()
+    install_workers(LMI_SMTP_PORT=no_smtp)
+
+    run = wait_final(run.pk)
+    assert run.state == InstallState.ROLLED_BACK, (run.state, run.error)
+    assert run.job.restarts == 1 and run.job.state == JobState.ROLLED_BACK
+    log = install.install_log_tail(run, 500)
+    assert sum("restoring the message store" in line for line in log) == 1
+    assert msgcounts.store_counts().checksum == counts_before.checksum
+    assert system_info().firmware_version == OLD_VERSION and msgstore.format_version() == "2.8.0"
+    assert maintenance_status() is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rollback_run_again_after_its_last_step_changes_nothing(
+    ready_firmware: Download, admin_user, settings
+) -> None:
+    """A rollback whose process died after it left maintenance (mail flows again) but before
+    it wrote the final state: the pass run again skips every recorded step, so it neither
+    takes mail down again nor fails the count on the mail accepted in between."""
+    run = _run_with_job(
+        ready_firmware,
+        from_version=OLD_VERSION,
+        state=InstallState.RUNNING,
+        phase=3,
+        attempts=settings.INSTALL_MAX_ATTEMPTS,
+        messages_before=msgcounts.store_counts().messages,
+    )
+    InstallPhase.objects.bulk_create(
+        InstallPhase(run=run, number=n, name=f"phase {n}") for n in range(1, 11)
+    )
+    assert install.install_execute(run.pk) == InstallState.ROLLED_BACK
+    run.refresh_from_db()
+    assert run.details["rollback_done"][-3:] == ["count", "maintenance", "workdir"]
+    # The process "died" before the final write: the run and its job are still at it, and
+    # mail was accepted since maintenance was left (the count no longer matches).
+    InstallRun.objects.filter(pk=run.pk).update(
+        state=InstallState.ROLLING_BACK, messages_before=run.messages_before - 1, finished_at=None
+    )
+    Job.objects.filter(pk=run.job_id).update(state=JobState.QUEUED, finished_at=None)
+    log_before = len(install.install_log_tail(run, 500))
+
+    assert install.install_execute(run.pk) == InstallState.ROLLED_BACK
+
+    assert maintenance_status() is None
+    new_lines = install.install_log_tail(run, 500)[log_before:]
+    assert not [line for line in new_lines if "rollback: " in line], new_lines
+
+
 @pytest.mark.django_db(transaction=True)
 def test_failed_preflight_changes_nothing(
     ready_firmware: Download, admin_user, appliance_root: Path
@@ -316,6 +384,22 @@ def test_a_second_install_is_refused(ready_firmware: Download, admin_user) -> No
     with pytest.raises(install.InstallInProgress):
         install.install_start(user=admin_user)
     assert InstallRun.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_install_started_while_the_broker_is_down_is_sent_by_the_reconciler(
+    ready_firmware: Download, admin_user, monkeypatch
+) -> None:
+    """The start's enqueue is refused (Redis down): the run and its job wait queued, and the
+    reconciler's pass after the grace hands the job to the worker; nothing else is needed."""
+    enqueues.broker_down(monkeypatch)
+    run = install.install_start(user=admin_user)
+    assert (run.state, run.job.state) == (InstallState.QUEUED, JobState.QUEUED)
+
+    sent = enqueues.capture(monkeypatch, "jobs.run")  # the broker is back
+    assert reconcile().enqueued == []
+    assert reconcile(timezone.now() + ENQUEUE_GRACE + timedelta(seconds=1)).enqueued == [run.job_id]
+    assert sent == [run.job_id]
 
 
 @pytest.mark.django_db(transaction=True)
