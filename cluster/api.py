@@ -12,7 +12,7 @@ from ninja import Router, Schema, Status
 
 from api.auth import require_administrator
 from api.schemas import Problem
-from cluster import selectors, services
+from cluster import plumbing, rolling, selectors, services
 
 router = Router(tags=["cluster"])
 
@@ -101,7 +101,7 @@ def token_create(request: HttpRequest):
     require_administrator(request)
     try:
         row, token = services.join_token_create(user=request.auth)  # type: ignore[attr-defined]
-    except services.ClusterError as exc:
+    except plumbing.ClusterError as exc:
         return Status(409, {"detail": str(exc)})
     return Status(201, {"token": token, "expires_at": row.expires_at.isoformat()})
 
@@ -111,8 +111,8 @@ def upgrade(request: HttpRequest):
     """Upgrade cluster: Cluster Central first, then each member in sequence."""
     require_administrator(request)
     try:
-        started = services.cluster_upgrade_start(user=request.auth)  # type: ignore[attr-defined]
-    except services.ClusterError as exc:
+        started = rolling.cluster_upgrade_start(user=request.auth)  # type: ignore[attr-defined]
+    except plumbing.ClusterError as exc:
         return Status(409, {"detail": str(exc)})
     return Status(202, selectors.upgrade_dict(started))
 
@@ -124,8 +124,8 @@ def member_remove(request: HttpRequest, node: str):
     require_administrator(request)
     try:
         services.member_remove(node=node, user=request.auth)  # type: ignore[attr-defined]
-    except services.NotAMember as exc:
+    except plumbing.NotAMember as exc:
         return Status(404, {"detail": str(exc)})
-    except services.ClusterError as exc:
+    except plumbing.ClusterError as exc:
         return Status(409, {"detail": str(exc)})
     return Status(204, None)

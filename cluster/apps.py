@@ -9,6 +9,6 @@ class ClusterConfig(AppConfig):
     verbose_name = "Cluster"
 
     def ready(self) -> None:
-        from cluster import services
+        from cluster import rolling
 
-        services.register_job_kind()
+        rolling.register_job_kind()

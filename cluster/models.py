@@ -149,7 +149,7 @@ class ClusterUpgrade(models.Model):
     """ "Upgrade cluster": Central first, then each member in ``order``, one at a time.
 
     ``results`` maps each node to its step (``state``, ``run_id``, ``error``, times). It is
-    advanced only by ``cluster.services.cluster_upgrade_advance`` (called when a member's report
+    advanced only by ``cluster.rolling.cluster_upgrade_advance`` (called when a member's report
     arrives and from beat), by a conditional update on ``revision``: two advances racing
     cannot both send a member its install. At most one upgrade is running.
     """

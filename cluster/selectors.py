@@ -10,7 +10,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from appliance.firmware.bundle import version_tuple
-from cluster import services
+from cluster import plumbing, rolling
 from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 
 
@@ -122,8 +122,8 @@ def link_dict(link: CentralLink | None) -> dict[str, Any] | None:
 
 def cluster_overview() -> dict[str, Any]:
     """Everything the Cluster page and GET /api/v1/cluster show, for this node's role."""
-    role = services.cluster_role()
-    firmware = services.local_firmware()
+    role = plumbing.cluster_role()
+    firmware = plumbing.local_firmware()
     overview: dict[str, Any] = {
         "role": role,
         "node": settings.NODE_NAME,
@@ -143,7 +143,7 @@ def cluster_overview() -> dict[str, Any]:
         )
         overview["upgrade"] = upgrade_dict(latest_upgrade())
         try:
-            target = services.cluster_target_version()
+            target = rolling.cluster_target_version()
         except Exception:  # the page must render even when the update tables cannot say
             target = None
         nodes = [firmware, *[m["firmware_version"] for m in members]]

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.signals import worker_ready
 
-from cluster import services
+from cluster import rolling, services
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def central_update(*message: Any) -> None:
 @shared_task(name="cluster.tasks.node_install_start", ignore_result=True)
 def node_install_start(*message: Any) -> None:
     """On a member: Central's rolling upgrade asks this member to install a version."""
-    services.member_install_start(message=_one(message))
+    rolling.member_install_start(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.member_tick", ignore_result=True)

@@ -13,7 +13,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.roles import READ_ONLY_REFUSAL, is_administrator
-from cluster import selectors, services
+from cluster import plumbing, rolling, selectors, services
 from cluster.forms import JoinForm
 from lmi.actions import act, administrators_only
 
@@ -45,7 +45,7 @@ def token_create(request: HttpRequest) -> HttpResponse:
     """Create a join token and show it once (it is stored hashed)."""
     try:
         row, token = services.join_token_create(user=request.user)
-    except services.ClusterError as exc:
+    except plumbing.ClusterError as exc:
         messages.error(request, str(exc))
         return redirect("cluster:index")
     return render(request, "cluster/index.html", _context(request, new_token=token, token_row=row))
@@ -62,7 +62,7 @@ def join(request: HttpRequest) -> HttpResponse:
     act(
         request,
         lambda: services.cluster_join_request(token=form.cleaned_data["token"], user=request.user),
-        services.ClusterError,
+        plumbing.ClusterError,
         lambda link: f"Asked Cluster Central {link.central} to accept this node.",
     )
     return redirect("cluster:index")
@@ -73,8 +73,8 @@ def join(request: HttpRequest) -> HttpResponse:
 def upgrade(request: HttpRequest) -> HttpResponse:
     """Upgrade cluster: Central first, then each member in sequence."""
     try:
-        started = services.cluster_upgrade_start(user=request.user)
-    except services.ClusterError as exc:
+        started = rolling.cluster_upgrade_start(user=request.user)
+    except plumbing.ClusterError as exc:
         messages.error(request, str(exc))
     else:
         if started.state == "stopped":
@@ -97,7 +97,7 @@ def member_remove(request: HttpRequest, node: str) -> HttpResponse:
         act(
             request,
             lambda: services.member_remove(node=node, user=request.user),
-            services.ClusterError,
+            plumbing.ClusterError,
             f"Removed {node} from the cluster: it must join again with a new token.",
         )
         return redirect("cluster:index")

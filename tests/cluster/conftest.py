@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.system.facts import read_firmware_release, write_firmware_release
-from cluster import services, signing
+from cluster import plumbing, services, signing
 from cluster.models import CentralLink, ClusterMember
 
 
@@ -75,7 +75,7 @@ def sent_message(sent: list[Any], kind: str, *, sender: str, recipient: str) -> 
     """The one cluster message among the callbacks a test captured on commit: task
     ``cluster.tasks.<kind>`` on the recipient's queue, its envelope naming kind, sender and
     recipient."""
-    out = [c for c in sent if isinstance(c, services.Outgoing)]
+    out = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     assert [(c.task, c.queue) for c in out] == [(f"cluster.tasks.{kind}", f"lmi.node.{recipient}")]
     (message,) = out[0].args
     assert (message["kind"], message["from"], message["to"]) == (kind, sender, recipient)

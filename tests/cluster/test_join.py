@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from cluster import services, signing
+from cluster import plumbing, services, signing
 from cluster.models import CentralLink, ClusterMember, JoinState, JoinToken
 from events.models import Category, Event
 from tests.cluster.conftest import join_answer, join_request, member_joins, sent_message
@@ -57,7 +57,7 @@ def test_the_join_answer_on_the_wire_does_not_carry_the_member_secret_in_clear(
     _row, token = services.join_token_create(user="admin")
     with django_capture_on_commit_callbacks() as sent:
         services.join_request_receive(message=join_request(token))
-    (answer,) = [c for c in sent if isinstance(c, services.Outgoing)]
+    (answer,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     # What goes to Redis: the task's arguments as JSON (and Celery's argsrepr for its logs).
     wire = json.dumps(answer.args) + answer.argsrepr()
     member = ClusterMember.objects.get()
@@ -73,7 +73,7 @@ def test_the_join_request_on_the_wire_carries_neither_the_token_nor_its_key(
     token = "t" * 32
     with django_capture_on_commit_callbacks() as sent:
         services.cluster_join_request(token=token, user="admin")
-    (request,) = [c for c in sent if isinstance(c, services.Outgoing)]
+    (request,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     wire = json.dumps(request.args) + request.argsrepr()
     assert token not in wire and signing.join_key(token) not in wire
     assert request.args[0]["body"]["token"] == signing.token_hash(token)
@@ -135,7 +135,7 @@ def test_a_replayed_join_request_is_refused(
     ],
 )
 def test_it_refuses_a_wrong_token(central: str, token: str, reason: str) -> None:
-    with pytest.raises(services.JoinRefused, match=reason):
+    with pytest.raises(plumbing.JoinRefused, match=reason):
         services.member_join(node="member1", token_hash=token, info={})
     assert not ClusterMember.objects.exists()
     assert Event.objects.filter(message__startswith="Refused a join request").count() == 1
@@ -144,7 +144,7 @@ def test_it_refuses_a_wrong_token(central: str, token: str, reason: str) -> None
 def test_it_refuses_an_expired_token(central: str) -> None:
     row, token = services.join_token_create(user="admin")
     JoinToken.objects.filter(pk=row.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
-    with pytest.raises(services.JoinRefused, match="expired"):
+    with pytest.raises(plumbing.JoinRefused, match="expired"):
         services.member_join(node="member1", token_hash=signing.token_hash(token), info={})
     assert not ClusterMember.objects.exists()
 
@@ -152,7 +152,7 @@ def test_it_refuses_an_expired_token(central: str) -> None:
 def test_a_token_is_single_use(central: str) -> None:
     _row, token = services.join_token_create(user="admin")
     services.member_join(node="member1", token_hash=signing.token_hash(token), info={})
-    with pytest.raises(services.JoinRefused, match="already used"):
+    with pytest.raises(plumbing.JoinRefused, match="already used"):
         services.member_join(node="member2", token_hash=signing.token_hash(token), info={})
     assert list(ClusterMember.objects.values_list("node", flat=True)) == ["member1"]
 
@@ -160,7 +160,7 @@ def test_a_token_is_single_use(central: str) -> None:
 @pytest.mark.parametrize("node", ["central", "../etc", "", "a" * 65, "mem ber"])
 def test_it_refuses_bad_or_clashing_node_names(central: str, node: str) -> None:
     _row, token = services.join_token_create(user="admin")
-    with pytest.raises(services.JoinRefused):
+    with pytest.raises(plumbing.JoinRefused):
         services.member_join(node=node, token_hash=signing.token_hash(token), info={})
     assert not ClusterMember.objects.exists()
     assert JoinToken.objects.get().used_at is None
@@ -173,7 +173,7 @@ def test_a_refused_join_is_answered_signed_and_only_to_a_valid_node_name(
     with django_capture_on_commit_callbacks() as sent:
         assert not services.join_request_receive(message=join_request(token, node="central"))
         assert not services.join_request_receive(message=join_request(token, node="bad name"))
-    out = [c for c in sent if isinstance(c, services.Outgoing)]
+    out = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     assert [c.queue for c in out] == ["lmi.node.central"]
     opened = signing.open_sealed(
         out[0].args[0], kind="join_answer", recipient="central",
@@ -184,7 +184,7 @@ def test_a_refused_join_is_answered_signed_and_only_to_a_valid_node_name(
 
 
 def test_tokens_are_created_only_on_central(member_role: str) -> None:
-    with pytest.raises(services.ClusterError, match="Cluster Central"):
+    with pytest.raises(plumbing.ClusterError, match="Cluster Central"):
         services.join_token_create(user="admin")
 
 
@@ -198,7 +198,7 @@ def test_member_join_request_goes_to_centrals_queue(
 
 
 def test_member_refuses_a_malformed_token_and_changes_nothing(member_role: str) -> None:
-    with pytest.raises(services.ClusterError, match="not a join token"):
+    with pytest.raises(plumbing.ClusterError, match="not a join token"):
         services.cluster_join_request(token="<script>", user="admin")
     assert not CentralLink.objects.exists()
 
@@ -248,11 +248,11 @@ def test_a_join_over_the_wire_gives_both_nodes_one_key(
     settings.CLUSTER_CENTRAL = "central"
     with django_capture_on_commit_callbacks() as sent:
         services.cluster_join_request(token=token, user="admin")
-    (request,) = [c for c in sent if isinstance(c, services.Outgoing)]
+    (request,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     settings.CLUSTER_ROLE, settings.NODE_NAME = "central", "central"
     with django_capture_on_commit_callbacks() as sent:
         assert services.join_request_receive(message=request.args[0])
-    (answer,) = [c for c in sent if isinstance(c, services.Outgoing)]
+    (answer,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     settings.CLUSTER_ROLE, settings.NODE_NAME = "member", "member1"
     link = services.join_answer_receive(message=answer.args[0])
     assert link is not None and link.state == JoinState.JOINED

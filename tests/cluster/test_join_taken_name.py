@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from cluster import services, signing, tasks
+from cluster import plumbing, services, signing, tasks
 from cluster.models import CentralLink, ClusterMember, JoinState, JoinToken
 from events.models import Event, Severity
 from tests.cluster.conftest import (
@@ -48,12 +48,12 @@ def test_a_second_join_under_a_taken_name_is_refused_and_keeps_the_members_secre
 def test_a_refused_attempt_spends_its_token_so_it_cannot_be_used_after_a_removal(joined) -> None:
     joined("member1")
     row, token = services.join_token_create(user="admin")
-    with pytest.raises(services.JoinRefused, match="taken"):
+    with pytest.raises(plumbing.JoinRefused, match="taken"):
         services.member_join(node="member1", token_hash=signing.token_hash(token), info={})
     assert JoinToken.objects.get(pk=row.pk).used_at is not None
     # Even once the name is free, the token an attacker tried with is worth nothing.
     services.member_remove(node="member1", user="admin")
-    with pytest.raises(services.JoinRefused, match="already used"):
+    with pytest.raises(plumbing.JoinRefused, match="already used"):
         services.member_join(node="member1", token_hash=signing.token_hash(token), info={})
     assert not ClusterMember.objects.exists()
 
@@ -63,7 +63,7 @@ def test_a_name_is_taken_whatever_the_members_state(joined, reachable: bool) -> 
     member, _secret = joined("member1")
     ClusterMember.objects.filter(pk=member.pk).update(reachable=reachable, healthy=False)
     _row, token = services.join_token_create(user="admin")
-    with pytest.raises(services.JoinRefused, match="taken"):
+    with pytest.raises(plumbing.JoinRefused, match="taken"):
         services.member_join(node="member1", token_hash=signing.token_hash(token), info={})
     assert ClusterMember.objects.get().secret_hash == member.secret_hash
 
@@ -105,10 +105,10 @@ def test_celery_shows_join_tokens_and_secrets_masked() -> None:
     answer_ = join_answer("t" * 32, secret="s3cr3t", node="m1", central="c")
     report_ = report_message("m1", "s3cr3t")
     update = from_central("s3cr3t", "central_update", {"firmware": "2.8.0.0", "events_cursor": 5})
-    join = services.Outgoing("cluster.tasks.member_join", (request,), "q")
-    answer = services.Outgoing("cluster.tasks.join_answer", (answer_,), "q")
-    reported = services.Outgoing("cluster.tasks.member_report", (report_,), "q")
-    updated = services.Outgoing("cluster.tasks.central_update", (update,), "q")
+    join = plumbing.Outgoing("cluster.tasks.member_join", (request,), "q")
+    answer = plumbing.Outgoing("cluster.tasks.join_answer", (answer_,), "q")
+    reported = plumbing.Outgoing("cluster.tasks.member_report", (report_,), "q")
+    updated = plumbing.Outgoing("cluster.tasks.central_update", (update,), "q")
     assert signing.token_hash("t" * 32) not in join.argsrepr() and "'m1'" in join.argsrepr()
     assert answer_["body"]["secret"] not in answer.argsrepr()
     for shown, message in ((join, request), (answer, answer_), (reported, report_)):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from cluster import services
+from cluster import plumbing, rolling, services
 from cluster.models import CentralLink, ClusterMember, JoinState
 from events.models import Event, Severity
 from tests.cluster.conftest import (
@@ -46,7 +46,7 @@ def test_the_confirmation_warns_when_a_running_upgrade_still_has_the_member(
 ) -> None:
     joined("member1")
     set_firmware("2.8.1.0")
-    services.cluster_upgrade_start(user="admin")
+    rolling.cluster_upgrade_start(user="admin")
     text = admin_client.get(remove_url()).content.decode()
     assert 'data-testid="remove-upgrade-notice"' in text
 
@@ -95,13 +95,13 @@ def test_removing_a_node_that_is_not_a_member_says_so(admin_client, joined) -> N
     assert b"member9 is not a member of this cluster" in response.content
     services.member_remove(node="member1", user="admin")
     # A second removal (another administrator, a double click) finds nothing and writes nothing.
-    with pytest.raises(services.NotAMember):
+    with pytest.raises(plumbing.NotAMember):
         services.member_remove(node="member1", user="admin")
     assert Event.objects.filter(message__startswith="Removed member1").count() == 1
 
 
 def test_members_are_removed_only_on_central(member_role: str) -> None:
-    with pytest.raises(services.ClusterError, match="Cluster Central"):
+    with pytest.raises(plumbing.ClusterError, match="Cluster Central"):
         services.member_remove(node="member1", user="admin")
 
 

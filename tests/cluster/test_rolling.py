@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from cluster import services, signing, tasks
+from cluster import plumbing, rolling, services, signing, tasks
 from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 from events.models import Event, Severity
 from tests.cluster.conftest import from_central, member_joins, receive_report, report, set_firmware
@@ -18,7 +18,7 @@ NEW = "2.8.1.0"
 
 
 def sends(captured) -> list[tuple[str, str, tuple]]:
-    return [(c.task, c.queue, c.args) for c in captured if isinstance(c, services.Outgoing)]
+    return [(c.task, c.queue, c.args) for c in captured if isinstance(c, plumbing.Outgoing)]
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def test_it_upgrades_members_one_at_a_time_as_their_reports_arrive(
     cluster, django_capture_on_commit_callbacks
 ) -> None:
     with django_capture_on_commit_callbacks() as captured:
-        upgrade = services.cluster_upgrade_start(user="admin")
+        upgrade = rolling.cluster_upgrade_start(user="admin")
     assert upgrade.order == ["central", "member1", "member2"] and upgrade.version == NEW
     assert upgrade.results["central"]["state"] == NodeStep.SKIPPED
     assert upgrade.current_node == "member1"
@@ -92,7 +92,7 @@ def test_it_upgrades_members_one_at_a_time_as_their_reports_arrive(
 
 
 def test_it_stops_at_the_first_failure(cluster, django_capture_on_commit_callbacks) -> None:
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     send_report(cluster, "member1", install=install("rolled_back"), answer=answer(upgrade))
     upgrade.refresh_from_db()
     assert upgrade.state == UpgradeState.STOPPED and upgrade.stopped_node == "member1"
@@ -112,7 +112,7 @@ def test_it_stops_at_the_first_failure(cluster, django_capture_on_commit_callbac
 
 
 def test_a_member_that_refuses_stops_the_upgrade_with_its_reason(cluster) -> None:
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     send_report(cluster, "member1", answer=answer(upgrade, run_id=None, error="no firmware ready"))
     upgrade.refresh_from_db()
     assert upgrade.state == UpgradeState.STOPPED
@@ -121,14 +121,14 @@ def test_a_member_that_refuses_stops_the_upgrade_with_its_reason(cluster) -> Non
 
 def test_a_member_already_on_the_version_is_skipped(cluster) -> None:
     send_report(cluster, "member1", firmware=NEW)
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     assert upgrade.results["member1"]["state"] == NodeStep.SKIPPED
     assert upgrade.current_node == "member2"
 
 
 def test_a_silent_member_times_out_on_beat(cluster, settings) -> None:
     settings.CLUSTER_NODE_UPGRADE_TIMEOUT = 60
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     services.central_tick()
     assert ClusterUpgrade.objects.get().state == UpgradeState.RUNNING
     ClusterUpgrade.objects.filter(pk=upgrade.pk).update(
@@ -141,24 +141,24 @@ def test_a_silent_member_times_out_on_beat(cluster, settings) -> None:
 
 def test_it_refuses_to_start_with_an_unreachable_member(cluster) -> None:
     ClusterMember.objects.filter(node="member2").update(reachable=False)
-    with pytest.raises(services.ClusterError, match="member2 is unreachable"):
-        services.cluster_upgrade_start(user="admin")
+    with pytest.raises(plumbing.ClusterError, match="member2 is unreachable"):
+        rolling.cluster_upgrade_start(user="admin")
     assert not ClusterUpgrade.objects.exists()
 
 
 def test_it_refuses_a_second_upgrade_and_an_empty_one(cluster) -> None:
-    services.cluster_upgrade_start(user="admin")
-    with pytest.raises(services.ClusterError, match="already running"):
-        services.cluster_upgrade_start(user="admin")
+    rolling.cluster_upgrade_start(user="admin")
+    with pytest.raises(plumbing.ClusterError, match="already running"):
+        rolling.cluster_upgrade_start(user="admin")
     ClusterUpgrade.objects.update(state=UpgradeState.STOPPED)
     ClusterMember.objects.update(firmware_version=NEW)
-    with pytest.raises(services.ClusterError, match="nothing to upgrade"):
-        services.cluster_upgrade_start(user="admin")
+    with pytest.raises(plumbing.ClusterError, match="nothing to upgrade"):
+        rolling.cluster_upgrade_start(user="admin")
 
 
 def test_only_central_upgrades_the_cluster(member_role) -> None:
-    with pytest.raises(services.ClusterError, match="Cluster Central"):
-        services.cluster_upgrade_start(user="admin")
+    with pytest.raises(plumbing.ClusterError, match="Cluster Central"):
+        rolling.cluster_upgrade_start(user="admin")
 
 
 def _central_run(state: str):
@@ -186,13 +186,13 @@ def test_central_step_waits_for_its_own_run_then_sends_the_first_member(
     joined("member1")
     run = _central_run("running")
     upgrade = _upgrade_on_central_step(run.pk)
-    services.cluster_upgrade_advance()
+    rolling.cluster_upgrade_advance()
     upgrade.refresh_from_db()
     assert upgrade.current_node == "central" and upgrade.results["central"]["phase"] == 5
     type(run).objects.filter(pk=run.pk).update(state="succeeded")
     set_firmware(NEW)
     with django_capture_on_commit_callbacks() as captured:
-        services.cluster_upgrade_advance()
+        rolling.cluster_upgrade_advance()
     upgrade.refresh_from_db()
     assert upgrade.results["central"]["state"] == NodeStep.DONE
     assert upgrade.current_node == "member1"
@@ -207,7 +207,7 @@ def test_central_rolled_back_stops_before_any_member(joined) -> None:
     run = _central_run("rolled_back")
     type(run).objects.filter(pk=run.pk).update(error="health check: SMTP down")
     upgrade = _upgrade_on_central_step(run.pk)
-    services.cluster_upgrade_advance()
+    rolling.cluster_upgrade_advance()
     upgrade.refresh_from_db()
     assert upgrade.state == UpgradeState.STOPPED and upgrade.stopped_node == "central"
     assert "SMTP down" in upgrade.error
@@ -224,7 +224,7 @@ def test_member_answers_an_install_request_once_and_says_why_not(
 ) -> None:
     member_joins("t" * 32, secret="s")
     for _ in range(2):  # asked twice (Central asks again when no answer came)
-        services.member_install_start(message=install_request(9))
+        rolling.member_install_start(message=install_request(9))
     link = CentralLink.objects.get()
     assert link.upgrade_id == 9 and link.upgrade_run_id is None
     assert "no firmware download is ready on member1" in link.upgrade_error
@@ -236,7 +236,7 @@ def test_member_answers_an_install_request_once_and_says_why_not(
 
 def test_member_ignores_install_requests_from_another_central(member_role) -> None:
     member_joins("t" * 32, secret="s")
-    assert services.member_install_start(message=install_request(1, central="rogue")) is None
+    assert rolling.member_install_start(message=install_request(1, central="rogue")) is None
     assert CentralLink.objects.get().upgrade_id is None
 
 
@@ -260,29 +260,29 @@ def test_a_forged_install_request_is_refused_and_starts_nothing(
 ) -> None:
     member_joins("t" * 32, secret="s")
     started: list[str] = []
-    monkeypatch.setattr(services, "_start_local_install",
+    monkeypatch.setattr(rolling, "_start_local_install",
                         lambda version, user: started.append(version) or (1, ""))  # fmt: skip
-    assert services.member_install_start(message=forge()) is None
+    assert rolling.member_install_start(message=forge()) is None
     assert started == [] and CentralLink.objects.get().upgrade_id is None
     event = Event.objects.get(message__startswith="Refused an install request")
     assert event.severity == Severity.WARNING
     assert signing.member_key("s") not in event.message + json.dumps(event.details)
     # The genuine request, signed by Central, still starts the install.
-    assert services.member_install_start(message=install_request(1))
+    assert rolling.member_install_start(message=install_request(1))
     assert started == [NEW]
 
 
 def test_a_replayed_or_stale_install_request_is_refused(member_role, monkeypatch, clock) -> None:
     member_joins("t" * 32, secret="s")
     started: list[int] = []
-    monkeypatch.setattr(services, "_start_local_install",
+    monkeypatch.setattr(rolling, "_start_local_install",
                         lambda version, user: started.append(1) or (len(started), ""))  # fmt: skip
     genuine = install_request(1)
-    assert services.member_install_start(message=genuine)
+    assert rolling.member_install_start(message=genuine)
     CentralLink.objects.update(upgrade_id=None)  # even once this member has moved on
-    assert services.member_install_start(message=genuine) is None
+    assert rolling.member_install_start(message=genuine) is None
     stale = install_request(2, now=clock.now() - timedelta(minutes=6))
-    assert services.member_install_start(message=stale) is None
+    assert rolling.member_install_start(message=stale) is None
     assert started == [1]
     assert Event.objects.filter(message__contains="it was received before").count() == 1
     assert Event.objects.filter(message__contains="sent more than 300 s ago").count() == 1
@@ -291,7 +291,7 @@ def test_a_replayed_or_stale_install_request_is_refused(member_role, monkeypatch
 def test_the_install_task_refuses_what_is_not_one_sealed_message(member_role, monkeypatch) -> None:
     member_joins("t" * 32, secret="s")
     started: list[str] = []
-    monkeypatch.setattr(services, "_start_local_install",
+    monkeypatch.setattr(rolling, "_start_local_install",
                         lambda version, user: started.append(version) or (1, ""))  # fmt: skip
     tasks.node_install_start.apply(args=(1, NEW, "central", NEW)).get()
     tasks.node_install_start.apply(args=(install_request(1), "extra")).get()
@@ -304,7 +304,7 @@ def test_the_install_task_refuses_what_is_not_one_sealed_message(member_role, mo
 def test_central_asks_again_when_the_install_request_is_not_answered_in_time(
     cluster, clock, django_capture_on_commit_callbacks
 ) -> None:
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     with django_capture_on_commit_callbacks() as captured:
         services.central_tick()
     assert sends(captured) == []  # not yet: the request may still be in the queue

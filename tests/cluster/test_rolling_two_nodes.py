@@ -14,7 +14,7 @@ import pytest
 
 from appliance.firmware import license as appliance_license
 from appliance.system.facts import system_info
-from cluster import services
+from cluster import rolling, services
 from cluster.models import ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 from events.models import Event
 from tests.cluster.nodes import Node, new_member
@@ -84,7 +84,7 @@ def finished(upgrade: ClusterUpgrade) -> ClusterUpgrade | None:
 
 def test_rolling_upgrade_central_first_then_the_member(two_nodes) -> None:
     central, member = two_nodes
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     assert upgrade.order == ["central", "member1"] and upgrade.version == NEW
     # The member is not asked before Central runs the new version healthily.
     wait_for(lambda: finished(upgrade) or upgrade.current_node == "member1", timeout=90,
@@ -107,7 +107,7 @@ def test_rolling_upgrade_central_first_then_the_member(two_nodes) -> None:
 )  # fmt: skip
 def test_member_killed_mid_upgrade_completes_or_stops_clearly(two_nodes) -> None:
     _central, member = two_nodes
-    upgrade = services.cluster_upgrade_start(user="admin")
+    upgrade = rolling.cluster_upgrade_start(user="admin")
     wait_for(
         lambda: ClusterMember.objects.get(node="member1").install.get("phase", 0) >= 3
         and ClusterMember.objects.get(node="member1").install_running,

@@ -99,7 +99,7 @@ def test_a_finished_node_reads_100_percent_not_its_last_phase_seen(db) -> None:
 
 
 def test_each_member_is_told_by_its_own_update_story(admin_client, joined, demo_appliance) -> None:
-    from cluster import services
+    from cluster import plumbing
     from cluster.models import ClusterMember
     from tests.cluster.conftest import report
 
@@ -114,4 +114,4 @@ def test_each_member_is_told_by_its_own_update_story(admin_client, joined, demo_
     receive_report("member1", secret, report("2.8.1.0", install=hostile))
     kept = ClusterMember.objects.get(node="member1").install
     assert "story" not in kept and "stage" not in kept
-    assert services.local_install()["stage"] in ("up_to_date", "available", "installed")
+    assert plumbing.local_install()["stage"] in ("up_to_date", "available", "installed")

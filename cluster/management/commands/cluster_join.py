@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from cluster import services
+from cluster import plumbing, services
 
 
 class Command(BaseCommand):
@@ -22,7 +22,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             link = services.cluster_join_request(token=options["token"], user="cluster_join")
-        except services.ClusterError as exc:
+        except plumbing.ClusterError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(
             f"Asked Cluster Central {link.central} to accept this node; the Cluster page shows "
