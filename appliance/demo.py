@@ -254,8 +254,10 @@ def init_demo(
     empties the root first. Without an appliance, leftovers of an interrupted build (anything
     under the layout's own directories) are removed, so a rerun never doubles the message store.
     ``graph_days`` of per-minute processing figures feed the graphs (tests ask for fewer).
-    ``etc/firmware-release`` is written last: it is the marker that an appliance exists, so an
-    interrupted build never looks like a finished one.
+    ``etc/firmware-release`` is the marker that an appliance exists, so it is written after
+    everything but the system backup image, which must hold it (restoring an image without it
+    would leave an appliance without a firmware level): an interrupted build either does not
+    count as an appliance or is a whole one whose rescue partition shows no image.
     """
     base = appliance_root(root)
     if appliance_exists(base) and not force:
@@ -295,10 +297,10 @@ def init_demo(
 
     _write_system(the_layout, seed)
     the_layout.xpu_dir.mkdir(parents=True, exist_ok=True)
-    rescue.system_backup_create(base)
 
     totals = msgstore.totals(base)
-    write_firmware_release(dict(FIRMWARE_RELEASE), base)  # last: the "appliance exists" marker
+    write_firmware_release(dict(FIRMWARE_RELEASE), base)  # the "appliance exists" marker
+    rescue.system_backup_create(base)  # after the marker: the image holds the firmware level
     return DemoSummary(
         firmware_version=FIRMWARE_VERSION,
         messages=totals.messages if totals else 0,

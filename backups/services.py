@@ -563,9 +563,10 @@ def scheduled_backup_run() -> BackupHeader | None:
 
 # --- The system backup image ------------------------------------------------------------------
 # Jobs of the engine (jobs/): one at a time with every job that changes the appliance.
-# A job whose worker died is started again from scratch: a creation writes the image through a
-# temporary file, so the previous image stays until the new one is whole; a restore finishes or
-# discards its journal first.
+# A job whose worker died is started again from scratch: a creation writes the new image beside
+# the current one and switches one pointer (appliance.system.rescue), so the previous image stays
+# current until the new one is whole, and what a dead writer left is swept first; a restore
+# finishes or discards its journal first.
 
 
 def _system_job_start(kind: str, title: str, user: User | None) -> Job:
@@ -590,13 +591,31 @@ def system_restore_start(*, user: User | None) -> Job:
         raise NoSystemBackup(
             "There is no system backup image on the rescue partition: create one first."
         )
+    try:
+        rescue.system_backup_check()  # what an appliance needs is in it, before any job
+    except ApplianceError as exc:
+        _refused(
+            exc,
+            f"System restore refused: {exc}",
+            user=user,
+            error=NoSystemBackup,
+            refusal=str(exc),
+            firmware_version=info.firmware_version,
+        )
     return _system_job_start(SYSTEM_RESTORE, "System restore", user)
 
 
 def system_job_run(lease: jobs_engine.Lease) -> None:
-    """Create or restore the image for one job (the engine claimed it and keeps it alive)."""
+    """Create or restore the image for one job (the engine claimed it and keeps it alive).
+
+    First removes what creations cut short left on the rescue partition (a job started again
+    after its worker died finds its own), under the partition's lock.
+    """
     creating = lease.kind == SYSTEM_BACKUP
     lease.progress(step=0, steps=2, step_name="Preparing")
+    leftovers = rescue.system_backup_leftovers_remove()
+    if leftovers:
+        logger.info("removed from the rescue partition: %s", ", ".join(leftovers))
     writing = (
         "Writing the image to the rescue partition"
         if creating
@@ -618,6 +637,9 @@ def system_job_run(lease: jobs_engine.Lease) -> None:
         else f"System restored from the system backup image of firmware {info.firmware_version}"
         f" made {info.created_at:%Y-%m-%d %H:%M} UTC"
     )
+    if leftovers:
+        count = len(leftovers)
+        what += f" ({count} leftover{'s' if count != 1 else ''} of an interrupted backup removed)"
     lease.finish(
         JobState.SUCCEEDED,
         message=what,
@@ -625,6 +647,7 @@ def system_job_run(lease: jobs_engine.Lease) -> None:
             "firmware_version": info.firmware_version,
             "size": info.size,
             "sha256": info.sha256,
+            "leftovers_removed": leftovers,
         },
     )
 

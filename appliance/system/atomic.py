@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import secrets
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,3 +84,26 @@ def exclusive_lock(path: Path, mode: int = 0o600) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def atomic_symlink(target: str, path: Path) -> None:
+    """Point the symbolic link ``path`` at ``target`` durably, never leaving it missing.
+
+    A new link is made under a temporary name beside it (``.<name>.<random>.tmp``, the pattern
+    of :func:`atomic_open`'s files, so one sweep finds what a kill left of either), renamed over
+    ``path`` (atomic on POSIX) and the directory fsynced.
+    """
+    path = Path(path)
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.symlink(target, temporary)
+            break
+        except FileExistsError:
+            continue
+    try:
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)

@@ -5,11 +5,26 @@ configuration on a rescue partition, and only one exists at any time. The upgrad
 that the 2.8.1 upgrade installs onto the rescue partition and so deletes that image, which is
 why the console shows whether there is one, of which firmware and from when.
 
-On disk: ``rescue/system-backup.tar`` holds the active firmware slot under ``system/`` and the
-configuration under ``etc/``; ``rescue/system-backup.json`` (the manifest) says which firmware
-the image holds, when it was made, its size and its SHA-256. The manifest is what makes an image
-count: it is removed before a new tar replaces the old one and written only after, so a crash
-leaves either a consistent old backup, no backup, or the consistent new one.
+On disk, in ``rescue/``::
+
+    image-20261205T120000Z-1a2b3c4d/
+        system-backup.tar       the active firmware slot under system/, the configuration
+                                under etc/
+        system-backup.json      the manifest: firmware, time, size and SHA-256 of the tar
+    current -> image-20261205T120000Z-1a2b3c4d      the one pointer to the current image
+    system-backup.json -> current/system-backup.json    the well-known names, never changed
+    system-backup.tar -> current/system-backup.tar
+    .lock                       held by every writer of the partition
+
+A new image is written whole, tar and manifest, into a directory of its own and fsynced; one
+rename of a new ``current`` link over the old switches from the old image to the new; only then
+is the old directory deleted. So at every instant exactly one complete image is current, and a
+kill leaves either the old or the new one plus a directory no reader follows, which the next
+writer sweeps (under the lock, so a write in progress is never touched). Readers come in
+through ``system-backup.json``, the path an earlier version kept its manifest at: there, as a
+regular file beside a regular ``system-backup.tar``, it is an image of that version, read as
+before and moved into a directory of its own (by hard links, without a moment in which it is
+not current) by the first new write.
 """
 
 from __future__ import annotations
@@ -21,15 +36,24 @@ import json
 import os
 import posixpath
 import re
+import secrets
 import shutil
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from appliance.system.atomic import atomic_open, atomic_write_text, exclusive_lock, fsync_dir
+from django.conf import settings
+
+from appliance.system.atomic import (
+    atomic_symlink,
+    atomic_write_text,
+    exclusive_lock,
+    fsync_dir,
+)
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized, MalformedApplianceFile
 from appliance.system.facts import parse_key_values
 from appliance.system.journal import journal_recover
@@ -41,7 +65,26 @@ MANIFEST_FORMAT = 1
 _PROGRESS_STEP = 4 * 1024 * 1024
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
+CURRENT = "current"
+_IMAGE_DIR = re.compile(r"image-[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}")
+# What a killed write leaves beside the image: atomic_open's and atomic_symlink's temporary
+# files (``.<name>.<random>.tmp``), among them the big ``.system-backup.tar.*.tmp`` of an
+# earlier version, which streamed its tar straight into rescue/.
+_LEFTOVER = re.compile(
+    r"\.(?:current|system-backup\.tar|system-backup\.json|system-restore\.json)\..+\.tmp"
+)
+# What an appliance restored from the image needs, besides the two trees.
+_FIRMWARE_RELEASE = "etc/firmware-release"
+_CONFIGURATION = "etc/mailsec/cpe"
+_RELEASE_MAX = 64 * 1024
+# A reader that found the image just as a writer replaced it looks again, this often.
+_READ_ATTEMPTS = 3
+
 Progress = Callable[[int, int], None]
+
+
+class SystemBackupError(ApplianceError):
+    """The system backup image cannot be restored; ``str()`` is a message for the user."""
 
 
 @dataclass(frozen=True)
@@ -54,24 +97,74 @@ class SystemBackupInfo:
     sha256: str
 
 
+def _pause_point(name: str) -> None:
+    """The kill tests' checkpoint inside an image write (settings.JOB_PAUSE
+    ``system_backup:<name>:<ms>``, empty in production), so a SIGKILL lands between two steps."""
+    pause = getattr(settings, "JOB_PAUSE", "") if settings.configured else ""
+    if not pause:
+        return
+    kind, _, rest = pause.partition(":")
+    step, _, milliseconds = rest.rpartition(":")
+    if kind == "system_backup" and step == name:
+        time.sleep(int(milliseconds) / 1000)
+
+
+def _image_dir(the_layout: Layout) -> Path | None:
+    """The directory holding the current image's manifest and tar, None when there is none.
+
+    Found the way every reader finds it: by following ``system-backup.json`` (through
+    ``current``). The rescue dir itself for an image of an earlier version. Raises
+    :class:`MalformedApplianceFile` when the manifest's name leads out of the rescue partition.
+    """
+    manifest = the_layout.system_backup_manifest
+    real = Path(os.path.realpath(manifest))
+    if not real.is_file():
+        return None
+    rescue_dir = Path(os.path.realpath(the_layout.rescue_dir))
+    directory = real.parent
+    if real.name == manifest.name and directory == rescue_dir:
+        return the_layout.rescue_dir
+    if (
+        real.name == manifest.name
+        and directory.parent == rescue_dir
+        and _IMAGE_DIR.fullmatch(directory.name)
+    ):
+        return the_layout.rescue_dir / directory.name
+    raise MalformedApplianceFile(f"{manifest} leads to {real}, not to an image on the partition")
+
+
+def _current_image(the_layout: Layout) -> tuple[Path, SystemBackupInfo] | None:
+    """The current image's directory and manifest, or None when there is no whole image.
+
+    Raises :class:`MalformedApplianceFile` for a manifest that cannot be read as one.
+    """
+    for _ in range(_READ_ATTEMPTS):
+        directory = _image_dir(the_layout)
+        if directory is None:
+            return None
+        path = directory / the_layout.system_backup_manifest.name
+        data = read_json(path)
+        if data is not None and (directory / the_layout.system_backup_tar.name).is_file():
+            try:
+                return directory, _info_from_manifest(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MalformedApplianceFile(
+                    f"{path} is not a system backup manifest: {exc}"
+                ) from exc
+        if _image_dir(the_layout) == directory:
+            return None  # a manifest without its image restores nothing
+        # A writer switched to a new image and removed this one meanwhile: look again.
+    return None
+
+
 def system_backup_info(root: Path | None = None) -> SystemBackupInfo | None:
     """The image on the rescue partition, or None when there is none.
 
     Raises :class:`MalformedApplianceFile` when the manifest exists but cannot be read as one:
     that is damage to report, not an absent backup.
     """
-    the_layout = layout(root)
-    path = the_layout.system_backup_manifest
-    data = read_json(path)
-    if data is None:
-        return None
-    try:
-        info = _info_from_manifest(data)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MalformedApplianceFile(f"{path} is not a system backup manifest: {exc}") from exc
-    if not the_layout.system_backup_tar.is_file():
-        return None  # a manifest without its image restores nothing
-    return info
+    current = _current_image(layout(root))
+    return current[1] if current is not None else None
 
 
 def _info_from_manifest(data: dict[str, object]) -> SystemBackupInfo:
@@ -184,59 +277,311 @@ class _Tracker:
         self.report()
 
 
+def _firmware_level(release: bytes) -> str:
+    try:
+        return parse_key_values(release.decode("utf-8")).get("FIRMWARE_VERSION", "")
+    except UnicodeDecodeError:
+        return ""
+
+
+def _lacking(directories: set[str], release: bytes | None) -> list[str]:
+    """What an appliance needs that a tree (image or live) lacks, in the administrator's words:
+    ``directories`` are the archive names of its directories, ``release`` the content of its
+    etc/firmware-release (None when it has none)."""
+    lacking = []
+    if "system" not in directories:
+        lacking.append("the firmware (system/)")
+    if "etc" not in directories:
+        lacking.append("the configuration directory (etc/)")
+    elif _CONFIGURATION not in directories:
+        lacking.append(f"the mail-security configuration directory ({_CONFIGURATION}/)")
+    if release is None:
+        lacking.append(f"the firmware level ({_FIRMWARE_RELEASE})")
+    elif not _firmware_level(release):
+        lacking.append(f"a readable firmware level (FIRMWARE_VERSION) in {_FIRMWARE_RELEASE}")
+    return lacking
+
+
+def _live_lacking(the_layout: Layout) -> list[str]:
+    """What the image about to be written would lack (the firmware slot is checked apart)."""
+    directories = {"system"}
+    if the_layout.etc_dir.is_dir():
+        directories.add("etc")
+    if the_layout.cpe_dir.is_dir():
+        directories.add(_CONFIGURATION)
+    release = the_layout.firmware_release
+    data = release.read_bytes()[:_RELEASE_MAX] if _is_regular(release) else None
+    return _lacking(directories, data)
+
+
+def _image_lacking(tar_path: Path) -> list[str]:
+    """What the image at ``tar_path`` lacks, from its headers (the content is skipped, so this
+    costs a small fraction of a checksum pass). Raises :class:`SystemBackupError` for a member
+    that could write outside the image's trees, as unpacking it would."""
+    checker = _ImageChecker()
+    directories: set[str] = set()
+    release: bytes | None = None
+    try:
+        with tarfile.open(tar_path, "r:") as tar:
+            for info in tar:
+                name = "/".join(checker.check(info))
+                if info.isdir():
+                    directories.add(name)
+                elif name == _FIRMWARE_RELEASE and info.isreg() and release is None:
+                    source = tar.extractfile(info)
+                    release = source.read(_RELEASE_MAX) if source is not None else b""
+    except tarfile.TarError as exc:
+        raise SystemBackupError(f"The system backup is not a valid tar archive: {exc}.") from exc
+    return _lacking(directories, release)
+
+
+def _incomplete(lacking: list[str]) -> str:
+    return (
+        f"The system backup image lacks what an appliance needs: {'; '.join(lacking)}. "
+        "Restoring it would leave an appliance that cannot run, so it is refused and nothing "
+        "was changed."
+    )
+
+
+def system_backup_check(root: Path | None = None) -> SystemBackupInfo:
+    """The image, once its headers show that it holds what an appliance needs.
+
+    What a restore is asked for with (the restore itself verifies the checksum and checks again,
+    under the lock). Raises :class:`SystemBackupError` when there is no image, it cannot be
+    read, or it lacks the firmware level or the configuration directory.
+    """
+    the_layout = layout(root)
+    try:
+        current = _current_image(the_layout)
+    except MalformedApplianceFile as exc:
+        raise SystemBackupError(f"The system backup's manifest is damaged: {exc}") from exc
+    if current is None:
+        raise SystemBackupError("There is no system backup on the rescue partition.")
+    directory, info = current
+    try:
+        lacking = _image_lacking(directory / the_layout.system_backup_tar.name)
+    except OSError as exc:
+        raise SystemBackupError(f"The system backup image cannot be read: {exc}") from exc
+    if lacking:
+        raise SystemBackupError(_incomplete(lacking))
+    return info
+
+
+# --- Writing the image -----------------------------------------------------------------------
+
+
+def _new_image_dir(the_layout: Layout) -> Path:
+    """A new, empty image directory: not current, so a kill leaves it for the sweep."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    while True:
+        directory = the_layout.rescue_dir / f"image-{stamp}-{secrets.token_hex(4)}"
+        try:
+            directory.mkdir(mode=0o755)
+        except FileExistsError:
+            continue
+        return directory
+
+
+def _point_at(the_layout: Layout, directory: Path) -> None:
+    """Make ``current`` lead to ``directory``: one rename, the switch between two images."""
+    pointer = the_layout.rescue_dir / CURRENT
+    with contextlib.suppress(OSError):
+        if os.readlink(pointer) == directory.name:
+            return
+    atomic_symlink(directory.name, pointer)
+
+
+def _link_names(the_layout: Layout) -> None:
+    """Make the well-known names lead through ``current``, the manifest's first: it is the way
+    readers come in, so once it does they see the image ``current`` leads to."""
+    for path in (the_layout.system_backup_manifest, the_layout.system_backup_tar):
+        target = f"{CURRENT}/{path.name}"
+        with contextlib.suppress(OSError):
+            if os.readlink(path) == target:
+                continue
+        atomic_symlink(target, path)
+        _pause_point(f"linked-{path.name}")
+
+
+def _adopt_old_layout(the_layout: Layout) -> Path:
+    """Move an earlier version's image (tar and manifest as files in rescue/) into a directory
+    of its own and return it.
+
+    Hard links, not copies or renames: the directory holds the same files while the old names
+    still work, then ``current`` is pointed at it (readers do not follow it yet), then the
+    manifest's name becomes a link through it (the switch, to the same image) and the tar's.
+    """
+    directory = _new_image_dir(the_layout)
+    for path in (the_layout.system_backup_tar, the_layout.system_backup_manifest):
+        os.link(path, directory / path.name)
+    fsync_dir(directory)
+    fsync_dir(the_layout.rescue_dir)
+    _pause_point("old-layout-linked")
+    _point_at(the_layout, directory)
+    _pause_point("old-layout-pointer")
+    _link_names(the_layout)
+    return directory
+
+
+def _is_leftover(entry: Path, current: Path | None) -> bool:
+    """True for an entry of the rescue dir that no reader follows and a killed write of ours
+    left: another image directory, a temporary file, a ``current`` that leads elsewhere."""
+    name = entry.name
+    if name == CURRENT:
+        if not entry.is_symlink():
+            return False  # not one of ours
+        try:
+            return current is None or os.readlink(entry) != current.name
+        except OSError:
+            return False
+    if _IMAGE_DIR.fullmatch(name):
+        return entry != current
+    return bool(_LEFTOVER.fullmatch(name))
+
+
+def _tidy_locked(the_layout: Layout) -> list[str]:
+    """Remove what killed writes left on the rescue partition; the names removed.
+
+    Only what no reader follows goes: image directories other than the current one, temporary
+    files of ours, a ``current`` that leads elsewhere. The caller holds the partition's lock, so
+    no write is in progress. An interrupted switch of the well-known names is finished.
+    """
+    rescue_dir = the_layout.rescue_dir
+    if not rescue_dir.is_dir():
+        return []
+    try:
+        current = _image_dir(the_layout)
+    except MalformedApplianceFile:
+        current = None  # no reader gets an image through it; the next write replaces it
+    removed = []
+    for entry in sorted(rescue_dir.iterdir()):
+        if _is_leftover(entry, current):
+            _remove_tree(entry)
+            removed.append(entry.name)
+    if removed:
+        fsync_dir(rescue_dir)
+    if current is not None and current != rescue_dir:
+        _point_at(the_layout, current)
+        _link_names(the_layout)
+    return removed
+
+
+def system_backup_leftovers_remove(root: Path | None = None) -> list[str]:
+    """Remove what creations cut short left on the rescue partition; the names removed.
+
+    Waits for the partition's lock, so an image being written is never touched.
+    """
+    the_layout = layout(root)
+    if not the_layout.rescue_dir.is_dir():
+        return []
+    with exclusive_lock(the_layout.rescue_dir / ".lock"):
+        return _tidy_locked(the_layout)
+
+
+def _write_image(
+    the_layout: Layout,
+    image: Path,
+    entries: list[tuple[Path, str]],
+    tracker: _Tracker,
+    firmware_version: str,
+    slot: str,
+) -> SystemBackupInfo:
+    """Write the tar and then the manifest into the new image directory, durably."""
+    tar_path = image / the_layout.system_backup_tar.name
+    fd = os.open(tar_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        writer = _HashingWriter(handle)
+        with tarfile.TarFile(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            started = False
+            for path, arcname in entries:
+                info = tar.gettarinfo(str(path), arcname)
+                if info is None:
+                    continue  # a socket or the like: nothing a restore could use
+                if info.isreg():
+                    with open(path, "rb") as source:
+                        tar.addfile(info, _ProgressReader(source, tracker))
+                    tracker.report()
+                    if not started:
+                        started = True
+                        _pause_point("tar-started")
+                else:
+                    tar.addfile(info)
+        handle.flush()
+        os.fchmod(handle.fileno(), 0o644)
+        os.fsync(handle.fileno())
+    created_at = datetime.now(UTC).replace(microsecond=0)
+    backup = SystemBackupInfo(firmware_version, created_at, writer.size, writer.sha256.hexdigest())
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "firmware_version": backup.firmware_version,
+        "created_at": backup.created_at.isoformat(),
+        "size": backup.size,
+        "sha256": backup.sha256,
+        "slot": slot,
+        "contents": ["system", "etc"],
+    }
+    atomic_write_text(
+        image / the_layout.system_backup_manifest.name, json.dumps(manifest, indent=2) + "\n"
+    )
+    fsync_dir(image)
+    return backup
+
+
 def system_backup_create(
     root: Path | None = None, progress: Progress | None = None
 ) -> SystemBackupInfo:
     """Write a new system backup image of the active system and the configuration.
 
-    Replaces the one image there is. The tar is streamed through :func:`atomic_open`, so a crash
-    never leaves half an image, and hashed on the way so the SHA-256 costs no second read.
-    ``progress(done_bytes, total_bytes)`` counts file content, at the start, after each file
-    and every few MiB within large ones, and finally with ``done == total``. Creations are
-    serialised with a lock on the rescue partition, so two cannot pair one's manifest with the
-    other's tar.
+    Replaces the one image there is, as one step: the tar (hashed on the way, so the SHA-256
+    costs no second read) and the manifest are written and fsynced into a new directory, and
+    one rename of ``current`` switches to it; the old image is deleted after. Refuses
+    (:class:`ApplianceNotInitialized`) a root whose image could not be restored: no active
+    slot, or no configuration directory or firmware level. ``progress(done_bytes, total_bytes)``
+    counts file content, at the start, after each file and every few MiB within large ones, and
+    finally with ``done == total``. Creations are serialised with a lock on the rescue
+    partition, under which leftovers of creations cut short are removed first.
     """
     the_layout = layout(root)
     slot = _active_slot(the_layout)
     if not the_layout.etc_dir.is_dir():
         raise ApplianceNotInitialized(f"no configuration at {the_layout.etc_dir}")
+    lacking = _live_lacking(the_layout)
+    if lacking:
+        raise ApplianceNotInitialized(
+            f"the appliance lacks what its system backup image needs: {'; '.join(lacking)}"
+        )
     firmware_version = _firmware_version(the_layout, slot)
     the_layout.rescue_dir.mkdir(parents=True, exist_ok=True)
 
     with exclusive_lock(the_layout.rescue_dir / ".lock"):
+        _tidy_locked(the_layout)
+        try:
+            previous = _image_dir(the_layout)
+        except MalformedApplianceFile:
+            previous = None
+        if previous == the_layout.rescue_dir:
+            old_tar = the_layout.system_backup_tar
+            # An image of an earlier version; a manifest without its tar is no image to keep.
+            previous = _adopt_old_layout(the_layout) if _is_regular(old_tar) else None
+
         entries = [*_entries(slot, "system"), *_entries(the_layout.etc_dir, "etc")]
         total = sum(path.lstat().st_size for path, _ in entries if _is_regular(path))
         tracker = _Tracker(total, progress)
         tracker.report()
-        with atomic_open(the_layout.system_backup_tar) as handle:
-            writer = _HashingWriter(handle)
-            with tarfile.TarFile(fileobj=writer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for path, arcname in entries:
-                    info = tar.gettarinfo(str(path), arcname)
-                    if info is None:
-                        continue  # a socket or the like: nothing a restore could use
-                    if info.isreg():
-                        with open(path, "rb") as source:
-                            tar.addfile(info, _ProgressReader(source, tracker))
-                        tracker.report()
-                    else:
-                        tar.addfile(info)
-            # The old manifest goes before the new tar takes the old one's name.
-            the_layout.system_backup_manifest.unlink(missing_ok=True)
-        created_at = datetime.now(UTC).replace(microsecond=0)
-        backup = SystemBackupInfo(
-            firmware_version, created_at, writer.size, writer.sha256.hexdigest()
-        )
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "firmware_version": backup.firmware_version,
-            "created_at": backup.created_at.isoformat(),
-            "size": backup.size,
-            "sha256": backup.sha256,
-            "slot": slot.name,
-            "contents": ["system", "etc"],
-        }
-        atomic_write_text(the_layout.system_backup_manifest, json.dumps(manifest, indent=2) + "\n")
+        image = _new_image_dir(the_layout)
+        try:
+            backup = _write_image(the_layout, image, entries, tracker, firmware_version, slot.name)
+        except BaseException:
+            _remove_tree(image)  # not current: nobody follows it, and a full disk wants it gone
+            raise
+        fsync_dir(the_layout.rescue_dir)
+        _pause_point("image-written")
+        _point_at(the_layout, image)
+        _pause_point("switched")
+        _link_names(the_layout)  # the names of an image that had none, or of a damaged one
+        if previous is not None and previous != image:
+            _remove_tree(previous)
+            fsync_dir(the_layout.rescue_dir)
     tracker.finish()
     return backup
 
@@ -258,10 +603,6 @@ _HASH_CHUNK = 1024 * 1024
 _TOPS = ("system", "etc")
 
 
-class SystemBackupError(ApplianceError):
-    """The system backup image cannot be restored; ``str()`` is a message for the user."""
-
-
 def _hash_tar(path: Path, tracker: _Tracker) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -276,12 +617,13 @@ def _hash_tar(path: Path, tracker: _Tracker) -> tuple[int, str]:
 def system_backup_verify(root: Path | None = None, progress: Progress | None = None) -> bool:
     """True when the image exists and its size and SHA-256 match its manifest."""
     the_layout = layout(root)
-    info = system_backup_info(root)
-    if info is None:
+    current = _current_image(the_layout)
+    if current is None:
         return False
+    directory, info = current
     tracker = _Tracker(info.size, progress)
     tracker.report()
-    size, sha256 = _hash_tar(the_layout.system_backup_tar, tracker)
+    size, sha256 = _hash_tar(directory / the_layout.system_backup_tar.name, tracker)
     tracker.finish()
     return size == info.size and sha256 == info.sha256
 
@@ -346,10 +688,10 @@ class _ImageChecker:
         return parts
 
 
-def _extract_image(the_layout: Layout, staging: dict[str, Path], tracker: _Tracker) -> str:
+def _extract_image(tar_path: Path, staging: dict[str, Path], tracker: _Tracker) -> str:
     """Unpack the image into the staging dirs; return the SHA-256 of what was read."""
     checker = _ImageChecker()
-    with the_layout.system_backup_tar.open("rb") as raw:
+    with tar_path.open("rb") as raw:
         reader = _HashingReader(raw, tracker)
         try:
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
@@ -494,7 +836,9 @@ def system_backup_restore(
     member checked into staging directories beside their targets, and only then switched in:
     the image's system tree becomes a new slot that ``system/active`` points at, and its etc
     replaces ``etc``. Raises :class:`SystemBackupError` with nothing changed when there is no
-    image, it is damaged or tampered, or holds anything unsafe.
+    image, it is damaged or tampered, holds anything unsafe, or lacks what an appliance needs
+    (the firmware level in etc/firmware-release, the configuration directory). Every member and
+    those essentials are checked from the verified tar's headers before anything is unpacked.
     """
     the_layout = layout(Path(os.path.realpath(layout(root).root)))
     if not the_layout.rescue_dir.is_dir():
@@ -502,19 +846,24 @@ def system_backup_restore(
     with exclusive_lock(the_layout.rescue_dir / ".lock"):
         _recover_locked(the_layout)
         try:
-            info = system_backup_info(the_layout.root)
+            current = _current_image(the_layout)
         except MalformedApplianceFile as exc:
             raise SystemBackupError(f"The system backup's manifest is damaged: {exc}") from exc
-        if info is None:
+        if current is None:
             raise SystemBackupError("There is no system backup on the rescue partition.")
+        directory, info = current
+        tar_path = directory / the_layout.system_backup_tar.name
         tracker = _Tracker(2 * info.size, progress)
         tracker.report()
-        size, sha256 = _hash_tar(the_layout.system_backup_tar, tracker)
+        size, sha256 = _hash_tar(tar_path, tracker)
         if size != info.size or sha256 != info.sha256:
             raise SystemBackupError(
                 "The system backup does not match its checksum: it is damaged or was altered. "
                 "Nothing was changed."
             )
+        lacking = _image_lacking(tar_path)
+        if lacking:
+            raise SystemBackupError(_incomplete(lacking))
         stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
         slot = f"slot-restored-{stamp}"
         the_layout.slot_dir(slot)  # checks the name
@@ -534,7 +883,7 @@ def system_backup_restore(
         try:
             for top in staging.values():
                 _remove_tree(top)
-            extracted_sha256 = _extract_image(the_layout, staging, tracker)
+            extracted_sha256 = _extract_image(tar_path, staging, tracker)
             if extracted_sha256 != info.sha256:
                 raise SystemBackupError(
                     "The system backup changed while it was being restored. Nothing was changed."

@@ -10,7 +10,6 @@ from xml.sax.saxutils import unescape
 
 import pytest
 
-from appliance import demo
 from appliance.config import policy, store
 from appliance.config.store import read_smtp_settings
 from appliance.demo import init_demo
@@ -19,9 +18,7 @@ from appliance.system import network, rescue
 from appliance.system.errors import ApplianceExists
 from appliance.system.facts import (
     appliance_exists,
-    read_firmware_release,
     system_info,
-    write_firmware_release,
 )
 from appliance.system.paths import layout
 
@@ -126,23 +123,6 @@ def test_an_interrupted_build_is_redone_without_doubling_the_store(appliance_roo
     summary = init_demo(appliance_root, messages=30)
     assert summary.messages == 30
     assert msgstore.totals().messages == 30
-
-
-def test_firmware_release_is_written_last(
-    appliance_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen_when_marked: list[object] = []
-
-    def write_marker(values: dict[str, str], root: Path | None = None) -> None:
-        seen_when_marked.append(rescue.system_backup_info(root))
-        seen_when_marked.append(msgstore.totals(root))
-        write_firmware_release(values, root)
-
-    monkeypatch.setattr(demo, "write_firmware_release", write_marker)
-    init_demo(appliance_root, messages=5)
-    backup, totals = seen_when_marked
-    assert backup is not None and totals is not None and totals.messages == 5
-    assert read_firmware_release()["FIRMWARE_VERSION"] == "2.8.0.0"
 
 
 def test_the_summary_counts_what_was_built(appliance_root: Path) -> None:

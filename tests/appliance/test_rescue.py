@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,13 +73,46 @@ def test_progress_counts_up_to_the_total(demo_appliance: Path) -> None:
     assert done == sorted(done)
 
 
+def _image_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in layout(root).rescue_dir.iterdir() if p.name.startswith("image-"))
+
+
+def _assert_one_clean_image(root: Path) -> None:
+    """The rescue partition holds one image directory, the pointer to it, the two well-known
+    names through the pointer and the lock: nothing a killed write left."""
+    the_layout = layout(root)
+    [image] = _image_dirs(root)
+    rescue_dir = the_layout.rescue_dir
+    assert sorted(p.name for p in rescue_dir.iterdir()) == sorted(
+        [".lock", "current", image, "system-backup.json", "system-backup.tar"]
+    )
+    assert os.readlink(rescue_dir / "current") == image
+    assert os.readlink(the_layout.system_backup_manifest) == "current/system-backup.json"
+    assert os.readlink(the_layout.system_backup_tar) == "current/system-backup.tar"
+    assert sorted(p.name for p in (rescue_dir / image).iterdir()) == [
+        "system-backup.json",
+        "system-backup.tar",
+    ]
+
+
+def as_earlier_version(root: Path) -> None:
+    """Turn the image into what an earlier version wrote: tar and manifest as files in rescue/."""
+    the_layout = layout(root)
+    rescue_dir = the_layout.rescue_dir
+    image = rescue_dir / os.readlink(rescue_dir / "current")
+    for path in (the_layout.system_backup_tar, the_layout.system_backup_manifest):
+        path.unlink()
+        os.replace(image / path.name, path)
+    (rescue_dir / "current").unlink()
+    image.rmdir()
+
+
 def test_a_new_backup_replaces_the_only_one(demo_appliance: Path) -> None:
+    [first] = _image_dirs(demo_appliance)
     (layout().etc_dir / "added-after-first-backup").write_text("x")
     rescue.system_backup_create()
-    rescue_files = sorted(
-        path.name for path in layout().rescue_dir.iterdir() if not path.name.startswith(".")
-    )
-    assert rescue_files == ["system-backup.json", "system-backup.tar"]
+    _assert_one_clean_image(demo_appliance)
+    assert _image_dirs(demo_appliance) != [first]
     with tarfile.open(layout().system_backup_tar) as tar:
         assert "etc/added-after-first-backup" in tar.getnames()
 
@@ -104,8 +139,142 @@ def test_a_broken_manifest_is_reported_as_malformed(demo_appliance: Path, conten
 
 def test_a_manifest_without_its_image_is_no_backup(demo_appliance: Path) -> None:
     assert json.loads(layout().system_backup_manifest.read_text())["slot"] == "slot-a"
+    (layout().rescue_dir / "current" / "system-backup.tar").unlink()
+    assert rescue.system_backup_info() is None
+
+
+def test_a_manifest_name_leading_off_the_partition_is_damage(demo_appliance: Path) -> None:
+    the_layout = layout()
+    outside = demo_appliance / "elsewhere.json"
+    outside.write_bytes(the_layout.system_backup_manifest.read_bytes())
+    the_layout.system_backup_manifest.unlink()
+    the_layout.system_backup_manifest.symlink_to(outside)
+    with pytest.raises(MalformedApplianceFile, match="not to an image"):
+        rescue.system_backup_info()
+
+
+# --- Images of an earlier version ------------------------------------------------------------
+
+
+def test_an_image_of_an_earlier_version_is_shown_verified_and_restored(
+    demo_appliance: Path,
+) -> None:
+    the_layout = layout()
+    info = rescue.system_backup_info()
+    etc_before = tree_snapshot(the_layout.etc_dir)
+    as_earlier_version(demo_appliance)
+    assert the_layout.system_backup_tar.is_file() and not the_layout.system_backup_tar.is_symlink()
+    assert rescue.system_backup_info() == info
+    assert rescue.system_backup_verify()
+    assert rescue.system_backup_check() == info
+    _change_system_and_config(demo_appliance)
+
+    assert rescue.system_backup_restore() == info
+    assert tree_snapshot(the_layout.etc_dir) == etc_before
+
+
+def test_the_first_new_backup_moves_an_earlier_versions_image_and_replaces_it(
+    demo_appliance: Path,
+) -> None:
+    old = rescue.system_backup_info()
+    as_earlier_version(demo_appliance)
+    (layout().etc_dir / "added-after-first-backup").write_text("x")
+    new = rescue.system_backup_create()
+    assert new.sha256 != old.sha256 and rescue.system_backup_info() == new
+    _assert_one_clean_image(demo_appliance)
+    assert rescue.system_backup_verify()
+
+
+def test_an_earlier_versions_manifest_without_its_tar_is_replaced(demo_appliance: Path) -> None:
+    as_earlier_version(demo_appliance)
     layout().system_backup_tar.unlink()
     assert rescue.system_backup_info() is None
+    new = rescue.system_backup_create()
+    assert rescue.system_backup_info() == new
+    _assert_one_clean_image(demo_appliance)
+
+
+# --- Leftovers of killed writes --------------------------------------------------------------
+
+
+def _plant_leftovers(root: Path) -> list[str]:
+    """What killed writes leave: a half-written image directory of ours, the temporary tar of an
+    earlier version's atomic write, a pointer and a link that were never renamed into place."""
+    rescue_dir = layout(root).rescue_dir
+    half = rescue_dir / "image-20261205T120000Z-0badc0de"
+    half.mkdir()
+    (half / "system-backup.tar").write_bytes(b"\0" * 300_000)
+    (rescue_dir / ".system-backup.tar.k3j2h1.tmp").write_bytes(b"\0" * 300_000)
+    (rescue_dir / ".system-backup.json.a1b2c3.tmp").write_text("{")
+    (rescue_dir / ".current.1a2b3c4d.tmp").symlink_to(half.name)
+    (rescue_dir / ".system-backup.tar.5e6f7a8b.tmp").symlink_to("current/system-backup.tar")
+    return sorted(
+        [
+            half.name,
+            ".system-backup.tar.k3j2h1.tmp",
+            ".system-backup.json.a1b2c3.tmp",
+            ".current.1a2b3c4d.tmp",
+            ".system-backup.tar.5e6f7a8b.tmp",
+        ]
+    )
+
+
+def test_a_new_backup_sweeps_what_killed_writes_left(demo_appliance: Path) -> None:
+    _plant_leftovers(demo_appliance)
+    notes = layout().rescue_dir / "notes.txt"  # not ours: left alone
+    notes.write_text("rescue partition of mailsec01\n")
+    rescue.system_backup_create()
+    notes.unlink()
+    _assert_one_clean_image(demo_appliance)
+
+
+def test_the_sweep_removes_only_what_no_reader_follows(demo_appliance: Path) -> None:
+    info = rescue.system_backup_info()
+    planted = _plant_leftovers(demo_appliance)
+    assert sorted(rescue.system_backup_leftovers_remove()) == planted
+    assert rescue.system_backup_info() == info and rescue.system_backup_verify()
+    _assert_one_clean_image(demo_appliance)
+    assert rescue.system_backup_leftovers_remove() == []
+
+
+def test_the_sweep_leaves_an_earlier_versions_image_and_drops_a_pointer_beside_it(
+    demo_appliance: Path,
+) -> None:
+    """A kill while an earlier version's image was being moved left ``current`` and a copy no
+    reader follows: the earlier image stays current, the rest goes."""
+    info = rescue.system_backup_info()
+    as_earlier_version(demo_appliance)
+    rescue_dir = layout().rescue_dir
+    copy = rescue_dir / "image-20261205T120000Z-00c0ffee"
+    copy.mkdir()
+    for name in ("system-backup.tar", "system-backup.json"):
+        os.link(rescue_dir / name, copy / name)
+    (rescue_dir / "current").symlink_to(copy.name)
+
+    assert sorted(rescue.system_backup_leftovers_remove()) == ["current", copy.name]
+    assert rescue.system_backup_info() == info and rescue.system_backup_verify()
+
+
+def test_a_write_that_fails_removes_its_half_image_and_keeps_the_old(
+    demo_appliance: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    info = rescue.system_backup_info()
+    before = _image_dirs(demo_appliance)
+
+    def disk_full(name: str) -> None:
+        if name == "tar-started":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rescue, "_pause_point", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        rescue.system_backup_create()
+    assert _image_dirs(demo_appliance) == before
+    assert rescue.system_backup_info() == info and rescue.system_backup_verify()
+
+
+def test_the_sweep_without_a_rescue_partition_does_nothing(appliance_root: Path) -> None:
+    assert rescue.system_backup_leftovers_remove() == []
+    assert not layout().rescue_dir.exists()
 
 
 # --- Restore ---------------------------------------------------------------------------------
@@ -263,3 +432,100 @@ def test_a_crash_during_the_switch_is_rolled_forward(demo_appliance: Path) -> No
     assert tree_snapshot(the_layout.etc_dir) == etc_before
     assert not the_layout.system_restore_journal.exists()
     assert rescue.system_restore_recover() is False
+
+
+# --- What an image must hold ------------------------------------------------------------------
+
+CPE = [_entry("etc/mailsec", tarfile.DIRTYPE), _entry("etc/mailsec/cpe", tarfile.DIRTYPE)]
+RELEASE = _entry("etc/firmware-release", content=b"FIRMWARE_VERSION=2.8.0.0\n")
+
+
+def test_the_demo_image_holds_the_firmware_level_and_restores_to_it(demo_appliance: Path) -> None:
+    """The image init_demo made (not a later one): it once lacked etc/firmware-release."""
+    with tarfile.open(layout().system_backup_tar) as tar:
+        release = tar.extractfile("etc/firmware-release").read()  # type: ignore[union-attr]
+    assert b"FIRMWARE_VERSION=2.8.0.0\n" in release
+    assert rescue.system_backup_check().firmware_version == "2.8.0.0"
+    _change_system_and_config(demo_appliance)
+
+    rescue.system_backup_restore()
+
+    assert read_firmware_release()["FIRMWARE_VERSION"] == "2.8.0.0"
+    assert layout().cpe_dir.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("entries", "missing"),
+    [
+        ([*TOPS, *CPE], r"the firmware level \(etc/firmware-release\)"),
+        (
+            [*TOPS, *CPE, _entry("etc/firmware-release", content=b"MODEL=x3650\n")],
+            r"a readable firmware level \(FIRMWARE_VERSION\) in etc/firmware-release",
+        ),
+        (
+            [*TOPS, *CPE, _entry("etc/firmware-release", content=b"FIRMWARE_VERSION=\xff\n")],
+            r"a readable firmware level \(FIRMWARE_VERSION\) in etc/firmware-release",
+        ),
+        (
+            [*TOPS, *CPE, _entry("etc/firmware-release", tarfile.SYMTYPE, link="HOSTNAME")],
+            r"the firmware level \(etc/firmware-release\)",
+        ),
+        (
+            [*TOPS, RELEASE],
+            r"the mail-security configuration directory \(etc/mailsec/cpe/\)",
+        ),
+        (
+            [_entry("system", tarfile.DIRTYPE), _entry("system/VERSION", content=b"2.8.0.0\n")],
+            r"the configuration directory \(etc/\); the firmware level",
+        ),
+        ([_entry("etc", tarfile.DIRTYPE), *CPE, RELEASE], r"the firmware \(system/\)"),
+    ],
+)
+def test_an_image_without_what_an_appliance_needs_is_refused_before_anything_changes(
+    demo_appliance: Path, entries: list[tuple[tarfile.TarInfo, bytes | None]], missing: str
+) -> None:
+    _plant_image(entries)
+    _change_system_and_config(demo_appliance)
+    before = tree_snapshot(demo_appliance)
+    for attempt in (rescue.system_backup_check, rescue.system_backup_restore):
+        with pytest.raises(rescue.SystemBackupError, match=missing) as refused:
+            attempt()
+        assert str(refused.value).startswith("The system backup image lacks what an appliance")
+        assert str(refused.value).endswith("nothing was changed.")
+    assert tree_snapshot(demo_appliance) == before
+
+
+def test_an_image_with_what_an_appliance_needs_passes_the_check(demo_appliance: Path) -> None:
+    _plant_image([*TOPS, *CPE, RELEASE])
+    assert rescue.system_backup_check() == rescue.system_backup_info()
+
+
+def test_the_check_refuses_no_image_and_a_damaged_manifest(demo_appliance: Path) -> None:
+    layout().system_backup_manifest.write_text("{not json")
+    with pytest.raises(rescue.SystemBackupError, match="manifest is damaged"):
+        rescue.system_backup_check()
+    layout().system_backup_manifest.unlink()
+    with pytest.raises(rescue.SystemBackupError, match="no system backup"):
+        rescue.system_backup_check()
+
+
+@pytest.mark.parametrize(
+    ("remove", "missing"),
+    [
+        ("etc/firmware-release", r"the firmware level \(etc/firmware-release\)"),
+        ("etc/mailsec/cpe", r"the mail-security configuration directory"),
+    ],
+)
+def test_creating_refuses_an_appliance_whose_image_could_not_be_restored(
+    demo_appliance: Path, remove: str, missing: str
+) -> None:
+    info = rescue.system_backup_info()
+    path = demo_appliance / remove
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    with pytest.raises(ApplianceNotInitialized, match=missing):
+        rescue.system_backup_create()
+    assert rescue.system_backup_info() == info
+    _assert_one_clean_image(demo_appliance)

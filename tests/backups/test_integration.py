@@ -233,3 +233,121 @@ def test_a_configuration_backup_killed_midway_is_undone_and_leaves_no_partial_fi
     assert Event.objects.filter(message__startswith="Configuration backup undone").exists()
     made = services.config_backup_create(user="admin")  # the way is free again
     assert made.name in [header.name for header in configbackup.backup_list()]
+
+
+def _image_dirs(root) -> set[str]:
+    from appliance.system.paths import layout
+
+    return {p.name for p in layout(root).rescue_dir.iterdir() if p.name.startswith("image-")}
+
+
+def test_a_system_backup_started_again_after_its_worker_died_sweeps_what_the_kill_left(
+    redis_settings, transactional_db, demo_appliance, admin_user, tmp_path
+):
+    """SIGKILL the worker while the new image is half written in a directory of its own: the
+    old image stays current, and the job, started again by the next worker, removes the half
+    image (under the rescue partition's lock) before it writes a whole one; one image is left."""
+    image = rescue.system_backup_info()
+    before = _image_dirs(demo_appliance)
+    env = {
+        **worker_env(redis_settings, demo_appliance),
+        "LMI_JOB_PAUSE": "system_backup:tar-started:30000",
+    }
+    first = launch_worker("imager@test", env, tmp_path / "imager.log", "--concurrency", "1")
+    try:
+        job = services.system_backup_start(user=admin_user)
+        wait_for(
+            lambda: Job.objects.filter(pk=job.pk, step=1, bytes_done__gt=0).exists(),
+            timeout=30,
+            message=f"the worker did not start writing; its log:\n{first.log()}",
+        )
+    finally:
+        first.kill()
+    [half] = _image_dirs(demo_appliance) - before
+    assert rescue.system_backup_info() == image  # the old image is current, whole
+    assert rescue.system_backup_verify()
+    second = start_worker(redis_settings, demo_appliance, tmp_path)
+    try:
+        job = _finished(job.pk, second)
+    finally:
+        second.stop()
+
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.restarts == 1
+    assert job.details["leftovers_removed"] == [half]
+    assert Event.objects.filter(
+        message__startswith="System backup created",
+        message__endswith="(1 leftover of an interrupted backup removed)",
+    ).exists()
+    info = rescue.system_backup_info()
+    assert info is not None and job.details["sha256"] == info.sha256
+    assert rescue.system_backup_verify()
+    [left] = _image_dirs(demo_appliance)
+    assert left not in before | {half}
+
+
+def _drop_from_image(root, name: str) -> None:
+    """The image without one member, its manifest matching (as the demo made it before it wrote
+    its firmware level first)."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    from appliance.system.paths import layout
+
+    the_layout = layout(root)
+    buffer = io.BytesIO()
+    with (
+        tarfile.open(the_layout.system_backup_tar) as source,
+        tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as target,
+    ):
+        for member in source:
+            if member.name != name:
+                target.addfile(member, source.extractfile(member) if member.isreg() else None)
+    data = buffer.getvalue()
+    the_layout.system_backup_tar.write_bytes(data)
+    manifest = json.loads(the_layout.system_backup_manifest.read_text())
+    manifest.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    the_layout.system_backup_manifest.write_text(json.dumps(manifest))
+
+
+def test_an_image_without_a_firmware_level_is_refused_at_the_start_and_by_the_restore(
+    celery_worker, demo_appliance, admin_user
+):
+    """Asking for the restore is refused, naming what is missing, with no job; a job that got
+    past that (the image changed after the check) fails in the worker before anything changed."""
+    import os
+
+    from appliance.system.paths import layout
+    from events.models import Severity
+    from jobs import engine as jobs_engine
+    from jobs.models import APPLIANCE_GROUP
+
+    _drop_from_image(demo_appliance, "etc/firmware-release")
+    assert rescue.system_backup_verify()  # whole and matching its manifest, yet incomplete
+    write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
+    etc_before = tree_bytes(demo_appliance, "etc")
+    active_before = os.readlink(layout(demo_appliance).active_system)
+    client = Client()
+    client.force_login(admin_user)
+
+    html = client.post("/backup/system/image/restore/", follow=True).content.decode()
+
+    assert "lacks what an appliance needs: the firmware level (etc/firmware-release)" in html
+    assert not Job.objects.exists()
+    refused = Event.objects.get(message__startswith="System restore refused")
+    assert refused.severity == Severity.ERROR and "etc/firmware-release" in refused.message
+
+    job = jobs_engine.start(
+        services.SYSTEM_RESTORE,
+        title="System restore",
+        user=admin_user,
+        conflict_group=APPLIANCE_GROUP,
+    )
+    job = _finished(job.pk, celery_worker)
+    assert job.state == JobState.FAILED
+    assert "the firmware level (etc/firmware-release)" in job.error
+    assert tree_bytes(demo_appliance, "etc") == etc_before
+    assert read_smtp_settings().listen_port == 2626
+    assert os.readlink(layout(demo_appliance).active_system) == active_before
