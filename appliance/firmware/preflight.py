@@ -238,6 +238,8 @@ def _check_space_for_upgrade(
         )
         if needed > free:
             short.append(f"{human_bytes(needed - free)} short on the disk of {where}")
+    # Reserved above, so a disk that fills during the install cannot strand a rollback.
+    details.append("a rollback needs no more: it renames the phase-4 copy back over the store")
     value = f"needs {human_bytes(needed_total)}, {human_bytes(free_total)} free"
     if short:
         return Check(
