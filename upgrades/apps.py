@@ -10,7 +10,9 @@ class UpgradesConfig(AppConfig):
     def ready(self) -> None:
         # Downloads and installs are jobs of the engine: its reconciler resumes what lost its
         # worker or its message.
+        from jobs import registry
         from upgrades import downloader, install
 
         downloader.register_job_kind()
         install.register_job_kind()
+        registry.register_recovery("maintenance", install.maintenance_recover)

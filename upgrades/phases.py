@@ -111,7 +111,9 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
         )
     ctx.step("entering maintenance mode: mail is answered 421 until the services restart")
     maintenance.maintenance_enter(
-        f"Firmware upgrade to {run.version}", by=run.requested_by or "update"
+        f"Firmware upgrade to {run.version}",
+        by=run.requested_by or "update",
+        holder=f"install:{run.pk}",
     )
     if run.downtime_started_at is None:
         ctx.set_run(downtime_started_at=timezone.now())

@@ -92,7 +92,9 @@ def _rollback(run: InstallRun, lease: jobs_engine.Lease) -> None:
     def restore_store() -> None:
         if maintenance.maintenance_status() is None:  # never write the store under live mail
             maintenance.maintenance_enter(
-                f"Rollback of the upgrade to {run.version}", by=run.requested_by or "update"
+                f"Rollback of the upgrade to {run.version}",
+                by=run.requested_by or "update",
+                holder=f"install:{run.pk}",
             )
         msgbackup.msgstore_restore(Path(details["store_backup"]["path"]))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,12 +29,16 @@ class MaintenanceState:
     # While set, the mail service accepts one kind of message despite maintenance: the upgrade's
     # health probe, whose envelope sender is ``upgrade-probe+<probe>@localhost``.
     probe: str = ""
+    # The work that holds it ("install:<run id>"), so that the reconciler can leave a
+    # maintenance nothing holds any more; empty for an administrator's own.
+    holder: str = ""
 
     def as_json(self) -> str:
         data = asdict(self)
         data["since"] = self.since.isoformat()
-        if not self.probe:
-            del data["probe"]
+        for optional in ("probe", "holder"):
+            if not data[optional]:
+                del data[optional]
         return json.dumps(data, sort_keys=True)
 
     def admits(self, sender: str | None) -> bool:
@@ -61,6 +65,7 @@ def maintenance_status(root: Path | None = None) -> MaintenanceState | None:
             since=datetime.fromisoformat(data["since"]),
             by=str(data.get("by", "")),
             probe=str(data.get("probe", "")),
+            holder=str(data.get("holder", "")),
         )
     except FileNotFoundError:
         return None
@@ -69,9 +74,11 @@ def maintenance_status(root: Path | None = None) -> MaintenanceState | None:
         raise MalformedApplianceFile(f"{path} cannot be read: {exc}") from exc
 
 
-def maintenance_enter(reason: str, by: str = "", root: Path | None = None) -> MaintenanceState:
+def maintenance_enter(
+    reason: str, by: str = "", root: Path | None = None, *, holder: str = ""
+) -> MaintenanceState:
     """Turn maintenance mode on (or update its reason); durable before it returns."""
-    state = MaintenanceState(reason=reason, since=datetime.now(tz=UTC), by=by)
+    state = MaintenanceState(reason=reason, since=datetime.now(tz=UTC), by=by, holder=holder)
     path = layout(root).maintenance_file
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, state.as_json() + "\n")
@@ -99,7 +106,7 @@ def maintenance_probe_open(root: Path | None = None) -> str:
     if state is None:
         raise MalformedApplianceFile("maintenance mode is off: there is nothing to probe through")
     token = secrets.token_hex(12)
-    opened = MaintenanceState(reason=state.reason, since=state.since, by=state.by, probe=token)
+    opened = replace(state, probe=token)
     atomic_write_text(layout(root).maintenance_file, opened.as_json() + "\n")
     return token
 
@@ -109,5 +116,5 @@ def maintenance_probe_close(root: Path | None = None) -> None:
     state = maintenance_status(root)
     if state is None or not state.probe:
         return
-    closed = MaintenanceState(reason=state.reason, since=state.since, by=state.by)
+    closed = replace(state, probe="")
     atomic_write_text(layout(root).maintenance_file, closed.as_json() + "\n")

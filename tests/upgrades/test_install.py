@@ -403,6 +403,29 @@ def test_an_install_started_while_the_broker_is_down_is_sent_by_the_reconciler(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_the_reconciler_leaves_a_maintenance_that_no_install_holds_any_more(
+    ready_firmware: Download, monkeypatch
+) -> None:
+    from appliance.system.maintenance import maintenance_enter
+
+    enqueues.capture(monkeypatch, "jobs.run")
+    ended = _run_with_job(ready_firmware, state=InstallState.ROLLED_BACK, phase=9)
+    running = _run_with_job(ready_firmware, state=InstallState.RUNNING, phase=4)
+
+    maintenance_enter("Firmware upgrade to 2.8.1.0", by="admin", holder=f"install:{running.pk}")
+    assert reconcile().recovered["maintenance"] == []  # its install still runs: mail is held
+    InstallRun.objects.filter(pk=running.pk).delete()
+    maintenance_enter("Set by an administrator", by="admin")
+    assert reconcile().recovered["maintenance"] == []  # not an install's: never touched
+    assert maintenance_status() is not None
+
+    maintenance_enter("Firmware upgrade to 2.8.1.0", by="admin", holder=f"install:{ended.pk}")
+    assert reconcile().recovered["maintenance"] == [ended.pk]
+    assert maintenance_status() is None
+    assert Event.objects.filter(message__startswith="Maintenance mode left: the install").exists()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_no_install_starts_under_a_restore(ready_firmware: Download, admin_user) -> None:
     Job.objects.create(
         kind="system_restore",
