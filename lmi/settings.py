@@ -141,7 +141,12 @@ def _celery_url(redis_url: str) -> str:
 
 
 CELERY_BROKER_URL = _celery_url(REDIS_URL)
+# A worker or beat rides out a broker restart (the private Redis is back within seconds, a
+# remote one may take minutes): it keeps retrying, every 2 s growing to 30 s, where Celery's
+# default gives up after 100 tries and exits.
+CELERY_BROKER_CONNECTION_RETRY = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_IGNORE_RESULT = True  # task state lives in our own models, not a result backend
@@ -150,7 +155,31 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("TASK_SOFT_TIME_LIMIT", 3600, minimum=1)
 CELERY_TASK_TIME_LIMIT = env_int("TASK_TIME_LIMIT", 3900, minimum=1)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": CELERY_TASK_TIME_LIMIT + 300}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_TASK_TIME_LIMIT + 300,
+    # A Redis that vanishes without closing the connection (a remote host, a NAT) fails a
+    # command after this long instead of hanging a web request or beat for ever; above BRPOP's
+    # 1 s. The connect timeout and keepalive apply to TCP only (a unix socket fails at once).
+    "socket_timeout": 10,
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    # Ping a connection idle this long before using it, and drop a consumer connection whose
+    # reply is this overdue: a half-open one is noticed in about 21 s instead of 51.
+    "health_check_interval": 10,
+}
+# The worker's remote-control queue (what /healthz pings) is not auto-deleted. When the broker
+# drops the connection, kombu 5.7 closes the worker's channels: the task channel's close fails on
+# its pending BRPOP, then deleting an auto-delete queue on a dead connection fails and ends the
+# round, so the task channel is closed again only after the transport was detached; its restore
+# of unacknowledged messages (an ETA task, a running acks-late task) then raises "AttributeError:
+# 'NoneType' object has no attribute 'hostname'", an Unrecoverable error that exits the worker.
+# The queue is named after the worker's fixed hostname, so none pile up. Gossip's and mingle's
+# queues do the same: the launcher runs the worker without them.
+CELERY_CONTROL_QUEUE_DURABLE = True
+CELERY_CONTROL_QUEUE_EXCLUSIVE = False
+# A broker blip does not cut short a running task (an install phase): it finishes, and the job
+# engine's lease, not the broker connection, tells whether its worker is gone.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_TASK_DEFAULT_QUEUE = env_str("CELERY_QUEUE", "lmi")
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
