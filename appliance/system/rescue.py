@@ -133,6 +133,18 @@ def _image_dir(the_layout: Layout) -> Path | None:
     raise MalformedApplianceFile(f"{manifest} leads to {real}, not to an image on the partition")
 
 
+def _current_or_refuse(the_layout: Layout) -> tuple[Path, SystemBackupInfo]:
+    """The current image's directory and manifest; SystemBackupError (what a restore or a check
+    says) when there is none or its manifest is damaged."""
+    try:
+        current = _current_image(the_layout)
+    except MalformedApplianceFile as exc:
+        raise SystemBackupError(f"The system backup's manifest is damaged: {exc}") from exc
+    if current is None:
+        raise SystemBackupError("There is no system backup on the rescue partition.")
+    return current
+
+
 def _current_image(the_layout: Layout) -> tuple[Path, SystemBackupInfo] | None:
     """The current image's directory and manifest, or None when there is no whole image.
 
@@ -351,13 +363,7 @@ def system_backup_check(root: Path | None = None) -> SystemBackupInfo:
     read, or it lacks the firmware level or the configuration directory.
     """
     the_layout = layout(root)
-    try:
-        current = _current_image(the_layout)
-    except MalformedApplianceFile as exc:
-        raise SystemBackupError(f"The system backup's manifest is damaged: {exc}") from exc
-    if current is None:
-        raise SystemBackupError("There is no system backup on the rescue partition.")
-    directory, info = current
+    directory, info = _current_or_refuse(the_layout)
     try:
         lacking = _image_lacking(directory / the_layout.system_backup_tar.name)
     except OSError as exc:
@@ -845,13 +851,7 @@ def system_backup_restore(
         raise SystemBackupError("There is no system backup on the rescue partition.")
     with exclusive_lock(the_layout.rescue_dir / ".lock"):
         _recover_locked(the_layout)
-        try:
-            current = _current_image(the_layout)
-        except MalformedApplianceFile as exc:
-            raise SystemBackupError(f"The system backup's manifest is damaged: {exc}") from exc
-        if current is None:
-            raise SystemBackupError("There is no system backup on the rescue partition.")
-        directory, info = current
+        directory, info = _current_or_refuse(the_layout)
         tar_path = directory / the_layout.system_backup_tar.name
         tracker = _Tracker(2 * info.size, progress)
         tracker.report()

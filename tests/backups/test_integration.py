@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -71,6 +72,20 @@ def test_a_system_restore_job_returns_the_appliance_to_the_image(
     assert Event.objects.filter(message__startswith="System restored").exists()
 
 
+def _killed_while_writing(worker, start: Callable[[], Job]) -> Job:
+    """Start a system job, wait until ``worker`` writes its image, then SIGKILL the worker."""
+    try:
+        job = start()
+        wait_for(
+            lambda: Job.objects.filter(pk=job.pk, step=1, bytes_done__gt=0).exists(),
+            timeout=30,
+            message=f"the worker did not start writing; its log:\n{worker.log()}",
+        )
+    finally:
+        worker.kill()
+    return job
+
+
 @pytest.mark.parametrize("kind", [services.SYSTEM_BACKUP, services.SYSTEM_RESTORE])
 def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scratch(
     kind, redis_settings, transactional_db, demo_appliance, admin_user, tmp_path
@@ -83,19 +98,14 @@ def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scr
     etc_before = tree_bytes(demo_appliance, "etc")
     env = {**worker_env(redis_settings, demo_appliance), "LMI_JOB_PAUSE": f"{kind}:1:30000"}
     first = launch_worker("imager@test", env, tmp_path / "imager.log", "--concurrency", "1")
-    try:
+
+    def start() -> Job:
         if kind == services.SYSTEM_BACKUP:
-            job = services.system_backup_start(user=admin_user)
-        else:
-            write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
-            job = services.system_restore_start(user=admin_user)
-        wait_for(
-            lambda: Job.objects.filter(pk=job.pk, step=1, bytes_done__gt=0).exists(),
-            timeout=30,
-            message=f"the worker did not start writing; its log:\n{first.log()}",
-        )
-    finally:
-        first.kill()
+            return services.system_backup_start(user=admin_user)
+        write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
+        return services.system_restore_start(user=admin_user)
+
+    job = _killed_while_writing(first, start)
     assert rescue.system_backup_info() == image  # the previous image is whole
     second = start_worker(redis_settings, demo_appliance, tmp_path)
     try:
@@ -254,15 +264,7 @@ def test_a_system_backup_started_again_after_its_worker_died_sweeps_what_the_kil
         "LMI_JOB_PAUSE": "system_backup:tar-started:30000",
     }
     first = launch_worker("imager@test", env, tmp_path / "imager.log", "--concurrency", "1")
-    try:
-        job = services.system_backup_start(user=admin_user)
-        wait_for(
-            lambda: Job.objects.filter(pk=job.pk, step=1, bytes_done__gt=0).exists(),
-            timeout=30,
-            message=f"the worker did not start writing; its log:\n{first.log()}",
-        )
-    finally:
-        first.kill()
+    job = _killed_while_writing(first, lambda: services.system_backup_start(user=admin_user))
     [half] = _image_dirs(demo_appliance) - before
     assert rescue.system_backup_info() == image  # the old image is current, whole
     assert rescue.system_backup_verify()

@@ -293,17 +293,7 @@ def test_a_rollback_run_again_after_its_last_step_changes_nothing(
     """A rollback whose process died after it left maintenance (mail flows again) but before
     it wrote the final state: the pass run again skips every recorded step, so it neither
     takes mail down again nor fails the count on the mail accepted in between."""
-    run = _run_with_job(
-        ready_firmware,
-        from_version=OLD_VERSION,
-        state=InstallState.RUNNING,
-        phase=3,
-        attempts=settings.INSTALL_MAX_ATTEMPTS,
-        messages_before=msgcounts.store_counts().messages,
-    )
-    InstallPhase.objects.bulk_create(
-        InstallPhase(run=run, number=n, name=f"phase {n}") for n in range(1, 11)
-    )
+    run = _crash_looping_run(ready_firmware, messages_before=msgcounts.store_counts().messages)
     assert install.install_execute(run.pk) == InstallState.ROLLED_BACK
     run.refresh_from_db()
     assert run.details["rollback_done"][-3:] == ["count", "maintenance", "workdir"]
@@ -444,6 +434,24 @@ def _run_with_job(download: Download, **fields: Any) -> InstallRun:
     return InstallRun.objects.create(download=download, version=NEW_VERSION, job=job, **fields)
 
 
+def _crash_looping_run(download: Download, **fields: Any) -> InstallRun:
+    """A run in phase 3 whose next phase start is one past INSTALL_MAX_ATTEMPTS: it rolls back."""
+    from django.conf import settings
+
+    run = _run_with_job(
+        download,
+        from_version=OLD_VERSION,
+        state=InstallState.RUNNING,
+        phase=3,
+        attempts=settings.INSTALL_MAX_ATTEMPTS,
+        **fields,
+    )
+    InstallPhase.objects.bulk_create(
+        InstallPhase(run=run, number=n, name=f"phase {n}") for n in range(1, 11)
+    )
+    return run
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_task_for_a_held_run_does_nothing(ready_firmware: Download) -> None:
     """A second copy of the install's task finds the job held by a live executor and leaves."""
@@ -479,16 +487,7 @@ def test_a_crash_loop_rolls_back_instead_of_trying_for_ever(
     ready_firmware: Download, admin_user, settings
 ) -> None:
     """Past INSTALL_MAX_ATTEMPTS phase starts the phase fails and the same job rolls back."""
-    run = _run_with_job(
-        ready_firmware,
-        from_version=OLD_VERSION,
-        state=InstallState.RUNNING,
-        phase=3,
-        attempts=settings.INSTALL_MAX_ATTEMPTS,
-    )
-    InstallPhase.objects.bulk_create(
-        InstallPhase(run=run, number=n, name=f"phase {n}") for n in range(1, 11)
-    )
+    run = _crash_looping_run(ready_firmware)
 
     assert install.install_execute(run.pk) == InstallState.ROLLED_BACK
 
