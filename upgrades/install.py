@@ -72,6 +72,7 @@ from upgrades.phase_context import (
     Stopped,
     abort_requested,
     bundle_path,
+    describe_failure,
     event,
     finish_job,
     log,
@@ -516,9 +517,7 @@ def _execute_phase(run: InstallRun, phase: int, lease: jobs_engine.Lease) -> Non
             reason = str(exc)
         else:
             logger.exception("install %s phase %s failed", run.pk, phase)
-            reason = (
-                f"{type(exc).__name__}: {exc}" if not isinstance(exc, ApplianceError) else str(exc)
-            )
+            reason = describe_failure(exc)
         _phase_failed(ctx, reason)
 
 

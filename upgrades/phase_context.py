@@ -10,6 +10,7 @@ build on this module, which builds on none of them.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,8 @@ from django.conf import settings
 from django.db.models import QuerySet
 
 from appliance.firmware import spool, updatelogs
+from appliance.system.errors import ApplianceError
+from appliance.system.paths import layout
 from events.models import Category, Severity
 from events.services import User, event_write
 from jobs import engine as jobs_engine
@@ -230,3 +233,25 @@ class PhaseContext:
         while time.monotonic() < end:
             time.sleep(0.05)
             self.check()
+
+
+# Less free than this on the appliance root's disk is "full": SQLite and the file writes then
+# fail with errors that do not say so ("disk I/O error").
+FULL_DISK_BYTES = 1024 * 1024
+
+
+def describe_failure(exc: BaseException) -> str:
+    """What a phase or rollback step that raised says to the administrator; a full disk is
+    named as such, with what is free, whatever the error that met it."""
+    text = str(exc) if isinstance(exc, ApplianceError) else f"{type(exc).__name__}: {exc}"
+    root = layout().root
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return text
+    if free < FULL_DISK_BYTES:
+        text += (
+            f" (the disk holding the appliance, {root}, is full: {free} bytes free; "
+            "free space on it)"
+        )
+    return text

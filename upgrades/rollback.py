@@ -27,6 +27,7 @@ from upgrades.models import (
 )
 from upgrades.phase_context import (
     LeaseLost,
+    describe_failure,
     event,
     finish_job,
     log,
@@ -52,7 +53,7 @@ def rollback_execute(run: InstallRun, lease: jobs_engine.Lease) -> None:
         raise
     except Exception as exc:
         logger.exception("install %s: rollback failed", run.pk)
-        _rollback_failed(run, lease, f"{type(exc).__name__}: {exc}")
+        _rollback_failed(run, lease, describe_failure(exc))
     else:
         _rollback_done(run, lease)
 
