@@ -177,11 +177,17 @@ class Lease:
         bytes_done: int | None = None,
         bytes_total: int | None = None,
         details: Mapping[str, Any] | None = None,
+        rate: float | None = None,
     ) -> None:
-        """Record progress (throttled within a step); renews the lease; LeaseLost when lost."""
+        """Record progress (throttled within a step); renews the lease; LeaseLost when lost.
+
+        The rate is smoothed here from ``bytes_done``, unless the work measures its own
+        (``rate``: a download that knows when its transfer paused for a retry)."""
         clock = time.monotonic()
         new_step = step is not None and step != self._last_step
-        if bytes_done is not None:
+        if rate is not None:
+            self._meter.rate = rate
+        elif bytes_done is not None:
             self._meter.update(bytes_done, clock)
         if not new_step and clock - self._last_write < PROGRESS_INTERVAL:
             return

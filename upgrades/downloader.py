@@ -316,6 +316,7 @@ class _DownloadRun:
             step_name="Verifying the signature" if verifying else "Transferring",
             bytes_done=d.verified_bytes if verifying else d.bytes_done,
             bytes_total=d.size,
+            rate=0.0 if verifying else d.rate,  # the transfer's own, aware of its pauses
         )
         if self.on_progress is not None:
             self.on_progress(self.download)

@@ -7,6 +7,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from appliance.firmware import license as appliance_license
 from events.models import Event
+from jobs.models import Job, JobState
 from tests.upgrades import bundles
 from tests.upgrades.conftest import issue_license, run_download, start_download
 from upgrades import services
@@ -108,15 +109,17 @@ def test_download_without_a_license_says_so(admin_client, firmware):
 def test_the_progress_partial_shows_bytes_percent_rate_and_time_left(admin_client, firmware):
     firmware.offer(firmware.build())
     download = start_download()
-    Download.objects.filter(pk=download.pk).update(
-        state=DownloadState.RUNNING, bytes_done=download.size // 2, rate=1024 * 1024
+    Download.objects.filter(pk=download.pk).update(state=DownloadState.RUNNING)
+    # The page shows the download's job: the one progress of every kind of long work.
+    Job.objects.filter(pk=download.job_id).update(
+        state=JobState.RUNNING, bytes_done=download.size // 2, rate=1024 * 1024
     )
 
     html = admin_client.get("/updates/licensing/download/progress/").content.decode()
 
-    assert 'data-testid="download-percent">50%' in html
+    assert 'data-testid="job-percent">50%, step 1 of 2' in html
     assert "1.0\xa0MB/s" in html
-    assert 'data-testid="download-eta">1 s' in html
+    assert 'data-testid="job-eta">1 s' in html
     assert 'hx-trigger="every 1s"' in html
     assert 'data-testid="cancel"' in html
 
