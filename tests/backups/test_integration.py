@@ -72,6 +72,19 @@ def test_a_system_restore_job_returns_the_appliance_to_the_image(
     assert Event.objects.filter(message__startswith="System restored").exists()
 
 
+def _finished_by_a_new_worker(job: Job, redis_settings, root, tmp_path) -> Job:
+    """Start a worker, let it finish the job its killed predecessor left: succeeded, restarted
+    once."""
+    worker = start_worker(redis_settings, root, tmp_path)
+    try:
+        job = _finished(job.pk, worker)
+    finally:
+        worker.stop()
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert job.restarts == 1
+    return job
+
+
 def _killed_while_writing(worker, start: Callable[[], Job]) -> Job:
     """Start a system job, wait until ``worker`` writes its image, then SIGKILL the worker."""
     try:
@@ -107,14 +120,7 @@ def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scr
 
     job = _killed_while_writing(first, start)
     assert rescue.system_backup_info() == image  # the previous image is whole
-    second = start_worker(redis_settings, demo_appliance, tmp_path)
-    try:
-        job = _finished(job.pk, second)
-    finally:
-        second.stop()
-
-    assert job.state == JobState.SUCCEEDED, job.error
-    assert job.restarts == 1
+    job = _finished_by_a_new_worker(job, redis_settings, demo_appliance, tmp_path)
     assert Event.objects.filter(message__contains="interrupted: its worker stopped").exists()
     if kind == services.SYSTEM_BACKUP:
         info = rescue.system_backup_info()
@@ -268,14 +274,7 @@ def test_a_system_backup_started_again_after_its_worker_died_sweeps_what_the_kil
     [half] = _image_dirs(demo_appliance) - before
     assert rescue.system_backup_info() == image  # the old image is current, whole
     assert rescue.system_backup_verify()
-    second = start_worker(redis_settings, demo_appliance, tmp_path)
-    try:
-        job = _finished(job.pk, second)
-    finally:
-        second.stop()
-
-    assert job.state == JobState.SUCCEEDED, job.error
-    assert job.restarts == 1
+    job = _finished_by_a_new_worker(job, redis_settings, demo_appliance, tmp_path)
     assert job.details["leftovers_removed"] == [half]
     assert Event.objects.filter(
         message__startswith="System backup created",

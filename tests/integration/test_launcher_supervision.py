@@ -71,6 +71,12 @@ def _replaced(running: LauncherProcess, old: dict[str, int], *names: str) -> dic
     return {}
 
 
+def _a_task_runs(running: LauncherProcess, message: str) -> None:
+    """The worker takes a task from the launcher's Redis and runs it (a reconcile pass)."""
+    task = running.send_task("jobs.reconcile")
+    wait_for(lambda: running.task_succeeded(task), timeout=RECOVERY_TIMEOUT, message=message)
+
+
 def test_a_killed_redis_is_restarted_and_the_worker_and_smtp_service_carry_on(
     launcher: LauncherProcess,  # noqa: F811
 ):
@@ -96,12 +102,7 @@ def test_a_killed_redis_is_restarted_and_the_worker_and_smtp_service_carry_on(
             timeout=RECOVERY_TIMEOUT,
             message=f"Redis was not restarted:\n{launcher.tail()}",
         )
-        after = launcher.send_task("jobs.reconcile")
-        wait_for(
-            lambda: launcher.task_succeeded(after),
-            timeout=RECOVERY_TIMEOUT,
-            message=f"the worker ran no task after the restart:\n{launcher.tail()}",
-        )
+        _a_task_runs(launcher, f"the worker ran no task after the restart:\n{launcher.tail()}")
     finally:
         probe.finish()
 
@@ -146,12 +147,7 @@ def test_a_killed_worker_and_beat_are_restarted_with_a_growing_delay_until_sigte
         timeout=RECOVERY_TIMEOUT,
         message=f"the worker was not restarted a second time:\n{launcher.tail()}",
     )
-    task = launcher.send_task("jobs.reconcile")
-    wait_for(
-        lambda: launcher.task_succeeded(task),
-        timeout=RECOVERY_TIMEOUT,
-        message=f"the restarted worker ran no task:\n{launcher.tail()}",
-    )
+    _a_task_runs(launcher, f"the restarted worker ran no task:\n{launcher.tail()}")
     assert launcher.running()
     # Nothing else stopped with them: the SMTP service took no notice.
     third = launcher.children()
