@@ -42,9 +42,9 @@ from upgrades.services import (
     DOWNLOAD_KIND,
     InsufficientSpace,
     NoActiveDownload,
-    _check_space,
-    _event,
+    check_space,
     download_cancel,
+    event,
 )
 
 logger = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ class _DownloadRun:
             return str(d.state)
         try:
             if d.bytes_done or d.transfers:
-                _event(
+                event(
                     f"Download of firmware {d.version} resumed at {d.percent:.0f}% "
                     "(its previous executor stopped)",
                     download=d.pk,
@@ -266,7 +266,7 @@ class _DownloadRun:
                 message = f"Firmware {d.version} was rejected and deleted: {reason}"
             else:
                 message = f"Download of firmware {d.version} failed: {reason}"
-            _event(
+            event(
                 message,
                 severity=Severity.ERROR,
                 download=d.pk,
@@ -366,7 +366,7 @@ class _DownloadRun:
             spool.discard_part(self.bundle)
             record, self.offset = None, 0
         try:
-            _check_space(d.size, d.version, d.url, d.sha256)
+            check_space(d.size, d.version, d.url, d.sha256)
         except InsufficientSpace as exc:
             raise _Failed(str(exc)) from exc
         self._hash_prefix()
@@ -515,7 +515,7 @@ class _DownloadRun:
             raise _Failed(f"{reason}; gave up after {MAX_RETRIES} retries")
         delay = min(BACKOFF_MAX, BACKOFF_BASE * (2 ** max(0, self.retries - 1)))
         percent = 100.0 * self.offset / d.size if d.size else 0.0
-        _event(
+        event(
             f"Transfer of firmware {d.version} interrupted at {percent:.0f}% ({reason}); "
             f"retrying in {delay:g} s",
             severity=Severity.WARNING,
@@ -603,7 +603,7 @@ class _DownloadRun:
                 spool.discard_bundle(self.bundle)
                 raise _Cancelled
             raise _LeaseLost
-        _event(
+        event(
             f"Firmware {d.version} is ready to install",
             download=d.pk,
             version=d.version,

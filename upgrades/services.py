@@ -83,9 +83,10 @@ class NoActiveDownload(UpdateError):
     """Cancel with nothing to cancel."""
 
 
-def _event(
+def event(
     message: str, *, severity: int = Severity.INFO, user: User | None = None, **details: Any
 ) -> None:
+    """An event of Updates & Licensing (feed checks, downloads, licenses)."""
     event_write(
         category=Category.UPDATE, message=message, severity=severity, user=user, details=details
     )
@@ -175,7 +176,7 @@ def update_check(*, trigger: CheckTrigger | str, user: User | None = None) -> Up
         for offer in new_offers:
             eligibility = selectors.offer_eligibility(offer.version, offer.min_version, installed)
             if eligibility.downloadable:
-                _event(
+                event(
                     f"Firmware {offer.version} is available",
                     version=offer.version,
                     size=offer.size,
@@ -185,7 +186,7 @@ def update_check(*, trigger: CheckTrigger | str, user: User | None = None) -> Up
             found = (
                 f"firmware {newest.offer.version} is available" if newest else "no newer firmware"
             )
-            _event(
+            event(
                 f"Checked for firmware updates: {found}",
                 user=user,
                 feed=document,
@@ -208,7 +209,7 @@ def _check_failed(
         error=error,
         duration_ms=round((time.monotonic() - started) * 1000),
     )
-    _event(
+    event(
         f"Checking for firmware updates failed: {error}",
         severity=Severity.WARNING,
         user=username or None,
@@ -237,7 +238,7 @@ def _maybe_download_automatically(newest: selectors.OfferView) -> None:
     try:
         download_start(user=None, trigger=DownloadTrigger.AUTOMATIC, version=offer.version)
     except (NotEntitled, InsufficientSpace) as exc:
-        _event(
+        event(
             f"Automatic download of firmware {offer.version} did not start: {exc}",
             severity=Severity.WARNING,
             version=offer.version,
@@ -256,7 +257,7 @@ def _space_needed(offer_size: int, version: str, url: str, sha256: str) -> int:
     return max(0, offer_size - kept) + spool.FREE_SPACE_MARGIN
 
 
-def _check_space(size: int, version: str, url: str, sha256: str) -> None:
+def check_space(size: int, version: str, url: str, sha256: str) -> None:
     needed = _space_needed(size, version, url, sha256)
     free = spool.free_bytes()
     if free < needed:
@@ -319,7 +320,7 @@ def download_start(
     if active is not None:
         raise _in_progress(active)
     _require_entitlement()
-    _check_space(offer.size, offer.version, offer.url, offer.sha256)
+    check_space(offer.size, offer.version, offer.url, offer.sha256)
 
     with transaction.atomic():
         job = jobs_engine.start(
@@ -348,7 +349,7 @@ def download_start(
         except IntegrityError:
             raise _in_progress(selectors.active_download()) from None
         how = "" if trigger != DownloadTrigger.AUTOMATIC else " (automatic firmware downloads)"
-        _event(
+        event(
             f"Download of firmware {offer.version} started{how}",
             user=user,
             download=download.pk,
@@ -399,7 +400,7 @@ def download_cancel(*, user: User | None, download_id: int | None = None) -> Dow
                 spool.discard_part(spool.bundle_id(download.version, download.sha256))
     else:
         spool.discard_part(spool.bundle_id(download.version, download.sha256))
-    _event(
+    event(
         f"Download of firmware {download.version} cancelled at {download.percent:.0f}%",
         user=user,
         download=download.pk,
@@ -416,7 +417,7 @@ def automatic_downloads_set(*, enabled: bool, user: User | None) -> UpdateSettin
         UpdateSettings.objects.filter(pk=1).update(
             automatic_downloads=enabled, changed_at=timezone.now(), changed_by=username_of(user)
         )
-        _event(f"Automatic firmware downloads turned {'on' if enabled else 'off'}", user=user)
+        event(f"Automatic firmware downloads turned {'on' if enabled else 'off'}", user=user)
         row.refresh_from_db()
         if enabled and (newest := selectors.newest_downloadable()) is not None:
             _maybe_download_automatically(newest)
@@ -428,9 +429,9 @@ def license_install(data: bytes, *, user: User | None) -> Any:
     try:
         installed = appliance_license.install_license(data)
     except (appliance_license.LicenseError, ApplianceError, ValueError) as exc:
-        _event(f"A license file was refused: {exc}", severity=Severity.WARNING, user=user)
+        event(f"A license file was refused: {exc}", severity=Severity.WARNING, user=user)
         raise UpdateError(f"The license file was refused: {exc}") from exc
-    _event(
+    event(
         f"License installed for {installed.customer}: updates until {installed.updates_until}",
         user=user,
         customer=installed.customer,
