@@ -25,6 +25,10 @@ listener, lets transactions in flight finish, and answers 421 to anything new.
 Blocking work never runs on the event loop: the policy, the MIME parsing and the spool writes
 run in a thread pool; all message store writes go through one writer thread that commits
 whatever records are waiting together (a group commit), so concurrent clients share fsyncs.
+
+One module of this size on purpose: the SMTP session (aiosmtpd's hooks), the store writer
+and the service's lifecycle hold the one promise above (a 250 means the message is on disk),
+and each of them is only correct together with the others.
 """
 
 from __future__ import annotations

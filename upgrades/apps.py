@@ -11,8 +11,8 @@ class UpgradesConfig(AppConfig):
         # Downloads and installs are jobs of the engine: its reconciler resumes what lost its
         # worker or its message.
         from jobs import registry
-        from upgrades import downloader, install
+        from upgrades import downloader, install, rollback
 
         downloader.register_job_kind()
         install.register_job_kind()
-        registry.register_recovery("maintenance", install.maintenance_recover)
+        registry.register_recovery("maintenance", rollback.maintenance_recover)

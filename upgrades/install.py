@@ -42,7 +42,6 @@ from django.utils import timezone
 
 from appliance.firmware import bundle as appliance_bundle
 from appliance.firmware import updatelogs
-from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from events.models import Category, Severity
 from events.services import User, username_of
@@ -376,32 +375,6 @@ def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun
     # The executor sees the flag within a second; a dead one's successor aborts at its start.
     run.refresh_from_db()
     return run
-
-
-def maintenance_recover() -> list[int]:
-    """The reconciler's pass over maintenance: leave one that an install holds when that install
-    is no longer active (its final state should have left it; this is the net under a bug or a
-    hand-edited database). An administrator's own maintenance (no holder) is never touched.
-    Returns the run whose maintenance was left."""
-    try:
-        state = maintenance.maintenance_status()
-    except ApplianceError:
-        return []  # a damaged file means "hold mail": never guessed away
-    if state is None or not state.holder.startswith("install:"):
-        return []
-    run_id = int(state.holder.partition(":")[2] or 0)
-    run = InstallRun.objects.filter(pk=run_id).first()
-    if run is not None and run.state in INSTALL_ACTIVE_STATES:
-        return []
-    maintenance.maintenance_leave()
-    how = f"ended {InstallState(run.state).label.lower()}" if run else "no longer exists"
-    event(
-        f"Maintenance mode left: the install that held it ({state.reason}) {how}; "
-        "mail is accepted again",
-        severity=Severity.WARNING,
-        run=run_id,
-    )
-    return [run_id]
 
 
 def install_holds_maintenance() -> bool:

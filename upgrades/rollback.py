@@ -1,4 +1,5 @@
-"""The rollback of a failed install: the pre-upgrade state back, one recorded step at a time.
+"""The rollback of a failed install: the pre-upgrade state back, one recorded step at a time;
+and the reconciler's net under it, leaving a maintenance that no install holds any more.
 
 upgrades.install runs it in the install's job when a phase in 3-9 failed; a pass run again
 (its process died, a step raised) goes on from the recorded steps.
@@ -21,6 +22,7 @@ from appliance.system.errors import ApplianceError
 from events.models import Severity
 from jobs import engine as jobs_engine
 from upgrades.models import (
+    INSTALL_ACTIVE_STATES,
     InstallRun,
     InstallState,
     PhaseState,
@@ -209,3 +211,29 @@ def _rollback_failed(run: InstallRun, lease: jobs_engine.Lease, reason: str) -> 
             run=run.pk,
         )
     wait(lease, delay)  # then the loop runs the rollback again, from its recorded steps
+
+
+def maintenance_recover() -> list[int]:
+    """The reconciler's pass over maintenance: leave one that an install holds when that install
+    is no longer active (its final state should have left it; this is the net under a bug or a
+    hand-edited database). An administrator's own maintenance (no holder) is never touched.
+    Returns the run whose maintenance was left."""
+    try:
+        state = maintenance.maintenance_status()
+    except ApplianceError:
+        return []  # a damaged file means "hold mail": never guessed away
+    if state is None or not state.holder.startswith("install:"):
+        return []
+    run_id = int(state.holder.partition(":")[2] or 0)
+    run = InstallRun.objects.filter(pk=run_id).first()
+    if run is not None and run.state in INSTALL_ACTIVE_STATES:
+        return []
+    maintenance.maintenance_leave()
+    how = f"ended {InstallState(run.state).label.lower()}" if run else "no longer exists"
+    event(
+        f"Maintenance mode left: the install that held it ({state.reason}) {how}; "
+        "mail is accepted again",
+        severity=Severity.WARNING,
+        run=run_id,
+    )
+    return [run_id]

@@ -21,6 +21,10 @@ manifest's fields, the payload's digest and every member's check together are wh
 means, and they are best read in one place. Keys and signatures are
 :mod:`appliance.firmware.signing`'s, building a bundle :mod:`appliance.firmware.bundlebuild`'s,
 unpacking one :mod:`appliance.firmware.bundleextract`'s.
+
+One module of this size on purpose: the header, the signature, the payload digest and the
+member checks are one format read by one streaming pass, and splitting them would let a change
+to the format reach one reader and miss another.
 """
 
 from __future__ import annotations

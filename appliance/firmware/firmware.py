@@ -32,6 +32,10 @@ step reads and writes the same state records under the same lock, and the order 
 (not bootable before the first byte is written, bootable only after the read-back, the slot left
 behind recorded before the link moves) is what makes every step safe to kill, so it is best read
 in one place. The tree manifest and the meter are :mod:`appliance.firmware.slottree`'s.
+
+One module of this size on purpose: the slots' state, the install, the switch and the
+clean-up share one lock and one state file, and every step's idempotence depends on what the
+others record there.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ through ``system-backup.json``, the path an earlier version kept its manifest at
 regular file beside a regular ``system-backup.tar``, it is an image of that version, read as
 before and moved into a directory of its own (by hard links, without a moment in which it is
 not current) by the first new write.
+
+One module of this size on purpose: creating, checking, sweeping and restoring the image
+all work under the partition's one lock on one layout (the ``current`` pointer), and the
+crash-safety of each step is argued from what the others leave on disk.
 """
 
 from __future__ import annotations
