@@ -32,11 +32,14 @@ def test_download_fills_the_bar_and_home_says_ready_to_install(
     page.get_by_test_id("download-2.8.1.0").click()
     page.wait_for_url("**/updates/licensing/")
 
-    filling = page.get_by_test_id("job-progress")  # the download's job, while it runs
     seen: set[float] = set()
     for _ in range(300):
-        if filling.count():
-            seen.add(float(filling.get_attribute("value") or 0))
+        # The download's job bar, while it runs (read in one step: a poll may swap it away).
+        seen.update(
+            page.eval_on_selector_all(
+                "[data-testid=job-progress]", "bars => bars.map(bar => bar.value)"
+            )
+        )
         if page.get_by_test_id("ready").count():
             break
         page.wait_for_timeout(100)
