@@ -58,6 +58,8 @@ class LauncherProcess:
     port: int = field(default_factory=free_port)
     smtp_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # More LMI_* settings for every child (an install's test pause, say).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def log_path(self) -> Path:
@@ -87,6 +89,7 @@ class LauncherProcess:
         )
         env.pop("LMI_NODE_NAME", None)
         env.pop("LMI_CLUSTER_ROLE", None)
+        env.update(self.extra_env)
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "lmi.launcher", "run"], cwd=BASE_DIR, env=env,
@@ -143,13 +146,19 @@ class LauncherProcess:
         """How many times a worker of this launcher logged that it consumes."""
         return self.log().count(f"{WORKER_HOSTNAME} ready.")
 
-    def send_task(self, name: str, *, countdown: float | None = None, queue: str = "") -> str:
+    def send_task(
+        self,
+        name: str,
+        *args: object,
+        countdown: float | None = None,
+        queue: str = "",
+    ) -> str:
         """Publish a task on this launcher's Redis; returns its id, which the worker logs."""
         task_id = f"{name}-{uuid.uuid4().hex[:12]}"
         url = f"redis+socket://{self.socket_path}"
         with celery_app.connection_for_write(url=url) as connection:
             celery_app.send_task(
-                name, task_id=task_id, countdown=countdown, connection=connection,
+                name, args=args, task_id=task_id, countdown=countdown, connection=connection,
                 **({"queue": queue} if queue else {}),
             )  # fmt: skip
         return task_id
@@ -186,7 +195,19 @@ def launcher(
     transactional_db: None, appliance_root: Path, tmp_path: Path
 ) -> Iterator[LauncherProcess]:
     """`make run`'s launcher on free ports with its own var/ and Redis, on the test database."""
-    launched = LauncherProcess(var_dir=tmp_path / "var", appliance_root=appliance_root)
+    with launched_console(tmp_path, appliance_root) as launched:
+        yield launched
+
+
+@contextlib.contextmanager
+def launched_console(
+    tmp_path: Path, appliance_root: Path, **extra_env: str
+) -> Iterator[LauncherProcess]:
+    """Start the launcher (after whatever the test prepared in the appliance root) and make
+    sure none of its processes outlives the block."""
+    launched = LauncherProcess(
+        var_dir=tmp_path / "var", appliance_root=appliance_root, extra_env=extra_env
+    )
     try:
         yield launched.start()
     finally:
