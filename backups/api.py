@@ -24,7 +24,7 @@ from appliance.config.backupformat import (
     WrongPassphrase,
 )
 from appliance.config.backuprestore import ConfirmationRequired
-from backups import selectors, services
+from backups import selectors, services, system_image
 from backups.models import SYSTEM_BACKUP
 from jobs import engine as jobs_engine
 from jobs.models import Job
@@ -329,13 +329,13 @@ def _system_start(request: HttpRequest, start: Callable[..., Job]) -> Status:
 @router.post("/system/create", response={202: JobOut, 409: Problem, 400: Problem})
 def system_create(request: HttpRequest):
     """Start writing a new system backup image; follow it with GET /system/jobs/{id}."""
-    return _system_start(request, services.system_backup_start)
+    return _system_start(request, system_image.system_backup_start)
 
 
 @router.post("/system/restore", response={202: JobOut, 409: Problem, 400: Problem})
 def system_restore(request: HttpRequest):
     """Start returning the appliance to the system backup image."""
-    return _system_start(request, services.system_restore_start)
+    return _system_start(request, system_image.system_restore_start)
 
 
 @router.get("/system/jobs/{job_id}", response={200: JobOut, 404: Problem})

@@ -8,6 +8,7 @@ class BackupsConfig(AppConfig):
     verbose_name = "Backup & Restore"
 
     def ready(self) -> None:
-        from backups import services
+        from backups import services, system_image
 
         services.register_job_kinds()
+        system_image.register_job_kinds()

@@ -21,7 +21,7 @@ from appliance.config import backupformat, configbackup
 from appliance.config.backupformat import BackupError, BackupHeader, PassphraseRequired
 from appliance.config.backuprestore import ConfirmationRequired
 from appliance.system.errors import ApplianceError
-from backups import selectors, services
+from backups import selectors, services, system_image
 from backups.forms import CreateBackupForm, PassphraseForm, ScheduleForm, UploadBackupForm
 from lmi.actions import act, administrators_only
 
@@ -299,7 +299,7 @@ def system_create(request: HttpRequest) -> HttpResponse:
     """Create System Backup: a job writes a new image onto the rescue partition."""
     act(
         request,
-        lambda: services.system_backup_start(user=request.user),
+        lambda: system_image.system_backup_start(user=request.user),
         (BackupError, ApplianceError),
         "Creating the system backup image.",
     )
@@ -312,7 +312,7 @@ def system_restore(request: HttpRequest) -> HttpResponse:
     """Restore System Backup: a job returns the system and configuration to the image."""
     act(
         request,
-        lambda: services.system_restore_start(user=request.user),
+        lambda: system_image.system_restore_start(user=request.user),
         (BackupError, ApplianceError),
         "Restoring the system from the system backup image.",
     )

@@ -37,6 +37,7 @@ from accounts.services import api_token_create
 from api.api import api
 from appliance.firmware import license as appliance_license
 from backups import services as backup_services
+from backups import system_image
 from lmi import celery as lmi_celery
 from tests.upgrades import bundles
 from tests.upgrades.conftest import issue_license
@@ -185,7 +186,7 @@ def known_path_parameters(appliance_with_an_offer: Path, admin_user) -> dict[str
     """A configuration backup, a system backup job and a queued install run that exist, by
     their path parameters (nothing runs them: they are enqueued on a commit that never comes)."""
     backup = backup_services.config_backup_create(user=admin_user, comment="before fuzzing")
-    job = backup_services.system_backup_start(user=admin_user)
+    job = system_image.system_backup_start(user=admin_user)
     download = Download.objects.create(
         version="2.8.1.0", url="http://127.0.0.1/x.bundle", size=1, sha256="0" * 64,
         state=DownloadState.READY, trigger=DownloadTrigger.USER,

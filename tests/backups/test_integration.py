@@ -11,7 +11,8 @@ from django.test import Client
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system import rescue
 from appliance.system.facts import read_firmware_release, write_firmware_release
-from backups import services
+from backups import services, system_image
+from backups.models import SYSTEM_BACKUP, SYSTEM_RESTORE
 from events.models import Event
 from jobs.models import FINAL_STATES, Job, JobState
 from tests.backups.conftest import tree_bytes
@@ -99,7 +100,7 @@ def _killed_while_writing(worker, start: Callable[[], Job]) -> Job:
     return job
 
 
-@pytest.mark.parametrize("kind", [services.SYSTEM_BACKUP, services.SYSTEM_RESTORE])
+@pytest.mark.parametrize("kind", [SYSTEM_BACKUP, SYSTEM_RESTORE])
 def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scratch(
     kind, redis_settings, transactional_db, demo_appliance, admin_user, tmp_path
 ):
@@ -113,16 +114,16 @@ def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scr
     first = launch_worker("imager@test", env, tmp_path / "imager.log", "--concurrency", "1")
 
     def start() -> Job:
-        if kind == services.SYSTEM_BACKUP:
-            return services.system_backup_start(user=admin_user)
+        if kind == SYSTEM_BACKUP:
+            return system_image.system_backup_start(user=admin_user)
         write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
-        return services.system_restore_start(user=admin_user)
+        return system_image.system_restore_start(user=admin_user)
 
     job = _killed_while_writing(first, start)
     assert rescue.system_backup_info() == image  # the previous image is whole
     job = _finished_by_a_new_worker(job, redis_settings, demo_appliance, tmp_path)
     assert Event.objects.filter(message__contains="interrupted: its worker stopped").exists()
-    if kind == services.SYSTEM_BACKUP:
+    if kind == SYSTEM_BACKUP:
         info = rescue.system_backup_info()
         assert info is not None and info.created_at >= image.created_at
         assert job.details["sha256"] == info.sha256
@@ -270,7 +271,7 @@ def test_a_system_backup_started_again_after_its_worker_died_sweeps_what_the_kil
         "LMI_JOB_PAUSE": "system_backup:tar-started:30000",
     }
     first = launch_worker("imager@test", env, tmp_path / "imager.log", "--concurrency", "1")
-    job = _killed_while_writing(first, lambda: services.system_backup_start(user=admin_user))
+    job = _killed_while_writing(first, lambda: system_image.system_backup_start(user=admin_user))
     [half] = _image_dirs(demo_appliance) - before
     assert rescue.system_backup_info() == image  # the old image is current, whole
     assert rescue.system_backup_verify()
@@ -341,7 +342,7 @@ def test_an_image_without_a_firmware_level_is_refused_at_the_start_and_by_the_re
     assert refused.severity == Severity.ERROR and "etc/firmware-release" in refused.message
 
     job = jobs_engine.start(
-        services.SYSTEM_RESTORE,
+        SYSTEM_RESTORE,
         title="System restore",
         user=admin_user,
         conflict_group=APPLIANCE_GROUP,

@@ -12,7 +12,7 @@ from appliance.config import configbackup
 from appliance.config.backupformat import BackupRejected, WrongPassphrase
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system.paths import layout
-from backups import services
+from backups import services, system_image
 from backups.models import BackupSettings
 from events.models import Category, Event, Severity
 from jobs.models import Job, JobState
@@ -176,11 +176,11 @@ def test_backup_before_install_is_marked_and_kept_apart(demo_appliance, admin_us
 
 def test_one_system_job_at_a_time(demo_appliance, admin_user, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks() as callbacks:
-        job = services.system_backup_start(user=admin_user)
+        job = system_image.system_backup_start(user=admin_user)
     assert job.state == JobState.QUEUED and job.kind == "system_backup" and len(callbacks) == 1
 
     with pytest.raises(services.JobInProgress, match="already in progress"):
-        services.system_restore_start(user=admin_user)
+        system_image.system_restore_start(user=admin_user)
     assert Job.objects.count() == 1
 
 
@@ -201,9 +201,9 @@ def test_no_restore_or_system_backup_runs_under_an_install(
     named = r"Install of firmware 2\.8\.1\.0 is already in progress, started by admin"
 
     with pytest.raises(services.JobInProgress, match=named):
-        services.system_restore_start(user=admin_user)
+        system_image.system_restore_start(user=admin_user)
     with pytest.raises(services.JobInProgress, match=named):
-        services.system_backup_start(user=admin_user)
+        system_image.system_backup_start(user=admin_user)
     with pytest.raises(services.JobInProgress, match=named):
         services.config_backup_restore(user=admin_user, name=header.name)
     answer = client.post("/api/v1/backups/system/restore", **admin_token)
@@ -225,7 +225,7 @@ def test_no_restore_or_system_backup_runs_under_an_install(
 
 def test_restore_without_an_image_is_refused(appliance_root, admin_user):
     with pytest.raises(services.NoSystemBackup):
-        services.system_restore_start(user=admin_user)
+        system_image.system_restore_start(user=admin_user)
     assert not Job.objects.exists()
 
 
