@@ -1,11 +1,12 @@
-"""The broker dies in the middle of an install, under live mail: nothing is lost or repeated.
+"""The broker or the worker dies in the middle of an install, under live mail: nothing is lost.
 
 `make run`'s launcher (its own private Redis, worker, beat and mail service, on the test
 database and root) runs a real install while a client sends mail all along. Inside phase 7,
-with mail held (421), the test SIGKILLs the launcher's Redis. Asserted: the launcher brings
-Redis back, the install's worker carries on, the run ends succeeded within a minute of the
-fault, every message the service answered 250 to is in the SMTP log exactly once, and mail was
-refused only while the install held it.
+with mail held (421), the test SIGKILLs the launcher's Redis, or its worker. Asserted: the
+launcher brings it back, the install goes on (the same worker after a Redis blip; the new one,
+sent by the reconciler at its start, after a worker kill), the run ends succeeded within a
+minute of the fault, every message the service answered 250 to is in the SMTP log exactly
+once, and mail was refused only while the install held it.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ class MailLoad(threading.Thread):
             )
 
 
-def test_a_broker_killed_inside_an_install_costs_no_mail_and_no_phase(
+@pytest.mark.parametrize("victim", ["redis", "worker"])
+def test_a_broker_or_worker_killed_inside_an_install_costs_no_mail(
+    victim: str,
     ready_firmware: Download,  # noqa: F811
     tmp_path: Path,
     appliance_root: Path,
@@ -105,15 +108,15 @@ def test_a_broker_killed_inside_an_install_costs_no_mail_and_no_phase(
         assert sent == [run.job_id]
         console.send_task("jobs.run", run.job_id)
         wait_for_checkpoint(run, 7, timeout=90, interval=0.05)
-        redis_pid = console.children()["redis"]
-        os.kill(redis_pid, signal.SIGKILL)
+        killed = console.children()[victim]
+        os.killpg(os.getpgid(killed), signal.SIGKILL)  # a worker with its pool, as a crash
         fault_at = time.monotonic()
         wait_for(
             lambda: (
-                console.children().get("redis") not in (None, redis_pid) and console.redis_answers()
+                console.children().get(victim) not in (None, killed) and console.redis_answers()
             ),
             timeout=30,
-            message=f"Redis was not restarted:\n{console.tail()}",
+            message=f"the {victim} was not restarted:\n{console.tail()}",
         )
 
         run = wait_final(run.pk, timeout=RECOVERY_S)
@@ -123,6 +126,8 @@ def test_a_broker_killed_inside_an_install_costs_no_mail_and_no_phase(
         load.join(timeout=15)
 
         assert run.state == InstallState.SUCCEEDED, (run.state, run.error)
+        # A Redis blip leaves the worker at its job; a dead worker's job is resumed once.
+        assert run.job.restarts == (1 if victim == "worker" else 0)
         assert ended_at - fault_at < RECOVERY_S
         assert load.failed == [], load.failed  # never a refused connection or a 5xx
         assert "Unrecoverable error" not in console.log()
