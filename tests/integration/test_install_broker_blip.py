@@ -94,7 +94,7 @@ def test_a_broker_or_worker_killed_inside_an_install_costs_no_mail(
     with launched_console(
         tmp_path,
         appliance_root,
-        LMI_INSTALL_PHASE_DELAY_MS="3000",
+        LMI_INSTALL_PHASE_DELAY_MS="1500",
         LMI_INSTALL_PHASE_DELAY_PHASE="7",
     ) as console:
         before = msgcounts.store_counts()
