@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Required, TypedDict, TypeVar, Unpack
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from appliance.system.testpause import pause_for_tests
 from events.models import Severity
 from events.services import User, event_write, username_of
 from jobs import leases, registry
@@ -301,17 +301,6 @@ class Lease:
         finally:
             stop.set()
             thread.join()
-
-
-def pause_for_tests(kind: str, step: int | str) -> None:
-    """The kill tests' checkpoint (settings.JOB_PAUSE "kind:step:ms", empty in production):
-    called once a step is recorded, so the worker waits inside it and a SIGKILL lands mid-job.
-    A kind's own checkpoints may name their steps (the install's rollback steps)."""
-    if not settings.JOB_PAUSE:
-        return
-    want_kind, want_step, milliseconds = settings.JOB_PAUSE.split(":")
-    if kind == want_kind and str(step) == want_step:
-        time.sleep(int(milliseconds) / 1000)
 
 
 def claim(job_id: int, owner: str) -> Lease | None:

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -22,8 +23,11 @@ from jobs.models import Job, JobState
 
 logger = logging.getLogger(__name__)
 
-# A queued job's task normally arrives within a second; one older than this lost its message.
-ENQUEUE_GRACE = timedelta(seconds=30)
+
+def enqueue_grace() -> timedelta:
+    """A queued job's task normally arrives within a second; one older than this lost its
+    message (settings.JOBS_ENQUEUE_GRACE_SECONDS)."""
+    return timedelta(seconds=settings.JOBS_ENQUEUE_GRACE_SECONDS)
 
 
 @dataclass
@@ -110,7 +114,7 @@ def reconcile(now: datetime | None = None) -> Reconciled:
     now = now or timezone.now()
     summary = Reconciled()
     known = {kind.name for kind in registry.kinds() if not kind.driven}
-    stale = Q(state=JobState.QUEUED, queued_at__lt=now - ENQUEUE_GRACE)
+    stale = Q(state=JobState.QUEUED, queued_at__lt=now - enqueue_grace())
     for job in Job.objects.filter(stale, kind__in=known):
         if engine.enqueue(job.pk, job.kind):
             # Count the grace from now, so a slow worker is not sent the job every pass.

@@ -47,16 +47,23 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _manage(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([sys.executable, str(BASE_DIR / "manage.py"), *args], check=True, env=env)
-
-
 def setup(env: dict[str, str]) -> None:
-    """Idempotent: a second run changes nothing that is already in place."""
-    _manage("migrate", "--noinput", "-v", "0", env=env)
-    _manage("ensure_admin", env=env)
-    _manage("init_appliance", env=env)
-    _manage("collectstatic", "--noinput", "-v", "0", env=env)
+    """Idempotent: a second run changes nothing that is already in place.
+
+    Run in this process (one Django start instead of four, about 2 s of every start), with the
+    settings the children will have; its database connections are closed before they start.
+    """
+    os.environ.update(env)
+    import django
+    from django.core.management import call_command
+    from django.db import connections
+
+    django.setup()
+    call_command("migrate", interactive=False, verbosity=0)
+    call_command("ensure_admin")
+    call_command("init_appliance")
+    call_command("collectstatic", interactive=False, verbosity=0)
+    connections.close_all()
 
 
 def _var_dir(env: dict[str, str]) -> Path:
@@ -226,7 +233,6 @@ def _stop(children: list[Child], timeout: float = 15.0) -> None:
 
 def run() -> int:
     env = _env()
-    setup(env)
     children: list[Child] = []
     redis_child: Child | None = None
     run_dir, data_dir = _var_dir(env) / "run", _var_dir(env) / "redis"
@@ -234,11 +240,8 @@ def run() -> int:
         redis_child = Child("redis", "private Redis", lambda: _start_redis(run_dir, data_dir))
         env["LMI_REDIS_URL"] = f"unix://{run_dir / 'redis.sock'}"
         children.append(redis_child)
-    # This process writes the restart events: the same settings as its children.
-    os.environ.update(env)
-    import django
-
-    django.setup()
+    # This process also writes the restart events: the same settings as its children.
+    setup(env)
     host = env.get("LMI_BIND", "127.0.0.1")
     port = env.get("LMI_PORT", "8000")
     commands = {

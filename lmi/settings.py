@@ -275,9 +275,12 @@ INSTALL_MIGRATE_YIELD_PERCENT = env_int("INSTALL_MIGRATE_YIELD_PERCENT", 0, mini
 INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
 INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
 INSTALL_PHASE_DELAY_PHASE = env_int("INSTALL_PHASE_DELAY_PHASE", 0, minimum=0)  # 0: every phase
-# For the kill tests of the job engine only: "kind:step:milliseconds" pauses a job of that kind
-# when it reports that step (0 is the first), so a kill lands inside it.
+# For the kill tests of the job engine only: "kind:step:milliseconds" (several: comma-separated)
+# pauses a job of that kind when it reports that step (0 is the first), so a kill lands inside it.
 JOB_PAUSE = env_str("JOB_PAUSE", "")
+# A queued job whose task has not arrived after this long lost its message (a broker restart
+# between the commit and the enqueue): the reconciler sends it again.
+JOBS_ENQUEUE_GRACE_SECONDS = env_int("JOBS_ENQUEUE_GRACE_SECONDS", 30, minimum=1)
 # The guide's rule: a firmware upgrade needs this much free space on the disks of the console's
 # database and of the message store. Lower it only on a development host whose disk also holds
 # unrelated data; Home, the reclaim planner and the install's preflight all use this figure.

@@ -19,6 +19,7 @@ from django.utils import timezone
 from appliance.firmware import updatelogs
 from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
+from appliance.system.testpause import pause_for_tests
 from events.models import Severity
 from jobs import engine as jobs_engine
 from upgrades.models import (
@@ -90,7 +91,7 @@ def _rollback(run: InstallRun, lease: jobs_engine.Lease) -> None:
         run.details = {**run.details, "rollback_done": done}
         if not mine(run.pk, lease).update(details=run.details):
             raise LeaseLost(f"install {run.pk}: its job moved on")
-        jobs_engine.pause_for_tests("install_rollback", name)
+        pause_for_tests("install_rollback", name)
 
     def restore_store() -> None:
         if maintenance.maintenance_status() is None:  # never write the store under live mail

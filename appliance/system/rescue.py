@@ -43,14 +43,11 @@ import re
 import secrets
 import shutil
 import tarfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
-
-from django.conf import settings
 
 from appliance.system.atomic import (
     atomic_symlink,
@@ -63,6 +60,7 @@ from appliance.system.facts import parse_key_values
 from appliance.system.journal import journal_recover
 from appliance.system.paths import Layout, layout
 from appliance.system.safejson import read_json
+from appliance.system.testpause import pause_for_tests
 
 MANIFEST_FORMAT = 1
 # Within a large file, report progress at most this often (plus once per file).
@@ -102,15 +100,8 @@ class SystemBackupInfo:
 
 
 def _pause_point(name: str) -> None:
-    """The kill tests' checkpoint inside an image write (settings.JOB_PAUSE
-    ``system_backup:<name>:<ms>``, empty in production), so a SIGKILL lands between two steps."""
-    pause = getattr(settings, "JOB_PAUSE", "") if settings.configured else ""
-    if not pause:
-        return
-    kind, _, rest = pause.partition(":")
-    step, _, milliseconds = rest.rpartition(":")
-    if kind == "system_backup" and step == name:
-        time.sleep(int(milliseconds) / 1000)
+    """The kill tests' checkpoint inside an image write (``system_backup:<name>:<ms>``)."""
+    pause_for_tests("system_backup", name)
 
 
 def _image_dir(the_layout: Layout) -> Path | None:

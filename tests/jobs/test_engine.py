@@ -13,7 +13,7 @@ from django.utils import timezone
 from events.models import Category, Event
 from jobs import engine, registry
 from jobs.models import Job, JobState
-from jobs.reconciler import ENQUEUE_GRACE, reconcile
+from jobs.reconciler import enqueue_grace, reconcile
 from jobs.tasks import run_job
 from tests.support import enqueue as enqueues
 
@@ -92,7 +92,7 @@ def test_a_broker_that_refuses_leaves_the_job_queued_for_the_reconciler(
 
     sent = enqueues.capture(monkeypatch, "jobs.run")
     assert reconcile().enqueued == []  # within the grace its message may still arrive
-    assert reconcile(timezone.now() + ENQUEUE_GRACE + timedelta(seconds=1)).enqueued == [job.pk]
+    assert reconcile(timezone.now() + enqueue_grace() + timedelta(seconds=1)).enqueued == [job.pk]
     assert sent == [job.pk]
 
 

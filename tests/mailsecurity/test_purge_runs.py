@@ -12,7 +12,7 @@ from django.utils import timezone
 from appliance.mail import purge, retention
 from events.models import Category, Event, Severity
 from jobs.models import Job, JobState
-from jobs.reconciler import ENQUEUE_GRACE, reconcile
+from jobs.reconciler import enqueue_grace, reconcile
 from jobs.tasks import run_job
 from mailsecurity import services, tasks
 from mailsecurity.models import PURGE, PurgeTrigger
@@ -247,7 +247,7 @@ def test_a_purge_the_broker_refused_stays_queued_and_is_handed_over_again(
     assert job.state == JobState.QUEUED  # the page was answered; nothing failed
 
     sent = enqueues.capture(monkeypatch, "jobs.run")
-    assert reconcile(timezone.now() + ENQUEUE_GRACE + timedelta(seconds=1)).enqueued == [job.pk]
+    assert reconcile(timezone.now() + enqueue_grace() + timedelta(seconds=1)).enqueued == [job.pk]
     assert sent == [job.pk]
 
 

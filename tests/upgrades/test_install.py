@@ -30,7 +30,7 @@ from appliance.system.maintenance import maintenance_status
 from events.models import Category, Event
 from jobs import leases
 from jobs.models import Job, JobState
-from jobs.reconciler import ENQUEUE_GRACE, reconcile
+from jobs.reconciler import enqueue_grace, reconcile
 from tests.support import enqueue as enqueues
 from tests.support.services import WorkerProcess, start_worker, wait_for
 from tests.support.smtp import (
@@ -388,7 +388,9 @@ def test_an_install_started_while_the_broker_is_down_is_sent_by_the_reconciler(
 
     sent = enqueues.capture(monkeypatch, "jobs.run")  # the broker is back
     assert reconcile().enqueued == []
-    assert reconcile(timezone.now() + ENQUEUE_GRACE + timedelta(seconds=1)).enqueued == [run.job_id]
+    assert reconcile(timezone.now() + enqueue_grace() + timedelta(seconds=1)).enqueued == [
+        run.job_id
+    ]
     assert sent == [run.job_id]
 
 

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from jobs.models import Job, JobState
-from jobs.reconciler import ENQUEUE_GRACE, reconcile
+from jobs.reconciler import enqueue_grace, reconcile
 from tests.support import enqueue as enqueues
 from tests.upgrades.conftest import start_download
 from upgrades import services
@@ -67,6 +67,6 @@ def test_a_download_whose_task_could_not_be_queued_is_sent_by_the_reconciler(
 
     sent = enqueues.capture(monkeypatch, "jobs.run")  # the broker is back
     assert reconcile().enqueued == []  # within the grace a slow worker may still take it
-    later = timezone.now() + ENQUEUE_GRACE + timedelta(seconds=1)
+    later = timezone.now() + enqueue_grace() + timedelta(seconds=1)
     assert reconcile(later).enqueued == [download.job_id]
     assert sent == [download.job_id]
