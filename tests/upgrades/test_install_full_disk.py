@@ -1,11 +1,14 @@
-"""A disk that fills up during the install: the rollback needs no new space, waits for space
-where a step does need some, and finishes once it is freed, never leaving maintenance on.
+"""A disk that fills up during the install, under live mail: the rollback needs no new space,
+waits for space where a step does need some, and finishes once it is freed, never leaving
+maintenance on, and no message answered 250 is lost.
 
-The appliance root is a real, small filesystem (a tmpfs mounted for the test): while phase 7
-waits at its checkpoint, the test fills it to the last byte, so the store's migration fails
-with ENOSPC and the rollback meets the same full disk. The test frees the space only after
-the rollback failed at least once; the run must then end rolled back on its own, with the
-message store, the firmware level and mail acceptance as before.
+The appliance root is a real, small filesystem (a tmpfs mounted for the test), served by
+`make run`'s launcher (worker, beat, Redis, mail service) while a client sends mail all along.
+While phase 7 waits at its checkpoint, the test fills the filesystem to the last byte, so the
+store's migration fails with ENOSPC and the rollback meets the same full disk. The test frees
+the space only after the rollback failed at least once; the run must then end rolled back on
+its own, with the stored messages, the firmware level and mail acceptance as before, every 250
+in the SMTP log once, and mail refused (4xx, never 5xx) only inside the install's window.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +26,13 @@ from appliance.mail import msgcounts, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
 from events.models import Event
+from tests.support import enqueue as enqueues
+from tests.support.launcher import launched_console
+from tests.support.mailload import MailLoad, outside
 from tests.support.services import wait_for
 from tests.upgrades.test_install import (  # noqa: F401
     OLD_VERSION,
     RUN_TIMEOUT,
-    install_workers,
     ready_firmware,
     roomy_preflight_disk,
     wait_final,
@@ -81,33 +87,61 @@ def _fill(root: Path) -> Path:
 
 def test_a_disk_that_fills_up_in_phase_7_rolls_back_once_space_is_freed(
     ready_firmware: Download,  # noqa: F811
-    install_workers,  # noqa: F811
-    admin_user,
+    roomy_preflight_disk: None,  # noqa: F811
+    tmp_path: Path,
     appliance_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    install_workers(LMI_INSTALL_PHASE_DELAY_MS="1500", LMI_INSTALL_PHASE_DELAY_PHASE="7")
-    counts_before = msgcounts.store_counts()
-    run = install.install_start(user=admin_user)
-    wait_for_checkpoint(run, 7, timeout=RUN_TIMEOUT, interval=0.05)
-    filler = _fill(appliance_root)
+    sent = enqueues.capture(monkeypatch, "jobs.run")  # handed to the launcher's Redis below
+    with launched_console(
+        tmp_path,
+        appliance_root,
+        LMI_INSTALL_PHASE_DELAY_MS="1500",
+        LMI_INSTALL_PHASE_DELAY_PHASE="7",
+        LMI_JOBS_RECONCILE_SECONDS="1",
+    ) as console:
+        before = msgcounts.store_counts()
+        stored = {k: before.tables[k] for k in ("messages", "bodies", "message_stores")}
+        load = MailLoad(console.smtp_port)
+        load.start()
+        try:
+            wait_for(lambda: load.accepted >= 5 or load.failed, message="no mail was answered")
+            started = time.monotonic()
+            run = install.install_start(user="admin")
+            console.send_task("jobs.run", sent.pop())
+            wait_for_checkpoint(run, 7, timeout=RUN_TIMEOUT, interval=0.05)
+            filler = _fill(appliance_root)
 
-    failed = wait_for(
-        lambda: (r := InstallRun.objects.get(pk=run.pk)).details.get("rollback_failures") and r,
-        timeout=RUN_TIMEOUT,
-        message="the rollback never met the full disk",
-    )
-    assert failed.state == InstallState.ROLLING_BACK  # retried, not abandoned
-    assert maintenance_status() is not None  # mail held over the half-upgraded appliance
-    headline = update_story().headline
-    assert "the rollback keeps failing and is retried" in headline
-    assert "the disk holding the appliance" in headline and "is full" in headline
-    filler.unlink()  # the administrator frees space
+            failed = wait_for(
+                lambda: (
+                    (r := InstallRun.objects.get(pk=run.pk)).details.get("rollback_failures") and r
+                ),
+                timeout=RUN_TIMEOUT,
+                message=f"the rollback never met the full disk:\n{console.tail()}",
+            )
+            assert failed.state == InstallState.ROLLING_BACK  # retried, not abandoned
+            assert maintenance_status() is not None  # mail held over the half-upgraded appliance
+            headline = update_story().headline
+            assert "the rollback keeps failing and is retried" in headline
+            assert "the disk holding the appliance" in headline and "is full" in headline
+            filler.unlink()  # the administrator frees space
 
-    run = wait_final(run.pk)
+            run = wait_final(run.pk)
+            ended = time.monotonic()
+            time.sleep(0.5)  # some mail after the install too
+        finally:
+            load.stop()
+
     assert run.state == InstallState.ROLLED_BACK, (run.state, run.error)
     assert "the disk holding the appliance" in run.error and "is full" in run.error, run.error
     assert maintenance_status() is None
     assert system_info().firmware_version == OLD_VERSION
     assert msgstore.format_version() == "2.8.0"
-    assert msgcounts.store_counts().checksum == counts_before.checksum
     assert Event.objects.filter(message__contains="failed, retrying in").exists()
+    # Mail: never a 5xx or a dropped connection, 4xx only while the install held it, and
+    # every 250 in the SMTP log once (the failed install's health check never ran).
+    assert load.failed == [] and load.down == [], (load.failed, load.down)
+    assert load.refused and outside(load.refused, (started, ended)) == []
+    after = msgcounts.store_counts()
+    assert after.smtp_log == before.smtp_log + load.accepted
+    assert {k: after.tables[k] for k in stored} == stored
