@@ -32,7 +32,7 @@ MENUS: tuple[Menu, ...] = (
             MenuItem("Resources", "home:resources"),
         ),
     ),
-    Menu("System", (MenuItem("Events", "events:list"),)),
+    Menu("System", (MenuItem("Events", "events:list"), MenuItem("Users", "accounts:users"))),
     Menu("Updates", (MenuItem("Updates & Licensing", "upgrades:index"),)),
     Menu("Backup & Restore", (MenuItem("System", "backups:system"),)),
     Menu(
@@ -41,6 +41,7 @@ MENUS: tuple[Menu, ...] = (
             MenuItem("Policy Objects", "mailsecurity:policy_objects"),
             MenuItem("Message Stores", "mailsecurity:message_stores"),
             MenuItem("Message Tracking / Reporting", "mailsecurity:message_tracking"),
+            MenuItem("Reclaim Disk Space", "mailsecurity:reclaim"),
         ),
     ),
     Menu("SMTP", (MenuItem("Configuration > Maintenance", "smtp:maintenance"),)),
