@@ -6,9 +6,11 @@
 suite, so nothing else notices when one stops running (a renamed function, a changed id); here
 a bench fails if it exits non-zero, takes longer than --timeout, or prints no line that is a
 JSON object whose "bench" key names the script: a bench that "ran" but measured nothing counts
-as broken too. The benches run one after the other, as they would compete for the CPU
-otherwise. Every script in bench/ (but _helpers) must be among the commands, so a new bench
-cannot be left out. The JSON lines go to stdout; progress, and a failed bench's output, to stderr.
+as broken too. `--jobs N` runs N at once (CI: one per core): at these sizes a bench proves
+that it runs, not how fast, so sharing the CPU costs nothing but figures nobody reads; the
+full-size `make bench` runs them one after the other. Every script in bench/ (but _helpers)
+must be among the commands, so a new bench cannot be left out. The JSON lines go to stdout;
+progress, and a failed bench's output, to stderr.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -103,6 +106,7 @@ def main() -> int:
         "commands", nargs="+", help='a bench command line, e.g. "bench/x.py --json"'
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per bench")
+    parser.add_argument("--jobs", type=int, default=1, help="how many benches run at once")
     args = parser.parse_args()
 
     given = {(BASE_DIR / shlex.split(command)[0]).resolve() for command in args.commands}
@@ -117,15 +121,22 @@ def main() -> int:
 
     began = time.monotonic()
     failed = []
-    for command in args.commands:
-        passed, output, seconds = run_one(command, args.timeout)
-        if passed:
-            print(output, flush=True)
-            print(f"bench-smoke: ok     {seconds:6.1f} s  {command}", file=sys.stderr, flush=True)
-        else:
-            failed.append(command)
-            print(f"bench-smoke: FAILED {seconds:6.1f} s  {command}", file=sys.stderr)
-            print(output, file=sys.stderr, flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        running = {
+            pool.submit(run_one, command, args.timeout): command for command in args.commands
+        }
+        for future in as_completed(running):
+            command = running[future]
+            passed, output, seconds = future.result()
+            if passed:
+                print(output, flush=True)
+                print(
+                    f"bench-smoke: ok     {seconds:6.1f} s  {command}", file=sys.stderr, flush=True
+                )
+            else:
+                failed.append(command)
+                print(f"bench-smoke: FAILED {seconds:6.1f} s  {command}", file=sys.stderr)
+                print(output, file=sys.stderr, flush=True)
     total = time.monotonic() - began
     summary = f"{len(args.commands) - len(failed)} of {len(args.commands)} benches passed"
     print(f"bench-smoke: {summary} in {total:.1f} s", file=sys.stderr)
