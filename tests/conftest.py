@@ -57,6 +57,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & DATABASE_FIXTURES or item.get_closest_marker("django_db"):
             item.add_marker(pytest.mark.database)
+    # The modules with slow tests (real processes, kills, browsers) go first, each kept whole:
+    # xdist hands tests out in this order, so a 40 s test starts early instead of running alone
+    # at the end while the other process idles.
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)  # stable: order kept within
 
 
 @pytest.fixture(autouse=True)
