@@ -37,9 +37,14 @@ WORKER_START_TIMEOUT = 30.0
 TEST_INSTALL_DRAIN_MS = 50
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A private redis-server for the session; the test process's Celery app points at it."""
+    """A private redis-server for the session; the test process's Celery app points at it.
+
+    Started before the first test of every process (autouse): the Celery app keeps the broker
+    connection pool it makes first, so a test that publishes elsewhere first (to a launcher's
+    Redis) must not be the one that makes it with the default URL.
+    """
     server = start_private_redis(tmp_path_factory.mktemp("redis"))
     celery_app.conf.broker_url = _celery_url(server.url)
     yield server.url
