@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.http import HttpRequest, HttpResponse
 
-from accounts.roles import READ_ONLY_REFUSAL, role_permits_request
+from accounts.roles import role_permits_request
+from lmi.errors import read_only_refusal
 
 
 class ReadOnlyRoleMiddleware:
@@ -22,5 +23,5 @@ class ReadOnlyRoleMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if not role_permits_request(request.user, request.method, request.path):
-            return HttpResponseForbidden(READ_ONLY_REFUSAL)
+            return read_only_refusal(request)  # the console's 403 page; JSON under /api/
         return self.get_response(request)

@@ -1,4 +1,4 @@
-"""Logging in and out, with throttling and events."""
+"""Logging in and out, with throttling and events; the console's users and their roles."""
 
 from __future__ import annotations
 
@@ -11,15 +11,25 @@ from datetime import timedelta
 from django.conf import settings
 from django.contrib.auth import authenticate, get_user_model, login, logout
 from django.contrib.auth.models import AbstractBaseUser, Group
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, Q, QuerySet, Value, When
 from django.http import HttpRequest
 from django.utils import timezone
 
 from accounts.models import ApiToken, LoginThrottle
-from accounts.roles import ADMINISTRATOR, ensure_role_groups
+from accounts.roles import (
+    ADMINISTRATOR,
+    READ_ONLY,
+    ROLES,
+    ensure_role_groups,
+    is_administrator,
+    role_name,
+)
 from events.models import Category, Severity
-from events.services import event_write
+from events.services import User as EventUser
+from events.services import event_write, username_of
 
 
 @dataclass(frozen=True)
@@ -169,19 +179,217 @@ def login_failures_prune() -> int:
     return deleted
 
 
+class UserRefused(Exception):
+    """A change to the console's users refused, in words for the administrator.
+
+    ``field`` names the form field the refusal is about (the name, the password), so a form can
+    show it next to that field; None when it is about the change as a whole.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _name_check(username: str) -> None:
+    """Refuse a name that Django would store but the console could not tell apart or log in with.
+
+    Taken is checked case-insensitively: "Admin" beside "admin" would be two accounts that the
+    event log and the login throttle (which lower-cases names) cannot tell apart.
+    """
+    model = get_user_model()
+    if not username:
+        raise UserRefused("Enter a user name.", "username")
+    if len(username) > 150:
+        raise UserRefused("A user name has at most 150 characters.", "username")
+    try:
+        model.username_validator(username)  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        raise UserRefused(" ".join(exc.messages), "username") from exc
+    if model.objects.filter(username__iexact=username).exists():
+        raise UserRefused(f"The user name {username!r} is taken.", "username")
+
+
+def _password_check(password: str, user: AbstractBaseUser) -> None:
+    """Django's password validators (settings.AUTH_PASSWORD_VALIDATORS), as one refusal."""
+    try:
+        validate_password(password, user)
+    except ValidationError as exc:
+        raise UserRefused(" ".join(exc.messages), "password") from exc
+
+
+def _role_group(role: str) -> Group:
+    if role not in ROLES:
+        raise UserRefused(f"There is no role {role!r}: choose {' or '.join(ROLES)}.", "role")
+    ensure_role_groups()
+    return Group.objects.get(name=role)
+
+
 @transaction.atomic
 def user_create(
-    username: str, password: str, *, administrator: bool, created_by: str = "system"
+    username: str,
+    password: str,
+    *,
+    administrator: bool,
+    created_by: EventUser = "system",
+    check_password: bool = True,
 ) -> AbstractBaseUser:
-    """Create a console user in one of the two roles."""
-    ensure_role_groups()
-    user = get_user_model().objects.create_user(username=username, password=password)
-    group = Group.objects.get(name=ADMINISTRATOR if administrator else "Read-only")
+    """Create a console user in one of the two roles; refuse a taken name or a weak password.
+
+    ``check_password=False`` only for the first administrator, whose password the operator
+    chose in LMI_ADMIN_PASSWORD before any console existed to refuse it. The password is never
+    written to the event.
+    """
+    username = username.strip()
+    _name_check(username)
+    group = _role_group(ADMINISTRATOR if administrator else READ_ONLY)
+    model = get_user_model()
+    if check_password:
+        _password_check(password, model(username=username))
+    user = model.objects.create_user(username=username, password=password)
     user.groups.add(group)
     event_write(
         category=Category.AUTH,
         message=f"User {username} created ({group.name})",
         user=created_by,
+        details={"username": username, "role": group.name},
+    )
+    return user
+
+
+def active_administrators() -> QuerySet[AbstractBaseUser]:
+    """The enabled users who may change things: superusers and the Administrator group."""
+    return (
+        get_user_model()
+        .objects.filter(is_active=True)
+        .filter(Q(is_superuser=True) | Q(groups__name=ADMINISTRATOR))
+        .distinct()
+    )
+
+
+def user_lockout_refusal(target: AbstractBaseUser, by: EventUser) -> str | None:
+    """Why ``target`` may not lose the Administrator role or be disabled now, or None.
+
+    Nobody may shut themself out (an administrator who demotes or disables their own account by
+    mistake cannot undo it), and the console keeps one enabled administrator at least, or
+    nobody could manage users again except from the command line. Shown on the confirmation
+    page before the button, and checked again by the services under a lock.
+    """
+    if username_of(by) == target.get_username():
+        return (
+            "You cannot remove your own administrator role or disable your own account: ask "
+            "another administrator."
+        )
+    if not is_administrator(target) or not target.is_active:
+        return None
+    if not active_administrators().exclude(pk=target.pk).exists():
+        return (
+            f"{target.get_username()} is the last enabled administrator: make another user an "
+            "administrator first, or nobody could manage the console."
+        )
+    return None
+
+
+def _lock_roles() -> None:
+    """Serialise changes that can take away an administrator: two administrators demoting each
+    other at once must not both see "one other left" and leave none (PostgreSQL; SQLite's
+    IMMEDIATE transactions already run one writer at a time)."""
+    ensure_role_groups()
+    Group.objects.select_for_update().filter(name=ADMINISTRATOR).first()
+
+
+def _user_locked(user_id: int) -> AbstractBaseUser:
+    user = get_user_model().objects.select_for_update().filter(pk=user_id).first()
+    if user is None:
+        raise UserRefused("There is no such user.")
+    return user
+
+
+@transaction.atomic
+def user_set_role(*, user_id: int, role: str, by: EventUser) -> AbstractBaseUser:
+    """Give a user one of the two roles (a no-op, without an event, when it has it already).
+
+    Demoting takes superuser status away too: the role the console shows is the one it applies.
+    """
+    group = _role_group(role)
+    _lock_roles()
+    user = _user_locked(user_id)
+    if role_name(user) == role:
+        return user
+    if role != ADMINISTRATOR and (refusal := user_lockout_refusal(user, by)):
+        raise UserRefused(refusal)
+    user.groups.remove(*Group.objects.filter(name__in=ROLES))
+    user.groups.add(group)
+    if role != ADMINISTRATOR and user.is_superuser:  # type: ignore[attr-defined]
+        user.is_superuser = False  # type: ignore[attr-defined]
+        user.save(update_fields=["is_superuser"])
+    user.__dict__.pop("_lmi_is_admin", None)
+    event_write(
+        category=Category.AUTH,
+        message=f"User {user.get_username()} is now {role}",
+        user=by,
+        details={"username": user.get_username(), "role": role},
+    )
+    return user
+
+
+@transaction.atomic
+def user_disable(*, user_id: int, by: EventUser) -> AbstractBaseUser:
+    """Disable a user: no more logins, its sessions and API tokens stop working at once.
+
+    Django refuses inactive users on every request (ModelBackend.get_user), and API tokens only
+    stand for active users, so nothing else needs revoking; the account and its history stay.
+    """
+    _lock_roles()
+    user = _user_locked(user_id)
+    if not user.is_active:
+        return user
+    if refusal := user_lockout_refusal(user, by):
+        raise UserRefused(refusal)
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    event_write(
+        category=Category.AUTH,
+        message=f"User {user.get_username()} disabled",
+        user=by,
+        details={"username": user.get_username()},
+    )
+    return user
+
+
+@transaction.atomic
+def user_enable(*, user_id: int, by: EventUser) -> AbstractBaseUser:
+    """Let a disabled user log in again, with the role and password they had."""
+    user = _user_locked(user_id)
+    if user.is_active:
+        return user
+    user.is_active = True
+    user.save(update_fields=["is_active"])
+    event_write(
+        category=Category.AUTH,
+        message=f"User {user.get_username()} enabled",
+        user=by,
+        details={"username": user.get_username()},
+    )
+    return user
+
+
+@transaction.atomic
+def user_password_set(*, user_id: int, password: str, by: EventUser) -> AbstractBaseUser:
+    """Give a user a new password (Django's validators apply); their other sessions end.
+
+    Changing the password hash invalidates every session made with the old one; the view keeps
+    the acting administrator's own session when they reset their own password.
+    """
+    user = _user_locked(user_id)
+    _password_check(password, user)
+    user.set_password(password)
+    user.save(update_fields=["password"])
+    event_write(
+        category=Category.AUTH,
+        message=f"Password of user {user.get_username()} reset",
+        user=by,
+        details={"username": user.get_username()},
     )
     return user
 
@@ -199,7 +407,7 @@ def first_admin_ensure(password: str | None) -> tuple[bool, str | None]:
     if not password:
         generated = secrets.token_urlsafe(12)
         password = generated
-    user_create("admin", password, administrator=True)
+    user_create("admin", password, administrator=True, check_password=False)
     return True, generated
 
 

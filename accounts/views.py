@@ -1,19 +1,32 @@
-"""Login and logout pages."""
+"""Login and logout pages, and System > Users.
+
+Users changes are for administrators only (the read-only middleware refuses their POSTs earlier
+too); each calls one service and says the outcome as a flash message. Changes that take
+something away (a role, the right to log in) have a confirmation page first.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth import get_user_model, update_session_auth_hash
 from django.contrib.auth.decorators import login_not_required
-from django.http import HttpRequest, HttpResponse
+from django.contrib.auth.models import AbstractBaseUser
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_protect
 from django.views.decorators.debug import sensitive_post_parameters
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from accounts import services
-from accounts.forms import LoginForm
+from accounts import selectors, services
+from accounts.forms import LoginForm, PasswordResetForm, RoleForm, UserCreateForm
+from accounts.roles import ADMINISTRATOR, READ_ONLY, is_administrator, role_name
+from lmi.actions import act, administrators_only
 
 
 def _next_url(request: HttpRequest) -> str:
@@ -56,3 +69,209 @@ def logout_view(request: HttpRequest) -> HttpResponse:
     """Log out (POST only, so a link or an image cannot end a session)."""
     services.logout_user(request)
     return redirect(settings.LOGOUT_REDIRECT_URL)
+
+
+# --- System > Users --------------------------------------------------------------------------
+
+USERS_PAGE = "accounts:users"
+hides_passwords = sensitive_post_parameters("password", "password_again")
+
+
+def _user_or_404(user_id: int) -> AbstractBaseUser:
+    user = get_user_model().objects.filter(pk=user_id).first()
+    if user is None:
+        raise Http404("There is no such user.")
+    return user
+
+
+def _confirm_page(
+    request: HttpRequest, target: AbstractBaseUser, breadcrumb: str, **confirm: object
+) -> HttpResponse:
+    """A user change's confirmation page (templates/_confirm.html) with the user's facts."""
+    facts = [
+        ("User", target.get_username()),
+        ("Role", role_name(target)),
+        ("Status", "Enabled" if target.is_active else "Disabled"),
+    ]
+    page = {
+        "facts": facts,
+        "back": reverse(USERS_PAGE),
+        "back_label": "Back to Users",
+        "admin_does": "manages users.",
+        **confirm,
+    }
+    return render(request, "_confirm.html", {"breadcrumb": breadcrumb, "confirm": page})
+
+
+def _done(request: HttpRequest, action: Callable[[], object], message: str) -> HttpResponse:
+    act(request, action, services.UserRefused, message)
+    return redirect(USERS_PAGE)
+
+
+@require_GET
+def users(request: HttpRequest) -> HttpResponse:
+    """Every user with role, status and last login. Read-only users see the list (as they see
+    every page) without the buttons; every change below is for administrators only."""
+    return render(
+        request,
+        "accounts/users.html",
+        {"breadcrumb": "System > Users", "users": selectors.users_list()},
+    )
+
+
+@hides_passwords
+@require_http_methods(["GET", "POST"])
+@administrators_only
+def user_add(request: HttpRequest) -> HttpResponse:
+    """Add user: a refused name or password re-renders the form with the reason by the field."""
+    form = UserCreateForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            user = services.user_create(
+                data["username"],
+                data["password"],
+                administrator=data["role"] == ADMINISTRATOR,
+                created_by=request.user,
+            )
+        except services.UserRefused as exc:
+            form.add_error(exc.field if exc.field in form.fields else None, str(exc))
+        else:
+            messages.success(request, f"User {user.get_username()} added ({data['role']}).")
+            return redirect(USERS_PAGE)
+    return render(
+        request,
+        "accounts/user_form.html",
+        {"breadcrumb": "System > Users > Add user", "form": form, "target": None},
+        status=400 if form.is_bound else 200,
+    )
+
+
+@hides_passwords
+@require_http_methods(["GET", "POST"])
+@administrators_only
+def user_password(request: HttpRequest, user_id: int) -> HttpResponse:
+    """Reset password: the administrator gives the user a new one (never shown or logged)."""
+    target = _user_or_404(user_id)
+    form = PasswordResetForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = services.user_password_set(
+                user_id=target.pk, password=form.cleaned_data["password"], by=request.user
+            )
+        except services.UserRefused as exc:
+            form.add_error("password", str(exc))
+        else:
+            if user.pk == request.user.pk:
+                update_session_auth_hash(request, user)  # keep the administrator logged in
+            messages.success(request, f"Password of {user.get_username()} reset.")
+            return redirect(USERS_PAGE)
+    return render(
+        request,
+        "accounts/user_form.html",
+        {"breadcrumb": "System > Users > Reset password", "form": form, "target": target},
+        status=400 if form.is_bound else 200,
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@administrators_only
+def user_role(request: HttpRequest, user_id: int) -> HttpResponse:
+    """Change role: GET confirms the other role (and refuses a lock-out), POST role=... sets it."""
+    target = _user_or_404(user_id)
+    if request.method == "POST":
+        form = RoleForm(request.POST)
+        if not form.is_valid():
+            return HttpResponseBadRequest("Choose a role: Administrator or Read-only.")
+        role = form.cleaned_data["role"]
+        return _done(
+            request,
+            lambda: services.user_set_role(user_id=target.pk, role=role, by=request.user),
+            f"User {target.get_username()} is now {role}.",
+        )
+    name = target.get_username()
+    if is_administrator(target):
+        role = READ_ONLY
+        consequences = [
+            f"{name} can still open every page, but can no longer change anything.",
+            "This applies from their next request; they stay logged in.",
+        ]
+        refusal = services.user_lockout_refusal(target, request.user)
+    else:
+        role = ADMINISTRATOR
+        consequences = [
+            f"{name} may change everything: configuration, backups and restores, firmware "
+            "installs, the cluster, and users.",
+            "This applies from their next request; they stay logged in.",
+        ]
+        refusal = None
+    return _confirm_page(
+        request,
+        target,
+        "System > Users > Change role",
+        title=f"Make {name} {role}",
+        consequences=consequences,
+        refusal=refusal,
+        action=reverse("accounts:user_role", args=[target.pk]),
+        fields=[("role", role)],
+        button=f"Make {name} {role}",
+        button_class="primary",
+        testid="role-confirm",
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@administrators_only
+def user_disable(request: HttpRequest, user_id: int) -> HttpResponse:
+    """Disable: GET says what it does (and refuses a lock-out), POST disables."""
+    target = _user_or_404(user_id)
+    name = target.get_username()
+    if request.method == "POST":
+        return _done(
+            request,
+            lambda: services.user_disable(user_id=target.pk, by=request.user),
+            f"User {name} disabled.",
+        )
+    return _confirm_page(
+        request,
+        target,
+        "System > Users > Disable user",
+        title=f"Disable {name}",
+        consequences=[
+            f"{name} can no longer log in; a session open now ends at its next request.",
+            f"API tokens of {name} stop working.",
+            "The account, its role and its events stay: enable it again at any time.",
+        ],
+        refusal=services.user_lockout_refusal(target, request.user) if target.is_active else None,
+        action=reverse("accounts:user_disable", args=[target.pk]),
+        button=f"Disable {name}",
+        testid="disable-confirm",
+    )
+
+
+@require_http_methods(["GET", "POST"])
+@administrators_only
+def user_enable(request: HttpRequest, user_id: int) -> HttpResponse:
+    """Enable: GET says what it does, POST enables."""
+    target = _user_or_404(user_id)
+    name = target.get_username()
+    if request.method == "POST":
+        return _done(
+            request,
+            lambda: services.user_enable(user_id=target.pk, by=request.user),
+            f"User {name} enabled.",
+        )
+    return _confirm_page(
+        request,
+        target,
+        "System > Users > Enable user",
+        title=f"Enable {name}",
+        consequences=[
+            f"{name} can log in again with the password and the role ({role_name(target)}) "
+            "they had.",
+        ],
+        action=reverse("accounts:user_enable", args=[target.pk]),
+        button=f"Enable {name}",
+        button_class="primary",
+        testid="enable-confirm",
+    )

@@ -33,11 +33,14 @@ class CreateBackupForm(forms.Form):
         data = super().clean()
         first = data.get("passphrase") or ""
         second = data.get("passphrase_again") or ""
-        if first != second:
-            raise forms.ValidationError("The two passphrases differ: type the same one twice.")
+        # Errors go on the fields, so the page shows each next to the box to type again.
         if first and len(first) < PASSPHRASE_MIN:
-            raise forms.ValidationError(
-                f"The passphrase must have at least {PASSPHRASE_MIN} characters."
+            self.add_error(
+                "passphrase", f"The passphrase must have at least {PASSPHRASE_MIN} characters."
+            )
+        elif first != second:
+            self.add_error(
+                "passphrase_again", "The two passphrases differ: type the same one twice."
             )
         return data
 

@@ -1,17 +1,23 @@
 """Backup & Restore > System: configuration backups and the system backup image.
 
 Views parse, call one service, and redirect back with a message (or render the comparison).
-Changes are for administrators only (the read-only middleware refuses them earlier too). A
-passphrase only ever travels in a POST body.
+Changes are for administrators only (the read-only middleware refuses them earlier too). What
+cannot be undone (delete, restore) has a confirmation page first: GET says what will happen,
+POST does it. A passphrase only ever travels in a POST body.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from django.contrib import messages
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
+from django.template.defaultfilters import date as date_filter
+from django.template.defaultfilters import filesizeformat
+from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
@@ -45,9 +51,10 @@ def _system_context() -> dict[str, object]:
     }
 
 
-@require_GET
-def system(request: HttpRequest) -> HttpResponse:
-    """The two sections: configuration backups, and the system backup image."""
+def _page(
+    request: HttpRequest, create_form: CreateBackupForm | None = None, status: int = 200
+) -> HttpResponse:
+    """The page; ``create_form`` is a refused create form, shown again with what was typed."""
     backups, backups_error = selectors.config_backups()
     schedule = selectors.backup_settings()
     context: dict[str, object] = {
@@ -55,7 +62,7 @@ def system(request: HttpRequest) -> HttpResponse:
         "backups": backups,
         "backups_error": backups_error,
         "trigger_labels": services.TRIGGER_LABELS,
-        "create_form": CreateBackupForm(),
+        "create_form": create_form or CreateBackupForm(),
         "upload_form": UploadBackupForm(),
         "schedule": schedule,
         "schedule_form": ScheduleForm(
@@ -68,7 +75,13 @@ def system(request: HttpRequest) -> HttpResponse:
         "max_upload": configbackup.MAX_BACKUP_BYTES,
         **_system_context(),
     }
-    return render(request, "backups/system.html", context)
+    return render(request, "backups/system.html", context, status=status)
+
+
+@require_GET
+def system(request: HttpRequest) -> HttpResponse:
+    """The two sections: configuration backups, and the system backup image."""
+    return _page(request)
 
 
 @never_cache
@@ -109,8 +122,9 @@ def config_create(request: HttpRequest) -> HttpResponse:
     """Create: a backup of the running configuration, with a comment and an optional passphrase."""
     form = CreateBackupForm(request.POST)
     if not form.is_valid():
-        _form_errors(request, form)
-        return redirect(PAGE)
+        # The page again with the comment kept and the reason by the field (the passphrases are
+        # not sent back: a password field is never filled in from the server).
+        return _page(request, create_form=form, status=400)
     act(
         request,
         lambda: services.config_backup_create(
@@ -258,17 +272,54 @@ def config_restore(request: HttpRequest, name: str) -> HttpResponse:
     return render(request, "backups/restore.html", context)
 
 
-@require_POST
-@administrators_only
-def config_delete(request: HttpRequest, name: str) -> HttpResponse:
-    """Delete one configuration backup."""
-    act(
-        request,
-        lambda: services.config_backup_delete(user=request.user, name=name),
-        BackupError,
-        f"Configuration backup {name} deleted.",
+def _when(moment: datetime) -> str:
+    return date_filter(
+        timezone.localtime(moment) if timezone.is_aware(moment) else moment, "Y-m-d H:i"
     )
-    return redirect(PAGE)
+
+
+@require_http_methods(["GET", "POST"])
+def config_delete(request: HttpRequest, name: str) -> HttpResponse:
+    """Delete: GET is the confirmation (what is lost), POST deletes the backup file."""
+    if request.method == "POST":
+        if not is_administrator(request.user):
+            return HttpResponseForbidden(READ_ONLY_REFUSAL)
+        act(
+            request,
+            lambda: services.config_backup_delete(user=request.user, name=name),
+            BackupError,
+            f"Configuration backup {name} deleted.",
+        )
+        return redirect(PAGE)
+    header = _header_or_404(name)
+    facts = [
+        ("Backup", header.name),
+        ("Created", f"{_when(header.created_at)} by {header.created_by}"),
+        ("Firmware", header.firmware_version),
+        ("Comment", header.comment or "—"),
+        ("Encrypted", "Yes" if header.encrypted else "No"),
+    ]
+    confirm = {
+        "title": f"Delete configuration backup {header.name}",
+        "facts": facts,
+        "consequences": [
+            "The backup file is deleted from the appliance; it cannot be restored or "
+            "downloaded afterwards.",
+            "Copies downloaded earlier are not affected. Download it first if you may need it.",
+            "The running configuration does not change.",
+        ],
+        "action": reverse("backups:config_delete", args=[header.name]),
+        "button": "Delete backup",
+        "testid": "delete-confirm",
+        "back": reverse(PAGE),
+        "back_label": "Back to Backup & Restore",
+        "admin_does": "deletes configuration backups.",
+    }
+    return render(
+        request,
+        "_confirm.html",
+        {"breadcrumb": "Backup & Restore > System > Delete", "confirm": confirm},
+    )
 
 
 @require_POST
@@ -306,14 +357,53 @@ def system_create(request: HttpRequest) -> HttpResponse:
     return redirect(PAGE)
 
 
-@require_POST
-@administrators_only
+@require_http_methods(["GET", "POST"])
 def system_restore(request: HttpRequest) -> HttpResponse:
-    """Restore System Backup: a job returns the system and configuration to the image."""
-    act(
+    """Restore System Backup: GET is the confirmation (what returns, what is lost), POST starts
+    the job that returns the system and configuration to the image."""
+    if request.method == "POST":
+        if not is_administrator(request.user):
+            return HttpResponseForbidden(READ_ONLY_REFUSAL)
+        act(
+            request,
+            lambda: system_image.system_restore_start(user=request.user),
+            (BackupError, ApplianceError),
+            "Restoring the system from the system backup image.",
+        )
+        return redirect(PAGE)
+    image = selectors.system_image()
+    info = image.info
+    confirm: dict[str, object] = {
+        "title": "Restore the system backup image",
+        "back": reverse(PAGE),
+        "back_label": "Back to Backup & Restore",
+        "admin_does": "restores the system backup image.",
+        "action": reverse("backups:system_restore"),
+        "button": "Restore System Backup",
+        "testid": "system-restore-confirm",
+    }
+    if info is None:
+        confirm["consequences"] = []
+        confirm["refusal"] = image.error or (
+            "There is no system backup image on the rescue partition: create one first."
+        )
+    else:
+        confirm["facts"] = [
+            ("Firmware", info.firmware_version),
+            ("Created", _when(info.created_at)),
+            ("Size", filesizeformat(info.size)),
+        ]
+        confirm["consequences"] = [
+            f"The system and its configuration return to the image of firmware "
+            f"{info.firmware_version} made {_when(info.created_at)}.",
+            "Configuration changes made since the image was made are lost: download a "
+            "configuration backup first to keep them.",
+            "The message store is kept.",
+        ]
+        if selectors.active_system_job() is not None:
+            confirm["refusal"] = "A system backup or restore is already in progress."
+    return render(
         request,
-        lambda: system_image.system_restore_start(user=request.user),
-        (BackupError, ApplianceError),
-        "Restoring the system from the system backup image.",
+        "_confirm.html",
+        {"breadcrumb": "Backup & Restore > System > Restore System Backup", "confirm": confirm},
     )
-    return redirect(PAGE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
+from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -68,20 +69,66 @@ def join(request: HttpRequest) -> HttpResponse:
     return redirect("cluster:index")
 
 
-@require_POST
-@administrators_only
+@require_http_methods(["GET", "POST"])
 def upgrade(request: HttpRequest) -> HttpResponse:
-    """Upgrade cluster: Central first, then each member in sequence."""
-    try:
-        started = rolling.cluster_upgrade_start(user=request.user)
-    except plumbing.ClusterError as exc:
-        messages.error(request, str(exc))
-    else:
-        if started.state == "stopped":
-            messages.error(request, f"The cluster upgrade stopped: {started.error}")
+    """Upgrade cluster: GET is the confirmation (which nodes, in which order), POST starts it:
+    Central first, then each member in sequence."""
+    if request.method == "POST":
+        if not is_administrator(request.user):
+            return HttpResponseForbidden(READ_ONLY_REFUSAL)
+        try:
+            started = rolling.cluster_upgrade_start(user=request.user)
+        except plumbing.ClusterError as exc:
+            messages.error(request, str(exc))
         else:
-            messages.success(request, f"Upgrading the cluster to {started.version}.")
-    return redirect("cluster:index")
+            if started.state == "stopped":
+                messages.error(request, f"The cluster upgrade stopped: {started.error}")
+            else:
+                messages.success(request, f"Upgrading the cluster to {started.version}.")
+        return redirect("cluster:index")
+    overview = selectors.cluster_overview()
+    target = overview["target_version"]
+    upgrade_running = bool(overview["upgrade"]) and overview["upgrade"]["state"] == "running"
+    refusal = ""
+    if overview["role"] != "central":
+        refusal = "Only Cluster Central upgrades the cluster."
+    elif upgrade_running:
+        refusal = "A cluster upgrade is running already."
+    elif not target:
+        refusal = "There is nothing to upgrade to: no firmware newer than a node runs is ready."
+    nodes = [(overview["node"], "Cluster Central", overview["firmware_version"] or "—")] + [
+        (m["node"], "Member", m["firmware_version"] or "—") for m in overview["members"]
+    ]
+    confirm = {
+        "title": f"Upgrade the cluster to firmware {target}" if target else "Upgrade the cluster",
+        "facts": [
+            (
+                f"{n}. {node} ({role})",
+                f"runs {version}{' (already on it)' if version == target else ''}",
+            )
+            for n, (node, role, version) in enumerate(nodes, start=1)
+        ],
+        "consequences": [
+            f"Each node not on firmware {target} yet installs it, in the order above: Cluster "
+            "Central first, then each member, each waiting until the previous one runs the new "
+            "firmware and is healthy.",
+            "During its install each node holds mail for a few minutes (senders retry) and its "
+            "configuration is read-only.",
+            "The first failure stops the upgrade: that node rolls back by itself, and the "
+            "nodes after it are not touched.",
+        ],
+        "refusal": refusal,
+        "action": reverse("cluster:upgrade"),
+        "button": f"Upgrade cluster to {target}",
+        "button_class": "primary",
+        "testid": "upgrade-cluster-confirm",
+        "back": reverse("cluster:index"),
+        "back_label": "Back to Cluster",
+        "admin_does": "upgrades the cluster.",
+    }
+    return render(
+        request, "_confirm.html", {"breadcrumb": "Cluster > Upgrade cluster", "confirm": confirm}
+    )
 
 
 @require_http_methods(["GET", "POST"])

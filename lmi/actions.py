@@ -13,9 +13,10 @@ from functools import wraps
 from typing import Any, TypeVar
 
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from django.http import HttpRequest, HttpResponse
 
-from accounts.roles import READ_ONLY_REFUSAL, is_administrator
+from accounts.roles import is_administrator
+from lmi.errors import read_only_refusal
 
 T = TypeVar("T")
 
@@ -26,7 +27,7 @@ def administrators_only(view: Callable[..., HttpResponse]) -> Callable[..., Http
     @wraps(view)
     def wrapped(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if not is_administrator(request.user):
-            return HttpResponseForbidden(READ_ONLY_REFUSAL)
+            return read_only_refusal(request)
         return view(request, *args, **kwargs)
 
     return wrapped

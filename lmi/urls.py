@@ -9,7 +9,7 @@ from home import views as home_views
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="home:index", permanent=False)),
-    path("accounts/", include("accounts.urls")),
+    path("", include("accounts.urls")),  # accounts/login/, system/users/ (see accounts.urls)
     path("home/", include("home.urls")),
     path("system/events/", include("events.urls")),
     path("updates/", include("upgrades.urls")),
@@ -20,3 +20,9 @@ urlpatterns = [
     path("api/v1/", include("api.urls")),
     path("healthz", login_not_required(home_views.healthz), name="healthz"),
 ]
+
+# The console's error pages; under /api/ they answer in JSON (lmi/errors.py).
+handler400 = "lmi.errors.bad_request"
+handler403 = "lmi.errors.permission_denied"
+handler404 = "lmi.errors.page_not_found"
+handler500 = "lmi.errors.server_error"

@@ -4,7 +4,8 @@ The checklist is measured afresh on every visit (disk space changes while you lo
 Install button is enabled only when no check fails, and the service checks again on the POST,
 so a stale page cannot start an install that would now fail. The progress page is the run's
 persisted state, so it survives a reload and shows the same thing in every session; its panel
-is polled with htmx only while the run is active. Changes are for administrators only.
+is polled with htmx only while the run is active. Changes are for administrators only; abort
+and the DHCP pin have a confirmation page first (GET says what happens, POST does it).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import messages
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import NoReverseMatch, reverse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from accounts.roles import READ_ONLY_REFUSAL, is_administrator
 from appliance.system import network
 from appliance.system.errors import ApplianceError
 from lmi.actions import act, administrators_only
@@ -140,49 +142,158 @@ def install_run_partial(request: HttpRequest, run_id: int) -> HttpResponse:
     return render(request, "upgrades/_install_progress.html", _progress_context(run))
 
 
-@require_POST
-@administrators_only
+def _confirm(request: HttpRequest, breadcrumb: str, **confirm: object) -> HttpResponse:
+    """An Install page action's confirmation page (templates/_confirm.html)."""
+    page = {"back": reverse("upgrades:install"), "back_label": "Back to Install", **confirm}
+    return render(
+        request, "_confirm.html", {"breadcrumb": f"{BREADCRUMB} > {breadcrumb}", "confirm": page}
+    )
+
+
+def _refused_for_read_only(request: HttpRequest) -> HttpResponse | None:
+    if not is_administrator(request.user):
+        return HttpResponseForbidden(READ_ONLY_REFUSAL)
+    return None
+
+
+@require_http_methods(["GET", "POST"])
 def install_abort(request: HttpRequest, run_id: int) -> HttpResponse:
-    """Abort while in phases 1-2: the staged system is discarded, the appliance is untouched."""
-    _run_or_404(run_id)
-    act(
+    """Abort while in phases 1-2: GET is the confirmation, POST asks the run to stop (the staged
+    system is discarded, the appliance is untouched)."""
+    run = _run_or_404(run_id)
+    if request.method == "POST":
+        if refused := _refused_for_read_only(request):
+            return refused
+        act(
+            request,
+            lambda: install.install_abort(user=request.user, run_id=run_id),
+            install.InstallError,
+            lambda run: f"Aborting the install of firmware {run.version}.",
+        )
+        return redirect("upgrades:install_run", run_id=run_id)
+    refusal = ""
+    if run.abort_requested and run.is_active:
+        refusal = "The install is being aborted already."
+    elif not run.can_abort:
+        refusal = (
+            f"The install is {run.get_state_display().lower()} in phase {run.phase}: it can be "
+            "aborted only in phases 1 and 2. From phase 3 it completes, or rolls back by itself "
+            "on any failure."
+        )
+    return _confirm(
         request,
-        lambda: install.install_abort(user=request.user, run_id=run_id),
-        install.InstallError,
-        lambda run: f"Aborting the install of firmware {run.version}.",
+        "Abort",
+        title=f"Abort the install of firmware {run.version}",
+        facts=[
+            ("Firmware", f"{run.version} over {run.from_version or 'the running firmware'}"),
+            ("Phase", f"{run.phase} of 10 ({run.get_state_display().lower()})"),
+            ("Started by", run.requested_by or "—"),
+        ],
+        consequences=[
+            "The install stops at the end of its current step; the new system downloaded and "
+            "staged so far is discarded.",
+            f"The appliance keeps running firmware {run.from_version or 'it runs now'}, "
+            "untouched; mail is not interrupted.",
+            "The downloaded firmware stays ready: the install can be started again later.",
+        ],
+        refusal=refusal,
+        action=reverse("upgrades:install_abort", args=[run.pk]),
+        button="Abort the install",
+        testid="install-abort-confirm",
+        back=reverse("upgrades:install_run", args=[run.pk]),
+        back_label="Back to the install",
+        admin_does="aborts an install.",
     )
-    return redirect("upgrades:install_run", run_id=run_id)
 
 
-@require_POST
-@administrators_only
+def _interface_named(name: str, candidates: list[network.Interface]) -> network.Interface | None:
+    return next((iface for iface in candidates if iface.name == name), None)
+
+
+@require_http_methods(["GET", "POST"])
 def install_pin_interface(request: HttpRequest) -> HttpResponse:
-    """Pin a DHCP interface's current address as static for the upgrade."""
-    name = request.POST.get("interface", "")
-    act(
+    """Pin a DHCP interface's current address as static for the upgrade: GET (?interface=)
+    confirms, POST pins."""
+    if request.method == "POST":
+        if refused := _refused_for_read_only(request):
+            return refused
+        name = request.POST.get("interface", "")
+        act(
+            request,
+            lambda: preflight_services.interface_pin_static(user=request.user, interface=name),
+            preflight_services.PinRefused,
+            lambda pinned: (
+                f"Interface {pinned.name} now keeps {pinned.cidr} as a static address. "
+                "Return it to DHCP after the upgrade."
+            ),
+        )
+        return redirect("upgrades:install")
+    name = request.GET.get("interface", "")[:40]
+    dhcp, _pinned, error = _dhcp_interfaces()
+    iface = _interface_named(name, dhcp)
+    refusal = error or ("" if iface else f"There is no interface {name!r} on DHCP.")
+    if iface is not None and iface.address is None:
+        refusal = f"Interface {name} holds no DHCP lease right now: there is no address to pin."
+    address = (iface.cidr if iface else None) or "—"
+    return _confirm(
         request,
-        lambda: preflight_services.interface_pin_static(user=request.user, interface=name),
-        preflight_services.PinRefused,
-        lambda pinned: (
-            f"Interface {pinned.name} now keeps {pinned.cidr} as a static address. "
-            "Return it to DHCP after the upgrade."
-        ),
+        "Pin address",
+        title=f"Pin the address of {name} as static",
+        facts=[("Interface", name), ("Leased address", address)],
+        consequences=[
+            f"Interface {name} keeps {address} as a static address and stops asking the DHCP "
+            "server, so the restarts of the upgrade cannot change its address.",
+            "The DHCP server is not told: make sure it does not give this address to another "
+            "host meanwhile.",
+            "Return the interface to DHCP on this page once the upgrade is complete.",
+        ],
+        refusal=refusal,
+        action=reverse("upgrades:install_pin"),
+        fields=[("interface", name)],
+        button=f"Pin {name} as static",
+        button_class="primary",
+        testid="pin-confirm",
+        admin_does="pins interfaces.",
     )
-    return redirect("upgrades:install")
 
 
-@require_POST
-@administrators_only
+@require_http_methods(["GET", "POST"])
 def install_unpin_interface(request: HttpRequest) -> HttpResponse:
-    """Return an interface pinned for the upgrade to DHCP."""
-    name = request.POST.get("interface", "")
-    act(
+    """Return an interface pinned for the upgrade to DHCP: GET (?interface=) confirms, POST
+    does it."""
+    if request.method == "POST":
+        if refused := _refused_for_read_only(request):
+            return refused
+        name = request.POST.get("interface", "")
+        act(
+            request,
+            lambda: preflight_services.interface_unpin(user=request.user, interface=name),
+            preflight_services.PinRefused,
+            lambda restored: f"Interface {restored.name} is on DHCP again.",
+        )
+        return redirect("upgrades:install")
+    name = request.GET.get("interface", "")[:40]
+    _dhcp, pinned, error = _dhcp_interfaces()
+    iface = _interface_named(name, pinned)
+    refusal = error or ("" if iface else f"Interface {name!r} is not pinned for the upgrade.")
+    return _confirm(
         request,
-        lambda: preflight_services.interface_unpin(user=request.user, interface=name),
-        preflight_services.PinRefused,
-        lambda restored: f"Interface {restored.name} is on DHCP again.",
+        "Return to DHCP",
+        title=f"Return {name} to DHCP",
+        facts=[("Interface", name), ("Pinned address", (iface.cidr if iface else None) or "—")],
+        consequences=[
+            f"Interface {name} asks the DHCP server for its address again.",
+            "The server may give it another address: the console and the mail service are "
+            "then reached at the new one.",
+        ],
+        refusal=refusal,
+        action=reverse("upgrades:install_unpin"),
+        fields=[("interface", name)],
+        button=f"Return {name} to DHCP",
+        button_class="primary",
+        testid="unpin-confirm",
+        admin_does="returns interfaces to DHCP.",
     )
-    return redirect("upgrades:install")
 
 
 def _backup_download_available() -> bool:

@@ -42,9 +42,22 @@ def test_token_is_shown_once_and_read_only_users_cannot_create_one(
     assert JoinToken.objects.count() == 1
 
 
-def test_upgrade_button_starts_the_rolling_upgrade(admin_client, joined) -> None:
+def test_upgrade_button_asks_first_then_starts_the_rolling_upgrade(
+    admin_client, readonly_client, joined
+) -> None:
     joined("member1")
     set_firmware("2.8.1.0")
+    assert (
+        'data-testid="upgrade-cluster"'
+        in admin_client.get(reverse("cluster:index")).content.decode()
+    )
+    page = admin_client.get(reverse("cluster:upgrade")).content.decode()
+    assert "2. member1 (Member)" in page and "The first failure stops the upgrade" in page
+    assert 'data-testid="upgrade-cluster-confirm"' in page
+    assert not ClusterUpgrade.objects.exists()  # looking starts nothing
+    read_only = readonly_client.get(reverse("cluster:upgrade")).content.decode()
+    assert "an administrator upgrades the cluster" in read_only
+    assert 'data-testid="upgrade-cluster-confirm"' not in read_only
     response = admin_client.post(reverse("cluster:upgrade"), follow=True, **csrf(admin_client))
     assert b"Upgrading the cluster to 2.8.1.0" in response.content
     assert ClusterUpgrade.objects.get().current_node == "member1"

@@ -174,14 +174,13 @@ def test_a_failed_check_disables_install_and_the_post_is_refused_with_the_reason
     assert not InstallRun.objects.exists()
 
 
-def test_read_only_users_see_the_checklist_with_every_button_disabled(readonly_client, ready):
+def test_read_only_users_see_the_checklist_with_no_button_and_a_note(readonly_client, ready):
     html = readonly_client.get(CHECKLIST).content.decode()
 
-    assert 'data-testid="checklist"' in html
+    assert 'data-testid="checklist"' in html and "eth0: 192.0.2.25/24" in html
     for testid in ("install", "pin-eth0", "backup-download"):
-        tag = html.split(f'data-testid="{testid}"')[1].split(">")[0]
-        assert "disabled" in tag, testid
-    assert 'data-testid="read-only-note"' in html
+        assert f'data-testid="{testid}"' not in html, testid
+    assert "an administrator starts the install" in html
 
 
 @pytest.mark.parametrize(
@@ -283,6 +282,25 @@ def test_abort_is_offered_in_phases_1_and_2_only(admin_client, demo_appliance):
     assert 'data-testid="install-abort"' not in page
 
 
+def test_abort_asks_first_then_requests_the_stop(admin_client, readonly_client, demo_appliance):
+    run = make_run(InstallState.RUNNING, 2)
+    url = f"/updates/licensing/install/{run.pk}/abort/"
+    assert readonly_client.get(url).status_code == 200
+    assert "an administrator aborts an install" in readonly_client.get(url).content.decode()
+
+    page = admin_client.get(url).content.decode()
+
+    assert "keeps running firmware 2.8.0.0, untouched" in page
+    assert 'data-testid="install-abort-confirm"' in page
+    run.refresh_from_db()
+    assert not run.abort_requested  # looking aborts nothing
+    _post(admin_client, url)
+    run.refresh_from_db()
+    assert run.abort_requested
+    progress = admin_client.get(f"/updates/licensing/install/{run.pk}/").content.decode()
+    assert 'data-testid="install-aborting"' in progress
+
+
 def test_abort_after_phase_2_is_refused_with_a_clear_message(admin_client, demo_appliance):
     run = make_run(InstallState.RUNNING, 6)
 
@@ -375,6 +393,22 @@ def test_pinning_a_dhcp_interface_makes_its_lease_static_and_writes_an_event(
     _post(admin_client, "/updates/licensing/install/unpin/", {"interface": "eth0"})
     assert network.read_interface("eth0").mode == "dhcp"
     assert Event.objects.filter(message__contains="eth0 returned to DHCP").exists()
+
+
+def test_pinning_asks_first_and_looking_changes_nothing(admin_client, readonly_client, ready):
+    checklist = admin_client.get(CHECKLIST).content.decode()
+    form = checklist.split('data-testid="pin-eth0"')[0].rsplit("<form", 1)[1]
+    assert 'method="get"' in form and 'value="eth0"' in form
+
+    page = admin_client.get("/updates/licensing/install/pin/?interface=eth0").content.decode()
+
+    assert "keeps 192.0.2.25/24 as a static address" in page
+    assert 'data-testid="pin-confirm"' in page and 'name="interface" value="eth0"' in page
+    assert network.read_interface("eth0").mode == "dhcp"
+    other = admin_client.get("/updates/licensing/install/pin/?interface=eth1").content.decode()
+    assert 'data-testid="confirm-refusal"' in other and 'data-testid="pin-confirm"' not in other
+    read_only = readonly_client.get("/updates/licensing/install/pin/?interface=eth0")
+    assert 'data-testid="pin-confirm"' not in read_only.content.decode()
 
 
 @pytest.mark.parametrize(
