@@ -445,6 +445,18 @@ def check_recipient(policy: CompiledPolicy, sender: str, recipient: str) -> str 
     return None
 
 
+def rejection_reason(reply: str) -> str:
+    """Why the mail policy rejected, in a few words, from the reply it answered: the key by
+    which the Mail Security events sum rejections up."""
+    if "Sender address rejected" in reply:
+        return "sender on a block list"
+    if "Recipient address rejected" in reply:
+        return "recipient on a block list"
+    if reply.startswith("552"):
+        return "over the size limit"
+    return reply[:3] or "rejected"
+
+
 def parse_message(content: bytes) -> Message:
     """Parse leniently: mail from the internet is often malformed and must still be judged."""
     return email.message_from_bytes(content, policy=email.policy.compat32)

@@ -15,8 +15,10 @@ A SIGKILL at any moment therefore loses nothing that was acknowledged.
 Mail is accepted for the local domains from any client, and for any domain only from the SMTP
 settings' relay networks: everything else is refused at RCPT with 554 (see
 :func:`smtp.engine.check_relay`), logged in the SMTP log like any refused recipient, and counted
-into one rolled-up event per :data:`REFUSAL_EVENT_INTERVAL` (:class:`RefusalTally`) so that a
-spammer probing for an open relay cannot flood the event log.
+into one rolled-up event per :data:`EVENT_ROLLUP_INTERVAL` (:class:`RefusalTally`) so that a
+spammer probing for an open relay cannot flood the event log. Viruses and policy rejections go
+to the Mail Security events the same way (:class:`VirusTally`, :class:`RejectionTally`), except
+that the first after a quiet minute is written at once.
 
 Maintenance mode (and a damaged maintenance file) answers 421 at the greeting, at MAIL FROM and
 at the end of DATA, keeping nothing, so senders retry once it is over. A graceful stop closes the
@@ -75,6 +77,7 @@ from smtp.engine import (
     check_relay,
     envelope_address,
     evaluate,
+    rejection_reason,
 )
 
 log = logging.getLogger("lmi.smtp")
@@ -97,8 +100,9 @@ STOP_GRACE = 8.0
 # DATA); they are reworded with enhanced status codes, and the second is logged as a rejection.
 _AIOSMTPD_SIZE_AT_MAIL = "552 Error: message size exceeds fixed maximum message size"
 _AIOSMTPD_SIZE_AT_DATA = "552 Error: Too much mail data"
-# Refused relay attempts are summed into one event per interval, whatever their rate.
-REFUSAL_EVENT_INTERVAL = 60.0
+# Refused relay attempts, viruses and rejections are summed into at most one event per interval
+# and kind, whatever their rate (see EventTally).
+EVENT_ROLLUP_INTERVAL = 60.0
 # Clients and examples an event names; the count covers them all.
 REFUSAL_EVENT_CLIENTS = 20
 REFUSAL_EVENT_EXAMPLES = 5
@@ -122,7 +126,78 @@ def received_header(
     return text.encode("ascii", errors="replace")
 
 
-class RefusalTally:
+class EventTally:
+    """Occurrences of one kind since the last event about them: the event log's roll-up.
+
+    Whatever their rate, occurrences cost at most one summary event per interval (the service
+    calls :meth:`take` every :data:`EVENT_ROLLUP_INTERVAL`), so a flood of mail cannot drown the
+    event log. With ``immediate`` the first occurrence after a quiet interval is not counted
+    but written at once (:meth:`add` returns True): an administrator learns of the first virus
+    now, and of the next fifty in one summary. Each occurrence is also in the SMTP and tracking
+    logs, one row per recipient, as before.
+
+    Used on the event loop only, so without a lock.
+    """
+
+    noun = "occurrence(s)"
+    count_key = "count"
+    group_key = "groups"
+
+    def __init__(self, *, immediate: bool = False) -> None:
+        self.immediate = immediate
+        self.last_event_at: float | None = None  # time.monotonic() of the last event written
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = 0
+        self.groups: Counter[str] = Counter()
+        self.examples: list[dict[str, str]] = []
+        self.since: datetime | None = None
+
+    def add(self, group: str, example: dict[str, str], now: float | None = None) -> bool:
+        """Count one occurrence; True when it is to be written as an event of its own now."""
+        now = time.monotonic() if now is None else now
+        if (
+            self.immediate
+            and not self.count
+            and (self.last_event_at is None or now - self.last_event_at >= EVENT_ROLLUP_INTERVAL)
+        ):
+            self.last_event_at = now
+            return True
+        if self.since is None:
+            self.since = datetime.now(tz=UTC)
+        self.count += 1
+        self.groups[group] += 1
+        if len(self.examples) < REFUSAL_EVENT_EXAMPLES:
+            self.examples.append(example)
+        return False
+
+    def summary(self, since: datetime) -> str:
+        """The summary event's message (``self.count`` and ``self.groups`` hold the figures)."""
+        groups = ", ".join(f"{name}: {count}" for name, count in self.groups.most_common(5))
+        more = ", ..." if len(self.groups) > 5 else ""
+        return f"{self.count} {self.noun} since {since:%H:%M:%S} UTC ({groups}{more})"
+
+    def take(self, now: float | None = None) -> tuple[str, dict[str, object]] | None:
+        """The summary event's message and details for what was counted, and start counting
+        anew; None when nothing was counted."""
+        if not self.count or self.since is None:
+            return None
+        self.last_event_at = time.monotonic() if now is None else now
+        details: dict[str, object] = {
+            self.count_key: self.count,
+            self.group_key: dict(self.groups.most_common(REFUSAL_EVENT_CLIENTS)),
+            f"other_{self.group_key}": max(0, len(self.groups) - REFUSAL_EVENT_CLIENTS),
+            "examples": self.examples,
+            "since": self.since.isoformat(),
+            "until": datetime.now(tz=UTC).isoformat(),
+        }
+        message = self.summary(self.since)
+        self._reset()
+        return message, details
+
+
+class RefusalTally(EventTally):
     """Recipients refused with "Relay access denied" since the last event about them.
 
     The refusal itself is in the SMTP log (one row per recipient, as for any refusal); the event
@@ -130,44 +205,45 @@ class RefusalTally:
     relay without thousands of events drowning the rest.
     """
 
-    def __init__(self) -> None:
-        self._reset()
+    count_key = "refused"
+    group_key = "clients"
 
-    def _reset(self) -> None:
-        self.refused = 0
-        self.clients: Counter[str] = Counter()
-        self.examples: list[dict[str, str]] = []
-        self.since: datetime | None = None
+    def add_refusal(self, client_ip: str, sender: str, recipient: str) -> None:
+        self.add(client_ip, {"client": client_ip, "sender": sender, "recipient": recipient})
 
-    def add(self, client_ip: str, sender: str, recipient: str) -> None:
-        if self.since is None:
-            self.since = datetime.now(tz=UTC)
-        self.refused += 1
-        self.clients[client_ip] += 1
-        if len(self.examples) < REFUSAL_EVENT_EXAMPLES:
-            self.examples.append({"client": client_ip, "sender": sender, "recipient": recipient})
+    @property
+    def refused(self) -> int:
+        return self.count
 
-    def take(self) -> tuple[str, dict[str, object]] | None:
-        """The event's message and details for what was counted, and start counting anew;
-        None when nothing was refused."""
-        if not self.refused or self.since is None:
-            return None
-        clients = len(self.clients)
-        message = (
-            f"Relay access denied (554) to {self.refused} recipient(s) from {clients} "
-            f"client(s) since {self.since:%H:%M:%S} UTC: the appliance accepts mail for its "
+    def summary(self, since: datetime) -> str:
+        return (
+            f"Relay access denied (554) to {self.count} recipient(s) from {len(self.groups)} "
+            f"client(s) since {since:%H:%M:%S} UTC: the appliance accepts mail for its "
             "local domains, and for others only from its relay networks"
         )
-        details: dict[str, object] = {
-            "refused": self.refused,
-            "clients": dict(self.clients.most_common(REFUSAL_EVENT_CLIENTS)),
-            "other_clients": max(0, clients - REFUSAL_EVENT_CLIENTS),
-            "examples": self.examples,
-            "since": self.since.isoformat(),
-            "until": datetime.now(tz=UTC).isoformat(),
-        }
-        self._reset()
-        return message, details
+
+
+class VirusTally(EventTally):
+    """Messages quarantined for a virus, by virus name: the first at once, then summaries."""
+
+    noun = "message(s) with a virus quarantined"
+    count_key = "messages"
+    group_key = "viruses"
+
+    def __init__(self) -> None:
+        super().__init__(immediate=True)
+
+
+class RejectionTally(EventTally):
+    """Messages and recipients the mail policy rejected, by reason: the first at once, then
+    summaries."""
+
+    noun = "rejection(s) by the mail policy"
+    count_key = "rejected"
+    group_key = "reasons"
+
+    def __init__(self) -> None:
+        super().__init__(immediate=True)
 
 
 @dataclass(frozen=True)
@@ -427,7 +503,7 @@ class MailHandler:
         # open the relay.
         reply = check_relay(policy, client_ip, address)
         if reply is not None:
-            self.service.relay_refusals.add(
+            self.service.relay_refusals.add_refusal(
                 client_ip, envelope_address(envelope.mail_from or ""), envelope_address(address)
             )
             await self.service.record_quietly(
@@ -438,6 +514,9 @@ class MailHandler:
         if reply is not None:
             await self.service.record_quietly(
                 self._record(session, envelope, (address,), reply, "policy", "rejected")
+            )
+            self.service.mail_rejected(
+                client_ip, envelope_address(envelope.mail_from or ""), (address,), reply
             )
             return reply
         envelope.rcpt_tos.append(address)
@@ -492,7 +571,11 @@ class MailHandler:
             except Exception:  # TimeoutError included
                 log.exception("quarantine of %s failed; answered 451", processed.queue_id)
                 return REPLY_TEMPFAIL
+            if verdict.verdict == "virus":
+                self.service.mail_virus(record.client_ip, record.sender, record.recipients, verdict)
             return reply
+        if verdict.action == "rejected":
+            self.service.mail_rejected(record.client_ip, record.sender, record.recipients, reply)
         if processed.spool_path is not None:
             # Already durable in the spool: from here on, nothing may turn this into a 4xx.
             self.service.delivery.submit(processed.spool_path)
@@ -533,11 +616,11 @@ class MailHandler:
         envelope, session = server.envelope, server.session
         if envelope is None or session is None or not envelope.rcpt_tos:
             return
-        await self.service.record_quietly(
-            self._record(
-                session, envelope, tuple(envelope.rcpt_tos), reply, "policy", "rejected", size=size
-            )
+        record = self._record(
+            session, envelope, tuple(envelope.rcpt_tos), reply, "policy", "rejected", size=size
         )
+        await self.service.record_quietly(record)
+        self.service.mail_rejected(record.client_ip, record.sender, record.recipients, reply)
 
     @staticmethod
     def _record(
@@ -610,6 +693,8 @@ class MailService:
         self._server: asyncio.Server | None = None
         self._policy_errors: set[str] = set()
         self.relay_refusals = RefusalTally()
+        self.viruses = VirusTally()
+        self.rejections = RejectionTally()
         self._refusal_reporter: asyncio.Task[None] | None = None
         self.delivery: DeliveryQueue
 
@@ -633,7 +718,7 @@ class MailService:
         )
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
-        self._refusal_reporter = asyncio.create_task(self._report_refusals(), name="refusal-events")
+        self._refusal_reporter = asyncio.create_task(self._report_rollups(), name="rollup-events")
         if recovered:
             log.info("%d message(s) left in the spool are being delivered", recovered)
         return self.host, self.port
@@ -656,7 +741,7 @@ class MailService:
         if self._refusal_reporter is not None:
             self._refusal_reporter.cancel()
             await asyncio.gather(self._refusal_reporter, return_exceptions=True)
-        self.report_refusals()  # what the last interval counted is not lost
+        self.report_rollups()  # what the last interval counted is not lost
         if hasattr(self, "delivery"):
             await self.delivery.stop()
         await loop.run_in_executor(None, self._writer.close)
@@ -719,17 +804,65 @@ class MailService:
             loop=asyncio.get_running_loop(),
         )
 
-    async def _report_refusals(self) -> None:
+    async def _report_rollups(self) -> None:
         while True:
-            await asyncio.sleep(REFUSAL_EVENT_INTERVAL)
-            self.report_refusals()
+            await asyncio.sleep(EVENT_ROLLUP_INTERVAL)
+            self.report_rollups()
 
-    def report_refusals(self) -> None:
-        """Write the rolled-up event of the relay attempts refused since the last one, if any."""
-        summary = self.relay_refusals.take()
-        if summary is not None:
-            message, details = summary
-            self.event(message, Severity.WARNING, details)
+    def report_rollups(self) -> None:
+        """Write the summary event of each kind counted since its last event, if any."""
+        for tally, severity, category in (
+            (self.relay_refusals, Severity.WARNING, Category.SMTP),
+            (self.viruses, Severity.WARNING, Category.MAIL),
+            (self.rejections, Severity.INFO, Category.MAIL),
+        ):
+            summary = tally.take()
+            if summary is not None:
+                message, details = summary
+                self.event(message, severity, details, category)
+
+    def mail_virus(
+        self, client_ip: str, sender: str, recipients: tuple[str, ...], verdict: Verdict
+    ) -> None:
+        """A message was quarantined for a virus: a Mail Security event, rolled up."""
+        virus = verdict.reasons[0] if verdict.reasons else "unknown virus"
+        example = {
+            "client": client_ip,
+            "sender": sender,
+            "recipients": ", ".join(recipients),
+            "subject": verdict.subject,
+            "virus": virus,
+            "store": verdict.store or "",
+        }
+        if self.viruses.add(virus, example):
+            self.event(
+                f"Virus {virus} found in a message from {sender or '<>'} to "
+                f"{_recipients_text(recipients)}: quarantined in {verdict.store}",
+                Severity.WARNING,
+                example,
+                Category.MAIL,
+            )
+
+    def mail_rejected(
+        self, client_ip: str, sender: str, recipients: tuple[str, ...], reply: str
+    ) -> None:
+        """The mail policy rejected a message or a recipient: a Mail Security event, rolled up."""
+        reason = rejection_reason(reply)
+        example = {
+            "client": client_ip,
+            "sender": sender,
+            "recipients": ", ".join(recipients),
+            "reason": reason,
+            "response": reply,
+        }
+        if self.rejections.add(reason, example):
+            self.event(
+                f"Mail from {sender or '<>'} to {_recipients_text(recipients)} rejected "
+                f"({reason}): {reply}",
+                Severity.INFO,
+                example,
+                Category.MAIL,
+            )
 
     # --- Used by the handler ------------------------------------------------------------------
 
@@ -817,9 +950,15 @@ class MailService:
         except Exception:  # TimeoutError included
             log.exception("the SMTP and tracking log rows of %s were not written", record.sender)
 
-    def event(self, message: str, severity: Severity, details: dict[str, object]) -> None:
+    def event(
+        self,
+        message: str,
+        severity: Severity,
+        details: dict[str, object],
+        category: Category = Category.SMTP,
+    ) -> None:
         """Write an event from a thread of its own (the ORM must not run on the event loop)."""
-        self._event_pool.submit(_write_event, message, severity, details)
+        self._event_pool.submit(_write_event, message, severity, details, category)
 
     async def event_async(
         self, message: str, severity: Severity, details: dict[str, object]
@@ -827,11 +966,24 @@ class MailService:
         await asyncio.wrap_future(self._event_pool.submit(_write_event, message, severity, details))
 
 
-def _write_event(message: str, severity: Severity, details: dict[str, object]) -> None:
+def _recipients_text(recipients: tuple[str, ...]) -> str:
+    """The recipients an event message names: the first, and how many more."""
+    if not recipients:
+        return "no recipient"
+    more = f" and {len(recipients) - 1} more" if len(recipients) > 1 else ""
+    return f"{recipients[0]}{more}"
+
+
+def _write_event(
+    message: str,
+    severity: Severity,
+    details: dict[str, object],
+    category: Category = Category.SMTP,
+) -> None:
     from events.services import event_write
 
     try:
-        event_write(category=Category.SMTP, message=message, severity=severity, details=details)
+        event_write(category=category, message=message, severity=severity, details=details)
     except Exception:
         log.exception("event not written: %s", message)
 

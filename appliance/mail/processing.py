@@ -78,6 +78,40 @@ def series(
     return [ProcessingBucket(*row) for row in rows]
 
 
+def totals(windows: list[tuple[int, int]], root: Path | None = None) -> list[ProcessingBucket]:
+    """The sums over each window [since, until), as one bucket starting at ``since``.
+
+    Windows on whole hours read the hourly roll-up (720 rows for 30 days), others the minutes;
+    all on one connection.
+    """
+    conn = msgstore.connect(root, readonly=True)
+    result = []
+    try:
+        for since, until in windows:
+            table, column = (
+                ("processing_hour", "hour")
+                if since % 3600 == 0 and until % 3600 == 0
+                else ("processing_minute", "minute")
+            )
+            row = conn.execute(
+                f"""
+                SELECT coalesce(SUM(received), 0), coalesce(SUM(delivered), 0),
+                       coalesce(SUM(quarantined), 0), coalesce(SUM(rejected), 0),
+                       coalesce(SUM(virus), 0), coalesce(SUM(spam), 0), coalesce(SUM(bytes), 0),
+                       coalesce(SUM(processing_ms), 0)
+                FROM {table}
+                WHERE {column} >= :since AND {column} < :until
+                """,  # noqa: S608 - table and column are one of two constants above
+                {"since": since, "until": until},
+            ).fetchone()
+            result.append(ProcessingBucket(since, *row))
+    except sqlite3.DatabaseError as exc:
+        raise MalformedApplianceFile(f"processing figures cannot be read: {exc}") from exc
+    finally:
+        conn.close()
+    return result
+
+
 def fill_demo_minutes(
     root: Path | None = None, *, days: int = 30, now: datetime | None = None, seed: int = 2880
 ) -> int:

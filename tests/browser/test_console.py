@@ -102,3 +102,13 @@ def test_the_graph_range_switches_in_place_and_is_kept_in_the_url(demo_appliance
     assert page.locator(".ranges a.active").inner_text() == "7 days"
     assert "last 7 days" in page.locator("#processing-graphs figcaption").first.inner_text()
     screenshot(page, "home-graphs-7d")
+
+    # Every interval reads on hover: a tooltip (<title>) with its counts, and a legend with totals.
+    chart = page.get_by_test_id("chart-messages")
+    tooltip = chart.locator(".hits rect").last.locator("title").text_content() or ""
+    assert re.search(r"UTC: Messages [\d,]+; Spam [\d,]+; Virus \d+; Rejected \d+", tooltip)
+    legend = page.locator("#processing-graphs .legend").first.inner_text()
+    assert "Virus" in legend and "in the last 7 days" in legend
+    assert page.get_by_test_id("graph-totals").is_visible()
+    chart.locator(".hits rect").nth(100).hover()
+    screenshot(page, "home-graphs-hover")

@@ -23,25 +23,63 @@ def test_every_range_is_cut_into_at_most_a_few_hundred_aligned_buckets(key):
     assert starts[-1] <= 1_800_000_123 < starts[-1] + rng.bucket_seconds
 
 
-def test_mail_graphs_add_up_to_the_figures_in_the_message_store(demo_appliance):
+def received_since(since: int, until: int | None = None) -> int:
+    with msgstore.connect(readonly=True) as conn:
+        (received,) = conn.execute(
+            "SELECT SUM(received) FROM processing_minute WHERE minute >= ? AND minute < ?",
+            (since, until or 2**40),
+        ).fetchone()
+    return int(received or 0)
+
+
+def test_the_mail_graph_counts_messages_per_interval_that_add_up_to_the_window(demo_appliance):
     now = time.time()
     rng = graphs.RANGES["24h"]
     starts = graphs.bucket_starts(rng, now)
-    with msgstore.connect(readonly=True) as conn:
-        (received,) = conn.execute(
-            "SELECT SUM(received) FROM processing_minute WHERE minute >= ?", (starts[0],)
-        ).fetchone()
+    received = received_since(starts[0])
 
-    messages = graphs.mail_graphs(rng, now)[0]
-    per_bucket_minutes = rng.bucket_seconds / 60
-    shown = sum(messages.series[0].values[:-1]) * per_bucket_minutes
+    mail = graphs.mail_graph(rng, now)
+    counts = {line.label: line.values for line in mail.series}
+    totals = {t.range.key: t for t in graphs.window_totals(now)}
 
     assert received > 0
-    # The newest bucket is still filling and is shown per elapsed minute, so leave it out.
-    newest = (messages.series[0].values[-1] or 0) * graphs._minutes_in(
-        starts[-1], rng.bucket_seconds, now
-    )
-    assert shown + newest == pytest.approx(received)
+    assert [line.label for line in mail.series][:4] == ["Messages", "Spam", "Virus", "Rejected"]
+    # Counts per bucket, not per minute: the bars add up to the messages of the window.
+    assert sum(counts["Messages"]) == received == totals["24h"].received
+    assert counts["Messages"][-2] == received_since(starts[-2], starts[-1])
+    assert sum(counts["Virus"]) == totals["24h"].virus
+    assert all(float(v).is_integer() for v in counts["Spam"])
+    assert mail.series[0].summary == f"{received:,} in the last 24 hours"
+    assert totals["1h"].received <= totals["24h"].received <= totals["30d"].received
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KB"),
+        (170633, "166.6 KB"),
+        (5 * 1024**2 + 1024**2 // 2, "5.5 MB"),
+        (3 * 1024**3, "3.0 GB"),
+        (2 * 1024**4, "2.0 TB"),
+    ],
+)
+def test_bytes_read_in_human_units(value, text):
+    assert graphs.human_bytes(value) == text
+
+
+def test_the_totals_table_has_a_row_per_figure_and_a_column_per_range():
+    totals = [
+        graphs.WindowTotals(rng, 1234, 600, 3, 40, 2 * 1024**3) for rng in graphs.RANGES.values()
+    ]
+    panel = graphs.Graphs(graphs.RANGES["24h"], [], "", totals)
+
+    rows = dict(panel.totals_rows)
+
+    assert rows["Messages"] == ["1,234"] * 4
+    assert rows["Virus"] == ["3"] * 4
+    assert rows["Data received"] == ["2.0 GB"] * 4
 
 
 def test_a_resource_sample_is_stored_once_per_minute_and_graphed(demo_appliance):
@@ -65,19 +103,40 @@ def test_samples_older_than_the_longest_range_are_dropped(demo_appliance):
 
 def test_a_chart_breaks_its_line_at_gaps_and_labels_its_axes():
     graph = graphs.Graph(
-        "resources", "CPU", "%", [0, 60, 120, 180, 240],
-        [graphs.Series("CPU", "s-cpu", [10.0, 20.0, None, 30.0, 40.0])], fixed_max=100.0,
+        "resources", "CPU", [0, 60, 120, 180, 240],
+        [graphs.Series("CPU", "s-cpu", [10.0, 20.0, None, 30.0, 40.0], "average 25%", "percent")],
+        fixed_max=100.0,
     )  # fmt: skip
 
     svg = str(charts.render(graph))
 
     assert svg.count("<polyline") == 2
-    assert 'aria-label="CPU: CPU"' in svg
-    assert ">100<" in svg and ">00:00<" in svg
+    assert 'aria-label="CPU: CPU: average 25%"' in svg
+    assert ">100%<" in svg and ">00:00<" in svg
+    assert "<title>00:02 UTC: CPU not measured</title>" in svg
+
+
+def test_every_interval_has_a_tooltip_with_each_panels_figure():
+    graph = graphs.Graph(
+        "messages", "Mail", [0, 300, 600],
+        [
+            graphs.Series("Messages", "s-received", [3.0, 0.0, 1200.0]),
+            graphs.Series("Virus", "s-virus", [1.0, 0.0, 0.0]),
+            graphs.Series("Data received", "s-bytes", [0.0, 0.0, 3 * 1024**2], unit="bytes"),
+        ],
+        bucket_seconds=300,
+    )  # fmt: skip
+
+    svg = str(charts.render(graph))
+
+    assert svg.count("<title>") == 3
+    assert "<title>00:10-00:15 UTC: Messages 1,200; Virus 0; Data received 3.0 MB</title>" in svg
+    assert svg.count('<path class="bar') == 3  # one path per panel, its bars as subpaths
+    assert ">5 MB<" in svg  # the bytes axis in round bytes units, not 5.24M
 
 
 def test_chart_labels_are_escaped():
-    graph = graphs.Graph("x", "<b>", "", [0, 60], [graphs.Series("<i>", "s-cpu", [1.0, 2.0])])
+    graph = graphs.Graph("x", "<b>", [0, 60], [graphs.Series("<i>", "s-cpu", [1.0, 2.0])])
 
     assert "<b>" not in str(charts.render(graph))
 
@@ -87,9 +146,13 @@ def test_home_shows_the_graphs_and_the_partial_switches_range(admin_client, demo
     assert 'data-testid="chart-messages"' in home
     assert 'data-testid="chart-resources"' in home
 
-    partial = admin_client.get("/home/graphs/?range=30d")
+    assert home.count("css/charts.css") == 1  # the partial links its styles on a full page...
+    assert 'data-testid="graph-totals"' in home
+
+    partial = admin_client.get("/home/graphs/?range=30d", headers={"HX-Request": "true"})
     assert partial.status_code == 200
     assert b"<html" not in partial.content
+    assert b"charts.css" not in partial.content  # ...but not again on each htmx refresh
     assert partial.context["graph_panel"].range.key == "30d"
     for graph in partial.context["graph_panel"].graphs:
         assert len(graph.starts) == 360
@@ -125,11 +188,6 @@ def test_graphs_of_whole_hours_read_the_roll_ups_and_match_the_minutes(demo_appl
     now = time.time()
     rng = graphs.RANGES["7d"]
     starts = graphs.bucket_starts(rng, now)
-    by_hour = graphs.mail_graphs(rng, now)[0].series[0].values
-    with msgstore.connect(readonly=True) as conn:
-        (received,) = conn.execute(
-            "SELECT SUM(received) FROM processing_minute WHERE minute >= ? AND minute < ?",
-            (starts[-2], starts[-1]),
-        ).fetchone()
+    by_hour = graphs.mail_graph(rng, now).series[0].values
 
-    assert by_hour[-2] * 60 == pytest.approx(received)
+    assert by_hour[-2] == received_since(starts[-2], starts[-1])
