@@ -11,6 +11,7 @@ from django import forms
 from appliance.mail import msgstore, tracking
 from appliance.mail.retention import MAX_RETENTION_DAYS, StoreRetention
 from lmi.forms import TimeRangeMixin
+from mailsecurity import services
 from mailsecurity.services import store_key
 
 RETENTION_HELP = f"Whole days, 1 to {MAX_RETENTION_DAYS}."
@@ -52,7 +53,7 @@ class LogRetentionForm(forms.Form):
 
 
 VERDICT_CHOICES = (("", "Any"), *((v, v.capitalize()) for v in msgstore.VERDICTS))
-ACTION_CHOICES = (("", "Any"), *((a, a.capitalize()) for a in msgstore.ACTIONS))
+ACTION_CHOICES = (("", "Any"), *((a, a.capitalize()) for a in tracking.STATUSES))
 # The parameters that say what to look for (kept in every page link).
 TRACKING_FILTER_PARAMS = ("sender", "recipient", "subject", "verdict", "action", "since", "until")
 # ASCII digits only: str.isdigit() also takes "²" (which int() refuses: a 500 once) and
@@ -75,11 +76,19 @@ class TrackingQueryForm(TimeRangeMixin, forms.Form):
     limit = forms.CharField(required=False, max_length=10)
 
     def _clean_address(self, name: str) -> str:
+        """A whole address, @domain, or part of an address (tracking.address_pattern)."""
         value = self.cleaned_data[name].strip()
-        if value and ("@" not in value or " " in value):
+        if not value:
+            return value
+        if any(char.isspace() or not char.isprintable() for char in value):
             raise forms.ValidationError(
-                f"{value!r} is not an email address; enter a whole address such as "
-                "anna.schmidt@example.com."
+                f"{value!r} is not an email address, a domain or part of one: it has a space or "
+                "a control character."
+            )
+        if value == "@" or value.count("@") > 1:
+            raise forms.ValidationError(
+                f"{value!r} is not an email address, a domain or part of one: enter "
+                "anna.schmidt@example.com, @example.com or anna."
             )
         return value
 
@@ -160,3 +169,43 @@ class ReclaimApplyForm(forms.Form):
 
     def values(self) -> dict[str, int]:
         return {key: int(value) for key, value in self.cleaned_data.items()}
+
+
+QUARANTINE_ACTIONS = (("release", "Release"), ("delete", "Delete"))
+MAX_MESSAGE_ID = 2**63 - 1  # SQLite's largest rowid
+
+
+class MessageIdsField(forms.Field):
+    """Repeated ``id`` parameters (the list's checkboxes) as distinct message ids, in order."""
+
+    widget = forms.MultipleHiddenInput
+
+    def to_python(self, value: object) -> list[int]:
+        values = value if isinstance(value, list | tuple) else [value] if value else []
+        ids: list[int] = []
+        for raw in values:
+            text = str(raw).strip()
+            if not PAGE_SIZE_PATTERN.fullmatch(text) or not 1 <= int(text) <= MAX_MESSAGE_ID:
+                raise forms.ValidationError(f"{text[:40]!r} is not a message number.")
+            ids.append(int(text))
+        return list(dict.fromkeys(ids))
+
+    def validate(self, value: list[int]) -> None:
+        if not value:
+            raise forms.ValidationError("Choose at least one quarantined message.")
+        if len(value) > services.MAX_BULK:
+            raise forms.ValidationError(f"Choose at most {services.MAX_BULK} messages at a time.")
+
+
+class QuarantineActionForm(forms.Form):
+    """What to do with which quarantined messages, and the page to return to afterwards.
+
+    Bound to request.GET for the confirmation page and to request.POST for the action."""
+
+    action = forms.ChoiceField(
+        choices=QUARANTINE_ACTIONS,
+        error_messages={"required": "Choose Release or Delete.", "invalid_choice": "Choose "
+                        "Release or Delete."},
+    )  # fmt: skip
+    id = MessageIdsField(label="Messages")
+    next = forms.CharField(required=False, max_length=2000)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from email import policy as email_policy
+from email.parser import BytesParser
 
 from django.template.defaultfilters import filesizeformat
 
 from appliance.config import policy, store
 from appliance.config.store import read_smtp_settings
-from appliance.mail import retention, tracking
+from appliance.mail import msgstore, retention, tracking
+from appliance.system.errors import ApplianceError
 from appliance.system.paths import layout
-from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage
+from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage  # noqa: F401 - views
 from jobs.models import ACTIVE_STATES, Job
 from mailsecurity.models import PURGE
 from mailsecurity.planner import DiskFigures, ReclaimPlan, RetentionSource, plan_reclaim
 from mailsecurity.services import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
+from smtp.engine import compile_policy, envelope_address, evaluate
 
 TYPE_LABELS = {
     "emailaddresslist": "Email address list",
@@ -194,6 +198,105 @@ def reclaim_view() -> ReclaimView:
         DiskFigures(
             total=disk.total, free=disk.free, store_free_pages=distribution.free_pages_bytes
         ),
-        target_percent=UPGRADE_FREE_PERCENT,
+        target_percent=disk.required_percent,
     )
     return ReclaimView(plan=plan, disk=disk, distribution=distribution, sources=sources)
+
+
+# --- Quarantine: one stored message ----------------------------------------------------------
+
+MAX_HEADERS = 200  # a message with more (a mail loop, a crafted one) shows the first ones
+MAX_HEADER_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class PolicyJudgement:
+    """How the mail policy judges the stored message today.
+
+    The mail service does not store the reasons for a verdict with the message, so the page
+    shows what the current policy finds in it, labelled as such; error says why it cannot.
+    """
+
+    verdict: str = ""
+    action: str = ""
+    store: str | None = None
+    reasons: tuple[str, ...] = ()
+    score: float | None = None
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class MessageDetail:
+    """Everything the detail page shows of one quarantined message."""
+
+    copy: msgstore.QuarantinedCopy
+    received_at: datetime
+    released_at: datetime | None
+    entries: list[tracking.TrackingEntry]
+    headers: list[tuple[str, str]]
+    headers_cut: bool
+    judgement: PolicyJudgement
+
+
+def _headers(raw: bytes) -> tuple[list[tuple[str, str]], bool]:
+    """The header fields as (name, decoded value); a value that cannot be decoded is shown as
+    it is written rather than failing the page."""
+    message = BytesParser(policy=email_policy.default).parsebytes(raw, headersonly=True)
+    fields: list[tuple[str, str]] = []
+    for name, raw_value in message.raw_items():
+        try:
+            value = str(email_policy.default.header_fetch_parse(name, raw_value))
+        except Exception:  # any malformed header is shown as written, never a 500
+            value = str(raw_value)
+        fields.append((name, value[:MAX_HEADER_CHARS]))
+        if len(fields) >= MAX_HEADERS:
+            return fields, True
+    return fields, False
+
+
+def _judgement(copy: msgstore.QuarantinedCopy, raw: bytes) -> PolicyJudgement:
+    try:
+        compiled, _ = compile_policy()
+        verdict = evaluate(compiled, envelope_address(copy.sender), copy.recipients, raw)
+    except (ApplianceError, ValueError) as exc:
+        return PolicyJudgement(error=str(exc))
+    return PolicyJudgement(
+        verdict=verdict.verdict,
+        action=verdict.action,
+        store=verdict.store,
+        reasons=verdict.reasons,
+        score=verdict.score,
+    )
+
+
+def _moment(epoch: int | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC)
+
+
+def message_detail(message_id: int) -> MessageDetail | None:
+    """One stored message with its log rows, headers and today's judgement; None when it is
+    no longer stored (deleted, or purged by retention)."""
+    copy = msgstore.quarantined_copies([message_id]).get(message_id)
+    if copy is None:
+        return None
+    raw = msgstore.message_raw(message_id)
+    if raw is None:  # purged between the two reads
+        return None
+    headers, cut = _headers(raw)
+    return MessageDetail(
+        copy=copy,
+        received_at=datetime.fromtimestamp(copy.received_at, tz=UTC),
+        released_at=_moment(copy.released_at),
+        entries=tracking.message_entries(copy),
+        headers=headers,
+        headers_cut=cut,
+        judgement=_judgement(copy, raw),
+    )
+
+
+def message_raw(message_id: int) -> bytes | None:
+    return msgstore.message_raw(message_id)
+
+
+def quarantined_copies(message_ids: list[int]) -> dict[int, msgstore.QuarantinedCopy]:
+    return msgstore.quarantined_copies(message_ids)

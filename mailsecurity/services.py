@@ -9,18 +9,25 @@ is active asks that job to go round once more instead of starting a second.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
 
-from appliance.mail import purge, retention
-from events.models import Category
-from events.services import User, event_write
+from accounts.roles import READ_ONLY_REFUSAL, is_administrator
+from appliance.mail import msgstore, purge, retention
+from appliance.mail.msgstore import QuarantinedCopy
+from events.models import Category, Severity
+from events.services import User, event_write, username_of
 from jobs import engine as jobs_engine
 from jobs import registry as jobs_registry
 from jobs.models import Job, JobState
 from mailsecurity.models import PURGE, PurgePhase, PurgeTrigger
+from smtp import delivery
+from smtp.engine import envelope_address
+from smtp.server import appliance_hostname, new_queue_id
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +149,202 @@ def reclaim_plan_apply(values: Mapping[str, int], *, user: User | None) -> Reten
         trigger=PurgeTrigger.PLANNER, user=user, reason="Reclaim plan: purge expired data"
     )
     return RetentionResult(result.changes, run, created)
+
+
+# --- Quarantine: release and delete ---------------------------------------------------------
+# A release delivers a stored message on through the one delivery path the mail service uses
+# (smtp.delivery: the outgoing spool, then the next hop, or the local sink without one) and
+# marks it released; the mark is claimed before anything is sent (msgstore's release record,
+# inserted once), so no message is ever released twice. The stored copy stays until its
+# retention (or a deletion) removes it, so the detail page can still say what was released.
+
+MAX_BULK = 200  # messages per bulk release or deletion: one page of the tracking log
+
+
+class QuarantineRefused(Exception):
+    """A release or deletion that was not done; the message says why, for the administrator."""
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What a release did with each message asked for."""
+
+    released: tuple[QuarantinedCopy, ...]
+    failed: tuple[tuple[QuarantinedCopy, str], ...]  # the next hop did not take it: why
+    released_already: tuple[int, ...]
+    not_stored: tuple[int, ...]
+
+    def summary(self) -> str:
+        parts = []
+        if self.released:
+            parts.append(f"Released {_count(len(self.released))}")
+        if self.failed:
+            parts.append(
+                f"{_count(len(self.failed))} not released, still in quarantine: "
+                + "; ".join(error for _, error in self.failed[:3])
+            )
+        if self.released_already:
+            parts.append(f"{_count(len(self.released_already))} released already, skipped")
+        if self.not_stored:
+            parts.append(
+                f"{_count(len(self.not_stored))} no longer stored (deleted or purged by "
+                "retention), skipped"
+            )
+        return ". ".join(parts) + "." if parts else "Nothing was released."
+
+
+@dataclass(frozen=True)
+class DeleteResult:
+    """What a deletion did with each message asked for."""
+
+    deleted: tuple[QuarantinedCopy, ...]
+    releasing: tuple[int, ...]
+    not_stored: tuple[int, ...]
+
+    def summary(self) -> str:
+        parts = []
+        if self.deleted:
+            parts.append(f"Deleted {_count(len(self.deleted))}")
+        if self.releasing:
+            parts.append(f"{_count(len(self.releasing))} being released right now, not deleted")
+        if self.not_stored:
+            parts.append(
+                f"{_count(len(self.not_stored))} no longer stored (deleted or purged by "
+                "retention), skipped"
+            )
+        return ". ".join(parts) + "." if parts else "Nothing was deleted."
+
+
+def _count(number: int) -> str:
+    return f"{number} message" if number == 1 else f"{number} messages"
+
+
+def _checked_ids(message_ids: Sequence[int], user: User | None) -> list[int]:
+    """The distinct ids, refused for a read-only user (the views refuse first; a service
+    reached another way must not release mail for one) and for too many or none."""
+    if user is not None and not isinstance(user, str) and not is_administrator(user):
+        raise QuarantineRefused(READ_ONLY_REFUSAL)
+    ids = list(dict.fromkeys(message_ids))
+    if not ids:
+        raise QuarantineRefused("No message was chosen.")
+    if len(ids) > MAX_BULK:
+        raise QuarantineRefused(f"Choose at most {MAX_BULK} messages at a time.")
+    return ids
+
+
+def _about(copy: QuarantinedCopy) -> dict[str, object]:
+    return {
+        "message": copy.id,
+        "message_id": copy.message_id,
+        "store": copy.store_name,
+        "sender": copy.sender,
+        "recipients": list(copy.recipients),
+        "subject": copy.subject[:200],
+        "size": copy.size,
+    }
+
+
+def _delivery_error(path: Path, error: BaseException, copy: QuarantinedCopy) -> str:
+    """Why a released message was not delivered, and to whom it got nonetheless: the next hop
+    may take some recipients and refuse others (the spool file then lists only the rest)."""
+    text = str(error) or type(error).__name__
+    try:
+        left = delivery.parse_spool_file(path, path.read_bytes()).recipients
+    except (OSError, ValueError):
+        return text
+    taken = [recipient for recipient in copy.recipients if recipient not in left]
+    return f"{text} (delivered to {', '.join(taken)} only)" if taken else text
+
+
+def quarantine_release(
+    message_ids: Sequence[int], *, user: User | None, root: Path | None = None
+) -> ReleaseResult:
+    """Deliver quarantined messages on, each at most once, one event per message.
+
+    Each message is claimed first (a release record, inserted in one transaction for all of
+    them), then spooled and delivered over one connection to the next hop, exactly as the mail
+    service delivers what its policy lets through. A message the next hop does not take is
+    taken out of the spool again and its claim dropped: it stays in quarantine and can be
+    released again; nothing is retried behind the administrator's back.
+    """
+    ids = _checked_ids(message_ids, user)
+    claims = msgstore.quarantine_release_claim(
+        ids, by=username_of(user), now=int(timezone.now().timestamp()), root=root
+    )
+    spooled: list[tuple[msgstore.ReleaseClaim, Path]] = []
+    failed: list[tuple[QuarantinedCopy, str]] = []
+    for claim in claims.claimed:
+        try:
+            path = delivery.spool_write(
+                new_queue_id(),
+                envelope_address(claim.copy.sender),
+                claim.copy.recipients,
+                claim.raw,
+                root,
+            )
+        except (OSError, ValueError) as exc:
+            failed.append((claim.copy, f"it could not be spooled: {exc}"))
+            continue
+        spooled.append((claim, path))
+    results = (
+        delivery.deliver_batch([path for _, path in spooled], root, appliance_hostname(root))
+        if spooled
+        else []
+    )
+    delivered: list[tuple[QuarantinedCopy, str]] = []
+    for (claim, path), result in zip(spooled, results, strict=True):
+        if isinstance(result, BaseException):
+            failed.append((claim.copy, _delivery_error(path, result, claim.copy)))
+            path.unlink(missing_ok=True)
+        else:
+            delivered.append((claim.copy, result))
+    now = int(timezone.now().timestamp())
+    done = set(msgstore.quarantine_release_finish([c.id for c, _ in delivered], now=now, root=root))
+    msgstore.quarantine_release_abandon([copy.id for copy, _ in failed], root=root)
+    for copy, where in delivered:
+        if copy.id in done:
+            event_write(
+                category=Category.MAIL,
+                message=f"Released quarantined message {copy.id} from {copy.store_name} to "
+                f"{', '.join(copy.recipients)[:200]} (delivered to {where})",
+                user=user,
+                details={**_about(copy), "delivered_to": where, "outcome": "released"},
+            )
+    for copy, error in failed:
+        event_write(
+            category=Category.MAIL,
+            message=f"Release of quarantined message {copy.id} failed; it stays in "
+            f"quarantine: {error}",
+            severity=Severity.WARNING,
+            user=user,
+            details={**_about(copy), "error": error[:500], "outcome": "failed"},
+        )
+    return ReleaseResult(
+        released=tuple(copy for copy, _ in delivered),
+        failed=tuple(failed),
+        released_already=claims.released_already,
+        not_stored=claims.not_stored,
+    )
+
+
+def quarantine_delete(
+    message_ids: Sequence[int], *, user: User | None, root: Path | None = None
+) -> DeleteResult:
+    """Delete quarantined messages in one transaction, one event per message deleted.
+
+    The tracking log keeps its rows (it records what happened to the mail; its entries then
+    say the copy is no longer stored), exactly as after a retention purge.
+    """
+    outcome = msgstore.quarantine_delete(_checked_ids(message_ids, user), root=root)
+    for copy in outcome.deleted:
+        event_write(
+            category=Category.MAIL,
+            message=f"Deleted quarantined message {copy.id} from {copy.store_name}: "
+            f"{copy.subject[:100]!r} from {copy.sender[:100]}",
+            user=user,
+            details={**_about(copy), "outcome": "deleted"},
+        )
+    return DeleteResult(outcome.deleted, outcome.releasing, outcome.not_stored)
 
 
 # --- The purge job ---------------------------------------------------------------------------

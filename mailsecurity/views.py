@@ -3,6 +3,7 @@ reclaim planner with the live status of the retention purge."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
@@ -11,16 +12,22 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods
 
 from accounts.roles import is_administrator
+from appliance.config.store import read_smtp_settings
 from appliance.mail import tracking
+from appliance.mail.msgstore import QuarantinedCopy
 from appliance.mail.retention import StoreRetention
 from appliance.system.errors import ApplianceError
 from mailsecurity import selectors, services
 from mailsecurity.forms import (
+    MAX_MESSAGE_ID,
     TRACKING_FILTER_PARAMS,
     LogRetentionForm,
+    QuarantineActionForm,
     ReclaimApplyForm,
     StoreRetentionForm,
     TrackingQueryForm,
@@ -214,9 +221,180 @@ def message_tracking(request: HttpRequest) -> HttpResponse:
             "searched_to_at": page.searched_to
             and datetime.fromtimestamp(page.searched_to.logged_at, tz=UTC),
             "newer_url": page.newer and _tracking_url(params, before=page.newer),
+            "this_url": request.get_full_path(),
+            "selectable": any(entry.stored for entry in page.entries),
         }
     )
     return render(request, "mailsecurity/message_tracking.html", context, status=status)
+
+
+# --- Quarantine: a stored message, its release and deletion ----------------------------------
+
+MESSAGE_BREADCRUMB = "Mail Security > Policy > Message Tracking / Reporting > Message"
+
+
+def _not_stored(request: HttpRequest, message_id: int) -> HttpResponse:
+    return render(
+        request,
+        "mailsecurity/message_gone.html",
+        {"breadcrumb": MESSAGE_BREADCRUMB, "message_number": message_id},
+        status=404,
+    )
+
+
+@require_GET
+def message_detail(request: HttpRequest, message_id: int) -> HttpResponse:
+    """One quarantined message: headers, verdicts, store, dates, and (administrators) its
+    Release and Delete buttons; a message purged or deleted meanwhile is a 404 that says so."""
+    if message_id > MAX_MESSAGE_ID:
+        return _not_stored(request, message_id)
+    try:
+        detail = selectors.message_detail(message_id)
+    except ApplianceError as exc:
+        return render(
+            request,
+            "mailsecurity/message_detail.html",
+            {"breadcrumb": MESSAGE_BREADCRUMB, "appliance_error": str(exc)},
+        )
+    if detail is None:
+        return _not_stored(request, message_id)
+    here = reverse("mailsecurity:message_detail", args=[message_id])
+    back = reverse("mailsecurity:message_tracking")
+    return render(
+        request,
+        "mailsecurity/message_detail.html",
+        {
+            "breadcrumb": MESSAGE_BREADCRUMB,
+            "detail": detail,
+            "copy": detail.copy,
+            "release_url": _confirm_url("release", [message_id], here),
+            "delete_url": _confirm_url("delete", [message_id], back),
+            "tracking_url": back,
+        },
+    )
+
+
+@require_GET
+@never_cache
+def message_download(request: HttpRequest, message_id: int) -> HttpResponse:
+    """The stored message exactly as received, as a file to save (never shown inline: it is
+    mail someone chose to quarantine)."""
+    if message_id > MAX_MESSAGE_ID:
+        return _not_stored(request, message_id)
+    try:
+        raw = selectors.message_raw(message_id)
+    except ApplianceError as exc:
+        return HttpResponse(str(exc), status=503, content_type="text/plain; charset=utf-8")
+    if raw is None:
+        return _not_stored(request, message_id)
+    response = HttpResponse(raw, content_type="message/rfc822")
+    # Only digits go into the name: nothing of the message can reach the header.
+    response["Content-Disposition"] = f'attachment; filename="quarantined-message-{message_id}.eml"'
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def _confirm_url(action: str, ids: list[int], next_url: str) -> str:
+    pairs = [("action", action), *(("id", str(i)) for i in ids), ("next", next_url)]
+    return reverse("mailsecurity:quarantine_confirm") + "?" + urlencode(pairs)
+
+
+def _next_url(request: HttpRequest, candidate: str) -> str:
+    """Where to go after the action: the page it was asked from, if it is one of ours."""
+    if candidate and url_has_allowed_host_and_scheme(
+        candidate, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return candidate
+    return reverse("mailsecurity:message_tracking")
+
+
+def _delivery_target() -> str:
+    try:
+        hop = read_smtp_settings().next_hop.strip()
+    except ApplianceError:
+        return "the configured next hop"
+    return f"the next hop {hop}" if hop else "the local mail sink (no next hop is configured)"
+
+
+@require_http_methods(["GET", "POST"])
+def quarantine_confirm(request: HttpRequest) -> HttpResponse:
+    """Release or delete quarantined messages: GET lists what will happen to each, POST does it.
+
+    Anyone signed in may read the confirmation; only an administrator sees the button, and a
+    POST from anyone else is 403.
+    """
+    if refused := refuse_read_only(request):
+        return refused
+    form = QuarantineActionForm(request.POST if request.method == "POST" else request.GET)
+    context: dict[str, object] = {"breadcrumb": MESSAGE_BREADCRUMB, "form": form}
+    if not form.is_valid():
+        return render(request, "mailsecurity/quarantine_confirm.html", context, status=400)
+    action, ids = form.cleaned_data["action"], form.cleaned_data["id"]
+    next_url = _next_url(request, form.cleaned_data["next"])
+    if request.method == "POST":
+        try:
+            if action == "release":
+                released = services.quarantine_release(ids, user=request.user)
+                summary, failed = released.summary(), bool(released.failed)
+            else:
+                summary, failed = (
+                    services.quarantine_delete(ids, user=request.user).summary(),
+                    False,
+                )
+        except (services.QuarantineRefused, ApplianceError) as exc:
+            messages.error(request, str(exc))
+            return redirect(next_url)
+        (messages.warning if failed else messages.success)(request, summary)
+        return redirect(next_url)
+    try:
+        copies = selectors.quarantined_copies(ids)
+    except ApplianceError as exc:
+        context["appliance_error"] = str(exc)
+        return render(request, "mailsecurity/quarantine_confirm.html", context)
+    rows = [_confirm_row(action, message_id, copies.get(message_id)) for message_id in ids]
+    context.update(
+        {
+            "action": action,
+            "rows": rows,
+            "actionable": sum(1 for row in rows if row.acts),
+            "target": _delivery_target() if action == "release" else "",
+            "next_url": next_url,
+        }
+    )
+    return render(request, "mailsecurity/quarantine_confirm.html", context)
+
+
+@dataclass(frozen=True)
+class ConfirmRow:
+    """One message on the confirmation page and what the action will do with it."""
+
+    id: int
+    copy: QuarantinedCopy | None
+    outcome: str
+    acts: bool
+
+
+def _confirm_row(action: str, message_id: int, copy: QuarantinedCopy | None) -> ConfirmRow:
+    if copy is None:
+        return ConfirmRow(
+            message_id, None, "No longer stored (deleted or purged by retention): skipped.", False
+        )
+    if action == "release":
+        if copy.release_state == "released":
+            return ConfirmRow(message_id, copy, "Released already: skipped.", False)
+        if copy.release_state:
+            return ConfirmRow(message_id, copy, "A release is under way: skipped.", False)
+        return ConfirmRow(
+            message_id, copy, f"Delivered to {', '.join(copy.recipients)}; marked released.", True
+        )
+    if copy.release_state == "releasing":
+        return ConfirmRow(message_id, copy, "A release is under way: not deleted.", False)
+    return ConfirmRow(
+        message_id,
+        copy,
+        "Deleted from the store; its tracking log entries stay (as no longer stored).",
+        True,
+    )
 
 
 @require_http_methods(["GET", "POST"])

@@ -259,6 +259,34 @@ def _copy_chunk(conn: sqlite3.Connection, big: ChunkedTable, chunk: int) -> None
         conn.execute(big.copy, {"lo": lo, "hi": hi})
 
 
+RELEASE_COLUMNS = "message_id, state, started_at, released_at, released_by"
+
+
+def _copy_releases(conn: sqlite3.Connection) -> bool:
+    """Copy the quarantine's release records (made only once something was released) when they
+    differ; True if they did. Without them a message released before the upgrade would look
+    unreleased after it, and could be delivered twice."""
+    has = msgstore.has_release_table
+    if not has(conn, "src"):
+        return False
+    if has(conn, "main") and small_digest(
+        conn, "src", "quarantine_release", RELEASE_COLUMNS
+    ) == small_digest(conn, "main", "quarantine_release", RELEASE_COLUMNS):
+        return False
+    with _write(conn):
+        conn.execute(
+            msgstore.RELEASE_TABLE_SQL.replace(
+                "EXISTS quarantine_release", "EXISTS main.quarantine_release", 1
+            )
+        )
+        conn.execute("DELETE FROM main.quarantine_release")
+        conn.execute(
+            f"INSERT INTO main.quarantine_release ({RELEASE_COLUMNS}) "  # noqa: S608
+            f"SELECT {RELEASE_COLUMNS} FROM src.quarantine_release"
+        )
+    return True
+
+
 def _copy_small(conn: sqlite3.Connection) -> bool:
     """Copy the small tables that differ; True if any did."""
     changed = [
@@ -313,7 +341,7 @@ def _sync(
             rest = max(pause, (time.monotonic() - began) * yield_ratio)
             if rest > 0:
                 time.sleep(rest)
-        small = _copy_small(conn)
+        small = _copy_small(conn) | _copy_releases(conn)
         if not todo and not small:
             break
     return copied, passes

@@ -418,21 +418,7 @@ def message_raw(message_id: int, root: Path | None = None) -> bytes | None:
     """The raw bytes of one stored message in either format, None when it is not stored."""
     conn = connect(root, readonly=True)
     try:
-        if connection_format(conn) == FORMAT_2_8_1:
-            row = conn.execute(
-                "SELECT codec, sha256, body FROM message_body WHERE message_id = ?",
-                (message_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            raw = decode_body(row[0], row[2])
-            if hashlib.sha256(raw).digest() != bytes(row[1]):
-                raise MalformedApplianceFile(f"stored message {message_id} fails its checksum")
-            return raw
-        row = conn.execute(
-            "SELECT raw FROM quarantined_message_raw WHERE message_id = ?", (message_id,)
-        ).fetchone()
-        return None if row is None else bytes(row[0])
+        return _raw(conn, message_id)
     finally:
         conn.close()
 
@@ -506,3 +492,283 @@ def list_stores(root: Path | None = None) -> list[MessageStore]:
     finally:
         conn.close()
     return [MessageStore(*row) for row in rows]
+
+
+# --- Quarantine: one stored message, its release and its deletion ---------------------------
+# Mail Security's message detail page reads one stored message; an administrator releases it
+# (delivers it on, once) or deletes it. A release is recorded in a table of its own, made the
+# first time anything is released, so that the mail service's schema need not know about it
+# (the 2.8.1 conversion copies it: msgmigrate._copy_releases); a deleted or purged message
+# takes its record with it (ON DELETE CASCADE).
+
+RELEASE_TABLE_SQL = """CREATE TABLE IF NOT EXISTS quarantine_release (
+    message_id INTEGER PRIMARY KEY
+        REFERENCES quarantined_message (id) ON DELETE CASCADE,
+    state TEXT NOT NULL CHECK (state = 'releasing' OR state = 'released'),
+    started_at INTEGER NOT NULL,  -- epoch seconds, UTC: when the release was claimed
+    released_at INTEGER,          -- when the next hop (or the local sink) took it
+    released_by TEXT NOT NULL
+)"""
+RELEASING = "releasing"
+RELEASED = "released"
+
+
+class QuarantineError(ApplianceError):
+    """A release or a deletion the message store refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class QuarantinedCopy:
+    """One stored message as the detail page and the confirmation pages show it.
+
+    release_state is "" (never released), "releasing" (a release is delivering it now, or was
+    interrupted) or "released".
+    """
+
+    id: int
+    store_id: int
+    store_name: str
+    received_at: int  # epoch seconds, UTC
+    message_id: str
+    sender: str
+    recipients: tuple[str, ...]
+    subject: str
+    size: int
+    verdict: str
+    release_state: str = ""
+    released_at: int | None = None
+    released_by: str = ""
+
+
+@dataclass(frozen=True)
+class ReleaseClaim:
+    """A message claimed for release: its envelope and raw bytes, to be delivered on."""
+
+    copy: QuarantinedCopy
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class ClaimOutcome:
+    """What claiming each asked-for message gave: the claims, and why the others were not."""
+
+    claimed: tuple[ReleaseClaim, ...]
+    released_already: tuple[int, ...]  # released, or a release of it under way
+    not_stored: tuple[int, ...]  # deleted or purged by retention (or never existed)
+
+
+def split_recipients(text: str) -> tuple[str, ...]:
+    """The recipients column ("a@x, b@y", as in a To: header) as addresses."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def has_release_table(conn: sqlite3.Connection, schema: str = "main") -> bool:
+    """Whether anything was ever released from this store (``schema``: an attached one)."""
+    return (
+        conn.execute(
+            f"SELECT 1 FROM {schema}.sqlite_schema"  # noqa: S608
+            " WHERE type = 'table' AND name = 'quarantine_release'"
+        ).fetchone()
+        is not None
+    )
+
+
+def _copies(conn: sqlite3.Connection, ids: list[int]) -> dict[int, QuarantinedCopy]:
+    """The stored messages among ids, with their store and release (one query per 500 ids)."""
+    release = has_release_table(conn)
+    columns = "r.state, r.released_at, r.released_by" if release else "NULL, NULL, ''"
+    join = "LEFT JOIN quarantine_release AS r ON r.message_id = m.id" if release else ""
+    found: dict[int, QuarantinedCopy] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT m.id, m.store_id, s.name, m.received_at, m.message_id, m.sender,"  # noqa: S608
+            f" m.recipients, m.subject, m.size, m.verdict, {columns}"
+            f" FROM quarantined_message AS m JOIN message_store AS s ON s.id = m.store_id"
+            f" {join} WHERE m.id IN ({marks})",
+            chunk,
+        ).fetchall()
+        for row in rows:
+            found[row[0]] = QuarantinedCopy(
+                id=row[0],
+                store_id=row[1],
+                store_name=row[2],
+                received_at=row[3],
+                message_id=row[4],
+                sender=row[5],
+                recipients=split_recipients(row[6]),
+                subject=row[7],
+                size=row[8],
+                verdict=row[9],
+                release_state=row[10] or "",
+                released_at=row[11],
+                released_by=row[12] or "",
+            )
+    return found
+
+
+def quarantined_copies(ids: list[int], root: Path | None = None) -> dict[int, QuarantinedCopy]:
+    """The stored messages among ids, by id; a missing id is no longer (or never was) stored."""
+    conn = connect(root, readonly=True)
+    try:
+        return _copies(conn, list(dict.fromkeys(ids)))
+    finally:
+        conn.close()
+
+
+def _raw(conn: sqlite3.Connection, message_id: int) -> bytes | None:
+    if connection_format(conn) == FORMAT_2_8_1:
+        row = conn.execute(
+            "SELECT codec, sha256, body FROM message_body WHERE message_id = ?", (message_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        raw = decode_body(row[0], row[2])
+        if hashlib.sha256(raw).digest() != bytes(row[1]):
+            raise MalformedApplianceFile(f"stored message {message_id} fails its checksum")
+        return raw
+    row = conn.execute(
+        "SELECT raw FROM quarantined_message_raw WHERE message_id = ?", (message_id,)
+    ).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def _writer(root: Path | None) -> sqlite3.Connection:
+    """Explicit transactions taken with BEGIN IMMEDIATE, waiting for the mail service's and a
+    purge's writes (both short) rather than failing."""
+    conn = connect(root)
+    conn.isolation_level = None
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+def quarantine_release_claim(
+    ids: list[int], *, by: str, now: int, root: Path | None = None
+) -> ClaimOutcome:
+    """Claim messages for release in one transaction; each is claimed at most once, ever.
+
+    The claim is the insert of the message's release record: a second release (another
+    administrator, a double click, a second tab) finds the record and is refused, whatever it
+    read before. A message that is no longer stored (purged by retention, deleted) is reported
+    and nothing is written for it.
+    """
+    wanted = list(dict.fromkeys(ids))
+    conn = _writer(root)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(RELEASE_TABLE_SQL)
+            copies = _copies(conn, wanted)
+            claimed: list[ReleaseClaim] = []
+            already: list[int] = []
+            for message_id in wanted:
+                copy = copies.get(message_id)
+                if copy is None:
+                    continue
+                inserted = conn.execute(
+                    "INSERT INTO quarantine_release (message_id, state, started_at, released_by)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+                    (message_id, RELEASING, now, by),
+                ).rowcount
+                raw = _raw(conn, message_id) if inserted else None
+                if not inserted:
+                    already.append(message_id)
+                elif raw is None:  # a row without its body: nothing that could be delivered
+                    raise QuarantineError(f"stored message {message_id} has no body")
+                else:
+                    claimed.append(ReleaseClaim(copy, raw))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    missing = tuple(message_id for message_id in wanted if message_id not in copies)
+    return ClaimOutcome(tuple(claimed), tuple(already), missing)
+
+
+def quarantine_release_finish(ids: list[int], *, now: int, root: Path | None = None) -> list[int]:
+    """Mark claimed messages released (delivered on); returns those that were still claimed.
+
+    Conditional on the claim (state 'releasing'): a message deleted meanwhile stays deleted.
+    """
+    if not ids:
+        return []
+    conn = _writer(root)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        done = [
+            message_id
+            for message_id in ids
+            if conn.execute(
+                "UPDATE quarantine_release SET state = ?, released_at = ?"
+                " WHERE message_id = ? AND state = ?",
+                (RELEASED, now, message_id, RELEASING),
+            ).rowcount
+        ]
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return done
+
+
+def quarantine_release_abandon(ids: list[int], root: Path | None = None) -> None:
+    """Drop the claims of messages the next hop did not take, so they can be released again."""
+    if not ids:
+        return
+    conn = _writer(root)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "DELETE FROM quarantine_release WHERE message_id = ? AND state = ?",
+            [(message_id, RELEASING) for message_id in ids],
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True)
+class DeleteOutcome:
+    """What deleting each asked-for message gave."""
+
+    deleted: tuple[QuarantinedCopy, ...]
+    releasing: tuple[int, ...]  # a release is delivering it right now: left alone
+    not_stored: tuple[int, ...]  # deleted or purged already
+
+
+def quarantine_delete(ids: list[int], root: Path | None = None) -> DeleteOutcome:
+    """Delete stored messages (row, body and release record) in one transaction.
+
+    A message being released right now is left alone (its release would otherwise finish on
+    a message that no longer exists); a message already gone is reported, not an error.
+    """
+    wanted = list(dict.fromkeys(ids))
+    conn = _writer(root)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            copies = _copies(conn, wanted)
+            deleted: list[QuarantinedCopy] = []
+            releasing: list[int] = []
+            for message_id in wanted:
+                copy = copies.get(message_id)
+                if copy is None:
+                    continue
+                if copy.release_state == RELEASING:
+                    releasing.append(message_id)
+                    continue
+                # The body tables and the release record go with it (ON DELETE CASCADE).
+                conn.execute("DELETE FROM quarantined_message WHERE id = ?", (message_id,))
+                deleted.append(copy)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    missing = tuple(message_id for message_id in wanted if message_id not in copies)
+    return DeleteOutcome(tuple(deleted), tuple(releasing), missing)

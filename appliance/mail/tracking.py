@@ -12,11 +12,11 @@ The index is chosen from the filters, most selective first: (sender, logged_at),
 the plan never depends on statistics. An index's entries end with the rowid, so each of them is
 in exactly the page order.
 
-Conditions no index answers in that order (a second address, the action, words of the
-subject) are tested on the rows the index yields, but a page reads at most ``SEARCH_WINDOW``
-of them past its position: a rare match must not turn one page into a scan of the whole log.
-When the window holds less than a page of matches, the page says how far it searched and its
-Older link goes on from there.
+Conditions no index answers in that order (a second address, a domain or part of an address,
+the action, words of the subject, a release) are tested on the rows the index yields, but a
+page reads at most ``SEARCH_WINDOW`` of them past its position: a rare match must not turn one
+page into a scan of the whole log. When the window holds less than a page of matches, the page
+says how far it searched and its Older link goes on from there.
 """
 
 from __future__ import annotations
@@ -69,12 +69,36 @@ class Position:
         return position
 
 
+# The statuses a search can ask for: the log's own actions, and "released" (a quarantined
+# message an administrator delivered on, recorded with its stored copy, not in the log).
+RELEASED = "released"
+STATUSES = (*msgstore.ACTIONS, RELEASED)
+
+
+def _like(text: str) -> str:
+    """text for a LIKE pattern with ESCAPE '\\': its %, _ and \\ match only themselves."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def address_pattern(text: str) -> tuple[str, str]:
+    """How an address search is matched: ("=", address) for a whole address (an index walk),
+    ("LIKE", pattern) for a domain ("@example.com": addresses at exactly that domain) or any
+    other part of an address ("anna", "example.com": addresses containing it). Any case."""
+    local, at, domain = text.partition("@")
+    if at and local and domain:
+        return "=", text
+    if at and not local:
+        return "LIKE", "%@" + _like(domain)
+    return "LIKE", "%" + _like(text) + "%"
+
+
 @dataclass(frozen=True)
 class TrackingFilter:
     """What to look for; every condition is optional and the given ones all apply.
 
-    sender and recipient are whole addresses, any case; subject is a part of the subject, any
-    case; since is inclusive and until exclusive (epoch seconds).
+    sender and recipient are a whole address, a domain (@example.com) or a part of an address
+    (see :func:`address_pattern`), any case; subject is a part of the subject, any case; action
+    is one of :data:`STATUSES`; since is inclusive and until exclusive (epoch seconds).
     """
 
     sender: str = ""
@@ -85,27 +109,38 @@ class TrackingFilter:
     since: int | None = None
     until: int | None = None
 
-    def plan(self) -> tuple[str, list[str], list[object], list[str], list[object]]:
-        """(index, indexed conditions, their parameters, other conditions, their parameters)."""
-        keyed = [
+    def plan(
+        self, *, releases: bool = True
+    ) -> tuple[str, list[str], list[object], list[str], list[object]]:
+        """(index, indexed conditions, their parameters, other conditions, their parameters).
+
+        releases: whether the store has a release record at all (none was ever released
+        otherwise, and the table does not exist yet).
+        """
+        keyed: list[tuple[str, str, str, str]] = []
+        for name, column, value in (
             ("tracking_log_sender", "sender", self.sender),
             ("tracking_log_recipient", "recipient", self.recipient),
-            ("tracking_log_verdict", "verdict", self.verdict),
-        ]
+        ):
+            if value:
+                keyed.append((name, column, *address_pattern(value)))
+        if self.verdict:
+            keyed.append(("tracking_log_verdict", "verdict", "=", self.verdict))
         index = "tracking_log_logged_at"
         indexed: list[str] = []
         indexed_params: list[object] = []
         other: list[str] = []
         other_params: list[object] = []
-        for name, column, value in keyed:
-            if not value:
-                continue
-            if not indexed:
+        for name, column, operator, value in keyed:
+            if operator == "=" and not indexed:
                 index = name
                 indexed.append(f"{column} = ?")
                 indexed_params.append(value)
-            else:
+            elif operator == "=":
                 other.append(f"{column} = ?")
+                other_params.append(value)
+            else:
+                other.append(f"{column} LIKE ? ESCAPE '\\'")
                 other_params.append(value)
         if self.since is not None:
             indexed.append("logged_at >= ?")
@@ -113,19 +148,27 @@ class TrackingFilter:
         if self.until is not None:
             indexed.append("logged_at < ?")
             indexed_params.append(self.until)
-        if self.action:
+        if self.action == RELEASED:
+            # quarantine_release is small (one row per release) and keyed by the message.
+            other.append(
+                "quarantine_id IN (SELECT message_id FROM quarantine_release"
+                " WHERE state = 'released')"
+                if releases
+                else "0"
+            )
+        elif self.action:
             other.append("action = ?")
             other_params.append(self.action)
         if self.subject:
-            escaped = self.subject.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             other.append("subject LIKE ? ESCAPE '\\'")
-            other_params.append(f"%{escaped}%")
+            other_params.append(f"%{_like(self.subject)}%")
         return index, indexed, indexed_params, other, other_params
 
 
 @dataclass(frozen=True)
 class TrackingEntry:
-    """One row of the log; stored says whether the quarantined copy is still kept."""
+    """One row of the log; stored says whether the quarantined copy is still kept, released
+    whether an administrator delivered that copy on."""
 
     id: int
     logged_at: datetime
@@ -138,6 +181,7 @@ class TrackingEntry:
     size: int
     quarantine_id: int | None
     stored: bool
+    released: bool = False
 
     @property
     def position(self) -> Position:
@@ -196,7 +240,9 @@ def _slice(
 ) -> tuple[list[sqlite3.Row], Position | None]:
     """Up to count matching rows beyond position, nearest first, and the window's far end
     when the window was read to its end without finding count rows."""
-    index, conditions, params, other, other_params = search.plan()
+    index, conditions, params, other, other_params = search.plan(
+        releases=msgstore.has_release_table(conn)
+    )
     conditions, params = list(conditions), list(params)
     if position is not None:
         beyond, beyond_params = _beyond(position, direction)
@@ -234,9 +280,11 @@ def _slice(
 
 
 def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[TrackingEntry]:
-    """The rows as entries, each knowing whether its quarantined copy is still stored."""
+    """The rows as entries, each knowing whether its quarantined copy is still stored and
+    whether it was released."""
     ids = [row["quarantine_id"] for row in rows if row["quarantine_id"] is not None]
     stored: set[int] = set()
+    released: set[int] = set()
     if ids:
         marks = ",".join("?" * len(ids))
         stored = {
@@ -246,6 +294,15 @@ def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Tracking
                 ids,
             )
         }
+        if msgstore.has_release_table(conn):
+            released = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT message_id FROM quarantine_release"  # noqa: S608
+                    f" WHERE state = 'released' AND message_id IN ({marks})",
+                    ids,
+                )
+            }
     return [
         TrackingEntry(
             id=row["id"],
@@ -259,9 +316,27 @@ def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Tracking
             size=row["size"],
             quarantine_id=row["quarantine_id"],
             stored=row["quarantine_id"] in stored,
+            released=row["quarantine_id"] in released,
         )
         for row in rows
     ]
+
+
+def message_entries(
+    copy: msgstore.QuarantinedCopy, root: Path | None = None
+) -> list[TrackingEntry]:
+    """The log's rows of one stored message (one per recipient), found through the sender
+    index at the second it was received: the log has no index on quarantine_id."""
+    conn = msgstore.connect(root, readonly=True)
+    try:
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM tracking_log INDEXED BY tracking_log_sender"  # noqa: S608
+            " WHERE sender = ? AND logged_at = ? AND quarantine_id = ? ORDER BY id LIMIT ?",
+            (copy.sender, copy.received_at, copy.id, MAX_PAGE_SIZE),
+        ).fetchall()
+        return _entries(conn, rows)
+    finally:
+        conn.close()
 
 
 def _position(row: sqlite3.Row) -> Position:

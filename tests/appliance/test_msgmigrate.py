@@ -427,3 +427,20 @@ def test_killing_the_conversion_anywhere_leaves_the_old_or_the_new_store(
     finally:
         conn.close()
     assert os.path.getsize(layout().msgstore_db) > 0
+
+
+def test_release_records_are_carried_over_so_a_released_message_stays_released(
+    store: Path,
+) -> None:
+    """Released before the upgrade (and one claimed between prepare and finish): both records
+    are in the converted store, so neither message can be released, and delivered, again."""
+    first, second = sorted(_raws())[:2]
+    now = int(NOW.timestamp())
+    msgstore.quarantine_release_claim([first], by="admin", now=now)
+    msgstore.quarantine_release_finish([first], now=now)
+    msgmigrate.migrate_prepare()
+    msgstore.quarantine_release_claim([second], by="admin", now=now)
+    msgmigrate.migrate_finish()
+
+    outcome = msgstore.quarantine_release_claim([first, second], by="admin", now=now)
+    assert outcome.claimed == () and set(outcome.released_already) == {first, second}

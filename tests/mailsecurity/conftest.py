@@ -19,6 +19,7 @@ from appliance.config.store import write_smtp_settings
 from appliance.mail import demo_store, msgstore
 from appliance.system import paths
 from tests.support.clock import Clock
+from tests.support.smtp import NextHop
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 DAY = 86_400
@@ -106,3 +107,12 @@ def mail(store_root: Path, clock: Clock) -> Iterator[MailData]:
     conn.execute("PRAGMA foreign_keys = ON")
     yield MailData(conn)
     conn.close()
+
+
+@pytest.fixture
+def hop(store_root: Path) -> Iterator[NextHop]:
+    """A loopback next hop (tests/support/smtp.py) the SMTP settings point at."""
+    running = NextHop().start()
+    write_smtp_settings(SmtpSettings(next_hop=running.address), store_root)
+    yield running
+    running.stop()

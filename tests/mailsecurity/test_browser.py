@@ -135,7 +135,7 @@ def test_the_tracking_search_puts_its_filters_in_the_url(demo_appliance, admin_p
     page.goto("/mail-security/policy/message-tracking/")
 
     page.get_by_label("Verdict").select_option("spam")
-    page.get_by_label("Action").select_option("quarantined")
+    page.get_by_label("Status").select_option("quarantined")
     page.get_by_role("button", name="Search").click()
     page.wait_for_url("**verdict=spam**")
 
