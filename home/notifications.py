@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django.template.defaultfilters import filesizeformat
 from django.urls import reverse
 
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system.facts import system_info
-from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, upgrade_disks
+from home.selectors import DiskUsage, upgrade_disks
 from lmi.notices import Notice
 from upgrades.notifications import update_notices
 
@@ -36,7 +37,8 @@ def _appliance_notices() -> list[Notice]:
 
 
 def _disk_notices() -> list[Notice]:
-    """One warning per disk below the upgrade's free-space rule (both roles may share a disk)."""
+    """One warning per disk below the upgrade's free-space rule (both roles may share a disk),
+    with the rule in force and how much has to go."""
     failing: dict[str, list[DiskUsage]] = {}
     for disk in upgrade_disks():
         if not disk.meets_upgrade_requirement:
@@ -44,11 +46,13 @@ def _disk_notices() -> list[Notice]:
     notices = []
     for mountpoint, disks in failing.items():
         holds = " and the ".join(disk.role.lower() for disk in disks)
+        disk = disks[0]
         notices.append(
             Notice(
                 "warning",
-                f"The disk of the {holds} ({mountpoint}) has {disks[0].free_percent:.0f}% "
-                f"free; a firmware upgrade needs {UPGRADE_FREE_PERCENT:.0f}%.",
+                f"The disk of the {holds} ({mountpoint}) has {disk.free_percent:.1f}% free; a "
+                f"firmware upgrade needs {disk.required_percent:.0f}%: "
+                f"{filesizeformat(disk.needed)} more has to be freed.",
                 "Reclaim disk space",
                 reverse("home:resources"),
             )

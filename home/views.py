@@ -87,13 +87,14 @@ def _resources_context() -> dict[str, object]:
         "any_disk_fails": any(not disk.meets_upgrade_requirement for disk in disks),
         "host": selectors.host_figures(),
         "reclaim_links": selectors.reclaim_links(),
-        "required_percent": selectors.UPGRADE_FREE_PERCENT,
+        "required_percent": selectors.upgrade_free_percent(),
     }
 
 
 @require_GET
 def resources(request: HttpRequest) -> HttpResponse:
-    """Home > Resources: the upgrade-relevant disks against the 50% rule, memory, CPU, load."""
+    """Home > Resources: the upgrade-relevant disks against the free-space rule in force (with
+    what each lever frees when a disk fails it), memory, CPU, load."""
     return render(
         request, "home/resources.html", {"breadcrumb": "Home > Resources", **_resources_context()}
     )

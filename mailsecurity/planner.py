@@ -1,7 +1,13 @@
-"""The reclaim planner's arithmetic: which retentions bring the message store's disk to 50% free.
+"""The reclaim planner's arithmetic: which retentions bring a disk to the upgrade's free rule.
 
-Pure: it takes the age distribution of the data and the disk's figures and returns a plan, so
-it is tested with made-up numbers. Reading the real figures is mailsecurity.selectors' job.
+The rule is settings.UPGRADE_MIN_FREE_PERCENT (the guide's 50% unless a lab host lowers it);
+callers pass it as ``target_percent``. Pure: it takes the age distribution of the data and the
+disk's figures and returns a plan, so it is tested with made-up numbers. Reading the real
+figures is mailsecurity.selectors' and home.selectors' job.
+
+Besides the plan, :func:`disk_advice` adds up every lever a disk has (each retention at the
+floor, the free pages inside the store, old configuration backups, firmware logs) against what
+the rule needs, so the pages can say plainly when all of it together is not enough.
 
 The rules:
 
@@ -24,6 +30,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The guide's figure; the pages pass settings.UPGRADE_MIN_FREE_PERCENT instead.
 TARGET_FREE_PERCENT = 50.0
 FLOOR_DAYS = 1
 
@@ -182,4 +189,143 @@ def plan_reclaim(
         free_after=base_free + sum(freed.values()) - sum(expired.values()),
         free_at_floor=free_at_floor,
         reachable=needed <= 0,
+    )
+
+
+# --- What every lever on a disk frees, against what the rule needs (issue 16) -------------------
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One way to free space on a disk and the most it frees, measured from real sizes."""
+
+    key: str
+    label: str
+    bytes: int
+    how: str  # what the administrator does to pull it
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class DiskAdvice:
+    """A disk against the free-space rule, the levers on it and what they add up to.
+
+    ``reserved`` is what the file system keeps for root (statvfs ``f_bfree - f_bavail``): it is
+    neither used nor free to the appliance's services, which is why used + free is not the size.
+    """
+
+    total: int
+    used: int
+    free: int
+    reserved: int
+    required_percent: float
+    levers: tuple[Lever, ...]
+    holds_message_store: bool = False
+    holds_console_database: bool = False
+
+    @property
+    def required_free(self) -> int:
+        return _target(self.total, self.required_percent)
+
+    @property
+    def needed(self) -> int:
+        """Bytes that must be freed to meet the rule (0 when it is met)."""
+        return max(0, self.required_free - self.free)
+
+    @property
+    def levers_total(self) -> int:
+        return sum(lever.bytes for lever in self.levers)
+
+    @property
+    def free_after(self) -> int:
+        """Free space with every lever pulled."""
+        return self.free + self.levers_total
+
+    @property
+    def free_percent_after(self) -> float:
+        return _percent(self.free_after, self.total)
+
+    @property
+    def enough(self) -> bool:
+        return self.levers_total >= self.needed
+
+    @property
+    def still_short(self) -> int:
+        """Bytes still missing with every lever pulled: what has to come from elsewhere."""
+        return max(0, self.needed - self.levers_total)
+
+    @property
+    def used_plus_free(self) -> int:
+        return self.used + self.free
+
+    @property
+    def reserved_percent(self) -> float:
+        return _percent(self.reserved, self.total)
+
+
+def retention_levers(
+    sources: Sequence[RetentionSource],
+    *,
+    free_pages: int = 0,
+    floor_days: int = FLOOR_DAYS,
+    urls: dict[str, str] | None = None,
+) -> list[Lever]:
+    """What each retention frees at the floor (what is already expired included), and the free
+    pages inside the store that any purge returns to the disk."""
+    urls = urls or {}
+    levers = []
+    for source in sources:
+        days = min(floor_days, source.retention_days)
+        kind = "store" if source.key.startswith("store:") else source.key
+        levers.append(
+            Lever(
+                key=source.key,
+                label=source.label,
+                bytes=source.freed_at(days),
+                how=(
+                    f"retention from {source.retention_days} to {days} "
+                    f"day{'s' if days != 1 else ''}, then purge"
+                ),
+                url=urls.get(kind),
+            )
+        )
+    if free_pages:
+        levers.append(
+            Lever(
+                key="free_pages",
+                label="Free pages inside the message store's file",
+                bytes=free_pages,
+                how="returned to the disk by any purge",
+                url=urls.get("free_pages"),
+            )
+        )
+    return levers
+
+
+def disk_advice(
+    *,
+    total: int,
+    used: int,
+    free: int,
+    reserved: int,
+    required_percent: float,
+    levers: Sequence[Lever],
+    holds_message_store: bool = False,
+    holds_console_database: bool = False,
+) -> DiskAdvice:
+    """The disk's figures and its levers, largest lever first (the order to pull them in).
+
+    What the disk holds decides what else to advise when the levers are not enough (moving
+    the message store, or the console's database, off it).
+    """
+    ordered = tuple(sorted(levers, key=lambda lever: (-lever.bytes, lever.key)))
+    return DiskAdvice(
+        total,
+        used,
+        free,
+        reserved,
+        required_percent,
+        ordered,
+        holds_message_store=holds_message_store,
+        holds_console_database=holds_console_database,
     )

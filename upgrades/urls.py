@@ -11,6 +11,7 @@ urlpatterns = [
     path("licensing/check/", views.check, name="check"),
     path("licensing/settings/", views.update_settings, name="settings"),
     path("licensing/license/", views.license_upload, name="license"),
+    path("licensing/logs/<str:name>/", views.update_log, name="update_log"),
     # Install (issue 6): the preflight checklist, the run's progress, abort, and the fixes the
     # checklist offers (pin a DHCP address, download a configuration backup).
     path("licensing/install/", install_views.install_checklist, name="install"),

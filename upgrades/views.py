@@ -6,13 +6,19 @@ administrators only (the read-only middleware refuses them earlier too).
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+
+from django.conf import settings
 from django.contrib import messages
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from appliance.firmware import updatelogs
+from appliance.config import policy, store
+from appliance.firmware import preflight, updatelogs
+from appliance.mail import msgstore
 from appliance.system.errors import ApplianceError
 from appliance.system.facts import system_info
 from lmi.actions import act, administrators_only
@@ -34,6 +40,41 @@ def _download_context() -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True)
+class PreflightFigures:
+    """What the preflight measures on this appliance, shown beside the vendor's release notes
+    (a signed document that cannot know this appliance's store or policy files)."""
+
+    required_percent: float
+    downtime_seconds: int  # rounded as the checklist rounds it
+    messages: int
+    store_bytes: int
+    file_objects: int
+    files_found: int
+
+
+def preflight_figures() -> PreflightFigures:
+    """The preflight's downtime estimate and $(FILE) count, from the same reads it makes."""
+    totals = msgstore.totals()
+    store_bytes = totals.bytes if totals else 0
+    messages = totals.messages if totals else 0
+    objects = store.file_macro_objects()
+    found = 0
+    for obj in objects:
+        try:
+            found += policy.object_file(obj).is_file()
+        except ValueError:
+            continue
+    return PreflightFigures(
+        required_percent=float(settings.UPGRADE_MIN_FREE_PERCENT),
+        downtime_seconds=max(1, round(preflight.downtime_estimate_seconds(store_bytes, messages))),
+        messages=messages,
+        store_bytes=store_bytes,
+        file_objects=len(objects),
+        files_found=found,
+    )
+
+
 @require_GET
 def index(request: HttpRequest) -> HttpResponse:
     """Installed firmware, last check, offers, the download, the license, the firmware logs."""
@@ -43,6 +84,9 @@ def index(request: HttpRequest) -> HttpResponse:
         context["update_logs"] = updatelogs.list_logs()
     except ApplianceError as exc:
         context["appliance_error"] = str(exc)
+    # Without them the notes are shown alone; the checklist says what cannot be measured.
+    with contextlib.suppress(ApplianceError, OSError):
+        context["preflight_figures"] = preflight_figures()
     installed = selectors.installed_version()
     settings_row = selectors.update_settings()
     context.update(
@@ -159,3 +203,23 @@ def license_upload(request: HttpRequest) -> HttpResponse:
         if not lic.entitled:
             messages.warning(request, f"{lic.reason} Firmware downloads stay refused.")
     return redirect("upgrades:index")
+
+
+@require_GET
+def update_log(request: HttpRequest, name: str) -> HttpResponse:
+    """One firmware log as text, for administrators and read-only users alike.
+
+    Only a name the log listing shows is served (anything else is a 404), so no request can
+    reach a file outside var/spool/updates/XPU.
+    """
+    try:
+        shown = updatelogs.log_read(name)
+    except ApplianceError:
+        shown = None
+    if shown is None:
+        raise Http404("No such firmware log.")
+    return render(
+        request,
+        "upgrades/update_log.html",
+        {"breadcrumb": "Updates > Updates & Licensing > Firmware log", "shown": shown},
+    )

@@ -2,13 +2,15 @@
 
 Each check measures something on the box, says pass, warn or fail, and tells the administrator
 what to do; a single fail stops the install before anything changes. The checks follow the
-guide's "Before you upgrade" section: firmware 2.8.0.0 or later, 50% free on the disks of the
-database and of the message store, DHCP interfaces, ``$(FILE)`` policy objects, the rescue
-partition's system backup, and the expected downtime. The console adds the bundle, entitlement
+guide's "Before you upgrade" section: firmware 2.8.0.0 or later, the free-space rule on the
+disks of the database and of the message store (the guide's 50%, or LMI_UPGRADE_MIN_FREE_PERCENT:
+every text states the figure in force), DHCP interfaces, ``$(FILE)`` policy objects (which this
+upgrade carries over), the rescue partition's system backup (restorable until the commit), and
+the expected downtime. The console adds the bundle, entitlement
 and cluster checks itself. Every check is read-only: running the preflight changes nothing.
 
 Disk figures come from ``psutil.disk_usage``; tests pass their own ``disk_usage`` because a real
-disk cannot be filled to 50% on demand.
+disk cannot be filled to the rule on demand.
 
 The downtime estimate (phases 3-10: mail answered with 421) is
 
@@ -24,6 +26,7 @@ health check): 23.6 s measured, 24 s by this formula.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +53,8 @@ FAIL: Status = "fail"
 # can be read at any time, so such a check waits instead of stopping the others.
 PENDING: Status = "pending"
 
-# The guide: "at least 50% free space on the disks" of the database and of the message store.
+# The guide: "at least 50% free space on the disks" of the database and of the message store;
+# settings.UPGRADE_MIN_FREE_PERCENT overrides it (see min_free_fraction).
 MIN_FREE_FRACTION = 0.5
 
 
@@ -67,8 +71,22 @@ DOWNTIME_FIXED_S = 4.0
 
 RECLAIM_ADVICE = (
     "Lower retention and purge (Mail Security > Message Stores, Reclaim disk space), then run "
-    "the checks again."
+    "the checks again. Home > Resources shows what each retention, the old configuration "
+    "backups and the firmware logs free on this disk, and what to do when all of it is not "
+    "enough."
 )
+
+
+def reclaim_advice(total: int, free: int) -> str:
+    """What a disk below the rule must free, in figures, then where to find the levers."""
+    percent = min_free_fraction() * 100
+    needed = max(0, math.ceil(total * min_free_fraction()) - free)
+    return (
+        f"Free {human_bytes(needed)} more on this disk to reach the {percent:.0f}% rule "
+        f"({human_bytes(math.ceil(total * min_free_fraction()))} of {human_bytes(total)}). "
+        + RECLAIM_ADVICE
+    )
+
 
 DiskUsage = Callable[[str], Any]  # returns an object with .total and .free (bytes)
 
@@ -170,10 +188,13 @@ def _disk_check(key: str, title: str, path: Path, disk_usage: DiskUsage) -> Chec
     usage = disk_usage(str(_existing(path)))
     total, free = int(usage.total), int(usage.free)
     fraction = free / total if total > 0 else 0.0
-    value = f"{fraction:.0%} free ({human_bytes(free)} of {human_bytes(total)})"
+    value = (
+        f"{fraction:.0%} free ({human_bytes(free)} of {human_bytes(total)}); "
+        f"the rule asks {min_free_fraction():.0%}"
+    )
     details = (f"measured on the disk holding {path}",)
     if fraction < min_free_fraction():
-        return Check(key, title, FAIL, value, RECLAIM_ADVICE, details)
+        return Check(key, title, FAIL, value, reclaim_advice(total, free), details)
     return Check(key, title, PASS, value, "", details)
 
 
@@ -325,14 +346,20 @@ def _check_file_macros(root: Path | None) -> Check:
         title,
         PASS,
         value,
-        "The files are carried over automatically by the upgrade (information only).",
+        f"The {len(objects)} file{'s are' if len(objects) != 1 else ' is'} carried over "
+        "automatically into the new configuration (phase 8), and a rollback puts the old "
+        "configuration back: nothing to back up by hand (information only).",
         tuple(details),
     )
 
 
 def _check_rescue(root: Path | None) -> Check:
     title = "System backup on the rescue partition"
-    advice = "Download a configuration backup (one is also taken automatically before the install)."
+    advice = (
+        "Nothing to do before the install: the image stays restorable until the upgrade "
+        "commits, and a configuration backup is taken automatically when the install starts. "
+        "Download one too if you want a copy off the appliance."
+    )
     try:
         info = rescue.system_backup_info(root)
     except ApplianceError as exc:
@@ -354,8 +381,10 @@ def _check_rescue(root: Path | None) -> Check:
         f"{human_bytes(info.size)}",
         advice,
         (
-            "The upgrade replaces the one system backup image with one of the new system when "
-            "it completes; the 2.8.0 image cannot be restored afterwards.",
+            "The new system is installed into a firmware slot, not onto the rescue partition, so "
+            "this image is not deleted when the upgrade starts and stays restorable throughout "
+            "the run (a rollback needs no image). Only the commit (phase 10) replaces it with a "
+            "backup of the new system; from then on this image cannot be restored.",
         ),
     )
 

@@ -40,6 +40,46 @@ def list_logs(root: Path | None = None) -> list[UpdateLog]:
     return sorted(logs, key=lambda log: log.modified, reverse=True)
 
 
+# The most of one log the console shows: its end, where an install's outcome is.
+LOG_SHOWN_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogText:
+    """One log's text for the log page: the whole file, or its last LOG_SHOWN_BYTES."""
+
+    log: UpdateLog
+    text: str
+    truncated: bool
+
+
+def log_read(name: str, root: Path | None = None) -> LogText | None:
+    """The log ``name`` if it is one of :func:`list_logs`' files, else None.
+
+    The name comes from a URL, so it is only ever compared with the names listed: nothing a
+    request sends becomes a path unless the directory listing produced that very name, and the
+    file is opened without following a symbolic link put there since.
+    """
+    listed = {log.name: log for log in list_logs(root)}
+    log = listed.get(name)
+    if log is None:
+        return None
+    path = layout(root).xpu_dir / log.name  # a directory entry's name: no "/" in it
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(max(0, size - LOG_SHOWN_BYTES))
+        data = handle.read(LOG_SHOWN_BYTES)
+    truncated = size > LOG_SHOWN_BYTES
+    text = data.decode("utf-8", errors="replace")
+    if truncated:
+        text = text.partition("\n")[2]  # start at a whole line
+    return LogText(log=log, text=text, truncated=truncated)
+
+
 # --- Writing an install run's log, and the run's work directory (issue 6) -----------------------
 
 _SAFE_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

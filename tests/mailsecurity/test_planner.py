@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mailsecurity.planner import DiskFigures, RetentionSource, plan_reclaim
+from mailsecurity.planner import (
+    DiskFigures,
+    Lever,
+    RetentionSource,
+    disk_advice,
+    plan_reclaim,
+    retention_levers,
+)
 
 GB = 10**9
 
@@ -111,3 +118,46 @@ def test_a_source_with_no_data_is_left_alone():
     steps = {step.key: step for step in plan.steps}
     assert steps["empty"].proposed_days == 30 and steps["empty"].bytes_freed == 0
     assert steps["spam"].proposed_days == 28
+
+
+def test_each_retention_lever_frees_what_its_retention_at_one_day_would():
+    spam = source("store:1", 30, [GB] * 40)  # 10 GB already past the 30 days
+    logs = source("smtp_log", 90, [GB // 10] * 90)
+
+    levers = retention_levers([spam, logs], free_pages=GB // 2, urls={"store": "/stores/"})
+
+    assert [(lever.key, lever.bytes) for lever in levers] == [
+        ("store:1", 39 * GB),
+        ("smtp_log", 89 * (GB // 10)),
+        ("free_pages", GB // 2),
+    ]
+    assert levers[0].url == "/stores/" and levers[1].url is None
+    assert levers[0].how == "retention from 30 to 1 day, then purge"
+
+
+def test_the_advice_adds_up_and_says_when_the_levers_are_enough():
+    levers = [Lever("a", "A", 3 * GB, "x"), Lever("b", "B", 8 * GB, "y")]
+
+    advice = disk_advice(
+        total=100 * GB, used=85 * GB, free=10 * GB, reserved=5 * GB, required_percent=20,
+        levers=levers,
+    )  # fmt: skip
+
+    assert advice.needed == 10 * GB
+    assert [lever.key for lever in advice.levers] == ["b", "a"]  # largest first
+    assert advice.levers_total == 11 * GB
+    assert advice.enough and advice.still_short == 0
+    assert advice.free_after == 21 * GB
+    assert advice.used_plus_free + advice.reserved == advice.total
+
+
+def test_the_advice_says_how_much_is_still_missing_when_all_levers_are_not_enough():
+    advice = disk_advice(
+        total=100 * GB, used=98 * GB, free=2 * GB, reserved=0, required_percent=50,
+        levers=[Lever("a", "A", 5 * GB, "x")],
+    )  # fmt: skip
+
+    assert advice.needed == 48 * GB
+    assert not advice.enough
+    assert advice.still_short == 43 * GB
+    assert advice.free_percent_after == pytest.approx(7.0)
