@@ -288,7 +288,7 @@ def test_a_system_backup_started_again_after_its_worker_died_sweeps_what_the_kil
     assert left not in before | {half}
 
 
-def _drop_from_image(root, name: str) -> None:
+def drop_from_image(root, name: str) -> None:
     """The image without one member, its manifest matching (as the demo made it before it wrote
     its firmware level first)."""
     import hashlib
@@ -326,7 +326,7 @@ def test_an_image_without_a_firmware_level_is_refused_at_the_start_and_by_the_re
     from jobs import engine as jobs_engine
     from jobs.models import APPLIANCE_GROUP
 
-    _drop_from_image(demo_appliance, "etc/firmware-release")
+    drop_from_image(demo_appliance, "etc/firmware-release")
     assert rescue.system_backup_verify()  # whole and matching its manifest, yet incomplete
     write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
     etc_before = tree_bytes(demo_appliance, "etc")

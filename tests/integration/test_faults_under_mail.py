@@ -4,6 +4,7 @@ One launcher (its own private Redis, worker, beat, web server and mail service, 
 database and root) lives through the whole sequence while a client sends mail all along, so
 each fault meets the real processes and every 250 is accounted for at the end:
 
+0. the restore of an image that lacks the firmware level, refused over HTTP (item 7);
 1. a system backup whose worker is SIGKILLed while the new image is half written (items 8, 9):
    started again by the next worker, the half image swept, exactly one whole image current,
    and mail never held;
@@ -43,6 +44,7 @@ from appliance.system.maintenance import maintenance_status
 from backups import services as backup_services
 from backups import system_image
 from jobs.models import Job, JobState
+from tests.backups.test_integration import drop_from_image
 from tests.support import enqueue as enqueues
 from tests.support.launcher import LauncherProcess, launched_console
 from tests.support.mailload import MailLoad, outside
@@ -153,6 +155,18 @@ def _faults(
     """The three faulted jobs in turn; returns the windows in which mail could be refused."""
     windows: dict[str, tuple[float, float]] = {}
 
+    # 0. An image that lacks the firmware level (as the demo once made it): its restore is
+    # refused over HTTP, naming what is missing, with nothing changed (item 7).
+    token = api_token_create(get_user_model().objects.get(username="admin"), "faults")
+    drop_from_image(root, "etc/firmware-release")
+    etc_before = tree_snapshot(root / "etc")
+    status, body = _post(console, "/api/v1/backups/system/restore", token)
+    assert status in (400, 409) and "etc/firmware-release" in body["detail"], (status, body)
+    assert (
+        tree_snapshot(root / "etc") == etc_before
+        and not Job.objects.filter(kind="system_restore").exists()
+    )
+
     # 1. A system backup killed mid-image: started again, the half image swept, never a 421.
     refused_before = len(load.refused)
     image = rescue.system_backup_info()
@@ -180,6 +194,7 @@ def _faults(
     info = rescue.system_backup_info()
     assert info is not None and info.sha256 == job.details["sha256"]
     assert rescue.system_backup_verify()
+    assert rescue.system_backup_check() == info  # the new image has all an appliance needs
     assert len(load.refused) == refused_before  # a backup never holds mail
 
     # 2. A late failure (the mail service dies at phase 9's health check), then the rollback's
@@ -219,7 +234,6 @@ def _faults(
     # worker killed in phase 5 and its Redis in phase 7. It ends succeeded.
     backup = backup_services.config_backup_create(user="admin", comment="before the install")
     etc_before = tree_snapshot(root / "etc")
-    token = api_token_create(get_user_model().objects.get(username="admin"), "faults")
     started = time.monotonic()
     run = install.install_start(user="admin")
     assert sent == [run.job_id]  # ...and never handed to the broker: the reconciler must
