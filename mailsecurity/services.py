@@ -184,7 +184,9 @@ class ReleaseResult:
                 + "; ".join(error for _, error in self.failed[:3])
             )
         if self.released_already:
-            parts.append(f"{_count(len(self.released_already))} released already, skipped")
+            parts.append(
+                f"{_count(len(self.released_already))} released or delivered already, skipped"
+            )
         if self.not_stored:
             parts.append(
                 f"{_count(len(self.not_stored))} no longer stored (deleted or purged by "

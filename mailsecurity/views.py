@@ -380,6 +380,10 @@ def _confirm_row(action: str, message_id: int, copy: QuarantinedCopy | None) -> 
             message_id, None, "No longer stored (deleted or purged by retention): skipped.", False
         )
     if action == "release":
+        if not copy.held:
+            return ConfirmRow(
+                message_id, copy, "Delivered when it arrived (a kept copy): skipped.", False
+            )
         if copy.release_state == "released":
             return ConfirmRow(message_id, copy, "Released already: skipped.", False)
         if copy.release_state:

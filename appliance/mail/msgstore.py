@@ -539,6 +539,12 @@ class QuarantinedCopy:
     released_at: int | None = None
     released_by: str = ""
 
+    @property
+    def held(self) -> bool:
+        """Held back from its recipients: a clean message's copy (the Archive store) was
+        delivered when it arrived, so releasing it would only deliver it twice."""
+        return self.verdict != "clean"
+
 
 @dataclass(frozen=True)
 class ReleaseClaim:
@@ -553,7 +559,7 @@ class ClaimOutcome:
     """What claiming each asked-for message gave: the claims, and why the others were not."""
 
     claimed: tuple[ReleaseClaim, ...]
-    released_already: tuple[int, ...]  # released, or a release of it under way
+    released_already: tuple[int, ...]  # released (or being), or delivered when it arrived
     not_stored: tuple[int, ...]  # deleted or purged by retention (or never existed)
 
 
@@ -665,6 +671,9 @@ def quarantine_release_claim(
             for message_id in wanted:
                 copy = copies.get(message_id)
                 if copy is None:
+                    continue
+                if not copy.held:  # delivered when it arrived: nothing to release
+                    already.append(message_id)
                     continue
                 inserted = conn.execute(
                     "INSERT INTO quarantine_release (message_id, state, started_at, released_by)"

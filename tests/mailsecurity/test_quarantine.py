@@ -101,6 +101,25 @@ def test_a_release_delivers_once_through_the_next_hop_and_writes_an_event(
     assert all(entry.released for entry in entries)
 
 
+def test_a_kept_copy_of_delivered_mail_is_not_released_again(
+    mail: MailData, hop: NextHop, admin_user, admin: Client
+) -> None:
+    message_id = quarantine("Minutes")
+    conn = msgstore.connect()  # as the demo's Archive store keeps clean, delivered mail
+    with conn:
+        conn.execute("UPDATE quarantined_message SET verdict = 'clean' WHERE id = ?", (message_id,))
+    conn.close()
+
+    result = services.quarantine_release([message_id], user=admin_user)
+
+    assert result.released == () and result.released_already == (message_id,)
+    assert (
+        hop.messages == [] and msgstore.quarantined_copies([message_id])[message_id].held is False
+    )
+    page = admin.get(f"/mail-security/quarantine/{message_id}/").content.decode()
+    assert "when it arrived" in page and 'data-testid="release-link"' not in page
+
+
 def test_concurrent_claims_release_a_message_exactly_once(mail: MailData) -> None:
     message_id = quarantine()
     start = threading.Barrier(6)
@@ -275,7 +294,7 @@ def test_an_administrator_confirms_a_bulk_release_that_lists_what_will_happen(
     assert "Release 1 message" in confirm
     assert done.redirect_chain == [(back, 302)]
     flash = unescape(done.content.decode())
-    assert "Released 1 message. 1 message released already, skipped." in flash
+    assert "Released 1 message. 1 message released or delivered already, skipped." in flash
     assert len(hop.messages) == 2  # the one released before, and fresh: never one twice
 
 

@@ -108,7 +108,7 @@ def test_a_part_of_an_address_walks_the_time_index_in_bounded_windows(rows):
 def test_the_page_searches_by_domain_and_status(admin_client: Client, rows) -> None:
     response = admin_client.get(TRACKING, {"sender": "@example.com", "action": "delivered"})
 
-    html = unescape(response.content.decode())
+    html = unescape(response.content.decode()).replace("<wbr>", "")  # the address breaks
     assert response.status_code == 200
     assert re.findall(r'<td class="wrap">([^<]*@[^<]*)</td>\s*<td class="wrap">r@', html) == [
         "anna.schmidt@example.com",  # newest first
