@@ -236,22 +236,10 @@ class _Fingerprinted:
                 table[chunk] = fingerprint
 
 
-@contextlib.contextmanager
-def _write(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 def _copy_chunk(conn: sqlite3.Connection, big: ChunkedTable, chunk: int) -> None:
     key = big.key[NEW_FORMAT]
     lo, hi = chunk_range(chunk)
-    with _write(conn):
+    with msgstore.write_transaction(conn):
         conn.execute(
             f"DELETE FROM main.{big.table[NEW_FORMAT]} WHERE {key} >= ? AND {key} < ?",  # noqa: S608
             (lo, hi),
@@ -273,7 +261,7 @@ def _copy_releases(conn: sqlite3.Connection) -> bool:
         conn, "src", "quarantine_release", RELEASE_COLUMNS
     ) == small_digest(conn, "main", "quarantine_release", RELEASE_COLUMNS):
         return False
-    with _write(conn):
+    with msgstore.write_transaction(conn):
         conn.execute(
             msgstore.RELEASE_TABLE_SQL.replace(
                 "EXISTS quarantine_release", "EXISTS main.quarantine_release", 1
@@ -296,7 +284,7 @@ def _copy_small(conn: sqlite3.Connection) -> bool:
     ]
     if not changed:
         return False
-    with _write(conn):
+    with msgstore.write_transaction(conn):
         for _, table, columns in SMALL_TABLES:  # all three when any differs: the triggers link them
             conn.execute(f"DELETE FROM main.{table}")  # noqa: S608
             conn.execute(
@@ -568,7 +556,7 @@ def migrate_finish(
                 store_bytes_before=store_bytes_before,
                 store_bytes_after=msgstore.size_on_disk(partial_path(root)),
             )
-            with _write(conn):
+            with msgstore.write_transaction(conn):
                 conn.execute(
                     "INSERT OR REPLACE INTO main.meta (key, value) VALUES ('migration', ?)",
                     (result.to_json(),),

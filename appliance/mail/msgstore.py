@@ -26,9 +26,11 @@ What the mail service writes is :mod:`appliance.mail.mailrecords`'s, demo data
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -640,13 +642,32 @@ def _raw(conn: sqlite3.Connection, message_id: int) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
-def _writer(root: Path | None) -> sqlite3.Connection:
-    """Explicit transactions taken with BEGIN IMMEDIATE, waiting for the mail service's and a
-    purge's writes (both short) rather than failing."""
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT on a connection in autocommit mode, rolled back on any error:
+    SQLite's one writer at a time, taken at the start so a read inside cannot go stale."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextlib.contextmanager
+def _writing(root: Path | None) -> Iterator[sqlite3.Connection]:
+    """One write transaction on the store, waiting for the mail service's and a purge's writes
+    (both short) rather than failing; the connection is closed after."""
     conn = connect(root)
     conn.isolation_level = None
     conn.execute("PRAGMA busy_timeout = 30000")
-    return conn
+    try:
+        with write_transaction(conn):
+            yield conn
+    finally:
+        conn.close()
 
 
 def quarantine_release_claim(
@@ -660,40 +681,30 @@ def quarantine_release_claim(
     and nothing is written for it.
     """
     wanted = list(dict.fromkeys(ids))
-    conn = _writer(root)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute(RELEASE_TABLE_SQL)
-            copies = _copies(conn, wanted)
-            claimed: list[ReleaseClaim] = []
-            already: list[int] = []
-            for message_id in wanted:
-                copy = copies.get(message_id)
-                if copy is None:
-                    continue
-                if not copy.held:  # delivered when it arrived: nothing to release
-                    already.append(message_id)
-                    continue
-                inserted = conn.execute(
-                    "INSERT INTO quarantine_release (message_id, state, started_at, released_by)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
-                    (message_id, RELEASING, now, by),
-                ).rowcount
-                raw = _raw(conn, message_id) if inserted else None
-                if not inserted:
-                    already.append(message_id)
-                elif raw is None:  # a row without its body: nothing that could be delivered
-                    raise QuarantineError(f"stored message {message_id} has no body")
-                else:
-                    claimed.append(ReleaseClaim(copy, raw))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.close()
+    with _writing(root) as conn:
+        conn.execute(RELEASE_TABLE_SQL)
+        copies = _copies(conn, wanted)
+        claimed: list[ReleaseClaim] = []
+        already: list[int] = []
+        for message_id in wanted:
+            copy = copies.get(message_id)
+            if copy is None:
+                continue
+            if not copy.held:  # delivered when it arrived: nothing to release
+                already.append(message_id)
+                continue
+            inserted = conn.execute(
+                "INSERT INTO quarantine_release (message_id, state, started_at, released_by)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+                (message_id, RELEASING, now, by),
+            ).rowcount
+            raw = _raw(conn, message_id) if inserted else None
+            if not inserted:
+                already.append(message_id)
+            elif raw is None:  # a row without its body: nothing that could be delivered
+                raise QuarantineError(f"stored message {message_id} has no body")
+            else:
+                claimed.append(ReleaseClaim(copy, raw))
     missing = tuple(message_id for message_id in wanted if message_id not in copies)
     return ClaimOutcome(tuple(claimed), tuple(already), missing)
 
@@ -705,10 +716,8 @@ def quarantine_release_finish(ids: list[int], *, now: int, root: Path | None = N
     """
     if not ids:
         return []
-    conn = _writer(root)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        done = [
+    with _writing(root) as conn:
+        return [
             message_id
             for message_id in ids
             if conn.execute(
@@ -717,26 +726,17 @@ def quarantine_release_finish(ids: list[int], *, now: int, root: Path | None = N
                 (RELEASED, now, message_id, RELEASING),
             ).rowcount
         ]
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    return done
 
 
 def quarantine_release_abandon(ids: list[int], root: Path | None = None) -> None:
     """Drop the claims of messages the next hop did not take, so they can be released again."""
     if not ids:
         return
-    conn = _writer(root)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _writing(root) as conn:
         conn.executemany(
             "DELETE FROM quarantine_release WHERE message_id = ? AND state = ?",
             [(message_id, RELEASING) for message_id in ids],
         )
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
 
 
 @dataclass(frozen=True)
@@ -755,29 +755,19 @@ def quarantine_delete(ids: list[int], root: Path | None = None) -> DeleteOutcome
     a message that no longer exists); a message already gone is reported, not an error.
     """
     wanted = list(dict.fromkeys(ids))
-    conn = _writer(root)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            copies = _copies(conn, wanted)
-            deleted: list[QuarantinedCopy] = []
-            releasing: list[int] = []
-            for message_id in wanted:
-                copy = copies.get(message_id)
-                if copy is None:
-                    continue
-                if copy.release_state == RELEASING:
-                    releasing.append(message_id)
-                    continue
-                # The body tables and the release record go with it (ON DELETE CASCADE).
-                conn.execute("DELETE FROM quarantined_message WHERE id = ?", (message_id,))
-                deleted.append(copy)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    finally:
-        conn.close()
+    with _writing(root) as conn:
+        copies = _copies(conn, wanted)
+        deleted: list[QuarantinedCopy] = []
+        releasing: list[int] = []
+        for message_id in wanted:
+            copy = copies.get(message_id)
+            if copy is None:
+                continue
+            if copy.release_state == RELEASING:
+                releasing.append(message_id)
+                continue
+            # The body tables and the release record go with it (ON DELETE CASCADE).
+            conn.execute("DELETE FROM quarantined_message WHERE id = ?", (message_id,))
+            deleted.append(copy)
     missing = tuple(message_id for message_id in wanted if message_id not in copies)
     return DeleteOutcome(tuple(deleted), tuple(releasing), missing)
