@@ -28,7 +28,17 @@ def test_an_administrator_creates_downloads_uploads_compares_and_restores(
     listen_port = read_smtp_settings().listen_port
 
     page.goto("/backup/system/")
+    # Two passphrases that differ: the error sits by the field, the comment is kept.
     page.fill("#id_comment", "before the upgrade")
+    page.fill("#id_passphrase", "correct horse battery")
+    page.fill("#id_passphrase_again", "correct horse battery staple")
+    page.get_by_test_id("create-backup").click()
+    page.get_by_text("The two passphrases differ").wait_for()
+    assert page.input_value("#id_comment") == "before the upgrade"
+    assert page.input_value("#id_passphrase") == ""
+    assert configbackup.backup_list() == []
+
+    page.fill("#id_passphrase", "")
     page.get_by_test_id("create-backup").click()
     page.get_by_text("created.").wait_for()
     [made] = configbackup.backup_list()

@@ -150,6 +150,15 @@ def test_the_tracking_search_puts_its_filters_in_the_url(demo_appliance, admin_p
     assert page.get_by_test_id("tracking-rows").locator("tbody tr").first.inner_text() != first
     screenshot(page, "mailsecurity-tracking-search")
 
+    # A domain typed into Recipient finds that domain's mail, newest first.
+    page.get_by_role("link", name="Clear filters").click()
+    page.get_by_label("Recipient").fill("@eu.example.com")
+    page.get_by_role("button", name="Search").click()
+    page.wait_for_url("**recipient=%40eu.example.com**")
+    recipients = page.get_by_test_id("tracking-rows").locator("tbody tr td:nth-child(4)")
+    assert recipients.count() > 0
+    assert all(text.endswith("@eu.example.com") for text in recipients.all_inner_texts())
+
 
 def test_a_read_only_user_sees_the_pages_without_edit_controls(demo_appliance, readonly_page):
     page = readonly_page
