@@ -24,7 +24,14 @@ from appliance.firmware import updatelogs
 from appliance.mail import retention
 from appliance.system import paths
 from appliance.system.errors import ApplianceError
-from mailsecurity.planner import FLOOR_DAYS, DiskAdvice, Lever, disk_advice, retention_levers
+from mailsecurity.planner import (
+    FLOOR_DAYS,
+    DiskAdvice,
+    Lever,
+    disk_advice,
+    retention_levers,
+    retention_sources,
+)
 
 
 def upgrade_free_percent() -> float:
@@ -223,8 +230,6 @@ def _device(path: Path) -> int:
 
 def _retention_levers() -> tuple[Lever, ...]:
     """Each store and log at the floor, and the store's free pages, from the real store."""
-    from mailsecurity.selectors import retention_sources  # imports this module
-
     the_layout = paths.layout()
     db = the_layout.msgstore_db
     stamp: list[object] = [str(db)]

@@ -12,7 +12,7 @@ from appliance.mail import msgstore, tracking
 from appliance.mail.retention import MAX_RETENTION_DAYS, StoreRetention
 from lmi.forms import TimeRangeMixin
 from mailsecurity import services
-from mailsecurity.services import store_key
+from mailsecurity.planner import store_key
 
 RETENTION_HELP = f"Whole days, 1 to {MAX_RETENTION_DAYS}."
 

@@ -30,9 +30,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from appliance.mail import retention
+
 # The guide's figure; the pages pass settings.UPGRADE_MIN_FREE_PERCENT instead.
 TARGET_FREE_PERCENT = 50.0
 FLOOR_DAYS = 1
+
+
+SMTP_LOG = "smtp_log"
+TRACKING_LOG = "tracking_log"
+LOG_LABELS = {SMTP_LOG: "SMTP log", TRACKING_LOG: "Message tracking log"}
+
+
+def store_key(store_id: int) -> str:
+    return f"store:{store_id}"
 
 
 @dataclass(frozen=True)
@@ -329,3 +340,32 @@ def disk_advice(
         holds_message_store=holds_message_store,
         holds_console_database=holds_console_database,
     )
+
+
+def retention_sources(
+    settings: retention.RetentionSettings, distribution: retention.AgeDistribution
+) -> tuple[RetentionSource, ...]:
+    """Each store and log with its retention and its bytes per day of age."""
+    sources = [
+        RetentionSource(
+            key=store_key(store.id),
+            label=f"Message store {store.name}",
+            retention_days=store.retention_days,
+            bytes_by_age=distribution.stores.get(store.id, ()),
+        )
+        for store in settings.stores
+    ]
+    sources.append(
+        RetentionSource(
+            SMTP_LOG, LOG_LABELS[SMTP_LOG], settings.smtp_log_days, distribution.smtp_log
+        )
+    )
+    sources.append(
+        RetentionSource(
+            TRACKING_LOG,
+            LOG_LABELS[TRACKING_LOG],
+            settings.tracking_log_days,
+            distribution.tracking_log,
+        )
+    )
+    return tuple(sources)

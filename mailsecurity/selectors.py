@@ -17,8 +17,15 @@ from appliance.system.paths import layout
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage  # noqa: F401 - views
 from jobs.models import ACTIVE_STATES, Job
 from mailsecurity.models import PURGE
-from mailsecurity.planner import DiskFigures, ReclaimPlan, RetentionSource, plan_reclaim
-from mailsecurity.services import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
+from mailsecurity.planner import (
+    LOG_LABELS,
+    SMTP_LOG,
+    DiskFigures,
+    ReclaimPlan,
+    RetentionSource,
+    plan_reclaim,
+    retention_sources,
+)
 from smtp.engine import compile_policy, envelope_address, evaluate
 
 TYPE_LABELS = {
@@ -156,35 +163,6 @@ class ReclaimView:
     def unavailable_bytes(self) -> int:
         """Neither used nor free to us: reserved blocks, or a thin volume's limit."""
         return max(0, self.disk.total - self.disk.used - self.disk.free)
-
-
-def retention_sources(
-    settings: retention.RetentionSettings, distribution: retention.AgeDistribution
-) -> tuple[RetentionSource, ...]:
-    """Each store and log with its retention and its bytes per day of age."""
-    sources = [
-        RetentionSource(
-            key=store_key(store.id),
-            label=f"Message store {store.name}",
-            retention_days=store.retention_days,
-            bytes_by_age=distribution.stores.get(store.id, ()),
-        )
-        for store in settings.stores
-    ]
-    sources.append(
-        RetentionSource(
-            SMTP_LOG, LOG_LABELS[SMTP_LOG], settings.smtp_log_days, distribution.smtp_log
-        )
-    )
-    sources.append(
-        RetentionSource(
-            TRACKING_LOG,
-            LOG_LABELS[TRACKING_LOG],
-            settings.tracking_log_days,
-            distribution.tracking_log,
-        )
-    )
-    return tuple(sources)
 
 
 def reclaim_view() -> ReclaimView:

@@ -25,6 +25,7 @@ from jobs import engine as jobs_engine
 from jobs import registry as jobs_registry
 from jobs.models import Job, JobState
 from mailsecurity.models import PURGE, PurgePhase, PurgeTrigger
+from mailsecurity.planner import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
 from smtp import delivery
 from smtp.engine import envelope_address
 from smtp.server import appliance_hostname, new_queue_id
@@ -63,17 +64,8 @@ class RetentionResult:
     purge_created: bool = False
 
 
-SMTP_LOG = "smtp_log"
-TRACKING_LOG = "tracking_log"
-LOG_LABELS = {SMTP_LOG: "SMTP log", TRACKING_LOG: "Message tracking log"}
-
-
 def days_text(count: int) -> str:
     return f"{count} day" if count == 1 else f"{count} days"
-
-
-def store_key(store_id: int) -> str:
-    return f"store:{store_id}"
 
 
 def retention_apply(
