@@ -9,6 +9,7 @@ from django.db import models
 
 # The job kind (jobs.registry) and conflict group of the retention purge.
 PURGE = "purge"
+QUARANTINE_RELEASE = "quarantine_release"
 
 
 class PurgePhase(models.TextChoices):

@@ -24,7 +24,7 @@ from events.services import User, event_write, username_of
 from jobs import engine as jobs_engine
 from jobs import registry as jobs_registry
 from jobs.models import Job, JobState
-from mailsecurity.models import PURGE, PurgePhase, PurgeTrigger
+from mailsecurity.models import PURGE, QUARANTINE_RELEASE, PurgePhase, PurgeTrigger
 from mailsecurity.planner import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
 from smtp import delivery
 from smtp.engine import envelope_address
@@ -255,22 +255,65 @@ def quarantine_release(
 ) -> ReleaseResult:
     """Deliver quarantined messages on, each at most once, one event per message.
 
-    Each message is claimed first (a release record, inserted in one transaction for all of
-    them), then spooled and delivered over one connection to the next hop, exactly as the mail
-    service delivers what its policy lets through. A message the next hop does not take is
-    taken out of the spool again and its claim dropped: it stays in quarantine and can be
-    released again; nothing is retried behind the administrator's back.
+    A job of the job engine, run in this process (the page's request): should the process die
+    half-way, the reconciler hands the job to a worker, which goes on from what the job and
+    the release records say (:func:`_release_resume`), so no claimed message is left "release
+    under way" for ever, and none is delivered twice.
+
+    Each message is claimed first (a release record naming its spool queue id, inserted in one
+    transaction for all of them), then spooled and delivered over one connection to the next
+    hop, exactly as the mail service delivers what its policy lets through. A message the next
+    hop does not take is taken out of the spool again and its claim dropped: it stays in
+    quarantine and can be released again; nothing is retried behind the administrator's back.
     """
     ids = _checked_ids(message_ids, user)
-    claims = msgstore.quarantine_release_claim(
-        ids, by=username_of(user), now=int(timezone.now().timestamp()), root=root
+    # The queue ids are recorded with the job before anything is claimed: a resumed release
+    # knows its own claims (and their spool files) by them.
+    queue = {message_id: new_queue_id() for message_id in ids}
+    return jobs_engine.run_here(
+        QUARANTINE_RELEASE,
+        lambda lease: _release(lease, ids, queue, user, root),
+        title=f"Release of {_count(len(ids))} from quarantine",
+        user=user,
+        steps=3,
+        details={"queue": {str(k): v for k, v in queue.items()}, "by": username_of(user)},
     )
+
+
+def _release(
+    lease: jobs_engine.Lease,
+    ids: list[int],
+    queue: dict[int, str],
+    user: User | None,
+    root: Path | None,
+) -> ReleaseResult:
+    claims = msgstore.quarantine_release_claim(
+        ids, by=username_of(user), now=int(timezone.now().timestamp()), queue_ids=queue, root=root
+    )
+    lease.progress(step=0, step_name="Claimed")
+    spooled, failed = _spool(claims.claimed, queue, root)
+    # Written before delivery: a spool file missing after this was delivered (and removed).
+    lease.progress(
+        step=1, step_name="Delivering", details={"spooled": [c.copy.id for c, _ in spooled]}
+    )
+    delivered, undelivered = _deliver(spooled, user, root, failed=failed, lease=lease)
+    return ReleaseResult(
+        released=delivered,
+        failed=undelivered,
+        released_already=claims.released_already,
+        not_stored=claims.not_stored,
+    )
+
+
+def _spool(
+    claims: Sequence[msgstore.ReleaseClaim], queue: dict[int, str], root: Path | None
+) -> tuple[list[tuple[msgstore.ReleaseClaim, Path]], list[tuple[QuarantinedCopy, str]]]:
     spooled: list[tuple[msgstore.ReleaseClaim, Path]] = []
     failed: list[tuple[QuarantinedCopy, str]] = []
-    for claim in claims.claimed:
+    for claim in claims:
         try:
             path = delivery.spool_write(
-                new_queue_id(),
+                queue[claim.copy.id],
                 envelope_address(claim.copy.sender),
                 claim.copy.recipients,
                 claim.raw,
@@ -280,18 +323,42 @@ def quarantine_release(
             failed.append((claim.copy, f"it could not be spooled: {exc}"))
             continue
         spooled.append((claim, path))
+    return spooled, failed
+
+
+def _deliver(
+    spooled: Sequence[tuple[msgstore.ReleaseClaim, Path]],
+    user: User | None,
+    root: Path | None,
+    *,
+    failed: Sequence[tuple[QuarantinedCopy, str]] = (),
+    lease: jobs_engine.Lease | None = None,
+) -> tuple[tuple[QuarantinedCopy, ...], tuple[tuple[QuarantinedCopy, str], ...]]:
+    """Deliver the spooled claims, mark them released or drop their claims, one event each."""
     results = (
         delivery.deliver_batch([path for _, path in spooled], root, appliance_hostname(root))
         if spooled
         else []
     )
+    if lease is not None:
+        lease.progress(step=2, step_name="Recording")
     delivered: list[tuple[QuarantinedCopy, str]] = []
+    undelivered = list(failed)
     for (claim, path), result in zip(spooled, results, strict=True):
         if isinstance(result, BaseException):
-            failed.append((claim.copy, _delivery_error(path, result, claim.copy)))
+            undelivered.append((claim.copy, _delivery_error(path, result, claim.copy)))
             path.unlink(missing_ok=True)
         else:
             delivered.append((claim.copy, result))
+    return _settle(delivered, undelivered, user, root)
+
+
+def _settle(
+    delivered: Sequence[tuple[QuarantinedCopy, str]],
+    failed: Sequence[tuple[QuarantinedCopy, str]],
+    user: User | None,
+    root: Path | None,
+) -> tuple[tuple[QuarantinedCopy, ...], tuple[tuple[QuarantinedCopy, str], ...]]:
     now = int(timezone.now().timestamp())
     done = set(msgstore.quarantine_release_finish([c.id for c, _ in delivered], now=now, root=root))
     msgstore.quarantine_release_abandon([copy.id for copy, _ in failed], root=root)
@@ -313,12 +380,36 @@ def quarantine_release(
             user=user,
             details={**_about(copy), "error": error[:500], "outcome": "failed"},
         )
-    return ReleaseResult(
-        released=tuple(copy for copy, _ in delivered),
-        failed=tuple(failed),
-        released_already=claims.released_already,
-        not_stored=claims.not_stored,
-    )
+    return tuple(copy for copy, _ in delivered), tuple(failed)
+
+
+def _release_resume(lease: jobs_engine.Lease) -> None:
+    """A release whose process died (the reconciler's ``resume``): finish its own claims.
+
+    A claimed message whose spool file is there is delivered; one recorded as spooled whose
+    file is gone was delivered before the process died (the file leaves the spool after the
+    next hop's 250) and is marked released; one never spooled is spooled from the store and
+    delivered. Messages it had not claimed yet are left alone: nothing was done to them.
+    """
+    details = lease.job().details
+    queue = {int(k): v for k, v in details.get("queue", {}).items()}
+    spooled_before = set(details.get("spooled", []))
+    user = details.get("by") or None
+    to_deliver: list[tuple[msgstore.ReleaseClaim, Path]] = []
+    delivered: list[tuple[QuarantinedCopy, str]] = []
+    unspooled: list[msgstore.ReleaseClaim] = []
+    for claim in msgstore.quarantine_release_claimed(queue):
+        found = delivery.spool_find(queue[claim.copy.id])
+        if found is not None:
+            to_deliver.append((claim, found))
+        elif claim.copy.id in spooled_before:
+            delivered.append((claim.copy, "the next hop, before the release was interrupted"))
+        else:
+            unspooled.append(claim)
+    spooled, failed = _spool(unspooled, queue, None)
+    lease.progress(step=1, step_name="Delivering")
+    _settle(delivered, (), user, None)
+    _deliver(to_deliver + spooled, user, None, failed=failed)
 
 
 def quarantine_delete(
@@ -497,7 +588,7 @@ def _purge_summary(first: purge.PurgeResult, last: purge.PurgeResult, totals: _T
 
 
 def register_job_kinds() -> None:
-    """The purge kind of the job engine (MailSecurityConfig.ready)."""
+    """The purge and quarantine release kinds of the job engine (MailSecurityConfig.ready)."""
     jobs_registry.register(
         jobs_registry.Kind(
             name=PURGE,
@@ -506,5 +597,15 @@ def register_job_kinds() -> None:
             run=purge_job_run,
             on_dead="restart",
             max_restarts=MAX_RESTARTS,
+        )
+    )
+    jobs_registry.register(
+        jobs_registry.Kind(
+            name=QUARANTINE_RELEASE,
+            label="Quarantine release",
+            category=Category.MAIL,
+            run=_release_resume,
+            on_dead="resume",  # its own claims and spool files say where it was
+            own_events=True,  # one event per message released or not
         )
     )

@@ -131,6 +131,14 @@ def spool_write(
     return path
 
 
+def spool_find(queue_id: str, root: Path | None = None) -> Path | None:
+    """The spool file of this queue id, None when it is not (or no longer) in the spool."""
+    directory = layout(root).mail_spool_dir
+    if not directory.is_dir():
+        return None
+    return next(iter(sorted(directory.glob(f"*-{queue_id}{SPOOL_SUFFIX}"))), None)
+
+
 def spool_list(root: Path | None = None) -> list[Path]:
     """The messages waiting in the spool, oldest first."""
     directory = layout(root).mail_spool_dir

@@ -247,7 +247,7 @@ def _copy_chunk(conn: sqlite3.Connection, big: ChunkedTable, chunk: int) -> None
         conn.execute(big.copy, {"lo": lo, "hi": hi})
 
 
-RELEASE_COLUMNS = "message_id, state, started_at, released_at, released_by"
+RELEASE_COLUMNS = "message_id, state, started_at, released_at, released_by, queue_id"
 
 
 def _copy_releases(conn: sqlite3.Connection) -> bool:

@@ -30,7 +30,7 @@ import contextlib
 import hashlib
 import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -509,7 +509,8 @@ RELEASE_TABLE_SQL = """CREATE TABLE IF NOT EXISTS quarantine_release (
     state TEXT NOT NULL CHECK (state = 'releasing' OR state = 'released'),
     started_at INTEGER NOT NULL,  -- epoch seconds, UTC: when the release was claimed
     released_at INTEGER,          -- when the next hop (or the local sink) took it
-    released_by TEXT NOT NULL
+    released_by TEXT NOT NULL,
+    queue_id TEXT NOT NULL DEFAULT ''  -- its spool file's, so a resumed release finds it
 )"""
 RELEASING = "releasing"
 RELEASED = "released"
@@ -671,7 +672,12 @@ def _writing(root: Path | None) -> Iterator[sqlite3.Connection]:
 
 
 def quarantine_release_claim(
-    ids: list[int], *, by: str, now: int, root: Path | None = None
+    ids: list[int],
+    *,
+    by: str,
+    now: int,
+    queue_ids: Mapping[int, str] | None = None,
+    root: Path | None = None,
 ) -> ClaimOutcome:
     """Claim messages for release in one transaction; each is claimed at most once, ever.
 
@@ -694,9 +700,10 @@ def quarantine_release_claim(
                 already.append(message_id)
                 continue
             inserted = conn.execute(
-                "INSERT INTO quarantine_release (message_id, state, started_at, released_by)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
-                (message_id, RELEASING, now, by),
+                "INSERT INTO quarantine_release"
+                " (message_id, state, started_at, released_by, queue_id)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+                (message_id, RELEASING, now, by, (queue_ids or {}).get(message_id, "")),
             ).rowcount
             raw = _raw(conn, message_id) if inserted else None
             if not inserted:
@@ -707,6 +714,36 @@ def quarantine_release_claim(
                 claimed.append(ReleaseClaim(copy, raw))
     missing = tuple(message_id for message_id in wanted if message_id not in copies)
     return ClaimOutcome(tuple(claimed), tuple(already), missing)
+
+
+def quarantine_release_claimed(
+    queue_ids: Mapping[int, str], root: Path | None = None
+) -> list[ReleaseClaim]:
+    """The messages still claimed under these spool queue ids (a release's own claims, which
+    its process died holding), with their bodies, for the release to go on with."""
+    if not queue_ids:
+        return []
+    conn = connect(root, readonly=True)
+    try:
+        if not has_release_table(conn):
+            return []
+        copies = _copies(conn, list(queue_ids))
+        mine = {
+            row[0]
+            for row in conn.execute(
+                "SELECT message_id, queue_id FROM quarantine_release WHERE state = ?",
+                (RELEASING,),
+            )
+            if queue_ids.get(row[0]) == row[1] and row[1]
+        }
+        claims = []
+        for message_id in queue_ids:
+            raw = _raw(conn, message_id) if message_id in mine else None
+            if raw is not None and message_id in copies:
+                claims.append(ReleaseClaim(copies[message_id], raw))
+        return claims
+    finally:
+        conn.close()
 
 
 def quarantine_release_finish(ids: list[int], *, now: int, root: Path | None = None) -> list[int]:
