@@ -66,9 +66,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 RECOVERY_S = 60
 CONSOLE_ENV = {
     # A pause in every phase, so each kill lands inside the phase it names.
-    "LMI_INSTALL_PHASE_DELAY_MS": "700",
+    "LMI_INSTALL_PHASE_DELAY_MS": "450",
     # ...and inside the rollback's store step and the image write.
-    "LMI_JOB_PAUSE": "install_rollback:store:2000,system_backup:tar-started:2000",
+    "LMI_JOB_PAUSE": "install_rollback:store:1500,system_backup:tar-started:1500",
     # The reconciler every second; a queued job's lost message is sent again after 2 s.
     "LMI_JOBS_RECONCILE_SECONDS": "1",
     "LMI_JOBS_ENQUEUE_GRACE_SECONDS": "2",
