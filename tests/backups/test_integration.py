@@ -132,14 +132,6 @@ def test_a_worker_killed_mid_image_is_replaced_and_the_job_starts_again_from_scr
         assert read_smtp_settings().listen_port != 2626
 
 
-RESTORE_SCRIPT = """
-import django
-django.setup()
-from backups import services
-services.config_backup_restore(user="admin", name={name!r})
-"""
-
-
 @pytest.mark.parametrize(("step", "outcome"), [(1, JobState.ROLLED_BACK), (2, JobState.SUCCEEDED)])
 def test_a_configuration_restore_killed_midway_is_finished_or_undone_from_its_journal(
     step, outcome, redis_settings, transactional_db, demo_appliance, monkeypatch, tmp_path
@@ -147,44 +139,22 @@ def test_a_configuration_restore_killed_midway_is_finished_or_undone_from_its_jo
     """SIGKILL the process restoring while it stages the new files (step 1) or puts them in
     place (step 2, past the commit point): the reconciler sees the holder gone and a worker
     finishes the restore from its journal, or undoes it; never a half-restored configuration."""
-    import subprocess
-    import sys
-
-    from django.conf import settings
-
-    from jobs.reconciler import reconcile
-    from jobs.tasks import run_job
-    from tests.support import enqueue as enqueues
+    from tests.support.crash import killed_at_step, taken_over
 
     header = services.config_backup_create(user="admin")
     etc_backup = tree_bytes(demo_appliance, "etc")
     write_smtp_settings(replace(read_smtp_settings(), listen_port=2626))
     etc_changed = tree_bytes(demo_appliance, "etc")
-    env = {
-        **worker_env(redis_settings, demo_appliance),
-        "LMI_JOB_PAUSE": f"config_restore:{step}:30000",
-    }
-    restoring = subprocess.Popen(
-        [sys.executable, "-c", RESTORE_SCRIPT.format(name=header.name)],
-        cwd=settings.BASE_DIR,
-        env=env,
+    job = killed_at_step(
+        "from backups import services\n"
+        f"services.config_backup_restore(user='admin', name={header.name!r})",
+        worker_env(redis_settings, demo_appliance),
+        "config_restore",
+        step,
     )
-    try:
-        job = wait_for(
-            lambda: Job.objects.filter(kind="config_restore", step=step).first(),
-            timeout=30,
-            message="the restore did not reach the step",
-        )
-    finally:
-        restoring.kill()
-        restoring.wait()
     assert Job.objects.get(pk=job.pk).state == JobState.RUNNING  # its holder is gone
 
-    sent = enqueues.capture(monkeypatch, "jobs.run")
-    assert reconcile().resumed == [job.pk] and sent == [job.pk]
-    run_job(job.pk)
-
-    job.refresh_from_db()
+    job = taken_over(job, monkeypatch)
     assert job.state == outcome, job.error
     assert tree_bytes(demo_appliance, "etc") == (
         etc_backup if outcome == JobState.SUCCEEDED else etc_changed
@@ -195,55 +165,30 @@ def test_a_configuration_restore_killed_midway_is_finished_or_undone_from_its_jo
     assert tree_bytes(demo_appliance, "etc") == etc_backup
 
 
-CREATE_SCRIPT = """
-import django, os
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "lmi.settings")
-django.setup()
-from backups import services
-services.config_backup_create(user="admin")
-"""
-
-
 def test_a_configuration_backup_killed_midway_is_undone_and_leaves_no_partial_file(
     redis_settings, transactional_db, demo_appliance, monkeypatch
 ):
     """SIGKILL the process making a configuration backup: the reconciler sees its holder gone
     and a worker undoes it (a write cut short leaves only a temporary file, which goes); the
     backups are as they were, and the next backup is made at once."""
-    import subprocess
-    import sys
-
-    from django.conf import settings
-
     from appliance.config import configbackup
     from appliance.system.paths import layout
-    from jobs.reconciler import reconcile
-    from jobs.tasks import run_job
-    from tests.support import enqueue as enqueues
+    from tests.support.crash import killed_at_step, taken_over
 
     before = [header.name for header in configbackup.backup_list()]
-    env = {**worker_env(redis_settings, demo_appliance), "LMI_JOB_PAUSE": "config_backup:1:30000"}
-    making = subprocess.Popen([sys.executable, "-c", CREATE_SCRIPT], cwd=settings.BASE_DIR, env=env)
-    try:
-        job = wait_for(
-            lambda: Job.objects.filter(kind="config_backup", step=1).first(),
-            timeout=30,
-            message="the backup did not reach its write",
-        )
-    finally:
-        making.kill()
-        making.wait()
+    job = killed_at_step(
+        "from backups import services\nservices.config_backup_create(user='admin')",
+        worker_env(redis_settings, demo_appliance),
+        "config_backup",
+        1,
+    )
     # What a write cut short leaves (atomic_open's temporary file next to the archive).
     directory = layout(demo_appliance).config_backups_dir
     partial = directory / ".lmi-config-20261205.lmibak.abc123.tmp"
     directory.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(b"half an archive")
 
-    sent = enqueues.capture(monkeypatch, "jobs.run")
-    assert reconcile().rolling_back == [job.pk] and sent == [job.pk]
-    run_job(job.pk)
-
-    job.refresh_from_db()
+    job = taken_over(job, monkeypatch, how="rolling_back")
     assert job.state == JobState.ROLLED_BACK, job.error
     assert not partial.exists()
     assert [header.name for header in configbackup.backup_list()] == before

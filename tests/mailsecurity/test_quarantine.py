@@ -357,14 +357,6 @@ def test_a_store_that_never_released_anything_keeps_the_mail_services_schema(
     assert tracking.tracking_page(tracking.TrackingFilter(action="released")).entries == []
 
 
-RELEASE_SCRIPT = """
-import django
-django.setup()
-from mailsecurity import services
-services.quarantine_release([{message_id}], user="admin")
-"""
-
-
 @pytest.mark.integration
 @pytest.mark.parametrize("step", [0, 1, 2], ids=["claimed", "spooled", "delivered-not-recorded"])
 def test_a_release_whose_process_dies_is_finished_by_a_worker_and_delivers_once(
@@ -374,45 +366,26 @@ def test_a_release_whose_process_dies_is_finished_by_a_worker_and_delivers_once(
     (1), or after the next hop took it but before it was marked released (2): the reconciler
     sees the holder gone and a worker finishes the release from the job and its claim. The
     message reaches the next hop exactly once and ends released, never 'under way' for ever."""
-    import subprocess
-    import sys
-
     from django.conf import settings
 
-    from jobs.models import Job, JobState
-    from jobs.reconciler import reconcile
-    from jobs.tasks import run_job
-    from tests.support import enqueue as enqueues
-    from tests.support.services import wait_for, worker_env
+    from jobs.models import JobState
+    from tests.support.crash import killed_at_step, taken_over
+    from tests.support.services import worker_env
 
     message_id = quarantine()
-    env = {
-        **worker_env(redis_settings, settings.APPLIANCE_ROOT),
-        "LMI_JOB_PAUSE": f"quarantine_release:{step}:30000",
-    }
-    releasing = subprocess.Popen(
-        [sys.executable, "-c", RELEASE_SCRIPT.format(message_id=message_id)],
-        cwd=settings.BASE_DIR,
-        env=env,
+    job = killed_at_step(
+        "from mailsecurity import services\n"
+        f"services.quarantine_release([{message_id}], user='admin')",
+        worker_env(redis_settings, settings.APPLIANCE_ROOT),
+        "quarantine_release",
+        step,
     )
-    try:
-        job = wait_for(
-            lambda: Job.objects.filter(kind="quarantine_release", step=step).first(),
-            timeout=30,
-            message="the release did not reach the step",
-        )
-    finally:
-        releasing.kill()
-        releasing.wait()
     copy = msgstore.quarantined_copies([message_id])[message_id]
     assert copy.release_state == "releasing"  # its holder is gone, its claim left behind
     assert len(hop.messages) == (1 if step == 2 else 0)
 
-    sent = enqueues.capture(monkeypatch, "jobs.run")
-    assert reconcile().resumed == [job.pk] and sent == [job.pk]
-    run_job(job.pk)
+    job = taken_over(job, monkeypatch)
 
-    job.refresh_from_db()
     assert job.state == JobState.SUCCEEDED, job.error
     assert len(hop.messages) == 1  # exactly once, whatever the step
     copy = msgstore.quarantined_copies([message_id])[message_id]

@@ -31,3 +31,43 @@ def crash_on_call(owner: object, name: str, number: int) -> Iterator[None]:
         yield
     finally:
         setattr(owner, name, real)
+
+
+def killed_at_step(code: str, env: dict[str, str], kind: str, step: int) -> Any:
+    """Run ``code`` (Python that starts a job of ``kind`` in its own process, as a page or the
+    CLI does with jobs.engine.run_here) with a pause at ``step`` (LMI_JOB_PAUSE), SIGKILL it
+    there, and return the job it left running under a dead holder."""
+    import subprocess
+    import sys
+
+    from django.conf import settings
+
+    from jobs.models import Job
+    from tests.support.services import wait_for
+
+    script = f"import django\ndjango.setup()\n{code}\n"
+    env = {**env, "LMI_JOB_PAUSE": f"{kind}:{step}:30000"}
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=settings.BASE_DIR, env=env)
+    try:
+        return wait_for(
+            lambda: Job.objects.filter(kind=kind, step=step).first(),
+            timeout=30,
+            message=f"the {kind} job did not reach step {step}",
+        )
+    finally:
+        process.kill()
+        process.wait()
+
+
+def taken_over(job: Any, monkeypatch: Any, how: str = "resumed") -> Any:
+    """The reconciler's pass finds ``job``'s holder gone and hands it on (``how``: the
+    Reconciled list it must be in); a worker's task then runs it here. The job, reloaded."""
+    from jobs.reconciler import reconcile
+    from jobs.tasks import run_job
+    from tests.support import enqueue as enqueues
+
+    sent = enqueues.capture(monkeypatch, "jobs.run")
+    assert getattr(reconcile(), how) == [job.pk] and sent == [job.pk]
+    run_job(job.pk)
+    job.refresh_from_db()
+    return job
