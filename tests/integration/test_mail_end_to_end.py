@@ -52,4 +52,4 @@ def test_a_message_sent_over_smtp_appears_in_the_graphs_and_the_tracking_search(
         "/mail-security/policy/message-tracking/?sender=anna.schmidt@partner.example.net"
     ).content.decode()
     assert "Quarterly figures e2e" in page
-    assert "j.doe@example.com" in page
+    assert "j.doe@example.com" in page.replace("<wbr>", "")  # addresses break at "@" and "."
