@@ -318,16 +318,17 @@ def compile_policy(root: Path | None = None) -> tuple[CompiledPolicy, tuple[Path
     return compiled, tuple(list_files)
 
 
-def _signature(paths: Sequence[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+def _signature(paths: Sequence[Path | str]) -> tuple[tuple[int, int, int] | None, ...]:
     """What changes when any of the files is edited, replaced or removed."""
-    signature = []
+    signature: list[tuple[int, int, int] | None] = []
+    append = signature.append
     for path in paths:
         try:
             stat = os.stat(path)
         except FileNotFoundError:
-            signature.append(None)
+            append(None)
         else:
-            signature.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+            append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
     return tuple(signature)
 
 
@@ -342,7 +343,9 @@ class PolicyCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._key: tuple[object, ...] | None = None
+        self._base: Path | None = None
+        self._watched: tuple[str, ...] = ()  # the files of the compiled policy, as strings
+        self._signature: tuple[tuple[int, int, int] | None, ...] = ()
         self._policy: CompiledPolicy | None = None
         self._list_files: tuple[Path, ...] = ()
         self._paths: dict[Path, tuple[Path, ...]] = {}
@@ -366,16 +369,23 @@ class PolicyCache:
     def get(self, root: Path | None = None) -> CompiledPolicy:
         base = appliance_root(root)
         with self._lock:
-            if self._policy is not None and self._key is not None:
-                files = self._config_files(base) + self._list_files
-                if self._key == (base, *_signature(files)):
-                    return self._policy
+            # The hot path, once per message: one stat per file (as strings, prepared at the
+            # last compile) and a tuple comparison, nothing parsed or joined.
+            if (
+                self._policy is not None
+                and self._base == base
+                and self._signature == _signature(self._watched)
+            ):
+                return self._policy
             # Take the signature before reading: an edit during the read then shows up as a
             # change next time rather than being missed.
-            before = _signature(self._config_files(base))
+            config_files = self._config_files(base)
+            before = _signature(config_files)
             policy, list_files = compile_policy(base)
             self._policy, self._list_files = policy, list_files
-            self._key = (base, *before, *_signature(list_files))
+            self._base = base
+            self._watched = tuple(str(path) for path in config_files + list_files)
+            self._signature = (*before, *_signature(list_files))
             return policy
 
 

@@ -541,6 +541,7 @@ class MailHandler:
                 envelope.mail_from or "",
                 tuple(envelope.rcpt_tos),
                 envelope.original_content or b"",
+                server.policy,
             )
         except PolicyError as exc:
             self.service.policy_failed(exc)
@@ -918,10 +919,22 @@ class MailService:
             )
 
     def process(
-        self, helo: str, client_ip: str, sender: str, recipients: tuple[str, ...], content: bytes
+        self,
+        helo: str,
+        client_ip: str,
+        sender: str,
+        recipients: tuple[str, ...],
+        content: bytes,
+        policy: CompiledPolicy | None = None,
     ) -> Processed:
-        """In a worker thread: judge the message and, when it is to be delivered, spool it."""
-        policy = self.policies.get(self.root)
+        """In a worker thread: judge the message and, when it is to be delivered, spool it.
+
+        ``policy`` is the one the transaction's MAIL FROM and RCPT TO were checked against
+        (milliseconds old): judging the whole transaction by one policy is consistent, and
+        spares a second look at the configuration files per message.
+        """
+        if policy is None:
+            policy = self.policies.get(self.root)
         verdict = evaluate(policy, sender, recipients, content)
         queue_id = new_queue_id()
         message = received_header(helo, client_ip, self.hostname, queue_id, recipients) + content
