@@ -106,6 +106,24 @@ def test_a_batch_goes_over_one_connection_and_fails_only_where_refused(
     assert spool_list() == []
 
 
+def test_a_changed_next_hop_applies_to_the_next_delivery_and_the_spool_is_made_on_demand(
+    demo_appliance: Path,
+    next_hop: NextHop,  # noqa: F811
+) -> None:
+    """The next hop is read once per change of the settings file, not per batch: a change
+    still reaches the very next delivery. The spool directory is made by the first write."""
+    import shutil
+
+    shutil.rmtree(layout().mail_spool_dir, ignore_errors=True)
+    first = spool_write("AAAAAAAAAA", "a@x.test", ("b@example.com",), MESSAGE)
+    assert deliver(first) == "local sink"
+    set_next_hop(next_hop.address)
+    second = spool_write("BBBBBBBBBB", "a@x.test", ("b@example.com",), MESSAGE)
+
+    assert deliver(second) == next_hop.address
+    assert len(next_hop.messages) == 1
+
+
 def test_an_unreachable_next_hop_leaves_the_message_spooled(demo_appliance: Path) -> None:
     set_next_hop(f"127.0.0.1:{free_port()}")
     path = spool_write("AAAAAAAAAA", "a@x.test", ("b@example.com",), MESSAGE)
