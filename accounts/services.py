@@ -346,15 +346,7 @@ def user_disable(*, user_id: int, by: EventUser) -> AbstractBaseUser:
         return user
     if refusal := user_lockout_refusal(user, by):
         raise UserRefused(refusal)
-    user.is_active = False
-    user.save(update_fields=["is_active"])
-    event_write(
-        category=Category.AUTH,
-        message=f"User {user.get_username()} disabled",
-        user=by,
-        details={"username": user.get_username()},
-    )
-    return user
+    return _set_active(user, False, by)
 
 
 @transaction.atomic
@@ -363,11 +355,16 @@ def user_enable(*, user_id: int, by: EventUser) -> AbstractBaseUser:
     user = _user_locked(user_id)
     if user.is_active:
         return user
-    user.is_active = True
+    return _set_active(user, True, by)
+
+
+def _set_active(user: AbstractBaseUser, active: bool, by: EventUser) -> AbstractBaseUser:
+    """Disable or enable, with its event (the callers checked what may be changed)."""
+    user.is_active = active
     user.save(update_fields=["is_active"])
     event_write(
         category=Category.AUTH,
-        message=f"User {user.get_username()} enabled",
+        message=f"User {user.get_username()} {'enabled' if active else 'disabled'}",
         user=by,
         details={"username": user.get_username()},
     )
