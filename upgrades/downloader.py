@@ -161,7 +161,10 @@ class _DownloadRun:
         self.should_cancel = should_cancel or (lambda: False)
         self.bundle = spool.bundle_id(download.version, download.sha256)
         self.offset = 0
-        self.hasher: StreamHasher | None = None  # SHA-256 of bytes 0..offset of the part file
+        # SHA-256 of bytes 0..offset of the part file, and of the payload within them
+        self.hasher: StreamHasher | None = None
+        self.whole = hashlib.sha256()
+        self.payload = appliance_bundle.PayloadDigest()
         self.last_write = 0.0
         self.meter = RateMeter(time_constant=RATE_WINDOW)
         self.header_checked = False
@@ -401,7 +404,9 @@ class _DownloadRun:
     def _new_hasher(self) -> None:
         if self.hasher is not None:
             self.hasher.close()
-        self.hasher = StreamHasher()
+        self.whole = hashlib.sha256()
+        self.payload = appliance_bundle.PayloadDigest()
+        self.hasher = StreamHasher(self.whole, self.payload)
 
     def _hash_prefix(self) -> None:
         """Hash the kept part file so the whole-file digest covers the resumed bytes too."""
@@ -555,8 +560,10 @@ class _DownloadRun:
         path = part if part.is_file() else final if final.is_file() else None
         if path is None:
             raise _Failed("the downloaded file is gone from var/spool/updates; download it again")
+        payload: appliance_bundle.PayloadDigest | None = None
         if self.hasher is not None and self.offset == d.size and path == part:
-            digest = self.hasher.hexdigest()  # computed while the bytes came in
+            self.hasher.close()  # both digests were computed while the bytes came in
+            digest, payload = self.whole.hexdigest(), self.payload
         else:
             # Resumed after the transfer (a worker died while verifying): hash the file again.
             whole = hashlib.sha256()
@@ -575,7 +582,7 @@ class _DownloadRun:
             self._tick(verified_bytes=round(d.size * done / total) if total else d.size)
 
         try:
-            manifest = appliance_bundle.verify_bundle(path, progress=progress)
+            manifest = appliance_bundle.verify_bundle(path, progress=progress, payload=payload)
         except appliance_bundle.BundleError as exc:
             raise _Rejected(str(exc)) from exc
         self._check_manifest(manifest)

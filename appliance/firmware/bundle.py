@@ -462,7 +462,12 @@ def hash_payload(handle: BinaryIO, manifest: BundleManifest, progress: Progress 
             f"The bundle's system image has {done} bytes instead of the {total} its manifest "
             "states. Download it again."
         )
-    if not hmac.compare_digest(digest.hexdigest(), manifest.payload_sha256):
+    check_payload_digest(digest.hexdigest(), manifest)
+
+
+def check_payload_digest(hexdigest: str, manifest: BundleManifest) -> None:
+    """The payload's SHA-256 against the signed manifest's (constant time)."""
+    if not hmac.compare_digest(hexdigest, manifest.payload_sha256):
         raise BundleDigestMismatch(
             "The bundle's system image does not match the SHA-256 in its signed manifest: the "
             "file was damaged or altered. Download it again."
@@ -615,18 +620,74 @@ def walk_members(handle: BinaryIO, manifest: BundleManifest) -> int:
     return checker.members
 
 
+class PayloadDigest:
+    """The payload's SHA-256, computed from a bundle's bytes while they are written.
+
+    A downloader feeds every block of the file in order from byte 0 (``update``), so the
+    payload is hashed once, on its way to the disk, instead of a second time after the last
+    byte. Where the payload starts is read from those same bytes (the manifest's length), by
+    this module, which still checks everything else on the file itself: :func:`verify_bundle`
+    reads the header from disk, checks the signature and the file's size, compares this digest
+    with the signed one, and walks every tar header. Fed from anywhere but byte 0, or short of
+    the whole payload, it covers nothing and verify_bundle hashes the file as before.
+    """
+
+    _PREFIX = len(MAGIC) + _LENGTH.size
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._head = bytearray()
+        self._seen = 0
+        self.header_size: int | None = None
+        self.payload_bytes = 0
+
+    def update(self, block: bytes) -> None:
+        start = self._seen
+        self._seen += len(block)
+        if self.header_size is None:
+            self._head += block[: max(0, self._PREFIX - start)]
+            if len(self._head) < self._PREFIX:
+                return
+            (length,) = _LENGTH.unpack(self._head[len(MAGIC) : self._PREFIX])
+            self.header_size = header_size_for(length)
+        skip = self.header_size - start
+        if skip >= len(block):
+            return
+        view = memoryview(block)[max(0, skip) :]
+        self._digest.update(view)
+        self.payload_bytes += len(view)
+
+    def covers(self, manifest: BundleManifest) -> bool:
+        """Whether every payload byte, and nothing else, went through this digest."""
+        return (
+            self.header_size == manifest.header_size and self.payload_bytes == manifest.payload_size
+        )
+
+    def check(self, manifest: BundleManifest) -> None:
+        check_payload_digest(self._digest.hexdigest(), manifest)
+
+
 def verify_bundle(
-    path: Path, keys: list[bytes] | None = None, progress: Progress | None = None
+    path: Path,
+    keys: list[bytes] | None = None,
+    progress: Progress | None = None,
+    payload: PayloadDigest | None = None,
 ) -> BundleManifest:
     """Verify a complete bundle: signature, size and SHA-256 of the payload, safe members.
 
-    One pass hashes the payload in 1 MiB reads (``progress(done, total)`` every few MiB), then a
-    second reads only the tar headers, seeking over file data. Raises a :class:`BundleError`
-    subclass naming the problem.
+    One pass hashes the payload in 1 MiB reads (``progress(done, total)`` every few MiB), unless
+    ``payload`` already covers it (hashed while the file was downloaded); then a second reads
+    only the tar headers, seeking over file data. Raises a :class:`BundleError` subclass naming
+    the problem.
     """
     with open(path, "rb") as handle:
         manifest = read_header(handle, keys, partial=False)
-        hash_payload(handle, manifest, progress)
+        if payload is not None and payload.covers(manifest):
+            payload.check(manifest)
+            if progress is not None:
+                progress(manifest.payload_size, manifest.payload_size)
+        else:
+            hash_payload(handle, manifest, progress)
         walk_members(handle, manifest)
     return manifest
 

@@ -25,6 +25,7 @@ from appliance.firmware.bundle import (
     BundleManifest,
     BundleSignatureError,
     BundleUnsafePath,
+    PayloadDigest,
     read_manifest,
     verify_bundle,
     version_tuple,
@@ -138,6 +139,43 @@ def test_read_manifest_reads_only_the_header(built: Path) -> None:
     manifest = read_manifest(built, [PUBLIC])
     assert manifest.header_size < 2048
     assert manifest == verify_bundle(built, [PUBLIC])
+
+
+@pytest.mark.parametrize("block", [1, 7, 12, 13, 4096, 1 << 20])
+def test_a_payload_digest_fed_while_writing_covers_the_payload_in_any_block_size(
+    built: Path, block: int
+) -> None:
+    """The one-pass download: the payload hashed on its way to disk, from byte 0, in the
+    download's blocks (which straddle the header's end anywhere), replaces verify_bundle's pass.
+    """
+    data = built.read_bytes()
+    digest = PayloadDigest()
+    for start in range(0, len(data), block):
+        digest.update(data[start : start + block])
+    manifest = read_manifest(built, [PUBLIC])
+    assert digest.covers(manifest)
+    calls: list[tuple[int, int]] = []
+    assert verify_bundle(built, [PUBLIC], progress=lambda *a: calls.append(a), payload=digest)
+    assert calls == [(manifest.payload_size, manifest.payload_size)]  # no second pass
+
+
+def test_a_payload_digest_that_saw_other_bytes_is_refused_and_one_short_is_not_used(
+    built: Path,
+) -> None:
+    data = built.read_bytes()
+    manifest = read_manifest(built, [PUBLIC])
+    altered = bytearray(data)
+    altered[-600] ^= 0xFF  # what was written differs from what the signature covers
+    digest = PayloadDigest()
+    digest.update(bytes(altered))
+    with pytest.raises(BundleDigestMismatch, match="signed manifest"):
+        verify_bundle(built, [PUBLIC], payload=digest)
+    short = PayloadDigest()
+    short.update(data[:-1])  # not every payload byte: verify_bundle hashes the file itself
+    assert not short.covers(manifest)
+    calls: list[tuple[int, int]] = []
+    verify_bundle(built, [PUBLIC], progress=lambda *a: calls.append(a), payload=short)
+    assert calls[0] == (0, manifest.payload_size)
 
 
 def test_a_partial_download_passes_read_manifest_only_with_partial(
