@@ -120,8 +120,8 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
     ctx.checkpoint("maintenance on, counting the message store next")
     # Transactions already past MAIL FROM finish their DATA (or are refused at its end).
     time.sleep(settings.INSTALL_DRAIN_MS / 1000)
-    # A plain count: the content checksums come with the phase 4 copy, which reads it all
-    # anyway, so the downtime does not pay for them twice.
+    # A plain count: the content checksums are phase 7's, which compares the old store with
+    # the new file chunk by chunk (digests of unchanged chunks computed in phase 2).
     ctx.step("counting the message store")
     messages = message_count(msgstore)
     ctx.set_run(messages_before=messages)
@@ -129,12 +129,13 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
 
 
 def _phase_store_backup(ctx: PhaseContext) -> None:
-    """4: a consistent, checksummed, synced copy of the message store."""
+    """4: the message store kept as it is for the rollback (a second name, not a byte copy:
+    the conversion never writes the old file, so it is the rollback copy)."""
     from appliance.mail import msgbackup
 
     dest = updatelogs.install_workdir(ctx.run.pk) / "msgstore-backup.db"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    ctx.step(f"backing up the message store to var/spool/updates/{dest.parent.name}")
+    ctx.step(f"keeping the message store for the rollback in var/spool/updates/{dest.parent.name}")
     ctx.checkpoint("message store backup next")
     result = msgbackup.msgstore_backup(dest, progress=ctx.callback("bytes", "copying"))
     backup = _plain(result)
@@ -210,9 +211,10 @@ def _phase_migrate(ctx: PhaseContext) -> None:
     ctx.step("migrating the message store")
     ctx.checkpoint("message store migration next")
     result = msgmigrate.migrate_finish(progress=ctx.callback("messages", "migrating"))
-    # Compared with the phase 4 copy: the same store, read once more while mail was stopped.
+    # Compared with a phase 4 byte copy's counts, where one was made (no hard link possible);
+    # a kept link is the old store itself, which migrate_finish has just compared.
     counts = result.counts
-    before = ctx.details.get("store_backup", {}).get("counts", {})
+    before = ctx.details.get("store_backup", {}).get("counts") or {}
     if counts.messages != ctx.run.messages_before:
         raise PhaseFailed(
             f"the migrated message store holds {counts.messages} messages, "

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -232,10 +233,12 @@ def test_an_unknown_store_format_is_refused_and_left_alone(store: Path) -> None:
 def test_backup_and_restore_put_the_2_8_0_store_back_exactly(store: Path, tmp_path: Path) -> None:
     before = msgcounts.store_counts(cached=False)
     backup = msgbackup.msgstore_backup(tmp_path / "backup" / "msgstore.db")
-    assert backup.counts == before and backup.format_version == "2.8.0"
+    # The store itself under a second name: no byte copy, whatever its size.
+    assert backup.linked and backup.format_version == "2.8.0"
+    assert backup.identity == msgbackup.file_identity(layout().msgstore_db)
     assert msgbackup.read_backup(backup.path) == backup
     again = msgbackup.msgstore_backup(backup.path)  # idempotent
-    assert again.sha256 == backup.sha256
+    assert again.identity == backup.identity
     msgmigrate.migrate_finish()
     mailrecords.mail_record(_record(5))  # the new system ran a little
 
@@ -263,6 +266,36 @@ def test_the_rollback_renames_the_copy_into_place_and_a_second_pass_does_nothing
     assert msgstore.format_version() == "2.8.0"
     assert msgcounts.store_counts(cached=False) == before
     assert not list(layout().msgstore_dir.glob(".msgstore-restore-*"))
+
+
+def test_without_a_hard_link_phase_4_makes_a_checked_byte_copy(store: Path, tmp_path: Path) -> None:
+    """The work folder on another filesystem (here: one refusing links): a copy with its
+    SHA-256 and counts, checked again before the rollback uses it."""
+    device = layout().msgstore_db.stat().st_dev
+    elsewhere = [
+        Path(d) for d in ("/dev/shm", "/var/tmp", "/tmp") if Path(d).stat().st_dev != device
+    ]
+    if not elsewhere:
+        pytest.skip("no second filesystem to copy to")
+    before = msgcounts.store_counts(cached=False)
+    with tempfile.TemporaryDirectory(dir=elsewhere[0]) as other:
+        backup = msgbackup.msgstore_backup(Path(other) / "msgstore.db")
+        assert not backup.linked and backup.counts == before and len(backup.sha256) == 64
+        msgmigrate.migrate_finish()
+        msgbackup.msgstore_restore(backup.path)
+    assert msgstore.format_version() == "2.8.0"
+    assert msgcounts.store_counts(cached=False) == before
+
+
+def test_a_kept_store_written_after_phase_4_is_refused(store: Path, tmp_path: Path) -> None:
+    """The kept link must be the file as phase 4 left it: a write since (here a message stored
+    behind the install's back, before the switch) makes the rollback refuse it, not guess."""
+    backup = msgbackup.msgstore_backup(tmp_path / "msgstore.db")
+    time.sleep(0.01)  # past the file system's timestamp granularity
+    mailrecords.mail_record(_record(9))
+    msgmigrate.checkpoint(layout().msgstore_db)
+    with pytest.raises(MalformedApplianceFile, match="does not match its manifest"):
+        msgbackup.msgstore_restore(backup.path)
 
 
 def test_a_tampered_backup_is_refused_and_the_store_unchanged(store: Path, tmp_path: Path) -> None:
