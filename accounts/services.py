@@ -361,10 +361,19 @@ def user_enable(*, user_id: int, by: EventUser) -> AbstractBaseUser:
 def _set_active(user: AbstractBaseUser, active: bool, by: EventUser) -> AbstractBaseUser:
     """Disable or enable, with its event (the callers checked what may be changed)."""
     user.is_active = active
-    user.save(update_fields=["is_active"])
+    return _saved_with_event(
+        user, "is_active", f"User {user.get_username()} {'enabled' if active else 'disabled'}", by
+    )
+
+
+def _saved_with_event(
+    user: AbstractBaseUser, field: str, message: str, by: EventUser
+) -> AbstractBaseUser:
+    """Save the one changed field and write the change's event, naming the user it was for."""
+    user.save(update_fields=[field])
     event_write(
         category=Category.AUTH,
-        message=f"User {user.get_username()} {'enabled' if active else 'disabled'}",
+        message=message,
         user=by,
         details={"username": user.get_username()},
     )
@@ -381,14 +390,7 @@ def user_password_set(*, user_id: int, password: str, by: EventUser) -> Abstract
     user = _user_locked(user_id)
     _password_check(password, user)
     user.set_password(password)
-    user.save(update_fields=["password"])
-    event_write(
-        category=Category.AUTH,
-        message=f"Password of user {user.get_username()} reset",
-        user=by,
-        details={"username": user.get_username()},
-    )
-    return user
+    return _saved_with_event(user, "password", f"Password of user {user.get_username()} reset", by)
 
 
 def first_admin_ensure(password: str | None) -> tuple[bool, str | None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from django import forms
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import get_user_model, update_session_auth_hash
@@ -85,16 +86,29 @@ def _user_or_404(user_id: int) -> AbstractBaseUser:
 
 
 def _confirm_page(
-    request: HttpRequest, target: AbstractBaseUser, breadcrumb: str, **confirm: object
+    request: HttpRequest,
+    target: AbstractBaseUser,
+    change: str,
+    breadcrumb: str,
+    title: str,
+    **confirm: object,
 ) -> HttpResponse:
-    """A user change's confirmation page (templates/_confirm.html) with the user's facts."""
+    """A user change's confirmation page (templates/_confirm.html) with the user's facts.
+
+    ``change`` names the change's view (``accounts:user_<change>``), which the button POSTs to;
+    the button says what the title says.
+    """
     facts = [
         ("User", target.get_username()),
         ("Role", role_name(target)),
         ("Status", "Enabled" if target.is_active else "Disabled"),
     ]
     page = {
+        "title": title,
         "facts": facts,
+        "action": reverse(f"accounts:user_{change}", args=[target.pk]),
+        "button": title,
+        "testid": f"{change}-confirm",
         "back": reverse(USERS_PAGE),
         "back_label": "Back to Users",
         "admin_does": "manages users.",
@@ -106,6 +120,18 @@ def _confirm_page(
 def _done(request: HttpRequest, action: Callable[[], object], message: str) -> HttpResponse:
     act(request, action, services.UserRefused, message)
     return redirect(USERS_PAGE)
+
+
+def _user_form_page(
+    request: HttpRequest, breadcrumb: str, form: forms.Form, target: AbstractBaseUser | None
+) -> HttpResponse:
+    """Add user and Reset password share one form page; a bound form shown again was refused."""
+    return render(
+        request,
+        "accounts/user_form.html",
+        {"breadcrumb": breadcrumb, "form": form, "target": target},
+        status=400 if form.is_bound else 200,
+    )
 
 
 @require_GET
@@ -139,12 +165,7 @@ def user_add(request: HttpRequest) -> HttpResponse:
         else:
             messages.success(request, f"User {user.get_username()} added ({data['role']}).")
             return redirect(USERS_PAGE)
-    return render(
-        request,
-        "accounts/user_form.html",
-        {"breadcrumb": "System > Users > Add user", "form": form, "target": None},
-        status=400 if form.is_bound else 200,
-    )
+    return _user_form_page(request, "System > Users > Add user", form, None)
 
 
 @hides_passwords
@@ -166,12 +187,7 @@ def user_password(request: HttpRequest, user_id: int) -> HttpResponse:
                 update_session_auth_hash(request, user)  # keep the administrator logged in
             messages.success(request, f"Password of {user.get_username()} reset.")
             return redirect(USERS_PAGE)
-    return render(
-        request,
-        "accounts/user_form.html",
-        {"breadcrumb": "System > Users > Reset password", "form": form, "target": target},
-        status=400 if form.is_bound else 200,
-    )
+    return _user_form_page(request, "System > Users > Reset password", form, target)
 
 
 @require_http_methods(["GET", "POST"])
@@ -208,15 +224,13 @@ def user_role(request: HttpRequest, user_id: int) -> HttpResponse:
     return _confirm_page(
         request,
         target,
+        "role",
         "System > Users > Change role",
-        title=f"Make {name} {role}",
+        f"Make {name} {role}",
         consequences=consequences,
         refusal=refusal,
-        action=reverse("accounts:user_role", args=[target.pk]),
         fields=[("role", role)],
-        button=f"Make {name} {role}",
         button_class="primary",
-        testid="role-confirm",
     )
 
 
@@ -224,54 +238,49 @@ def user_role(request: HttpRequest, user_id: int) -> HttpResponse:
 @administrators_only
 def user_disable(request: HttpRequest, user_id: int) -> HttpResponse:
     """Disable: GET says what it does (and refuses a lock-out), POST disables."""
-    target = _user_or_404(user_id)
-    name = target.get_username()
-    if request.method == "POST":
-        return _done(
-            request,
-            lambda: services.user_disable(user_id=target.pk, by=request.user),
-            f"User {name} disabled.",
-        )
-    return _confirm_page(
-        request,
-        target,
-        "System > Users > Disable user",
-        title=f"Disable {name}",
-        consequences=[
-            f"{name} can no longer log in; a session open now ends at its next request.",
-            f"API tokens of {name} stop working.",
-            "The account, its role and its events stay: enable it again at any time.",
-        ],
-        refusal=services.user_lockout_refusal(target, request.user) if target.is_active else None,
-        action=reverse("accounts:user_disable", args=[target.pk]),
-        button=f"Disable {name}",
-        testid="disable-confirm",
-    )
+    return _login_change(request, user_id, enable=False)
 
 
 @require_http_methods(["GET", "POST"])
 @administrators_only
 def user_enable(request: HttpRequest, user_id: int) -> HttpResponse:
     """Enable: GET says what it does, POST enables."""
+    return _login_change(request, user_id, enable=True)
+
+
+def _login_change(request: HttpRequest, user_id: int, *, enable: bool) -> HttpResponse:
+    """Disable and Enable are one change, the right to log in, in either direction."""
     target = _user_or_404(user_id)
     name = target.get_username()
+    verb = "Enable" if enable else "Disable"
+    change = verb.lower()
     if request.method == "POST":
+        service = services.user_enable if enable else services.user_disable
         return _done(
             request,
-            lambda: services.user_enable(user_id=target.pk, by=request.user),
-            f"User {name} enabled.",
+            lambda: service(user_id=target.pk, by=request.user),
+            f"User {name} {change}d.",
         )
+    if enable:
+        consequences = [
+            f"{name} can log in again with the password and the role ({role_name(target)}) "
+            "they had.",
+        ]
+        refusal = None
+    else:
+        consequences = [
+            f"{name} can no longer log in; a session open now ends at its next request.",
+            f"API tokens of {name} stop working.",
+            "The account, its role and its events stay: enable it again at any time.",
+        ]
+        refusal = services.user_lockout_refusal(target, request.user) if target.is_active else None
     return _confirm_page(
         request,
         target,
-        "System > Users > Enable user",
-        title=f"Enable {name}",
-        consequences=[
-            f"{name} can log in again with the password and the role ({role_name(target)}) "
-            "they had.",
-        ],
-        action=reverse("accounts:user_enable", args=[target.pk]),
-        button=f"Enable {name}",
-        button_class="primary",
-        testid="enable-confirm",
+        change,
+        f"System > Users > {verb} user",
+        f"{verb} {name}",
+        consequences=consequences,
+        refusal=refusal,
+        button_class="primary" if enable else "danger",
     )

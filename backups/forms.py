@@ -10,24 +10,23 @@ from backups.models import KEEP_LAST_MAX
 from backups.services import COMMENT_MAX, PASSPHRASE_MAX, PASSPHRASE_MIN
 
 
+def _passphrase_field(autocomplete: str, label: str | None = None) -> forms.CharField:
+    """A passphrase box: optional, kept exactly as typed (spaces count), never filled in again."""
+    return forms.CharField(
+        required=False,
+        max_length=PASSPHRASE_MAX,
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": autocomplete}),
+        label=label,
+    )
+
+
 class CreateBackupForm(forms.Form):
     """A comment and an optional passphrase, asked twice: a typo would lock the backup away."""
 
     comment = forms.CharField(max_length=COMMENT_MAX, required=False)
-    passphrase = forms.CharField(
-        required=False,
-        max_length=PASSPHRASE_MAX,
-        strip=False,
-        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
-        label="Passphrase (optional)",
-    )
-    passphrase_again = forms.CharField(
-        required=False,
-        max_length=PASSPHRASE_MAX,
-        strip=False,
-        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
-        label="Passphrase again",
-    )
+    passphrase = _passphrase_field("new-password", "Passphrase (optional)")
+    passphrase_again = _passphrase_field("new-password", "Passphrase again")
 
     def clean(self) -> dict[str, Any]:
         data = super().clean()
@@ -54,12 +53,7 @@ class UploadBackupForm(forms.Form):
 class PassphraseForm(forms.Form):
     """The passphrase of an encrypted backup, to compare or restore it."""
 
-    passphrase = forms.CharField(
-        required=False,
-        max_length=PASSPHRASE_MAX,
-        strip=False,
-        widget=forms.PasswordInput(attrs={"autocomplete": "off"}),
-    )
+    passphrase = _passphrase_field("off")
 
 
 class ScheduleForm(forms.Form):

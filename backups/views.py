@@ -8,6 +8,7 @@ POST does it. A passphrase only ever travels in a POST body.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -348,12 +349,16 @@ def schedule(request: HttpRequest) -> HttpResponse:
 @administrators_only
 def system_create(request: HttpRequest) -> HttpResponse:
     """Create System Backup: a job writes a new image onto the rescue partition."""
-    act(
-        request,
-        lambda: system_image.system_backup_start(user=request.user),
-        (BackupError, ApplianceError),
-        "Creating the system backup image.",
+    return _system_job_start(
+        request, system_image.system_backup_start, "Creating the system backup image."
     )
+
+
+def _system_job_start(
+    request: HttpRequest, start: Callable[..., object], started: str
+) -> HttpResponse:
+    """Create and Restore System Backup: start the job, say it started or why it did not."""
+    act(request, lambda: start(user=request.user), (BackupError, ApplianceError), started)
     return redirect(PAGE)
 
 
@@ -364,13 +369,11 @@ def system_restore(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         if not is_administrator(request.user):
             return HttpResponseForbidden(READ_ONLY_REFUSAL)
-        act(
+        return _system_job_start(
             request,
-            lambda: system_image.system_restore_start(user=request.user),
-            (BackupError, ApplianceError),
+            system_image.system_restore_start,
             "Restoring the system from the system backup image.",
         )
-        return redirect(PAGE)
     image = selectors.system_image()
     info = image.info
     confirm: dict[str, object] = {

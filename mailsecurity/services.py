@@ -179,12 +179,7 @@ class ReleaseResult:
             parts.append(
                 f"{_count(len(self.released_already))} released or delivered already, skipped"
             )
-        if self.not_stored:
-            parts.append(
-                f"{_count(len(self.not_stored))} no longer stored (deleted or purged by "
-                "retention), skipped"
-            )
-        return ". ".join(parts) + "." if parts else "Nothing was released."
+        return _summary(parts, self.not_stored, "Nothing was released.")
 
 
 @dataclass(frozen=True)
@@ -201,16 +196,22 @@ class DeleteResult:
             parts.append(f"Deleted {_count(len(self.deleted))}")
         if self.releasing:
             parts.append(f"{_count(len(self.releasing))} being released right now, not deleted")
-        if self.not_stored:
-            parts.append(
-                f"{_count(len(self.not_stored))} no longer stored (deleted or purged by "
-                "retention), skipped"
-            )
-        return ". ".join(parts) + "." if parts else "Nothing was deleted."
+        return _summary(parts, self.not_stored, "Nothing was deleted.")
 
 
 def _count(number: int) -> str:
     return f"{number} message" if number == 1 else f"{number} messages"
+
+
+def _summary(parts: list[str], not_stored: tuple[int, ...], nothing: str) -> str:
+    """A release's or deletion's outcome in sentences: ``parts``, then the messages skipped for
+    being gone already (both skip those alike), or ``nothing`` when nothing at all happened."""
+    if not_stored:
+        parts = [
+            *parts,
+            f"{_count(len(not_stored))} no longer stored (deleted or purged by retention), skipped",
+        ]
+    return ". ".join(parts) + "." if parts else nothing
 
 
 def _checked_ids(message_ids: Sequence[int], user: User | None) -> list[int]:

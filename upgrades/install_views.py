@@ -10,6 +10,7 @@ and the DHCP pin have a confirmation page first (GET says what happens, POST doe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from django.contrib import messages
@@ -210,24 +211,52 @@ def _interface_named(name: str, candidates: list[network.Interface]) -> network.
     return next((iface for iface in candidates if iface.name == name), None)
 
 
+def _interface_change(
+    request: HttpRequest,
+    change: Callable[..., network.Interface],
+    done: Callable[[network.Interface], str],
+) -> HttpResponse:
+    """The POST of Pin and Return to DHCP: administrators only, one service call, back to
+    Install with what was done or why not."""
+    if refused := _refused_for_read_only(request):
+        return refused
+    name = request.POST.get("interface", "")
+    act(
+        request,
+        lambda: change(user=request.user, interface=name),
+        preflight_services.PinRefused,
+        done,
+    )
+    return redirect("upgrades:install")
+
+
+def _interface_confirm(
+    request: HttpRequest, breadcrumb: str, url_name: str, name: str, **confirm: object
+) -> HttpResponse:
+    """The confirmation of Pin and Return to DHCP: the button POSTs the interface's name."""
+    return _confirm(
+        request,
+        breadcrumb,
+        action=reverse(url_name),
+        fields=[("interface", name)],
+        button_class="primary",
+        **confirm,
+    )
+
+
 @require_http_methods(["GET", "POST"])
 def install_pin_interface(request: HttpRequest) -> HttpResponse:
     """Pin a DHCP interface's current address as static for the upgrade: GET (?interface=)
     confirms, POST pins."""
     if request.method == "POST":
-        if refused := _refused_for_read_only(request):
-            return refused
-        name = request.POST.get("interface", "")
-        act(
+        return _interface_change(
             request,
-            lambda: preflight_services.interface_pin_static(user=request.user, interface=name),
-            preflight_services.PinRefused,
+            preflight_services.interface_pin_static,
             lambda pinned: (
                 f"Interface {pinned.name} now keeps {pinned.cidr} as a static address. "
                 "Return it to DHCP after the upgrade."
             ),
         )
-        return redirect("upgrades:install")
     name = request.GET.get("interface", "")[:40]
     dhcp, _pinned, error = _dhcp_interfaces()
     iface = _interface_named(name, dhcp)
@@ -235,9 +264,11 @@ def install_pin_interface(request: HttpRequest) -> HttpResponse:
     if iface is not None and iface.address is None:
         refusal = f"Interface {name} holds no DHCP lease right now: there is no address to pin."
     address = (iface.cidr if iface else None) or "—"
-    return _confirm(
+    return _interface_confirm(
         request,
         "Pin address",
+        "upgrades:install_pin",
+        name,
         title=f"Pin the address of {name} as static",
         facts=[("Interface", name), ("Leased address", address)],
         consequences=[
@@ -248,10 +279,7 @@ def install_pin_interface(request: HttpRequest) -> HttpResponse:
             "Return the interface to DHCP on this page once the upgrade is complete.",
         ],
         refusal=refusal,
-        action=reverse("upgrades:install_pin"),
-        fields=[("interface", name)],
         button=f"Pin {name} as static",
-        button_class="primary",
         testid="pin-confirm",
         admin_does="pins interfaces.",
     )
@@ -262,23 +290,20 @@ def install_unpin_interface(request: HttpRequest) -> HttpResponse:
     """Return an interface pinned for the upgrade to DHCP: GET (?interface=) confirms, POST
     does it."""
     if request.method == "POST":
-        if refused := _refused_for_read_only(request):
-            return refused
-        name = request.POST.get("interface", "")
-        act(
+        return _interface_change(
             request,
-            lambda: preflight_services.interface_unpin(user=request.user, interface=name),
-            preflight_services.PinRefused,
+            preflight_services.interface_unpin,
             lambda restored: f"Interface {restored.name} is on DHCP again.",
         )
-        return redirect("upgrades:install")
     name = request.GET.get("interface", "")[:40]
     _dhcp, pinned, error = _dhcp_interfaces()
     iface = _interface_named(name, pinned)
     refusal = error or ("" if iface else f"Interface {name!r} is not pinned for the upgrade.")
-    return _confirm(
+    return _interface_confirm(
         request,
         "Return to DHCP",
+        "upgrades:install_unpin",
+        name,
         title=f"Return {name} to DHCP",
         facts=[("Interface", name), ("Pinned address", (iface.cidr if iface else None) or "—")],
         consequences=[
@@ -287,10 +312,7 @@ def install_unpin_interface(request: HttpRequest) -> HttpResponse:
             "then reached at the new one.",
         ],
         refusal=refusal,
-        action=reverse("upgrades:install_unpin"),
-        fields=[("interface", name)],
         button=f"Return {name} to DHCP",
-        button_class="primary",
         testid="unpin-confirm",
         admin_does="returns interfaces to DHCP.",
     )

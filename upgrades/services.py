@@ -163,15 +163,15 @@ def update_check(*, trigger: CheckTrigger | str, user: User | None = None) -> Up
                 new_offers.append(offer)
         FirmwareOffer.objects.filter(listed=True).exclude(pk__in=seen).update(listed=False)
         newest = selectors.newest_downloadable(installed)
-        check = UpdateCheck.objects.create(
+        check = _check_record(
+            trigger,
+            username,
+            document,
+            started,
             checked_at=now,
-            trigger=trigger,
-            requested_by=username,
-            feed_url=document,
             ok=True,
             offers_listed=len(entries),
             newest_available=newest.offer.version if newest else "",
-            duration_ms=round((time.monotonic() - started) * 1000),
         )
         for offer in new_offers:
             eligibility = selectors.offer_eligibility(offer.version, offer.min_version, installed)
@@ -198,17 +198,23 @@ def update_check(*, trigger: CheckTrigger | str, user: User | None = None) -> Up
     return check
 
 
-def _check_failed(
-    trigger: CheckTrigger | str, username: str, document: str, error: str, started: float
+def _check_record(
+    trigger: CheckTrigger | str, username: str, document: str, started: float, **outcome: Any
 ) -> UpdateCheck:
-    check = UpdateCheck.objects.create(
+    """The check's row: who asked, which feed, how long it took (until now), and ``outcome``."""
+    return UpdateCheck.objects.create(
         trigger=trigger,
         requested_by=username,
         feed_url=document,
-        ok=False,
-        error=error,
         duration_ms=round((time.monotonic() - started) * 1000),
+        **outcome,
     )
+
+
+def _check_failed(
+    trigger: CheckTrigger | str, username: str, document: str, error: str, started: float
+) -> UpdateCheck:
+    check = _check_record(trigger, username, document, started, ok=False, error=error)
     event(
         f"Checking for firmware updates failed: {error}",
         severity=Severity.WARNING,
