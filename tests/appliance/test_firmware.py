@@ -43,6 +43,13 @@ def installed(bundle_281: Path, demo_appliance: Path) -> firmware.SlotImage:
     return firmware.slot_install(bundle_281, demo_appliance)
 
 
+def assert_switch_refused(slot: str, error: type[Exception]) -> None:
+    """Switching to ``slot`` raises ``error``, and the appliance keeps running slot-a."""
+    with pytest.raises(error):
+        firmware.slot_switch(slot)
+    assert firmware.active_slot() == "slot-a"
+
+
 def test_the_demo_runs_slot_a_so_slot_b_is_the_install_target(demo_appliance: Path) -> None:
     assert firmware.active_slot() == "slot-a"
     assert firmware.inactive_slot() == "slot-b"
@@ -102,9 +109,7 @@ def test_a_flipped_byte_in_the_staged_slot_fails_verification(
 
     with pytest.raises(slottree.SlotCorrupt, match=r"mailsecd\.bin"):
         firmware.slot_verify("slot-b")
-    with pytest.raises(slottree.SlotCorrupt):
-        firmware.slot_switch("slot-b")
-    assert firmware.active_slot() == "slot-a"
+    assert_switch_refused("slot-b", slottree.SlotCorrupt)
 
 
 def test_an_extra_file_or_a_changed_link_fails_verification(
@@ -201,9 +206,7 @@ def test_a_killed_install_leaves_an_unbootable_slot_that_a_rerun_completes(
 
     assert b"installing" in state_file.read_bytes()
     assert not firmware.slot_bootable("slot-b")
-    with pytest.raises(slottree.SlotNotBootable):
-        firmware.slot_switch("slot-b")
-    assert firmware.active_slot() == "slot-a"
+    assert_switch_refused("slot-b", slottree.SlotNotBootable)
     assert tree_snapshot(demo_appliance / "system" / "slot-a") == before
 
     image = firmware.slot_install(bundle_281)
@@ -309,11 +312,8 @@ def test_it_refuses_to_switch_to_a_slot_that_was_not_completely_installed(
     slot_b = demo_appliance / "system" / "slot-b"
     (slot_b / "etc").mkdir(parents=True)
     (slot_b / "etc" / "firmware-release").write_text("FIRMWARE_VERSION=9.9.9.9\n")
-    with pytest.raises(slottree.SlotNotBootable):
-        firmware.slot_switch("slot-b")
-    with pytest.raises(slottree.SlotNotBootable):
-        firmware.slot_switch("slot-c")
-    assert firmware.active_slot() == "slot-a"
+    assert_switch_refused("slot-b", slottree.SlotNotBootable)
+    assert_switch_refused("slot-c", slottree.SlotNotBootable)
 
 
 def test_firmware_level_set_and_restore_give_back_the_same_bytes(

@@ -21,6 +21,7 @@ from jobs.tasks import run_job
 from tests.backups.conftest import tree_bytes
 from tests.support import enqueue as enqueues
 from tests.support.clock import Clock
+from tests.support.jobs import appliance_job_running
 from upgrades.models import UpdateSettings
 from upgrades.services import automatic_downloads_set
 
@@ -190,13 +191,7 @@ def test_no_restore_or_system_backup_runs_under_an_install(
     """Every job that changes the appliance excludes the others: during an install a system
     restore, a configuration restore and a system backup are refused, naming the install."""
     header = services.config_backup_create(user=admin_user)
-    Job.objects.create(
-        kind="install",
-        title="Install of firmware 2.8.1.0",
-        state=JobState.RUNNING,
-        conflict_group="appliance",
-        requested_by="admin",
-    )
+    appliance_job_running("install", "Install of firmware 2.8.1.0")
     etc_before = tree_bytes(demo_appliance, "etc")
     named = r"Install of firmware 2\.8\.1\.0 is already in progress, started by admin"
 

@@ -7,6 +7,7 @@ import pytest
 from events.models import Category, Severity
 from events.services import event_write
 from tests.support.browser import screenshot
+from tests.support.log_filters import filter_in_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -20,12 +21,13 @@ def test_an_administrator_filters_the_event_log_and_exports_what_is_shown(
     )
     event_write(category=Category.SYSTEM, severity=Severity.ERROR, message="Disk check failed")
     page = admin_page
-    page.goto("/system/events/")
-
-    page.get_by_label("Severity").select_option("error")
-    page.get_by_label("Category").select_option("smtp")
-    page.get_by_role("button", name="Apply").click()
-    page.wait_for_url("**severity=error**")
+    filter_in_browser(
+        page,
+        "/system/events/",
+        {"Severity": "error", "Category": "smtp"},
+        button="Apply",
+        lands_on="**severity=error**",
+    )
 
     assert "category=smtp" in page.url
     rows = page.locator("#event-rows tr")

@@ -47,7 +47,7 @@ from jobs.models import Job, JobState
 from tests.backups.test_integration import drop_from_image
 from tests.support import enqueue as enqueues
 from tests.support.launcher import LauncherProcess, launched_console
-from tests.support.mailload import MailLoad, outside
+from tests.support.mailload import MailLoad, mail_flowing, outside
 from tests.support.services import wait_for
 from tests.support.trees import tree_snapshot
 from tests.upgrades.test_install import (  # noqa: F401
@@ -127,14 +127,9 @@ def test_every_fault_under_live_mail_ends_in_success_or_rollback_with_no_mail_lo
     sent = enqueues.capture(monkeypatch, "jobs.run")
     with launched_console(tmp_path, appliance_root, **CONSOLE_ENV) as console:
         before = msgcounts.store_counts()
-        load = MailLoad(console.smtp_port)
-        load.start()
-        try:
-            wait_for(lambda: load.accepted >= 5 or load.failed, message="no mail was answered")
+        with mail_flowing(console.smtp_port) as load:
             windows = _faults(console, load, sent, appliance_root)
             time.sleep(0.5)  # some mail after the last install too
-        finally:
-            load.stop()
 
         assert load.failed == [], load.failed  # never a timeout or a 5xx
         assert "Unrecoverable error" not in console.log()

@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import smtplib
-import threading
 
 import psutil
 import pytest
 
 from events.models import Category, Event, Severity
 from tests.support.launcher import LauncherProcess, launcher  # noqa: F401
+from tests.support.mailload import SmtpSessions
 from tests.support.services import wait_for
-from tests.support.smtp import CLIENT_NAME
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,33 +26,26 @@ RECOVERY_TIMEOUT = 30.0
 PARKED_QUEUE = "lmi.parked-by-test"
 
 
-class SmtpProbe(threading.Thread):
+class SmtpProbe(SmtpSessions):
     """Holds SMTP sessions (connect, EHLO, NOOP, QUIT) one after another; keeps every failure."""
 
+    session_timeout = 5.0
+    stop_timeout = 10.0
+
     def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.port = port
+        super().__init__(port)
         self.sessions = 0
         self.failures: list[str] = []
-        self._done = threading.Event()
 
-    def run(self) -> None:
-        while not self._done.is_set():
-            try:
-                with smtplib.SMTP(
-                    "127.0.0.1", self.port, local_hostname=CLIENT_NAME, timeout=5
-                ) as client:
-                    ehlo, noop = client.ehlo()[0], client.noop()[0]
-                if (ehlo, noop) != (250, 250):
-                    self.failures.append(f"EHLO {ehlo}, NOOP {noop}")
-                self.sessions += 1
-            except (OSError, smtplib.SMTPException) as exc:
-                self.failures.append(repr(exc))
-            self._done.wait(0.05)
-
-    def finish(self) -> None:
-        self._done.set()
-        self.join(timeout=10)
+    def session(self) -> None:
+        try:
+            with self.connect() as client:
+                ehlo, noop = client.ehlo()[0], client.noop()[0]
+            if (ehlo, noop) != (250, 250):
+                self.failures.append(f"EHLO {ehlo}, NOOP {noop}")
+            self.sessions += 1
+        except (OSError, smtplib.SMTPException) as exc:
+            self.failures.append(repr(exc))
 
 
 def _gone(process: psutil.Process) -> bool:
@@ -104,7 +96,7 @@ def test_a_killed_redis_is_restarted_and_the_worker_and_smtp_service_carry_on(
         )
         _a_task_runs(launcher, f"the worker ran no task after the restart:\n{launcher.tail()}")
     finally:
-        probe.finish()
+        probe.stop()
 
     assert probe.failures == []
     assert launcher.running()

@@ -11,6 +11,7 @@ from appliance.system import maintenance
 from jobs.models import Job, JobState
 from mailsecurity.models import PURGE
 from tests.support.browser import screenshot
+from tests.support.log_filters import filter_in_browser
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -132,12 +133,13 @@ def test_an_administrator_enters_and_leaves_maintenance_mode(demo_appliance, adm
 
 def test_the_tracking_search_puts_its_filters_in_the_url(demo_appliance, admin_page):
     page = admin_page
-    page.goto("/mail-security/policy/message-tracking/")
-
-    page.get_by_label("Verdict").select_option("spam")
-    page.get_by_label("Status").select_option("quarantined")
-    page.get_by_role("button", name="Search").click()
-    page.wait_for_url("**verdict=spam**")
+    filter_in_browser(
+        page,
+        "/mail-security/policy/message-tracking/",
+        {"Verdict": "spam", "Status": "quarantined"},
+        button="Search",
+        lands_on="**verdict=spam**",
+    )
 
     assert "action=quarantined" in page.url
     rows = page.get_by_test_id("tracking-rows").locator("tbody tr")

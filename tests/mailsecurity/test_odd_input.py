@@ -14,6 +14,7 @@ import pytest
 from django.test import Client
 
 from appliance.mail import tracking
+from tests.support.log_filters import WIDEST_RANGE, damaged_link
 from tests.support.odd_input import OUT_OF_RANGE, OUT_OF_RANGE_TIMES, page_link
 
 from .conftest import MailData
@@ -30,22 +31,12 @@ THIRTY_NINES = "9" * 30
         pytest.param({"limit": "²"}, "Page size must be a number", id="superscript-limit"),
         pytest.param({"limit": "٣"}, "Page size must be a number", id="arabic-indic-limit"),
         *OUT_OF_RANGE_TIMES,
-        pytest.param(
-            {"after": page_link(f"{THIRTY_NINES}.1")},
-            "This page link is damaged",
-            id="position-time-of-thirty-nines",
+        damaged_link({"after": page_link(f"{THIRTY_NINES}.1")}, "position-time-of-thirty-nines"),
+        damaged_link(
+            {"before": page_link(f"1700000000.{THIRTY_NINES}")}, "position-id-of-thirty-nines"
         ),
-        pytest.param(
-            {"before": page_link(f"1700000000.{THIRTY_NINES}")},
-            "This page link is damaged",
-            id="position-id-of-thirty-nines",
-        ),
-        pytest.param(
-            {"after": page_link(f"-{THIRTY_NINES}.1")},
-            "This page link is damaged",
-            id="position-time-far-before-year-1",
-        ),
-        pytest.param({"after": THIRTY_NINES}, "This page link is damaged", id="raw-thirty-nines"),
+        damaged_link({"after": page_link(f"-{THIRTY_NINES}.1")}, "position-time-far-before-year-1"),
+        damaged_link({"after": THIRTY_NINES}, "raw-thirty-nines"),
     ],
 )
 def test_the_search_explains_odd_input_with_a_400(
@@ -75,9 +66,7 @@ def test_the_widest_accepted_range_still_finds_entries(
     mail.tracking(0.1, subject="Inside the range")
     mail.commit()
 
-    response = admin_client.get(
-        TRACKING, {"since": "0001-01-02T00:00:00+00:00", "until": "9999-12-30T00:00:00+00:00"}
-    )
+    response = admin_client.get(TRACKING, WIDEST_RANGE)
 
     assert response.status_code == 200
     assert "Inside the range" in response.content.decode()

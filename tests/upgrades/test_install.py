@@ -32,6 +32,7 @@ from jobs import leases
 from jobs.models import Job, JobState
 from jobs.reconciler import enqueue_grace, reconcile
 from tests.support import enqueue as enqueues
+from tests.support.jobs import appliance_job_running
 from tests.support.services import WorkerProcess, start_worker, wait_for
 from tests.support.smtp import (
     SmtpServiceProcess,
@@ -419,13 +420,7 @@ def test_the_reconciler_leaves_a_maintenance_that_no_install_holds_any_more(
 
 @pytest.mark.django_db(transaction=True)
 def test_no_install_starts_under_a_restore(ready_firmware: Download, admin_user) -> None:
-    Job.objects.create(
-        kind="system_restore",
-        title="System restore",
-        state=JobState.RUNNING,
-        conflict_group="appliance",
-        requested_by="admin",
-    )
+    appliance_job_running("system_restore", "System restore")
     with pytest.raises(install.InstallInProgress, match="System restore is in progress, started"):
         install.install_start(user=admin_user)
     assert not InstallRun.objects.exists()
