@@ -291,9 +291,28 @@ class DigestCache:
             )
             self.conn.execute("COMMIT")
 
+    def forget(self, big: ChunkedTable, chunks: set[int]) -> None:
+        """Drop the digests of these chunks in both formats: their rows changed in a way a
+        fingerprint may not show (an update), so the next count reads them again."""
+        if self.conn is None or not chunks:
+            return
+        key = _cache_key(big)
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                "DELETE FROM chunk_digest WHERE tbl = ? AND chunk = ?",
+                [(key, chunk) for chunk in sorted(chunks)],
+            )
+            self.conn.execute("COMMIT")
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def _cache_key(big: ChunkedTable) -> str:
+    """The chunk size is part of the key: a digest covers one chunk's id range."""
+    return f"{big.name}/{CHUNK_BITS}"
 
 
 def table_digests(
@@ -314,8 +333,7 @@ def table_digests(
     """
     if fingerprints is None:
         fingerprints = chunk_fingerprints(conn, schema, big, version)
-    # The chunk size is part of the key: a digest covers one chunk's id range.
-    cache_key = f"{big.name}/{CHUNK_BITS}"
+    cache_key = _cache_key(big)
     cached = cache.load(version, cache_key)
     digests: dict[int, bytes] = {}
     fresh: list[tuple[int, str, bytes]] = []

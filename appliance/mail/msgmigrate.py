@@ -15,13 +15,16 @@ for what changed since:
   new bodies back, decompresses them and checks their SHA-256 (a read-back, as update engines
   do before switching).
 - :func:`migrate_finish` (mail stopped) recopies the few changed chunks, compares counts and
-  checksums, and swaps the file in with one rename.
+  checksums, and swaps the file in with one rename. It finds those chunks in the old store's
+  journal of changes (:mod:`appliance.mail.msgjournal`), not by reading the whole store again,
+  so its time follows the mail that came in during phase 2, not the store's size.
 
 Counts, fingerprints and checksums, equal for the same content in either format, are
 :mod:`appliance.mail.msgcounts`'s; phase 4's checksummed copy of the store, and putting it back,
 :mod:`appliance.mail.msgbackup`'s.
 
-Kill safety: the 2.8.0 file is never written by the conversion; the new file becomes the store
+Kill safety: the 2.8.0 file's mail is never written by the conversion (only its journal
+triggers and table, added by prepare and dropped by discard); the new file becomes the store
 only by ``rename`` after verification, and the old write-ahead log is checkpointed and removed
 first (a stale ``-wal`` would otherwise be replayed into the new file). At every instant the
 store is the complete 2.8.0 store or the complete verified 2.8.1 one.
@@ -36,7 +39,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from appliance.mail import msgstore
@@ -45,16 +48,23 @@ from appliance.mail.msgcounts import (
     SMALL_TABLES,
     ChunkedTable,
     DigestCache,
-    Fingerprints,
     StoreCounts,
     cache_path,
-    chunk_fingerprint,
-    chunk_fingerprints,
     chunk_range,
     counts_in,
     small_digest,
     store_counts,
     table_digests,
+)
+from appliance.mail.msgjournal import (
+    SAVED_STATE,
+    Fingerprinted,
+    journal_chunks,
+    journal_remove,
+    journal_start,
+    state_forget,
+    state_save,
+    state_saved,
 )
 from appliance.system.atomic import exclusive_lock, fsync_dir
 from appliance.system.errors import ApplianceError, MalformedApplianceFile
@@ -203,39 +213,6 @@ def _source_format(conn: sqlite3.Connection) -> str:
     return str(row[0])
 
 
-@dataclass
-class _Fingerprinted:
-    """Both sides' fingerprints as of the last pass, kept current for the chunks copied."""
-
-    old: dict[str, Fingerprints] = field(default_factory=dict)
-    new: dict[str, Fingerprints] = field(default_factory=dict)
-
-    def measure(self, conn: sqlite3.Connection) -> list[tuple[ChunkedTable, int]]:
-        """Fingerprint both sides; the chunks that differ."""
-        todo = []
-        for big in CHUNKED_TABLES:
-            old = self.old[big.name] = chunk_fingerprints(conn, "src", big, OLD_FORMAT)
-            new = self.new[big.name] = chunk_fingerprints(conn, "main", big, NEW_FORMAT)
-            todo += [
-                (big, chunk)
-                for chunk in sorted(old.keys() | new.keys())
-                if old.get(chunk) != new.get(chunk)
-            ]
-        return todo
-
-    def copied(self, conn: sqlite3.Connection, big: ChunkedTable, chunk: int) -> None:
-        for side, schema, version in (
-            (self.old, "src", OLD_FORMAT),
-            (self.new, "main", NEW_FORMAT),
-        ):
-            table = side.setdefault(big.name, {})
-            fingerprint = chunk_fingerprint(conn, schema, big, version, chunk)
-            if fingerprint is None:
-                table.pop(chunk, None)
-            else:
-                table[chunk] = fingerprint
-
-
 def _copy_chunk(conn: sqlite3.Connection, big: ChunkedTable, chunk: int) -> None:
     key = big.key[NEW_FORMAT]
     lo, hi = chunk_range(chunk)
@@ -302,7 +279,7 @@ def _sync(
     max_passes: int,
     yield_ratio: float = 0.0,
     force: list[tuple[ChunkedTable, int]] | None = None,
-    state: _Fingerprinted | None = None,
+    state: Fingerprinted | None = None,
 ) -> tuple[int, int]:
     """Copy every chunk that differs, pass after pass; returns (chunks copied, passes).
 
@@ -312,7 +289,7 @@ def _sync(
     whichever is longer: a fixed pause is too little on a slow disk and too much on a fast one,
     while a ratio leaves the mail service the same share of the machine on any.
     """
-    state = state if state is not None else _Fingerprinted()
+    state = state if state is not None else Fingerprinted()
     copied = passes = 0
     while passes < max_passes:
         todo = state.measure(conn) if force is None or passes else force
@@ -339,7 +316,7 @@ def _verify(
     conn: sqlite3.Connection,
     cache: DigestCache,
     progress: ProgressCallback | None,
-    state: _Fingerprinted | None = None,
+    state: Fingerprinted | None = None,
 ) -> tuple[StoreCounts, StoreCounts]:
     """(old, new) counts of the attached store and the partial file."""
     done = 0
@@ -383,6 +360,10 @@ def migrate_prepare(
         try:
             if _source_format(conn) != OLD_FORMAT:
                 raise ApplianceError(f"the message store is not in format {OLD_FORMAT}")
+            # Forget what an earlier run saved before anything changes, then journal the old
+            # store's changes from before the first measurement on (appliance.mail.msgjournal).
+            state_forget(conn)
+            journal_start(layout(root).msgstore_db)
             copied, passes = _sync(
                 conn,
                 pause=pause,
@@ -394,7 +375,16 @@ def migrate_prepare(
             # Once, after the bulk load; later chunks maintain them row by row.
             msgstore.create_indexes(conn)
             conn.execute("ANALYZE main")
-            old, new = _verify(conn, cache, progress)
+            # The last measurement and the digests from one snapshot of both files: what
+            # phase 7 trusts for every chunk the journal does not name afterwards.
+            state = Fingerprinted()
+            conn.execute("BEGIN")
+            try:
+                state.measure(conn)
+                old, new = _verify(conn, cache, progress, state)
+            finally:
+                conn.execute("COMMIT")
+            state_save(conn, state)
             # On disk now, while mail flows, so that finish only syncs what it changes.
             conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
             _fsync(partial_path(root))
@@ -509,10 +499,23 @@ def migrate_finish(
             if _source_format(conn) != OLD_FORMAT:
                 raise ApplianceError(f"the message store is not in format {OLD_FORMAT}")
             full = created
-            # Mail is stopped: one pass, and its fingerprints serve the verification too.
-            state = _Fingerprinted()
+            # Mail is stopped: one pass, and its fingerprints serve the verification too. What
+            # phase 2 saved, with the old store's journal of changes since, names the chunks to
+            # look at again: the downtime does not read the rest of the store.
+            saved = None if created else state_saved(conn)
+            changed = journal_chunks(conn) if saved is not None else None
+            state = saved if saved is not None and changed is not None else Fingerprinted()
+            force = state.journaled(conn, changed) if changed is not None else None
+            for big in CHUNKED_TABLES:  # digested again below, on both sides
+                cache.forget(big, (changed or {}).get(big.name, set()))
             copied, _ = _sync(
-                conn, pause=0.0, should_stop=None, progress=progress, max_passes=1, state=state
+                conn,
+                pause=0.0,
+                should_stop=None,
+                progress=progress,
+                max_passes=1,
+                state=state,
+                force=force,
             )
             msgstore.create_indexes(conn)
             old, new = _verify(conn, cache, progress, state)
@@ -561,6 +564,7 @@ def migrate_finish(
                     "INSERT OR REPLACE INTO main.meta (key, value) VALUES ('migration', ?)",
                     (result.to_json(),),
                 )
+                conn.execute("DELETE FROM main.meta WHERE key = ?", (SAVED_STATE,))
         finally:
             cache.close()
             conn.close()
@@ -577,12 +581,14 @@ def migrate_finish(
 def migrate_discard(root: Path | None = None) -> int:
     """Remove the partial file, its logs, leftover temporary copies and the digest cache.
 
-    Returns the bytes freed (phase 9, or an abort). Never touches the store itself.
+    Returns the bytes freed (phase 9, or an abort). Of the store itself, only the change
+    journal goes, from a store still in the 2.8.0 format (appliance.mail.msgjournal).
     """
     directory = layout(root).msgstore_dir
     if not directory.is_dir():
         return 0
     with conversion_lock(root):
+        journal_remove(layout(root).msgstore_db)
         victims = [partial_path(root), cache_path(root)]
         victims += [path for base in victims[:] for path in msgstore.wal_files(base)]
         victims += list(directory.glob(".msgstore-restore-*.tmp"))

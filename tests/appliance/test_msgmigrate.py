@@ -22,6 +22,7 @@ from appliance.mail import (
     mailrecords,
     msgbackup,
     msgcounts,
+    msgjournal,
     msgmigrate,
     msgstore,
     processing,
@@ -175,6 +176,81 @@ def test_a_failure_inside_finish_leaves_the_2_8_0_store_and_a_rerun_succeeds(
     assert msgstore.format_version() == "2.8.0"
     assert msgcounts.store_counts(cached=False) == before
     assert msgmigrate.migrate_finish().counts == before
+
+
+def _journal_objects(db: Path) -> list[str]:
+    conn = sqlite3.connect(db)
+    try:
+        return [n for (n,) in conn.execute("SELECT name FROM sqlite_schema WHERE name LIKE 'mm_%'")]
+    finally:
+        conn.close()
+
+
+def test_phase_7_looks_again_only_at_the_chunks_the_old_store_journaled(store: Path) -> None:
+    """The downtime reads what changed since phase 2, not the store: the journal names the
+    chunks, and one that nothing touched is not even fingerprinted again."""
+    msgmigrate.migrate_prepare()
+    late = mailrecords.mail_record(_record(1))
+    assert late is not None
+    conn, created = msgmigrate._open_partial(None)
+    try:
+        saved = msgjournal.state_saved(conn)
+        changed = msgjournal.journal_chunks(conn)
+        assert not created and saved is not None and changed is not None
+        chunk = late >> msgcounts.CHUNK_BITS
+        assert changed["messages"] == {chunk} and changed["bodies"] == {chunk}
+        todo = saved.journaled(conn, changed)
+    finally:
+        conn.close()
+    assert {(big.name, c) for big, c in todo} == {
+        (name, c) for name, chunks in changed.items() for c in chunks
+    }
+
+
+def test_an_update_that_fingerprints_miss_is_carried_over(store: Path) -> None:
+    """A subject changed after phase 2 keeps the chunk's row count and sums: the journal still
+    names the chunk, so phase 7 copies and digests it again."""
+    msgmigrate.migrate_prepare()
+    conn = sqlite3.connect(layout().msgstore_db)
+    try:
+        with conn:
+            conn.execute("UPDATE quarantined_message SET subject = 'edited' WHERE id = 5")
+    finally:
+        conn.close()
+    before = msgcounts.store_counts(cached=False)
+    assert msgmigrate.migrate_finish().counts == before
+    assert msgcounts.store_counts(cached=False) == before
+    conn = msgstore.connect(readonly=True)
+    try:
+        row = conn.execute("SELECT subject FROM quarantined_message WHERE id = 5").fetchone()
+    finally:
+        conn.close()
+    assert row[0] == "edited"
+    assert _journal_objects(layout().msgstore_db) == []  # the new file has no journal
+
+
+def test_without_a_whole_journal_phase_7_measures_everything(store: Path) -> None:
+    """A trigger gone (here dropped behind the conversion's back, with mail stored after):
+    nothing is trusted, every chunk is fingerprinted, and the late mail is still carried."""
+    msgmigrate.migrate_prepare()
+    conn = sqlite3.connect(layout().msgstore_db)
+    try:
+        with conn:
+            conn.execute("DROP TRIGGER mm_changed_quarantined_message_insert")
+    finally:
+        conn.close()
+    mailrecords.mail_record(_record(2))
+    before = msgcounts.store_counts(cached=False)
+    assert msgmigrate.migrate_finish().counts == before
+    assert msgcounts.store_counts(cached=False) == before
+
+
+def test_discard_takes_the_journal_out_of_a_store_that_stays_2_8_0(store: Path) -> None:
+    msgmigrate.migrate_prepare()
+    assert "mm_changed" in _journal_objects(layout().msgstore_db)
+    msgmigrate.migrate_discard()
+    assert _journal_objects(layout().msgstore_db) == []
+    assert msgstore.format_version() == "2.8.0"
 
 
 def test_should_stop_stops_prepare_and_discard_frees_its_files(store: Path) -> None:
