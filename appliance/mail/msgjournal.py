@@ -94,6 +94,17 @@ def journal_start(db: Path) -> None:
         conn.close()
 
 
+def journal_clear(db: Path) -> None:
+    """Empty the journal, just before a measurement that sees everything it held: what is
+    journaled from then on is what changed after that measurement (or during it)."""
+    conn = _writer(db)
+    try:
+        with msgstore.write_transaction(conn):
+            conn.execute(f"DELETE FROM {JOURNAL}")  # noqa: S608
+    finally:
+        conn.close()
+
+
 def journal_chunks(conn: sqlite3.Connection, schema: str = "src") -> dict[str, set[int]] | None:
     """The chunks changed since :func:`journal_start`, by table name; None when this store has
     no complete journal (no table, a trigger missing or made for another chunk size): then
@@ -110,6 +121,20 @@ def journal_chunks(conn: sqlite3.Connection, schema: str = "src") -> dict[str, s
     for table, chunk in conn.execute(f"SELECT tbl, chunk FROM {schema}.{JOURNAL}"):  # noqa: S608
         changed.setdefault(table, set()).add(int(chunk))
     return changed
+
+
+def journal_take(db: Path) -> dict[str, set[int]] | None:
+    """:func:`journal_chunks` and empty the journal, in one transaction on the old store (no
+    change can fall between the two): for a catch-up round while mail flows. None as there."""
+    conn = _writer(db)
+    try:
+        with msgstore.write_transaction(conn):
+            changed = journal_chunks(conn, "main")
+            if changed is not None:
+                conn.execute(f"DELETE FROM {JOURNAL}")  # noqa: S608
+        return changed
+    finally:
+        conn.close()
 
 
 def journal_remove(db: Path) -> None:

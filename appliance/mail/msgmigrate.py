@@ -23,6 +23,10 @@ Counts, fingerprints and checksums, equal for the same content in either format,
 :mod:`appliance.mail.msgcounts`'s; phase 4's checksummed copy of the store, and putting it back,
 :mod:`appliance.mail.msgbackup`'s.
 
+Prepare, its catch-up and finish stay in this one module, longer than most: they share the
+chunk rules (what differs, what is copied, what is verified), and a change that reached one of
+them and missed another would convert a store wrongly.
+
 Kill safety: the 2.8.0 file's mail is never written by the conversion (only its journal
 triggers and table, added by prepare and dropped by discard); the new file becomes the store
 only by ``rename`` after verification, and the old write-ahead log is checkpointed and removed
@@ -60,8 +64,10 @@ from appliance.mail.msgjournal import (
     SAVED_STATE,
     Fingerprinted,
     journal_chunks,
+    journal_clear,
     journal_remove,
     journal_start,
+    journal_take,
     state_forget,
     state_save,
     state_saved,
@@ -76,6 +82,9 @@ BUSY_TIMEOUT_MS = 30_000
 # A prepare makes passes until nothing changed during the last; under steady mail the last
 # chunk always changes, so it stops after a few and leaves the rest to finish.
 MAX_PASSES = 3
+# Rounds of catching up with the journal after prepare's verification: each takes about as
+# long as the mail the one before saw takes to copy, so two leave phase 7 the last moments.
+CATCH_UP_ROUNDS = 2
 
 
 class MigrationStopped(ApplianceError):
@@ -312,6 +321,36 @@ def _sync(
     return copied, passes
 
 
+def _catch_up(
+    conn: sqlite3.Connection,
+    cache: DigestCache,
+    state: Fingerprinted,
+    changed: dict[str, set[int]],
+    *,
+    pause: float,
+    progress: ProgressCallback | None,
+    should_stop: Callable[[], bool] | None = None,
+    yield_ratio: float = 0.0,
+) -> int:
+    """Copy the chunks the journal names (and any other whose saved fingerprints differ),
+    after dropping their cached digests so the next :func:`_verify` reads them again; the
+    chunks copied. ``state`` is kept current."""
+    force = state.journaled(conn, changed)
+    for big in CHUNKED_TABLES:
+        cache.forget(big, changed.get(big.name, set()))
+    copied, _ = _sync(
+        conn,
+        pause=pause,
+        should_stop=should_stop,
+        progress=progress,
+        max_passes=1,
+        yield_ratio=yield_ratio,
+        force=force,
+        state=state,
+    )
+    return copied
+
+
 def _verify(
     conn: sqlite3.Connection,
     cache: DigestCache,
@@ -376,7 +415,10 @@ def migrate_prepare(
             msgstore.create_indexes(conn)
             conn.execute("ANALYZE main")
             # The last measurement and the digests from one snapshot of both files: what
-            # phase 7 trusts for every chunk the journal does not name afterwards.
+            # phase 7 trusts for every chunk the journal does not name afterwards. The journal
+            # is emptied just before, so phase 7 sees only what came after (or during) it.
+            db = layout(root).msgstore_db
+            journal_clear(db)
             state = Fingerprinted()
             conn.execute("BEGIN")
             try:
@@ -384,6 +426,24 @@ def migrate_prepare(
                 old, new = _verify(conn, cache, progress, state)
             finally:
                 conn.execute("COMMIT")
+            # That read the whole store while mail flowed: catch up with what the journal
+            # recorded meanwhile, each round shorter than the one before, so that phase 7 is
+            # left with the mail of the last moments only.
+            for _ in range(CATCH_UP_ROUNDS):
+                changed = journal_take(db)
+                if changed is None or not any(changed.values()):
+                    break
+                copied += _catch_up(
+                    conn,
+                    cache,
+                    state,
+                    changed,
+                    pause=pause,
+                    should_stop=should_stop,
+                    progress=progress,
+                    yield_ratio=yield_ratio,
+                )
+                old, new = _verify(conn, cache, progress, state)
             state_save(conn, state)
             # On disk now, while mail flows, so that finish only syncs what it changes.
             conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
@@ -504,19 +564,14 @@ def migrate_finish(
             # look at again: the downtime does not read the rest of the store.
             saved = None if created else state_saved(conn)
             changed = journal_chunks(conn) if saved is not None else None
-            state = saved if saved is not None and changed is not None else Fingerprinted()
-            force = state.journaled(conn, changed) if changed is not None else None
-            for big in CHUNKED_TABLES:  # digested again below, on both sides
-                cache.forget(big, (changed or {}).get(big.name, set()))
-            copied, _ = _sync(
-                conn,
-                pause=0.0,
-                should_stop=None,
-                progress=progress,
-                max_passes=1,
-                state=state,
-                force=force,
-            )
+            if saved is not None and changed is not None:
+                state = saved
+                copied = _catch_up(conn, cache, state, changed, pause=0.0, progress=progress)
+            else:
+                state = Fingerprinted()
+                copied, _ = _sync(
+                    conn, pause=0.0, should_stop=None, progress=progress, max_passes=1, state=state
+                )
             msgstore.create_indexes(conn)
             old, new = _verify(conn, cache, progress, state)
             if old != new:

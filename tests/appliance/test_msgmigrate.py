@@ -207,6 +207,29 @@ def test_phase_7_looks_again_only_at_the_chunks_the_old_store_journaled(store: P
     }
 
 
+def test_mail_during_prepares_verification_is_caught_up_before_phase_7(store: Path) -> None:
+    """The verification reads the whole store while mail flows; what came in meanwhile is
+    copied by prepare's catch-up rounds, so phase 7 finds an empty journal."""
+    late: list[int | None] = []
+
+    def progress(step: MigrateProgress) -> None:
+        if step.step == "verify" and not late:
+            late.append(mailrecords.mail_record(_record(3)))
+
+    msgmigrate.migrate_prepare(progress=progress)
+    assert late and late[0] is not None
+    conn, _ = msgmigrate._open_partial(None)
+    try:
+        changed = msgjournal.journal_chunks(conn)
+    finally:
+        conn.close()
+    assert changed is not None and not any(changed.values())
+    before = msgcounts.store_counts(cached=False)
+    result = msgmigrate.migrate_finish()
+    assert result.counts == before and result.chunks_copied == 0
+    assert msgstore.message_raw(late[0]) is not None
+
+
 def test_an_update_that_fingerprints_miss_is_carried_over(store: Path) -> None:
     """A subject changed after phase 2 keeps the chunk's row count and sums: the journal still
     names the chunk, so phase 7 copies and digests it again."""
