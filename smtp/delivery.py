@@ -2,7 +2,8 @@
 
 A message the policy lets through is in the spool (``var/spool/mailsec/outgoing``) before its
 sender is answered 250: written to a temporary file, fsynced, renamed to its final name and the
-directory fsynced (:func:`appliance.system.atomic.atomic_write_bytes`). From then on only delivery
+directory fsynced (:func:`spool_write`; writes renamed at the same time share that last fsync,
+see :class:`DirectorySync`). From then on only delivery
 removes it: after the next hop has answered 250 for it, or by an atomic rename into the sink
 (``var/spool/mailsec/delivered``) when no next hop is configured. On start the service delivers
 whatever a stop or a crash left in the spool; a failed attempt is retried with exponential
@@ -31,6 +32,7 @@ import fcntl
 import logging
 import os
 import smtplib
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -52,6 +54,8 @@ _SENDER = b"Return-Path: "
 _RECIPIENT = b"X-LMI-Envelope-To: "
 NEXT_HOP_TIMEOUT = 30.0
 DEFAULT_NEXT_HOP_PORT = 25
+# How long a delivery attempt waits for more messages to join it (see DeliveryQueue._work).
+DELIVERY_LINGER = 0.02
 
 
 class DeliveryError(Exception):
@@ -111,6 +115,86 @@ def parse_spool_file(path: Path, data: bytes) -> SpooledMessage:
     return SpooledMessage(path, queue_id, sender, tuple(recipients), data[position:])
 
 
+class DirectorySync:
+    """Group commit for a directory's entries: one ``fsync`` covers every rename before it.
+
+    A spool write is durable once the directory holding its new name is fsynced. Writers that
+    finished their renames at about the same time need not each pay for a directory fsync
+    (a journal commit): :meth:`sync` waits for an fsync that *started after* the caller's rename
+    (the one in progress may have started before it, so it does not count), and one caller runs
+    it for everyone waiting. When that fsync fails, each waiter it was to cover runs its own
+    (and raises its own error), so nobody is told "durable" on someone else's failure.
+    Thread-safe; one instance per directory (:func:`directory_sync`).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.fsyncs = 0  # how many fsyncs ran (one per group): tests and benches read it
+        self._condition = threading.Condition()
+        self._requested = 0  # tickets handed out, one per sync() call
+        self._synced = 0  # every ticket up to this one is covered by a finished fsync
+        self._running = False
+
+    def sync(self) -> None:
+        """Return once an fsync of the directory that began after this call has returned."""
+        with self._condition:
+            self._requested += 1
+            ticket = self._requested
+            while self._running:
+                self._condition.wait()
+                if self._synced >= ticket:
+                    return
+            self._running = True
+            covered = self._requested  # every rename up to here happened before the fsync
+        try:
+            fsync_dir(self.directory)
+        except BaseException:
+            with self._condition:
+                self._running = False
+                self._condition.notify_all()
+            raise
+        with self._condition:
+            self.fsyncs += 1
+            self._synced = covered
+            self._running = False
+            self._condition.notify_all()
+
+
+_directory_syncs: dict[Path, DirectorySync] = {}
+_directory_syncs_lock = threading.Lock()
+
+
+def directory_sync(directory: Path) -> DirectorySync:
+    """The process's one :class:`DirectorySync` of ``directory``."""
+    with _directory_syncs_lock:
+        found = _directory_syncs.get(directory)
+        if found is None:
+            found = _directory_syncs[directory] = DirectorySync(directory)
+        return found
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    """``data`` under ``path`` (a name nobody else uses), on disk but for the directory entry:
+    a temporary name beside it (``.<name>.tmp``, which :func:`spool_clean` sweeps), write,
+    fsync, rename. The caller makes the rename durable with the directory's fsync."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, SPOOL_FILE_MODE)
+    try:
+        try:
+            os.fchmod(fd, SPOOL_FILE_MODE)  # exactly, whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def spool_write(
     queue_id: str,
     sender: str,
@@ -120,16 +204,22 @@ def spool_write(
 ) -> Path:
     """Put a message in the spool durably (on disk, under its final name) and return its path.
 
+    Written to a temporary file, fsynced, renamed, and the directory fsynced before this returns,
+    as :func:`appliance.system.atomic.atomic_write_bytes` does; the directory's fsync is shared
+    with the writes renamed at the same time (:class:`DirectorySync`), so concurrent clients
+    pay for one journal commit between them instead of one each.
+
     The name starts with the time in nanoseconds, so the spool sorts in arrival order.
     """
     directory = layout(root).mail_spool_dir
     path = directory / f"{time.time_ns():020d}-{queue_id}{SPOOL_SUFFIX}"
     data = render_spool_file(queue_id, sender, recipients, message)
     try:
-        atomic_write_bytes(path, data, SPOOL_FILE_MODE)
+        _write_new_file(path, data)
     except FileNotFoundError:  # the first message of a new appliance: no spool yet
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data, SPOOL_FILE_MODE)
+        _write_new_file(path, data)
+    directory_sync(directory).sync()
     return path
 
 
@@ -223,7 +313,7 @@ def _to_sink(paths: list[Path], root: Path | None) -> list[str | BaseException]:
     if any(isinstance(result, str) for result in results):
         fsync_dir(sink)
         for directory in {path.parent for path in paths}:
-            fsync_dir(directory)
+            directory_sync(directory).sync()  # shared with the spool writes of the moment
     return results
 
 
@@ -272,7 +362,7 @@ def _to_next_hop(
         error = DeliveryError(f"{where}: {exc}")
         results += [error] * (len(paths) - len(results))
     if any(isinstance(result, str) for result in results):
-        fsync_dir(paths[0].parent)
+        directory_sync(paths[0].parent).sync()
     return results
 
 
@@ -343,6 +433,7 @@ class DeliveryQueue:
         hostname: str = "localhost",
         workers: int = 2,
         batch: int = 64,
+        linger: float = DELIVERY_LINGER,
         retry_base: float = 1.0,
         retry_max: float = 600.0,
         on_event: EventCallback | None = None,
@@ -352,6 +443,7 @@ class DeliveryQueue:
         self._hostname = hostname
         self._workers = workers
         self._batch = batch
+        self._linger = linger
         self._retry_base = retry_base
         self._retry_max = retry_max
         self._on_event = on_event
@@ -405,6 +497,11 @@ class DeliveryQueue:
             # Whatever is waiting goes in one attempt: one connection to the next hop, one
             # pair of directory fsyncs for the sink.
             batch = [await self._queue.get()]
+            if self._linger and self._queue.qsize() < self._batch - 1:
+                # Under steady mail a message arrives every few ms: waiting a moment lets
+                # the next ones join this attempt, and its directory fsyncs (journal commits
+                # the spool writes would otherwise queue behind) are shared by all of them.
+                await asyncio.sleep(self._linger)
             while len(batch) < self._batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

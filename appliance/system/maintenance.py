@@ -96,6 +96,30 @@ def maintenance_leave(root: Path | None = None) -> bool:
     return True
 
 
+def _drained_path(root: Path | None) -> Path:
+    return layout(root).maintenance_file.with_name("maintenance-drained.json")
+
+
+def maintenance_drained_mark(state: MaintenanceState, root: Path | None = None) -> None:
+    """The mail service's word: no transaction begun before this maintenance is still open.
+
+    Written once per maintenance (its ``since``) when the last transaction in flight ends, or
+    at once when there was none; what the upgrade's shutdown waits for instead of a fixed time.
+    """
+    path = _drained_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"since": state.since.isoformat()}) + "\n")
+
+
+def maintenance_drained(state: MaintenanceState, root: Path | None = None) -> bool:
+    """Whether the mail service said this maintenance found it without a transaction open."""
+    try:
+        data = json.loads(_drained_path(root).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("since") == state.since.isoformat()
+
+
 def maintenance_probe_open(root: Path | None = None) -> str:
     """Let the upgrade's health probe through maintenance; returns the probe's token.
 
