@@ -272,7 +272,9 @@ INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
 # ...or this share of each batch's own time, whichever is longer (100: the copy takes at most
 # half of the time; phase 2 runs longer, mail keeps more of its throughput).
 INSTALL_MIGRATE_YIELD_PERCENT = env_int("INSTALL_MIGRATE_YIELD_PERCENT", 0, minimum=0)
-INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 1000, minimum=0)
+# Phase 3 waits for the mail service to say its last transaction in flight ended (a few ms when
+# idle), at most this long: a DATA still arriving, or a service that is down and says nothing.
+INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 5000, minimum=0)
 INSTALL_PHASE_DELAY_MS = env_int("INSTALL_PHASE_DELAY_MS", 0, minimum=0)
 INSTALL_PHASE_DELAY_PHASE = env_int("INSTALL_PHASE_DELAY_PHASE", 0, minimum=0)  # 0: every phase
 # For the kill tests of the job engine only: "kind:step:milliseconds" (several: comma-separated)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+DRAIN_POLL_S = 0.005  # how often phase 3 looks for the mail service's "drained"
+
 
 # --- The ten phases -------------------------------------------------------------------------
 
@@ -110,7 +112,7 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
             from_os_release=level.os_release,
         )
     ctx.step("entering maintenance mode: mail is answered 421 until the services restart")
-    maintenance.maintenance_enter(
+    state = maintenance.maintenance_enter(
         f"Firmware upgrade to {run.version}",
         by=run.requested_by or "update",
         holder=f"install:{run.pk}",
@@ -118,14 +120,27 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
     if run.downtime_started_at is None:
         ctx.set_run(downtime_started_at=timezone.now())
     ctx.checkpoint("maintenance on, counting the message store next")
-    # Transactions already past MAIL FROM finish their DATA (or are refused at its end).
-    time.sleep(settings.INSTALL_DRAIN_MS / 1000)
+    _drain(ctx, state)
     # A plain count: the content checksums are phase 7's, which compares the old store with
     # the new file chunk by chunk (digests of unchanged chunks computed in phase 2).
     ctx.step("counting the message store")
     messages = message_count(msgstore)
     ctx.set_run(messages_before=messages)
     ctx.counts(messages=messages)
+
+
+def _drain(ctx: PhaseContext, state: maintenance.MaintenanceState) -> None:
+    """Transactions already past MAIL FROM finish their DATA (or are refused at its end): wait
+    until the mail service says the last one ended, at most INSTALL_DRAIN_MS (a service that is
+    down says nothing; one that is up says it within a few milliseconds when idle)."""
+    started = time.monotonic()
+    deadline = started + settings.INSTALL_DRAIN_MS / 1000
+    while not maintenance.maintenance_drained(state):
+        if time.monotonic() >= deadline:
+            log(ctx.run, f"drain: no word from the mail service in {settings.INSTALL_DRAIN_MS} ms")
+            return
+        time.sleep(DRAIN_POLL_S)
+    ctx.counts(drained_ms=round((time.monotonic() - started) * 1000))
 
 
 def _phase_store_backup(ctx: PhaseContext) -> None:

@@ -356,15 +356,27 @@ def _verify(
     cache: DigestCache,
     progress: ProgressCallback | None,
     state: Fingerprinted | None = None,
+    *,
+    pause: float = 0.0,
+    yield_ratio: float = 0.0,
 ) -> tuple[StoreCounts, StoreCounts]:
-    """(old, new) counts of the attached store and the partial file."""
+    """(old, new) counts of the attached store and the partial file.
+
+    While mail flows (prepare), each chunk digested is followed by a rest as in :func:`_sync`:
+    reading back and decompressing the whole store is the longest step of phase 2.
+    """
     done = 0
+    last = time.monotonic()
 
     def report() -> None:
-        nonlocal done
+        nonlocal done, last
         done += 1
         if progress is not None:
             progress(MigrateProgress("verify", done, 0))
+        rest = max(pause, (time.monotonic() - last) * yield_ratio)
+        if rest > 0:
+            time.sleep(rest)
+        last = time.monotonic()
 
     old = counts_in(conn, "src", OLD_FORMAT, cache, report, fingerprints=state and state.old)
     new = counts_in(
@@ -423,7 +435,9 @@ def migrate_prepare(
             conn.execute("BEGIN")
             try:
                 state.measure(conn)
-                old, new = _verify(conn, cache, progress, state)
+                old, new = _verify(
+                    conn, cache, progress, state, pause=pause, yield_ratio=yield_ratio
+                )
             finally:
                 conn.execute("COMMIT")
             # That read the whole store while mail flowed: catch up with what the journal
@@ -443,7 +457,9 @@ def migrate_prepare(
                     progress=progress,
                     yield_ratio=yield_ratio,
                 )
-                old, new = _verify(conn, cache, progress, state)
+                old, new = _verify(
+                    conn, cache, progress, state, pause=pause, yield_ratio=yield_ratio
+                )
             state_save(conn, state)
             # On disk now, while mail flows, so that finish only syncs what it changes.
             conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
