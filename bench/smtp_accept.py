@@ -304,6 +304,11 @@ def main() -> None:
                 }
                 for mine, theirs in zip(ours, bare, strict=True)
             ],
+            # The service's rate as a share of the bare sink's, by client count (issue 17's key).
+            ratio_to_bare={
+                str(mine.concurrency): ratio(mine.rate, theirs.rate)
+                for mine, theirs in zip(ours, bare, strict=True)
+            },
         )
 
 

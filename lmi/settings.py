@@ -269,9 +269,10 @@ INSTALL_LEASE_SECONDS = env_int("INSTALL_LEASE_SECONDS", 30, minimum=2)
 INSTALL_MAX_ATTEMPTS = env_int("INSTALL_MAX_ATTEMPTS", 25, minimum=10)
 INSTALL_RATE_LIMIT = env_int("INSTALL_RATE_LIMIT", 0, minimum=0)
 INSTALL_MIGRATE_PAUSE_MS = env_int("INSTALL_MIGRATE_PAUSE_MS", 2, minimum=0)
-# ...or this share of each batch's own time, whichever is longer (100: the copy takes at most
-# half of the time; phase 2 runs longer, mail keeps more of its throughput).
-INSTALL_MIGRATE_YIELD_PERCENT = env_int("INSTALL_MIGRATE_YIELD_PERCENT", 0, minimum=0)
+# ...or this share of each batch's own time, whichever is longer (300: the copy and its
+# verification take at most a quarter of the time; phase 2 runs longer, and mail keeps its
+# throughput on two cores: bench/upgrade.py, docs/performance.md).
+INSTALL_MIGRATE_YIELD_PERCENT = env_int("INSTALL_MIGRATE_YIELD_PERCENT", 300, minimum=0)
 # Phase 3 waits for the mail service to say its last transaction in flight ended (a few ms when
 # idle), at most this long: a DATA still arriving, or a service that is down and says nothing.
 INSTALL_DRAIN_MS = env_int("INSTALL_DRAIN_MS", 5000, minimum=0)

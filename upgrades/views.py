@@ -46,7 +46,7 @@ class PreflightFigures:
     (a signed document that cannot know this appliance's store or policy files)."""
 
     required_percent: float
-    downtime_seconds: int  # rounded as the checklist rounds it
+    downtime: str  # "1.1 s", as the checklist says it
     messages: int
     store_bytes: int
     file_objects: int
@@ -67,7 +67,9 @@ def preflight_figures() -> PreflightFigures:
             continue
     return PreflightFigures(
         required_percent=float(settings.UPGRADE_MIN_FREE_PERCENT),
-        downtime_seconds=max(1, round(preflight.downtime_estimate_seconds(store_bytes, messages))),
+        downtime=preflight.downtime_text(
+            preflight.downtime_estimate_seconds(store_bytes, messages)
+        ).removeprefix("about "),
         messages=messages,
         store_bytes=store_bytes,
         file_objects=len(objects),

@@ -497,6 +497,18 @@ def checkpoint(db: Path, *, attempts: int = 50) -> None:
     raise ApplianceError(f"could not checkpoint {db}: readers keep it busy")
 
 
+def checkpoint_passive(root: Path | None = None) -> None:
+    """Copy what the store's write-ahead log holds into the store without waiting for anyone
+    (mail still flows): phase 4's checkpoint, with mail stopped, is then left the last
+    moments' pages instead of everything a long read kept in the log."""
+    conn = sqlite3.connect(layout(root).msgstore_db, timeout=30, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        conn.close()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -267,10 +267,13 @@ def test_downtime_is_estimated_from_the_real_store_size(demo_appliance: Path) ->
     check = run(demo_appliance)["downtime"]
     expected = preflight.downtime_estimate_seconds(totals.bytes, totals.messages)
     assert check.status == "pass"
-    assert check.value == f"about {max(1, round(expected))} s"
+    assert check.value == f"about {expected:.1f} s"
     assert f"{totals.messages} messages" in check.details[0]
-    # A million messages of ~2 kB: within a minute on the measured rates.
-    assert 20 < preflight.downtime_estimate_seconds(2 * GB, 1_000_000) < 90
+    # Flat in the store's size: a million messages of ~2 kB as long as 200,000 of them, about
+    # a second (bench/upgrade.py measured 1.24 s and 1.06 s).
+    million = preflight.downtime_estimate_seconds(2 * GB, 1_000_000)
+    assert million == pytest.approx(preflight.downtime_estimate_seconds(2 * GB // 5, 200_000))
+    assert 0.5 < million < 3
 
 
 def test_a_check_that_cannot_be_measured_fails_with_the_reason(demo_appliance: Path) -> None:
