@@ -128,8 +128,9 @@ def downtime_estimate_seconds(store_bytes: int, messages: int) -> float:
 
 
 def _chunk_bytes(store_bytes: int, messages: int) -> float:
-    """A chunk of the store at its average message size (none while it is empty)."""
-    return CHUNK_MESSAGES * store_bytes / messages if messages else 0.0
+    """A chunk of the store at its average message size (the whole store when it holds less
+    than a chunk; none while it is empty)."""
+    return min(CHUNK_MESSAGES, messages) * store_bytes / messages if messages else 0.0
 
 
 def downtime_text(seconds: float) -> str:
