@@ -230,16 +230,21 @@ def test_mail_during_prepares_verification_is_caught_up_before_phase_7(store: Pa
     assert msgstore.message_raw(late[0]) is not None
 
 
+def _behind_the_conversions_back(sql: str) -> None:
+    """One statement on the old store from a connection of its own, as another process would."""
+    conn = sqlite3.connect(layout().msgstore_db)
+    try:
+        with conn:
+            conn.execute(sql)
+    finally:
+        conn.close()
+
+
 def test_an_update_that_fingerprints_miss_is_carried_over(store: Path) -> None:
     """A subject changed after phase 2 keeps the chunk's row count and sums: the journal still
     names the chunk, so phase 7 copies and digests it again."""
     msgmigrate.migrate_prepare()
-    conn = sqlite3.connect(layout().msgstore_db)
-    try:
-        with conn:
-            conn.execute("UPDATE quarantined_message SET subject = 'edited' WHERE id = 5")
-    finally:
-        conn.close()
+    _behind_the_conversions_back("UPDATE quarantined_message SET subject = 'edited' WHERE id = 5")
     before = msgcounts.store_counts(cached=False)
     assert msgmigrate.migrate_finish().counts == before
     assert msgcounts.store_counts(cached=False) == before
@@ -256,12 +261,7 @@ def test_without_a_whole_journal_phase_7_measures_everything(store: Path) -> Non
     """A trigger gone (here dropped behind the conversion's back, with mail stored after):
     nothing is trusted, every chunk is fingerprinted, and the late mail is still carried."""
     msgmigrate.migrate_prepare()
-    conn = sqlite3.connect(layout().msgstore_db)
-    try:
-        with conn:
-            conn.execute("DROP TRIGGER mm_changed_quarantined_message_insert")
-    finally:
-        conn.close()
+    _behind_the_conversions_back("DROP TRIGGER mm_changed_quarantined_message_insert")
     mailrecords.mail_record(_record(2))
     before = msgcounts.store_counts(cached=False)
     assert msgmigrate.migrate_finish().counts == before
