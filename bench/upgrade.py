@@ -419,6 +419,12 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
         f"{prepared.get('passes', '?')} passes (in sync: {prepared.get('in_sync')}); the rest is "
         f"the slot write"
     )
+    kept = run_row.details.get("store_backup", {})
+    print(
+        f"   phase 4: log of {kept.get('wal_bytes', 0) / 2**20:.1f} MiB checkpointed in "
+        f"{kept.get('checkpoint_s', 0):.2f} s ({kept.get('busy_retries', 0)} busy retries), "
+        f"fsync + link {kept.get('sync_s', 0):.2f} s"
+    )
     print(
         f"   phase 7: migrate_finish {migrated.get('seconds', 0):.2f} s, "
         f"{migrated.get('chunks_copied', '?')} chunks caught up, "

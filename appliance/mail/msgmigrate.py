@@ -482,15 +482,16 @@ def migrate_prepare(
 # --- Switching over --------------------------------------------------------------------------
 
 
-def checkpoint(db: Path, *, attempts: int = 50) -> None:
-    """Copy the store's write-ahead log into the file and empty it, or raise."""
+def checkpoint(db: Path, *, attempts: int = 50) -> int:
+    """Copy the store's write-ahead log into the file and empty it, or raise; the number of
+    times a reader kept it busy (phase 4 reports it: each costs 100 ms of downtime)."""
     conn = sqlite3.connect(db, timeout=30, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        for _ in range(attempts):
+        for attempt in range(attempts):
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             if not busy:
-                return
+                return attempt
             time.sleep(0.1)  # a reader holds an old snapshot; pages are short-lived
     finally:
         conn.close()
