@@ -118,6 +118,7 @@ MESSAGE_NAMES = {
     "central_update": "an update (Cluster Central's answer to a report)",
     "node_install_start": "an install request",
     "member_removed": "a removal notice",
+    "bundle_fetch": "a firmware bundle request",
 }
 
 

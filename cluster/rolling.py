@@ -115,6 +115,13 @@ def _start_local_install(version: str, *, user: str) -> tuple[int | None, str]:
         return None, "this console has no install engine"
     installed = local_firmware()
     ready = ready_download(installed or None)
+    if ready is None and cluster_role() == MEMBER and settings.CLUSTER_CENTRAL_URL:
+        # Central downloaded and verified the bundle once: fetch it from there (cluster.bundles).
+        from cluster.bundles import member_bundle_fetch
+
+        ready, error = member_bundle_fetch(version, user=user)
+        if ready is None:
+            return None, error
     if ready is None:
         return (
             None,

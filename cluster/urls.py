@@ -1,6 +1,6 @@
 from django.urls import path
 
-from cluster import views
+from cluster import bundle_views, views
 
 app_name = "cluster"
 urlpatterns = [
@@ -10,4 +10,5 @@ urlpatterns = [
     path("join/", views.join, name="join"),
     path("upgrade/", views.upgrade, name="upgrade"),
     path("members/<str:node>/remove/", views.member_remove, name="member_remove"),
+    path("bundles/<str:version>/<str:sha256>/", bundle_views.bundle, name="bundle"),
 ]

@@ -225,6 +225,9 @@ if CLUSTER_ROLE not in CLUSTER_ROLES:
     )
 # The node name of Cluster Central (what a member reports to).
 CLUSTER_CENTRAL = env_str("CLUSTER_CENTRAL", "central")
+# A member: the web address of Central's console (e.g. https://central.example.com:8000).
+# Set, the member fetches firmware bundles Central has verified from there instead of the feed.
+CLUSTER_CENTRAL_URL = env_str("CLUSTER_CENTRAL_URL")
 # A member started with a join token joins Central at start (also: manage.py cluster_join TOKEN).
 CLUSTER_JOIN_TOKEN = env_str("CLUSTER_JOIN_TOKEN")
 # Members report (firmware, health, install progress, new events) this often; Central marks a

@@ -142,6 +142,14 @@ def register_job_kind() -> None:
     )
 
 
+def _central_source(download: Download) -> Any:
+    """Cluster Central's copy of this bundle for a joined member (a cluster.bundles
+    CentralSource), or None. Imported here: the cluster app builds on this one."""
+    from cluster.bundles import CentralSource
+
+    return CentralSource.for_bundle(download.version, download.sha256)
+
+
 class _DownloadRun:
     """One executor's run of one download (state held between the steps)."""
 
@@ -374,13 +382,17 @@ class _DownloadRun:
             raise _Failed(str(exc)) from exc
         self._hash_prefix()
         self._progress(self.offset, force=True)
+        # A cluster member takes the bytes from its Cluster Central when Central serves this
+        # bundle (cluster.bundles), else from the feed; every check here is the same for both.
+        central = _central_source(d)
 
         while self.offset < d.size:
             validator = (record.etag or record.last_modified) if record else ""
             began_at = self.offset
             self.meter.resume(self.offset, time.monotonic())
             try:
-                source = http.open_source(d.url, self.offset, validator=validator)
+                source = central.open(self.offset, validator) if central else None
+                source = source or http.open_source(d.url, self.offset, validator=validator)
             except http.TransientError as exc:
                 self._retry_or_fail(str(exc), made_progress=False)
                 continue

@@ -17,6 +17,7 @@ import http.client
 import re
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -178,15 +179,23 @@ def fetch_bytes(url: str, limit: int = MAX_FEED_BYTES) -> bytes:
     return data
 
 
-def open_source(url: str, offset: int = 0, *, validator: str = "") -> Source:
+def open_source(
+    url: str,
+    offset: int = 0,
+    *,
+    validator: str = "",
+    auth: Callable[[], dict[str, str]] | None = None,
+) -> Source:
     """Start a transfer at ``offset``; the returned Source's offset may be 0 (start over).
 
     ``validator`` is the ETag (or Last-Modified) the first transfer saw: the server resumes only
-    if the file is still that one.
+    if the file is still that one. ``auth`` gives the headers that authenticate one request
+    (a cluster member's signed request to Central, cluster.bundles): called for each request,
+    since a signed request is good once.
     """
     if not is_http(url):
         return _open_file(Path(url), offset)
-    headers = {"Accept-Encoding": "identity"}
+    headers = {"Accept-Encoding": "identity", **(auth() if auth is not None else {})}
     if offset > 0:
         headers["Range"] = f"bytes={offset}-"
         if validator:
@@ -196,7 +205,7 @@ def open_source(url: str, offset: int = 0, *, validator: str = "") -> Source:
         # The part file is not a prefix the server can continue: start over from byte 0.
         response.close()
         connection.close()  # type: ignore[attr-defined]
-        return open_source(url, 0)
+        return open_source(url, 0, auth=auth)
     _check_status(final_url, response)
     length_header = response.getheader("Content-Length")
     length = int(length_header) if length_header and length_header.isdigit() else None
