@@ -359,6 +359,27 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     estimate_s = (
         preflight.downtime_estimate_seconds(totals.bytes, totals.messages) if totals else None
     )
+    # Issue 18: the rehearsal on a snapshot first, in the worker; its prediction is compared
+    # with the downtime the install then has.
+    from jobs.models import FINAL_STATES, Job
+    from upgrades import rehearsal
+
+    step("rehearsal of the install on a snapshot (the live appliance keeps serving mail)")
+    rehearsed = rehearsal.rehearsal_start(user="bench", trigger="cli")
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while (rehearsed := Job.objects.get(pk=rehearsed.pk)).state not in FINAL_STATES:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"rehearsal {rehearsed.pk} did not end within {RUN_TIMEOUT} s")
+        time.sleep(0.1)
+    if rehearsed.state != "succeeded":
+        raise SystemExit(f"rehearsal ended {rehearsed.state}: {rehearsed.error}")
+    rehearsal_report = rehearsed.details["report"]
+    rehearsal_downtime = float(rehearsal_report["downtime_s"])
+    print(
+        f"  predicts {rehearsal_downtime:.2f} s of downtime (work {rehearsal_report['timings']}"
+        f"), {len(rehearsal_report['warnings'])} findings",
+        flush=True,
+    )
     step(f"install (preflight's downtime estimate: {estimate})")
     load = Load(smtp_port, args.clients, batch)
     probe = Probe(smtp_port)
@@ -460,6 +481,11 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
         f" of before ({phase2_errors} refused or failed in phase 2)"
     )
     print(f"preflight's downtime estimate: {estimate}")
+    rehearsal_over_downtime = ratio(rehearsal_downtime, row_downtime)
+    print(
+        f"rehearsal's downtime prediction: {rehearsal_downtime:.2f} s = "
+        f"{fmt(rehearsal_over_downtime, '.2f')}x the downtime measured"
+    )
     if args.json:
         emit(
             "upgrade",
@@ -486,6 +512,9 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
             estimate_s=estimate_s,
             estimate_over_downtime=ratio(estimate_s or 0.0, row_downtime),
             mail_phase2_ratio=during_over_before,
+            # Issue 18: the rehearsal's prediction against the downtime measured (row).
+            rehearsal_downtime_s=rehearsal_downtime,
+            rehearsal_over_downtime=rehearsal_over_downtime,
         )
 
 

@@ -204,6 +204,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "upgrades.tasks.update_check",
         "schedule": crontab(minute=7),
     },
+    # Install at a time (issue 18): a due schedule starts within this long of its time.
+    "upgrades-install-schedule": {
+        "task": "upgrades.tasks.install_schedule_due",
+        "schedule": float(env_int("INSTALL_SCHEDULE_SECONDS", 60, minimum=1)),
+    },
     "backups-scheduled-backup": {
         "task": "backups.tasks.scheduled_backup",
         "schedule": crontab(minute=23),

@@ -274,3 +274,65 @@ def install_abort(request: HttpRequest, run_id: int):
     except install.InstallError as exc:
         return Status(409, {"detail": str(exc)})
     return install_status.run_dict(run)
+
+
+# --- Install at a time (issue 18): the one pending schedule ---------------------------------
+
+
+class ScheduleOut(Schema):
+    id: int
+    version: str
+    at: str
+    at_local: str
+    state: str
+    requested_by: str
+    created_at: str
+    reason: str
+    run_id: int | None
+
+
+class ScheduleIn(Schema):
+    """When to install: ISO 8601 with an offset, or "YYYY-MM-DD HH:MM" on the appliance's
+    clock. Posted while one is pending, it moves that one."""
+
+    at: str
+
+
+@router.get("/install/schedule", response={200: ScheduleOut, 404: Problem})
+def install_schedule(request: HttpRequest):
+    """The pending scheduled install (404 when none is pending)."""
+    from upgrades import schedule
+
+    pending = schedule.schedule_pending()
+    if pending is None:
+        return Status(404, {"detail": "No install is scheduled."})
+    return schedule.schedule_dict(pending)
+
+
+@router.post("/install/schedule", response={201: ScheduleOut, 200: ScheduleOut, 409: Problem})
+def install_schedule_set(request: HttpRequest, payload: ScheduleIn):
+    """Schedule the install of the downloaded firmware (201), or move the pending one (200);
+    409 for a time in the past, nothing downloaded, or an install in progress."""
+    require_administrator(request)
+    from upgrades import schedule
+
+    user = request.auth  # type: ignore[attr-defined]
+    try:
+        at = schedule.parse_local(payload.at)
+        if schedule.schedule_pending() is not None:
+            return schedule.schedule_dict(schedule.schedule_move(at=at, user=user))
+        return Status(201, schedule.schedule_dict(schedule.schedule_set(at=at, user=user)))
+    except schedule.ScheduleRefused as exc:
+        return Status(409, {"detail": str(exc)})
+
+
+@router.post("/install/schedule/cancel", response={200: ScheduleOut, 409: Problem})
+def install_schedule_cancel(request: HttpRequest):
+    """Cancel the pending scheduled install (409 when none is pending)."""
+    require_administrator(request)
+    from upgrades import schedule
+
+    try:
+        return schedule.schedule_dict(schedule.schedule_cancel(user=request.auth))  # type: ignore[attr-defined]
+    except schedule.ScheduleRefused as exc:
+        return Status(409, {"detail": str(exc)})

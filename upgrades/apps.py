@@ -15,4 +15,7 @@ class UpgradesConfig(AppConfig):
 
         downloader.register_job_kind()
         install.register_job_kind()
+        from upgrades import rehearsal  # issue 18: the install's conversion on a snapshot
+
+        rehearsal.register_job_kind()
         registry.register_recovery("maintenance", rollback.maintenance_recover)

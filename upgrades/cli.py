@@ -4,6 +4,9 @@
     update-control -d fw            download the newest firmware here, with a progress bar
     update-control --preflight      the checklist an install must pass (--json for scripts)
     update-control -i fw            install the downloaded firmware, following its ten phases
+    update-control -i fw --at "YYYY-MM-DD HH:MM"   install it at that time (appliance's clock)
+    update-control --cancel-schedule               cancel the scheduled install
+    update-control --rehearse [--json]  rehearse the install on a snapshot, print its figures
     update-control -s [--json]      status (--json for scripts)
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do (no newer firmware, or it is
@@ -70,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
         "--preflight", action="store_true", help="show the checks an install must pass"
     )
     action.add_argument("-s", "--status", action="store_true", help="show the update status")
+    action.add_argument(
+        "--cancel-schedule", action="store_true", help="cancel the scheduled install"
+    )
+    action.add_argument(
+        "--rehearse", action="store_true",
+        help="rehearse the install on a snapshot (the appliance keeps serving mail)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--at", metavar="TIME", help='with -i fw: install at "YYYY-MM-DD HH:MM" instead of now'
+    )
     parser.add_argument("--json", action="store_true", help="print the status as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -216,6 +229,10 @@ def _print_status(status: dict[str, Any], out: TextIO) -> None:
         where = f", phase {run['phase']}/10" if run["active"] else ""
         outcome = f": {run['error']}" if run["error"] and not run["active"] else ""
         row("Install", f"firmware {run['version']} {run['state_label'].lower()}{where}{outcome}")
+    scheduled = status.get("schedule")  # issue 18
+    if scheduled is not None:
+        who = f" by {scheduled['requested_by']}" if scheduled["requested_by"] else ""
+        row("Scheduled install", f"firmware {scheduled['version']} at {scheduled['at_local']}{who}")
 
 
 def _status(as_json: bool, out: TextIO) -> int:
@@ -490,6 +507,65 @@ def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
         return EXIT_DETACHED
 
 
+def _schedule(at: str | None, out: TextIO, err: TextIO) -> int:
+    """--at TIME (with -i fw): schedule the install, or move the pending one; --cancel-schedule:
+    cancel it. The same service as the console's Install at (issue 18)."""
+    from upgrades import schedule
+
+    try:
+        if at is None:
+            done = schedule.schedule_cancel(user=_cli_user())
+            out.write(f"The install of firmware {done.version} at {schedule.local_text(done.at)} "
+                      "is cancelled.\n")  # fmt: skip
+            return EXIT_OK
+        moment = schedule.parse_local(at)
+        change = schedule.schedule_move if schedule.schedule_pending() else schedule.schedule_set
+        done = change(at=moment, user=_cli_user())
+    except schedule.ScheduleRefused as exc:
+        err.write(f"update-control: {exc}\n")
+        return EXIT_FAILURE
+    out.write(f"The install of firmware {done.version} is scheduled for "
+              f"{schedule.local_text(done.at)}; update-control -s shows it.\n")  # fmt: skip
+    return EXIT_OK
+
+
+def _rehearse(as_json: bool, out: TextIO, err: TextIO, timeout: float | None = None) -> int:
+    """--rehearse: start the rehearsal in the worker, wait for it, print its figures (issue 18)."""
+    from jobs.models import FINAL_STATES, Job
+    from upgrades import rehearsal
+
+    try:
+        job = rehearsal.rehearsal_start(user=_cli_user(), trigger="cli")
+    except rehearsal.RehearsalError as exc:
+        err.write(f"update-control: {exc}\n")
+        return EXIT_FAILURE
+    if not as_json:
+        out.write(f"{job.title}: the appliance keeps serving mail meanwhile.\n")
+        out.flush()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (job := Job.objects.get(pk=job.pk)).state not in FINAL_STATES:
+        if deadline is not None and time.monotonic() > deadline:
+            err.write("update-control: stopped waiting for the rehearsal (time limit).\n")
+            return EXIT_DETACHED
+        time.sleep(FOLLOW_INTERVAL)
+    report = job.details.get("report") or {}
+    if as_json:
+        out.write(json.dumps(rehearsal.rehearsal_dict(job), indent=2, sort_keys=True) + "\n")
+    elif job.state == "succeeded":
+        estimate = report.get("estimate_s") or 0.0
+        out.write(f"Mail held by the install: about {report['downtime_s']:.1f} s "
+                  f"(preflight estimate: {estimate:.1f} s)\n")  # fmt: skip
+        out.write(f"Conversion: {report['conversion_s']:.2f} s, {report['messages']} messages\n")
+        for finding in report.get("warnings", []):
+            out.write(f"  {finding['level']}: {finding['message']}\n")
+        for item in report.get("diff", []):
+            out.write(f"  {item['section']}: {item['name']} {item['change']}\n")
+    if job.state != "succeeded":
+        err.write(f"update-control: the rehearsal {job.state}: {job.error}\n")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run update-control; returns the exit code."""
     parser = _parser()
@@ -497,12 +573,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.json and not (args.status or args.check or args.preflight):
+    if args.json and not (args.status or args.check or args.preflight or args.rehearse):
         parser.print_usage(sys.stderr)
         sys.stderr.write("update-control: --json goes with -s, --check or --preflight\n")
         return EXIT_USAGE
+    if args.at is not None and not args.install:
+        parser.print_usage(sys.stderr)
+        sys.stderr.write("update-control: --at goes with -i fw\n")
+        return EXIT_USAGE
     setup_django()
     try:
+        if args.at is not None or args.cancel_schedule:  # issue 18: install at a time
+            return _schedule(args.at, sys.stdout, sys.stderr)
         if args.status:
             return _status(args.json, sys.stdout)
         if args.check:
@@ -511,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _preflight(args.json, sys.stdout, sys.stderr)
         if args.install:
             return _install(sys.stdout, sys.stderr, args.quiet)
+        if args.rehearse:  # issue 18
+            return _rehearse(args.json, sys.stdout, sys.stderr)
         return _download(sys.stdout, sys.stderr, args.quiet)
     except KeyboardInterrupt:
         sys.stderr.write("\nupdate-control: interrupted\n")

@@ -27,6 +27,10 @@ def install_banner(request: HttpRequest) -> dict[str, object]:
         "install_banner_run": run,
         "install_banner_read_only": read_only,
     }
+    if run is None:  # issue 18: a scheduled install, in every session
+        from upgrades.schedule import schedule_pending
+
+        context["install_banner_schedule"] = schedule_pending()
     if read_only:
         # The pages render as for a read-only user, matching InstallMaintenanceMiddleware,
         # which refuses every change meanwhile: no form offers what would be refused.

@@ -60,6 +60,8 @@ from upgrades.models import (
     InstallState,
     InstallTrigger,
     PhaseState,
+    ScheduledInstall,
+    ScheduleState,
 )
 from upgrades.phase_context import (
     COMMIT_PHASE,
@@ -323,6 +325,8 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             trigger=run.trigger,
             backup=header.name,
         )
+        if str(trigger) != InstallTrigger.SCHEDULE:
+            _supersede_schedule(run, user)
     log(
         run,
         f"install of firmware {run.version} over {run.from_version} started by "
@@ -331,6 +335,29 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
     for check in checks:
         log(run, f"preflight {check.key}: {check.status}: {check.value}")
     return run
+
+
+def _supersede_schedule(run: InstallRun, user: User | None) -> None:
+    """An install started now replaces the one scheduled for later (pending -> cancelled):
+    left pending, it would only be refused at its time, with a warning about nothing."""
+    pending = ScheduledInstall.objects.filter(component=FIRMWARE, state=ScheduleState.PENDING)
+    for schedule in pending:
+        cancelled = ScheduledInstall.objects.filter(
+            pk=schedule.pk, state=ScheduleState.PENDING
+        ).update(
+            state=ScheduleState.CANCELLED,
+            reason=f"superseded by the install started now (run {run.pk})",
+            changed_at=timezone.now(),
+            changed_by=username_of(user),
+        )
+        if cancelled:
+            event(
+                f"Scheduled install of firmware {schedule.version} cancelled: the install "
+                f"of {run.version} started now instead",
+                user=user,
+                schedule=schedule.pk,
+                run=run.pk,
+            )
 
 
 def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun:

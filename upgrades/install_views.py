@@ -78,6 +78,13 @@ def install_checklist(request: HttpRequest) -> HttpResponse:
             "backup_available": _backup_download_available(),
         }
     )
+    from upgrades.schedule_views import schedule_context  # issue 18: Install at a time
+
+    context.update(schedule_context())
+    from upgrades.rehearsal import rehearsal_panel  # issue 18: Rehearse, figures by the estimate
+
+    context["rehearsal"] = rehearsal_panel()
+    context["checks"] = preflight_services.with_last_rehearsal(checks)
     return render(request, "upgrades/install.html", context)
 
 
@@ -132,6 +139,9 @@ def install_run(request: HttpRequest, run_id: int) -> HttpResponse:
     """The run's phase timeline, times, who started it, the log tail, and Abort in 1-2."""
     run = _run_or_404(run_id)
     context = {"breadcrumb": BREADCRUMB, **_progress_context(run)}
+    from upgrades.validation import validation_read  # issue 18: the proof after the upgrade
+
+    context["validation_report"] = validation_read(run) if context["succeeded"] else None
     return render(request, "upgrades/install_run.html", context)
 
 

@@ -271,6 +271,7 @@ class InstallTrigger(models.TextChoices):
     CLI = "cli", "update-control"
     API = "api", "API"
     CLUSTER = "cluster", "Cluster Central"
+    SCHEDULE = "schedule", "Scheduled install"
 
 
 # The guide's Table 1 summaries, by phase number.
@@ -395,3 +396,61 @@ class InstallPhase(models.Model):
     @property
     def elapsed_seconds(self) -> float | None:
         return progress.seconds_between(self.started_at, self.finished_at)
+
+
+class ScheduleState(models.TextChoices):
+    """Where a scheduled install is (issue 18). Allowed transitions, each by a conditional update::
+
+        pending -> pending     moved to another time by an administrator
+        pending -> started     beat found it due and claimed it; ``run`` is the install it started
+        started -> refused     the install could not start at that moment (a preflight check
+                               failed, nothing to install, another install running): nothing was
+                               installed, ``reason`` says why
+        pending -> cancelled   an administrator cancelled it
+
+    started, refused and cancelled are final: a new time is a new row.
+    """
+
+    PENDING = "pending", "Pending"
+    STARTED = "started", "Started"
+    CANCELLED = "cancelled", "Cancelled"
+    REFUSED = "refused", "Refused"
+
+
+class ScheduledInstall(models.Model):
+    """An install of the downloaded firmware set for a later moment (Install at).
+
+    At most one is pending (the partial unique index): two administrators cannot leave two
+    installs waiting. Beat's ``upgrades.tasks.install_schedule_due`` claims it once ``at`` has
+    come (a conditional update, so two beats never start two installs) and starts the install
+    through the same service as Install now, preflight included.
+    """
+
+    component = models.CharField(max_length=8, default=FIRMWARE)
+    version = models.CharField(max_length=32)
+    at = models.DateTimeField()
+    requested_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    state = models.CharField(
+        max_length=16, choices=ScheduleState.choices, default=ScheduleState.PENDING
+    )
+    reason = models.TextField(blank=True)
+    changed_at = models.DateTimeField(null=True, blank=True)
+    changed_by = models.CharField(max_length=150, blank=True)
+    run = models.ForeignKey(
+        InstallRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+        constraints = (
+            models.UniqueConstraint(
+                fields=("component",),
+                condition=Q(state="pending"),
+                name="scheduledinstall_one_pending",
+                violation_error_message="An install is already scheduled.",
+            ),
+        )
+
+    def __str__(self) -> str:
+        return f"Install of {self.version} at {self.at:%Y-%m-%d %H:%M} ({self.state})"

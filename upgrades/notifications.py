@@ -78,6 +78,13 @@ def update_notices() -> list[Notice]:
     story = update_story()
     page = reverse("upgrades:index")
     notices = [notice] if (notice := story_notice(story)) is not None else []
+    from upgrades.validation import validation_notice  # issue 18: one, for the last install
+
+    if (proof := validation_notice()) is not None:
+        notices.append(proof)
+    from upgrades.schedule import schedule_notices  # issue 18: the scheduled install
+
+    notices = schedule_notices(notices, story_stage=str(story.stage))
     check = selectors.last_check()
     if check is not None and not check.ok:
         notices.append(

@@ -136,6 +136,9 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
     messages = message_count(msgstore)
     ctx.set_run(messages_before=messages)
     ctx.counts(messages=messages)
+    from upgrades.validation import validation_before
+
+    validation_before(ctx)  # the validation report's "before": mail stopped, nothing converted
 
 
 def _drain(ctx: PhaseContext, state: maintenance.MaintenanceState) -> None:
@@ -345,6 +348,10 @@ def _phase_commit(ctx: PhaseContext) -> None:
     ctx.set_run(messages_after=message_count(msgstore))
     ctx.step("writing a new system backup on the rescue partition")
     info = rescue.system_backup_create(progress=ctx.callback("bytes", "system backup"))
+    from upgrades.validation import validation_write
+
+    ctx.step("writing the validation report")
+    validation_write(ctx)  # reads phase 4's kept store: before the work folder goes
     freed = updatelogs.install_workdir_remove(run.pk)
     ctx.counts(system_backup=info.firmware_version, backup_size=info.size, bytes_freed=freed)
 

@@ -84,3 +84,29 @@ def interface_unpin(*, user: Any, interface: str) -> network.Interface:
         details={"interface": interface},
     )
     return restored
+
+
+def with_last_rehearsal(checks: list[Any]) -> list[Any]:
+    """The checklist with the last successful rehearsal's figures and date beside the downtime
+    estimate (issue 18): what this appliance measured against what the formula expects."""
+    import dataclasses
+
+    from django.utils import timezone
+
+    from upgrades.rehearsal import last_rehearsal
+
+    last = last_rehearsal(succeeded_only=True)
+    if last is None or last.downtime_s is None or last.finished_at is None:
+        return checks
+    when = timezone.localtime(last.finished_at).strftime("%Y-%m-%d %H:%M")
+    note = (
+        f"last rehearsal ({when}, firmware {last.report.get('version', '?')}): about "
+        f"{last.downtime_s:.1f} s of downtime measured on a snapshot of this appliance, "
+        f"{last.warning_count} warning{'s' * (last.warning_count != 1)}"
+    )
+    return [
+        dataclasses.replace(check, details=(*check.details, note))
+        if check.key == "downtime"
+        else check
+        for check in checks
+    ]

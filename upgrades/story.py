@@ -81,11 +81,13 @@ def update_status() -> dict[str, Any]:
     """The story first, then every fact behind it: the API's GET /updates and
     ``update-control -s --json`` (so the two cannot disagree)."""
     from upgrades.install_status import install_summary
+    from upgrades.schedule import schedule_dict, schedule_pending  # issue 18
 
     return {
         "story": update_story().as_dict(),
         **selectors.update_facts(),
         "install": install_summary(),
+        "schedule": schedule_dict(schedule_pending()),
     }
 
 

@@ -37,6 +37,15 @@ def update_check() -> bool:
     return services.update_check(trigger=CheckTrigger.SCHEDULE).ok
 
 
+@shared_task(name="upgrades.tasks.install_schedule_due", ignore_result=True)
+def install_schedule_due() -> int | None:
+    """Beat, every minute (issue 18): start the scheduled install once its time has come."""
+    from upgrades.schedule import schedule_due
+
+    due = schedule_due()
+    return due.pk if due is not None else None
+
+
 @worker_ready.connect
 def on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Check the feed if the last check is overdue (downloads and install runs a killed worker

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from upgrades import install_views, views
+from upgrades import install_views, rehearsal_views, schedule_views, validation_views, views
 
 app_name = "upgrades"
 urlpatterns = [
@@ -27,7 +27,31 @@ urlpatterns = [
         install_views.install_abort,
         name="install_abort",
     ),
+    # The validation report written after a successful install (issue 18).
+    path(
+        "licensing/install/<int:run_id>/validation.json",
+        validation_views.validation_json,
+        name="validation_json",
+    ),
+    path(
+        "licensing/install/<int:run_id>/validation/",
+        validation_views.validation_print,
+        name="validation_print",
+    ),
     path("licensing/install/pin/", install_views.install_pin_interface, name="install_pin"),
     path("licensing/install/unpin/", install_views.install_unpin_interface, name="install_unpin"),
     path("licensing/install/backup/", install_views.install_config_backup, name="install_backup"),
+    # Rehearse the install's conversion on a snapshot of the appliance (issue 18).
+    path("licensing/install/rehearse/", rehearsal_views.rehearsal_start, name="rehearsal_start"),
+    path(
+        "licensing/install/rehearse/panel/",
+        rehearsal_views.rehearsal_partial,
+        name="rehearsal_partial",
+    ),
+    # Install at a time (issue 18).
+    path("licensing/install/schedule/", schedule_views.schedule_set, name="schedule_set"),
+    path("licensing/install/schedule/move/", schedule_views.schedule_move, name="schedule_move"),
+    path(
+        "licensing/install/schedule/cancel/", schedule_views.schedule_cancel, name="schedule_cancel"
+    ),
 ]

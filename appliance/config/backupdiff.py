@@ -168,3 +168,26 @@ def backup_diff(loaded: LoadedBackup, root: Path | None = None) -> list[DiffItem
             {k: f"sha256 {v[:12]}" for k, v in backup_cpe.items()},
         )
     return items
+
+
+def configuration_description(root: Path | None = None) -> dict[str, dict[str, str]]:
+    """A root's configuration as the comparison describes it, section by section, with each
+    configuration file's digest (the upgrade rehearsal compares it before and after its
+    conversion, which changes the files and should change nothing else)."""
+    base = appliance_root(root)
+    described = _describe(base, store_retention(base))
+    described["Configuration files"] = {
+        p.name: f"sha256 {sha256(p.read_bytes())[:12]}"
+        for p in plain_files(layout(base).cpe_dir, "*.xml")
+    }
+    return described
+
+
+def description_diff(
+    before: dict[str, dict[str, str]], after: dict[str, dict[str, str]]
+) -> list[DiffItem]:
+    """The differences between two :func:`configuration_description` results."""
+    items: list[DiffItem] = []
+    for section in dict.fromkeys([*before, *after]):
+        items += _items(section, before.get(section, {}), after.get(section, {}))
+    return items

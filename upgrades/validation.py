@@ -1,0 +1,614 @@
+"""The validation report after an upgrade: proof, check by check, that nothing was lost.
+
+Phase 3 records what the appliance held the moment mail stopped (:func:`validation_before`):
+the messages per message store and the highest message id, every policy object with the
+digest of each ``$(FILE/...)`` list, and when the mail service began answering 421. Those are
+cheap reads, taken inside the downtime; the content checksums of that moment are read later,
+after the commit, from phase 4's kept copy of the old store (the very file, unwritten since:
+its identity is checked), so the downtime pays nothing for them.
+
+At the end of phase 10 (:func:`validation_write`), with mail flowing again, the report
+compares them with the appliance as it is now:
+
+* messages: per store, count and content checksum equal (a format-independent checksum, see
+  :mod:`appliance.mail.msgproof`), for the messages that were there when mail stopped;
+* policy objects: each still there with its name and type, each ``$(FILE)`` list present,
+  readable and unchanged (:mod:`appliance.config.policyproof`);
+* the mail service end to end: it accepts a new envelope now, phase 9's test message was
+  tracked and left the outgoing spool (delivered), and the running policy sends a virus test
+  message to a message store that exists. The quarantine is evaluated, not sent: a sent one
+  would add a line to the SMTP and tracking logs on every install (the report says so);
+* the services healthy: phase 9's health check, maintenance off, the new firmware level and
+  both formats 2.8.1;
+* the downtime as the mail service saw it: from the maintenance it read (421 from then on) to
+  the leave, compared with the console's measure.
+
+A failed check never rolls anything back (the commit is done): it is an event with severity
+error, a line in the log and a notice on Home (:func:`validation_notice`). The report is a JSON
+file beside the run's log (appliance.firmware.validationfile) and its summary is kept in the
+run's details.
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.urls import reverse
+from django.utils import timezone
+
+from appliance.config import policyproof
+from appliance.firmware import validationfile
+from appliance.mail import msgproof
+from appliance.system import maintenance
+from appliance.system.errors import ApplianceError
+from events.models import Severity
+from lmi.notices import Notice
+from upgrades.models import InstallPhase, InstallRun, InstallState
+from upgrades.phase_context import LeaseLost, event, log
+
+if TYPE_CHECKING:
+    from upgrades.phase_context import PhaseContext
+
+logger = logging.getLogger(__name__)
+
+BEFORE = "validation_before"  # details: phase 3's facts
+BEFORE_CONTENT = "validation_before_content"  # details: checksums of phase 4's kept copy
+SUMMARY = "validation"  # details: the report's summary
+REPORT_VERSION = 1
+DELIVERY_WAIT_S = 10.0  # how long phase 9's test message may still sit in the spool
+SMTP_TIMEOUT_S = 15.0
+VALIDATION_SENDER = "upgrade-validation@localhost"
+TEST_RECIPIENT = "postmaster@localhost"
+
+TITLES = {
+    "messages": "Messages per message store",
+    "policy": "Policy objects and their $(FILE) lists",
+    "smtp": "Mail service: accepting, delivering, quarantining",
+    "services": "Services healthy",
+    "downtime": "Downtime seen by the mail service",
+}
+
+
+# --- Phase 3: the facts of the moment mail stopped -------------------------------------------
+
+
+def validation_before(ctx: PhaseContext) -> None:
+    """Record the appliance as it is with mail stopped; once (a rerun keeps the first record)."""
+    if BEFORE in ctx.details:
+        return
+    state = maintenance.maintenance_status()
+    objects, policy_error = policyproof.policy_facts_or_error()
+    # No read of the message store here: every second of this phase is downtime. Phase 4's
+    # kept copy is the store of this very moment, read after the commit (_before_content).
+    ctx.save_details(
+        **{
+            BEFORE: {
+                "at": timezone.now().isoformat(),
+                "maintenance_since": state.since.isoformat() if state is not None else None,
+                "policy": objects,
+                "policy_error": policy_error,
+            }
+        }
+    )
+
+
+# --- Phase 10: the report --------------------------------------------------------------------
+
+
+def _before_content(ctx: PhaseContext) -> None:
+    """Checksums of the old store from phase 4's kept copy, saved before the work folder
+    goes (a rerun of phase 10 after that finds them in the run)."""
+    if BEFORE_CONTENT in ctx.details:
+        return
+    backup = ctx.details.get("store_backup", {})
+    content: dict[str, Any]
+    try:
+        if not backup.get("path"):
+            raise ApplianceError("phase 4 recorded no kept copy of the message store")
+        content = _kept_copy_proof(Path(backup["path"]), backup)
+    except (ApplianceError, OSError) as exc:
+        content = {"error": str(exc)}
+    ctx.save_details(**{BEFORE_CONTENT: content})
+
+
+def _kept_copy_proof(path: Path, backup: dict[str, Any]) -> dict[str, Any]:
+    from appliance.mail import msgbackup
+
+    identity = backup.get("identity")
+    expected = [int(part) for part in _parts(identity)] if identity else None
+    # The old store's own file: written since phase 4, it would not be that moment's.
+    if backup.get("linked") and expected and list(msgbackup.file_identity(path)) != expected:
+        raise ApplianceError(f"the kept message store {path} was written since phase 4")
+    return msgproof.file_proof(path).as_json()
+
+
+def _parts(value: Any) -> list[str]:
+    """A tuple saved by upgrades.phases._plain (a list, or its str) as its parts."""
+    if isinstance(value, list | tuple):
+        return [str(part) for part in value]
+    return [part.strip() for part in str(value).strip("()[]").split(",") if part.strip()]
+
+
+def validation_write(ctx: PhaseContext) -> dict[str, Any]:
+    """Phase 10, after the commit: build and write the report, keep its summary, and say so.
+
+    Never raises for a failed check or a broken measurement (the commit is done and stays):
+    those are failed checks in the report. Only losing the run to another executor stops it.
+    """
+    run = ctx.run
+    try:
+        _before_content(ctx)
+        report = validation_report(run)
+    except LeaseLost:
+        raise
+    except Exception as exc:  # the report must never hold up or undo the commit
+        logger.exception("install %s: the validation report could not be built", run.pk)
+        report = _report_of(run, [_check("report", False, f"the report could not be built: {exc}")])
+    try:
+        validationfile.report_write(run.pk, report)
+    except OSError as exc:
+        report["write_error"] = str(exc)
+    summary = report_summary(report)
+    ctx.save_details(**{SUMMARY: summary})
+    failed = summary["failed"]
+    if failed:
+        titles = "; ".join(
+            f"{c['title']}: {c['summary']}" for c in report["checks"] if not c["passed"]
+        )
+        log(run, f"validation report: {len(failed)} check(s) failed: {titles}")
+        event(
+            f"Validation report of the upgrade to {run.version}: {len(failed)} of "
+            f"{summary['total']} checks failed ({', '.join(failed)})",
+            severity=Severity.ERROR,
+            run=run.pk,
+            failed=failed,
+        )
+    else:
+        log(run, f"validation report: all {summary['total']} checks passed")
+        event(
+            f"Validation report of the upgrade to {run.version}: all {summary['total']} checks "
+            "passed",
+            run=run.pk,
+        )
+    return report
+
+
+def validation_report(run: InstallRun, *, now: datetime | None = None) -> dict[str, Any]:
+    """Every check of the report against the appliance as it is now (reads only, except the
+    SMTP envelope it opens and drops)."""
+    details = run.details or {}
+    before = details.get(BEFORE, {})
+    smtp_seen = _smtp_now()
+    checks = [
+        messages_check(details.get(BEFORE_CONTENT, {}), run.messages_before),
+        policy_check(before),
+        smtp_check(run, smtp_seen),
+        services_check(run, smtp_seen),
+        downtime_check(run, before),
+    ]
+    return _report_of(run, checks, now=now)
+
+
+def _report_of(
+    run: InstallRun, checks: list[dict[str, Any]], *, now: datetime | None = None
+) -> dict[str, Any]:
+    return {
+        "report_version": REPORT_VERSION,
+        "run": run.pk,
+        "version": run.version,
+        "from_version": run.from_version,
+        "written_at": (now or timezone.now()).isoformat(),
+        "passed": all(check["passed"] for check in checks),
+        "checks": checks,
+    }
+
+
+def report_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the run keeps of its report: pass or fail per check, and where the file is."""
+    checks = report.get("checks", [])
+    return {
+        "passed": bool(report.get("passed")),
+        "total": len(checks),
+        "failed": [c["key"] for c in checks if not c["passed"]],
+        "checks": {c["key"]: c["passed"] for c in checks},
+        "file": validationfile.report_name(int(report.get("run", 0))),
+        "written_at": report.get("written_at"),
+    }
+
+
+def _check(
+    key: str, passed: bool, summary: str, figures: dict[str, Any] | None = None, note: str = ""
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "title": TITLES.get(key, "Validation report"),
+        "passed": passed,
+        "summary": summary,
+        "figures": figures or {},
+        "note": note,
+    }
+
+
+# --- The checks --------------------------------------------------------------------------------
+
+
+def messages_check(content: dict[str, Any], messages_before: int | None) -> dict[str, Any]:
+    """Per store: count and content checksum now equal those of the moment mail stopped
+    (``content``: the proof of phase 4's kept copy; ``messages_before``: phase 3's count)."""
+    if "error" in content or not content:
+        return _check(
+            "messages",
+            False,
+            "the content when mail stopped could not be read: "
+            + str(content.get("error", "no record")),
+        )
+    before = msgproof.StoreProof.from_json(content)
+    upto = before.upto_id
+    try:
+        after = msgproof.store_proof(upto)
+    except (ApplianceError, OSError) as exc:
+        return _check("messages", False, f"the message store cannot be read now: {exc}")
+    problems: list[str] = []
+    if messages_before is not None and before.messages != messages_before:
+        problems.append(
+            f"phase 4's kept copy holds {before.messages} messages, phase 3 counted "
+            f"{messages_before}"
+        )
+    differences = msgproof.proof_differences(before, after)
+    for diff in differences:
+        problems.append(
+            f"{diff.store}: {diff.messages_before or 0} messages before, "
+            f"{diff.messages_after or 0} after"
+            + ("" if diff.checksum_equal else ", content checksum differs")
+        )
+    if after.damaged:
+        problems.append(f"{len(after.damaged)} stored message(s) fail their own checksum")
+    stores = []
+    for store in sorted(before.counts.keys() | after.counts.keys()):
+        if not before.counts.get(store) and not after.counts.get(store):
+            continue
+        stores.append(
+            {
+                "store": store,
+                "messages_before": before.counts.get(store, 0),
+                "messages_after": after.counts.get(store, 0),
+                "checksum_before": before.checksums.get(store, ""),
+                "checksum_after": after.checksums.get(store, ""),
+                "equal": before.counts.get(store, 0) == after.counts.get(store, 0)
+                and before.checksums.get(store) == after.checksums.get(store),
+            }
+        )
+    figures = {
+        "messages_before": before.messages,
+        "messages_after": after.messages,
+        "up_to_message_id": upto,
+        "format_before": before.format_version,
+        "format_after": after.format_version,
+        "stores": stores,
+        "damaged_ids": after.damaged[:20],
+    }
+    if problems:
+        return _check("messages", False, "; ".join(problems), figures)
+    return _check(
+        "messages",
+        True,
+        f"{after.messages} messages in {len(stores)} stores, counts and content checksums equal",
+        figures,
+        note="Messages quarantined after mail was accepted again are not compared.",
+    )
+
+
+def policy_check(before: dict[str, Any]) -> dict[str, Any]:
+    """Every object of the moment mail stopped still there, its $(FILE) list read and equal."""
+    old = before.get("policy")
+    if old is None or before.get("policy_error"):
+        why = before.get("policy_error") or "nothing recorded when mail stopped"
+        return _check("policy", False, f"the policy objects before could not be read: {why}")
+    now, error = policyproof.policy_facts_or_error()
+    if error:
+        return _check("policy", False, f"the policy objects cannot be read now: {error}")
+    differences = policyproof.policy_differences(old, now)
+    with_files = [o for o in old if o.get("file_path")]
+    broken_before = [o["file_path"] for o in with_files if not o.get("file_sha256")]
+    figures = {
+        "objects_before": len(old),
+        "objects_after": len(now),
+        "file_objects": len(with_files),
+        "files_read": sum(1 for o in now if o.get("file_path") and o.get("file_sha256")),
+        "objects": [
+            {
+                "name": o["name"],
+                "type": o["type"],
+                "file": o.get("file_path") or "",
+                "entries": o.get("file_entries"),
+            }
+            for o in now
+        ],
+        "differences": [f"{d.name}: {d.problem}" for d in differences],
+        "missing_before": broken_before,
+    }
+    note = (
+        f"Already missing before the upgrade: {', '.join(broken_before)}." if broken_before else ""
+    )
+    if differences:
+        return _check(
+            "policy",
+            False,
+            "; ".join(f"{d.name}: {d.problem}" for d in differences),
+            figures,
+            note,
+        )
+    return _check(
+        "policy",
+        True,
+        f"{len(old)} objects as before, {figures['files_read']} $(FILE) lists present and read",
+        figures,
+        note,
+    )
+
+
+def _test_recipient() -> str:
+    """postmaster at a local domain of the running policy: mail any client may send (phase
+    9's probe passes the policy by its sender; this envelope must not). A refused one would
+    be logged as a rejection."""
+    from smtp import engine
+
+    try:
+        policy, _ = engine.compile_policy()
+    except (ApplianceError, OSError, ValueError):
+        return TEST_RECIPIENT
+    domains = policy.local_domains
+    if domains.names:
+        return f"postmaster@{sorted(domains.names)[0]}"
+    if domains.parents:
+        return f"postmaster@mail{domains.parents[0]}"
+    return TEST_RECIPIENT
+
+
+def _smtp_now() -> dict[str, Any]:
+    """Open a session with the mail service and have it accept an envelope, then drop it
+    (RSET): no message is written, so the store and its logs stay as they are."""
+    recipient = _test_recipient()
+    seen: dict[str, Any] = {
+        "host": settings.SMTP_HOST,
+        "port": settings.SMTP_PORT,
+        "recipient": recipient,
+    }
+    began = time.monotonic()
+    try:
+        with smtplib.SMTP(
+            settings.SMTP_HOST,
+            settings.SMTP_PORT,
+            local_hostname="localhost",
+            timeout=SMTP_TIMEOUT_S,
+        ) as client:
+            seen["banner"] = 220  # smtplib raises on anything else at connect
+            client.ehlo()
+            code, reply = client.mail(VALIDATION_SENDER)
+            seen["mail_from"] = code
+            if code == 250:
+                code, reply = client.rcpt(recipient)
+                seen["rcpt_to"] = code
+            seen["reply"] = reply.decode("utf-8", "replace")[:200]
+            client.rset()
+    except (OSError, smtplib.SMTPException) as exc:
+        seen["error"] = str(exc)[:300]
+    seen["ms"] = round((time.monotonic() - began) * 1000)
+    seen["accepting"] = seen.get("rcpt_to") == 250
+    return seen
+
+
+def _probe_delivery(sender: str) -> dict[str, Any]:
+    """Phase 9's test message: tracked as delivered, and out of the outgoing spool."""
+    from appliance.mail import tracking
+    from smtp import delivery
+
+    found: dict[str, Any] = {"sender": sender}
+    entries = tracking.tracking_page(tracking.TrackingFilter(sender=sender), limit=5).entries
+    found["tracked"] = [entry.action for entry in entries]
+    deadline = time.monotonic() + DELIVERY_WAIT_S
+    while True:
+        waiting = [
+            path.name for path in delivery.spool_list() if _spooled_from(path, sender, delivery)
+        ]
+        if not waiting or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    found["in_spool"] = waiting
+    found["delivered"] = "delivered" in found["tracked"] and not waiting
+    return found
+
+
+def _spooled_from(path: Path, sender: str, delivery: Any) -> bool:
+    try:
+        return bool(delivery.parse_spool_file(path, path.read_bytes()).sender == sender)
+    except (OSError, ValueError):
+        return False
+
+
+def _quarantine_route() -> dict[str, Any]:
+    """Where the running policy sends a virus test message, and whether that store exists."""
+    from appliance.mail import msgstore
+    from smtp import engine
+
+    try:
+        policy, _ = engine.compile_policy()
+        recipient = _test_recipient()
+        content = (
+            (
+                f"From: <{VALIDATION_SENDER}>\r\nTo: <{recipient}>\r\n"
+                "Subject: upgrade validation: quarantine\r\n\r\n"
+            ).encode()
+            + engine.EICAR
+            + b"\r\n"
+        )
+        verdict = engine.evaluate(policy, VALIDATION_SENDER, [recipient], content)
+        stores = {store.name for store in msgstore.list_stores()}
+    except (ApplianceError, OSError, ValueError) as exc:
+        return {"error": str(exc)[:300], "quarantined": False}
+    return {
+        "recipient": recipient,
+        "action": verdict.action,
+        "store": verdict.store,
+        "store_exists": verdict.store in stores,
+        "quarantined": verdict.action == "quarantined" and verdict.store in stores,
+    }
+
+
+def _phase_counts(run: InstallRun, number: int) -> dict[str, Any]:
+    phase = InstallPhase.objects.filter(run=run, number=number).first()
+    return dict(phase.counts) if phase is not None else {}
+
+
+def smtp_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
+    """Accepting now, phase 9's test message delivered, a virus routed to quarantine."""
+    probe = str(_phase_counts(run, 9).get("probe", ""))
+    delivered = _probe_delivery(probe) if probe else {"delivered": False, "error": "no probe"}
+    quarantine = _quarantine_route()
+    figures = {"accepting": seen, "delivery": delivered, "quarantine": quarantine}
+    problems = []
+    if not seen.get("accepting"):
+        problems.append(
+            "the mail service does not accept a message now: "
+            + str(seen.get("error") or seen.get("reply") or "no answer")
+        )
+    if not delivered.get("delivered"):
+        if not probe:
+            problems.append("phase 9 recorded no test message")
+        elif delivered.get("in_spool"):
+            problems.append("phase 9's test message is still waiting in the outgoing spool")
+        else:
+            problems.append(
+                f"phase 9's test message is not tracked as delivered ({delivered.get('tracked')})"
+            )
+    if not quarantine.get("quarantined"):
+        problems.append(
+            "a virus test message would not be quarantined: "
+            + str(
+                quarantine.get("error")
+                or f"{quarantine.get('action')} to {quarantine.get('store') or 'no store'}"
+            )
+        )
+    note = (
+        "The quarantine is evaluated with the running policy against the existing message "
+        "stores, not sent: a sent test message would stay in the SMTP and tracking logs. "
+        "Acceptance is an envelope the service accepted and that was then dropped; delivery is "
+        "phase 9's test message, tracked and out of the spool."
+    )
+    if problems:
+        return _check("smtp", False, "; ".join(problems), figures, note)
+    return _check(
+        "smtp",
+        True,
+        f"accepting mail, test message delivered, a virus goes to {quarantine['store']}",
+        figures,
+        note,
+    )
+
+
+def services_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
+    """What phase 9's health check saw, and the services as they are now."""
+    from appliance.config import configconvert
+    from appliance.mail import msgstore
+    from appliance.system.facts import system_info
+
+    health = _phase_counts(run, 9).get("health")
+    figures: dict[str, Any] = {"health_check": health or "not recorded"}
+    problems = []
+    try:
+        figures["firmware"] = system_info().firmware_version
+        figures["message_store_format"] = msgstore.format_version()
+        figures["configuration_format"] = configconvert.config_format()
+        figures["maintenance"] = maintenance.maintenance_status() is not None
+    except (ApplianceError, OSError) as exc:
+        problems.append(f"the appliance cannot be read: {exc}")
+    figures["smtp_banner"] = seen.get("banner")
+    if health != "passed":
+        problems.append("phase 9's health check did not record a pass")
+    if figures.get("firmware") != run.version:
+        problems.append(f"firmware level {figures.get('firmware')}, not {run.version}")
+    for key in ("message_store_format", "configuration_format"):
+        if key in figures and figures[key] != "2.8.1":
+            problems.append(f"{key.replace('_', ' ')} {figures[key]}")
+    if figures.get("maintenance"):
+        problems.append("the appliance is still in maintenance mode")
+    if seen.get("banner") != 220:
+        problems.append(f"the mail service does not greet: {seen.get('error', 'no answer')}")
+    if problems:
+        return _check("services", False, "; ".join(problems), figures)
+    return _check(
+        "services",
+        True,
+        f"health check passed, firmware {run.version}, mail service greeting, formats 2.8.1",
+        figures,
+    )
+
+
+def downtime_check(run: InstallRun, before: dict[str, Any]) -> dict[str, Any]:
+    """From the maintenance the mail service read (421 from then on) to the leave."""
+    since_text = before.get("maintenance_since")
+    since = datetime.fromisoformat(since_text) if since_text else None
+    ended = run.downtime_ended_at
+    figures: dict[str, Any] = {
+        "service_421_from": since_text,
+        "accepting_again_from": ended.isoformat() if ended else None,
+        "console_seconds": run.downtime_seconds,
+        "drained_ms": _phase_counts(run, 3).get("drained_ms"),
+    }
+    if since is None or ended is None:
+        return _check(
+            "downtime", False, "the start or end of the downtime was not recorded", figures
+        )
+    seconds = round((ended - since).total_seconds(), 3)
+    figures["seconds"] = seconds
+    if seconds < 0:
+        return _check("downtime", False, "the downtime ended before it began", figures)
+    return _check(
+        "downtime",
+        True,
+        f"mail was answered 421 for {seconds:.1f} s",
+        figures,
+        note="Measured from the maintenance file the mail service reads on every connection "
+        "(written when phase 3 began) to its removal in phase 10.",
+    )
+
+
+# --- Readers: the page, the download, the notice ---------------------------------------------
+
+
+def validation_read(run: InstallRun) -> dict[str, Any] | None:
+    """The run's report as written, or None (not written yet, or not a successful install)."""
+    try:
+        return validationfile.report_read(run.pk)
+    except ApplianceError:
+        logger.exception("install %s: its validation report cannot be read", run.pk)
+        return None
+
+
+def validation_notice() -> Notice | None:
+    """One notice while the last successful install's report has a failed check."""
+    run = (
+        InstallRun.objects.filter(state=InstallState.SUCCEEDED)
+        .order_by("-finished_at", "-pk")
+        .first()
+    )
+    if run is None:
+        return None
+    summary = (run.details or {}).get(SUMMARY)
+    if not summary or summary.get("passed"):
+        return None
+    failed = summary.get("failed") or []
+    names = ", ".join(TITLES.get(key, key).lower() for key in failed)
+    return Notice(
+        "error",
+        f"The validation report of the upgrade to firmware {run.version} has "
+        f"{len(failed)} failed check{'s' if len(failed) != 1 else ''}: {names}.",
+        "Validation report",
+        reverse("upgrades:install_run", args=[run.pk]) + "#validation",
+    )
