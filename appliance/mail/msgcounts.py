@@ -3,7 +3,8 @@
 Every big table is cut into chunks of ``2**CHUNK_BITS`` ids. A chunk's *fingerprint* (row
 count, sum of ids and of a time and a size column) comes from one range scan at C speed, in
 either format; :class:`ChunkedTable` says how each format spells a table, and how the
-conversion copies one of its chunks.
+conversion copies one of its chunks into either format (:class:`Direction`: forward for the
+2.8.1 upgrade, back for the return to 2.8.0).
 
 Checksums are order-independent of the physical rows: each chunk's digest is the SHA-256 of its
 rows in id order, written in 2.8.0 terms (a body as the SHA-256 of its raw bytes, an SMTP
@@ -39,6 +40,24 @@ from appliance.system.errors import MalformedApplianceFile
 from appliance.system.paths import layout
 
 CHUNK_BITS = 13  # 8,192 ids a chunk: about 10 MB of bodies, well under 0.1 s to copy
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Which way a conversion goes: from the store's format (``source``) to the format of the
+    file built beside it (``target``). One set of chunk rules serves both ways, so the way back
+    keeps every guarantee of the way there.
+
+    ``result_key``: the ``meta`` key under which the converted store keeps its outcome.
+    """
+
+    source: str
+    target: str
+    result_key: str
+
+
+FORWARD = Direction(FORMAT_VERSION, FORMAT_2_8_1, "migration")  # the 2.8.1 upgrade
+BACK = Direction(FORMAT_2_8_1, FORMAT_VERSION, "reversion")  # Return to 2.8.0.0
 
 
 def chunk_range(chunk: int) -> tuple[int, int]:
@@ -81,7 +100,8 @@ class ChunkedTable:
     key: dict[str, str]
     fingerprint: dict[str, str]  # aggregates, comparable across the formats
     canonical: dict[str, str]  # columns in 2.8.0 terms
-    copy: str  # INSERT ... SELECT from src (2.8.0) into main (2.8.1), :lo/:hi bound
+    # By target format: INSERT ... SELECT from src (the other format) into main, :lo/:hi bound.
+    copy: dict[str, str]
 
 
 def _both(spelling: str) -> dict[str, str]:
@@ -97,8 +117,10 @@ def _alike(name: str, table: str, fingerprint: str, columns: str) -> ChunkedTabl
         key=_both("id"),
         fingerprint=_both(fingerprint),
         canonical=_both(columns),
-        copy=f"INSERT INTO main.{table} ({columns})"  # noqa: S608
-        f" SELECT {columns} FROM src.{table} WHERE id >= :lo AND id < :hi",
+        copy=_both(
+            f"INSERT INTO main.{table} ({columns})"  # noqa: S608
+            f" SELECT {columns} FROM src.{table} WHERE id >= :lo AND id < :hi"
+        ),
     )
 
 
@@ -130,10 +152,18 @@ CHUNKED_TABLES = (
             FORMAT_VERSION: "message_id, raw",
             FORMAT_2_8_1: "message_id, codec, raw_size, sha256, body",
         },
-        copy="INSERT INTO main.message_body (message_id, codec, raw_size, sha256, body)"  # noqa: S608
-        f" SELECT message_id, '{BODY_CODEC}', length(raw), mm_sha256(raw),"
-        " mm_compress(raw) FROM src.quarantined_message_raw"
-        " WHERE message_id >= :lo AND message_id < :hi",
+        copy={
+            FORMAT_2_8_1: "INSERT INTO main.message_body"  # noqa: S608
+            " (message_id, codec, raw_size, sha256, body)"
+            f" SELECT message_id, '{BODY_CODEC}', length(raw), mm_sha256(raw),"
+            " mm_compress(raw) FROM src.quarantined_message_raw"
+            " WHERE message_id >= :lo AND message_id < :hi",
+            # mm_raw is verified_body's raw: a body failing its SHA-256 or length stops the
+            # copy (never copied as it is).
+            FORMAT_VERSION: "INSERT INTO main.quarantined_message_raw (message_id, raw)"
+            " SELECT message_id, mm_raw(message_id, codec, raw_size, sha256, body)"
+            " FROM src.message_body WHERE message_id >= :lo AND message_id < :hi",
+        },
     ),
     ChunkedTable(
         name="smtp_log",
@@ -145,14 +175,23 @@ CHUNKED_TABLES = (
             FORMAT_2_8_1: "id, logged_at, client_ip, sender, recipient,"
             " CASE WHEN status IS NULL THEN response ELSE status || ' ' || response END",
         },
-        # The same rule as msgstore.split_status, in SQL so a million rows never reach Python.
-        copy="INSERT INTO main.smtp_log (id, logged_at, client_ip, sender, recipient, status,"
-        " response) SELECT id, logged_at, client_ip, sender, recipient,"
-        " CASE WHEN substr(response, 4, 1) = ' ' AND substr(response, 1, 3) GLOB '[2-5][0-9][0-9]'"
-        " THEN CAST(substr(response, 1, 3) AS INTEGER) END,"
-        " CASE WHEN substr(response, 4, 1) = ' ' AND substr(response, 1, 3) GLOB '[2-5][0-9][0-9]'"
-        " THEN substr(response, 5) ELSE response END"
-        " FROM src.smtp_log WHERE id >= :lo AND id < :hi",
+        # The same rules as msgstore.split_status and join_status, in SQL so a million rows
+        # never reach Python.
+        copy={
+            FORMAT_2_8_1: "INSERT INTO main.smtp_log (id, logged_at, client_ip, sender,"
+            " recipient, status, response) SELECT id, logged_at, client_ip, sender, recipient,"
+            " CASE WHEN substr(response, 4, 1) = ' '"
+            " AND substr(response, 1, 3) GLOB '[2-5][0-9][0-9]'"
+            " THEN CAST(substr(response, 1, 3) AS INTEGER) END,"
+            " CASE WHEN substr(response, 4, 1) = ' '"
+            " AND substr(response, 1, 3) GLOB '[2-5][0-9][0-9]'"
+            " THEN substr(response, 5) ELSE response END"
+            " FROM src.smtp_log WHERE id >= :lo AND id < :hi",
+            FORMAT_VERSION: "INSERT INTO main.smtp_log (id, logged_at, client_ip, sender,"
+            " recipient, response) SELECT id, logged_at, client_ip, sender, recipient,"
+            " CASE WHEN status IS NULL THEN response ELSE status || ' ' || response END"
+            " FROM src.smtp_log WHERE id >= :lo AND id < :hi",
+        },
     ),
     _alike("tracking_log", "tracking_log", "count(*), sum(id), sum(logged_at)", _TRACKING_COLUMNS),
 )
@@ -211,7 +250,22 @@ def chunk_fingerprints(
     return result
 
 
-def _chunk_digest(
+def verified_body(
+    message_id: int, codec: str, raw_size: int, stored_sha: bytes, body: bytes
+) -> tuple[bytes, bytes]:
+    """(raw message, its SHA-256) of a 2.8.1 body, or raise if it fails its SHA-256 or length:
+    the one check every reader of a body in that format makes, the way back's copy too."""
+    try:
+        raw = decode_body(codec, body)
+    except MalformedApplianceFile as exc:
+        raise MalformedApplianceFile(f"stored message {message_id}: {exc}") from exc
+    actual = hashlib.sha256(raw).digest()
+    if actual != bytes(stored_sha) or len(raw) != raw_size:
+        raise MalformedApplianceFile(f"stored message {message_id} fails its checksum")
+    return raw, actual
+
+
+def chunk_digest(
     conn: sqlite3.Connection, schema: str, big: ChunkedTable, version: str, chunk: int
 ) -> bytes:
     """SHA-256 of a chunk's rows in id order, in 2.8.0 terms; checks every 2.8.1 body."""
@@ -231,10 +285,7 @@ def _chunk_digest(
             digest.update(repr((message_id, sha256(raw).digest())).encode())
         return digest.digest()
     for message_id, codec, raw_size, stored_sha, body in cursor:
-        raw = decode_body(codec, body)
-        actual = sha256(raw).digest()
-        if actual != bytes(stored_sha) or len(raw) != raw_size:
-            raise MalformedApplianceFile(f"stored message {message_id} fails its checksum")
+        _, actual = verified_body(message_id, codec, raw_size, stored_sha, body)
         digest.update(repr((message_id, actual)).encode())
     return digest.digest()
 
@@ -305,6 +356,15 @@ class DigestCache:
             )
             self.conn.execute("COMMIT")
 
+    def forget_format(self, version: str) -> None:
+        """Drop every digest of one format: a conversion's new file in it was just created, so
+        no digest cached before (of another file in that format, the one a conversion the
+        other way replaced) may stand for it."""
+        if self.conn is None:
+            return
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("DELETE FROM chunk_digest WHERE format = ?", (version,))
+
     def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
@@ -344,7 +404,7 @@ def table_digests(
             digests[chunk] = hit[1]
             continue
         try:
-            digests[chunk] = _chunk_digest(conn, schema, big, version, chunk)
+            digests[chunk] = chunk_digest(conn, schema, big, version, chunk)
         except MalformedApplianceFile:
             if not tolerant:
                 raise

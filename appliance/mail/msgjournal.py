@@ -1,4 +1,4 @@
-"""Which chunks of the 2.8.0 message store changed since the conversion measured them.
+"""Which chunks of the message store changed since the conversion measured them.
 
 Phase 7 runs with mail stopped, and whatever it reads counts as downtime. Finding what changed
 since phase 2 by fingerprinting every chunk of the old store reads the whole store again: the
@@ -21,6 +21,12 @@ the new file's ``meta`` (:func:`state_save`) and forgotten before a prepare chan
 (:func:`state_forget`): phase 7 trusts it only with a journal started before it was measured.
 Without either (a prepare killed halfway, a store restored from an old image), phase 7
 measures everything, as slow as before and as safe.
+
+The way back (Return to 2.8.0.0, :data:`appliance.mail.msgcounts.BACK`) journals the 2.8.1
+store the same way: every function takes the conversion's source format (or its
+:class:`~appliance.mail.msgcounts.Direction`), 2.8.0 by default, and the triggers are made for
+that format's table names. "Old" here is always the store being converted, "new" the file
+built beside it.
 """
 
 from __future__ import annotations
@@ -33,27 +39,29 @@ from pathlib import Path
 from appliance.mail import msgcounts, msgstore
 from appliance.mail.msgcounts import (
     CHUNKED_TABLES,
+    FORWARD,
     ChunkedTable,
+    Direction,
     Fingerprints,
     chunk_fingerprint,
     chunk_fingerprints,
 )
 
 OLD_FORMAT = msgstore.FORMAT_VERSION
-NEW_FORMAT = msgstore.FORMAT_2_8_1
 
 JOURNAL = "mm_changed"
 BUSY_TIMEOUT_MS = 30_000
 _EVENTS = (("insert", ("NEW",)), ("delete", ("OLD",)), ("update", ("OLD", "NEW")))
 
 
-def _triggers() -> list[tuple[str, str]]:
-    """(name, CREATE statement) of every journal trigger on the 2.8.0 tables, for the chunk
-    size in force (read at the call: the statements are compared with the stored ones)."""
+def _triggers(source: str = OLD_FORMAT) -> list[tuple[str, str]]:
+    """(name, CREATE statement) of every journal trigger on the tables of a store in format
+    ``source``, for the chunk size in force (read at the call: the statements are compared
+    with the stored ones)."""
     bits = msgcounts.CHUNK_BITS
     made = []
     for big in CHUNKED_TABLES:
-        table, key = big.table[msgstore.FORMAT_VERSION], big.key[msgstore.FORMAT_VERSION]
+        table, key = big.table[source], big.key[source]
         for event, rows in _EVENTS:
             name = f"{JOURNAL}_{table}_{event}"
             body = " ".join(
@@ -76,9 +84,9 @@ def _writer(db: Path) -> sqlite3.Connection:
     return conn
 
 
-def journal_start(db: Path) -> None:
-    """Triggers in place and the journal emptied, in one transaction on the old store: from
-    its commit on, every change to a big table leaves its chunk here."""
+def journal_start(db: Path, source: str = OLD_FORMAT) -> None:
+    """Triggers in place and the journal emptied, in one transaction on the old store (in
+    format ``source``): from its commit on, every change to a big table leaves its chunk here."""
     conn = _writer(db)
     try:
         with msgstore.write_transaction(conn):
@@ -86,7 +94,7 @@ def journal_start(db: Path) -> None:
                 f"CREATE TABLE IF NOT EXISTS {JOURNAL} (tbl TEXT NOT NULL, chunk INTEGER NOT NULL,"
                 " PRIMARY KEY (tbl, chunk)) WITHOUT ROWID"
             )
-            for name, create in _triggers():
+            for name, create in _triggers(source):
                 conn.execute(f"DROP TRIGGER IF EXISTS {name}")  # made for another chunk size
                 conn.execute(create)
             conn.execute(f"DELETE FROM {JOURNAL}")  # noqa: S608
@@ -105,17 +113,19 @@ def journal_clear(db: Path) -> None:
         conn.close()
 
 
-def journal_chunks(conn: sqlite3.Connection, schema: str = "src") -> dict[str, set[int]] | None:
+def journal_chunks(
+    conn: sqlite3.Connection, schema: str = "src", source: str = OLD_FORMAT
+) -> dict[str, set[int]] | None:
     """The chunks changed since :func:`journal_start`, by table name; None when this store has
-    no complete journal (no table, a trigger missing or made for another chunk size): then
-    nothing may be trusted."""
+    no complete journal (no table, a trigger missing or made for another chunk size or format):
+    then nothing may be trusted."""
     stored = dict(
         conn.execute(
             f"SELECT name, sql FROM {schema}.sqlite_schema WHERE type IN ('table', 'trigger')"  # noqa: S608
             f" AND name LIKE '{JOURNAL}%'"
         ).fetchall()
     )
-    if JOURNAL not in stored or any(stored.get(name) != sql for name, sql in _triggers()):
+    if JOURNAL not in stored or any(stored.get(name) != sql for name, sql in _triggers(source)):
         return None
     changed: dict[str, set[int]] = {big.name: set() for big in CHUNKED_TABLES}
     for table, chunk in conn.execute(f"SELECT tbl, chunk FROM {schema}.{JOURNAL}"):  # noqa: S608
@@ -123,13 +133,13 @@ def journal_chunks(conn: sqlite3.Connection, schema: str = "src") -> dict[str, s
     return changed
 
 
-def journal_take(db: Path) -> dict[str, set[int]] | None:
+def journal_take(db: Path, source: str = OLD_FORMAT) -> dict[str, set[int]] | None:
     """:func:`journal_chunks` and empty the journal, in one transaction on the old store (no
     change can fall between the two): for a catch-up round while mail flows. None as there."""
     conn = _writer(db)
     try:
         with msgstore.write_transaction(conn):
-            changed = journal_chunks(conn, "main")
+            changed = journal_chunks(conn, "main", source)
             if changed is not None:
                 conn.execute(f"DELETE FROM {JOURNAL}")  # noqa: S608
         return changed
@@ -137,16 +147,17 @@ def journal_take(db: Path) -> dict[str, set[int]] | None:
         conn.close()
 
 
-def journal_remove(db: Path) -> None:
-    """Triggers and journal gone from a store that stays in the 2.8.0 format."""
+def journal_remove(db: Path, source: str = OLD_FORMAT) -> None:
+    """Triggers and journal gone from a store that stays in the ``source`` format (a store
+    switched to the other format is a new file without them)."""
     if not db.is_file():
         return
     conn = _writer(db)
     try:
-        if msgstore.connection_format(conn) != msgstore.FORMAT_VERSION:
+        if msgstore.connection_format(conn) != source:
             return
         with msgstore.write_transaction(conn):
-            for name, _ in _triggers():
+            for name, _ in _triggers(source):
                 conn.execute(f"DROP TRIGGER IF EXISTS {name}")
             conn.execute(f"DROP TABLE IF EXISTS {JOURNAL}")
     finally:
@@ -158,17 +169,20 @@ def journal_remove(db: Path) -> None:
 
 @dataclass
 class Fingerprinted:
-    """Both sides' fingerprints as of the last pass, kept current for the chunks copied."""
+    """Both sides' fingerprints as of the last pass, kept current for the chunks copied:
+    ``old`` of the store (``src``, in ``direction.source``), ``new`` of the file built."""
 
     old: dict[str, Fingerprints] = field(default_factory=dict)
     new: dict[str, Fingerprints] = field(default_factory=dict)
+    direction: Direction = FORWARD
 
     def measure(self, conn: sqlite3.Connection) -> list[tuple[ChunkedTable, int]]:
         """Fingerprint both sides; the chunks that differ."""
+        source, target = self.direction.source, self.direction.target
         todo = []
         for big in CHUNKED_TABLES:
-            old = self.old[big.name] = chunk_fingerprints(conn, "src", big, OLD_FORMAT)
-            new = self.new[big.name] = chunk_fingerprints(conn, "main", big, NEW_FORMAT)
+            old = self.old[big.name] = chunk_fingerprints(conn, "src", big, source)
+            new = self.new[big.name] = chunk_fingerprints(conn, "main", big, target)
             todo += [
                 (big, chunk)
                 for chunk in sorted(old.keys() | new.keys())
@@ -178,8 +192,8 @@ class Fingerprinted:
 
     def copied(self, conn: sqlite3.Connection, big: ChunkedTable, chunk: int) -> None:
         for side, schema, version in (
-            (self.old, "src", OLD_FORMAT),
-            (self.new, "main", NEW_FORMAT),
+            (self.old, "src", self.direction.source),
+            (self.new, "main", self.direction.target),
         ):
             table = side.setdefault(big.name, {})
             fingerprint = chunk_fingerprint(conn, schema, big, version, chunk)
@@ -201,7 +215,7 @@ class Fingerprinted:
             new = self.new.setdefault(big.name, {})
             journaled = changed.get(big.name, set())
             for chunk in journaled:
-                fingerprint = chunk_fingerprint(conn, "src", big, OLD_FORMAT, chunk)
+                fingerprint = chunk_fingerprint(conn, "src", big, self.direction.source, chunk)
                 if fingerprint is None:
                     old.pop(chunk, None)
                 else:
@@ -222,13 +236,15 @@ class Fingerprinted:
         )
 
     @classmethod
-    def from_json(cls, text: str) -> Fingerprinted:
+    def from_json(cls, text: str, direction: Direction = FORWARD) -> Fingerprinted:
+        """The saved state of a file built in ``direction`` (the file's name and format say
+        which, so the direction itself is not saved)."""
         data = json.loads(text)
         sides = [
             {name: {int(c): tuple(fp) for c, fp in t.items()} for name, t in data[side].items()}
             for side in ("old", "new")
         ]
-        return cls(old=sides[0], new=sides[1])
+        return cls(old=sides[0], new=sides[1], direction=direction)
 
 
 SAVED_STATE = "migration_fingerprints"  # main.meta key: both sides as prepare left them
@@ -248,11 +264,11 @@ def state_save(conn: sqlite3.Connection, state: Fingerprinted) -> None:
         )
 
 
-def state_saved(conn: sqlite3.Connection) -> Fingerprinted | None:
+def state_saved(conn: sqlite3.Connection, direction: Direction = FORWARD) -> Fingerprinted | None:
     row = conn.execute("SELECT value FROM main.meta WHERE key = ?", (SAVED_STATE,)).fetchone()
     if row is None:
         return None
     try:
-        return Fingerprinted.from_json(row[0])
+        return Fingerprinted.from_json(row[0], direction)
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable: measure everything instead

@@ -500,7 +500,7 @@ def list_stores(root: Path | None = None) -> list[MessageStore]:
 # Mail Security's message detail page reads one stored message; an administrator releases it
 # (delivers it on, once) or deletes it. A release is recorded in a table of its own, made the
 # first time anything is released, so that the mail service's schema need not know about it
-# (the 2.8.1 conversion copies it: msgmigrate._copy_releases); a deleted or purged message
+# (the conversion copies it either way: msgchunks.copy_releases); a deleted or purged message
 # takes its record with it (ON DELETE CASCADE).
 
 RELEASE_TABLE_SQL = """CREATE TABLE IF NOT EXISTS quarantine_release (
