@@ -10,5 +10,8 @@ class ClusterConfig(AppConfig):
 
     def ready(self) -> None:
         from cluster import rolling
+        from cluster.bundles import CentralSource
+        from upgrades.downloader import register_source_finder
 
         rolling.register_job_kind()
+        register_source_finder(CentralSource.for_bundle)  # a member's bundle from its Central

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
@@ -142,12 +142,30 @@ def register_job_kind() -> None:
     )
 
 
-def _central_source(download: Download) -> Any:
-    """Cluster Central's copy of this bundle for a joined member (a cluster.bundles
-    CentralSource), or None. Imported here: the cluster app builds on this one."""
-    from cluster.bundles import CentralSource
+class OtherSource(Protocol):
+    """Somewhere other than the feed that may serve a bundle's bytes (a cluster member's
+    Central, cluster.bundles): ``open`` starts a transfer there, or returns None to send the
+    rest of the run to the feed."""
 
-    return CentralSource.for_bundle(download.version, download.sha256)
+    def open(self, offset: int, validator: str) -> http.Source | None: ...
+
+
+# Who offers another source for a bundle (version, SHA-256): the cluster app registers its
+# own at start-up (cluster.apps), so this app, which the cluster app builds on, never imports it.
+_SOURCE_FINDERS: list[Callable[[str, str], OtherSource | None]] = []
+
+
+def register_source_finder(finder: Callable[[str, str], OtherSource | None]) -> None:
+    if finder not in _SOURCE_FINDERS:
+        _SOURCE_FINDERS.append(finder)
+
+
+def _central_source(download: Download) -> OtherSource | None:
+    """The first other source that serves this bundle (a member's Cluster Central), or None."""
+    for finder in _SOURCE_FINDERS:
+        if (source := finder(download.version, download.sha256)) is not None:
+            return source
+    return None
 
 
 class _DownloadRun:
