@@ -329,14 +329,24 @@ def checkpoint(db: Path, *, attempts: int = 50) -> int:
     raise ApplianceError(f"could not checkpoint {db}: readers keep it busy")
 
 
-def checkpoint_passive(root: Path | None = None) -> None:
+TRUNCATE_WAIT_MS = 2000  # how long phase 2's truncation waits for the mail service's readers
+
+
+def checkpoint_passive(root: Path | None = None) -> bool:
     """Copy what the store's write-ahead log holds into the store without waiting for anyone
-    (mail still flows): phase 4's checkpoint, with mail stopped, is then left the last
-    moments' pages instead of everything a long read kept in the log."""
+    (mail still flows), then empty the log file if the readers let it within a moment: phase
+    4's checkpoint, with mail stopped, is then left the last moments' pages of a small file,
+    instead of everything a long read kept in the log and the freeing of a file that grew to
+    gigabytes meanwhile (0.5 s for 1.8 GB). True if the log was emptied. The truncation holds
+    the mail service's writers for as long as it takes: in phase 2 that is a delay, not
+    downtime."""
     conn = sqlite3.connect(layout(root).msgstore_db, timeout=30, isolation_level=None)
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        conn.execute(f"PRAGMA busy_timeout = {TRUNCATE_WAIT_MS}")
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
     finally:
         conn.close()
 

@@ -48,6 +48,13 @@ BODY_CODEC = "zlib"
 # ratio on mail (text and base64).
 BODY_LEVEL = 1
 
+# The write-ahead log file is cut back to this size whenever it starts over. Without a limit it
+# keeps the largest size it ever reached (gigabytes after a long read held checkpoints back
+# while mail flowed), and the next truncating checkpoint pays for freeing it: half a second of
+# phase 4's downtime for 1.8 GB here. With it, the writer that starts the log over pays, while
+# mail flows.
+WAL_SIZE_LIMIT = 64 * 2**20
+
 VERDICTS = ("spam", "virus", "policy", "clean")
 ACTIONS = ("delivered", "quarantined", "rejected")
 
@@ -298,6 +305,7 @@ def connect(root: Path | None = None, *, readonly: bool = False) -> sqlite3.Conn
     conn = sqlite3.connect(f"{path.as_uri()}?mode={mode}", uri=True, timeout=30)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     return conn
 
 

@@ -576,3 +576,30 @@ def test_release_records_are_carried_over_so_a_released_message_stays_released(
 
     outcome = msgstore.quarantine_release_claim([first, second], by="admin", now=now)
     assert outcome.claimed == () and set(outcome.released_already) == {first, second}
+
+
+def test_phase_2s_checkpoint_empties_a_log_that_a_long_read_let_grow(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read held open while mail is written keeps every page in the log; phase 2's checkpoint
+    copies them and empties the file, and the log file never keeps more than the limit once
+    the writers start it over (phase 4 would otherwise pay to free it in the downtime)."""
+    monkeypatch.setattr(msgmigrate, "TRUNCATE_WAIT_MS", 50)
+    db = layout().msgstore_db
+    reader = msgstore.connect(readonly=True)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM quarantined_message").fetchone()
+    for n in range(40):
+        mailrecords.mail_record(_record(n))
+    assert msgstore.wal_bytes(db) > 0
+    assert not msgmigrate.checkpoint_passive()  # the reader is still there: not emptied
+    reader.execute("COMMIT")
+    reader.close()
+    assert msgmigrate.checkpoint_passive()
+    assert msgstore.wal_bytes(db) == 0
+    conn = msgstore.connect()
+    try:
+        limit = conn.execute("PRAGMA journal_size_limit").fetchone()[0]
+    finally:
+        conn.close()
+    assert limit == msgstore.WAL_SIZE_LIMIT
