@@ -15,3 +15,6 @@ class ClusterConfig(AppConfig):
 
         rolling.register_job_kind()
         register_source_finder(CentralSource.for_bundle)  # a member's bundle from its Central
+        from cluster import schedule  # issue 18: Upgrade the cluster at a time
+
+        schedule.register_schedule_kind()

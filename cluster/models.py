@@ -219,6 +219,28 @@ class ClusterUpgrade(models.Model):
         return rows
 
 
+class ScheduledRollingUpgrade(models.Model):
+    """A scheduled install (``upgrades.ScheduledInstall``, issue 18) that is a rolling upgrade
+    of the cluster rather than an install of Central alone, and the ClusterUpgrade it started.
+
+    The schedule itself (its time, claim, move, cancel, refusal) is the ScheduledInstall row:
+    one pending at a time whatever it starts. This row only says what it starts when due
+    (``cluster.schedule`` registers that with ``upgrades.schedule``); ``upgrade`` is set by a
+    conditional update once the rolling upgrade is started, or by a later beat that finds the
+    upgrade a dead worker started after its claim.
+    """
+
+    schedule = models.OneToOneField(
+        "upgrades.ScheduledInstall", on_delete=models.CASCADE, related_name="rolling_upgrade"
+    )
+    upgrade = models.ForeignKey(
+        ClusterUpgrade, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    def __str__(self) -> str:
+        return f"Rolling upgrade scheduled by schedule {self.schedule_id}"
+
+
 class ReceivedNonce(models.Model):
     """The nonce of a signed message this node accepted (``cluster.signing``), so that a copy
     of it is refused: the unique ``nonce`` decides, by the insert itself. Kept until

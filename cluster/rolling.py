@@ -172,8 +172,12 @@ def register_job_kind() -> None:
     )
 
 
-def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
-    """Central: start "Upgrade cluster" (Central first, then each member in node order)."""
+def cluster_upgrade_start(*, user: User, scheduled: bool = False) -> ClusterUpgrade:
+    """Central: start "Upgrade cluster" (Central first, then each member in node order).
+
+    Started now (not by its schedule, ``scheduled``), it replaces the install or rolling
+    upgrade scheduled for later, as an install started now does.
+    """
     require(CENTRAL, "Upgrade cluster")
     version = cluster_target_version()
     if not version:
@@ -216,6 +220,13 @@ def cluster_upgrade_start(*, user: User) -> ClusterUpgrade:
         user=user,
         details={"upgrade_id": upgrade.pk, "order": order, "version": version},
     )
+    if not scheduled:
+        from upgrades.schedule import schedule_supersede  # issue 18
+
+        schedule_supersede(
+            reason=f"the cluster upgrade to {version} started now instead (upgrade {upgrade.pk})",
+            user=user,
+        )
     cluster_upgrade_advance()
     upgrade.refresh_from_db()
     return upgrade

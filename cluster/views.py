@@ -14,9 +14,10 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.roles import READ_ONLY_REFUSAL, is_administrator
-from cluster import plumbing, rolling, selectors, services
+from cluster import plumbing, rolling, schedule, selectors, services
 from cluster.forms import JoinForm
 from lmi.actions import act, administrators_only
+from upgrades.schedule_views import schedule_context
 
 
 def _context(request: HttpRequest, **extra: object) -> dict[str, object]:
@@ -28,9 +29,17 @@ def _context(request: HttpRequest, **extra: object) -> dict[str, object]:
     }
 
 
+def _page(request: HttpRequest, **extra: object) -> dict[str, object]:
+    """The whole page: the status, and on Central with members "Upgrade the cluster at"
+    (upgrades' schedule partial, posting to upgrades' schedule views with its kind)."""
+    if schedule.rolling_schedulable():
+        extra.update(schedule_context(schedule.ROLLING_UPGRADE))
+    return _context(request, **extra)
+
+
 @require_GET
 def index(request: HttpRequest) -> HttpResponse:
-    return render(request, "cluster/index.html", _context(request))
+    return render(request, "cluster/index.html", _page(request))
 
 
 @never_cache
@@ -49,7 +58,7 @@ def token_create(request: HttpRequest) -> HttpResponse:
     except plumbing.ClusterError as exc:
         messages.error(request, str(exc))
         return redirect("cluster:index")
-    return render(request, "cluster/index.html", _context(request, new_token=token, token_row=row))
+    return render(request, "cluster/index.html", _page(request, new_token=token, token_row=row))
 
 
 @require_POST

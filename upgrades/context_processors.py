@@ -28,9 +28,9 @@ def install_banner(request: HttpRequest) -> dict[str, object]:
         "install_banner_read_only": read_only,
     }
     if run is None:  # issue 18: a scheduled install, in every session
-        from upgrades.schedule import schedule_pending
+        from upgrades.schedule import schedule_banner
 
-        context["install_banner_schedule"] = schedule_pending()
+        context["install_banner_schedule"] = schedule_banner()
     if read_only:
         # The pages render as for a read-only user, matching InstallMaintenanceMiddleware,
         # which refuses every change meanwhile: no form offers what would be refused.

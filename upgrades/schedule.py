@@ -8,6 +8,11 @@ runs again at that very moment. If anything refuses then (a failed check, anothe
 the bundle gone or replaced), nothing is installed: the schedule ends ``refused`` with the reason,
 an event says why, and Home shows it as a notice.
 
+What a schedule starts is its kind (:class:`ScheduleKind`): the install of this appliance, built
+in, or any kind another app registers at start-up (the cluster app's rolling upgrade of Central
+and its members, cluster.schedule), so this module never imports that app. The claim, the
+refusal and the settling of a claim a dead worker left are written once here, for every kind.
+
 Every state change is a conditional update on the state it leaves (see ``ScheduleState``).
 "Now" is ``django.utils.timezone.now`` (the one clock tests move); times are shown and typed in
 the appliance's time zone (``TIME_ZONE``), stored in UTC.
@@ -16,11 +21,13 @@ the appliance's time zone (``TIME_ZONE``), stored in UTC.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import time as day_time
 
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -54,6 +61,76 @@ QUIET_DAYS = 7
 
 class ScheduleRefused(Exception):
     """A schedule request that cannot be done; the message says why and what to do."""
+
+
+# --- What a schedule starts ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleKind:
+    """What a schedule starts when it is due, registered by the app that knows how.
+
+    A kind says what it would install now (``version``, or ScheduleRefused why not: the page
+    shows that reason instead of the form), starts it at the due moment (``start`` links what
+    it started with a conditional update on the started row and returns it for the event; a
+    ScheduleRefused means nothing was installed anywhere) and, for a claim a dead worker left,
+    links what was started after the claim (``settle``, False when nothing was). A kind other
+    than the built-in install keeps its own row beside the schedule: ``attach`` writes it in
+    the schedule's transaction, ``members`` selects its schedules and ``linked`` those whose
+    start is recorded there instead of in ``ScheduledInstall.run``.
+    """
+
+    name: str
+    noun: str  # "install", in "the worker stopped while starting the install"
+    title: str  # "Install of firmware {version}"
+    page: str  # the URL name of the page whose "#schedule" section offers it
+    version: Callable[[], str]
+    start: Callable[[ScheduledInstall], dict[str, object]]
+    settle: Callable[[ScheduledInstall], bool]
+    attach: Callable[[ScheduledInstall], object] | None = None
+    members: Q | None = None
+    linked: Q | None = None
+
+
+INSTALL = "install"
+_KINDS: dict[str, ScheduleKind] = {}
+
+
+def register_kind(kind: ScheduleKind) -> None:
+    """Make ``kind`` schedulable (an app's ``ready``); registering it again replaces it."""
+    _KINDS[kind.name] = kind
+
+
+def kind_named(name: str) -> ScheduleKind:
+    try:
+        return _KINDS[name]
+    except KeyError:
+        raise ScheduleRefused(f"{name!r} is not something that can be scheduled.") from None
+
+
+def kind_of(schedule: ScheduledInstall) -> ScheduleKind:
+    """The kind a schedule starts: the registered kind whose row it has, else the install."""
+    for kind in _KINDS.values():
+        if (
+            kind.members is not None
+            and ScheduledInstall.objects.filter(kind.members, pk=schedule.pk).exists()
+        ):
+            return kind
+    return _KINDS[INSTALL]
+
+
+def schedule_title(schedule: ScheduledInstall) -> str:
+    """ "Install of firmware 2.8.1.0", "Rolling upgrade of the cluster to 2.8.1.0"."""
+    return kind_of(schedule).title.format(version=schedule.version)
+
+
+def _lowered(title: str) -> str:
+    return title[:1].lower() + title[1:]
+
+
+def schedule_page(schedule: ScheduledInstall) -> str:
+    """The page section that shows and changes the schedule."""
+    return reverse(kind_of(schedule).page) + "#schedule"
 
 
 # --- Reading ------------------------------------------------------------------------------------
@@ -104,6 +181,8 @@ def schedule_dict(schedule: ScheduledInstall | None) -> dict[str, object] | None
         return None
     return {
         "id": schedule.pk,
+        "kind": kind_of(schedule).name,
+        "title": schedule_title(schedule),
         "version": schedule.version,
         "at": schedule.at.isoformat(),
         "at_local": local_text(schedule.at),
@@ -143,14 +222,18 @@ def _version_to_install() -> str:
     return download.version
 
 
-def schedule_set(*, at: datetime, user: User | None) -> ScheduledInstall:
-    """Schedule the install of the downloaded firmware at ``at`` (one pending at a time)."""
+def schedule_set(*, at: datetime, user: User | None, kind: str = INSTALL) -> ScheduledInstall:
+    """Schedule the install of the downloaded firmware at ``at`` (one pending at a time,
+    whatever its kind): of this appliance, or what another registered ``kind`` starts."""
     at = _checked_time(at)
-    version = _version_to_install()
+    chosen = kind_named(kind)
+    version = chosen.version()
     who = username_of(user)
     try:
         with transaction.atomic():  # a savepoint: a caller's transaction survives the refusal
             schedule = ScheduledInstall.objects.create(version=version, at=at, requested_by=who)
+            if chosen.attach is not None:
+                chosen.attach(schedule)
     except IntegrityError:
         pending = schedule_pending()
         when = f" for {local_text(pending.at)}" if pending is not None else ""
@@ -158,9 +241,10 @@ def schedule_set(*, at: datetime, user: User | None) -> ScheduledInstall:
             f"An install is already scheduled{when}: move or cancel it instead."
         ) from None
     event(
-        f"Install of firmware {version} scheduled for {local_text(at)}",
+        f"{chosen.title.format(version=version)} scheduled for {local_text(at)}",
         user=user,
         schedule=schedule.pk,
+        kind=chosen.name,
         version=version,
         at=at.isoformat(),
     )
@@ -179,7 +263,7 @@ def schedule_move(*, at: datetime, user: User | None) -> ScheduledInstall:
     if not moved:
         raise ScheduleRefused("The scheduled install has just started or was cancelled.")
     event(
-        f"Scheduled install of firmware {pending.version} moved from {local_text(pending.at)} "
+        f"Scheduled {_lowered(schedule_title(pending))} moved from {local_text(pending.at)} "
         f"to {local_text(at)}",
         user=user,
         schedule=pending.pk,
@@ -203,7 +287,7 @@ def schedule_cancel(*, user: User | None) -> ScheduledInstall:
             "The scheduled install has just started: it can no longer be cancelled."
         )
     event(
-        f"Scheduled install of firmware {pending.version} at {local_text(pending.at)} cancelled",
+        f"Scheduled {_lowered(schedule_title(pending))} at {local_text(pending.at)} cancelled",
         user=user,
         schedule=pending.pk,
         version=pending.version,
@@ -222,7 +306,7 @@ def _refuse(schedule: ScheduledInstall, reason: str) -> None:
     ).update(state=ScheduleState.REFUSED, reason=reason, changed_at=timezone.now())
     if refused:
         event(
-            f"Scheduled install of firmware {schedule.version} at {local_text(schedule.at)} did "
+            f"Scheduled {_lowered(schedule_title(schedule))} at {local_text(schedule.at)} did "
             f"not start, nothing was installed: {reason}",
             severity=Severity.WARNING,
             schedule=schedule.pk,
@@ -233,27 +317,27 @@ def _refuse(schedule: ScheduledInstall, reason: str) -> None:
 
 def _settle_orphans(now: datetime) -> None:
     """A claim whose outcome was never written (the worker died between the claim and the
-    install's start): link the install it started, or refuse it."""
+    start): link what it started, or refuse it."""
     stale = ScheduledInstall.objects.filter(
         state=ScheduleState.STARTED, run__isnull=True, changed_at__lt=now - CLAIM_GRACE
     )
+    for kind in _KINDS.values():
+        if kind.linked is not None:
+            stale = stale.exclude(kind.linked)
     for schedule in stale:
-        run = InstallRun.objects.filter(
-            trigger=InstallTrigger.SCHEDULE, created_at__gte=schedule.changed_at
-        ).last()
-        if run is not None:
-            ScheduledInstall.objects.filter(pk=schedule.pk, run__isnull=True).update(run=run)
-        else:
-            _refuse(schedule, "the worker stopped while starting the install")
+        kind = kind_of(schedule)
+        if not kind.settle(schedule):
+            _refuse(schedule, f"the worker stopped while starting the {kind.noun}")
 
 
 def schedule_due(*, now: datetime | None = None) -> ScheduledInstall | None:
-    """Beat, every minute: start the pending install once its time has come.
+    """Beat, every minute: start the pending schedule once its time has come.
 
     The claim (pending -> started) is one conditional update: whoever gets the row count 1
-    starts the install, any other beat finds nothing to do. The install service runs the
-    preflight again; when anything refuses, the schedule ends refused and nothing is installed.
-    Returns the schedule this call handled, or None.
+    starts it, any other beat finds nothing to do. Its kind starts it through its own service,
+    whose checks run again at that moment (the install's preflight; for a rolling upgrade also
+    the members' reachability); when anything refuses, the schedule ends refused and nothing is
+    installed. Returns the schedule this call handled, or None.
     """
     now = now or timezone.now()
     _settle_orphans(now)
@@ -267,31 +351,89 @@ def schedule_due(*, now: datetime | None = None) -> ScheduledInstall | None:
     ).update(state=ScheduleState.STARTED, changed_at=timezone.now())
     if not claimed:
         return None  # another beat (or a move, or a cancel) got there first
+    due.refresh_from_db()
+    kind = kind_of(due)
+    try:
+        started = kind.start(due)
+    except ScheduleRefused as exc:
+        _refuse(due, str(exc))
+    except Exception as exc:
+        logger.exception("scheduled %s %s could not start", kind.noun, due.pk)
+        _refuse(due, f"the {kind.noun} could not start: {exc}")
+    else:
+        event(
+            f"Scheduled {_lowered(schedule_title(due))} at {local_text(due.at)} started",
+            schedule=due.pk,
+            version=due.version,
+            **started,
+        )
+    due.refresh_from_db()
+    return due
+
+
+def schedule_supersede(*, reason: str, user: User | None) -> None:
+    """What was started now replaces the schedule pending for later (pending -> cancelled):
+    left pending, it would only be refused at its time, with a warning about nothing."""
+    pending = schedule_pending()
+    if pending is None:
+        return
+    cancelled = ScheduledInstall.objects.filter(pk=pending.pk, state=ScheduleState.PENDING).update(
+        state=ScheduleState.CANCELLED,
+        reason=reason,
+        changed_at=timezone.now(),
+        changed_by=username_of(user),
+    )
+    if cancelled:
+        event(
+            f"Scheduled {_lowered(schedule_title(pending))} cancelled: {reason}",
+            user=user,
+            schedule=pending.pk,
+        )
+
+
+# --- The built-in kind: this appliance's install -----------------------------------------------
+
+
+def _install_start(due: ScheduledInstall) -> dict[str, object]:
+    """Install the scheduled firmware on this appliance, preflight included."""
     try:
         ready = selectors.ready_download(selectors.installed_version())
         if ready is not None and ready.version != due.version:
-            raise install.InstallError(
+            raise ScheduleRefused(
                 f"firmware {ready.version} is the one downloaded now, not the scheduled "
                 f"{due.version}: schedule it again"
             )
         run = install.install_start(user=due.requested_by or None, trigger=InstallTrigger.SCHEDULE)
     except (install.InstallError, ApplianceError, OSError) as exc:
-        _refuse(due, str(exc))
-    except Exception as exc:
-        logger.exception("scheduled install %s could not start", due.pk)
-        _refuse(due, f"the install could not start: {exc}")
-    else:
-        ScheduledInstall.objects.filter(
-            pk=due.pk, state=ScheduleState.STARTED, run__isnull=True
-        ).update(run=run)
-        event(
-            f"Scheduled install of firmware {due.version} at {local_text(due.at)} started",
-            schedule=due.pk,
-            run=run.pk,
-            version=due.version,
-        )
-    due.refresh_from_db()
-    return due
+        raise ScheduleRefused(str(exc)) from exc
+    ScheduledInstall.objects.filter(
+        pk=due.pk, state=ScheduleState.STARTED, run__isnull=True
+    ).update(run=run)
+    return {"run": run.pk}
+
+
+def _install_settle(schedule: ScheduledInstall) -> bool:
+    """Link the scheduled install a dead worker started after the claim, if any."""
+    run = InstallRun.objects.filter(
+        trigger=InstallTrigger.SCHEDULE, created_at__gte=schedule.changed_at
+    ).last()
+    if run is None:
+        return False
+    ScheduledInstall.objects.filter(pk=schedule.pk, run__isnull=True).update(run=run)
+    return True
+
+
+register_kind(
+    ScheduleKind(
+        name=INSTALL,
+        noun="install",
+        title="Install of firmware {version}",
+        page="upgrades:install",
+        version=_version_to_install,
+        start=_install_start,
+        settle=_install_settle,
+    )
+)
 
 
 # --- The quietest hour ----------------------------------------------------------------------------
@@ -360,15 +502,14 @@ def quietest_hour(*, now: datetime | None = None, days: int = QUIET_DAYS) -> Qui
 def schedule_notices(notices: list[Notice], *, story_stage: str) -> list[Notice]:
     """Home's update notices with the schedule: "Install of X scheduled for T" in place of
     "ready to install" (one stage, never stacked), or why a scheduled install did not start."""
-    url = reverse("upgrades:install") + "#schedule"
     pending = schedule_pending()
     if pending is not None:
         notice = Notice(
             "info",
-            f"Install of firmware {pending.version} scheduled for {local_text(pending.at)}"
+            f"{schedule_title(pending)} scheduled for {local_text(pending.at)}"
             + (f" by {pending.requested_by}." if pending.requested_by else "."),
             "Move or cancel",
-            url,
+            schedule_page(pending),
         )
         if story_stage == "downloaded" and notices:
             return [notice, *notices[1:]]
@@ -384,10 +525,24 @@ def schedule_notices(notices: list[Notice], *, story_stage: str) -> list[Notice]
         notices.append(
             Notice(
                 "warning",
-                f"The install of firmware {latest.version} scheduled for "
+                f"The {_lowered(schedule_title(latest))} scheduled for "
                 f"{local_text(latest.at)} did not start, nothing was installed: {latest.reason}",
-                "Install",
-                url,
+                "Schedule again",
+                schedule_page(latest),
             )
         )
     return notices
+
+
+def schedule_banner() -> dict[str, object] | None:
+    """The pending schedule as every page's banner shows it (what, when, who, where to change
+    it), or None."""
+    pending = schedule_pending()
+    if pending is None:
+        return None
+    return {
+        "title": schedule_title(pending),
+        "at": pending.at,
+        "requested_by": pending.requested_by,
+        "url": schedule_page(pending),
+    }

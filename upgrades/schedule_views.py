@@ -3,7 +3,9 @@
 Each POST parses the typed time, calls one service of upgrades.schedule and goes back to the
 Install page with what was done or why not. Administrators only (a read-only user gets 403 even
 past the role middleware); CSRF is on as everywhere. :func:`schedule_context` is what the
-Install page's ``_schedule.html`` partial reads.
+``_schedule.html`` partial reads, on the Install page (the install of this appliance) and on the
+Cluster page (a rolling upgrade of the cluster): each form posts its ``kind``, and the answer
+goes back to the page of that kind.
 """
 
 from __future__ import annotations
@@ -23,15 +25,28 @@ from upgrades import schedule
 from upgrades.models import ScheduledInstall
 
 
-def schedule_context() -> dict[str, Any]:
-    """The pending schedule, the latest one's outcome, the quietest hour, and the input's
-    bounds, on the appliance's clock."""
+def schedule_context(kind: str = schedule.INSTALL) -> dict[str, Any]:
+    """The pending schedule (of any kind: one is pending at a time), the latest one's outcome,
+    what ``kind`` would install now (or why nothing), the quietest hour, and the input's bounds,
+    on the appliance's clock."""
     pending = schedule.schedule_pending()
     latest = schedule.schedule_latest()
+    if latest is not None and latest == pending:
+        latest = None
     quiet = schedule.quietest_hour()
+    try:
+        offer, nothing = schedule.kind_named(kind).version(), ""
+    except schedule.ScheduleRefused as exc:
+        offer, nothing = None, str(exc)
     return {
+        "schedule_kind": kind,
+        "schedule_offer": offer,
+        "schedule_nothing": nothing,
         "schedule_pending": pending,
-        "schedule_latest": latest if latest is not None and latest != pending else None,
+        "schedule_pending_title": schedule.schedule_title(pending) if pending else "",
+        "schedule_latest": latest,
+        "schedule_latest_title": schedule.schedule_title(latest) if latest else "",
+        "schedule_latest_kind": schedule.kind_of(latest).name if latest else "",
         "schedule_quiet": quiet,
         "schedule_quiet_value": schedule.input_value(quiet.at) if quiet else "",
         "schedule_min": schedule.input_value(timezone.now()),
@@ -40,8 +55,23 @@ def schedule_context() -> dict[str, Any]:
     }
 
 
-def _back() -> HttpResponse:
-    return redirect(reverse("upgrades:install") + "#schedule")
+def _kind(request: HttpRequest) -> str:
+    return request.POST.get("kind") or schedule.INSTALL
+
+
+def _back(request: HttpRequest) -> HttpResponse:
+    """To the page the form was on: the Install page, or the page of the kind it posted."""
+    try:
+        page = schedule.kind_named(_kind(request)).page
+    except schedule.ScheduleRefused:
+        page = "upgrades:install"
+    return redirect(reverse(page) + "#schedule")
+
+
+def _what(s: ScheduledInstall) -> str:
+    """ "the install of firmware 2.8.1.0", as a flash message says it."""
+    title = schedule.schedule_title(s)
+    return f"The {title[:1].lower()}{title[1:]}"
 
 
 def _change(
@@ -53,19 +83,18 @@ def _change(
         return service(schedule.parse_local(request.POST.get("at", "")))
 
     act(request, action, schedule.ScheduleRefused, done)
-    return _back()
+    return _back(request)
 
 
 @require_POST
 @administrators_only
 def schedule_set(request: HttpRequest) -> HttpResponse:
-    """Install at: schedule the downloaded firmware's install at the typed time."""
+    """Install at (or Upgrade the cluster at): schedule the downloaded firmware's install at
+    the typed time."""
     return _change(
         request,
-        lambda at: schedule.schedule_set(at=at, user=request.user),
-        lambda s: (
-            f"The install of firmware {s.version} is scheduled for {schedule.local_text(s.at)}."
-        ),
+        lambda at: schedule.schedule_set(at=at, user=request.user, kind=_kind(request)),
+        lambda s: f"{_what(s)} is scheduled for {schedule.local_text(s.at)}.",
     )
 
 
@@ -76,7 +105,7 @@ def schedule_move(request: HttpRequest) -> HttpResponse:
     return _change(
         request,
         lambda at: schedule.schedule_move(at=at, user=request.user),
-        lambda s: f"The install of firmware {s.version} now starts at {schedule.local_text(s.at)}.",
+        lambda s: f"{_what(s)} now starts at {schedule.local_text(s.at)}.",
     )
 
 
@@ -88,8 +117,6 @@ def schedule_cancel(request: HttpRequest) -> HttpResponse:
         request,
         lambda: schedule.schedule_cancel(user=request.user),
         schedule.ScheduleRefused,
-        lambda s: (
-            f"The install of firmware {s.version} at {schedule.local_text(s.at)} is cancelled."
-        ),
+        lambda s: f"{_what(s)} at {schedule.local_text(s.at)} is cancelled.",
     )
-    return _back()
+    return _back(request)
