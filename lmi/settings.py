@@ -209,6 +209,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "upgrades.tasks.install_schedule_due",
         "schedule": float(env_int("INSTALL_SCHEDULE_SECONDS", 60, minimum=1)),
     },
+    # Return to the previous firmware (issue 18): a way back past its period is released.
+    "upgrades-return-release": {
+        "task": "upgrades.tasks.return_release_due",
+        "schedule": crontab(minute=37),
+    },
     "backups-scheduled-backup": {
         "task": "backups.tasks.scheduled_backup",
         "schedule": crontab(minute=23),
@@ -296,6 +301,9 @@ JOBS_ENQUEUE_GRACE_SECONDS = env_int("JOBS_ENQUEUE_GRACE_SECONDS", 30, minimum=1
 # database and of the message store. Lower it only on a development host whose disk also holds
 # unrelated data; Home, the reclaim planner and the install's preflight all use this figure.
 UPGRADE_MIN_FREE_PERCENT = env_int("UPGRADE_MIN_FREE_PERCENT", 50, minimum=1)
+# After a successful upgrade the previous system and configuration are kept this many days for
+# "Return to <previous firmware>" (issue 18), then released with their disk space.
+UPGRADE_RETURN_DAYS = env_int("UPGRADE_RETURN_DAYS", 7, minimum=0)
 # Events older than this are deleted by the daily prune.
 EVENT_RETENTION_DAYS = env_int("EVENT_RETENTION_DAYS", 365, minimum=1)
 

@@ -276,6 +276,23 @@ def install_abort(request: HttpRequest, run_id: int):
     return install_status.run_dict(run)
 
 
+@router.post("/install/return", response={202: InstallRunOut, 400: Problem, 409: Problem})
+def install_return(request: HttpRequest):
+    """Return to the firmware the last upgrade replaced, within its retention period (issue 18):
+    409 when no return is possible now (the reason says why) or a check failed. Follow the run
+    with GET /updates/install/{id}."""
+    require_administrator(request)
+    from upgrades import returning
+
+    try:
+        run = returning.return_start(user=request.auth, trigger=InstallTrigger.API)  # type: ignore[attr-defined]
+    except (returning.NothingToReturn, returning.ReturnRefused, install.InstallInProgress) as exc:
+        return Status(409, {"detail": str(exc)})
+    except install.InstallError as exc:
+        return Status(400, {"detail": str(exc)})
+    return Status(202, install_status.run_dict(run))
+
+
 # --- Install at a time (issue 18): the one pending schedule ---------------------------------
 
 
@@ -336,3 +353,65 @@ def install_schedule_cancel(request: HttpRequest):
         return schedule.schedule_dict(schedule.schedule_cancel(user=request.auth))  # type: ignore[attr-defined]
     except schedule.ScheduleRefused as exc:
         return Status(409, {"detail": str(exc)})
+
+
+# --- Rehearse the install on a snapshot (issue 18) ------------------------------------------
+
+
+class RehearsalOut(Schema):
+    """A rehearsal job; ``report`` holds its figures once it has ended (see the Install page)."""
+
+    id: int
+    title: str
+    state: str
+    state_label: str
+    step: int
+    steps: int
+    step_name: str
+    percent: float
+    requested_by: str
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    error: str
+    cancellable: bool
+    cancel_requested: bool
+    report: dict[str, Any] | None
+
+
+@router.get("/rehearsal", response={200: RehearsalOut, 404: Problem})
+def rehearsal(request: HttpRequest):
+    """The running rehearsal, else the last one with its report (404 when there was none)."""
+    from upgrades import rehearsal as rehearsals
+
+    job = rehearsals.rehearsal_latest()
+    if job is None:
+        return Status(404, {"detail": "No rehearsal has run yet."})
+    return rehearsals.rehearsal_dict(job)
+
+
+@router.post("/rehearsal", response={202: RehearsalOut, 409: Problem})
+def rehearsal_start(request: HttpRequest):
+    """Rehearse the install of the downloaded firmware on a snapshot (the appliance keeps
+    serving mail); 409 when nothing is downloaded or the appliance is busy."""
+    require_administrator(request)
+    from upgrades import rehearsal as rehearsals
+
+    try:
+        job = rehearsals.rehearsal_start(user=request.auth, trigger="api")  # type: ignore[attr-defined]
+    except rehearsals.RehearsalError as exc:
+        return Status(409, {"detail": str(exc)})
+    return Status(202, rehearsals.rehearsal_dict(job))
+
+
+@router.post("/rehearsal/cancel", response={200: RehearsalOut, 409: Problem})
+def rehearsal_cancel(request: HttpRequest):
+    """Cancel the running rehearsal (it stops at its next step); 409 when none is running."""
+    require_administrator(request)
+    from upgrades import rehearsal as rehearsals
+
+    try:
+        job = rehearsals.rehearsal_cancel(user=request.auth)  # type: ignore[attr-defined]
+    except rehearsals.RehearsalError as exc:
+        return Status(409, {"detail": str(exc)})
+    return rehearsals.rehearsal_dict(job)

@@ -7,13 +7,18 @@
     update-control -i fw --at "YYYY-MM-DD HH:MM"   install it at that time (appliance's clock)
     update-control --cancel-schedule               cancel the scheduled install
     update-control --rehearse [--json]  rehearse the install on a snapshot, print its figures
+    update-control --report [RUN] [--json]  the validation report of the last successful install
+    update-control --return         return to the previous firmware (within its retention period)
     update-control -s [--json]      status (--json for scripts)
 
 Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do (no newer firmware, or it is
 already downloaded; for -i: nothing downloaded to install), 4 a preflight check failed (nothing
 was changed), 5 the install failed and was rolled back to the exact previous state, 6 the
 install failed and could not roll back (needs attention), 7 the install was aborted, 130
-detached with Ctrl-C from a running install (which goes on in the worker).
+detached with Ctrl-C from a running install (which goes on in the worker). --report: 0 every
+check passed, 8 a check failed, 3 no report (no successful install yet, or none for that run).
+--return: as -i (3: nothing to return to, or its retention period is over; 5: the return
+failed and the newer firmware runs as before).
 
 The download runs in this process through the same service as the worker's task and holds the
 same one-at-a-time claim; Ctrl-C cancels it cleanly (the part file is deleted). The install runs
@@ -26,7 +31,6 @@ LMI_* environment as the console.
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import logging
 import os
@@ -38,17 +42,29 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOTHING_TO_DO = 3
-EXIT_PREFLIGHT_FAILED = 4
-EXIT_ROLLED_BACK = 5
-EXIT_INSTALL_FAILED = 6
-EXIT_ABORTED = 7
-EXIT_DETACHED = 130
+from upgrades.cli_output import (  # noqa: F401 - every exit code, as upgrades.cli names
+    EXIT_ABORTED,
+    EXIT_DETACHED,
+    EXIT_FAILURE,
+    EXIT_INSTALL_FAILED,
+    EXIT_NOTHING_TO_DO,
+    EXIT_OK,
+    EXIT_PREFLIGHT_FAILED,
+    EXIT_ROLLED_BACK,
+    EXIT_USAGE,
+    EXIT_VALIDATION_FAILED,
+    FOLLOW_INTERVAL,
+    PhaseDisplay,
+    ProgressBar,
+    cli_user,
+    failed_reason,
+    follow_install,
+    human_bytes,
+    human_duration,
+    print_checks,
+)
+
 COMPONENTS = ("fw",)
-BAR_WIDTH = 30
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Firmware updates of the Lotus Protector for Mail Security appliance.",
         epilog="Exit codes: 0 success, 1 failure, 2 usage error, 3 nothing to do, 4 preflight "
         "failed, 5 install rolled back, 6 install failed (needs attention), 7 install aborted, "
-        "130 detached from a running install.",
+        "8 a validation check failed, 130 detached from a running install.",
     )
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", action="store_true", help="check the update feed now")
@@ -80,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
         "--rehearse", action="store_true",
         help="rehearse the install on a snapshot (the appliance keeps serving mail)",
     )  # fmt: skip
+    action.add_argument(
+        "--report", nargs="?", const=0, type=int, metavar="RUN",
+        help="the validation report of the last successful install (or of install run RUN)",
+    )  # fmt: skip
+    action.add_argument(
+        "--return", dest="go_back", action="store_true",
+        help="return to the firmware the last upgrade replaced (within its retention period)",
+    )  # fmt: skip
     parser.add_argument(
         "--at", metavar="TIME", help='with -i fw: install at "YYYY-MM-DD HH:MM" instead of now'
     )
@@ -100,75 +124,6 @@ def setup_django() -> None:
     # The console's process log would interleave with the progress bar; events still go to the
     # event log, and warnings still show.
     logging.getLogger().setLevel(logging.WARNING)
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(count) < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GB"
-
-
-def human_duration(seconds: int | None) -> str:
-    if seconds is None:
-        return "--:--"
-    minutes, secs = divmod(max(0, seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
-class ProgressBar:
-    """Draws the download on a terminal (one redrawn line), or every 10% when not a terminal."""
-
-    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = stream.isatty()
-        self.last_step: tuple[str, int] | None = None
-        self.drawn = False
-
-    def __call__(self, download: Any) -> None:
-        if not self.enabled:
-            return
-        if download.state in ("verifying", "ready"):
-            label = "Verifying  " if download.state == "verifying" else "Verified   "
-            percent = download.verify_percent if download.state == "verifying" else 100.0
-            detail = f"{human_bytes(download.size)}"
-        else:
-            label, percent = "Downloading", download.percent
-            rate = f"{human_bytes(download.rate)}/s" if download.rate else "-- /s"
-            detail = (
-                f"{human_bytes(download.bytes_done)} of {human_bytes(download.size)}  {rate}  "
-                f"ETA {human_duration(download.eta_seconds)}"
-            )
-        filled = int(BAR_WIDTH * percent / 100)
-        bar = "#" * filled + "." * (BAR_WIDTH - filled)
-        line = f"{label} {download.version} [{bar}] {percent:5.1f}%  {detail}"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
-            self.stream.flush()
-            self.drawn = True
-            return
-        step = (label, int(percent // 10))
-        if step != self.last_step:
-            self.last_step = step
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
-def _cli_user() -> str:
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):
-        name = "root"
-    return f"{name} (update-control)"
 
 
 def _print_status(status: dict[str, Any], out: TextIO) -> None:
@@ -251,7 +206,7 @@ def _check(as_json: bool, out: TextIO, err: TextIO) -> int:
     from upgrades.models import CheckTrigger
     from upgrades.story import update_status
 
-    result = services.update_check(trigger=CheckTrigger.CLI, user=_cli_user())
+    result = services.update_check(trigger=CheckTrigger.CLI, user=cli_user())
     if as_json:
         out.write(json.dumps(update_status(), indent=2, sort_keys=True) + "\n")
     if not result.ok:
@@ -272,7 +227,7 @@ def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
     from upgrades import downloader, services
     from upgrades.models import CheckTrigger, DownloadState, DownloadTrigger
 
-    user = _cli_user()
+    user = cli_user()
     checked = services.update_check(trigger=CheckTrigger.CLI, user=user)
     if not checked.ok:
         err.write(f"update-control: {checked.error}\n")
@@ -323,42 +278,20 @@ def _download(out: TextIO, err: TextIO, quiet: bool) -> int:
     return EXIT_FAILURE
 
 
-STATUS_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "pending": "WAIT"}
-# How often the follower re-reads the run (one indexed row and its ten phases): the phases write
-# progress a few times a second, and the shell returns within this much of the run's end.
-FOLLOW_INTERVAL = 0.2
-
-
-def _print_checks(checks: Sequence[Any], out: TextIO) -> None:
-    """One block per check: the verdict, what was measured, and what to do about it."""
-    for check in checks:
-        mark = STATUS_MARK.get(check.status, check.status.upper())
-        out.write(f"[{mark}] {check.title}: {check.value}\n")
-        if check.advice and check.status != "pass":
-            out.write(f"       {check.advice}\n")
-        for detail in check.details:
-            out.write(f"       - {detail}\n")
-
-
-def _failed_reason(checks: Sequence[Any]) -> str:
-    failed = [check for check in checks if check.status == "fail"]
-    return "; ".join(f"{check.title}: {check.value}" for check in failed)
-
-
 def _preflight(as_json: bool, out: TextIO, err: TextIO) -> int:
     from upgrades.install import install_preflight
     from upgrades.install_status import check_dict
 
-    checks = install_preflight(user=_cli_user())
+    checks = install_preflight(user=cli_user())
     ok = not any(check.status == "fail" for check in checks)
     if as_json:
         payload = {"ok": ok, "checks": [check_dict(check) for check in checks]}
         out.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     else:
-        _print_checks(checks, out)
+        print_checks(checks, out)
     if not ok:
         if not as_json:
-            err.write(f"update-control: the install is not possible: {_failed_reason(checks)}\n")
+            err.write(f"update-control: the install is not possible: {failed_reason(checks)}\n")
         return EXIT_PREFLIGHT_FAILED
     if not as_json:
         pending = [check for check in checks if check.status == "pending"]
@@ -369,99 +302,6 @@ def _preflight(as_json: bool, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-class PhaseDisplay:
-    """The ten phases with their state and percentage.
-
-    On a terminal the block of lines is redrawn in place; otherwise (a log, a pipe) a line is
-    written each time a phase changes state or passes another 10%, so the output reads as a log.
-    """
-
-    def __init__(self, stream: TextIO, enabled: bool = True) -> None:
-        self.stream = stream
-        self.enabled = enabled
-        self.tty = stream.isatty()
-        self.drawn_lines = 0
-        self.seen: dict[int, tuple[str, int]] = {}
-
-    @staticmethod
-    def line(phase: Any) -> str:
-        percent = phase.percent
-        filled = int(20 * percent / 100)
-        bar = "#" * filled + "." * (20 - filled)
-        label = phase.get_state_display()
-        text = f"Phase {phase.number:>2}/10 {phase.name[:52]:<52} [{bar}] {percent:5.1f}% {label}"
-        if phase.message and phase.state == "running":
-            text += f"  {phase.message[:60]}"
-        return text
-
-    def __call__(self, run: Any, phases: Sequence[Any]) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            if self.drawn_lines:
-                self.stream.write(f"\x1b[{self.drawn_lines}F")
-            lines = [self.line(phase) for phase in phases]
-            elapsed = human_duration(round(run.elapsed_seconds or 0))
-            lines.append(f"{run.get_state_display()} firmware {run.version}, elapsed {elapsed}")
-            for text in lines:
-                self.stream.write("\x1b[2K" + text[:160] + "\n")
-            self.drawn_lines = len(lines)
-            self.stream.flush()
-            return
-        for phase in phases:
-            step = (str(phase.state), int(phase.percent // 10))
-            if phase.state == "pending" or self.seen.get(phase.number) == step:
-                continue
-            self.seen[phase.number] = step
-            self.stream.write(self.line(phase) + "\n")
-        self.stream.flush()
-
-
-def _outcome(run: Any, out: TextIO, err: TextIO) -> int:
-    from upgrades.models import InstallState
-
-    if run.state == InstallState.SUCCEEDED:
-        downtime = run.downtime_seconds
-        note = f" (mail was held for {downtime:.1f} s)" if downtime is not None else ""
-        out.write(f"Upgrade complete: firmware {run.version}{note}.\n")
-        return EXIT_OK
-    reason = run.error or "no reason was recorded"
-    if run.state == InstallState.ROLLED_BACK:
-        err.write(
-            f"update-control: the install of firmware {run.version} failed and was rolled back; "
-            f"the appliance is as it was before: {reason}\n"
-        )
-        return EXIT_ROLLED_BACK
-    if run.state == InstallState.ABORTED:
-        err.write(f"update-control: the install of firmware {run.version} was aborted: {reason}\n")
-        return EXIT_ABORTED
-    err.write(
-        f"update-control: the install of firmware {run.version} failed and could not be rolled "
-        f"back; it needs attention: {reason}\n"
-    )
-    return EXIT_INSTALL_FAILED
-
-
-def follow_install(
-    run_id: int, out: TextIO, err: TextIO, *, quiet: bool = False, timeout: float | None = None
-) -> int:
-    """Show the run's phases until it ends; returns the exit code of its outcome."""
-    from upgrades.models import INSTALL_ACTIVE_STATES, InstallRun
-
-    display = PhaseDisplay(out, enabled=not quiet)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        run = InstallRun.objects.get(pk=run_id)
-        phases = list(run.phases.order_by("number"))
-        display(run, phases)
-        if run.state not in INSTALL_ACTIVE_STATES:
-            return _outcome(run, out, err)
-        if deadline is not None and time.monotonic() > deadline:
-            err.write("update-control: stopped following the install (time limit).\n")
-            return EXIT_DETACHED
-        time.sleep(FOLLOW_INTERVAL)
-
-
 def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
     from django.urls import reverse
 
@@ -469,16 +309,16 @@ def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
     from upgrades.models import InstallTrigger
     from upgrades.story import Stage, update_story
 
-    user = _cli_user()
+    user = cli_user()
     story = update_story()
     if story.stage not in (Stage.INSTALLING, Stage.ROLLING_BACK) and story.ready_version is None:
         out.write(f"Nothing to install. {story.headline}\n")
         return EXIT_NOTHING_TO_DO
     checks = install.install_preflight(user=user)
     out.write("Preflight checks:\n")
-    _print_checks(checks, out)
+    print_checks(checks, out)
     if any(check.status == "fail" for check in checks):
-        err.write(f"update-control: the install is not possible: {_failed_reason(checks)}\n")
+        err.write(f"update-control: the install is not possible: {failed_reason(checks)}\n")
         return EXIT_PREFLIGHT_FAILED
     try:
         run = install.install_start(user=user, trigger=InstallTrigger.CLI)
@@ -514,13 +354,13 @@ def _schedule(at: str | None, out: TextIO, err: TextIO) -> int:
 
     try:
         if at is None:
-            done = schedule.schedule_cancel(user=_cli_user())
+            done = schedule.schedule_cancel(user=cli_user())
             out.write(f"The install of firmware {done.version} at {schedule.local_text(done.at)} "
                       "is cancelled.\n")  # fmt: skip
             return EXIT_OK
         moment = schedule.parse_local(at)
         change = schedule.schedule_move if schedule.schedule_pending() else schedule.schedule_set
-        done = change(at=moment, user=_cli_user())
+        done = change(at=moment, user=cli_user())
     except schedule.ScheduleRefused as exc:
         err.write(f"update-control: {exc}\n")
         return EXIT_FAILURE
@@ -535,7 +375,7 @@ def _rehearse(as_json: bool, out: TextIO, err: TextIO, timeout: float | None = N
     from upgrades import rehearsal
 
     try:
-        job = rehearsal.rehearsal_start(user=_cli_user(), trigger="cli")
+        job = rehearsal.rehearsal_start(user=cli_user(), trigger="cli")
     except rehearsal.RehearsalError as exc:
         err.write(f"update-control: {exc}\n")
         return EXIT_FAILURE
@@ -566,6 +406,21 @@ def _rehearse(as_json: bool, out: TextIO, err: TextIO, timeout: float | None = N
     return EXIT_OK
 
 
+def _report(run_id: int | None, as_json: bool, out: TextIO, err: TextIO) -> int:
+    """--report [RUN]: each check of the validation report with its outcome (issue 18)."""
+    from upgrades import validation
+
+    run, report = validation.report_of_run(run_id)
+    if report is None:
+        which = f"install run {run_id}" if run_id else "the last successful install"
+        why = "there is no such run" if run_id and run is None else "it has no validation report"
+        err.write(f"update-control: no report for {which}: {why}.\n")
+        return EXIT_NOTHING_TO_DO
+    dumped = json.dumps(report, indent=2, sort_keys=True)  # as stored (validationfile)
+    out.write((dumped if as_json else validation.report_text(report)) + "\n")
+    return EXIT_OK if report.get("passed") else EXIT_VALIDATION_FAILED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run update-control; returns the exit code."""
     parser = _parser()
@@ -573,9 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0)
-    if args.json and not (args.status or args.check or args.preflight or args.rehearse):
+    reporting = args.report is not None
+    if args.json and not (args.status or args.check or args.preflight or args.rehearse
+                          or reporting):  # fmt: skip
         parser.print_usage(sys.stderr)
-        sys.stderr.write("update-control: --json goes with -s, --check or --preflight\n")
+        sys.stderr.write("update-control: --json goes with -s, --check, --preflight, --rehearse "
+                         "or --report\n")  # fmt: skip
         return EXIT_USAGE
     if args.at is not None and not args.install:
         parser.print_usage(sys.stderr)
@@ -595,6 +453,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _install(sys.stdout, sys.stderr, args.quiet)
         if args.rehearse:  # issue 18
             return _rehearse(args.json, sys.stdout, sys.stderr)
+        if reporting:  # issue 18: the proof after the upgrade
+            return _report(args.report or None, args.json, sys.stdout, sys.stderr)
+        if args.go_back:  # issue 18: Return to the previous firmware
+            from upgrades.return_cli import return_command
+
+            return return_command(sys.stdout, sys.stderr, args.quiet)
         return _download(sys.stdout, sys.stderr, args.quiet)
     except KeyboardInterrupt:
         sys.stderr.write("\nupdate-control: interrupted\n")

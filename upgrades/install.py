@@ -54,7 +54,6 @@ from upgrades.models import (
     FIRMWARE,
     INSTALL_ACTIVE_STATES,
     PHASE_COUNT,
-    PHASE_NAMES,
     InstallPhase,
     InstallRun,
     InstallState,
@@ -81,6 +80,7 @@ from upgrades.phase_context import (
     wait,
 )
 from upgrades.phases import PHASES
+from upgrades.return_phases import RETURN_PHASES
 from upgrades.rollback import rollback_execute
 
 if TYPE_CHECKING:
@@ -283,39 +283,19 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             f"The automatic configuration backup failed, so the install did not start: {exc}"
         ) from exc
     with transaction.atomic():
-        try:
-            job = jobs_engine.start(
-                INSTALL_KIND,
-                title=f"Install of firmware {download.version}",
-                user=user,
+        run = run_create(
+            InstallRun(
+                download=download,
+                version=download.version,
+                from_version=installed or "",
+                requested_by=username_of(user),
                 trigger=str(trigger),
-                conflict_group=APPLIANCE_GROUP,  # no restore or system backup under it
-                steps=PHASE_COUNT,
-                details={"version": download.version},
-            )
-        except jobs_engine.JobConflict as exc:
-            raise InstallInProgress(str(exc)) from None
-        try:
-            with transaction.atomic():
-                run = InstallRun.objects.create(
-                    job=job,
-                    download=download,
-                    version=download.version,
-                    from_version=installed or "",
-                    requested_by=username_of(user),
-                    trigger=str(trigger),
-                    phase=1,
-                    details={
-                        "pre_install_backup": header.name,
-                        "preflight": {c.key: c.status for c in checks},
-                    },
-                )
-        except IntegrityError:
-            raise _in_progress(_active_run()) from None
-        run.log_name = f"install-{run.pk}-{run.version}.log"
-        InstallRun.objects.filter(pk=run.pk).update(log_name=run.log_name)
-        InstallPhase.objects.bulk_create(
-            InstallPhase(run=run, number=number, name=name) for number, name in PHASE_NAMES.items()
+                details={
+                    "pre_install_backup": header.name,
+                    "preflight": {c.key: c.status for c in checks},
+                },
+            ),
+            user,
         )
         event(
             f"Install of firmware {run.version} started (from {run.from_version})",
@@ -334,6 +314,37 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
     )
     for check in checks:
         log(run, f"preflight {check.key}: {check.status}: {check.value}")
+    return run
+
+
+def run_create(run: InstallRun, user: User | None) -> InstallRun:
+    """The run (unsaved, either direction) saved with its job and its ten phases, in the
+    caller's transaction; the job is enqueued on commit. InstallInProgress when another run
+    or appliance job holds the appliance."""
+    try:
+        job = jobs_engine.start(
+            INSTALL_KIND,
+            title=run.label,
+            user=user,
+            trigger=run.trigger,
+            conflict_group=APPLIANCE_GROUP,  # no restore or system backup under it
+            steps=PHASE_COUNT,
+            details={"version": run.version, "direction": run.direction},
+        )
+    except jobs_engine.JobConflict as exc:
+        raise InstallInProgress(str(exc)) from None
+    run.job, run.phase = job, 1
+    try:
+        with transaction.atomic():
+            run.save(force_insert=True)
+    except IntegrityError:
+        raise _in_progress(_active_run()) from None
+    prefix = "return" if run.is_return else "install"
+    run.log_name = f"{prefix}-{run.pk}-{run.version}.log"
+    InstallRun.objects.filter(pk=run.pk).update(log_name=run.log_name)
+    InstallPhase.objects.bulk_create(
+        InstallPhase(run=run, number=number, name=name) for number, name in run.phase_names.items()
+    )
     return run
 
 
@@ -370,8 +381,8 @@ def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun
         raise InstallError("No firmware install is in progress.")
     if run.state == InstallState.ROLLING_BACK or run.phase not in ONLINE_PHASES:
         where = (
-            f"in phase {run.phase} ({PHASE_NAMES[run.phase]})"
-            if run.phase in PHASE_NAMES
+            f"in phase {run.phase} ({run.phase_names[run.phase]})"
+            if run.phase in run.phase_names
             else "rolling back"
             if run.state == InstallState.ROLLING_BACK
             else "not yet in a phase"
@@ -393,7 +404,8 @@ def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun
             "and can no longer be aborted."
         )
     event(
-        f"Abort of the install of firmware {run.version} requested in phase {run.phase}",
+        f"Abort of the {'return to' if run.is_return else 'install of'} firmware {run.version} "
+        f"requested in phase {run.phase}",
         user=user,
         run=run.pk,
         phase=run.phase,
@@ -501,7 +513,7 @@ def _execute_phase(run: InstallRun, phase: int, lease: jobs_engine.Lease) -> Non
                 "(its worker keeps stopping): giving up"
             )
         _phase_start(ctx)
-        PHASES[phase](ctx)
+        (RETURN_PHASES if run.is_return else PHASES)[phase](ctx)
         _phase_succeeded(ctx)
     except LeaseLost:
         logger.warning("install %s phase %s: lease lost, stopping", run.pk, phase)
@@ -531,17 +543,17 @@ def _phase_start(ctx: PhaseContext) -> None:
         message="",
     )
     phase = InstallPhase.objects.get(run=ctx.run, number=ctx.number)
-    name = PHASE_NAMES[ctx.number]
+    name = ctx.run.phase_names[ctx.number]
     ctx.lease.progress(
         step=ctx.number - 1, steps=PHASE_COUNT, step_name=f"Phase {ctx.number}: {name}"
     )
     if phase.attempts > 1:
-        text = f"Install of {ctx.run.version}: phase {ctx.number} ({name}) restarted"
+        text = f"{ctx.run.short_label}: phase {ctx.number} ({name}) restarted"
         event(text + " (its previous executor stopped)", run=ctx.run.pk, phase=ctx.number)
         log(ctx.run, f"phase {ctx.number} ({name}) restarted, attempt {phase.attempts}")
     else:
         event(
-            f"Install of {ctx.run.version}: phase {ctx.number} ({name}) started",
+            f"{ctx.run.short_label}: phase {ctx.number} ({name}) started",
             run=ctx.run.pk,
             phase=ctx.number,
         )
@@ -551,7 +563,7 @@ def _phase_start(ctx: PhaseContext) -> None:
 def _phase_succeeded(ctx: PhaseContext) -> None:
     run, number = ctx.run, ctx.number
     now = timezone.now()
-    name = PHASE_NAMES[number]
+    name = run.phase_names[number]
     with transaction.atomic():
         InstallPhase.objects.filter(run=run, number=number, state=PhaseState.RUNNING).update(
             state=PhaseState.SUCCEEDED, finished_at=now, message=""
@@ -566,14 +578,16 @@ def _phase_succeeded(ctx: PhaseContext) -> None:
         if number == COMMIT_PHASE:
             finish_job(ctx.lease, run, InstallState.SUCCEEDED)
         event(
-            f"Install of {run.version}: phase {number} ({name}) completed",
+            f"{run.short_label}: phase {number} ({name}) completed",
             run=run.pk,
             phase=number,
         )
         if number == COMMIT_PHASE:
             run.refresh_from_db()
             event(
-                f"Upgrade complete: firmware {run.version}",
+                f"Return complete: firmware {run.version} runs again (from {run.from_version})"
+                if run.is_return
+                else f"Upgrade complete: firmware {run.version}",
                 run=run.pk,
                 version=run.version,
                 from_version=run.from_version,
@@ -582,12 +596,12 @@ def _phase_succeeded(ctx: PhaseContext) -> None:
             )
     log(run, f"phase {number} ({name}) completed")
     if number == COMMIT_PHASE:
-        log(run, f"upgrade complete: firmware {run.version}")
+        log(run, f"{'return' if run.is_return else 'upgrade'} complete: firmware {run.version}")
 
 
 def _phase_failed(ctx: PhaseContext, reason: str) -> None:
     run, number = ctx.run, ctx.number
-    name = PHASE_NAMES[number]
+    name = run.phase_names[number]
     log(run, f"phase {number} ({name}) failed: {reason}")
     if number in ONLINE_PHASES:
         _abort_finish(ctx, f"phase {number} ({name}) failed: {reason}")
@@ -598,8 +612,7 @@ def _phase_failed(ctx: PhaseContext, reason: str) -> None:
         delay = min(PHASE10_RETRY_MAX, 2 ** min(phase.attempts, 6))
         InstallPhase.objects.filter(pk=phase.pk).update(message=f"failed, retrying: {reason}"[:300])
         event(
-            f"Install of {run.version}: phase {number} ({name}) failed, retrying in {delay} s: "
-            f"{reason}",
+            f"{run.short_label}: phase {number} ({name}) failed, retrying in {delay} s: {reason}",
             severity=Severity.WARNING,
             run=run.pk,
             phase=number,
@@ -619,7 +632,7 @@ def _phase_failed(ctx: PhaseContext, reason: str) -> None:
         ):
             raise LeaseLost(f"install {run.pk}: its job moved on")
         event(
-            f"Install of {run.version}: phase {number} ({name}) failed, rolling back: {reason}",
+            f"{run.short_label}: phase {number} ({name}) failed, rolling back: {reason}",
             severity=Severity.ERROR,
             run=run.pk,
             phase=number,
@@ -640,7 +653,7 @@ def _abort_finish(ctx: PhaseContext, failure: str | None) -> None:
         except (ApplianceError, OSError, ValueError):
             logger.exception("install %s: could not remove the staged slot", run.pk)
     firmware.staging_cleanup()
-    msgmigrate.migrate_discard()
+    msgmigrate.migrate_discard(direction=msgmigrate.BACK if run.is_return else msgmigrate.FORWARD)
     updatelogs.install_workdir_remove(run.pk)
     now = timezone.now()
     error = failure or "Aborted by an administrator; the running system was not changed."
@@ -658,9 +671,9 @@ def _abort_finish(ctx: PhaseContext, failure: str | None) -> None:
         )
         run.phases.filter(state=PhaseState.PENDING).update(state=PhaseState.SKIPPED)
         event(
-            f"Install of firmware {run.version} aborted in phase {ctx.number}: {error}",
+            f"{run.label} aborted in phase {ctx.number}: {error}",
             severity=Severity.WARNING if failure is None else Severity.ERROR,
             run=run.pk,
             phase=ctx.number,
         )
-    log(run, f"install aborted in phase {ctx.number}: {error}")
+    log(run, f"{'return' if run.is_return else 'install'} aborted in phase {ctx.number}: {error}")

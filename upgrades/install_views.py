@@ -84,6 +84,9 @@ def install_checklist(request: HttpRequest) -> HttpResponse:
     from upgrades.rehearsal import rehearsal_panel  # issue 18: Rehearse, figures by the estimate
 
     context["rehearsal"] = rehearsal_panel()
+    from upgrades.returning import return_available  # issue 18: Return to the old firmware
+
+    context["way_back"] = return_available()
     context["checks"] = preflight_services.with_last_rehearsal(checks)
     return render(request, "upgrades/install.html", context)
 

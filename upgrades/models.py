@@ -288,6 +288,28 @@ PHASE_NAMES: dict[int, str] = {
     10: "Restart services",
 }
 PHASE_COUNT = len(PHASE_NAMES)
+# Return to the previous firmware (issue 18): the same ten steps the other way round, named
+# for what each does on the way back (upgrades.return_phases).
+RETURN_PHASE_NAMES: dict[int, str] = {
+    1: "Check the way back",
+    2: "Convert the message store back while mail flows",
+    3: "Service shutdown",
+    4: "Keep the message store for the rollback (backup)",
+    5: "Automatic backup of the current configuration",
+    6: "Restart onto the previous system",
+    7: "Convert the message store back",
+    8: "Put back the previous configuration",
+    9: "Clean up temporary files",
+    10: "Restart services",
+}
+
+
+class InstallDirection(models.TextChoices):
+    """Which way a run goes: the upgrade to a downloaded firmware, or the return to the
+    firmware an earlier successful upgrade replaced (within its retention period)."""
+
+    UPGRADE = "upgrade", "Upgrade"
+    RETURN = "return", "Return to the previous firmware"
 
 
 class InstallRun(models.Model):
@@ -331,6 +353,11 @@ class InstallRun(models.Model):
     messages_after = models.BigIntegerField(null=True, blank=True)
     log_name = models.CharField(max_length=200, blank=True)
     details = models.JSONField(default=dict, blank=True)
+    # A return's ``version`` is the firmware it returns to and ``from_version`` the one it
+    # leaves; its ``download`` is the upgrade's, and ``details["returns_run"]`` that upgrade.
+    direction = models.CharField(
+        max_length=8, choices=InstallDirection.choices, default=InstallDirection.UPGRADE
+    )
 
     class Meta:
         ordering = ("-created_at", "-id")
@@ -349,6 +376,24 @@ class InstallRun(models.Model):
     @property
     def is_active(self) -> bool:
         return self.state in INSTALL_ACTIVE_STATES
+
+    @property
+    def is_return(self) -> bool:
+        return self.direction == InstallDirection.RETURN
+
+    @property
+    def phase_names(self) -> dict[int, str]:
+        return RETURN_PHASE_NAMES if self.is_return else PHASE_NAMES
+
+    @property
+    def label(self) -> str:
+        """What the run is, for events and logs: "Install of firmware X" or "Return to ..."."""
+        return f"{'Return to' if self.is_return else 'Install of'} firmware {self.version}"
+
+    @property
+    def short_label(self) -> str:
+        """The same without "firmware" (the phase events: "Install of 2.8.1.0: phase 3 ...")."""
+        return f"{'Return to' if self.is_return else 'Install of'} {self.version}"
 
     @property
     def can_abort(self) -> bool:

@@ -8,7 +8,7 @@ warnings may stand beside it: a failed feed check, and a failed download nothing
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.urls import reverse
 from django.utils import timezone
@@ -49,7 +49,7 @@ def story_notice(story: UpdateStory) -> Notice | None:
         return _available_notice(story, page)
     if story.stage == Stage.FAILED:
         return Notice("error", text, "Details", _run_link(story))
-    if story.stage in (Stage.INSTALLED, Stage.ROLLED_BACK):
+    if story.stage in (Stage.INSTALLED, Stage.ROLLED_BACK, Stage.RETURNED):
         if story.at is None or story.at < timezone.now() - OUTCOME_SHOWN:
             return None
         if story.stage == Stage.INSTALLED:
@@ -85,6 +85,8 @@ def update_notices() -> list[Notice]:
     from upgrades.schedule import schedule_notices  # issue 18: the scheduled install
 
     notices = schedule_notices(notices, story_stage=str(story.stage))
+
+    notices = _return_notices(notices, story)  # issue 18: the way back
     check = selectors.last_check()
     if check is not None and not check.ok:
         notices.append(
@@ -111,3 +113,39 @@ def update_notices() -> list[Notice]:
             )
         )
     return notices
+
+
+def _return_notices(
+    notices: list[Notice], story: UpdateStory, now: datetime | None = None
+) -> list[Notice]:
+    """Home's notices with the way back's, one after the other rather than stacked: the
+    upgrade's own "Upgrade complete" while it shows (its first day; the Install page says until
+    when a return is possible), then "Return to ... possible until", then in the last day
+    before the release a warning."""
+    from upgrades.returning import RELEASE_WARNING, return_available
+
+    if story.stage in (Stage.INSTALLING, Stage.ROLLING_BACK):
+        return notices
+    now = now or timezone.now()
+    way = return_available(now)
+    if not way.available or way.until is None:
+        return notices
+    link = reverse("upgrades:install") + "#return"
+    if now >= way.until - RELEASE_WARNING:
+        return [
+            *notices,
+            Notice(
+                "warning",
+                f"The way back to firmware {way.target} is released on {way.until_text}: the "
+                "previous system and configuration are then removed and their disk space "
+                f"returned. Return to firmware {way.target} before then if the upgrade proved "
+                "wrong.",
+                f"Return to {way.target}",
+                link,
+            ),
+        ]
+    own = story_notice(story) if story.run_id == way.upgrade.pk else None  # type: ignore[union-attr]
+    if own is not None and own in notices:
+        return notices
+    text = f"Return to firmware {way.target} possible until {way.until_text}."
+    return [*notices, Notice("info", text, f"Return to {way.target}", link)]

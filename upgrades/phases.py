@@ -87,12 +87,20 @@ def _phase_install_system(ctx: PhaseContext) -> None:
     ctx.counts(slot=image.slot, files=image.files, size=image.size)
     ctx.save_details(new_slot=image.slot, image_sha256=image.tree_sha256)
     ctx.checkpoint("new system written, message store copy next")
-    ctx.step("copying the message store to the 2.8.1 format while mail flows")
+    prepare_store(ctx, msgmigrate.FORWARD)
+
+
+def prepare_store(ctx: PhaseContext, direction: Any) -> None:
+    """Phase 2's store part, either way: the converted copy built while mail flows."""
+    from appliance.mail import msgmigrate
+
+    ctx.step(f"copying the message store to the {direction.target} format while mail flows")
     prepared = msgmigrate.migrate_prepare(
         progress=ctx.callback("messages", "copying the message store"),
         should_stop=ctx.should_stop,
         pause=settings.INSTALL_MIGRATE_PAUSE_MS / 1000,
         yield_ratio=settings.INSTALL_MIGRATE_YIELD_PERCENT / 100,
+        direction=direction,
     )
     ctx.check()
     ctx.counts(prepared=_plain(prepared))
@@ -108,6 +116,15 @@ def _phase_install_system(ctx: PhaseContext) -> None:
 
 def _phase_shutdown(ctx: PhaseContext) -> None:
     """3: maintenance mode on (SMTP answers 421, beat skips, configuration read-only)."""
+    shutdown(ctx)
+    from upgrades.validation import validation_before
+
+    validation_before(ctx)  # the validation report's "before": mail stopped, nothing converted
+
+
+def shutdown(ctx: PhaseContext) -> None:
+    """Phase 3 of either direction: the running state recorded for the rollback, maintenance
+    on, the mail in flight drained, the message store counted."""
     from appliance.firmware import firmware
     from appliance.mail import msgstore
 
@@ -122,7 +139,9 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
         )
     ctx.step("entering maintenance mode: mail is answered 421 until the services restart")
     state = maintenance.maintenance_enter(
-        f"Firmware upgrade to {run.version}",
+        f"Return to firmware {run.version}"
+        if run.is_return
+        else f"Firmware upgrade to {run.version}",
         by=run.requested_by or "update",
         holder=f"install:{run.pk}",
     )
@@ -136,9 +155,6 @@ def _phase_shutdown(ctx: PhaseContext) -> None:
     messages = message_count(msgstore)
     ctx.set_run(messages_before=messages)
     ctx.counts(messages=messages)
-    from upgrades.validation import validation_before
-
-    validation_before(ctx)  # the validation report's "before": mail stopped, nothing converted
 
 
 def _drain(ctx: PhaseContext, state: maintenance.MaintenanceState) -> None:
@@ -235,9 +251,18 @@ def _phase_migrate(ctx: PhaseContext) -> None:
     """7: the message store in the 2.8.1 format, counts and checksums as before."""
     from appliance.mail import msgmigrate
 
+    migrate_store(ctx, msgmigrate.FORWARD)
+
+
+def migrate_store(ctx: PhaseContext, direction: Any) -> None:
+    """Phase 7 of either direction: the store switched to ``direction.target``, verified."""
+    from appliance.mail import msgmigrate
+
     ctx.step("migrating the message store")
     ctx.checkpoint("message store migration next")
-    result = msgmigrate.migrate_finish(progress=ctx.callback("messages", "migrating"))
+    result = msgmigrate.migrate_finish(
+        progress=ctx.callback("messages", "migrating"), direction=direction
+    )
     # Compared with a phase 4 byte copy's counts, where one was made (no hard link possible);
     # a kept link is the old store itself, which migrate_finish has just compared.
     counts = result.counts
@@ -285,10 +310,10 @@ def _phase_cleanup(ctx: PhaseContext) -> None:
     ctx.counts(bytes_freed=int(freed))
     ctx.checkpoint("cleaned up, health check next")
     ctx.step(f"health check: the mail service on {settings.SMTP_HOST}:{settings.SMTP_PORT}")
-    _health_check(ctx)
+    health_check(ctx)
 
 
-def _health_check(ctx: PhaseContext) -> None:
+def health_check(ctx: PhaseContext) -> None:
     """Services up, a test message accepted and tracked, the message count as before."""
     from appliance.mail import msgstore
 
@@ -352,6 +377,9 @@ def _phase_commit(ctx: PhaseContext) -> None:
 
     ctx.step("writing the validation report")
     validation_write(ctx)  # reads phase 4's kept store: before the work folder goes
+    from upgrades.way_back import way_back_keep  # issue 18: Return to the old firmware
+
+    way_back_keep(ctx)  # phase 5's saved files: before the work folder goes
     freed = updatelogs.install_workdir_remove(run.pk)
     ctx.counts(system_backup=info.firmware_version, backup_size=info.size, bytes_freed=freed)
 

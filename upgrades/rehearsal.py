@@ -112,6 +112,19 @@ def rehearsal_start(*, user: User | None, trigger: str = "console", enqueue: boo
         raise RehearsalError(str(exc)) from None
 
 
+def rehearsal_cancel(*, user: User | None) -> Job:
+    """Stop the running rehearsal through the job engine's cancel (the same as every
+    cancellable job): a queued one ends at once, a running one stops at its next chunk and
+    removes its scratch folder. RehearsalError when none is running."""
+    job = rehearsal_active()
+    if job is None:
+        raise RehearsalError("No rehearsal is running.")
+    try:
+        return jobs_engine.cancel(job.pk, user=user)
+    except jobs_engine.JobError as exc:
+        raise RehearsalError(str(exc)) from None
+
+
 # --- The job ------------------------------------------------------------------------------------
 
 
@@ -242,7 +255,13 @@ def rehearsal_dict(job: Job) -> dict[str, Any]:
     """A rehearsal job for the CLI's --json and the API: the job and its report."""
     data = jobs_engine.job_dict(job)
     data["report"] = data["details"].get("report")
+    data["cancel_requested"] = job.cancel_requested
     return data
+
+
+def rehearsal_latest() -> Job | None:
+    """The running rehearsal, else the latest one (what GET /updates/rehearsal answers)."""
+    return rehearsal_active() or Job.objects.filter(kind=REHEARSE_KIND).order_by("-id").first()
 
 
 def rehearsal_panel() -> dict[str, Any]:

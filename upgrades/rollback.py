@@ -1,12 +1,18 @@
 """The rollback of a failed install: the pre-upgrade state back, one recorded step at a time;
 and the reconciler's net under it, leaving a maintenance that no install holds any more.
 
+The same steps undo a failed Return to the previous firmware (issue 18): phases 3-6 of a
+return record the same facts (the slot and firmware level it left, the phase 4 store copy, the
+phase 5 configuration files), only of the newer firmware; the message store conversion it
+discards goes the other way, and the configuration put back is the newer format's file.
+
 upgrades.install runs it in the install's job when a phase in 3-9 failed; a pass run again
 (its process died, a step raised) goes on from the recorded steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -96,7 +102,7 @@ def _rollback(run: InstallRun, lease: jobs_engine.Lease) -> None:
     def restore_store() -> None:
         if maintenance.maintenance_status() is None:  # never write the store under live mail
             maintenance.maintenance_enter(
-                f"Rollback of the upgrade to {run.version}",
+                f"Rollback of the {'return' if run.is_return else 'upgrade'} to {run.version}",
                 by=run.requested_by or "update",
                 holder=f"install:{run.pk}",
             )
@@ -111,7 +117,9 @@ def _rollback(run: InstallRun, lease: jobs_engine.Lease) -> None:
             )
 
     def discard_staging() -> None:
-        msgmigrate.migrate_discard()
+        msgmigrate.migrate_discard(
+            direction=msgmigrate.BACK if run.is_return else msgmigrate.FORWARD
+        )
         firmware.staging_cleanup()
         new_slot = details.get("new_slot")
         if new_slot and new_slot != firmware.active_slot():
@@ -136,11 +144,20 @@ def _rollback(run: InstallRun, lease: jobs_engine.Lease) -> None:
         )
     if 7 in started and details.get("store_backup"):
         step("store", "restoring the message store from the phase 4 copy", restore_store)
+
+    def restore_config() -> None:
+        configconvert.config_revert(updatelogs.install_files_load(run.pk))
+        if run.is_return:
+            # The newer file is back: the older files go again (removed before the conversion
+            # checks the lists it names, which is no business of the rollback's).
+            with contextlib.suppress(configconvert.ConfigConvertError):
+                configconvert.config_convert()
+
     if 8 in started and details.get("config_files_sha256"):
         step(
             "config",
-            "restoring the exact 2.8.0 configuration files saved in phase 5",
-            lambda: configconvert.config_revert(updatelogs.install_files_load(run.pk)),
+            f"restoring the exact configuration files of {run.from_version} saved in phase 5",
+            restore_config,
         )
     step("staging", "discarding the staging", discard_staging)
     if run.messages_before is not None:
@@ -175,7 +192,7 @@ def _rollback_done(run: InstallRun, lease: jobs_engine.Lease) -> None:
         ).update(state=PhaseState.ROLLED_BACK)
         run.phases.filter(state=PhaseState.PENDING).update(state=PhaseState.SKIPPED)
         event(
-            f"Install of firmware {run.version} rolled back to {run.from_version}: {run.error}",
+            f"{run.label} rolled back to {run.from_version}: {run.error}",
             severity=Severity.ERROR,
             run=run.pk,
             reason=run.error,

@@ -22,6 +22,7 @@ from upgrades import install_selectors, selectors
 from upgrades.models import (
     PHASE_COUNT,
     PHASE_NAMES,
+    RETURN_PHASE_NAMES,
     Download,
     DownloadState,
     InstallRun,
@@ -40,6 +41,7 @@ class Stage(StrEnum):
     INSTALLED = "installed"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
+    RETURNED = "returned"  # issue 18: back on the previous firmware, the newer one installable
 
 
 # The stages a person should act on or look at (a warning or an error on Home).
@@ -91,12 +93,81 @@ def update_status() -> dict[str, Any]:
     }
 
 
-def _when(moment: datetime | None) -> str:
+def when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "an unknown date"
+
+
+def _from_return_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
+    """The story of a return run (issue 18), when it is the latest news."""
+    common = {"installed": installed, "version": run.version, "run_id": run.pk}
+    if run.state in (InstallState.QUEUED, InstallState.RUNNING):
+        return UpdateStory(
+            Stage.INSTALLING,
+            headline=(
+                f"Returning to firmware {run.version}: phase {run.phase} of {PHASE_COUNT} "
+                f"({RETURN_PHASE_NAMES.get(run.phase, '')})."
+            ),
+            phase=run.phase,
+            percent=round(100 * (run.phase - 1) / PHASE_COUNT, 1),
+            by=run.requested_by,
+            **common,
+        )
+    if run.state == InstallState.ROLLING_BACK:
+        stuck = run.details.get("rollback_error")
+        return UpdateStory(
+            Stage.ROLLING_BACK,
+            headline=(
+                f"The return to firmware {run.version} failed and is rolling back"
+                + (f"; the rollback keeps failing and is retried: {stuck}" if stuck else ".")
+            ),
+            reason=run.error,
+            phase=run.phase,
+            by=run.requested_by,
+            **common,
+        )
+    if run.state == InstallState.SUCCEEDED and installed == run.version:
+        ready = selectors.ready_download(installed)
+        again = f" Firmware {ready.version} can be installed again." if ready is not None else ""
+        return UpdateStory(
+            Stage.RETURNED,
+            headline=(
+                f"Firmware {run.version} installed: returned from {run.from_version} on "
+                f"{when(run.finished_at)}"
+                + (f" by {run.requested_by}." if run.requested_by else ".")
+                + again
+            ),
+            at=run.finished_at,
+            by=run.requested_by,
+            **common,
+        )
+    if run.state == InstallState.ROLLED_BACK:
+        return UpdateStory(
+            Stage.ROLLED_BACK,
+            headline=(
+                f"The return to firmware {run.version} was rolled back on "
+                f"{when(run.finished_at)}; firmware {run.from_version} runs as before."
+            ),
+            reason=run.error,
+            at=run.finished_at,
+            by=run.requested_by,
+            **common,
+        )
+    if run.state == InstallState.FAILED:
+        return UpdateStory(
+            Stage.FAILED,
+            headline=f"The return to firmware {run.version} needs attention.",
+            reason=run.error,
+            at=run.finished_at,
+            by=run.requested_by,
+            **common,
+        )
+    return None
 
 
 def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
     """The story of the latest install run, when it is the latest news."""
+    if run.is_return:  # issue 18: Return to the previous firmware
+        return _from_return_run(run, installed)
     common = {"installed": installed, "version": run.version, "run_id": run.pk}
     if run.state in (InstallState.QUEUED, InstallState.RUNNING):
         return UpdateStory(
@@ -127,7 +198,7 @@ def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
         return UpdateStory(
             Stage.INSTALLED,
             headline=(
-                f"Up to date: firmware {run.version} installed on {_when(run.finished_at)}"
+                f"Up to date: firmware {run.version} installed on {when(run.finished_at)}"
                 + (f" by {run.requested_by}." if run.requested_by else ".")
             ),
             at=run.finished_at,
@@ -139,7 +210,7 @@ def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
             Stage.ROLLED_BACK,
             headline=(
                 f"The install of firmware {run.version} was rolled back on "
-                f"{_when(run.finished_at)}; firmware {run.from_version or installed} runs as "
+                f"{when(run.finished_at)}; firmware {run.from_version or installed} runs as "
                 "before."
             ),
             reason=run.error,
@@ -213,7 +284,11 @@ def _story(installed: str | None, ready: Download | None) -> UpdateStory:
             by=ready.requested_by,
             download_id=ready.pk,
         )
-    if run_story is not None and run_story.stage in (Stage.ROLLED_BACK, Stage.FAILED):
+    if run_story is not None and run_story.stage in (
+        Stage.ROLLED_BACK,
+        Stage.FAILED,
+        Stage.RETURNED,
+    ):
         return run_story
     newest = selectors.newest_downloadable(installed)
     if newest is not None:

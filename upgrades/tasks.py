@@ -46,6 +46,14 @@ def install_schedule_due() -> int | None:
     return due.pk if due is not None else None
 
 
+@shared_task(name="upgrades.tasks.return_release_due", ignore_result=True)
+def return_release_due() -> list[int]:
+    """Beat, hourly (issue 18): release the way back of upgrades past their retention period."""
+    from upgrades.returning import return_release_due as release
+
+    return release()
+
+
 @worker_ready.connect
 def on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """Check the feed if the last check is overdue (downloads and install runs a killed worker

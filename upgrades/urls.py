@@ -1,5 +1,6 @@
 from django.urls import path
 
+import upgrades.return_views as return_views
 from upgrades import install_views, rehearsal_views, schedule_views, validation_views, views
 
 app_name = "upgrades"
@@ -48,6 +49,13 @@ urlpatterns = [
         rehearsal_views.rehearsal_partial,
         name="rehearsal_partial",
     ),
+    path(
+        "licensing/install/rehearse/cancel/",
+        rehearsal_views.rehearsal_cancel,
+        name="rehearsal_cancel",
+    ),
+    # Return to the previous firmware within the retention period (issue 18).
+    path("licensing/install/return/", return_views.return_confirm, name="return_confirm"),
     # Install at a time (issue 18).
     path("licensing/install/schedule/", schedule_views.schedule_set, name="schedule_set"),
     path("licensing/install/schedule/move/", schedule_views.schedule_move, name="schedule_move"),

@@ -27,13 +27,17 @@ A failed check never rolls anything back (the commit is done): it is an event wi
 error, a line in the log and a notice on Home (:func:`validation_notice`). The report is a JSON
 file beside the run's log (appliance.firmware.validationfile) and its summary is kept in the
 run's details.
+
+Here: what is recorded when, the two proofs of the data carried over (messages, policy
+objects), the report and its readers. The checks that ask the running mail service (SMTP,
+services, downtime) and the shape of a check are :mod:`upgrades.validation_checks`'s; that
+module never imports this one. Both proofs read whole stores while mail flows again, so they
+rest between blocks as the conversion does (:func:`_yield_ratio`).
 """
 
 from __future__ import annotations
 
 import logging
-import smtplib
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,8 +53,10 @@ from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from events.models import Severity
 from lmi.notices import Notice
-from upgrades.models import InstallPhase, InstallRun, InstallState
+from upgrades import validation_checks as service_checks
+from upgrades.models import InstallRun, InstallState
 from upgrades.phase_context import LeaseLost, event, log
+from upgrades.validation_checks import TITLES, check_of
 
 if TYPE_CHECKING:
     from upgrades.phase_context import PhaseContext
@@ -61,18 +67,6 @@ BEFORE = "validation_before"  # details: phase 3's facts
 BEFORE_CONTENT = "validation_before_content"  # details: checksums of phase 4's kept copy
 SUMMARY = "validation"  # details: the report's summary
 REPORT_VERSION = 1
-DELIVERY_WAIT_S = 10.0  # how long phase 9's test message may still sit in the spool
-SMTP_TIMEOUT_S = 15.0
-VALIDATION_SENDER = "upgrade-validation@localhost"
-TEST_RECIPIENT = "postmaster@localhost"
-
-TITLES = {
-    "messages": "Messages per message store",
-    "policy": "Policy objects and their $(FILE) lists",
-    "smtp": "Mail service: accepting, delivering, quarantining",
-    "services": "Services healthy",
-    "downtime": "Downtime seen by the mail service",
-}
 
 
 # --- Phase 3: the facts of the moment mail stopped -------------------------------------------
@@ -125,7 +119,13 @@ def _kept_copy_proof(path: Path, backup: dict[str, Any]) -> dict[str, Any]:
     # The old store's own file: written since phase 4, it would not be that moment's.
     if backup.get("linked") and expected and list(msgbackup.file_identity(path)) != expected:
         raise ApplianceError(f"the kept message store {path} was written since phase 4")
-    return msgproof.file_proof(path).as_json()
+    return msgproof.file_proof(path, yield_ratio=_yield_ratio()).as_json()
+
+
+def _yield_ratio() -> float:
+    """The proofs read the whole store while mail flows again: they rest as the conversion
+    does (INSTALL_MIGRATE_YIELD_PERCENT of each block's time), so mail keeps its share."""
+    return float(settings.INSTALL_MIGRATE_YIELD_PERCENT) / 100
 
 
 def _parts(value: Any) -> list[str]:
@@ -149,7 +149,9 @@ def validation_write(ctx: PhaseContext) -> dict[str, Any]:
         raise
     except Exception as exc:  # the report must never hold up or undo the commit
         logger.exception("install %s: the validation report could not be built", run.pk)
-        report = _report_of(run, [_check("report", False, f"the report could not be built: {exc}")])
+        report = _report_of(
+            run, [check_of("report", False, f"the report could not be built: {exc}")]
+        )
     try:
         validationfile.report_write(run.pk, report)
     except OSError as exc:
@@ -184,13 +186,13 @@ def validation_report(run: InstallRun, *, now: datetime | None = None) -> dict[s
     SMTP envelope it opens and drops)."""
     details = run.details or {}
     before = details.get(BEFORE, {})
-    smtp_seen = _smtp_now()
+    smtp_seen = service_checks.smtp_now()
     checks = [
         messages_check(details.get(BEFORE_CONTENT, {}), run.messages_before),
         policy_check(before),
-        smtp_check(run, smtp_seen),
-        services_check(run, smtp_seen),
-        downtime_check(run, before),
+        service_checks.smtp_check(run, smtp_seen),
+        service_checks.services_check(run, smtp_seen),
+        service_checks.downtime_check(run, before),
     ]
     return _report_of(run, checks, now=now)
 
@@ -222,19 +224,6 @@ def report_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check(
-    key: str, passed: bool, summary: str, figures: dict[str, Any] | None = None, note: str = ""
-) -> dict[str, Any]:
-    return {
-        "key": key,
-        "title": TITLES.get(key, "Validation report"),
-        "passed": passed,
-        "summary": summary,
-        "figures": figures or {},
-        "note": note,
-    }
-
-
 # --- The checks --------------------------------------------------------------------------------
 
 
@@ -242,7 +231,7 @@ def messages_check(content: dict[str, Any], messages_before: int | None) -> dict
     """Per store: count and content checksum now equal those of the moment mail stopped
     (``content``: the proof of phase 4's kept copy; ``messages_before``: phase 3's count)."""
     if "error" in content or not content:
-        return _check(
+        return check_of(
             "messages",
             False,
             "the content when mail stopped could not be read: "
@@ -251,9 +240,9 @@ def messages_check(content: dict[str, Any], messages_before: int | None) -> dict
     before = msgproof.StoreProof.from_json(content)
     upto = before.upto_id
     try:
-        after = msgproof.store_proof(upto)
+        after = msgproof.store_proof(upto, yield_ratio=_yield_ratio())
     except (ApplianceError, OSError) as exc:
-        return _check("messages", False, f"the message store cannot be read now: {exc}")
+        return check_of("messages", False, f"the message store cannot be read now: {exc}")
     problems: list[str] = []
     if messages_before is not None and before.messages != messages_before:
         problems.append(
@@ -294,8 +283,8 @@ def messages_check(content: dict[str, Any], messages_before: int | None) -> dict
         "damaged_ids": after.damaged[:20],
     }
     if problems:
-        return _check("messages", False, "; ".join(problems), figures)
-    return _check(
+        return check_of("messages", False, "; ".join(problems), figures)
+    return check_of(
         "messages",
         True,
         f"{after.messages} messages in {len(stores)} stores, counts and content checksums equal",
@@ -309,10 +298,10 @@ def policy_check(before: dict[str, Any]) -> dict[str, Any]:
     old = before.get("policy")
     if old is None or before.get("policy_error"):
         why = before.get("policy_error") or "nothing recorded when mail stopped"
-        return _check("policy", False, f"the policy objects before could not be read: {why}")
+        return check_of("policy", False, f"the policy objects before could not be read: {why}")
     now, error = policyproof.policy_facts_or_error()
     if error:
-        return _check("policy", False, f"the policy objects cannot be read now: {error}")
+        return check_of("policy", False, f"the policy objects cannot be read now: {error}")
     differences = policyproof.policy_differences(old, now)
     with_files = [o for o in old if o.get("file_path")]
     broken_before = [o["file_path"] for o in with_files if not o.get("file_sha256")]
@@ -337,245 +326,19 @@ def policy_check(before: dict[str, Any]) -> dict[str, Any]:
         f"Already missing before the upgrade: {', '.join(broken_before)}." if broken_before else ""
     )
     if differences:
-        return _check(
+        return check_of(
             "policy",
             False,
             "; ".join(f"{d.name}: {d.problem}" for d in differences),
             figures,
             note,
         )
-    return _check(
+    return check_of(
         "policy",
         True,
         f"{len(old)} objects as before, {figures['files_read']} $(FILE) lists present and read",
         figures,
         note,
-    )
-
-
-def _test_recipient() -> str:
-    """postmaster at a local domain of the running policy: mail any client may send (phase
-    9's probe passes the policy by its sender; this envelope must not). A refused one would
-    be logged as a rejection."""
-    from smtp import engine
-
-    try:
-        policy, _ = engine.compile_policy()
-    except (ApplianceError, OSError, ValueError):
-        return TEST_RECIPIENT
-    domains = policy.local_domains
-    if domains.names:
-        return f"postmaster@{sorted(domains.names)[0]}"
-    if domains.parents:
-        return f"postmaster@mail{domains.parents[0]}"
-    return TEST_RECIPIENT
-
-
-def _smtp_now() -> dict[str, Any]:
-    """Open a session with the mail service and have it accept an envelope, then drop it
-    (RSET): no message is written, so the store and its logs stay as they are."""
-    recipient = _test_recipient()
-    seen: dict[str, Any] = {
-        "host": settings.SMTP_HOST,
-        "port": settings.SMTP_PORT,
-        "recipient": recipient,
-    }
-    began = time.monotonic()
-    try:
-        with smtplib.SMTP(
-            settings.SMTP_HOST,
-            settings.SMTP_PORT,
-            local_hostname="localhost",
-            timeout=SMTP_TIMEOUT_S,
-        ) as client:
-            seen["banner"] = 220  # smtplib raises on anything else at connect
-            client.ehlo()
-            code, reply = client.mail(VALIDATION_SENDER)
-            seen["mail_from"] = code
-            if code == 250:
-                code, reply = client.rcpt(recipient)
-                seen["rcpt_to"] = code
-            seen["reply"] = reply.decode("utf-8", "replace")[:200]
-            client.rset()
-    except (OSError, smtplib.SMTPException) as exc:
-        seen["error"] = str(exc)[:300]
-    seen["ms"] = round((time.monotonic() - began) * 1000)
-    seen["accepting"] = seen.get("rcpt_to") == 250
-    return seen
-
-
-def _probe_delivery(sender: str) -> dict[str, Any]:
-    """Phase 9's test message: tracked as delivered, and out of the outgoing spool."""
-    from appliance.mail import tracking
-    from smtp import delivery
-
-    found: dict[str, Any] = {"sender": sender}
-    entries = tracking.tracking_page(tracking.TrackingFilter(sender=sender), limit=5).entries
-    found["tracked"] = [entry.action for entry in entries]
-    deadline = time.monotonic() + DELIVERY_WAIT_S
-    while True:
-        waiting = [
-            path.name for path in delivery.spool_list() if _spooled_from(path, sender, delivery)
-        ]
-        if not waiting or time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    found["in_spool"] = waiting
-    found["delivered"] = "delivered" in found["tracked"] and not waiting
-    return found
-
-
-def _spooled_from(path: Path, sender: str, delivery: Any) -> bool:
-    try:
-        return bool(delivery.parse_spool_file(path, path.read_bytes()).sender == sender)
-    except (OSError, ValueError):
-        return False
-
-
-def _quarantine_route() -> dict[str, Any]:
-    """Where the running policy sends a virus test message, and whether that store exists."""
-    from appliance.mail import msgstore
-    from smtp import engine
-
-    try:
-        policy, _ = engine.compile_policy()
-        recipient = _test_recipient()
-        content = (
-            (
-                f"From: <{VALIDATION_SENDER}>\r\nTo: <{recipient}>\r\n"
-                "Subject: upgrade validation: quarantine\r\n\r\n"
-            ).encode()
-            + engine.EICAR
-            + b"\r\n"
-        )
-        verdict = engine.evaluate(policy, VALIDATION_SENDER, [recipient], content)
-        stores = {store.name for store in msgstore.list_stores()}
-    except (ApplianceError, OSError, ValueError) as exc:
-        return {"error": str(exc)[:300], "quarantined": False}
-    return {
-        "recipient": recipient,
-        "action": verdict.action,
-        "store": verdict.store,
-        "store_exists": verdict.store in stores,
-        "quarantined": verdict.action == "quarantined" and verdict.store in stores,
-    }
-
-
-def _phase_counts(run: InstallRun, number: int) -> dict[str, Any]:
-    phase = InstallPhase.objects.filter(run=run, number=number).first()
-    return dict(phase.counts) if phase is not None else {}
-
-
-def smtp_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
-    """Accepting now, phase 9's test message delivered, a virus routed to quarantine."""
-    probe = str(_phase_counts(run, 9).get("probe", ""))
-    delivered = _probe_delivery(probe) if probe else {"delivered": False, "error": "no probe"}
-    quarantine = _quarantine_route()
-    figures = {"accepting": seen, "delivery": delivered, "quarantine": quarantine}
-    problems = []
-    if not seen.get("accepting"):
-        problems.append(
-            "the mail service does not accept a message now: "
-            + str(seen.get("error") or seen.get("reply") or "no answer")
-        )
-    if not delivered.get("delivered"):
-        if not probe:
-            problems.append("phase 9 recorded no test message")
-        elif delivered.get("in_spool"):
-            problems.append("phase 9's test message is still waiting in the outgoing spool")
-        else:
-            problems.append(
-                f"phase 9's test message is not tracked as delivered ({delivered.get('tracked')})"
-            )
-    if not quarantine.get("quarantined"):
-        problems.append(
-            "a virus test message would not be quarantined: "
-            + str(
-                quarantine.get("error")
-                or f"{quarantine.get('action')} to {quarantine.get('store') or 'no store'}"
-            )
-        )
-    note = (
-        "The quarantine is evaluated with the running policy against the existing message "
-        "stores, not sent: a sent test message would stay in the SMTP and tracking logs. "
-        "Acceptance is an envelope the service accepted and that was then dropped; delivery is "
-        "phase 9's test message, tracked and out of the spool."
-    )
-    if problems:
-        return _check("smtp", False, "; ".join(problems), figures, note)
-    return _check(
-        "smtp",
-        True,
-        f"accepting mail, test message delivered, a virus goes to {quarantine['store']}",
-        figures,
-        note,
-    )
-
-
-def services_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
-    """What phase 9's health check saw, and the services as they are now."""
-    from appliance.config import configconvert
-    from appliance.mail import msgstore
-    from appliance.system.facts import system_info
-
-    health = _phase_counts(run, 9).get("health")
-    figures: dict[str, Any] = {"health_check": health or "not recorded"}
-    problems = []
-    try:
-        figures["firmware"] = system_info().firmware_version
-        figures["message_store_format"] = msgstore.format_version()
-        figures["configuration_format"] = configconvert.config_format()
-        figures["maintenance"] = maintenance.maintenance_status() is not None
-    except (ApplianceError, OSError) as exc:
-        problems.append(f"the appliance cannot be read: {exc}")
-    figures["smtp_banner"] = seen.get("banner")
-    if health != "passed":
-        problems.append("phase 9's health check did not record a pass")
-    if figures.get("firmware") != run.version:
-        problems.append(f"firmware level {figures.get('firmware')}, not {run.version}")
-    for key in ("message_store_format", "configuration_format"):
-        if key in figures and figures[key] != "2.8.1":
-            problems.append(f"{key.replace('_', ' ')} {figures[key]}")
-    if figures.get("maintenance"):
-        problems.append("the appliance is still in maintenance mode")
-    if seen.get("banner") != 220:
-        problems.append(f"the mail service does not greet: {seen.get('error', 'no answer')}")
-    if problems:
-        return _check("services", False, "; ".join(problems), figures)
-    return _check(
-        "services",
-        True,
-        f"health check passed, firmware {run.version}, mail service greeting, formats 2.8.1",
-        figures,
-    )
-
-
-def downtime_check(run: InstallRun, before: dict[str, Any]) -> dict[str, Any]:
-    """From the maintenance the mail service read (421 from then on) to the leave."""
-    since_text = before.get("maintenance_since")
-    since = datetime.fromisoformat(since_text) if since_text else None
-    ended = run.downtime_ended_at
-    figures: dict[str, Any] = {
-        "service_421_from": since_text,
-        "accepting_again_from": ended.isoformat() if ended else None,
-        "console_seconds": run.downtime_seconds,
-        "drained_ms": _phase_counts(run, 3).get("drained_ms"),
-    }
-    if since is None or ended is None:
-        return _check(
-            "downtime", False, "the start or end of the downtime was not recorded", figures
-        )
-    seconds = round((ended - since).total_seconds(), 3)
-    figures["seconds"] = seconds
-    if seconds < 0:
-        return _check("downtime", False, "the downtime ended before it began", figures)
-    return _check(
-        "downtime",
-        True,
-        f"mail was answered 421 for {seconds:.1f} s",
-        figures,
-        note="Measured from the maintenance file the mail service reads on every connection "
-        "(written when phase 3 began) to its removal in phase 10.",
     )
 
 
@@ -589,6 +352,30 @@ def validation_read(run: InstallRun) -> dict[str, Any] | None:
     except ApplianceError:
         logger.exception("install %s: its validation report cannot be read", run.pk)
         return None
+
+
+def report_of_run(run_id: int | None = None) -> tuple[InstallRun | None, dict[str, Any] | None]:
+    """Run ``run_id`` (or, without one, the last successful install: the one the notice and
+    the Install page speak of) and its report; (None, None) when there is no such run."""
+    runs = InstallRun.objects.all()
+    if run_id is None:
+        runs = runs.filter(state=InstallState.SUCCEEDED).order_by("-finished_at", "-pk")
+    else:
+        runs = runs.filter(pk=run_id)
+    run = runs.first()
+    return (run, validation_read(run)) if run is not None else (None, None)
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The report for a terminal (update-control --report): one line per check."""
+    lines = [
+        f"Validation report of the upgrade to firmware {report.get('version')} "
+        f"(install run {report.get('run')}, written {report.get('written_at')}):"
+    ]
+    for check in report.get("checks", []):
+        mark = "PASS" if check.get("passed") else "FAIL"
+        lines.append(f"[{mark}] {check.get('title')}: {check.get('summary')}")
+    return "\n".join(lines)
 
 
 def validation_notice() -> Notice | None:

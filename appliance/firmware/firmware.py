@@ -198,6 +198,16 @@ def slot_firmware_version(slot: str, root: Path | None = None) -> str:
     raise FirmwareError(f"The firmware slot {slot} does not say which firmware it holds.")
 
 
+def slot_image(slot: str, root: Path | None = None) -> SlotImage | None:
+    """What a bootable slot's state records (version, files, bytes, tree hash), without
+    reading the tree: None for a slot that is absent or not completely installed. The way
+    back to the previous firmware (issue 18) records it at the commit and finds it again."""
+    if not slot_bootable(slot, root):
+        return None
+    state = _slot_state(layout(root), slot)
+    return _image_from_state(slot, state) if state else None
+
+
 def slot_os_release(slot: str, root: Path | None = None) -> str | None:
     """The text of the slot's ``etc/SuSE-release`` (what phase 6 installs), or None."""
     path = layout(root).slot_dir(slot) / "etc" / "SuSE-release"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.system.atomic import atomic_write_text, fsync_dir
+from appliance.system.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
 from appliance.system.errors import MalformedApplianceFile
 from appliance.system.paths import layout
 
@@ -154,7 +154,7 @@ def install_files_save(run_id: int, files: dict[str, bytes], root: Path | None =
         },
         sort_keys=True,
     )
-    path = install_workdir(run_id, root) / "config-files.json"
+    path = install_workdir(run_id, root) / CONFIG_FILES
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, document)
     return hashlib.sha256(document.encode()).hexdigest()
@@ -162,12 +162,71 @@ def install_files_save(run_id: int, files: dict[str, bytes], root: Path | None =
 
 def install_files_load(run_id: int, root: Path | None = None) -> dict[str, bytes]:
     """The files :func:`install_files_save` kept, each checked against its SHA-256."""
-    path = install_workdir(run_id, root) / "config-files.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    files: dict[str, bytes] = {}
-    for name, entry in raw.items():
-        data = base64.b64decode(entry["data"], validate=True)
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise MalformedApplianceFile(f"{path}: the saved copy of {name} is damaged")
-        files[str(name)] = data
+    return _files_read(install_workdir(run_id, root) / CONFIG_FILES)
+
+
+CONFIG_FILES = "config-files.json"
+
+
+def _files_read(path: Path) -> dict[str, bytes]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        entries = {str(name): entry for name, entry in raw.items()}
+        files: dict[str, bytes] = {}
+        for name, entry in entries.items():
+            data = base64.b64decode(entry["data"], validate=True)
+            if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                raise MalformedApplianceFile(f"{path}: the saved copy of {name} is damaged")
+            files[name] = data
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise MalformedApplianceFile(f"{path} is not a readable set of saved files: {exc}") from exc
     return files
+
+
+# --- What a successful upgrade keeps for Return to the previous firmware (issue 18) -----------
+
+
+def return_dir(run_id: int, root: Path | None = None) -> Path:
+    """Where an upgrade run keeps its way back until it is released: the previous firmware's
+    configuration files, exactly as phase 5 saved them (the slot stays in system/)."""
+    return layout(root).root / "var" / "spool" / "updates" / f"return-{int(run_id)}"
+
+
+def return_files_keep(run_id: int, root: Path | None = None) -> str:
+    """Phase 10 of an upgrade, before its work directory goes: keep phase 5's saved
+    configuration files for the way back; the SHA-256 of the kept document.
+
+    Checked before it is written (every file against its SHA-256), written atomically and
+    fsynced; run again after the work directory is gone, it finds the kept copy and returns
+    its digest.
+    """
+    kept = return_dir(run_id, root) / CONFIG_FILES
+    source = install_workdir(run_id, root) / CONFIG_FILES
+    if source.is_file() and not source.is_symlink():
+        _files_read(source)
+        data = source.read_bytes()
+        if not kept.is_file() or kept.read_bytes() != data:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(kept, data)
+    elif not kept.is_file():
+        raise FileNotFoundError(f"{source}: phase 5 saved no configuration files")
+    return hashlib.sha256(kept.read_bytes()).hexdigest()
+
+
+def return_files_load(run_id: int, root: Path | None = None) -> tuple[dict[str, bytes], str]:
+    """The configuration files kept for the way back, each checked, and the document's
+    SHA-256 (compared with the one the upgrade recorded)."""
+    path = return_dir(run_id, root) / CONFIG_FILES
+    files = _files_read(path)
+    return files, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def return_files_remove(run_id: int, root: Path | None = None) -> int:
+    """The way back released (or used): its kept files removed; bytes freed."""
+    path = return_dir(run_id, root)
+    if not path.is_dir() or path.is_symlink():
+        return 0
+    freed = sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    shutil.rmtree(path)
+    fsync_dir(path.parent)
+    return freed

@@ -14,12 +14,23 @@ So the same messages give the same checksum in either format.
 
 Only messages up to a high-water mark (the highest id when mail stopped) are covered: once
 mail flows again, new quarantined messages are not part of the comparison.
+
+The proof reads the whole store, right after mail is accepted again: a million messages are
+many seconds of CPU (a SHA-256 and a repr per message, a decompression per 2.8.1 body) in
+competition with the mail service catching up. So it is paced as the conversion is
+(:func:`appliance.mail.msgchunks.sync`): messages are read in blocks of :data:`BLOCK_ROWS`, each
+its own short read (no read transaction held over the whole store, so the live store's WAL can
+be checkpointed meanwhile), and after each block the proof rests ``yield_ratio`` times as long
+as the block took. What it computes does not depend on the blocks: the same rows in the same
+id order feed the same digests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +43,8 @@ _MESSAGES = next(big for big in CHUNKED_TABLES if big.name == "messages")
 _BODIES = next(big for big in CHUNKED_TABLES if big.name == "bodies")
 # The body of a message whose stored copy is missing or fails its own checksum.
 DAMAGED = b"damaged"
+# Messages per read: a few milliseconds of work, then a rest (see the module's docstring).
+BLOCK_ROWS = 2000
 
 
 @dataclass(frozen=True)
@@ -146,12 +159,21 @@ def _body_digest(version: str, row: tuple[Any, ...]) -> bytes | None:
     return actual
 
 
-def proof_in(conn: sqlite3.Connection, upto_id: int) -> StoreProof:
+def proof_in(
+    conn: sqlite3.Connection,
+    upto_id: int,
+    *,
+    yield_ratio: float = 0.0,
+    block: int = BLOCK_ROWS,
+    rest: Callable[[float], None] = time.sleep,
+) -> StoreProof:
     """Counts and checksums per store of the messages with id <= ``upto_id``.
 
-    One pass in id order over the messages joined with their bodies; per store, a SHA-256 over
-    each message's canonical row and its body's digest (a missing or damaged body counts as
-    :data:`DAMAGED`, so the checksum differs from the original's).
+    One pass in id order over the messages joined with their bodies, ``block`` messages per
+    read; per store, a SHA-256 over each message's canonical row and its body's digest (a
+    missing or damaged body counts as :data:`DAMAGED`, so the checksum differs from the
+    original's). After each block, ``rest`` (time.sleep) for ``yield_ratio`` times the block's
+    time, so the mail service keeps its share of the machine.
     """
     version = msgstore.connection_format(conn)
     names = _store_names(conn)
@@ -161,24 +183,32 @@ def proof_in(conn: sqlite3.Connection, upto_id: int) -> StoreProof:
         f"b.{c.strip()}" for c in _BODIES.canonical[version].split(",")[1:]
     )  # all but the key
     width = len(_MESSAGES.canonical[version].split(","))
-    cursor = conn.execute(
+    query = (
         f"SELECT {columns}, {body_columns} FROM quarantined_message AS m"  # noqa: S608 - constants
         f" LEFT JOIN {body_table} AS b ON b.message_id = m.id"
-        " WHERE m.id <= ? ORDER BY m.id",
-        (upto_id,),
+        " WHERE m.id > ? AND m.id <= ? ORDER BY m.id LIMIT ?"
     )
     digests: dict[str, Any] = {name: hashlib.sha256() for name in names.values()}
     counts = {name: 0 for name in names.values()}
     damaged: list[int] = []
-    for row in cursor:
-        message = tuple(row[:width])
-        store = names.get(int(message[1]), f"#{message[1]}")
-        body = _body_digest(version, tuple(row[width:]))
-        if body is None:
-            damaged.append(int(message[0]))
-            body = DAMAGED
-        digests.setdefault(store, hashlib.sha256()).update(repr((message, body)).encode())
-        counts[store] = counts.get(store, 0) + 1
+    after = 0  # the last id read: each block starts past it (the id is the first column)
+    while True:
+        began = time.monotonic()
+        rows = conn.execute(query, (after, upto_id, block)).fetchall()
+        for row in rows:
+            message = tuple(row[:width])
+            store = names.get(int(message[1]), f"#{message[1]}")
+            body = _body_digest(version, tuple(row[width:]))
+            if body is None:
+                damaged.append(int(message[0]))
+                body = DAMAGED
+            digests.setdefault(store, hashlib.sha256()).update(repr((message, body)).encode())
+            counts[store] = counts.get(store, 0) + 1
+        if len(rows) < block:
+            break
+        after = int(rows[-1][0])
+        if (pause := (time.monotonic() - began) * yield_ratio) > 0:
+            rest(pause)
     return StoreProof(
         upto_id=upto_id,
         format_version=version,
@@ -188,16 +218,16 @@ def proof_in(conn: sqlite3.Connection, upto_id: int) -> StoreProof:
     )
 
 
-def store_proof(upto_id: int, root: Path | None = None) -> StoreProof:
+def store_proof(upto_id: int, root: Path | None = None, *, yield_ratio: float = 0.0) -> StoreProof:
     """:func:`proof_in` on the live store (after the commit, mail flowing)."""
     conn = _open_live(root)
     try:
-        return proof_in(conn, upto_id)
+        return proof_in(conn, upto_id, yield_ratio=yield_ratio)
     finally:
         conn.close()
 
 
-def file_proof(path: Path, upto_id: int | None = None) -> StoreProof:
+def file_proof(path: Path, upto_id: int | None = None, *, yield_ratio: float = 0.0) -> StoreProof:
     """:func:`proof_in` on a store file kept aside (phase 4's), without writing anything; all
     of its messages unless ``upto_id`` is given."""
     if not Path(path).is_file():
@@ -206,7 +236,7 @@ def file_proof(path: Path, upto_id: int | None = None) -> StoreProof:
     try:
         if upto_id is None:
             upto_id = facts_in(conn).upto_id
-        return proof_in(conn, upto_id)
+        return proof_in(conn, upto_id, yield_ratio=yield_ratio)
     except sqlite3.DatabaseError as exc:
         raise MalformedApplianceFile(
             f"the kept message store {path} cannot be read: {exc}"

@@ -12,6 +12,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from django.utils import timezone
 
 from appliance.config import policyproof
@@ -21,6 +22,7 @@ from appliance.firmware import validationfile
 from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore
 from appliance.mail.mailrecords import MailRecord, mail_record
 from appliance.system.paths import layout
+from tests.upgrades.conftest import update_control
 from upgrades import validation
 from upgrades.models import Download, DownloadState, InstallRun, InstallState
 
@@ -131,6 +133,22 @@ def test_messages_quarantined_after_the_mark_are_not_compared(demo_appliance: Pa
     assert msgproof.proof_differences(before, msgproof.store_proof(facts.upto_id)) == []
 
 
+def test_the_proof_rests_after_each_block_and_computes_the_same_as_in_one_read(
+    demo_appliance: Path,
+) -> None:
+    facts = msgproof.store_facts()
+    whole = msgproof.store_proof(facts.upto_id)  # 200 messages: one block, no rest
+    rests: list[float] = []
+    conn = msgstore.connect(readonly=True)
+    conn.row_factory = None
+    try:
+        paced = msgproof.proof_in(conn, facts.upto_id, yield_ratio=3.0, block=7, rest=rests.append)
+    finally:
+        conn.close()
+    assert paced == whole
+    assert len(rests) == 200 // 7 and all(pause > 0 for pause in rests)
+
+
 def test_messages_check_passes_and_then_fails_on_a_removed_message(
     demo_appliance: Path,
 ) -> None:
@@ -234,8 +252,8 @@ def _run_with_report(passed: bool = True) -> InstallRun:
         finished_at=timezone.now(),
     )
     checks = [
-        validation._check("messages", True, "200 messages in 4 stores, equal"),
-        validation._check(
+        validation.check_of("messages", True, "200 messages in 4 stores, equal"),
+        validation.check_of(
             "policy", passed, "ok" if passed else "Blocked senders: its file is gone"
         ),
     ]
@@ -265,9 +283,14 @@ def test_the_printable_page_and_the_run_page_show_the_report(
     page = readonly_client.get(f"/updates/licensing/install/{run.pk}/validation/")
     assert page.status_code == 200
     assert b"Policy objects and their $(FILE) lists: FAILED" in page.content
+    assert b"failed checks: Policy objects and their $(FILE) lists</dd>" in page.content
     page = readonly_client.get(f"/updates/licensing/install/{run.pk}/")
     assert b'data-testid="validation"' in page.content
     assert b'data-testid="validation-policy" data-passed="false"' in page.content
+    assert (
+        b'data-testid="validation-outcome">Failed: Policy objects and their $(FILE) lists</span>'
+        in page.content
+    )
 
 
 def test_the_report_pages_need_a_login(client, db, demo_appliance: Path) -> None:
@@ -307,3 +330,49 @@ def test_the_install_page_sums_up_the_last_runs_report(admin_client, demo_applia
     assert b'data-testid="latest-validation"' in page.content
     assert b"1 of 2 checks failed" in page.content
     assert f"/install/{run.pk}/validation.json".encode() in page.content
+
+
+# --- update-control --report ------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("cli_in_this_process", "db")
+def test_report_prints_each_check_and_exits_0_when_all_passed(demo_appliance: Path, capsys) -> None:
+    run = _run_with_report(passed=True)
+
+    code, out, _ = update_control(capsys, "--report")
+
+    assert code == 0
+    assert f"(install run {run.pk}," in out
+    assert "[PASS] Messages per message store: 200 messages in 4 stores, equal" in out
+    assert "[PASS] Policy objects and their $(FILE) lists: ok" in out
+
+
+@pytest.mark.usefixtures("cli_in_this_process", "db")
+def test_report_exits_8_when_a_check_failed_and_json_is_the_file_as_stored(
+    demo_appliance: Path, capsys
+) -> None:
+    failed = _run_with_report(passed=False)
+    _run_with_report(passed=True)  # later: the last successful install
+
+    code, out, _ = update_control(capsys, "--report", str(failed.pk))
+    assert code == 8
+    assert "[FAIL] Policy objects and their $(FILE) lists: Blocked senders: its file is gone" in out
+
+    code, out, _ = update_control(capsys, "--report", str(failed.pk), "--json")
+    assert code == 8
+    assert out == validationfile.report_path(failed.pk).read_text(encoding="utf-8")
+    assert json.loads(out)["passed"] is False
+
+
+@pytest.mark.usefixtures("cli_in_this_process", "db")
+def test_report_exits_3_without_a_report(demo_appliance: Path, capsys) -> None:
+    code, _, err = update_control(capsys, "--report")
+    assert code == 3 and "the last successful install: it has no validation report" in err
+
+    code, _, err = update_control(capsys, "--report", "999")
+    assert code == 3 and "install run 999: there is no such run" in err
+
+    run = _run_with_report()
+    validationfile.report_path(run.pk).unlink()
+    code, _, err = update_control(capsys, "--report", str(run.pk), "--json")
+    assert code == 3 and f"install run {run.pk}: it has no validation report" in err

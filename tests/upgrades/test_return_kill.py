@@ -1,0 +1,120 @@
+"""SIGKILL the worker inside every phase of Return to 2.8.0.0; a new worker must finish it.
+
+As tests/upgrades/test_install_kill.py does for the install: the demo appliance is upgraded
+first (in this process, a few seconds), then a real worker runs the return with a pause inside
+phase N only (LMI_INSTALL_PHASE_DELAY_MS), is killed whole with SIGKILL while it sits there,
+and a fresh worker is started; the job engine's reconciler hands the return to it at once.
+Asserted: the return ends SUCCEEDED, phase N was started twice and every other phase once, each
+completed once, and the appliance is 2.8.0.0 with every message and the previous configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import configconvert
+from appliance.firmware import updatelogs
+from appliance.mail import msgcounts, msgmigrate, msgstore
+from appliance.system.facts import system_info
+from appliance.system.maintenance import maintenance_status
+from tests.support.smtp import (
+    SmtpServiceProcess,
+    smtp_service,  # noqa: F401
+)
+from tests.upgrades.test_install import (  # noqa: F401
+    NEW_VERSION,
+    OLD_VERSION,
+    completed_events,
+    differences,
+    install_workers,
+    ready_firmware,
+    roomy_preflight_disk,
+    tree_digest,
+    wait_final,
+    wait_for_checkpoint,
+)
+from tests.upgrades.test_return_services import cpe_files, upgrade_here
+from upgrades import install, returning
+from upgrades.models import Download, InstallState
+
+DELAY_MS = "800"
+LEASE = "6"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", range(1, 11))
+def test_worker_killed_inside_a_return_phase_resumes_to_success(
+    phase: int,
+    ready_firmware: Download,  # noqa: F811
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+    install_workers,  # noqa: F811
+    admin_user,
+    settings,
+    appliance_root: Path,
+) -> None:
+    config_before = cpe_files(appliance_root)
+    upgrade_here(admin_user, settings, smtp_service)
+    env = {"LMI_SMTP_PORT": str(smtp_service.port), "LMI_INSTALL_LEASE_SECONDS": LEASE}
+    first = install_workers(
+        LMI_INSTALL_PHASE_DELAY_MS=DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
+    )
+    before = msgcounts.store_counts()
+    run = returning.return_start(user=admin_user)
+
+    wait_for_checkpoint(run, phase, timeout=90, interval=0.05)
+    first.kill()
+    install_workers(**env)
+
+    run = wait_final(run.pk)
+    assert run.state == InstallState.SUCCEEDED, (run.state, run.phase, run.error)
+    run.job.refresh_from_db()
+    assert (run.job.state, run.job.restarts, run.job.lease_owner) == ("succeeded", 1, "")
+    attempts = dict(run.phases.values_list("number", "attempts"))
+    assert attempts == {n: 2 if n == phase else 1 for n in range(1, 11)}
+    assert completed_events(run) == {n: 1 for n in range(1, 11)}
+    assert system_info().firmware_version == OLD_VERSION
+    assert msgstore.format_version() == "2.8.0"
+    assert configconvert.config_format() == "2.8.0"
+    assert cpe_files(appliance_root) == config_before
+    assert maintenance_status() is None
+    after = msgcounts.store_counts()
+    assert after.messages == before.messages == run.messages_after
+    assert after.tables["messages"] == before.tables["messages"]
+    assert after.tables["bodies"] == before.tables["bodies"]
+    assert after.smtp_log == before.smtp_log + 1  # the return's one health probe
+    assert not updatelogs.install_workdir(run.pk).exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_abort_in_phase_2_of_a_return_leaves_the_newer_firmware_untouched(
+    ready_firmware: Download,  # noqa: F811
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+    install_workers,  # noqa: F811
+    admin_user,
+    settings,
+    appliance_root: Path,
+) -> None:
+    upgrade_here(admin_user, settings, smtp_service)
+    install_workers(
+        LMI_SMTP_PORT=str(smtp_service.port),
+        LMI_INSTALL_PHASE_DELAY_MS="3000",
+        LMI_INSTALL_PHASE_DELAY_PHASE="2",
+    )
+    tree_before = tree_digest(appliance_root)
+    counts_before = msgcounts.store_counts(cached=False)
+    run = returning.return_start(user=admin_user)
+    wait_for_checkpoint(run, 2, timeout=60)
+    install.install_abort(user=admin_user, run_id=run.pk)
+
+    run = wait_final(run.pk)
+    assert run.state == InstallState.ABORTED, (run.state, run.error)
+    assert system_info().firmware_version == NEW_VERSION
+    assert msgstore.format_version() == "2.8.1" and configconvert.config_format() == "2.8.1"
+    assert differences(tree_before, tree_digest(appliance_root)) == []
+    assert msgcounts.store_counts(cached=False).checksum == counts_before.checksum
+    assert not msgmigrate.partial_path(direction=msgmigrate.BACK).exists()
+    assert returning.return_available().available  # it can be started again
