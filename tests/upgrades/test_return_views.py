@@ -117,6 +117,7 @@ def test_update_control_return_follows_the_return_to_its_end(
     install_workers,  # noqa: F811
     cli_in_this_process,
     capsys: pytest.CaptureFixture[str],
+    admin_client: Client,
 ) -> None:
     install_workers(LMI_SMTP_PORT=str(smtp_service.port))
 
@@ -128,5 +129,8 @@ def test_update_control_return_follows_the_return_to_its_end(
     assert f"Return complete: firmware {OLD_VERSION} (mail was held for" in out
     (run,) = _returns()
     assert run.state == InstallState.SUCCEEDED
+    page = admin_client.get(f"/updates/licensing/install/{run.pk}/").content.decode()
+    assert f"Return complete: firmware {OLD_VERSION}" in page
+    assert "Upgrade complete" not in page
     code, out, _ = update_control(capsys, "--return")
     assert code == 3 and "Nothing to return to" in out
