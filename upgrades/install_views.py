@@ -95,8 +95,26 @@ def install_checklist(request: HttpRequest) -> HttpResponse:
 @administrators_only
 def install_start(request: HttpRequest) -> HttpResponse:
     """Install: preflight again, then start the run and show its progress."""
+    return start_run(
+        request,
+        lambda: install.install_start(user=request.user, trigger=InstallTrigger.CONSOLE),
+        refused="The install did not start",
+        started="Installing firmware",
+    )
+
+
+def start_run(
+    request: HttpRequest,
+    start: Callable[[], InstallRun],
+    *,
+    refused: str,
+    started: str,
+    back: str = "",
+) -> HttpResponse:
+    """Start an install run (an install or a return) and show its progress; refused, the
+    reason on the Install page (at ``back``), or the run in progress when that is why."""
     try:
-        run = install.install_start(user=request.user, trigger=InstallTrigger.CONSOLE)
+        run = start()
     except install.InstallInProgress as exc:
         messages.error(request, str(exc))
         active = install_status.active_run()
@@ -104,9 +122,9 @@ def install_start(request: HttpRequest) -> HttpResponse:
             return redirect("upgrades:install_run", run_id=active.pk)
         return redirect("upgrades:install")
     except install.InstallError as exc:
-        messages.error(request, f"The install did not start: {exc}")
-        return redirect("upgrades:install")
-    messages.success(request, f"Installing firmware {run.version}.")
+        messages.error(request, f"{refused}: {exc}")
+        return redirect(reverse("upgrades:install") + back)
+    messages.success(request, f"{started} {run.version}.")
     return redirect("upgrades:install_run", run_id=run.pk)
 
 

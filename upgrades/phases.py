@@ -31,6 +31,7 @@ from upgrades.phase_context import (
 
 if TYPE_CHECKING:
     from appliance.config.configbackup import LoadedBackup
+    from appliance.system.rescue import SystemBackupInfo
 
 logger = logging.getLogger(__name__)
 
@@ -359,20 +360,26 @@ def _probe_tracked(sender: str) -> bool:
     return bool(page.entries)
 
 
-def _phase_commit(ctx: PhaseContext) -> None:
-    """10: the commit. Mail accepted again, new firmware level, new system backup."""
+def commit_mail_and_backup(ctx: PhaseContext) -> SystemBackupInfo:
+    """Phase 10's first half, either way (install or return): mail accepted again, the end
+    of the downtime and the message count recorded, a system backup of the running system."""
     from appliance.mail import msgstore
     from appliance.system import rescue
 
-    run = ctx.run
     ctx.step("leaving maintenance mode: mail is accepted again")
     maintenance.maintenance_leave()
-    if run.downtime_ended_at is None:
+    if ctx.run.downtime_ended_at is None:
         ctx.set_run(downtime_ended_at=timezone.now())
     ctx.checkpoint("mail accepted again, system backup next")
     ctx.set_run(messages_after=message_count(msgstore))
     ctx.step("writing a new system backup on the rescue partition")
-    info = rescue.system_backup_create(progress=ctx.callback("bytes", "system backup"))
+    return rescue.system_backup_create(progress=ctx.callback("bytes", "system backup"))
+
+
+def _phase_commit(ctx: PhaseContext) -> None:
+    """10: the commit. Mail accepted again, new system backup, the proof and the way back."""
+    run = ctx.run
+    info = commit_mail_and_backup(ctx)
     from upgrades.validation import validation_write
 
     ctx.step("writing the validation report")

@@ -37,10 +37,16 @@ from django.utils import timezone
 from appliance.config.configformat import LEGACY_FILES
 from appliance.firmware import updatelogs
 from appliance.firmware.slottree import FirmwareError
-from appliance.system import maintenance
 from upgrades.models import InstallRun
-from upgrades.phase_context import PhaseContext, PhaseFailed, message_count
-from upgrades.phases import PHASES, health_check, migrate_store, prepare_store, shutdown
+from upgrades.phase_context import PhaseContext, PhaseFailed
+from upgrades.phases import (
+    PHASES,
+    commit_mail_and_backup,
+    health_check,
+    migrate_store,
+    prepare_store,
+    shutdown,
+)
 from upgrades.way_back import (
     RETURN_SLOT_SHA256,
     RETURNED_AT,
@@ -146,18 +152,8 @@ def _phase_cleanup_back(ctx: PhaseContext) -> None:
 def _phase_commit_back(ctx: PhaseContext) -> None:
     """10: the commit. Mail accepted again, a system backup of the returned system, the
     upgrade marked returned and its kept configuration released (the newer slot stays)."""
-    from appliance.mail import msgstore
-    from appliance.system import rescue
-
     run = ctx.run
-    ctx.step("leaving maintenance mode: mail is accepted again")
-    maintenance.maintenance_leave()
-    if run.downtime_ended_at is None:
-        ctx.set_run(downtime_ended_at=timezone.now())
-    ctx.checkpoint("mail accepted again, system backup next")
-    ctx.set_run(messages_after=message_count(msgstore))
-    ctx.step("writing a new system backup on the rescue partition")
-    info = rescue.system_backup_create(progress=ctx.callback("bytes", "system backup"))
+    info = commit_mail_and_backup(ctx)
     upgrade_id = int(ctx.details["returns_run"])
     _mark_returned(upgrade_id, run)
     freed = updatelogs.return_files_remove(upgrade_id) + updatelogs.install_workdir_remove(run.pk)

@@ -8,33 +8,25 @@ the install run page, since a return is an install run going the other way.
 
 from __future__ import annotations
 
-from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect
 from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
-from upgrades import install, install_status, returning, story
-from upgrades.install_views import _confirm, _refused_for_read_only
+from upgrades import install_status, returning, story
+from upgrades.install_views import _confirm, _refused_for_read_only, start_run
 from upgrades.models import InstallTrigger
 
 
 def _start(request: HttpRequest) -> HttpResponse:
     if refused := _refused_for_read_only(request):
         return refused
-    try:
-        run = returning.return_start(user=request.user, trigger=InstallTrigger.CONSOLE)
-    except install.InstallInProgress as exc:
-        messages.error(request, str(exc))
-        active = install_status.active_run()
-        if active is not None:
-            return redirect("upgrades:install_run", run_id=active.pk)
-        return redirect("upgrades:install")
-    except install.InstallError as exc:
-        messages.error(request, f"The return did not start: {exc}")
-        return redirect(reverse("upgrades:install") + "#return")
-    messages.success(request, f"Returning to firmware {run.version}.")
-    return redirect("upgrades:install_run", run_id=run.pk)
+    return start_run(
+        request,
+        lambda: returning.return_start(user=request.user, trigger=InstallTrigger.CONSOLE),
+        refused="The return did not start",
+        started="Returning to firmware",
+        back="#return",
+    )
 
 
 @require_http_methods(["GET", "POST"])

@@ -97,84 +97,19 @@ def when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M UTC") if moment else "an unknown date"
 
 
-def _from_return_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
-    """The story of a return run (issue 18), when it is the latest news."""
-    common = {"installed": installed, "version": run.version, "run_id": run.pk}
-    if run.state in (InstallState.QUEUED, InstallState.RUNNING):
-        return UpdateStory(
-            Stage.INSTALLING,
-            headline=(
-                f"Returning to firmware {run.version}: phase {run.phase} of {PHASE_COUNT} "
-                f"({RETURN_PHASE_NAMES.get(run.phase, '')})."
-            ),
-            phase=run.phase,
-            percent=round(100 * (run.phase - 1) / PHASE_COUNT, 1),
-            by=run.requested_by,
-            **common,
-        )
-    if run.state == InstallState.ROLLING_BACK:
-        stuck = run.details.get("rollback_error")
-        return UpdateStory(
-            Stage.ROLLING_BACK,
-            headline=(
-                f"The return to firmware {run.version} failed and is rolling back"
-                + (f"; the rollback keeps failing and is retried: {stuck}" if stuck else ".")
-            ),
-            reason=run.error,
-            phase=run.phase,
-            by=run.requested_by,
-            **common,
-        )
-    if run.state == InstallState.SUCCEEDED and installed == run.version:
-        ready = selectors.ready_download(installed)
-        again = f" Firmware {ready.version} can be installed again." if ready is not None else ""
-        return UpdateStory(
-            Stage.RETURNED,
-            headline=(
-                f"Firmware {run.version} installed: returned from {run.from_version} on "
-                f"{when(run.finished_at)}"
-                + (f" by {run.requested_by}." if run.requested_by else ".")
-                + again
-            ),
-            at=run.finished_at,
-            by=run.requested_by,
-            **common,
-        )
-    if run.state == InstallState.ROLLED_BACK:
-        return UpdateStory(
-            Stage.ROLLED_BACK,
-            headline=(
-                f"The return to firmware {run.version} was rolled back on "
-                f"{when(run.finished_at)}; firmware {run.from_version} runs as before."
-            ),
-            reason=run.error,
-            at=run.finished_at,
-            by=run.requested_by,
-            **common,
-        )
-    if run.state == InstallState.FAILED:
-        return UpdateStory(
-            Stage.FAILED,
-            headline=f"The return to firmware {run.version} needs attention.",
-            reason=run.error,
-            at=run.finished_at,
-            by=run.requested_by,
-            **common,
-        )
-    return None
-
-
 def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
-    """The story of the latest install run, when it is the latest news."""
-    if run.is_return:  # issue 18: Return to the previous firmware
-        return _from_return_run(run, installed)
+    """The story of the latest install run, when it is the latest news; a return to the
+    previous firmware (issue 18) tells the same stages in its own words."""
+    back = run.is_return
+    what = f"{'return to' if back else 'install of'} firmware {run.version}"
+    names = RETURN_PHASE_NAMES if back else PHASE_NAMES
     common = {"installed": installed, "version": run.version, "run_id": run.pk}
     if run.state in (InstallState.QUEUED, InstallState.RUNNING):
         return UpdateStory(
             Stage.INSTALLING,
             headline=(
-                f"Installing firmware {run.version}: phase {run.phase} of {PHASE_COUNT} "
-                f"({PHASE_NAMES.get(run.phase, '')})."
+                f"{'Returning to' if back else 'Installing'} firmware {run.version}: phase "
+                f"{run.phase} of {PHASE_COUNT} ({names.get(run.phase, '')})."
             ),
             phase=run.phase,
             percent=round(100 * (run.phase - 1) / PHASE_COUNT, 1),
@@ -186,7 +121,7 @@ def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
         return UpdateStory(
             Stage.ROLLING_BACK,
             headline=(
-                f"The install of firmware {run.version} failed and is rolling back"
+                f"The {what} failed and is rolling back"
                 + (f"; the rollback keeps failing and is retried: {stuck}" if stuck else ".")
             ),
             reason=run.error,
@@ -195,23 +130,29 @@ def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
             **common,
         )
     if run.state == InstallState.SUCCEEDED and installed == run.version:
+        by = f" by {run.requested_by}." if run.requested_by else "."
+        if back:
+            ready = selectors.ready_download(installed)
+            again = f" Firmware {ready.version} can be installed again." if ready else ""
+            stage, headline = (
+                Stage.RETURNED,
+                f"Firmware {run.version} installed: returned from {run.from_version} on "
+                f"{when(run.finished_at)}{by}{again}",
+            )
+        else:
+            stage = Stage.INSTALLED
+            headline = (
+                f"Up to date: firmware {run.version} installed on {when(run.finished_at)}{by}"
+            )
         return UpdateStory(
-            Stage.INSTALLED,
-            headline=(
-                f"Up to date: firmware {run.version} installed on {when(run.finished_at)}"
-                + (f" by {run.requested_by}." if run.requested_by else ".")
-            ),
-            at=run.finished_at,
-            by=run.requested_by,
-            **common,
+            stage, headline=headline, at=run.finished_at, by=run.requested_by, **common
         )
     if run.state == InstallState.ROLLED_BACK:
         return UpdateStory(
             Stage.ROLLED_BACK,
             headline=(
-                f"The install of firmware {run.version} was rolled back on "
-                f"{when(run.finished_at)}; firmware {run.from_version or installed} runs as "
-                "before."
+                f"The {what} was rolled back on {when(run.finished_at)}; firmware "
+                f"{run.from_version or installed} runs as before."
             ),
             reason=run.error,
             at=run.finished_at,
@@ -221,7 +162,7 @@ def _from_run(run: InstallRun, installed: str | None) -> UpdateStory | None:
     if run.state == InstallState.FAILED:
         return UpdateStory(
             Stage.FAILED,
-            headline=f"The install of firmware {run.version} needs attention.",
+            headline=f"The {what} needs attention.",
             reason=run.error,
             at=run.finished_at,
             by=run.requested_by,

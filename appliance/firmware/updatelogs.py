@@ -126,15 +126,19 @@ def install_workdir(run_id: int, root: Path | None = None) -> Path:
     return layout(root).root / "var" / "spool" / "updates" / f"install-{int(run_id)}"
 
 
-def install_workdir_remove(run_id: int, root: Path | None = None) -> int:
-    """Remove the run's work directory after commit or rollback; bytes freed."""
-    path = install_workdir(run_id, root)
+def _folder_remove(path: Path) -> int:
+    """Remove a folder of ours under var/spool/updates (never through a symlink); bytes freed."""
     if not path.is_dir() or path.is_symlink():
         return 0
     freed = sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
     shutil.rmtree(path)
     fsync_dir(path.parent)
     return freed
+
+
+def install_workdir_remove(run_id: int, root: Path | None = None) -> int:
+    """Remove the run's work directory after commit or rollback; bytes freed."""
+    return _folder_remove(install_workdir(run_id, root))
 
 
 def install_files_save(run_id: int, files: dict[str, bytes], root: Path | None = None) -> str:
@@ -223,10 +227,4 @@ def return_files_load(run_id: int, root: Path | None = None) -> tuple[dict[str, 
 
 def return_files_remove(run_id: int, root: Path | None = None) -> int:
     """The way back released (or used): its kept files removed; bytes freed."""
-    path = return_dir(run_id, root)
-    if not path.is_dir() or path.is_symlink():
-        return 0
-    freed = sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    shutil.rmtree(path)
-    fsync_dir(path.parent)
-    return freed
+    return _folder_remove(return_dir(run_id, root))

@@ -251,10 +251,9 @@ def migrate_prepare(
             # is emptied just before, so phase 7 sees only what came after (or during) it.
             journal_clear(db)
             state = Fingerprinted(direction=direction)
-            conn.execute("BEGIN")
-            try:
-                state.measure(conn)
-                old, new = verify(
+
+            def verified() -> tuple[StoreCounts, StoreCounts]:
+                return verify(
                     conn,
                     cache,
                     progress,
@@ -263,6 +262,11 @@ def migrate_prepare(
                     pause=pause,
                     yield_ratio=yield_ratio,
                 )
+
+            conn.execute("BEGIN")
+            try:
+                state.measure(conn)
+                old, new = verified()
             finally:
                 conn.execute("COMMIT")
             # That read the whole store while mail flowed: catch up with what the journal
@@ -282,15 +286,7 @@ def migrate_prepare(
                     progress=progress,
                     yield_ratio=yield_ratio,
                 )
-                old, new = verify(
-                    conn,
-                    cache,
-                    progress,
-                    state,
-                    direction=direction,
-                    pause=pause,
-                    yield_ratio=yield_ratio,
-                )
+                old, new = verified()
             state_save(conn, state)
             # On disk now, while mail flows, so that finish only syncs what it changes.
             conn.execute("PRAGMA main.wal_checkpoint(TRUNCATE)").fetchall()
