@@ -19,6 +19,7 @@ from appliance.firmware import updatelogs
 from appliance.mail import msgcounts, msgmigrate, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
+from tests.support.crash import EVERY_PHASE
 from tests.support.smtp import (
     SmtpServiceProcess,
     smtp_service,  # noqa: F401
@@ -45,7 +46,7 @@ LEASE = "6"
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", range(1, 11))
+@pytest.mark.parametrize("phase", EVERY_PHASE)
 def test_worker_killed_inside_a_return_phase_resumes_to_success(
     phase: int,
     ready_firmware: Download,  # noqa: F811
