@@ -179,6 +179,35 @@ def wait_for_checkpoint(
     )
 
 
+KILL_DELAY_MS = "800"  # the pause at the killed phase's checkpoint: the other phases run fast
+KILL_LEASE = "6"
+
+
+def killed_in_phase_then_resumed(
+    start: Callable[[], InstallRun], phase: int, install_workers, smtp_port: int
+) -> InstallRun:
+    """Start a run (an install or a return) with a worker that pauses at ``phase``'s
+    checkpoint, SIGKILL that worker there, start a fresh one, and wait for the run's end:
+    it must have ended SUCCEEDED with the killed phase run twice, every other once, each
+    completed once, and the job resumed once by the reconciler."""
+    env = {"LMI_SMTP_PORT": str(smtp_port), "LMI_INSTALL_LEASE_SECONDS": KILL_LEASE}
+    first = install_workers(
+        LMI_INSTALL_PHASE_DELAY_MS=KILL_DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
+    )
+    run = start()
+    wait_for_checkpoint(run, phase, timeout=90, interval=0.05)
+    first.kill()
+    install_workers(**env)
+    run = wait_final(run.pk)
+    assert run.state == InstallState.SUCCEEDED, (run.state, run.phase, run.error)
+    run.job.refresh_from_db()
+    assert (run.job.state, run.job.restarts, run.job.lease_owner) == ("succeeded", 1, "")
+    attempts = dict(run.phases.values_list("number", "attempts"))
+    assert attempts == {n: 2 if n == phase else 1 for n in range(1, 11)}
+    assert completed_events(run) == {n: 1 for n in range(1, 11)}
+    return run
+
+
 def completed_events(run: InstallRun) -> dict[int, int]:
     """How many 'phase N ... completed' events each phase wrote."""
     counts: dict[int, int] = {}

@@ -26,18 +26,13 @@ from tests.support.smtp import (
 )
 from tests.upgrades.test_install import (  # noqa: F401
     NEW_VERSION,
-    completed_events,
     install_workers,
+    killed_in_phase_then_resumed,
     ready_firmware,
     roomy_preflight_disk,
-    wait_final,
-    wait_for_checkpoint,
 )
 from upgrades import install
-from upgrades.models import Download, InstallState
-
-DELAY_MS = "800"
-LEASE = "6"
+from upgrades.models import Download
 
 
 @pytest.mark.integration
@@ -51,25 +46,10 @@ def test_worker_killed_inside_a_phase_resumes_to_success(
     admin_user,
     appliance_root: Path,
 ) -> None:
-    env = {"LMI_SMTP_PORT": str(smtp_service.port), "LMI_INSTALL_LEASE_SECONDS": LEASE}
-    # The pause only where the kill lands: the other phases run at full speed.
-    first = install_workers(
-        LMI_INSTALL_PHASE_DELAY_MS=DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
-    )
     before = msgcounts.store_counts()
-    run = install.install_start(user=admin_user)
-
-    wait_for_checkpoint(run, phase, timeout=90, interval=0.05)
-    first.kill()
-    install_workers(**env)
-
-    run = wait_final(run.pk)
-    assert run.state == InstallState.SUCCEEDED, (run.state, run.error)
-    run.job.refresh_from_db()
-    assert (run.job.state, run.job.restarts, run.job.lease_owner) == ("succeeded", 1, "")
-    attempts = dict(run.phases.values_list("number", "attempts"))
-    assert attempts == {n: 2 if n == phase else 1 for n in range(1, 11)}
-    assert completed_events(run) == {n: 1 for n in range(1, 11)}
+    run = killed_in_phase_then_resumed(
+        lambda: install.install_start(user=admin_user), phase, install_workers, smtp_service.port
+    )
     assert system_info().firmware_version == NEW_VERSION
     assert msgstore.format_version() == "2.8.1"
     assert configconvert.config_format() == "2.8.1"

@@ -27,9 +27,9 @@ from tests.support.smtp import (
 from tests.upgrades.test_install import (  # noqa: F401
     NEW_VERSION,
     OLD_VERSION,
-    completed_events,
     differences,
     install_workers,
+    killed_in_phase_then_resumed,
     ready_firmware,
     roomy_preflight_disk,
     tree_digest,
@@ -39,9 +39,6 @@ from tests.upgrades.test_install import (  # noqa: F401
 from tests.upgrades.test_return_services import cpe_files, upgrade_here
 from upgrades import install, returning
 from upgrades.models import Download, InstallState
-
-DELAY_MS = "800"
-LEASE = "6"
 
 
 @pytest.mark.integration
@@ -58,24 +55,10 @@ def test_worker_killed_inside_a_return_phase_resumes_to_success(
 ) -> None:
     config_before = cpe_files(appliance_root)
     upgrade_here(admin_user, settings, smtp_service)
-    env = {"LMI_SMTP_PORT": str(smtp_service.port), "LMI_INSTALL_LEASE_SECONDS": LEASE}
-    first = install_workers(
-        LMI_INSTALL_PHASE_DELAY_MS=DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
-    )
     before = msgcounts.store_counts()
-    run = returning.return_start(user=admin_user)
-
-    wait_for_checkpoint(run, phase, timeout=90, interval=0.05)
-    first.kill()
-    install_workers(**env)
-
-    run = wait_final(run.pk)
-    assert run.state == InstallState.SUCCEEDED, (run.state, run.phase, run.error)
-    run.job.refresh_from_db()
-    assert (run.job.state, run.job.restarts, run.job.lease_owner) == ("succeeded", 1, "")
-    attempts = dict(run.phases.values_list("number", "attempts"))
-    assert attempts == {n: 2 if n == phase else 1 for n in range(1, 11)}
-    assert completed_events(run) == {n: 1 for n in range(1, 11)}
+    run = killed_in_phase_then_resumed(
+        lambda: returning.return_start(user=admin_user), phase, install_workers, smtp_service.port
+    )
     assert system_info().firmware_version == OLD_VERSION
     assert msgstore.format_version() == "2.8.0"
     assert configconvert.config_format() == "2.8.0"
