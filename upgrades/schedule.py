@@ -300,11 +300,14 @@ def schedule_cancel(*, user: User | None) -> ScheduledInstall:
 
 
 def _refuse(schedule: ScheduledInstall, reason: str) -> None:
-    """started -> refused: nothing was installed; the event and Home's notice say why."""
-    refused = ScheduledInstall.objects.filter(
-        pk=schedule.pk, state=ScheduleState.STARTED, run__isnull=True
-    ).update(state=ScheduleState.REFUSED, reason=reason, changed_at=timezone.now())
-    if refused:
+    """started -> refused: nothing was installed; the event and Home's notice say why (one
+    transaction: whoever sees the refusal sees its event)."""
+    with transaction.atomic():
+        refused = ScheduledInstall.objects.filter(
+            pk=schedule.pk, state=ScheduleState.STARTED, run__isnull=True
+        ).update(state=ScheduleState.REFUSED, reason=reason, changed_at=timezone.now())
+        if not refused:
+            return
         event(
             f"Scheduled {_lowered(schedule_title(schedule))} at {local_text(schedule.at)} did "
             f"not start, nothing was installed: {reason}",

@@ -105,9 +105,15 @@ def test_beat_starts_a_scheduled_install_within_a_minute_of_its_time(
     assert run.requested_by == "admin" and run.version == "2.8.1.0"
     assert made.at <= run.created_at < made.at + BEAT_PERIOD, (made.at, run.created_at)
     assert "upgrades.tasks.install_schedule_due" in worker.log()
-    assert Event.objects.filter(
-        message__startswith="Scheduled install of firmware 2.8.1.0 at", message__endswith="started"
-    ).exists()
+    # The event follows the link to the run (written by the same beat a moment later).
+    wait_for(
+        lambda: Event.objects.filter(
+            message__startswith="Scheduled install of firmware 2.8.1.0 at",
+            message__endswith="started",
+        ).exists(),
+        timeout=10,
+        message="no event says the scheduled install started",
+    )
     # Started by the worker, it runs: abort it in phase 1, the appliance untouched.
     wait_for(lambda: InstallRun.objects.get().state == InstallState.RUNNING, timeout=30)
     install.install_abort(user=admin_user, run_id=run.pk)
