@@ -58,6 +58,17 @@ def upgrade_here(admin_user, settings, smtp: SmtpServiceProcess) -> InstallRun:
     return run
 
 
+@pytest.fixture
+def upgraded(
+    ready_firmware: Download,  # noqa: F811
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+    admin_user,
+    settings,
+) -> InstallRun:
+    """A demo appliance upgraded to 2.8.1.0 in this process, its way back kept."""
+    return upgrade_here(admin_user, settings, smtp_service)
+
+
 def return_here(admin_user) -> InstallRun:
     run = returning.return_start(user=admin_user)
     install.install_execute(run.pk)
@@ -120,13 +131,12 @@ def test_the_upgrade_keeps_its_way_back_and_the_return_puts_it_all_back(
 
 
 def test_a_return_that_fails_rolls_back_to_the_newer_firmware_exactly(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
+    upgraded: InstallRun,
     admin_user,
     settings,
     appliance_root: Path,
 ) -> None:
-    upgrade = upgrade_here(admin_user, settings, smtp_service)
+    upgrade = upgraded
     config_before = cpe_files(appliance_root)
     counts = msgcounts.store_counts(cached=False)
     settings.SMTP_PORT = free_port()  # nobody answers: the health check in phase 9 fails
@@ -147,14 +157,13 @@ def test_a_return_that_fails_rolls_back_to_the_newer_firmware_exactly(
 
 
 def test_a_return_is_refused_outside_its_period_and_without_a_kept_part(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
+    upgraded: InstallRun,
     admin_user,
     settings,
     appliance_root: Path,
     clock,
 ) -> None:
-    upgrade = upgrade_here(admin_user, settings, smtp_service)
+    upgrade = upgraded
     until = returning.return_until(upgrade)
     assert until is not None
 
@@ -170,12 +179,11 @@ def test_a_return_is_refused_outside_its_period_and_without_a_kept_part(
 
 
 def test_a_removed_previous_system_refuses_the_return(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
+    upgraded: InstallRun,
     admin_user,
     settings,
 ) -> None:
-    upgrade = upgrade_here(admin_user, settings, smtp_service)
+    upgrade = upgraded
     firmware.slot_remove(upgrade.details["previous_slot"])
     way = returning.return_available()
     assert not way.available and "is gone" in way.reason
@@ -184,14 +192,13 @@ def test_a_removed_previous_system_refuses_the_return(
 
 
 def test_the_way_back_is_announced_warned_a_day_before_and_released_after_its_period(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
+    upgraded: InstallRun,
     admin_user,
     settings,
     appliance_root: Path,
     clock,
 ) -> None:
-    upgrade = upgrade_here(admin_user, settings, smtp_service)
+    upgrade = upgraded
     until = returning.return_until(upgrade)
     assert until is not None
     slot = upgrade.details["previous_slot"]

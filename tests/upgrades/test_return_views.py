@@ -21,8 +21,8 @@ from tests.upgrades.test_install import (  # noqa: F401
     ready_firmware,
     roomy_preflight_disk,
 )
-from tests.upgrades.test_return_services import upgrade_here
-from upgrades.models import Download, InstallRun, InstallState
+from tests.upgrades.test_return_services import upgraded  # noqa: F401
+from upgrades.models import InstallRun, InstallState
 
 pytestmark = [pytest.mark.integration]
 
@@ -40,18 +40,10 @@ def _returns() -> list[InstallRun]:
     return list(InstallRun.objects.filter(direction="return"))
 
 
-@pytest.fixture
-def upgraded(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-    admin_user,
-    settings,
-) -> InstallRun:
-    return upgrade_here(admin_user, settings, smtp_service)
-
-
 def test_the_install_page_offers_the_return_until_its_date_and_confirms_first(
-    upgraded: InstallRun, admin_client: Client, readonly_client: Client
+    upgraded: InstallRun,  # noqa: F811
+    admin_client: Client,
+    readonly_client: Client,
 ) -> None:
     page = admin_client.get(INSTALL).content.decode()
     assert 'data-testid="return-panel"' in page and 'data-testid="return"' in page
@@ -70,7 +62,9 @@ def test_the_install_page_offers_the_return_until_its_date_and_confirms_first(
 
 
 def test_the_return_needs_a_login_an_administrator_and_a_csrf_token(
-    upgraded: InstallRun, admin_client: Client, readonly_client: Client
+    upgraded: InstallRun,  # noqa: F811
+    admin_client: Client,
+    readonly_client: Client,
 ) -> None:
     anonymous = Client(enforce_csrf_checks=True)
     assert anonymous.get(CONFIRM).status_code == 302
@@ -94,7 +88,10 @@ def test_the_return_needs_a_login_an_administrator_and_a_csrf_token(
 
 
 def test_the_api_starts_a_return_for_administrators_only(
-    upgraded: InstallRun, client: Client, admin_token, viewer_token
+    upgraded: InstallRun,  # noqa: F811
+    client: Client,
+    admin_token,
+    viewer_token,
 ) -> None:
     assert client.post(API, **viewer_token).status_code == 403
     response = client.post(API, **admin_token)
@@ -112,7 +109,7 @@ def test_the_api_starts_a_return_for_administrators_only(
 
 @pytest.mark.slow
 def test_update_control_return_follows_the_return_to_its_end(
-    upgraded: InstallRun,
+    upgraded: InstallRun,  # noqa: F811
     smtp_service: SmtpServiceProcess,  # noqa: F811
     install_workers,  # noqa: F811
     cli_in_this_process,
