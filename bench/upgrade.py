@@ -212,6 +212,13 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def tree_differences(
+    before: dict[str, tuple[str, int, str]], after: dict[str, tuple[str, int, str]]
+) -> list[str]:
+    """The entries of a tree snapshot that were added, removed or changed, sorted."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
 def per_second(count: int, start: float, end: float) -> float:
     """count / (end - start); 0 for an empty window, which a tiny run can have."""
     return count / (end - start) if end > start else 0.0
@@ -362,9 +369,11 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     # Issue 18: the rehearsal on a snapshot first, in the worker; its prediction is compared
     # with the downtime the install then has.
     from jobs.models import FINAL_STATES, Job
+    from tests.support.trees import tree_snapshot
     from upgrades import rehearsal
 
     step("rehearsal of the install on a snapshot (the live appliance keeps serving mail)")
+    live_before = tree_snapshot(root)  # every file's bytes, name and mode, the store included
     rehearsed = rehearsal.rehearsal_start(user="bench", trigger="cli")
     deadline = time.monotonic() + RUN_TIMEOUT
     while (rehearsed := Job.objects.get(pk=rehearsed.pk)).state not in FINAL_STATES:
@@ -373,11 +382,19 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
         time.sleep(0.1)
     if rehearsed.state != "succeeded":
         raise SystemExit(f"rehearsal ended {rehearsed.state}: {rehearsed.error}")
+    live_changed = tree_differences(live_before, tree_snapshot(root))
+    del live_before
     rehearsal_report = rehearsed.details["report"]
     rehearsal_downtime = float(rehearsal_report["downtime_s"])
     print(
         f"  predicts {rehearsal_downtime:.2f} s of downtime (work {rehearsal_report['timings']}"
         f"), {len(rehearsal_report['warnings'])} findings",
+        flush=True,
+    )
+    print(
+        "  live appliance root byte-identical afterwards"
+        if not live_changed
+        else f"  LIVE ROOT CHANGED by the rehearsal: {live_changed[:5]}",
         flush=True,
     )
     step(f"install (preflight's downtime estimate: {estimate})")
@@ -515,6 +532,10 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
             # Issue 18: the rehearsal's prediction against the downtime measured (row).
             rehearsal_downtime_s=rehearsal_downtime,
             rehearsal_over_downtime=rehearsal_over_downtime,
+            # Issue 18: every file of the live root (the store included) hashed before and
+            # after the rehearsal; the paths that differ (none expected).
+            rehearsal_live_tree_unchanged=not live_changed,
+            rehearsal_live_tree_changes=live_changed[:20],
         )
 
 

@@ -22,7 +22,9 @@ def tree_snapshot(top: Path) -> dict[str, tuple[str, int, str]]:
             elif stat.S_ISDIR(st.st_mode):
                 snapshot[rel] = ("dir", mode, "")
             elif stat.S_ISREG(st.st_mode):
-                snapshot[rel] = ("file", mode, hashlib.sha256(path.read_bytes()).hexdigest())
+                with path.open("rb") as handle:  # in blocks: a store can be gigabytes
+                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
+                snapshot[rel] = ("file", mode, digest)
             else:
                 # A FIFO or device: reading it could block forever, and its kind is what counts.
                 snapshot[rel] = ("special", mode, "")
