@@ -281,16 +281,23 @@ def _slice(
 
 def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[TrackingEntry]:
     """The rows as entries, each knowing whether its quarantined copy is still stored and
-    whether it was released."""
+    whether it was released.
+
+    A copy counts as this row's only when its Message-ID and the second it was received match
+    the row's too: the store's ids are SQLite rowids, so deleting the newest copy frees its id
+    for the next message quarantined, and a bare id match would show (and offer to delete)
+    someone else's mail as this row's.
+    """
     ids = [row["quarantine_id"] for row in rows if row["quarantine_id"] is not None]
-    stored: set[int] = set()
+    copies: dict[int, tuple[str, int]] = {}
     released: set[int] = set()
     if ids:
         marks = ",".join("?" * len(ids))
-        stored = {
-            r[0]
+        copies = {
+            r[0]: (r[1], r[2])
             for r in conn.execute(
-                f"SELECT id FROM quarantined_message WHERE id IN ({marks})",  # noqa: S608
+                "SELECT id, message_id, received_at FROM quarantined_message"  # noqa: S608
+                f" WHERE id IN ({marks})",
                 ids,
             )
         }
@@ -315,7 +322,7 @@ def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Tracking
             action=row["action"],
             size=row["size"],
             quarantine_id=row["quarantine_id"],
-            stored=row["quarantine_id"] in stored,
+            stored=copies.get(row["quarantine_id"]) == (row["message_id"], row["logged_at"]),
             released=row["quarantine_id"] in released,
         )
         for row in rows

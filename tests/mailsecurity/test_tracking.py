@@ -149,6 +149,21 @@ def test_an_entry_says_whether_its_quarantined_copy_is_still_stored(mail: MailDa
     ]
 
 
+def test_a_copy_that_took_over_a_deleted_copys_id_is_not_shown_as_the_old_rows(mail: MailData):
+    # SQLite gives the id of a deleted newest row to the next one: the old row's copy is gone.
+    gone = mail.message("Virus quarantine", 2)
+    mail.tracking(2, action="quarantined", quarantine_id=gone)
+    mail.conn.execute("DELETE FROM quarantined_message WHERE id = ?", (gone,))
+    newcomer = mail.message("Spam quarantine", 1)
+    mail.tracking(1, action="quarantined", quarantine_id=newcomer)
+    mail.commit()
+    assert newcomer == gone
+
+    entries = tracking.tracking_page(TrackingFilter()).entries
+
+    assert [(e.quarantine_id, e.stored) for e in entries] == [(newcomer, True), (gone, False)]
+
+
 @pytest.mark.parametrize("token", ["", "!!!", "YWJj", "MTIzLi0x"])  # "abc", "123.-1"
 def test_a_damaged_page_link_is_refused(token):
     with pytest.raises(tracking.InvalidPosition):
