@@ -4,29 +4,53 @@ quarantining, the services healthy, the downtime as the mail service saw it.
 Split from :mod:`upgrades.validation` (which records the moment mail stopped, proves the
 messages and the policy objects against that record, writes the report and reads it back)
 because these checks are of another kind: they ask the live service and the run's phases, not
-the data the upgrade carried over, and they own the SMTP session and the spool wait that make
+the data the upgrade carried over, and they own the SMTP sessions and the spool wait that make
 them slow. Both modules build a check the same way (:func:`check_of`, defined here so that
 this module never needs :mod:`upgrades.validation`: imports run one way only).
+
+The quarantine is proved by sending (:func:`quarantine_now`): one test message carrying the
+EICAR test file goes through the running mail service as any client's would, is looked up in
+Message Tracking and in its message store (its body read back, so checked against its own
+digest in the 2.8.1 format), then deleted by Mail Security's own deletion. Its Message-ID and
+subject name the install run, so a copy an earlier attempt of phase 10 left behind (a worker
+killed between the send and the deletion) is found and deleted too. What stays, on every
+install, is what any deleted quarantine leaves: its rows in the SMTP and tracking logs, the
+minute's processing figures, the virus event of the mail service and the deletion's event.
 """
 
 from __future__ import annotations
 
+import email.policy
+import secrets
 import smtplib
+import sqlite3
 import time
 from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
+from django.utils import timezone
 
 from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from upgrades.models import InstallPhase, InstallRun
 
+if TYPE_CHECKING:
+    from appliance.mail.msgstore import QuarantinedCopy
+    from appliance.mail.tracking import TrackingEntry
+
 DELIVERY_WAIT_S = 10.0  # how long phase 9's test message may still sit in the spool
 SMTP_TIMEOUT_S = 15.0
 VALIDATION_SENDER = "upgrade-validation@localhost"
 TEST_RECIPIENT = "postmaster@localhost"
+# The quarantine test message of one install run: its subject (what an administrator sees in
+# Message Tracking, and what finds it there) and the start of its Message-ID (each send adds a
+# token of its own, so an attempt finds its own copy and not an earlier attempt's).
+QUARANTINE_SUBJECT = "upgrade validation: quarantine test [install run {run}]"
+QUARANTINE_MARK = "<upgrade-validation.run-{run}."
 
 TITLES = {
     "messages": "Messages per message store",
@@ -130,33 +154,172 @@ def _spooled_from(path: Path, sender: str, delivery: Any) -> bool:
         return False
 
 
-def _quarantine_route() -> dict[str, Any]:
-    """Where the running policy sends a virus test message, and whether that store exists."""
-    from appliance.mail import msgstore
+def _quarantine_message(run_id: int, recipient: str) -> tuple[str, bytes]:
+    """Run ``run_id``'s test message and its Message-ID: the EICAR test file in a base64
+    attachment, the path a real virus takes through the MIME scan (the raw string would be
+    found without decoding anything)."""
     from smtp import engine
 
-    try:
-        policy, _ = engine.compile_policy()
-        recipient = _test_recipient()
-        content = (
-            (
-                f"From: <{VALIDATION_SENDER}>\r\nTo: <{recipient}>\r\n"
-                "Subject: upgrade validation: quarantine\r\n\r\n"
-            ).encode()
-            + engine.EICAR
-            + b"\r\n"
-        )
-        verdict = engine.evaluate(policy, VALIDATION_SENDER, [recipient], content)
-        stores = {store.name for store in msgstore.list_stores()}
-    except (ApplianceError, OSError, ValueError) as exc:
-        return {"error": str(exc)[:300], "quarantined": False}
-    return {
-        "recipient": recipient,
-        "action": verdict.action,
-        "store": verdict.store,
-        "store_exists": verdict.store in stores,
-        "quarantined": verdict.action == "quarantined" and verdict.store in stores,
+    message_id = f"{QUARANTINE_MARK.format(run=run_id)}{secrets.token_hex(6)}@localhost>"
+    message = EmailMessage()
+    message["From"] = VALIDATION_SENDER
+    message["To"] = recipient
+    message["Subject"] = QUARANTINE_SUBJECT.format(run=run_id)
+    message["Message-ID"] = message_id
+    message["Date"] = format_datetime(timezone.now())
+    message.set_content(
+        "The validation report after an upgrade sent this message to prove that the mail "
+        "service quarantines a virus. It is deleted from its message store at once.\n"
+    )
+    message.add_attachment(
+        engine.EICAR, maintype="application", subtype="octet-stream", filename="eicar.com"
+    )
+    return message_id, message.as_bytes(policy=email.policy.SMTP)
+
+
+def _run_test_messages(run_id: int) -> list[TrackingEntry]:
+    """Run ``run_id``'s quarantine test messages in Message Tracking, every attempt's (phase 10
+    runs again after its worker died), found the way an administrator would search them."""
+    from appliance.mail import tracking
+
+    search = tracking.TrackingFilter(
+        sender=VALIDATION_SENDER, subject=QUARANTINE_SUBJECT.format(run=run_id)
+    )
+    mark = QUARANTINE_MARK.format(run=run_id)
+    entries = tracking.tracking_page(search, limit=20).entries
+    return [entry for entry in entries if entry.message_id.startswith(mark)]
+
+
+def _earlier_copies(run_id: int) -> list[int]:
+    """The copies earlier attempts of run ``run_id`` left in the store. An id counts only while
+    the copy under it is still that test message: once the store's newest message is deleted
+    its id is given to the next one, so the tracking row of a test message deleted before may
+    point at another sender's message now."""
+    from appliance.mail import msgstore
+
+    wanted = {
+        (entry.quarantine_id, entry.message_id)
+        for entry in _run_test_messages(run_id)
+        if entry.stored and entry.quarantine_id is not None
     }
+    copies = msgstore.quarantined_copies([quarantine_id for quarantine_id, _ in wanted])
+    return sorted(
+        copy.id
+        for copy in copies.values()
+        if (copy.id, copy.message_id) in wanted and copy.sender.lower() == VALIDATION_SENDER
+    )
+
+
+def _test_messages_delete(ids: list[int]) -> int:
+    """Delete stored test messages with Mail Security's own deletion (one event each, the
+    tracking rows kept, a copy being released left alone); how many were deleted."""
+    from mailsecurity.services import quarantine_delete
+
+    return len(quarantine_delete(ids, user=None).deleted) if ids else 0
+
+
+def _send(recipient: str, raw: bytes) -> dict[str, Any]:
+    """One message through the mail service, as any client sends it; the replies it gave."""
+    sent: dict[str, Any] = {}
+    began = time.monotonic()
+    try:
+        with smtplib.SMTP(
+            settings.SMTP_HOST,
+            settings.SMTP_PORT,
+            local_hostname="localhost",
+            timeout=SMTP_TIMEOUT_S,
+        ) as client:
+            client.ehlo()
+            code, reply = client.mail(VALIDATION_SENDER)
+            if code == 250:
+                code, reply = client.rcpt(recipient)
+            if code == 250:
+                code, reply = client.data(raw)
+                sent["data"] = code
+            sent["reply"] = f"{code} {reply.decode('utf-8', 'replace')}"[:200]
+            if code != 250:
+                client.rset()
+    except (OSError, smtplib.SMTPException) as exc:
+        sent["error"] = str(exc)[:300]
+    sent["smtp_ms"] = round((time.monotonic() - began) * 1000)
+    return sent
+
+
+def _copy_problem(copy: QuarantinedCopy, message_id: str, policy_store: str) -> str | None:
+    """Why the stored copy is not the message sent, in the store the policy names; None when
+    it is. Its body is read back: a 2.8.1 body is checked against its own digest there."""
+    from appliance.mail import msgstore
+
+    if copy.store_name != policy_store:
+        return f"stored in {copy.store_name}, the policy names {policy_store}"
+    stored = msgstore.message_raw(copy.id)
+    if stored is None or message_id.encode() not in stored:
+        return f"its copy in {copy.store_name} is not the message sent"
+    return None
+
+
+def quarantine_now(run_id: int) -> dict[str, Any]:
+    """A virus test message through the running mail service: accepted, committed to the
+    message store the policy names, then deleted again (with any copy an earlier attempt of
+    run ``run_id`` left). ``quarantined`` and ``removed`` say how far it got, ``error`` why not.
+
+    Only what the running policy would quarantine is sent: a test virus is never delivered.
+    The 250 comes only once the copy is committed (:mod:`smtp.server`), so the store is read
+    once, with no wait.
+    """
+    from appliance.mail import msgstore
+    from mailsecurity.services import QuarantineRefused
+    from smtp import engine
+
+    began = time.monotonic()
+    found: dict[str, Any] = {"quarantined": False, "removed": False}
+    try:
+        found["removed_earlier"] = _test_messages_delete(_earlier_copies(run_id))
+        recipient = _test_recipient()
+        message_id, raw = _quarantine_message(run_id, recipient)
+        policy, _ = engine.compile_policy()
+        verdict = engine.evaluate(policy, VALIDATION_SENDER, [recipient], raw)
+        found.update(recipient=recipient, message_id=message_id, policy_store=verdict.store)
+        if verdict.action != "quarantined" or verdict.store is None:
+            found["error"] = (
+                f"the running policy would not quarantine it ({verdict.action}), so it was not sent"
+            )
+            return found
+        found.update(_send(recipient, raw))
+        if found.get("data") != 250:
+            answer = found.get("error") or found.get("reply") or "no answer"
+            found["error"] = f"the mail service did not accept it: {answer}"
+            return found
+        entry = next((e for e in _run_test_messages(run_id) if e.message_id == message_id), None)
+        copy = None
+        if entry is not None and entry.quarantine_id is not None:
+            copy = msgstore.quarantined_copies([entry.quarantine_id]).get(entry.quarantine_id)
+        if copy is None or copy.message_id != message_id:
+            why = f"tracked as {entry.action}" if entry is not None else "not even tracked"
+            found["error"] = f"accepted, but in no message store ({why})"
+            return found
+        found.update(
+            message=copy.id,
+            store=copy.store_name,
+            verdict=copy.verdict,
+            store_format=msgstore.format_version(),
+        )
+        try:
+            problem = _copy_problem(copy, message_id, verdict.store)
+            found["quarantined"] = problem is None
+        finally:
+            # Whatever the copy turned out to be, it is not the administrator's to keep.
+            found["removed"] = _test_messages_delete([copy.id]) == 1
+        if not found["removed"]:
+            gone = f"message {copy.id} could not be deleted again"
+            problem = f"{problem}; {gone}" if problem else gone
+        if problem:
+            found["error"] = problem
+    except (ApplianceError, OSError, ValueError, sqlite3.Error, QuarantineRefused) as exc:
+        found["error"] = str(exc)[:300]
+    finally:
+        found["ms"] = round((time.monotonic() - began) * 1000)
+    return found
 
 
 def _phase_counts(run: InstallRun, number: int) -> dict[str, Any]:
@@ -165,10 +328,10 @@ def _phase_counts(run: InstallRun, number: int) -> dict[str, Any]:
 
 
 def smtp_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
-    """Accepting now, phase 9's test message delivered, a virus routed to quarantine."""
+    """Accepting now, phase 9's test message delivered, a virus test message quarantined."""
     probe = str(_phase_counts(run, 9).get("probe", ""))
     delivered = _probe_delivery(probe) if probe else {"delivered": False, "error": "no probe"}
-    quarantine = _quarantine_route()
+    quarantine = quarantine_now(run.pk)
     figures = {"accepting": seen, "delivery": delivered, "quarantine": quarantine}
     problems = []
     if not seen.get("accepting"):
@@ -185,26 +348,25 @@ def smtp_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
             problems.append(
                 f"phase 9's test message is not tracked as delivered ({delivered.get('tracked')})"
             )
-    if not quarantine.get("quarantined"):
+    if not (quarantine.get("quarantined") and quarantine.get("removed")):
         problems.append(
-            "a virus test message would not be quarantined: "
-            + str(
-                quarantine.get("error")
-                or f"{quarantine.get('action')} to {quarantine.get('store') or 'no store'}"
-            )
+            "a virus test message was not quarantined and removed: "
+            + str(quarantine.get("error") or "no reason recorded")
         )
     note = (
-        "The quarantine is evaluated with the running policy against the existing message "
-        "stores, not sent: a sent test message would stay in the SMTP and tracking logs. "
         "Acceptance is an envelope the service accepted and that was then dropped; delivery is "
-        "phase 9's test message, tracked and out of the spool."
+        "phase 9's test message, tracked and out of the spool; the quarantine is a test message "
+        "with the EICAR test file, sent to the service now, found in its message store and "
+        "deleted from it (its lines stay in the SMTP and tracking logs, as any deleted "
+        "message's do)."
     )
     if problems:
         return check_of("smtp", False, "; ".join(problems), figures, note)
     return check_of(
         "smtp",
         True,
-        f"accepting mail, test message delivered, a virus goes to {quarantine['store']}",
+        "accepting mail, test message delivered, a virus test message quarantined in "
+        f"{quarantine['store']} and deleted again ({quarantine['ms']} ms)",
         figures,
         note,
     )

@@ -1,9 +1,10 @@
 """The validation report after a real install: a real worker, Redis and mail service.
 
-A successful install always leaves a report whose checks pass; data removed behind the
-install's back (a message deleted from the new store and a $(FILE) list removed, while phase
-10 sits at its checkpoint after the commit) makes those checks fail, without undoing the
-commit: an error event and a notice on Home say so.
+A successful install always leaves a report whose checks pass (its virus test message
+quarantined in the new store and deleted again); data removed behind the install's back (a
+message deleted from the new store and a $(FILE) list removed, while phase 10 sits at its
+checkpoint after the commit) makes those checks fail, without undoing the commit: an error
+event and a notice on Home say so.
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def test_a_successful_install_writes_a_report_whose_checks_all_pass(
     assert messages["messages_before"] == messages["messages_after"] == run.messages_before
     assert (messages["format_before"], messages["format_after"]) == ("2.8.0", "2.8.1")
     assert report["checks"][1]["figures"]["files_read"] > 0
+    # The virus test message went through the running service into the converted store, and
+    # out of it again (assert_upgraded: every message as before).
+    quarantine = report["checks"][2]["figures"]["quarantine"]
+    assert quarantine["quarantined"] and quarantine["removed"], quarantine
+    assert (quarantine["store_format"], quarantine["removed_earlier"]) == ("2.8.1", 0)
+    assert (
+        f"quarantined in {quarantine['store']} and deleted again" in report["checks"][2]["summary"]
+    )
     assert report["checks"][4]["figures"]["seconds"] >= 0
     assert run.details[validation.SUMMARY]["passed"] is True
     assert Event.objects.filter(message__contains="all 5 checks passed").count() == 1
