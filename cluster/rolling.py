@@ -221,7 +221,7 @@ def cluster_upgrade_start(*, user: User, scheduled: bool = False) -> ClusterUpgr
         details={"upgrade_id": upgrade.pk, "order": order, "version": version},
     )
     if not scheduled:
-        from upgrades.schedule import schedule_supersede  # issue 18
+        from upgrades.schedule_kinds import schedule_supersede  # issue 18
 
         schedule_supersede(
             reason=f"the cluster upgrade to {version} started now instead (upgrade {upgrade.pk})",

@@ -19,3 +19,6 @@ class UpgradesConfig(AppConfig):
 
         rehearsal.register_job_kind()
         registry.register_recovery("maintenance", rollback.maintenance_recover)
+        # The built-in schedule kind (the install of this appliance) registers on import: an
+        # install started now supersedes the pending schedule, whose title its kind gives.
+        from upgrades import schedule  # noqa: F401

@@ -59,6 +59,7 @@ from upgrades.cli_output import (  # noqa: F401 - every exit code, as upgrades.c
     cli_user,
     failed_reason,
     follow_install,
+    follow_started,
     human_bytes,
     human_duration,
     print_checks,
@@ -303,8 +304,6 @@ def _preflight(as_json: bool, out: TextIO, err: TextIO) -> int:
 
 
 def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
-    from django.urls import reverse
-
     from upgrades import install
     from upgrades.models import InstallTrigger
     from upgrades.story import Stage, update_story
@@ -331,20 +330,13 @@ def _install(out: TextIO, err: TextIO, quiet: bool) -> int:
     except install.InstallError as exc:
         err.write(f"update-control: {exc}\n")
         return EXIT_FAILURE
-    page = reverse("upgrades:install_run", args=[run.pk])
-    out.write(
-        f"Installing firmware {run.version} over {run.from_version or 'the installed firmware'} "
-        f"(run {run.pk}; also shown in the console at {page}).\n"
+    return follow_started(
+        run,
+        f"Installing firmware {run.version} over {run.from_version or 'the installed firmware'}",
+        out,
+        err,
+        quiet=quiet,
     )
-    out.flush()
-    try:
-        return follow_install(run.pk, out, err, quiet=quiet)
-    except KeyboardInterrupt:
-        err.write(
-            f"\nupdate-control: detached; the install of firmware {run.version} goes on in the "
-            f"background. Follow it with update-control -s or in the console at {page}.\n"
-        )
-        return EXIT_DETACHED
 
 
 def _schedule(at: str | None, out: TextIO, err: TextIO) -> int:

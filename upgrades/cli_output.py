@@ -164,6 +164,11 @@ class PhaseDisplay:
         self.stream.flush()
 
 
+def _the_run(run: Any) -> str:
+    """ "the install of firmware X" or "the return to firmware X", as every message names it."""
+    return f"the {'return to' if run.is_return else 'install of'} firmware {run.version}"
+
+
 def outcome(run: Any, out: TextIO, err: TextIO) -> int:
     from upgrades.models import InstallState
 
@@ -174,7 +179,7 @@ def outcome(run: Any, out: TextIO, err: TextIO) -> int:
         out.write(f"{done}: firmware {run.version}{note}.\n")
         return EXIT_OK
     reason = run.error or "no reason was recorded"
-    what = f"the {'return to' if run.is_return else 'install of'} firmware {run.version}"
+    what = _the_run(run)
     if run.state == InstallState.ROLLED_BACK:
         err.write(
             f"update-control: {what} failed and was rolled back; "
@@ -209,3 +214,22 @@ def follow_install(
             err.write("update-control: stopped following the install (time limit).\n")
             return EXIT_DETACHED
         time.sleep(FOLLOW_INTERVAL)
+
+
+def follow_started(run: Any, started: str, out: TextIO, err: TextIO, *, quiet: bool) -> int:
+    """Say what started (``started``: "Installing firmware X over Y") and where the console
+    shows it, then follow it; Ctrl-C detaches and the run goes on. One way for -i fw and
+    --return, which differ only in what they start."""
+    from django.urls import reverse
+
+    page = reverse("upgrades:install_run", args=[run.pk])
+    out.write(f"{started} (run {run.pk}; also shown in the console at {page}).\n")
+    out.flush()
+    try:
+        return follow_install(run.pk, out, err, quiet=quiet)
+    except KeyboardInterrupt:
+        err.write(
+            f"\nupdate-control: detached; {_the_run(run)} goes on in the background. Follow it "
+            f"with update-control -s or in the console at {page}.\n"
+        )
+        return EXIT_DETACHED

@@ -38,13 +38,13 @@ from lmi.progress import RateMeter
 from upgrades import http, selectors
 from upgrades.hashing import StreamHasher
 from upgrades.models import ACTIVE_STATES, Download, DownloadState
+from upgrades.phase_context import event
 from upgrades.services import (
     DOWNLOAD_KIND,
     InsufficientSpace,
     NoActiveDownload,
     check_space,
     download_cancel,
-    event,
 )
 
 logger = logging.getLogger(__name__)

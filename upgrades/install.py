@@ -49,9 +49,8 @@ from jobs import engine as jobs_engine
 from jobs import leases
 from jobs import registry as jobs_registry
 from jobs.models import APPLIANCE_GROUP, JobState
-from upgrades import selectors
+from upgrades import install_selectors, selectors
 from upgrades.models import (
-    FIRMWARE,
     INSTALL_ACTIVE_STATES,
     PHASE_COUNT,
     InstallPhase,
@@ -59,8 +58,6 @@ from upgrades.models import (
     InstallState,
     InstallTrigger,
     PhaseState,
-    ScheduledInstall,
-    ScheduleState,
 )
 from upgrades.phase_context import (
     COMMIT_PHASE,
@@ -82,8 +79,10 @@ from upgrades.phase_context import (
 from upgrades.phases import PHASES
 from upgrades.return_phases import RETURN_PHASES
 from upgrades.rollback import rollback_execute
+from upgrades.schedule_kinds import schedule_supersede
 
 if TYPE_CHECKING:
+    from appliance.config.backupformat import BackupHeader
     from appliance.firmware.preflight import Check
 
 logger = logging.getLogger(__name__)
@@ -149,47 +148,36 @@ def install_preflight(*, user: User | None = None) -> list[Check]:
     download = selectors.ready_download(installed)
     manifest = None
     offer = selectors.newest_downloadable(installed)
+    # The bundle's check, one key and title whatever it says: pending before a download,
+    # verified again after.
     if download is None:
-        checks.append(
-            preflight.Check(
-                key="bundle",
-                title="Firmware bundle",
-                status=preflight.PENDING,
-                value=(
-                    f"firmware {offer.offer.version} is available, not yet downloaded"
-                    if offer is not None
-                    else f"nothing newer than the installed {installed or 'firmware'}"
-                ),
-                advice=(
-                    "Download it under Updates & Licensing; it is verified again here."
-                    if offer is not None
-                    else ""
-                ),
-            )
+        status = preflight.PENDING
+        value = (
+            f"firmware {offer.offer.version} is available, not yet downloaded"
+            if offer is not None
+            else f"nothing newer than the installed {installed or 'firmware'}"
+        )
+        advice = (
+            "Download it under Updates & Licensing; it is verified again here."
+            if offer is not None
+            else ""
         )
     else:
         try:
             manifest = appliance_bundle.verify_bundle(bundle_path(download))
         except (appliance_bundle.BundleError, OSError) as exc:
-            checks.append(
-                preflight.Check(
-                    key="bundle",
-                    title="Firmware bundle",
-                    status="fail",
-                    value=f"firmware {download.version} does not verify: {exc}",
-                    advice="Download the firmware again.",
-                )
-            )
+            status = "fail"
+            value = f"firmware {download.version} does not verify: {exc}"
+            advice = "Download the firmware again."
         else:
-            checks.append(
-                preflight.Check(
-                    key="bundle",
-                    title="Firmware bundle",
-                    status="pass",
-                    value=f"firmware {manifest.version}, signature and digest verified",
-                    advice="",
-                )
-            )
+            status = "pass"
+            value = f"firmware {manifest.version}, signature and digest verified"
+            advice = ""
+    checks.append(
+        preflight.Check(
+            key="bundle", title="Firmware bundle", status=status, value=value, advice=advice
+        )
+    )
     lic = selectors.license_view()
     checks.append(
         preflight.Check(
@@ -232,10 +220,6 @@ def install_preflight(*, user: User | None = None) -> list[Check]:
 # --- Start, abort, recover -----------------------------------------------------------------------
 
 
-def _active_run() -> InstallRun | None:
-    return InstallRun.objects.filter(component=FIRMWARE, state__in=INSTALL_ACTIVE_STATES).first()
-
-
 def _in_progress(run: InstallRun | None) -> InstallInProgress:
     if run is None:
         return InstallInProgress("A firmware install is already in progress.")
@@ -250,7 +234,7 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
 
     A failed preflight check raises :class:`PreflightFailed` before anything is changed.
     """
-    if (active := _active_run()) is not None:
+    if (active := install_selectors.active_install()) is not None:
         raise _in_progress(active)
     if (busy := jobs_engine.active_in(APPLIANCE_GROUP)) is not None:
         who = f", started by {busy.requested_by}" if busy.requested_by else ""
@@ -274,14 +258,7 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             failed=[c.key for c in checks if c.status == "fail"],
         )
         raise error
-    from backups.services import config_backup_before_install
-
-    try:
-        header = config_backup_before_install(user=user)
-    except (ApplianceError, OSError) as exc:
-        raise InstallError(
-            f"The automatic configuration backup failed, so the install did not start: {exc}"
-        ) from exc
+    header = backup_before_start(user=user, what="install")
     with transaction.atomic():
         run = run_create(
             InstallRun(
@@ -306,7 +283,11 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
             backup=header.name,
         )
         if str(trigger) != InstallTrigger.SCHEDULE:
-            _supersede_schedule(run, user)
+            schedule_supersede(
+                reason=f"the install of firmware {run.version} started now instead (run {run.pk})",
+                user=user,
+                run=run.pk,
+            )
     log(
         run,
         f"install of firmware {run.version} over {run.from_version} started by "
@@ -315,6 +296,19 @@ def install_start(*, user: User | None, trigger: InstallTrigger | str = "console
     for check in checks:
         log(run, f"preflight {check.key}: {check.status}: {check.value}")
     return run
+
+
+def backup_before_start(*, user: User | None, what: str) -> BackupHeader:
+    """The automatic configuration backup an install or a return (``what``) makes before it
+    starts, refused alike in both directions: when it fails, nothing starts."""
+    from backups.services import config_backup_before_install
+
+    try:
+        return config_backup_before_install(user=user)
+    except (ApplianceError, OSError) as exc:
+        raise InstallError(
+            f"The automatic configuration backup failed, so the {what} did not start: {exc}"
+        ) from exc
 
 
 def run_create(run: InstallRun, user: User | None) -> InstallRun:
@@ -338,7 +332,7 @@ def run_create(run: InstallRun, user: User | None) -> InstallRun:
         with transaction.atomic():
             run.save(force_insert=True)
     except IntegrityError:
-        raise _in_progress(_active_run()) from None
+        raise _in_progress(install_selectors.active_install()) from None
     prefix = "return" if run.is_return else "install"
     run.log_name = f"{prefix}-{run.pk}-{run.version}.log"
     InstallRun.objects.filter(pk=run.pk).update(log_name=run.log_name)
@@ -348,36 +342,10 @@ def run_create(run: InstallRun, user: User | None) -> InstallRun:
     return run
 
 
-def _supersede_schedule(run: InstallRun, user: User | None) -> None:
-    """An install started now replaces the one scheduled for later (pending -> cancelled):
-    left pending, it would only be refused at its time, with a warning about nothing."""
-    pending = ScheduledInstall.objects.filter(component=FIRMWARE, state=ScheduleState.PENDING)
-    for schedule in pending:
-        cancelled = ScheduledInstall.objects.filter(
-            pk=schedule.pk, state=ScheduleState.PENDING
-        ).update(
-            state=ScheduleState.CANCELLED,
-            reason=f"superseded by the install started now (run {run.pk})",
-            changed_at=timezone.now(),
-            changed_by=username_of(user),
-        )
-        if cancelled:
-            event(
-                f"Scheduled install of firmware {schedule.version} cancelled: the install "
-                f"of {run.version} started now instead",
-                user=user,
-                schedule=schedule.pk,
-                run=run.pk,
-            )
-
-
 def install_abort(*, user: User | None, run_id: int | None = None) -> InstallRun:
     """Stop the install in phases 1-2: the staging is discarded, the running system untouched."""
-    query = InstallRun.objects.filter(component=FIRMWARE, state__in=INSTALL_ACTIVE_STATES)
-    if run_id is not None:
-        query = query.filter(pk=run_id)
-    run = query.first()
-    if run is None:
+    run = install_selectors.active_install()  # at most one: a partial unique index
+    if run is None or (run_id is not None and run.pk != run_id):
         raise InstallError("No firmware install is in progress.")
     if run.state == InstallState.ROLLING_BACK or run.phase not in ONLINE_PHASES:
         where = (

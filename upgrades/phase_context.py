@@ -74,6 +74,8 @@ def event(
     user: User | None = None,
     **details: Any,
 ) -> None:
+    """An event of Updates & Licensing: the one writer of the app's feed checks, downloads,
+    licenses, installs, returns and schedules (all of them below or beside this module)."""
     event_write(
         category=Category.UPDATE, message=message, severity=severity, user=user, details=details
     )

@@ -14,8 +14,6 @@ from typing import TextIO
 
 def return_command(out: TextIO, err: TextIO, quiet: bool) -> int:
     """Check, start and follow the return; the exit code of its outcome."""
-    from django.urls import reverse
-
     from upgrades import cli_output as cli
     from upgrades import install, returning
     from upgrades.models import InstallTrigger
@@ -42,17 +40,6 @@ def return_command(out: TextIO, err: TextIO, quiet: bool) -> int:
     except install.InstallError as exc:
         err.write(f"update-control: {exc}\n")
         return cli.EXIT_FAILURE
-    page = reverse("upgrades:install_run", args=[run.pk])
-    out.write(
-        f"Returning to firmware {run.version} from {run.from_version} (run {run.pk}; also "
-        f"shown in the console at {page}).\n"
+    return cli.follow_started(
+        run, f"Returning to firmware {run.version} from {run.from_version}", out, err, quiet=quiet
     )
-    out.flush()
-    try:
-        return cli.follow_install(run.pk, out, err, quiet=quiet)
-    except KeyboardInterrupt:
-        err.write(
-            f"\nupdate-control: detached; the return to firmware {run.version} goes on in the "
-            f"background. Follow it with update-control -s or in the console at {page}.\n"
-        )
-        return cli.EXIT_DETACHED

@@ -226,14 +226,7 @@ def return_start(
         )
         reasons = "; ".join(f"{c.title}: {c.value} ({c.advice})" for c in failed)
         raise ReturnRefused(f"The return cannot start, nothing was changed. {reasons}")
-    from backups.services import config_backup_before_install
-
-    try:
-        header = config_backup_before_install(user=user)
-    except (ApplianceError, OSError) as exc:
-        raise install.InstallError(
-            f"The automatic configuration backup failed, so the return did not start: {exc}"
-        ) from exc
+    header = install.backup_before_start(user=user, what="return")
     with transaction.atomic():
         run = install.run_create(
             InstallRun(

@@ -8,10 +8,12 @@ runs again at that very moment. If anything refuses then (a failed check, anothe
 the bundle gone or replaced), nothing is installed: the schedule ends ``refused`` with the reason,
 an event says why, and Home shows it as a notice.
 
-What a schedule starts is its kind (:class:`ScheduleKind`): the install of this appliance, built
-in, or any kind another app registers at start-up (the cluster app's rolling upgrade of Central
-and its members, cluster.schedule), so this module never imports that app. The claim, the
-refusal and the settling of a claim a dead worker left are written once here, for every kind.
+What a schedule starts is its kind (:class:`ScheduleKind`, upgrades.schedule_kinds): the install
+of this appliance, built in, or any kind another app registers at start-up (the cluster app's
+rolling upgrade of Central and its members, cluster.schedule), so this module never imports that
+app. The claim, the refusal and the settling of a claim a dead worker left are written once here,
+for every kind; superseding the pending schedule is in upgrades.schedule_kinds, below the
+install service that supersedes it.
 
 Every state change is a conditional update on the state it leaves (see ``ScheduleState``).
 "Now" is ``django.utils.timezone.now`` (the one clock tests move); times are shown and typed in
@@ -21,13 +23,11 @@ the appliance's time zone (``TIME_ZONE``), stored in UTC.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import time as day_time
 
 from django.db import IntegrityError, transaction
-from django.db.models import Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -46,6 +46,18 @@ from upgrades.models import (
     ScheduleState,
 )
 from upgrades.phase_context import event
+from upgrades.schedule_kinds import (
+    INSTALL,
+    ScheduleKind,
+    ScheduleRefused,
+    kind_named,
+    kind_of,
+    lowered_title,
+    register_kind,
+    registered_kinds,
+    schedule_pending,
+    schedule_title,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,86 +71,12 @@ REFUSAL_SHOWN = timedelta(days=1)
 QUIET_DAYS = 7
 
 
-class ScheduleRefused(Exception):
-    """A schedule request that cannot be done; the message says why and what to do."""
-
-
-# --- What a schedule starts ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ScheduleKind:
-    """What a schedule starts when it is due, registered by the app that knows how.
-
-    A kind says what it would install now (``version``, or ScheduleRefused why not: the page
-    shows that reason instead of the form), starts it at the due moment (``start`` links what
-    it started with a conditional update on the started row and returns it for the event; a
-    ScheduleRefused means nothing was installed anywhere) and, for a claim a dead worker left,
-    links what was started after the claim (``settle``, False when nothing was). A kind other
-    than the built-in install keeps its own row beside the schedule: ``attach`` writes it in
-    the schedule's transaction, ``members`` selects its schedules and ``linked`` those whose
-    start is recorded there instead of in ``ScheduledInstall.run``.
-    """
-
-    name: str
-    noun: str  # "install", in "the worker stopped while starting the install"
-    title: str  # "Install of firmware {version}"
-    page: str  # the URL name of the page whose "#schedule" section offers it
-    version: Callable[[], str]
-    start: Callable[[ScheduledInstall], dict[str, object]]
-    settle: Callable[[ScheduledInstall], bool]
-    attach: Callable[[ScheduledInstall], object] | None = None
-    members: Q | None = None
-    linked: Q | None = None
-
-
-INSTALL = "install"
-_KINDS: dict[str, ScheduleKind] = {}
-
-
-def register_kind(kind: ScheduleKind) -> None:
-    """Make ``kind`` schedulable (an app's ``ready``); registering it again replaces it."""
-    _KINDS[kind.name] = kind
-
-
-def kind_named(name: str) -> ScheduleKind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise ScheduleRefused(f"{name!r} is not something that can be scheduled.") from None
-
-
-def kind_of(schedule: ScheduledInstall) -> ScheduleKind:
-    """The kind a schedule starts: the registered kind whose row it has, else the install."""
-    for kind in _KINDS.values():
-        if (
-            kind.members is not None
-            and ScheduledInstall.objects.filter(kind.members, pk=schedule.pk).exists()
-        ):
-            return kind
-    return _KINDS[INSTALL]
-
-
-def schedule_title(schedule: ScheduledInstall) -> str:
-    """ "Install of firmware 2.8.1.0", "Rolling upgrade of the cluster to 2.8.1.0"."""
-    return kind_of(schedule).title.format(version=schedule.version)
-
-
-def _lowered(title: str) -> str:
-    return title[:1].lower() + title[1:]
+# --- Reading (what a schedule starts, and the pending one: upgrades.schedule_kinds) -------------
 
 
 def schedule_page(schedule: ScheduledInstall) -> str:
     """The page section that shows and changes the schedule."""
     return reverse(kind_of(schedule).page) + "#schedule"
-
-
-# --- Reading ------------------------------------------------------------------------------------
-
-
-def schedule_pending() -> ScheduledInstall | None:
-    """The one pending schedule, if any."""
-    return ScheduledInstall.objects.filter(component=FIRMWARE, state=ScheduleState.PENDING).first()
 
 
 def schedule_latest() -> ScheduledInstall | None:
@@ -263,7 +201,7 @@ def schedule_move(*, at: datetime, user: User | None) -> ScheduledInstall:
     if not moved:
         raise ScheduleRefused("The scheduled install has just started or was cancelled.")
     event(
-        f"Scheduled {_lowered(schedule_title(pending))} moved from {local_text(pending.at)} "
+        f"Scheduled {lowered_title(pending)} moved from {local_text(pending.at)} "
         f"to {local_text(at)}",
         user=user,
         schedule=pending.pk,
@@ -287,7 +225,7 @@ def schedule_cancel(*, user: User | None) -> ScheduledInstall:
             "The scheduled install has just started: it can no longer be cancelled."
         )
     event(
-        f"Scheduled {_lowered(schedule_title(pending))} at {local_text(pending.at)} cancelled",
+        f"Scheduled {lowered_title(pending)} at {local_text(pending.at)} cancelled",
         user=user,
         schedule=pending.pk,
         version=pending.version,
@@ -309,7 +247,7 @@ def _refuse(schedule: ScheduledInstall, reason: str) -> None:
         if not refused:
             return
         event(
-            f"Scheduled {_lowered(schedule_title(schedule))} at {local_text(schedule.at)} did "
+            f"Scheduled {lowered_title(schedule)} at {local_text(schedule.at)} did "
             f"not start, nothing was installed: {reason}",
             severity=Severity.WARNING,
             schedule=schedule.pk,
@@ -324,7 +262,7 @@ def _settle_orphans(now: datetime) -> None:
     stale = ScheduledInstall.objects.filter(
         state=ScheduleState.STARTED, run__isnull=True, changed_at__lt=now - CLAIM_GRACE
     )
-    for kind in _KINDS.values():
+    for kind in registered_kinds():
         if kind.linked is not None:
             stale = stale.exclude(kind.linked)
     for schedule in stale:
@@ -365,33 +303,13 @@ def schedule_due(*, now: datetime | None = None) -> ScheduledInstall | None:
         _refuse(due, f"the {kind.noun} could not start: {exc}")
     else:
         event(
-            f"Scheduled {_lowered(schedule_title(due))} at {local_text(due.at)} started",
+            f"Scheduled {lowered_title(due)} at {local_text(due.at)} started",
             schedule=due.pk,
             version=due.version,
             **started,
         )
     due.refresh_from_db()
     return due
-
-
-def schedule_supersede(*, reason: str, user: User | None) -> None:
-    """What was started now replaces the schedule pending for later (pending -> cancelled):
-    left pending, it would only be refused at its time, with a warning about nothing."""
-    pending = schedule_pending()
-    if pending is None:
-        return
-    cancelled = ScheduledInstall.objects.filter(pk=pending.pk, state=ScheduleState.PENDING).update(
-        state=ScheduleState.CANCELLED,
-        reason=reason,
-        changed_at=timezone.now(),
-        changed_by=username_of(user),
-    )
-    if cancelled:
-        event(
-            f"Scheduled {_lowered(schedule_title(pending))} cancelled: {reason}",
-            user=user,
-            schedule=pending.pk,
-        )
 
 
 # --- The built-in kind: this appliance's install -----------------------------------------------
@@ -528,7 +446,7 @@ def schedule_notices(notices: list[Notice], *, story_stage: str) -> list[Notice]
         notices.append(
             Notice(
                 "warning",
-                f"The {_lowered(schedule_title(latest))} scheduled for "
+                f"The {lowered_title(latest)} scheduled for "
                 f"{local_text(latest.at)} did not start, nothing was installed: {latest.reason}",
                 "Schedule again",
                 schedule_page(latest),

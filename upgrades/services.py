@@ -23,8 +23,8 @@ from appliance.firmware import feed as appliance_feed
 from appliance.firmware import license as appliance_license
 from appliance.firmware import spool
 from appliance.system.errors import ApplianceError
-from events.models import Category, Severity
-from events.services import User, event_write, username_of
+from events.models import Severity
+from events.services import User, username_of
 from jobs import engine as jobs_engine
 from jobs.models import JobState
 from upgrades import http, selectors
@@ -39,6 +39,7 @@ from upgrades.models import (
     UpdateCheck,
     UpdateSettings,
 )
+from upgrades.phase_context import event
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +82,6 @@ class InsufficientSpace(UpdateError):
 
 class NoActiveDownload(UpdateError):
     """Cancel with nothing to cancel."""
-
-
-def event(
-    message: str, *, severity: int = Severity.INFO, user: User | None = None, **details: Any
-) -> None:
-    """An event of Updates & Licensing (feed checks, downloads, licenses)."""
-    event_write(
-        category=Category.UPDATE, message=message, severity=severity, user=user, details=details
-    )
 
 
 # --- The update feed -------------------------------------------------------------------------
@@ -379,11 +371,8 @@ def _in_progress(active: Download | None) -> DownloadInProgress:
 
 def download_cancel(*, user: User | None, download_id: int | None = None) -> Download:
     """Cancel the active download; the executor (or this, when none is alive) deletes the part."""
-    query = Download.objects.filter(component=FIRMWARE, state__in=ACTIVE_STATES)
-    if download_id is not None:
-        query = query.filter(pk=download_id)
-    download = query.first()
-    if download is None:
+    download = selectors.active_download()  # at most one: a partial unique index
+    if download is None or (download_id is not None and download.pk != download_id):
         raise NoActiveDownload("No firmware download is in progress.")
     now = timezone.now()
     updated = Download.objects.filter(pk=download.pk, state__in=ACTIVE_STATES).update(

@@ -258,16 +258,30 @@ def slot_verify(
 
 def _seal(the_layout: Layout, slot: str) -> dict[str, Any]:
     """Record the manifest of a slot we did not install (the demo's, or a restored one)."""
-    slot_dir = the_layout.slot_dir(slot)
-    entries = record_tree(slot_dir)
+    entries = record_tree(the_layout.slot_dir(slot))
+    return _record_bootable(
+        the_layout,
+        slot,
+        entries,
+        version=slot_firmware_version(slot, the_layout.root),
+        bundle_sha256=None,
+        sealed_at=_now(),
+    )
+
+
+def _record_bootable(
+    the_layout: Layout, slot: str, entries: list[dict[str, Any]], **facts: Any
+) -> dict[str, Any]:
+    """Write and return the state that makes ``slot`` bootable: ``facts`` (its version, where
+    it came from, when) and the manifest of its tree. One place for what a bootable slot
+    records, whether a bundle installed it or it was sealed as found, so a later
+    :func:`slot_verify` reads both alike."""
     files = [entry for entry in entries if entry["type"] == "file"]
     state = {
         "format": STATE_FORMAT,
         "slot": slot,
         "state": BOOTABLE,
-        "version": slot_firmware_version(slot, the_layout.root),
-        "bundle_sha256": None,
-        "sealed_at": _now(),
+        **facts,
         "files": len(files),
         "size": sum(entry["size"] for entry in files),
         "tree_sha256": tree_sha256(entries),
@@ -523,21 +537,15 @@ def _install_locked(
         with contextlib.suppress(OSError):
             _state_path(the_layout, target).unlink(missing_ok=True)
         raise
-    files = [entry for entry in entries if entry["type"] == "file"]
-    state = {
-        "format": STATE_FORMAT,
-        "slot": target,
-        "state": BOOTABLE,
-        "version": manifest.version,
-        "os_release": manifest.os_release,
-        "bundle_sha256": manifest.payload_sha256,
-        "installed_at": _now(),
-        "files": len(files),
-        "size": sum(entry["size"] for entry in files),
-        "tree_sha256": tree_sha256(entries),
-        "entries": entries,
-    }
-    _write_json(_state_path(the_layout, target), state)
+    state = _record_bootable(
+        the_layout,
+        target,
+        entries,
+        version=manifest.version,
+        os_release=manifest.os_release,
+        bundle_sha256=manifest.payload_sha256,
+        installed_at=_now(),
+    )
     meter.done = meter.total
     meter.report(force=True)
     return _image_from_state(target, state)
