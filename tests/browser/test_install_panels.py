@@ -89,7 +89,7 @@ def _succeeded_run(download: Download) -> InstallRun:
             False,
             "a virus test message would not be quarantined: delivered to "
             "no-such-store-anywhere-on-this-appliance-quarantine-of-viruses",
-            note="The quarantine is evaluated with the running policy, not sent.",
+            note="The quarantine test message is sent, found in its store and deleted.",
         ),
         validation_checks.check_of("services", True, "health check passed, formats 2.8.1"),
         validation_checks.downtime_check(run, before),
