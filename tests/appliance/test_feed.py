@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 
-from appliance.firmware.bundlebuild import build_bundle
 from appliance.firmware.feed import FeedEntry, FeedError, bundle_file_name, parse_feed, publish
-from appliance.firmware.signing import generate_keypair
+from tests.upgrades import bundles
 
-PRIVATE, PUBLIC = generate_keypair()
+VENDOR = bundles.new_vendor()
 SHA = "ab" * 32
 
 
@@ -37,22 +36,10 @@ def feed(*entries: dict[str, Any], **top: Any) -> bytes:
 
 
 def make_bundle(tmp_path: Path, version: str, notes: str = "notes") -> Path:
-    tree = tmp_path / f"tree-{version}"
-    (tree / "etc").mkdir(parents=True, exist_ok=True)
-    (tree / "VERSION").write_text(version + "\n")
+    """A small signed bundle of ``version`` (for 2.8.0.0 and later): what the feed lists is
+    its manifest, so its image can be a few bytes."""
     out = tmp_path / f"build-{version}.bundle"
-    build_bundle(
-        tree,
-        out,
-        private_key=PRIVATE,
-        version=version,
-        min_version="2.8.0.0",
-        msgstore_format="2.8.1",
-        config_format="2.8.1",
-        os_release="SUSE Linux Enterprise Server 11 (x86_64)",
-        release_notes=notes,
-    )
-    return out
+    return bundles.build(VENDOR, out, version=version, payload_bytes=1024, notes=notes)
 
 
 def test_it_resolves_files_against_an_http_feed_url() -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from appliance.mail.msgcounts import StoreCounts
 from appliance.mail.msgmigrate import MigrateProgress, MigrationStopped
 from appliance.system.errors import ApplianceError, MalformedApplianceFile
 from appliance.system.paths import layout
+from tests.support.message_store import store_rows
 
 NOW = datetime(2013, 10, 1, 12, 0, tzinfo=UTC)
 REPO = Path(__file__).resolve().parents[2]
@@ -73,6 +75,23 @@ def _smtp_lines(root: Path | None = None) -> list[tuple[int, str]]:
         return [tuple(row) for row in conn.execute("SELECT id, response FROM smtp_log ORDER BY id")]
     finally:
         conn.close()
+
+
+# SMTP responses of every odd kind: with and without text, empty, not a status, a mistyped one.
+ODD_RESPONSES = ["250 2.0.0 Ok", "250 ", "250", "", "hello", "999 odd", "25O x", "421-x", "5555 x"]
+
+
+def _store_logging(responses: list[str]) -> None:
+    """A new 2.8.0 store whose SMTP log holds ``responses``, one row each, in that order."""
+    msgstore.create()
+    conn = msgstore.connect()
+    with conn:
+        conn.executemany(
+            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
+            " VALUES (0, '', '', '', ?)",
+            [(response,) for response in responses],
+        )
+    conn.close()
 
 
 def _record(n: int, *, quarantine: bool = True) -> MailRecord:
@@ -248,12 +267,7 @@ def test_an_update_that_fingerprints_miss_is_carried_over(store: Path) -> None:
     before = msgcounts.store_counts(cached=False)
     assert msgmigrate.migrate_finish().counts == before
     assert msgcounts.store_counts(cached=False) == before
-    conn = msgstore.connect(readonly=True)
-    try:
-        row = conn.execute("SELECT subject FROM quarantined_message WHERE id = 5").fetchone()
-    finally:
-        conn.close()
-    assert row[0] == "edited"
+    assert store_rows("SELECT subject FROM quarantined_message WHERE id = 5") == [("edited",)]
     assert _journal_objects(layout().msgstore_db) == []  # the new file has no journal
 
 
@@ -441,11 +455,8 @@ def test_the_console_readers_and_the_mail_writer_work_on_2_8_1(store: Path) -> N
         now=NOW + timedelta(days=400), pacing=purge.Pacing(idle_pause=0, busy_pause=0)
     )
     assert sum(result.messages_deleted.values()) == 601
-    conn = msgstore.connect(readonly=True)
-    try:  # the bodies went with their messages (ON DELETE CASCADE)
-        assert conn.execute("SELECT count(*) FROM message_body").fetchone()[0] == 0
-    finally:
-        conn.close()
+    # The bodies went with their messages (ON DELETE CASCADE).
+    assert store_rows("SELECT count(*) FROM message_body") == [(0,)]
 
 
 def test_a_store_can_be_created_and_filled_in_2_8_1(appliance_root: Path) -> None:
@@ -469,25 +480,12 @@ def test_the_status_split_is_lossless(line: str) -> None:
 
 
 def test_the_status_split_in_sql_matches_python(appliance_root: Path) -> None:
-    lines = ["250 2.0.0 Ok", "250 ", "250", "", "hello", "999 odd", "25O x", "421-x", "5555 x"]
-    msgstore.create()
-    conn = msgstore.connect()
-    with conn:
-        conn.executemany(
-            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
-            " VALUES (0, '', '', '', ?)",
-            [(line,) for line in lines],
-        )
-    conn.close()
+    _store_logging(ODD_RESPONSES)
     before = msgcounts.store_counts(cached=False)
     msgmigrate.migrate_finish()
     assert msgcounts.store_counts(cached=False) == before
-    conn = msgstore.connect(readonly=True)
-    try:
-        rows = conn.execute("SELECT status, response FROM smtp_log ORDER BY id").fetchall()
-    finally:
-        conn.close()
-    assert [tuple(row) for row in rows] == [msgstore.split_status(line) for line in lines]
+    rows = store_rows("SELECT status, response FROM smtp_log ORDER BY id")
+    assert rows == [msgstore.split_status(line) for line in ODD_RESPONSES]
 
 
 def test_store_counts_is_the_same_cached_and_uncached(store: Path) -> None:
@@ -497,20 +495,27 @@ def test_store_counts_is_the_same_cached_and_uncached(store: Path) -> None:
     assert isinstance(StoreCounts.from_json(full.__dict__), StoreCounts)
 
 
-def test_the_mail_writer_reopens_the_store_after_the_swap(store: Path) -> None:
+def _writes_across(store: Path, swap: Callable[[], object]) -> None:
+    """The mail service's store writer stores a message, ``swap`` puts another store file in
+    place under it, and it stores one more: it must have reopened the new file, where both
+    messages are then read back whole."""
     from smtp.server import StoreWriter
 
     writer = StoreWriter(store)
     writer.start()
     try:
         first = writer.submit(_record(1)).result(timeout=30)
-        msgmigrate.migrate_finish()
+        swap()
         second = writer.submit(_record(2)).result(timeout=30)
     finally:
         writer.close()
-    assert msgstore.format_version() == "2.8.1"
     assert msgstore.message_raw(first) == _record(1).raw
     assert msgstore.message_raw(second) == _record(2).raw
+
+
+def test_the_mail_writer_reopens_the_store_after_the_swap(store: Path) -> None:
+    _writes_across(store, msgmigrate.migrate_finish)
+    assert msgstore.format_version() == "2.8.1"
 
 
 _KILL_SCRIPT = """
@@ -553,11 +558,7 @@ def test_killing_the_conversion_anywhere_leaves_the_old_or_the_new_store(
     msgmigrate.migrate_prepare()
     assert msgmigrate.migrate_finish().counts == before
     assert msgcounts.store_counts(cached=False) == before
-    conn = msgstore.connect(readonly=True)
-    try:
-        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    finally:
-        conn.close()
+    assert store_rows("PRAGMA integrity_check") == [("ok",)]
     assert os.path.getsize(layout().msgstore_db) > 0
 
 

@@ -19,13 +19,17 @@ from appliance.system.paths import layout
 from tests.appliance import test_msgmigrate as forward
 from tests.appliance.test_msgmigrate import (
     NOW,
+    ODD_RESPONSES,
     REPO,
     _behind_the_conversions_back,
     _journal_objects,
     _raws,
     _record,
     _smtp_lines,
+    _store_logging,
+    _writes_across,
 )
+from tests.support.message_store import store_rows
 
 # The upgrade's fixtures: 64 ids a chunk (autouse), and a demo store of 600 messages.
 small_chunks = forward.small_chunks
@@ -113,19 +117,10 @@ def test_a_round_trip_gives_back_every_row_and_every_byte(store: Path) -> None:
 
 
 def test_every_kind_of_status_line_comes_back_whole(appliance_root: Path) -> None:
-    lines = ["250 2.0.0 Ok", "250 ", "250", "", "hello", "999 odd", "25O x", "421-x", "5555 x"]
-    msgstore.create()
-    conn = msgstore.connect()
-    with conn:
-        conn.executemany(
-            "INSERT INTO smtp_log (logged_at, client_ip, sender, recipient, response)"
-            " VALUES (0, '', '', '', ?)",
-            [(line,) for line in lines],
-        )
-    conn.close()
+    _store_logging(ODD_RESPONSES)
     msgmigrate.migrate_finish()
     msgmigrate.migrate_finish(direction=BACK)
-    assert [line for _, line in _smtp_lines()] == lines
+    assert [line for _, line in _smtp_lines()] == ODD_RESPONSES
 
 
 def test_the_mail_that_arrived_since_and_every_change_to_the_2_8_1_store_go_back(
@@ -169,29 +164,13 @@ def test_the_mail_that_arrived_since_and_every_change_to_the_2_8_1_store_go_back
     )
     kept = next(s for s in retention.store_usage() if s.id == spam.id)
     assert kept.retention_days == 5
-    conn = msgstore.connect(readonly=True)
-    try:
-        subject = conn.execute("SELECT subject FROM tracking_log WHERE id = 7").fetchone()[0]
-    finally:
-        conn.close()
-    assert subject == "edited"
+    assert store_rows("SELECT subject FROM tracking_log WHERE id = 7") == [("edited",)]
 
 
 def test_the_mail_writer_reopens_the_store_after_the_way_back(store: Path) -> None:
-    from smtp.server import StoreWriter
-
     _upgraded()
-    writer = StoreWriter(store)
-    writer.start()
-    try:
-        first = writer.submit(_record(1)).result(timeout=30)
-        _go_back()
-        second = writer.submit(_record(2)).result(timeout=30)
-    finally:
-        writer.close()
+    _writes_across(store, _go_back)
     assert msgstore.format_version() == "2.8.0"
-    assert msgstore.message_raw(first) == _record(1).raw
-    assert msgstore.message_raw(second) == _record(2).raw
 
 
 def _tamper(message_id: int, how: str) -> None:

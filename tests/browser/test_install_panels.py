@@ -24,9 +24,9 @@ from django.utils import timezone
 from appliance.config import policyproof
 from appliance.firmware import validationfile
 from appliance.mail import msgproof
-from jobs.tasks import run_job
 from tests.support.browser import log_in, screenshot
 from tests.support.users import ADMIN_PASSWORD
+from tests.upgrades.conftest import rehearse_here
 from tests.upgrades.test_install import ready_firmware  # noqa: F401
 from upgrades import rehearsal, schedule, validation, validation_checks
 from upgrades.models import Download, InstallRun, InstallState
@@ -133,8 +133,7 @@ def test_the_install_panels_fit_a_phone_and_a_desktop_after_a_successful_install
     admin_user,
     ready_firmware: Download,  # noqa: F811
 ) -> None:
-    job = rehearsal.rehearsal_start(user="admin", enqueue=False)
-    run_job(job.pk)
+    rehearse_here()
     run = _succeeded_run(ready_firmware)
 
     _look(

@@ -16,6 +16,7 @@ from appliance.mail import mailrecords, msgstore, tracking
 from events.models import Category, Event, Severity
 from mailsecurity import services
 from smtp import delivery
+from tests.support.message_store import quarantined_spam
 from tests.support.smtp import NextHop, free_port
 
 from .conftest import NOW, MailData
@@ -42,19 +43,15 @@ def quarantine(subject: str = "Cheap watches") -> int:
     """A quarantined message written by the mail service's own store writer."""
     raw = raw_message(subject)
     quarantine_id = mailrecords.mail_record(
-        mailrecords.MailRecord(
+        quarantined_spam(
+            raw,
             logged_at=int(NOW.timestamp()) - 600,
-            client_ip="203.0.113.5",
             sender="offers@promo.test",
-            recipients=("anna@example.com", "ben@example.com"),
-            message_id=f"<{subject.replace(' ', '.')}@promo.test>",
             subject=subject,
-            size=len(raw),
-            verdict="spam",
-            action="quarantined",
+            message_id=f"<{subject.replace(' ', '.')}@promo.test>",
+            recipients=("anna@example.com", "ben@example.com"),
+            client_ip="203.0.113.5",
             response="250 2.0.0 Ok: queued as 1A2B3C4D5E",
-            store_name="Spam quarantine",
-            raw=raw,
         )
     )
     assert quarantine_id is not None

@@ -10,17 +10,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from appliance.firmware import license as appliance_license
 from appliance.firmware import spool
+from jobs.models import Job
+from jobs.tasks import run_job
 from tests.support.feed_server import FeedServer, feed_server  # noqa: F401
 from tests.support.services import WorkerProcess, start_worker
 from tests.upgrades import bundles
 from tests.upgrades.bundles import Vendor
-from upgrades import cli, downloader, services
-from upgrades.models import Download, DownloadTrigger, FirmwareOffer
+from upgrades import cli, downloader, rehearsal, services
+from upgrades.models import Download, DownloadState, DownloadTrigger, FirmwareOffer, InstallRun
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +111,31 @@ def offered_bundle(version: str = "2.8.1.0") -> str:
     return spool.bundle_id(offer.version, offer.sha256)
 
 
+def install_run_row(
+    state: str, phase: int, *, download: Download | None = None, **fields: Any
+) -> InstallRun:
+    """An install from 2.8.0.0 to 2.8.1.0 recorded in ``state`` at ``phase``, of ``download`` or
+    of a download recorded as ready with no bundle behind it: rows only, for the tests of what
+    the pages and reports show about a run (nothing is installed)."""
+    if download is None:
+        download = Download.objects.create(
+            version="2.8.1.0",
+            url="http://127.0.0.1/x.bundle",
+            size=1,
+            sha256="0" * 64,
+            state=DownloadState.READY,
+            trigger=DownloadTrigger.USER,
+        )
+    return InstallRun.objects.create(
+        download=download,
+        version="2.8.1.0",
+        from_version="2.8.0.0",
+        state=state,
+        phase=phase,
+        **fields,
+    )
+
+
 def start_download(version: str | None = None, user: str = "admin") -> Download:
     return services.download_start(
         user=user, trigger=DownloadTrigger.USER, version=version, enqueue=False
@@ -120,6 +148,23 @@ def run_download(version: str | None = None, **kwargs) -> Download:
     downloader.download_execute(download.pk, **kwargs)
     download.refresh_from_db()
     return download
+
+
+@pytest.fixture
+def ready(firmware: Firmware) -> Download:
+    """A licensed demo appliance (2.8.0.0) with firmware 2.8.1.0 downloaded and verified."""
+    firmware.offer(firmware.build())
+    download = run_download()
+    assert download.state == DownloadState.READY, download.error
+    return download
+
+
+def rehearse_here() -> Job:
+    """A rehearsal started as the console starts one, run as the worker runs it."""
+    job = rehearsal.rehearsal_start(user="admin", enqueue=False)
+    run_job(job.pk)
+    job.refresh_from_db()
+    return job
 
 
 @pytest.fixture

@@ -161,6 +161,24 @@ def install_workers(
         worker.stop()
 
 
+@pytest.fixture
+def worker_paused_at(
+    install_workers: Callable[..., WorkerProcess],
+    smtp_service: SmtpServiceProcess,  # noqa: F811
+) -> Callable[..., WorkerProcess]:
+    """Start a worker on the test's mail service that holds ``phase`` at its checkpoint for
+    ``ms`` milliseconds (LMI_INSTALL_PHASE_DELAY_*): the test acts while the run sits there."""
+
+    def start(*, phase: int, ms: int) -> WorkerProcess:
+        return install_workers(
+            LMI_SMTP_PORT=str(smtp_service.port),
+            LMI_INSTALL_PHASE_DELAY_MS=str(ms),
+            LMI_INSTALL_PHASE_DELAY_PHASE=str(phase),
+        )
+
+    return start
+
+
 def wait_final(run_id: int, timeout: float = RUN_TIMEOUT) -> InstallRun:
     def final() -> InstallRun | None:
         run = InstallRun.objects.get(pk=run_id)
@@ -188,12 +206,20 @@ KILL_LEASE = "6"
 
 
 def killed_in_phase_then_resumed(
-    start: Callable[[], InstallRun], phase: int, install_workers, smtp_port: int
+    start: Callable[[], InstallRun],
+    phase: int,
+    install_workers,
+    smtp_port: int,
+    *,
+    own_log_rows: int,
 ) -> InstallRun:
     """Start a run (an install or a return) with a worker that pauses at ``phase``'s
     checkpoint, SIGKILL that worker there, start a fresh one, and wait for the run's end:
     it must have ended SUCCEEDED with the killed phase run twice, every other once, each
-    completed once, and the job resumed once by the reconciler."""
+    completed once, and the job resumed once by the reconciler. No message may be lost or
+    changed, and the SMTP log gains only the run's ``own_log_rows`` (its own test messages,
+    logged once even when their phase ran twice: each checkpoint is before its send)."""
+    before = msgcounts.store_counts()
     env = {"LMI_SMTP_PORT": str(smtp_port), "LMI_INSTALL_LEASE_SECONDS": KILL_LEASE}
     first = install_workers(
         LMI_INSTALL_PHASE_DELAY_MS=KILL_DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
@@ -209,6 +235,11 @@ def killed_in_phase_then_resumed(
     attempts = dict(run.phases.values_list("number", "attempts"))
     assert attempts == {n: 2 if n == phase else 1 for n in range(1, 11)}
     assert completed_events(run) == {n: 1 for n in range(1, 11)}
+    after = msgcounts.store_counts()
+    assert after.messages == before.messages == run.messages_after
+    assert after.tables["messages"] == before.tables["messages"]
+    assert after.tables["bodies"] == before.tables["bodies"]
+    assert after.smtp_log == before.smtp_log + own_log_rows
     return run
 
 

@@ -60,14 +60,6 @@ def demo_281_worker(
     return start
 
 
-@pytest.fixture
-def ready(firmware):
-    firmware.offer(firmware.build())
-    download = run_download()
-    assert download.state == "ready", download.error
-    return download
-
-
 @pytest.mark.django_db
 def test_preflight_prints_the_checklist_and_exits_0_when_nothing_fails(ready, capsys):
     code, out, err = update_control(capsys, "--preflight")

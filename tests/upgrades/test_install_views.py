@@ -15,12 +15,11 @@ from django.utils.html import escape
 
 from appliance.system import network
 from events.models import Event
-from tests.upgrades.conftest import run_download
+from tests.upgrades.conftest import install_run_row
 from upgrades import install
 from upgrades.models import (
     PHASE_NAMES,
     Download,
-    DownloadState,
     InstallPhase,
     InstallRun,
     InstallState,
@@ -64,15 +63,6 @@ def roomy_disks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(psutil, "disk_usage", usage)
 
 
-@pytest.fixture
-def ready(firmware) -> Download:
-    """A licensed demo appliance (2.8.0.0) with firmware 2.8.1.0 downloaded and verified."""
-    firmware.offer(firmware.build())
-    download = run_download()
-    assert download.state == DownloadState.READY, download.error
-    return download
-
-
 def make_run(
     state: str = InstallState.RUNNING,
     phase: int = 4,
@@ -81,25 +71,14 @@ def make_run(
     error: str = "",
 ) -> InstallRun:
     """A run as the engine leaves it in ``state`` at ``phase`` (rows only: for rendering)."""
-    if download is None:
-        download = Download.objects.create(
-            version="2.8.1.0",
-            url="http://127.0.0.1/x.bundle",
-            size=1,
-            sha256="0" * 64,
-            state=DownloadState.READY,
-            trigger="user",
-        )
     now = timezone.now()
     final = state not in (InstallState.QUEUED, InstallState.RUNNING, InstallState.ROLLING_BACK)
-    run = InstallRun.objects.create(
+    run = install_run_row(
+        state,
+        phase,
         download=download,
-        version="2.8.1.0",
-        from_version="2.8.0.0",
         requested_by="admin",
         trigger="console",
-        state=state,
-        phase=phase,
         started_at=now - timedelta(seconds=60),
         finished_at=now if final else None,
         error=error,

@@ -21,25 +21,16 @@ from appliance.system import snapshot
 from events.models import Event
 from jobs.models import Job, JobState
 from jobs.reconciler import reconcile
-from jobs.tasks import run_job
 from tests.support.jobs import appliance_job_running
 from tests.support.services import start_worker, worker_env
 from tests.support.trees import tree_snapshot
-from tests.upgrades.conftest import update_control
+from tests.upgrades.conftest import rehearse_here, update_control
 from tests.upgrades.test_install import ready_firmware  # noqa: F401
 from upgrades import install, rehearsal
 from upgrades.models import Download
 
 LISTS = "etc/mailsec/lists"
 OBJECTS = "etc/mailsec/cpe/mailsec_policyobjects1_1.xml"
-
-
-def rehearse_here() -> Job:
-    """A rehearsal started as the console starts one, run as the worker runs it."""
-    job = rehearsal.rehearsal_start(user="admin", enqueue=False)
-    run_job(job.pk)
-    job.refresh_from_db()
-    return job
 
 
 def add_object(root: Path, *, unknown: bool = False) -> None:

@@ -16,6 +16,7 @@ from jobs.models import Job, JobState
 from jobs.tasks import run_job
 from tests.support import enqueue as enqueues
 from tests.support.trees import tree_snapshot
+from tests.upgrades.conftest import rehearse_here
 from tests.upgrades.test_install import ready_firmware  # noqa: F401
 from upgrades import rehearsal
 from upgrades.models import Download
@@ -60,9 +61,7 @@ def test_the_install_page_shows_the_panel_and_the_last_rehearsal_beside_the_esti
 ) -> None:
     page = admin_client.get(INSTALL).content.decode()
     assert 'data-testid="rehearsal-none"' in page and 'data-testid="rehearse"' in page
-    job = rehearsal.rehearsal_start(user="admin", enqueue=False)
-    run_job(job.pk)
-    job.refresh_from_db()
+    job = rehearse_here()
     downtime = job.details["report"]["downtime_s"]
 
     page = admin_client.get(INSTALL).content.decode()
@@ -209,8 +208,7 @@ def test_api_returns_the_last_rehearsal_with_its_report(
     client: Client,
     viewer_token: dict[str, str],
 ) -> None:
-    job = rehearsal.rehearsal_start(user="admin", enqueue=False)
-    run_job(job.pk)
+    job = rehearse_here()
 
     body = client.get(API, **viewer_token).json()
 

@@ -37,6 +37,7 @@ from tests.upgrades.test_install import (  # noqa: F401
     roomy_preflight_disk,
     wait_final,
     wait_for_checkpoint,
+    worker_paused_at,
 )
 from tests.upgrades.test_return_services import cpe_files
 from upgrades import install, returning
@@ -80,16 +81,12 @@ def stored_raws(markers: list[str]) -> dict[str, bytes]:
 def test_return_after_an_upgrade_with_new_mail_loses_no_message(
     ready_firmware: Download,  # noqa: F811
     smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    worker_paused_at,  # noqa: F811
     admin_user,
     appliance_root: Path,
 ) -> None:
     # A pause in phase 2 (both ways), so mail certainly arrives during the return's conversion.
-    install_workers(
-        LMI_SMTP_PORT=str(smtp_service.port),
-        LMI_INSTALL_PHASE_DELAY_MS="1500",
-        LMI_INSTALL_PHASE_DELAY_PHASE="2",
-    )
+    worker_paused_at(phase=2, ms=1500)
     config_before = cpe_files(appliance_root)
     before = msgcounts.store_counts()
     markers: list[str] = []

@@ -35,10 +35,15 @@ from tests.upgrades.test_install import (  # noqa: F401
     tree_digest,
     wait_final,
     wait_for_checkpoint,
+    worker_paused_at,
 )
-from tests.upgrades.test_return_services import cpe_files, upgrade_here
+from tests.upgrades.test_return_services import (  # noqa: F401
+    cpe_files,
+    upgrade_here,
+    upgraded,
+)
 from upgrades import install, returning
-from upgrades.models import Download, InstallState
+from upgrades.models import Download, InstallRun, InstallState
 
 
 @pytest.mark.integration
@@ -55,39 +60,30 @@ def test_worker_killed_inside_a_return_phase_resumes_to_success(
 ) -> None:
     config_before = cpe_files(appliance_root)
     upgrade_here(admin_user, settings, smtp_service)
-    before = msgcounts.store_counts()
     run = killed_in_phase_then_resumed(
-        lambda: returning.return_start(user=admin_user), phase, install_workers, smtp_service.port
+        lambda: returning.return_start(user=admin_user),
+        phase,
+        install_workers,
+        smtp_service.port,
+        own_log_rows=1,  # the return's one health probe
     )
     assert system_info().firmware_version == OLD_VERSION
     assert msgstore.format_version() == "2.8.0"
     assert configconvert.config_format() == "2.8.0"
     assert cpe_files(appliance_root) == config_before
     assert maintenance_status() is None
-    after = msgcounts.store_counts()
-    assert after.messages == before.messages == run.messages_after
-    assert after.tables["messages"] == before.tables["messages"]
-    assert after.tables["bodies"] == before.tables["bodies"]
-    assert after.smtp_log == before.smtp_log + 1  # the return's one health probe
     assert not updatelogs.install_workdir(run.pk).exists()
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_abort_in_phase_2_of_a_return_leaves_the_newer_firmware_untouched(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    upgraded: InstallRun,  # noqa: F811
+    worker_paused_at,  # noqa: F811
     admin_user,
-    settings,
     appliance_root: Path,
 ) -> None:
-    upgrade_here(admin_user, settings, smtp_service)
-    install_workers(
-        LMI_SMTP_PORT=str(smtp_service.port),
-        LMI_INSTALL_PHASE_DELAY_MS="3000",
-        LMI_INSTALL_PHASE_DELAY_PHASE="2",
-    )
+    worker_paused_at(phase=2, ms=3000)
     tree_before = tree_digest(appliance_root)
     counts_before = msgcounts.store_counts(cached=False)
     run = returning.return_start(user=admin_user)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -67,6 +67,14 @@ def upgraded(
 ) -> InstallRun:
     """A demo appliance upgraded to 2.8.1.0 in this process, its way back kept."""
     return upgrade_here(admin_user, settings, smtp_service)
+
+
+@pytest.fixture
+def return_until(upgraded: InstallRun) -> datetime:
+    """When the upgraded appliance's way back is released: the tests move the clock around it."""
+    until = returning.return_until(upgraded)
+    assert until is not None
+    return until
 
 
 def return_here(admin_user) -> InstallRun:
@@ -157,22 +165,14 @@ def test_a_return_that_fails_rolls_back_to_the_newer_firmware_exactly(
 
 
 def test_a_return_is_refused_outside_its_period_and_without_a_kept_part(
-    upgraded: InstallRun,
-    admin_user,
-    settings,
-    appliance_root: Path,
-    clock,
+    upgraded: InstallRun, return_until: datetime, admin_user, clock
 ) -> None:
-    upgrade = upgraded
-    until = returning.return_until(upgrade)
-    assert until is not None
-
-    clock.travel(until + timedelta(minutes=1))
+    clock.travel(return_until + timedelta(minutes=1))
     with pytest.raises(returning.NothingToReturn, match="retention period ended"):
         returning.return_start(user=admin_user)
 
-    clock.travel(until - timedelta(days=2))
-    shutil.rmtree(updatelogs.return_dir(upgrade.pk))
+    clock.travel(return_until - timedelta(days=2))
+    shutil.rmtree(updatelogs.return_dir(upgraded.pk))
     with pytest.raises(returning.NothingToReturn, match="configuration kept for the way back"):
         returning.return_start(user=admin_user)
     assert not InstallRun.objects.filter(direction="return").exists()
@@ -193,30 +193,29 @@ def test_a_removed_previous_system_refuses_the_return(
 
 def test_the_way_back_is_announced_warned_a_day_before_and_released_after_its_period(
     upgraded: InstallRun,
+    return_until: datetime,
     admin_user,
     settings,
     appliance_root: Path,
     clock,
 ) -> None:
     upgrade = upgraded
-    until = returning.return_until(upgrade)
-    assert until is not None
     slot = upgrade.details["previous_slot"]
     # One notice after the other, never stacked: the upgrade's own on its first day, then
     # the way back's, then the warning in the last day.
     firmware_notices = [n.message for n in update_notices() if "irmware" in n.message]
     assert firmware_notices == [f"Upgrade complete: firmware {NEW_VERSION}."]
-    clock.travel(until - timedelta(days=3))
+    clock.travel(return_until - timedelta(days=3))
     notices = [n for n in update_notices() if "irmware" in n.message]
     assert [(n.level, n.message) for n in notices] == [
-        ("info", f"Return to firmware {OLD_VERSION} possible until {story.when(until)}.")
+        ("info", f"Return to firmware {OLD_VERSION} possible until {story.when(return_until)}.")
     ]
-    clock.travel(until - timedelta(hours=20))
+    clock.travel(return_until - timedelta(hours=20))
     warnings = [n for n in update_notices() if "is released on" in n.message]
     assert [n.level for n in warnings] == ["warning"]
     assert returning.return_release_due() == []  # not yet
 
-    clock.travel(until + timedelta(minutes=5))
+    clock.travel(return_until + timedelta(minutes=5))
     assert returning.return_release_due() == [upgrade.pk]
 
     assert not (appliance_root / "system" / slot).exists()

@@ -14,12 +14,10 @@ from appliance.firmware import spool
 from appliance.mail import msgstore
 from events.models import Event
 from home.notifications import current_notices
-from tests.upgrades.conftest import run_download, update_control
+from tests.upgrades.conftest import update_control
 from tests.upgrades.test_install_views import roomy_disks  # noqa: F401
 from upgrades import schedule
 from upgrades.models import (
-    Download,
-    DownloadState,
     InstallRun,
     InstallTrigger,
     ScheduledInstall,
@@ -42,15 +40,6 @@ def _csrf(client) -> dict[str, str]:
 
 def _post(client, url: str, data: dict | None = None):
     return client.post(url, data or {}, **_csrf(client))
-
-
-@pytest.fixture
-def ready(firmware) -> Download:
-    """A licensed demo appliance (2.8.0.0) with firmware 2.8.1.0 downloaded and verified."""
-    firmware.offer(firmware.build())
-    download = run_download()
-    assert download.state == DownloadState.READY, download.error
-    return download
 
 
 @pytest.fixture

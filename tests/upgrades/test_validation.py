@@ -20,11 +20,12 @@ from appliance.config.policy import object_file
 from appliance.config.store import file_macro_objects, list_policy_objects, write_policy_objects
 from appliance.firmware import validationfile
 from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore
-from appliance.mail.mailrecords import MailRecord, mail_record
+from appliance.mail.mailrecords import mail_record
 from appliance.system.paths import layout
-from tests.upgrades.conftest import update_control
+from tests.support.message_store import quarantined_spam
+from tests.upgrades.conftest import install_run_row, update_control
 from upgrades import validation
-from upgrades.models import Download, DownloadState, InstallRun, InstallState
+from upgrades.models import InstallRun, InstallState
 
 
 def _convert(root: Path) -> msgbackup.BackupResult:
@@ -39,19 +40,12 @@ def _convert(root: Path) -> msgbackup.BackupResult:
 def _quarantine(subject: str = "after the commit") -> int:
     raw = f"Subject: {subject}\r\n\r\nhello\r\n".encode()
     quarantine_id = mail_record(
-        MailRecord(
+        quarantined_spam(
+            raw,
             logged_at=int(timezone.now().timestamp()),
-            client_ip="192.0.2.1",
             sender="someone@example.net",
-            recipients=("postmaster@localhost",),
-            message_id="<new@example.net>",
             subject=subject,
-            size=len(raw),
-            verdict="spam",
-            action="quarantined",
-            response="250 2.0.0 queued",
-            store_name="Spam quarantine",
-            raw=raw,
+            message_id="<new@example.net>",
         )
     )
     assert quarantine_id is not None
@@ -235,22 +229,7 @@ def test_a_list_missing_before_the_upgrade_is_a_note_not_a_failure(demo_applianc
 
 
 def _run_with_report(passed: bool = True) -> InstallRun:
-    download = Download.objects.create(
-        version="2.8.1.0",
-        url="http://127.0.0.1/x.bundle",
-        size=1,
-        sha256="0" * 64,
-        state=DownloadState.READY,
-        trigger="user",
-    )
-    run = InstallRun.objects.create(
-        download=download,
-        version="2.8.1.0",
-        from_version="2.8.0.0",
-        state=InstallState.SUCCEEDED,
-        phase=10,
-        finished_at=timezone.now(),
-    )
+    run = install_run_row(InstallState.SUCCEEDED, 10, finished_at=timezone.now())
     checks = [
         validation.check_of("messages", True, "200 messages in 4 stores, equal"),
         validation.check_of(

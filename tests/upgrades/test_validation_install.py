@@ -9,8 +9,6 @@ event and a notice on Home say so.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from appliance.config.policy import object_file
@@ -26,6 +24,7 @@ from tests.upgrades.test_install import (  # noqa: F401 - fixtures
     roomy_preflight_disk,
     wait_final,
     wait_for_checkpoint,
+    worker_paused_at,
 )
 from upgrades import install, validation
 from upgrades.models import Download, InstallState
@@ -78,16 +77,10 @@ def test_a_successful_install_writes_a_report_whose_checks_all_pass(
 @pytest.mark.slow
 def test_data_removed_behind_the_installs_back_fails_the_report_but_not_the_commit(
     ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    worker_paused_at,  # noqa: F811
     admin_user,
-    appliance_root: Path,
 ) -> None:
-    install_workers(
-        LMI_SMTP_PORT=str(smtp_service.port),
-        LMI_INSTALL_PHASE_DELAY_MS="4000",
-        LMI_INSTALL_PHASE_DELAY_PHASE="10",
-    )
+    worker_paused_at(phase=10, ms=4000)
     run = install.install_start(user=admin_user)
     wait_for_checkpoint(run, 10, timeout=120)
     # Committed and mail accepted again: one message and one list go missing now.

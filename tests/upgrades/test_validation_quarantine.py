@@ -22,8 +22,9 @@ from appliance.system.paths import layout
 from events.models import Event
 from smtp import engine
 from tests.support.smtp import SmtpServiceProcess, smtp_service  # noqa: F401
+from tests.upgrades.conftest import install_run_row
 from upgrades import validation_checks
-from upgrades.models import Download, DownloadState, InstallRun, InstallState
+from upgrades.models import InstallRun, InstallState
 from upgrades.validation_checks import VALIDATION_SENDER, quarantine_now
 
 RUN = 7
@@ -79,22 +80,7 @@ def _store_trigger(sql: str) -> None:
 
 
 def _run() -> InstallRun:
-    download = Download.objects.create(
-        version="2.8.1.0",
-        url="http://127.0.0.1/x.bundle",
-        size=1,
-        sha256="0" * 64,
-        state=DownloadState.READY,
-        trigger="user",
-    )
-    return InstallRun.objects.create(
-        download=download,
-        version="2.8.1.0",
-        from_version="2.8.0.0",
-        state=InstallState.RUNNING,
-        phase=10,
-        started_at=timezone.now(),
-    )
+    return install_run_row(InstallState.RUNNING, 10, started_at=timezone.now())
 
 
 def test_the_virus_test_message_lands_in_its_store_and_is_deleted_again(
