@@ -10,6 +10,13 @@ bare aiosmtpd server that accepts and discards, in a process of its own, so the 
 what the policy and the durability cost.
 
 Run: `.venv/bin/python bench/smtp_accept.py [--messages N] [--concurrency 1,4,16] [--json]`.
+
+Reading the figures: every clean message is a new spool file, and on ext4 without a journal (the
+development VM's root filesystem) making a file scans past inodes deleted in the last minutes
+(``recently_deleted`` in the kernel): 0.3-0.9 ms of kernel time each, depending on what other
+processes deleted nearby. The temporary appliance lives under $TMPDIR with every test's files,
+so the service's figures move with the machine's other work far more than the bare sink's
+(which writes nothing): compare runs made alternately, close together.
 """
 
 from __future__ import annotations
