@@ -386,7 +386,12 @@ def members_mark_unreachable() -> list[str]:
     )
     marked = []
     for member in ClusterMember.objects.filter(reachable=True, last_seen__lt=limit):
-        if ClusterMember.objects.filter(pk=member.pk, reachable=True).update(reachable=False):
+        # One commit: whoever sees the member unreachable also sees the event that says why.
+        with transaction.atomic():
+            if not ClusterMember.objects.filter(pk=member.pk, reachable=True).update(
+                reachable=False
+            ):
+                continue
             marked.append(member.node)
             event_write(
                 category=Category.CLUSTER,
