@@ -44,6 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from appliance.config.store import read_smtp_settings
 from appliance.system.atomic import atomic_write_bytes, fsync_dir
@@ -65,6 +66,31 @@ DEFAULT_NEXT_HOP_PORT = 25
 # 0.02 s accepted 619-677 rather than 590-621 msg/s with 4 clients and 834-1,024 rather than
 # 802-834 with 16: fewer directory fsyncs of the sink, competing with the spool writer's.
 DELIVERY_LINGER = 0.1
+
+
+T = TypeVar("T")
+
+
+def queue_take_batch(
+    source: queue.SimpleQueue[T | list[T] | None], first: T | list[T], limit: int
+) -> tuple[list[T], bool]:
+    """``first`` and what else already waits in ``source``, up to ``limit`` items, never
+    waiting for more (a list on the queue counts as its items); and whether the stop mark,
+    ``None``, was met. The mail service's writer threads (the spool writer and the store
+    writer) take their work this way, so what arrived together shares one fsync or commit."""
+    batch: list[T] = list(first) if isinstance(first, list) else [first]
+    while len(batch) < limit:
+        try:
+            more = source.get_nowait()
+        except queue.Empty:
+            return batch, False
+        if more is None:
+            return batch, True
+        if isinstance(more, list):
+            batch.extend(more)
+        else:
+            batch.append(more)
+    return batch, False
 
 
 class DeliveryError(Exception):
@@ -391,17 +417,7 @@ class SpoolWriter:
             if item is None:
                 return
             may_make_spares = True
-            batch = [item]
-            stop = False
-            while len(batch) < self._max_batch:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                    break
-                batch.append(more)
+            batch, stop = queue_take_batch(self._queue, item, self._max_batch)
             self._write(batch)
             if stop:
                 return

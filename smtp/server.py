@@ -76,7 +76,14 @@ from appliance.system.errors import ApplianceError
 from appliance.system.maintenance import MaintenanceState, maintenance_status
 from appliance.system.paths import appliance_root, layout
 from events.models import Category, Severity
-from smtp.delivery import DeliveryQueue, SpoolResult, SpoolWriter, spool_lock, spool_write
+from smtp.delivery import (
+    DeliveryQueue,
+    SpoolResult,
+    SpoolWriter,
+    queue_take_batch,
+    spool_lock,
+    spool_write,
+)
 from smtp.drain import DrainWatch
 from smtp.engine import (
     REPLY_TOO_BIG,
@@ -422,20 +429,7 @@ class StoreWriter:
                 item = self._queue.get()
                 if item is None:
                     return
-                batch = item if isinstance(item, list) else [item]
-                stop = False
-                while len(batch) < self._max_batch:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                        break
-                    if isinstance(more, list):
-                        batch.extend(more)
-                    else:
-                        batch.append(more)
+                batch, stop = queue_take_batch(self._queue, item, self._max_batch)
                 # A record whose caller gave up waiting (and answered 4xx) is not written.
                 batch = [entry for entry in batch if entry[1].set_running_or_notify_cancel()]
                 if batch:

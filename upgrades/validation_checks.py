@@ -102,6 +102,16 @@ def smtp_now() -> dict[str, Any]:
         "port": settings.SMTP_PORT,
         "recipient": recipient,
     }
+    seen.update(_session(recipient))
+    seen["accepting"] = seen.get("rcpt_to") == 250
+    return seen
+
+
+def _session(recipient: str, raw: bytes | None = None) -> dict[str, Any]:
+    """One session with the mail service, as any client opens it: the envelope, then ``raw``
+    as the message, or RSET when there is none (nothing is written). Each reply's code, the
+    last reply, and how long it took (``smtp_ms``)."""
+    seen: dict[str, Any] = {}
     began = time.monotonic()
     try:
         with smtplib.SMTP(
@@ -117,12 +127,15 @@ def smtp_now() -> dict[str, Any]:
             if code == 250:
                 code, reply = client.rcpt(recipient)
                 seen["rcpt_to"] = code
-            seen["reply"] = reply.decode("utf-8", "replace")[:200]
-            client.rset()
+            if code == 250 and raw is not None:
+                code, reply = client.data(raw)
+                seen["data"] = code
+            seen["reply"] = f"{code} {reply.decode('utf-8', 'replace')}"[:200]
+            if raw is None or code != 250:
+                client.rset()
     except (OSError, smtplib.SMTPException) as exc:
         seen["error"] = str(exc)[:300]
-    seen["ms"] = round((time.monotonic() - began) * 1000)
-    seen["accepting"] = seen.get("rcpt_to") == 250
+    seen["smtp_ms"] = round((time.monotonic() - began) * 1000)
     return seen
 
 
@@ -218,33 +231,6 @@ def _test_messages_delete(ids: list[int]) -> int:
     return len(quarantine_delete(ids, user=None).deleted) if ids else 0
 
 
-def _send(recipient: str, raw: bytes) -> dict[str, Any]:
-    """One message through the mail service, as any client sends it; the replies it gave."""
-    sent: dict[str, Any] = {}
-    began = time.monotonic()
-    try:
-        with smtplib.SMTP(
-            settings.SMTP_HOST,
-            settings.SMTP_PORT,
-            local_hostname="localhost",
-            timeout=SMTP_TIMEOUT_S,
-        ) as client:
-            client.ehlo()
-            code, reply = client.mail(VALIDATION_SENDER)
-            if code == 250:
-                code, reply = client.rcpt(recipient)
-            if code == 250:
-                code, reply = client.data(raw)
-                sent["data"] = code
-            sent["reply"] = f"{code} {reply.decode('utf-8', 'replace')}"[:200]
-            if code != 250:
-                client.rset()
-    except (OSError, smtplib.SMTPException) as exc:
-        sent["error"] = str(exc)[:300]
-    sent["smtp_ms"] = round((time.monotonic() - began) * 1000)
-    return sent
-
-
 def _copy_problem(copy: QuarantinedCopy, message_id: str, policy_store: str) -> str | None:
     """Why the stored copy is not the message sent, in the store the policy names; None when
     it is. Its body is read back: a 2.8.1 body is checked against its own digest there."""
@@ -285,7 +271,7 @@ def quarantine_now(run_id: int) -> dict[str, Any]:
                 f"the running policy would not quarantine it ({verdict.action}), so it was not sent"
             )
             return found
-        found.update(_send(recipient, raw))
+        found.update(_session(recipient, raw))
         if found.get("data") != 250:
             answer = found.get("error") or found.get("reply") or "no answer"
             found["error"] = f"the mail service did not accept it: {answer}"

@@ -70,15 +70,18 @@ def stored(root: Path, reply: bytes) -> bytes:
     """The message the service kept for the 250 ``reply``, without its Received header."""
     queue_id = reply.decode().split()[-1]
 
-    def find() -> Path | None:
+    def read() -> bytes | None:
+        # Delivery may move the file from the spool to the sink between the look and the read.
         for directory in (layout(root).mail_spool_dir, layout(root).mail_sink_dir):
             if directory.is_dir():
                 for path in directory.glob(f"*-{queue_id}.eml"):
-                    return path
+                    try:
+                        return parse_spool_file(path, path.read_bytes()).message
+                    except FileNotFoundError:
+                        continue
         return None
 
-    path = wait_for(find, message=f"{queue_id} is neither spooled nor delivered")
-    message = parse_spool_file(path, path.read_bytes()).message
+    message = wait_for(read, message=f"{queue_id} is neither spooled nor delivered")
     assert message.startswith(b"Received: ")
     end = message.index(b"\r\n")
     while message[end + 2 : end + 3] in (b"\t", b" "):  # the header's continuation lines

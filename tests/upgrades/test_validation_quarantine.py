@@ -65,7 +65,7 @@ def _leave_a_copy(run_id: int) -> None:
     """What an attempt killed between the send and the deletion leaves: the copy, stored."""
     recipient = validation_checks._test_recipient()
     _, raw = validation_checks._quarantine_message(run_id, recipient)
-    sent = validation_checks._send(recipient, raw)
+    sent = validation_checks._session(recipient, raw)
     assert sent.get("data") == 250, sent
 
 
