@@ -17,14 +17,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from django.conf import settings as django_settings
-
 from lmi.celery import node_queue
 from tests.support.services import (
     BASE_DIR,
-    TEST_INSTALL_DRAIN_MS,
     WorkerProcess,
     launch_worker,
+    worker_env,
 )
 from tests.support.smtp import free_port, read_banner
 
@@ -58,26 +56,18 @@ class Node:
     smtp: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = worker_env(self.redis_url, self.root)
         env.update(
             {
-                "DJANGO_SETTINGS_MODULE": "lmi.settings",
                 "LMI_DATABASE_URL": self.database_url,
-                "LMI_REDIS_URL": self.redis_url,
-                "LMI_APPLIANCE_ROOT": str(self.root),
                 "LMI_VAR_DIR": str(self.var_dir),
                 "LMI_NODE_NAME": self.name,
                 "LMI_CLUSTER_ROLE": self.role,
                 "LMI_CLUSTER_CENTRAL": "central",
                 "LMI_CLUSTER_REPORT_SECONDS": "1",
                 "LMI_SMTP_PORT": str(self.smtp_port),
-                "LMI_TRUSTED_KEYS_DIR": str(django_settings.TRUSTED_KEYS_DIR),
-                "LMI_TRUSTED_KEYS": ",".join(django_settings.TRUSTED_KEYS),
-                "LMI_UPDATE_FEED_URL": str(django_settings.UPDATE_FEED_URL),
-                "PYTHONUNBUFFERED": "1",
             }
         )
-        env.setdefault("LMI_INSTALL_DRAIN_MS", str(TEST_INSTALL_DRAIN_MS))
         env.update(self.extra_env)
         return env
 

@@ -132,6 +132,8 @@ def worker_env(redis_url: str, appliance_root: Path) -> dict[str, str]:
             "LMI_TRUSTED_KEYS": ",".join(django_settings.TRUSTED_KEYS),
             "LMI_UPDATE_FEED_URL": str(django_settings.UPDATE_FEED_URL),
             "PYTHONUNBUFFERED": "1",
+            # As the launcher starts it: the checks run once, in its setup (lmi/launcher.py).
+            "CELERY_SKIP_CHECKS": "1",
         }
     )
     env.setdefault("LMI_INSTALL_DRAIN_MS", str(TEST_INSTALL_DRAIN_MS))
