@@ -528,9 +528,11 @@ from pathlib import Path
 from appliance.mail import msgcounts, msgmigrate
 msgcounts.CHUNK_BITS = 6  # as the small_chunks fixture: checksums depend on it
 root = Path({root!r})
-msgmigrate.migrate_prepare(root, pause=0.04)
-msgmigrate.migrate_finish(root)
-print("done")
+def said(progress):
+    print(progress.step, progress.done, flush=True)
+msgmigrate.migrate_prepare(root, progress=said)
+msgmigrate.migrate_finish(root, progress=said)
+print("done 0", flush=True)
 """
 
 
@@ -538,23 +540,34 @@ print("done")
 def test_killing_the_conversion_anywhere_leaves_the_old_or_the_new_store(
     appliance_root: Path,
 ) -> None:
+    """SIGKILL the conversion (prepare, then finish) as soon as it reports a step drawn at
+    random: in copying, in verifying, at the swap. The kill lands while it works on what
+    follows, never at a time guessed from the clock; each new process resumes the partial file,
+    the last one runs to the end."""
     demo_store.fill_demo(messages=1500, now=NOW)
     before = msgcounts.store_counts(cached=False)
     script = _KILL_SCRIPT.format(repo=str(REPO), root=str(appliance_root))
     rng = random.Random(6)
-    outcomes = set()
-    for _ in range(10):
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE)
-        # Django's start-up takes most of a second; the conversion a few seconds after it.
-        time.sleep(rng.uniform(0.8, 3.0))
+    order = {"copy": 0, "verify": 1, "swap": 2, "done": 3}
+    targets = [("copy", rng.randint(1, 30)), ("copy", rng.randint(1, 30))]
+    targets += [("verify", rng.randint(1, 30)), ("swap", 0), ("done", 0)]
+    outcomes = []
+    for step, count in targets:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            name, done = line.split()
+            if (order[name], int(done)) >= (order[step], count):
+                break
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
         version = msgstore.format_version()
-        outcomes.add(version)
-        assert msgcounts.store_counts(cached=False) == before, version
-        if version == "2.8.1":
-            break
-    assert "2.8.0" in outcomes  # at least one kill landed mid-conversion
+        outcomes.append(version)
+        assert msgcounts.store_counts(cached=False) == before, (step, version)
+    assert outcomes[:3] == ["2.8.0"] * 3 and outcomes[-1] == "2.8.1", outcomes
     msgmigrate.migrate_prepare()
     assert msgmigrate.migrate_finish().counts == before
     assert msgcounts.store_counts(cached=False) == before

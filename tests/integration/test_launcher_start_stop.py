@@ -22,7 +22,7 @@ from tests.support.launcher import (  # noqa: F401
 )
 from tests.support.services import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.engine_neutral]
 
 SERVING = "LMI is serving"
 ORPHAN_TIMEOUT = 10.0  # PR_SET_PDEATHSIG acts at once; gunicorn's workers notice within 1 s

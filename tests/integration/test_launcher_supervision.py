@@ -19,7 +19,7 @@ from tests.support.launcher import LauncherProcess, launcher  # noqa: F401
 from tests.support.mailload import SmtpSessions
 from tests.support.services import wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.engine_neutral]
 
 RECOVERY_TIMEOUT = 30.0
 # A queue no worker consumes: what is queued there must still be there after a Redis restart.
