@@ -9,10 +9,12 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 from django.conf import settings
@@ -185,25 +187,22 @@ def upgrade_disks() -> list[DiskUsage]:
 def reclaim_links() -> list[ReclaimLink]:
     """The guide's three places to reduce retention, and the planner that picks the values,
     linked where the page exists."""
-    from django.urls import NoReverseMatch
-
-    links = []
-    for label, name in (
-        ("Mail Security > Policy Objects > Message Stores", "mailsecurity:message_stores"),
-        ("SMTP > Configuration > Maintenance", "smtp:maintenance"),
-        ("Mail Security > Policy > Message Tracking / Reporting", "mailsecurity:message_tracking"),
-        (
-            f"Reclaim planner: which retentions bring the disk to "
-            f"{upgrade_free_percent():.0f}% free",
-            "mailsecurity:reclaim",
-        ),
-    ):
-        try:
-            url: str | None = reverse(name)
-        except NoReverseMatch:
-            url = None
-        links.append(ReclaimLink(label, url))
-    return links
+    return [
+        ReclaimLink(label, _url(name))
+        for label, name in (
+            ("Mail Security > Policy Objects > Message Stores", "mailsecurity:message_stores"),
+            ("SMTP > Configuration > Maintenance", "smtp:maintenance"),
+            (
+                "Mail Security > Policy > Message Tracking / Reporting",
+                "mailsecurity:message_tracking",
+            ),
+            (
+                f"Reclaim planner: which retentions bring the disk to "
+                f"{upgrade_free_percent():.0f}% free",
+                "mailsecurity:reclaim",
+            ),
+        )
+    ]
 
 
 # --- The levers on a disk (issue 16) -------------------------------------------------------------
@@ -268,30 +267,45 @@ def _retention_levers() -> tuple[Lever, ...]:
     return levers
 
 
-def _backup_lever() -> Lever | None:
-    """Every configuration backup but the newest: a restore point stays."""
-    old = configbackup.backup_list()[1:]
-    if not old:
+class _File(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
+def _files_lever(
+    files: Sequence[_File], *, key: str, label: str, how: str, page: str
+) -> Lever | None:
+    """Files the administrator removes by hand, as one lever that frees their total size; no
+    lever when there are none. ``label`` gets their number."""
+    if not files:
         return None
     return Lever(
+        key=key,
+        label=label.format(count=len(files)),
+        bytes=sum(file.size for file in files),
+        how=how,
+        url=_url(page),
+    )
+
+
+def _backup_lever() -> Lever | None:
+    """Every configuration backup but the newest: a restore point stays."""
+    return _files_lever(
+        configbackup.backup_list()[1:],
         key="config_backups",
-        label=f"Old configuration backups ({len(old)}; the newest is kept)",
-        bytes=sum(header.size for header in old),
+        label="Old configuration backups ({count}; the newest is kept)",
         how="delete them on Backup & Restore > System after downloading any you want to keep",
-        url=_url("backups:system"),
+        page="backups:system",
     )
 
 
 def _update_log_lever() -> Lever | None:
-    logs = updatelogs.list_logs()
-    if not logs:
-        return None
-    return Lever(
+    return _files_lever(
+        updatelogs.list_logs(),
         key="update_logs",
-        label=f"Firmware logs in /var/spool/updates/XPU ({len(logs)})",
-        bytes=sum(log.size for log in logs),
+        label="Firmware logs in /var/spool/updates/XPU ({count})",
         how="read them on Updates & Licensing, then remove the old ones as root over SSH",
-        url=_url("upgrades:index"),
+        page="upgrades:index",
     )
 
 

@@ -59,7 +59,7 @@ from lmi.notices import Notice
 from upgrades import validation_checks as service_checks
 from upgrades.models import InstallRun, InstallState
 from upgrades.phase_context import LeaseLost, event, log
-from upgrades.validation_checks import TITLES, check_of
+from upgrades.validation_checks import TITLES, check_of, check_of_problems
 
 if TYPE_CHECKING:
     from upgrades.phase_context import PhaseContext
@@ -296,11 +296,9 @@ def messages_check(content: dict[str, Any], messages_before: int | None) -> dict
         "stores": stores,
         "damaged_ids": after.damaged[:20],
     }
-    if problems:
-        return check_of("messages", False, "; ".join(problems), figures)
-    return check_of(
+    return check_of_problems(
         "messages",
-        True,
+        problems,
         f"{after.messages} messages in {len(stores)} stores, counts and content checksums equal",
         figures,
         note="Messages quarantined after mail was accepted again are not compared.",

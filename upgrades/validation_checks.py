@@ -75,6 +75,17 @@ def check_of(
     }
 
 
+def check_of_problems(
+    key: str, problems: list[str], passed: str, figures: dict[str, Any], note: str = ""
+) -> dict[str, Any]:
+    """A check that fails on any of the problems found (all of them its summary) and else
+    passes with ``passed``: how a check that collects problems comes to its verdict. ``note``
+    says what a pass does not cover, so it goes with the pass only."""
+    if problems:
+        return check_of(key, False, "; ".join(problems), figures)
+    return check_of(key, True, passed, figures, note)
+
+
 def _test_recipient() -> str:
     """postmaster at a local domain of the running policy: mail any client may send (phase
     9's probe passes the policy by its sender; this envelope must not). A refused one would
@@ -386,11 +397,9 @@ def services_check(run: InstallRun, seen: dict[str, Any]) -> dict[str, Any]:
         problems.append("the appliance is still in maintenance mode")
     if seen.get("banner") != 220:
         problems.append(f"the mail service does not greet: {seen.get('error', 'no answer')}")
-    if problems:
-        return check_of("services", False, "; ".join(problems), figures)
-    return check_of(
+    return check_of_problems(
         "services",
-        True,
+        problems,
         f"health check passed, firmware {run.version}, mail service greeting, formats 2.8.1",
         figures,
     )

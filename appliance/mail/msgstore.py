@@ -625,6 +625,18 @@ def _copies(conn: sqlite3.Connection, ids: list[int]) -> dict[int, QuarantinedCo
     return found
 
 
+def _asked_for(
+    conn: sqlite3.Connection, ids: list[int]
+) -> tuple[list[QuarantinedCopy], tuple[int, ...]]:
+    """The stored copies of the ids an administrator picked, each once and in the order picked,
+    and the ids no longer stored (purged or deleted already): a release or a deletion acts on
+    the first and reports the second, not as an error."""
+    wanted = list(dict.fromkeys(ids))
+    copies = _copies(conn, wanted)
+    stored = [copies[message_id] for message_id in wanted if message_id in copies]
+    return stored, tuple(message_id for message_id in wanted if message_id not in copies)
+
+
 def quarantined_copies(ids: list[int], root: Path | None = None) -> dict[int, QuarantinedCopy]:
     """The stored messages among ids, by id; a missing id is no longer (or never was) stored."""
     conn = connect(root, readonly=True)
@@ -694,33 +706,28 @@ def quarantine_release_claim(
     read before. A message that is no longer stored (purged by retention, deleted) is reported
     and nothing is written for it.
     """
-    wanted = list(dict.fromkeys(ids))
     with _writing(root) as conn:
         conn.execute(RELEASE_TABLE_SQL)
-        copies = _copies(conn, wanted)
+        stored, missing = _asked_for(conn, ids)
         claimed: list[ReleaseClaim] = []
         already: list[int] = []
-        for message_id in wanted:
-            copy = copies.get(message_id)
-            if copy is None:
-                continue
+        for copy in stored:
             if not copy.held:  # delivered when it arrived: nothing to release
-                already.append(message_id)
+                already.append(copy.id)
                 continue
             inserted = conn.execute(
                 "INSERT INTO quarantine_release"
                 " (message_id, state, started_at, released_by, queue_id)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
-                (message_id, RELEASING, now, by, (queue_ids or {}).get(message_id, "")),
+                (copy.id, RELEASING, now, by, (queue_ids or {}).get(copy.id, "")),
             ).rowcount
-            raw = _raw(conn, message_id) if inserted else None
+            raw = _raw(conn, copy.id) if inserted else None
             if not inserted:
-                already.append(message_id)
+                already.append(copy.id)
             elif raw is None:  # a row without its body: nothing that could be delivered
-                raise QuarantineError(f"stored message {message_id} has no body")
+                raise QuarantineError(f"stored message {copy.id} has no body")
             else:
                 claimed.append(ReleaseClaim(copy, raw))
-    missing = tuple(message_id for message_id in wanted if message_id not in copies)
     return ClaimOutcome(tuple(claimed), tuple(already), missing)
 
 
@@ -799,20 +806,15 @@ def quarantine_delete(ids: list[int], root: Path | None = None) -> DeleteOutcome
     A message being released right now is left alone (its release would otherwise finish on
     a message that no longer exists); a message already gone is reported, not an error.
     """
-    wanted = list(dict.fromkeys(ids))
     with _writing(root) as conn:
-        copies = _copies(conn, wanted)
+        stored, missing = _asked_for(conn, ids)
         deleted: list[QuarantinedCopy] = []
         releasing: list[int] = []
-        for message_id in wanted:
-            copy = copies.get(message_id)
-            if copy is None:
-                continue
+        for copy in stored:
             if copy.release_state == RELEASING:
-                releasing.append(message_id)
+                releasing.append(copy.id)
                 continue
             # The body tables and the release record go with it (ON DELETE CASCADE).
-            conn.execute("DELETE FROM quarantined_message WHERE id = ?", (message_id,))
+            conn.execute("DELETE FROM quarantined_message WHERE id = ?", (copy.id,))
             deleted.append(copy)
-    missing = tuple(message_id for message_id in wanted if message_id not in copies)
     return DeleteOutcome(tuple(deleted), tuple(releasing), missing)
