@@ -309,29 +309,31 @@ def verify(
     failing its checksum raises (one of the file being built only fails to match).
 
     While mail flows (prepare), each chunk digested is followed by a rest as in :func:`sync`:
-    reading back and decompressing the whole store is the longest step of phase 2.
+    reading back and decompressing the whole store is the longest step of phase 2. Its
+    progress counts every chunk of both sides, the cached ones too, out of all of them: the
+    fingerprints are measured first when ``state`` has none (then used by the digests).
     """
+    if state is None or not state.old:
+        state = state or Fingerprinted(direction=direction)
+        state.measure(conn)
+    total = sum(map(len, state.old.values())) + sum(map(len, state.new.values()))
     done = 0
     last = time.monotonic()
 
-    def report() -> None:
+    def report(digested: bool) -> None:
         nonlocal done, last
         done += 1
         if progress is not None:
-            progress(MigrateProgress("verify", done, 0))
+            progress(MigrateProgress("verify", done, total))
+        if not digested:
+            return
         rest = max(pause, (time.monotonic() - last) * yield_ratio)
         if rest > 0:
             time.sleep(rest)
         last = time.monotonic()
 
-    old = counts_in(conn, "src", direction.source, cache, report, fingerprints=state and state.old)
+    old = counts_in(conn, "src", direction.source, cache, report, fingerprints=state.old)
     new = counts_in(
-        conn,
-        "main",
-        direction.target,
-        cache,
-        report,
-        tolerant=True,
-        fingerprints=state and state.new,
+        conn, "main", direction.target, cache, report, tolerant=True, fingerprints=state.new
     )
     return old, new

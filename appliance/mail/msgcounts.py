@@ -382,14 +382,16 @@ def table_digests(
     version: str,
     cache: DigestCache,
     *,
-    report: Callable[[], None] | None = None,
+    report: Callable[[bool], None] | None = None,
     tolerant: bool = False,
     fingerprints: Fingerprints | None = None,
 ) -> tuple[int, dict[int, bytes]]:
     """(row count, chunk -> digest), from the cache where the fingerprint is unchanged.
 
     ``tolerant``: a chunk with a damaged body gets a digest that matches nothing (so the
-    conversion copies it again) instead of raising.
+    conversion copies it again) instead of raising. ``report(digested)`` is called once for
+    every chunk, False when it came from the cache: a progress bar counts both, a caller that
+    rests after work only after the first.
     """
     if fingerprints is None:
         fingerprints = chunk_fingerprints(conn, schema, big, version)
@@ -402,6 +404,8 @@ def table_digests(
         hit = cached.get(chunk)
         if hit is not None and hit[0] == fp:
             digests[chunk] = hit[1]
+            if report is not None:
+                report(False)
             continue
         try:
             digests[chunk] = chunk_digest(conn, schema, big, version, chunk)
@@ -409,10 +413,12 @@ def table_digests(
             if not tolerant:
                 raise
             digests[chunk] = b"damaged"
+            if report is not None:
+                report(True)
             continue  # never cached
         fresh.append((chunk, fp, digests[chunk]))
         if report is not None:
-            report()
+            report(True)
         if len(fresh) >= 64:
             cache.store(version, cache_key, fresh)
             fresh = []
@@ -439,7 +445,7 @@ def counts_in(
     schema: str,
     version: str,
     cache: DigestCache,
-    report: Callable[[], None] | None = None,
+    report: Callable[[bool], None] | None = None,
     tolerant: bool = False,
     fingerprints: dict[str, Fingerprints] | None = None,
 ) -> StoreCounts:

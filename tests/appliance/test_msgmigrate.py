@@ -226,6 +226,27 @@ def test_phase_7_looks_again_only_at_the_chunks_the_old_store_journaled(store: P
     }
 
 
+def test_the_verification_reports_its_progress_out_of_every_chunk_of_both_sides(
+    store: Path,
+) -> None:
+    """Phase 2's longest step shows how far it is (it said 0% until it ended): every chunk of
+    the store and of the file built is counted, the ones taken from the cache too, in prepare
+    and again in finish."""
+    seen: list[MigrateProgress] = []
+    msgmigrate.migrate_prepare(progress=seen.append)
+    msgmigrate.migrate_finish(progress=seen.append)
+    runs: list[list[MigrateProgress]] = []
+    for step in (step for step in seen if step.step == "verify"):
+        if step.done == 1:
+            runs.append([])
+        runs[-1].append(step)
+    assert len(runs) == 2  # prepare's, finish's
+    for run in runs:
+        total = run[0].total
+        assert total > 0 and all(step.total == total for step in run)
+        assert [step.done for step in run] == list(range(1, total + 1))
+
+
 def test_mail_during_prepares_verification_is_caught_up_before_phase_7(store: Path) -> None:
     """The verification reads the whole store while mail flows; what came in meanwhile is
     copied by prepare's catch-up rounds, so phase 7 finds an empty journal."""
