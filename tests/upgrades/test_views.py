@@ -10,7 +10,9 @@ from events.models import Event
 from jobs.models import Job, JobState
 from tests.upgrades import bundles
 from tests.upgrades.conftest import issue_license, run_download, start_download
+from tests.upgrades.test_story import set_firmware
 from upgrades import services
+from upgrades.cli_output import cli_user
 from upgrades.models import Download, DownloadState, UpdateSettings
 
 pytestmark = pytest.mark.django_db
@@ -43,6 +45,22 @@ def test_the_page_shows_offers_release_notes_and_the_license(admin_client, firmw
     assert "Example Corp" in html and "Entitled to updates" in html
     assert "Firmware 2.8.1.0 is available" in html
     assert 'data-testid="check-now"' in html
+
+
+def test_after_the_install_the_last_check_says_its_offer_is_installed_not_available(
+    admin_client, firmware
+):
+    """The check ran before the install; its result must not tell the old story beside the
+    page's "Up to date" (issue 14: one update story)."""
+    firmware.publish((firmware.build(), "2.8.1.0", "2.8.0.0"))
+    services.update_check(trigger="cli", user=cli_user())
+    set_firmware("2.8.1.0")
+
+    html = admin_client.get(PAGE).content.decode()
+
+    assert "Firmware 2.8.1.0 was available; it is installed now" in html
+    assert "Firmware 2.8.1.0 is available" not in html
+    assert f", by {cli_user()}</dd>" in html  # not "(update-control, root (update-control))"
 
 
 def test_check_now_shows_the_result(admin_client, firmware):
