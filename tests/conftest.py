@@ -18,7 +18,12 @@ from django.test import Client
 
 from tests.support.users import ADMIN_PASSWORD, READONLY_PASSWORD, bearer
 
-pytest_plugins = ["tests.support.services", "tests.support.browser", "tests.support.clock"]
+pytest_plugins = [
+    "tests.support.services",
+    "tests.support.browser",
+    "tests.support.clock",
+    "tests.support.enqueue",
+]
 
 # Tests write demo appliances, backups and bundles (3 GB in a whole run) and fsync them. On a
 # machine with a roomy tmpfs they go to memory: a third off the suite's wall time here, most of

@@ -14,6 +14,7 @@ import os
 import random
 import struct
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -417,22 +418,24 @@ def test_a_corrupt_header_inside_the_archive_is_refused(write, tmp_path: Path) -
 # --- Extraction's own defences --------------------------------------------------------------
 
 
-def signed_past_the_walk(
-    write, monkeypatch: pytest.MonkeyPatch, *members: tuple[tarfile.TarInfo, bytes | None]
-) -> Path:
-    """A signed bundle of VERSION and ``members``, verification's walk over the members switched
-    off: what is refused then is refused by extraction's own checks."""
-    path = signed(write, tar_bytes((member("VERSION"), b"2.8.1.0\n"), *members))
-    monkeypatch.setattr(bundleextract, "walk_members", lambda handle, manifest: 0)
-    return path
+@pytest.fixture
+def signed_past_the_walk(write, monkeypatch: pytest.MonkeyPatch) -> Callable[..., Path]:
+    """signed_past_the_walk(*members): a signed bundle of VERSION and ``members``, verification's
+    walk over the members switched off: what is refused then is refused by extraction's own
+    checks."""
+
+    def build(*members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
+        path = signed(write, tar_bytes((member("VERSION"), b"2.8.1.0\n"), *members))
+        monkeypatch.setattr(bundleextract, "walk_members", lambda handle, manifest: 0)
+        return path
+
+    return build
 
 
 def test_extraction_checks_members_itself_even_if_verification_was_skipped(
-    write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    signed_past_the_walk: Callable[..., Path], tmp_path: Path
 ) -> None:
     path = signed_past_the_walk(
-        write,
-        monkeypatch,
         (member("out", tarfile.SYMTYPE, linkname=str(tmp_path)), None),
         (member("out/escape"), b"owned"),
     )
@@ -470,11 +473,9 @@ def test_a_file_swapped_after_verification_is_caught_while_unpacking(
 
 
 def test_a_failed_extraction_into_an_existing_empty_target_leaves_it_empty(
-    write, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    signed_past_the_walk: Callable[..., Path], tmp_path: Path
 ) -> None:
     path = signed_past_the_walk(
-        write,
-        monkeypatch,
         (member("bin", tarfile.DIRTYPE, mode=0o555), None),
         (member("bin/x"), b"x"),
         (member("../escape"), b"x"),

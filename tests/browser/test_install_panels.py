@@ -26,8 +26,10 @@ from appliance.firmware import validationfile
 from appliance.mail import msgproof
 from tests.support.browser import log_in, screenshot
 from tests.support.users import ADMIN_PASSWORD
-from tests.upgrades.conftest import rehearse_here
-from tests.upgrades.test_install import ready_firmware  # noqa: F401
+from tests.upgrades.conftest import (
+    ready_firmware,  # noqa: F401
+    rehearse_here,
+)
 from upgrades import rehearsal, schedule, validation, validation_checks
 from upgrades.models import Download, InstallRun, InstallState
 

@@ -9,8 +9,22 @@ import pytest
 from django.utils import timezone
 
 from events.models import Category, Event, Severity
+from events.services import event_write
 
 MakeEvents = Callable[..., list[Event]]
+
+
+def event_with_every_field(category: Category, message: str, details: dict) -> Event:
+    """One event written with every field filled: a warning by user admin on node mx1, with
+    ``details``; the page and the export must show each of them."""
+    return event_write(
+        category=category,
+        message=message,
+        severity=Severity.WARNING,
+        user="admin",
+        details=details,
+        node="mx1",
+    )
 
 
 @pytest.fixture

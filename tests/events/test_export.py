@@ -15,7 +15,7 @@ from events.selectors import Cursor
 from events.services import event_write
 from tests.support.clock import Clock
 
-from .conftest import MakeEvents
+from .conftest import MakeEvents, event_with_every_field
 
 EXPORT = "/system/events/export.csv"
 
@@ -39,13 +39,8 @@ def test_it_streams_a_dated_csv_attachment(admin_client: Client, clock: Clock) -
 
 
 def test_it_writes_a_header_and_every_field(admin_client: Client) -> None:
-    event = event_write(
-        category=Category.CONFIG,
-        message="SMTP relay changed",
-        severity=Severity.WARNING,
-        user="admin",
-        details={"relay": "mx.example.com", "port": 25},
-        node="mx1",
+    event = event_with_every_field(
+        Category.CONFIG, "SMTP relay changed", {"relay": "mx.example.com", "port": 25}
     )
 
     header, *rows = _rows(admin_client.get(EXPORT))

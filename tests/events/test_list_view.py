@@ -14,7 +14,7 @@ from events.models import Category, Severity
 from events.selectors import Cursor
 from events.services import event_write
 
-from .conftest import MakeEvents
+from .conftest import MakeEvents, event_with_every_field
 
 URL = "/system/events/"
 
@@ -52,13 +52,8 @@ def test_read_only_users_can_view_the_log(readonly_client: Client) -> None:
 
 
 def test_the_page_shows_rows_with_badges_and_expandable_details(admin_client: Client) -> None:
-    event_write(
-        category=Category.BACKUP,
-        message="Configuration snapshot created",
-        severity=Severity.WARNING,
-        user="admin",
-        details={"snapshot": "cfg-0042", "size": 1234},
-        node="mx1",
+    event_with_every_field(
+        Category.BACKUP, "Configuration snapshot created", {"snapshot": "cfg-0042", "size": 1234}
     )
 
     html = admin_client.get(URL).content.decode()

@@ -45,16 +45,15 @@ from backups import services as backup_services
 from backups import system_image
 from jobs.models import Job, JobState
 from tests.backups.test_integration import drop_from_image
-from tests.support import enqueue as enqueues
 from tests.support.launcher import LauncherProcess, launched_console
 from tests.support.mailload import MailLoad, mail_flowing, outside
 from tests.support.services import wait_for
 from tests.support.trees import tree_snapshot
+from tests.upgrades.conftest import ready_firmware  # noqa: F401
 from tests.upgrades.test_install import (  # noqa: F401
     INSTALL_OWN_LOG_ROWS,
     NEW_VERSION,
     OLD_VERSION,
-    ready_firmware,
     roomy_preflight_disk,
     wait_final,
     wait_for_checkpoint,
@@ -119,17 +118,14 @@ def _post(console: LauncherProcess, path: str, token: str) -> tuple[int, dict]:
 
 def test_every_fault_under_live_mail_ends_in_success_or_rollback_with_no_mail_lost(
     ready_firmware: Download,  # noqa: F811
-    roomy_preflight_disk: None,  # noqa: F811
+    enqueued: list[int],  # handed to the launcher's Redis by hand (or, once, not at all)
     tmp_path: Path,
     appliance_root: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Jobs started here are handed to the launcher's Redis by hand (or, once, not at all).
-    sent = enqueues.capture(monkeypatch, "jobs.run")
     with launched_console(tmp_path, appliance_root, **CONSOLE_ENV) as console:
         before = msgcounts.store_counts()
         with mail_flowing(console.smtp_port) as load:
-            windows = _faults(console, load, sent, appliance_root)
+            windows = _faults(console, load, enqueued, appliance_root)
             time.sleep(0.5)  # some mail after the last install too
 
         assert load.failed == [], load.failed  # never a timeout or a 5xx

@@ -23,12 +23,6 @@ from .conftest import MailData
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def enqueued(monkeypatch) -> list[int]:
-    """Job ids handed to the broker (no broker in these tests)."""
-    return enqueues.capture(monkeypatch, "jobs.run")
-
-
 def _purges() -> list[Job]:
     return list(Job.objects.filter(kind=PURGE))
 

@@ -15,7 +15,6 @@ from appliance.system import maintenance
 from events.models import Category, Event
 from jobs.models import Job, JobState
 from mailsecurity.models import PURGE, PurgeTrigger
-from tests.support import enqueue as enqueues
 
 from .conftest import MailData
 
@@ -28,11 +27,6 @@ MAINTENANCE = "/smtp/configuration/maintenance/"
 MODE = "/smtp/configuration/maintenance/mode/"
 RECLAIM = "/mail-security/reclaim/"
 PAGES = [OBJECTS, STORES, TRACKING, MAINTENANCE, RECLAIM]
-
-
-@pytest.fixture
-def enqueued(monkeypatch) -> list[int]:
-    return enqueues.capture(monkeypatch, "jobs.run")
 
 
 @pytest.fixture

@@ -16,12 +16,10 @@ from appliance.system.maintenance import (
     maintenance_leave,
 )
 from tests.support.services import wait_for
-from tests.support.smtp import SmtpServiceProcess, smtp_service  # noqa: F401
+from tests.support.smtp import PARTNER, STAFF, SmtpServiceProcess, smtp_service  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PARTNER = "anna.schmidt@partner.example.net"
-STAFF = "bob.meyer@example.com"
 BODY = (
     f"From: <{PARTNER}>\r\nTo: <{STAFF}>\r\nSubject: in flight\r\n"
     "Message-ID: <drain.1@partner.example.net>\r\n\r\nStill arriving.\r\n"

@@ -24,6 +24,8 @@ from smtp.engine import EICAR
 from tests.support.message_store import store_rows
 from tests.support.services import wait_for
 from tests.support.smtp import (  # noqa: F401
+    PARTNER,
+    STAFF,
     NextHop,
     SmtpServiceProcess,
     free_port,
@@ -33,9 +35,6 @@ from tests.support.smtp import (  # noqa: F401
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-PARTNER = "anna.schmidt@partner.example.net"
-STAFF = "bob.meyer@example.com"
 
 
 def message(message_id: str, subject: str = "Re: quarterly review", **headers: str) -> EmailMessage:

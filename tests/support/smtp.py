@@ -32,6 +32,10 @@ BASE_DIR = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 # smtplib would otherwise name itself with socket.getfqdn(), a DNS lookup.
 CLIENT_NAME = "client.test"
+# A sender on the demo appliance's "Allowed domains" list and one of its own mailboxes: the pair
+# the service accepts mail between without any further setup.
+PARTNER = "anna.schmidt@partner.example.net"
+STAFF = "bob.meyer@example.com"
 
 
 def free_port() -> int:

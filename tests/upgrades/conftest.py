@@ -6,6 +6,7 @@ hands them over), so it trusts the same vendor key as the test process.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -16,10 +17,12 @@ import pytest
 
 from appliance.firmware import license as appliance_license
 from appliance.firmware import spool
+from appliance.firmware.demo_feed import init_demo_updates
 from jobs.models import Job
 from jobs.tasks import run_job
 from tests.support.feed_server import FeedServer, feed_server  # noqa: F401
 from tests.support.services import WorkerProcess, start_worker
+from tests.support.smtp import SmtpServiceProcess, smtp_service  # noqa: F401
 from tests.upgrades import bundles
 from tests.upgrades.bundles import Vendor
 from upgrades import cli, downloader, rehearsal, services
@@ -169,20 +172,77 @@ def rehearse_here() -> Job:
 
 @pytest.fixture
 def workers(
-    redis_settings: str,
     transactional_db: None,
-    appliance_root: Path,
-    tmp_path: Path,
     vendor: Vendor,
-) -> Iterator[Callable[[], WorkerProcess]]:
+    install_workers: Callable[..., WorkerProcess],  # last: its workers stop before the rest
+) -> Callable[[], WorkerProcess]:
     """Start real Celery workers (after the vendor key is in their environment)."""
+    return install_workers
+
+
+@pytest.fixture
+def ready_firmware(
+    demo_appliance: Path, transactional_db: None, settings, redis_settings: str
+) -> Download:
+    """The demo vendor's 2.8.1.0 bundle downloaded and verified, a license installed."""
+    init_demo_updates(Path(settings.VAR_DIR), demo_appliance, out=open(os.devnull, "w"))  # noqa: SIM115
+    check = services.update_check(trigger="user", user="admin")
+    assert check.ok, check.error
+    download = services.download_start(user="admin", trigger="user", enqueue=False)
+    downloader.download_execute(download.pk)
+    download.refresh_from_db()
+    assert download.state == DownloadState.READY, download.error
+    return download
+
+
+@pytest.fixture
+def install_workers(
+    redis_settings: str, appliance_root: Path, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real workers with extra LMI_* settings (phase delay, lease, SMTP port)."""
     started: list[WorkerProcess] = []
 
-    def start() -> WorkerProcess:
-        worker = start_worker(redis_settings, appliance_root, tmp_path)
+    def start(**env: str) -> WorkerProcess:
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            worker = start_worker(redis_settings, appliance_root, tmp_path)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def workers_on_mail(
+    smtp_service: SmtpServiceProcess,  # noqa: F811 - before the workers: stopped after them
+    install_workers: Callable[..., WorkerProcess],
+) -> Callable[..., WorkerProcess]:
+    """Start real workers whose installs probe the test's mail service (LMI_SMTP_PORT), with
+    any further LMI_* settings: what every install on live mail starts its workers with."""
+
+    def start(**env: str) -> WorkerProcess:
+        return install_workers(LMI_SMTP_PORT=str(smtp_service.port), **env)
+
+    return start
+
+
+@pytest.fixture
+def worker_paused_at(workers_on_mail: Callable[..., WorkerProcess]) -> Callable[..., WorkerProcess]:
+    """Start a worker on the test's mail service that holds ``phase`` at its checkpoint for
+    ``ms`` milliseconds (LMI_INSTALL_PHASE_DELAY_*): the test acts while the run sits there."""
+
+    def start(*, phase: int, ms: int) -> WorkerProcess:
+        return workers_on_mail(
+            LMI_INSTALL_PHASE_DELAY_MS=str(ms), LMI_INSTALL_PHASE_DELAY_PHASE=str(phase)
+        )
+
+    return start

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +23,6 @@ from django.utils import timezone
 
 from appliance.config import configconvert
 from appliance.firmware import spool
-from appliance.firmware.demo_feed import init_demo_updates
 from appliance.mail import msgcounts, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
@@ -33,18 +32,17 @@ from jobs.models import Job, JobState
 from jobs.reconciler import enqueue_grace, reconcile
 from tests.support import enqueue as enqueues
 from tests.support.jobs import appliance_job_running
-from tests.support.services import WorkerProcess, start_worker, wait_for
+from tests.support.services import WorkerProcess, wait_for
 from tests.support.smtp import (
     SmtpServiceProcess,
     free_port,
     read_banner,
     smtp_service,  # noqa: F401
 )
-from upgrades import downloader, install, services
+from upgrades import install
 from upgrades.models import (
     INSTALL_FINAL_STATES,
     Download,
-    DownloadState,
     InstallPhase,
     InstallRun,
     InstallState,
@@ -120,65 +118,6 @@ def roomy_preflight_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(install, "PREFLIGHT_DISK_USAGE", roomy_disk)
 
 
-@pytest.fixture
-def ready_firmware(
-    demo_appliance: Path, transactional_db: None, settings, redis_settings: str
-) -> Download:
-    """The demo vendor's 2.8.1.0 bundle downloaded and verified, a license installed."""
-    init_demo_updates(Path(settings.VAR_DIR), demo_appliance, out=open(os.devnull, "w"))  # noqa: SIM115
-    check = services.update_check(trigger="user", user="admin")
-    assert check.ok, check.error
-    download = services.download_start(user="admin", trigger="user", enqueue=False)
-    downloader.download_execute(download.pk)
-    download.refresh_from_db()
-    assert download.state == DownloadState.READY, download.error
-    return download
-
-
-@pytest.fixture
-def install_workers(
-    redis_settings: str, appliance_root: Path, tmp_path: Path
-) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start real workers with extra LMI_* settings (phase delay, lease, SMTP port)."""
-    started: list[WorkerProcess] = []
-
-    def start(**env: str) -> WorkerProcess:
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            worker = start_worker(redis_settings, appliance_root, tmp_path)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
-
-
-@pytest.fixture
-def worker_paused_at(
-    install_workers: Callable[..., WorkerProcess],
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-) -> Callable[..., WorkerProcess]:
-    """Start a worker on the test's mail service that holds ``phase`` at its checkpoint for
-    ``ms`` milliseconds (LMI_INSTALL_PHASE_DELAY_*): the test acts while the run sits there."""
-
-    def start(*, phase: int, ms: int) -> WorkerProcess:
-        return install_workers(
-            LMI_SMTP_PORT=str(smtp_service.port),
-            LMI_INSTALL_PHASE_DELAY_MS=str(ms),
-            LMI_INSTALL_PHASE_DELAY_PHASE=str(phase),
-        )
-
-    return start
-
-
 def wait_final(run_id: int, timeout: float = RUN_TIMEOUT) -> InstallRun:
     def final() -> InstallRun | None:
         run = InstallRun.objects.get(pk=run_id)
@@ -208,26 +147,27 @@ KILL_LEASE = "6"
 def killed_in_phase_then_resumed(
     start: Callable[[], InstallRun],
     phase: int,
-    install_workers,
-    smtp_port: int,
+    workers_on_mail: Callable[..., WorkerProcess],
     *,
     own_log_rows: int,
 ) -> InstallRun:
-    """Start a run (an install or a return) with a worker that pauses at ``phase``'s
-    checkpoint, SIGKILL that worker there, start a fresh one, and wait for the run's end:
+    """Start a run (an install or a return) with a worker (from the ``workers_on_mail``
+    fixture) that pauses at ``phase``'s checkpoint, SIGKILL that worker there, start a fresh
+    one, and wait for the run's end:
     it must have ended SUCCEEDED with the killed phase run twice, every other once, each
     completed once, and the job resumed once by the reconciler. No message may be lost or
     changed, and the SMTP log gains only the run's ``own_log_rows`` (its own test messages,
     logged once even when their phase ran twice: each checkpoint is before its send)."""
     before = msgcounts.store_counts()
-    env = {"LMI_SMTP_PORT": str(smtp_port), "LMI_INSTALL_LEASE_SECONDS": KILL_LEASE}
-    first = install_workers(
-        LMI_INSTALL_PHASE_DELAY_MS=KILL_DELAY_MS, LMI_INSTALL_PHASE_DELAY_PHASE=str(phase), **env
+    first = workers_on_mail(
+        LMI_INSTALL_LEASE_SECONDS=KILL_LEASE,
+        LMI_INSTALL_PHASE_DELAY_MS=KILL_DELAY_MS,
+        LMI_INSTALL_PHASE_DELAY_PHASE=str(phase),
     )
     run = start()
     wait_for_checkpoint(run, phase, timeout=90, interval=0.05)
     first.kill()
-    install_workers(**env)
+    workers_on_mail(LMI_INSTALL_LEASE_SECONDS=KILL_LEASE)
     run = wait_final(run.pk)
     assert run.state == InstallState.SUCCEEDED, (run.state, run.phase, run.error)
     run.job.refresh_from_db()
@@ -279,10 +219,10 @@ def assert_upgraded(run: InstallRun, before: msgcounts.StoreCounts) -> None:
 def test_full_install_upgrades_the_appliance(
     ready_firmware: Download,
     smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,
+    workers_on_mail: Callable[..., WorkerProcess],
     admin_user,
 ) -> None:
-    install_workers(LMI_SMTP_PORT=str(smtp_service.port))
+    workers_on_mail()
     before = msgcounts.store_counts()
     run = install.install_start(user=admin_user)
     assert run.state == InstallState.QUEUED and run.phases.count() == 10

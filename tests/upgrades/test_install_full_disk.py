@@ -26,14 +26,12 @@ from appliance.mail import msgcounts, msgstore
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
 from events.models import Event
-from tests.support import enqueue as enqueues
 from tests.support.launcher import launched_console
 from tests.support.mailload import mail_flowing, outside
 from tests.support.services import wait_for
 from tests.upgrades.test_install import (  # noqa: F401
     OLD_VERSION,
     RUN_TIMEOUT,
-    ready_firmware,
     roomy_preflight_disk,
     wait_final,
     wait_for_checkpoint,
@@ -86,13 +84,11 @@ def _fill(root: Path) -> Path:
 
 
 def test_a_disk_that_fills_up_in_phase_7_rolls_back_once_space_is_freed(
-    ready_firmware: Download,  # noqa: F811
-    roomy_preflight_disk: None,  # noqa: F811
+    ready_firmware: Download,
+    enqueued: list[int],  # handed to the launcher's Redis below
     tmp_path: Path,
     appliance_root: Path,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sent = enqueues.capture(monkeypatch, "jobs.run")  # handed to the launcher's Redis below
     with launched_console(
         tmp_path,
         appliance_root,
@@ -105,7 +101,7 @@ def test_a_disk_that_fills_up_in_phase_7_rolls_back_once_space_is_freed(
         with mail_flowing(console.smtp_port) as load:
             started = time.monotonic()
             run = install.install_start(user="admin")
-            console.send_task("jobs.run", sent.pop())
+            console.send_task("jobs.run", enqueued.pop())
             wait_for_checkpoint(run, 7, timeout=RUN_TIMEOUT, interval=0.05)
             filler = _fill(appliance_root)
 

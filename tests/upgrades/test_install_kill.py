@@ -21,29 +21,25 @@ from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
 from tests.support.crash import EVERY_PHASE
 from tests.support.smtp import (
-    SmtpServiceProcess,
     smtp_service,  # noqa: F401
 )
 from tests.upgrades.test_install import (  # noqa: F401
     INSTALL_OWN_LOG_ROWS,
     NEW_VERSION,
-    install_workers,
     killed_in_phase_then_resumed,
-    ready_firmware,
     roomy_preflight_disk,
 )
 from upgrades import install
 from upgrades.models import Download
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-@pytest.mark.integration
-@pytest.mark.slow
+
 @pytest.mark.parametrize("phase", EVERY_PHASE)
 def test_worker_killed_inside_a_phase_resumes_to_success(
     phase: int,
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    ready_firmware: Download,
+    workers_on_mail,
     admin_user,
     appliance_root: Path,
 ) -> None:
@@ -52,8 +48,7 @@ def test_worker_killed_inside_a_phase_resumes_to_success(
     run = killed_in_phase_then_resumed(
         lambda: install.install_start(user=admin_user),
         phase,
-        install_workers,
-        smtp_service.port,
+        workers_on_mail,
         own_log_rows=INSTALL_OWN_LOG_ROWS,
     )
     assert system_info().firmware_version == NEW_VERSION

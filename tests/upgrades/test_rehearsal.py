@@ -25,7 +25,6 @@ from tests.support.jobs import appliance_job_running
 from tests.support.services import start_worker, worker_env
 from tests.support.trees import tree_snapshot
 from tests.upgrades.conftest import rehearse_here, update_control
-from tests.upgrades.test_install import ready_firmware  # noqa: F401
 from upgrades import install, rehearsal
 from upgrades.models import Download
 
@@ -50,7 +49,7 @@ def add_object(root: Path, *, unknown: bool = False) -> None:
 
 
 def test_a_rehearsal_leaves_the_live_tree_byte_identical_and_reports_its_figures(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     appliance_root: Path,
 ) -> None:
     before = tree_snapshot(appliance_root)
@@ -83,7 +82,7 @@ def test_a_rehearsal_leaves_the_live_tree_byte_identical_and_reports_its_figures
 
 
 def test_the_report_names_file_objects_and_warns_of_a_missing_file(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     appliance_root: Path,
 ) -> None:
     add_object(appliance_root)
@@ -108,7 +107,7 @@ def test_the_report_names_file_objects_and_warns_of_a_missing_file(
 
 
 def test_an_element_2_8_1_does_not_know_fails_the_rehearsal_as_it_would_fail_the_install(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     appliance_root: Path,
 ) -> None:
     """Phase 5 reads the configuration backup back and refuses a foreign element (the install
@@ -131,7 +130,7 @@ def test_an_element_2_8_1_does_not_know_fails_the_rehearsal_as_it_would_fail_the
 
 
 def test_a_rehearsal_is_refused_while_an_install_runs_and_an_install_while_it_runs(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
 ) -> None:
     running = appliance_job_running("install", "Install of firmware 2.8.1.0")
     with pytest.raises(rehearsal.RehearsalError, match=r"Install of firmware 2\.8\.1\.0 is in"):
@@ -149,7 +148,7 @@ def test_a_rehearsal_is_refused_while_an_install_runs_and_an_install_while_it_ru
 
 @pytest.mark.integration
 def test_a_rehearsal_killed_midway_leaves_the_live_root_and_recovery_removes_its_scratch(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     redis_settings: str,
     appliance_root: Path,
 ) -> None:
@@ -178,7 +177,7 @@ def test_a_rehearsal_killed_midway_leaves_the_live_root_and_recovery_removes_its
 
 @pytest.mark.integration
 def test_update_control_rehearse_waits_for_the_worker_and_prints_the_figures(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     redis_settings: str,
     appliance_root: Path,
     tmp_path: Path,

@@ -17,7 +17,6 @@ from jobs.tasks import run_job
 from tests.support import enqueue as enqueues
 from tests.support.trees import tree_snapshot
 from tests.upgrades.conftest import rehearse_here
-from tests.upgrades.test_install import ready_firmware  # noqa: F401
 from upgrades import rehearsal
 from upgrades.models import Download
 
@@ -32,7 +31,7 @@ def _post(client: Client, url: str):
 
 
 def test_rehearse_queues_the_job_for_the_worker_and_the_panel_follows_it(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -56,7 +55,7 @@ def test_rehearse_queues_the_job_for_the_worker_and_the_panel_follows_it(
 
 
 def test_the_install_page_shows_the_panel_and_the_last_rehearsal_beside_the_estimate(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
 ) -> None:
     page = admin_client.get(INSTALL).content.decode()
@@ -71,7 +70,7 @@ def test_the_install_page_shows_the_panel_and_the_last_rehearsal_beside_the_esti
 
 
 def test_a_read_only_user_sees_the_panel_but_cannot_rehearse(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     readonly_client: Client,
 ) -> None:
     assert 'data-testid="rehearse"' not in readonly_client.get(INSTALL).content.decode()
@@ -81,7 +80,7 @@ def test_a_read_only_user_sees_the_panel_but_cannot_rehearse(
 
 
 def test_rehearse_needs_post_a_csrf_token_and_a_login(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
 ) -> None:
     assert admin_client.get(START).status_code == 405
@@ -108,7 +107,7 @@ API = "/api/v1/updates/rehearsal"
 
 
 def test_cancel_ends_a_queued_rehearsal_at_once_through_the_job_engine(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
 ) -> None:
     job = rehearsal.rehearsal_start(user="admin", enqueue=False)
@@ -126,7 +125,7 @@ def test_cancel_ends_a_queued_rehearsal_at_once_through_the_job_engine(
 
 
 def test_cancel_stops_a_running_rehearsal_at_its_next_step_and_leaves_the_tree_as_it_was(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
     appliance_root: Path,
 ) -> None:
@@ -151,7 +150,7 @@ def test_cancel_stops_a_running_rehearsal_at_its_next_step_and_leaves_the_tree_a
 
 
 def test_cancel_is_refused_to_read_only_users_and_needs_post_csrf_and_login(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
     readonly_client: Client,
 ) -> None:
@@ -167,7 +166,7 @@ def test_cancel_is_refused_to_read_only_users_and_needs_post_csrf_and_login(
 
 
 def test_cancel_without_a_running_rehearsal_says_so(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     admin_client: Client,
 ) -> None:
     _post(admin_client, CANCEL)
@@ -178,7 +177,7 @@ def test_cancel_without_a_running_rehearsal_says_so(
 
 
 def test_api_starts_follows_and_cancels_a_rehearsal(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     client: Client,
     admin_token: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -204,7 +203,7 @@ def test_api_starts_follows_and_cancels_a_rehearsal(
 
 
 def test_api_returns_the_last_rehearsal_with_its_report(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     client: Client,
     viewer_token: dict[str, str],
 ) -> None:
@@ -217,7 +216,7 @@ def test_api_returns_the_last_rehearsal_with_its_report(
 
 
 def test_api_refuses_start_and_cancel_to_a_read_only_token(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     client: Client,
     viewer_token: dict[str, str],
 ) -> None:

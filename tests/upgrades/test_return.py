@@ -32,17 +32,16 @@ from tests.upgrades.test_install import (  # noqa: F401
     INSTALL_OWN_LOG_ROWS,
     NEW_VERSION,
     OLD_VERSION,
-    install_workers,
-    ready_firmware,
     roomy_preflight_disk,
     wait_final,
     wait_for_checkpoint,
-    worker_paused_at,
 )
 from tests.upgrades.test_return_services import cpe_files
 from upgrades import install, returning
 from upgrades.models import Download, InstallState, PhaseState
 from upgrades.story import Stage, update_story
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def send_quarantined(port: int, marker: str) -> None:
@@ -76,12 +75,10 @@ def stored_raws(markers: list[str]) -> dict[str, bytes]:
     return found
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_return_after_an_upgrade_with_new_mail_loses_no_message(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     smtp_service: SmtpServiceProcess,  # noqa: F811
-    worker_paused_at,  # noqa: F811
+    worker_paused_at,
     admin_user,
     appliance_root: Path,
 ) -> None:

@@ -28,14 +28,11 @@ from tests.upgrades.test_install import (  # noqa: F401
     NEW_VERSION,
     OLD_VERSION,
     differences,
-    install_workers,
     killed_in_phase_then_resumed,
-    ready_firmware,
     roomy_preflight_disk,
     tree_digest,
     wait_final,
     wait_for_checkpoint,
-    worker_paused_at,
 )
 from tests.upgrades.test_return_services import (  # noqa: F401
     cpe_files,
@@ -45,15 +42,15 @@ from tests.upgrades.test_return_services import (  # noqa: F401
 from upgrades import install, returning
 from upgrades.models import Download, InstallRun, InstallState
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-@pytest.mark.integration
-@pytest.mark.slow
+
 @pytest.mark.parametrize("phase", EVERY_PHASE)
 def test_worker_killed_inside_a_return_phase_resumes_to_success(
     phase: int,
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    workers_on_mail,
     admin_user,
     settings,
     appliance_root: Path,
@@ -63,8 +60,7 @@ def test_worker_killed_inside_a_return_phase_resumes_to_success(
     run = killed_in_phase_then_resumed(
         lambda: returning.return_start(user=admin_user),
         phase,
-        install_workers,
-        smtp_service.port,
+        workers_on_mail,
         own_log_rows=1,  # the return's one health probe
     )
     assert system_info().firmware_version == OLD_VERSION
@@ -75,11 +71,9 @@ def test_worker_killed_inside_a_return_phase_resumes_to_success(
     assert not updatelogs.install_workdir(run.pk).exists()
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_abort_in_phase_2_of_a_return_leaves_the_newer_firmware_untouched(
     upgraded: InstallRun,  # noqa: F811
-    worker_paused_at,  # noqa: F811
+    worker_paused_at,
     admin_user,
     appliance_root: Path,
 ) -> None:

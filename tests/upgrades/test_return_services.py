@@ -32,7 +32,6 @@ from tests.support.smtp import (
 from tests.upgrades.test_install import (  # noqa: F401
     NEW_VERSION,
     OLD_VERSION,
-    ready_firmware,
     roomy_preflight_disk,
 )
 from upgrades import install, returning, selectors, story
@@ -60,7 +59,7 @@ def upgrade_here(admin_user, settings, smtp: SmtpServiceProcess) -> InstallRun:
 
 @pytest.fixture
 def upgraded(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     smtp_service: SmtpServiceProcess,  # noqa: F811
     admin_user,
     settings,
@@ -85,7 +84,7 @@ def return_here(admin_user) -> InstallRun:
 
 
 def test_the_upgrade_keeps_its_way_back_and_the_return_puts_it_all_back(
-    ready_firmware: Download,  # noqa: F811
+    ready_firmware: Download,
     smtp_service: SmtpServiceProcess,  # noqa: F811
     admin_user,
     settings,

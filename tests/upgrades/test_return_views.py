@@ -10,15 +10,12 @@ import pytest
 from django.test import Client
 
 from tests.support.smtp import (
-    SmtpServiceProcess,
     smtp_service,  # noqa: F401
 )
 from tests.upgrades.conftest import update_control
 from tests.upgrades.test_install import (  # noqa: F401
     NEW_VERSION,
     OLD_VERSION,
-    install_workers,
-    ready_firmware,
     roomy_preflight_disk,
 )
 from tests.upgrades.test_return_services import upgraded  # noqa: F401
@@ -110,13 +107,12 @@ def test_the_api_starts_a_return_for_administrators_only(
 @pytest.mark.slow
 def test_update_control_return_follows_the_return_to_its_end(
     upgraded: InstallRun,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    workers_on_mail,
     cli_in_this_process,
     capsys: pytest.CaptureFixture[str],
     admin_client: Client,
 ) -> None:
-    install_workers(LMI_SMTP_PORT=str(smtp_service.port))
+    workers_on_mail()
 
     code, out, err = update_control(capsys, "--return", "-q")
 

@@ -24,7 +24,6 @@ from home.notifications import current_notices
 from tests.support.services import WorkerProcess, launch_worker, wait_for, worker_env
 from tests.upgrades.test_install import (
     differences,
-    ready_firmware,  # noqa: F401 - used through pytestmark
     roomy_preflight_disk,  # noqa: F401
     tree_digest,
     wait_final,

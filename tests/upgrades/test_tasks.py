@@ -18,11 +18,6 @@ from upgrades.models import Download, DownloadState, DownloadTrigger
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def enqueued(monkeypatch) -> list[int]:
-    return enqueues.capture(monkeypatch, "jobs.run")
-
-
 def _held(download: Download, *, expires_in: float) -> None:
     Download.objects.filter(pk=download.pk).update(state=DownloadState.RUNNING)
     Job.objects.filter(pk=download.job_id).update(

@@ -19,28 +19,24 @@ from events.models import Event, Severity
 from tests.support.smtp import SmtpServiceProcess, smtp_service  # noqa: F401
 from tests.upgrades.test_install import (  # noqa: F401 - fixtures
     assert_upgraded,
-    install_workers,
-    ready_firmware,
     roomy_preflight_disk,
     wait_final,
     wait_for_checkpoint,
-    worker_paused_at,
 )
 from upgrades import install, validation
 from upgrades.models import Download, InstallState
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-@pytest.mark.integration
-@pytest.mark.slow
+
 def test_a_successful_install_writes_a_report_whose_checks_all_pass(
-    ready_firmware: Download,  # noqa: F811
-    smtp_service: SmtpServiceProcess,  # noqa: F811
-    install_workers,  # noqa: F811
+    ready_firmware: Download,
+    workers_on_mail,
     admin_user,
 ) -> None:
     from appliance.mail import msgcounts
 
-    install_workers(LMI_SMTP_PORT=str(smtp_service.port))
+    workers_on_mail()
     before = msgcounts.store_counts()
     run = wait_final(install.install_start(user=admin_user).pk)
     assert_upgraded(run, before)  # the report's session changed nothing the install checks
@@ -73,11 +69,9 @@ def test_a_successful_install_writes_a_report_whose_checks_all_pass(
     assert validation.validation_notice() is None
 
 
-@pytest.mark.integration
-@pytest.mark.slow
 def test_data_removed_behind_the_installs_back_fails_the_report_but_not_the_commit(
-    ready_firmware: Download,  # noqa: F811
-    worker_paused_at,  # noqa: F811
+    ready_firmware: Download,
+    worker_paused_at,
     admin_user,
 ) -> None:
     worker_paused_at(phase=10, ms=4000)
