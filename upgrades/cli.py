@@ -455,6 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("\nupdate-control: interrupted\n")
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # The reader went away (`update-control -s | head -3`): quiet, as other tools are. Its
+        # output goes nowhere from here, so Python's flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

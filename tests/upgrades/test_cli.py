@@ -170,6 +170,31 @@ def test_the_console_script_reports_status_from_any_directory(
 
 
 @pytest.mark.slow
+def test_a_reader_that_goes_away_ends_the_status_quietly(
+    transactional_db, firmware, appliance_root, tmp_path
+):
+    """`update-control -s | head -3`: head exits, the next write meets a closed pipe. The
+    status ends without a traceback on the terminal (it printed one)."""
+    firmware.offer(firmware.build())
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write fails
+    try:
+        result = subprocess.run(
+            [str(UPDATE_CONTROL), "-s"],
+            cwd=tmp_path,
+            env=_env(appliance_root, firmware.server.base_url),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+    assert result.returncode == 1
+    assert result.stderr.decode() == ""
+
+
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_download_cleanly(transactional_db, firmware, appliance_root, tmp_path):
     firmware.publish((firmware.build(payload_bytes=4 * 1024 * 1024), "2.8.1.0", "2.8.0.0"))
     firmware.server.rate = 512 * 1024  # about 8 s for the whole bundle
