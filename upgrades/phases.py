@@ -96,12 +96,16 @@ def prepare_store(ctx: PhaseContext, direction: Any) -> None:
     from appliance.mail import msgmigrate
 
     ctx.step(f"copying the message store to the {direction.target} format while mail flows")
-    prepared = msgmigrate.migrate_prepare(
-        progress=ctx.callback("messages", "copying the message store"),
-        should_stop=ctx.should_stop,
-        pause=settings.INSTALL_MIGRATE_PAUSE_MS / 1000,
-        yield_ratio=settings.INSTALL_MIGRATE_YIELD_PERCENT / 100,
-        direction=direction,
+    prepared = ctx.at_low_priority(
+        lambda progress, should_stop: msgmigrate.migrate_prepare(
+            progress=progress,
+            should_stop=should_stop,
+            pause=settings.INSTALL_MIGRATE_PAUSE_MS / 1000,
+            yield_ratio=settings.INSTALL_MIGRATE_YIELD_PERCENT / 100,
+            direction=direction,
+        ),
+        unit="messages",
+        message="copying the message store",
     )
     ctx.check()
     ctx.counts(prepared=_plain(prepared))
