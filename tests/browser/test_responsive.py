@@ -42,6 +42,16 @@ def _overflow(page) -> int:
     return page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
 
 
+def _card_overflow(page) -> int:
+    """How many pixels the widest of the tables a phone shows as cards (the preflight
+    checklist, the event log, Message Tracking, the install's phases) scrolls sideways."""
+    return page.evaluate(
+        "Math.max(0, ...[...document.querySelectorAll("
+        "'table.checklist, table.events, table.tracking, table.install-phases')]"
+        ".map(t => t.scrollWidth - t.clientWidth))"
+    )
+
+
 def _shoot(page, size: str, url: str) -> None:
     folder = os.environ.get("LMI_RESPONSIVE_SHOTS")
     if not folder:
@@ -66,6 +76,8 @@ def test_every_page_fits_a_phone_and_a_desktop_and_the_phone_menu_opens_from_a_b
         for url in urls:
             page.goto(url)
             assert _overflow(page) <= 1, (size, url, _overflow(page))
+            # The tables read as cards on a phone fit whole: nothing hides to the right.
+            assert _card_overflow(page) <= 1, (size, url, _card_overflow(page))
             _shoot(page, size, url)
             if size == "desktop":
                 assert menu.is_visible() and not toggle.is_visible(), url
