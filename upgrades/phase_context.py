@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes of one phase
 # How much lower than the rest the online conversion of phase 2 runs (Linux's nice, for its own
 # thread): while mail flows, the mail service and its clients get the CPU first. Measured with
-# bench/upgrade.py at 200k messages: mail in phase 2 87-88% of before at the worker's priority.
+# bench/upgrade.py at 200k messages: mail in phase 2 87-88% of before at the worker's priority,
+# 91-94% with this (docs/performance.md).
 ONLINE_WORK_NICENESS = 10
 T = TypeVar("T")
 _FINISHED = object()
