@@ -26,7 +26,7 @@ from jobs import registry as jobs_registry
 from jobs.models import Job, JobState
 from mailsecurity.models import PURGE, QUARANTINE_RELEASE, PurgePhase, PurgeTrigger
 from mailsecurity.planner import LOG_LABELS, SMTP_LOG, TRACKING_LOG, store_key
-from smtp import delivery
+from smtp import delivery, spool
 from smtp.engine import envelope_address
 from smtp.server import appliance_hostname, new_queue_id
 
@@ -145,7 +145,7 @@ def reclaim_plan_apply(values: Mapping[str, int], *, user: User | None) -> Reten
 
 # --- Quarantine: release and delete ---------------------------------------------------------
 # A release delivers a stored message on through the one delivery path the mail service uses
-# (smtp.delivery: the outgoing spool, then the next hop, or the local sink without one) and
+# (smtp.spool, the outgoing spool, then smtp.delivery: the next hop, or the local sink) and
 # marks it released; the mark is claimed before anything is sent (msgstore's release record,
 # inserted once), so no message is ever released twice. The stored copy stays until its
 # retention (or a deletion) removes it, so the detail page can still say what was released.
@@ -244,7 +244,7 @@ def _delivery_error(path: Path, error: BaseException, copy: QuarantinedCopy) -> 
     may take some recipients and refuse others (the spool file then lists only the rest)."""
     text = str(error) or type(error).__name__
     try:
-        left = delivery.parse_spool_file(path, path.read_bytes()).recipients
+        left = spool.parse_spool_file(path, path.read_bytes()).recipients
     except (OSError, ValueError):
         return text
     taken = [recipient for recipient in copy.recipients if recipient not in left]
@@ -313,7 +313,7 @@ def _spool(
     failed: list[tuple[QuarantinedCopy, str]] = []
     for claim in claims:
         try:
-            path = delivery.spool_write(
+            path = spool.spool_write(
                 queue[claim.copy.id],
                 envelope_address(claim.copy.sender),
                 claim.copy.recipients,
@@ -400,7 +400,7 @@ def _release_resume(lease: jobs_engine.Lease) -> None:
     delivered: list[tuple[QuarantinedCopy, str]] = []
     unspooled: list[msgstore.ReleaseClaim] = []
     for claim in msgstore.quarantine_release_claimed(queue):
-        found = delivery.spool_find(queue[claim.copy.id])
+        found = spool.spool_find(queue[claim.copy.id])
         if found is not None:
             to_deliver.append((claim, found))
         elif claim.copy.id in spooled_before:

@@ -26,7 +26,7 @@ listener, lets transactions in flight finish, and answers 421 to anything new.
 
 Blocking work never runs on the event loop. Messages to deliver are spooled by one spool writer
 thread, which writes whatever messages are waiting as one batch behind one fsync of the spool
-directory (:class:`smtp.delivery.SpoolWriter`); all message store writes go through one writer
+directory (:class:`smtp.spool.SpoolWriter`); all message store writes go through one writer
 thread that commits whatever records are waiting together (:class:`StoreWriter`): two group
 commits, so concurrent clients share fsyncs and thread wake-ups. The spool writer hands a
 batch's log records to the store writer in one piece, and the store writer wakes the event loop
@@ -76,14 +76,7 @@ from appliance.system.errors import ApplianceError
 from appliance.system.maintenance import MaintenanceState, maintenance_status
 from appliance.system.paths import appliance_root, layout
 from events.models import Category, Severity
-from smtp.delivery import (
-    DeliveryQueue,
-    SpoolResult,
-    SpoolWriter,
-    queue_take_batch,
-    spool_lock,
-    spool_write,
-)
+from smtp.delivery import DeliveryQueue
 from smtp.drain import DrainWatch
 from smtp.engine import (
     REPLY_TOO_BIG,
@@ -98,6 +91,7 @@ from smtp.engine import (
     evaluate,
     rejection_reason,
 )
+from smtp.spool import SpoolResult, SpoolWriter, queue_take_batch, spool_lock, spool_write
 
 log = logging.getLogger("lmi.smtp")
 

@@ -153,16 +153,14 @@ def _session(recipient: str, raw: bytes | None = None) -> dict[str, Any]:
 def _probe_delivery(sender: str) -> dict[str, Any]:
     """Phase 9's test message: tracked as delivered, and out of the outgoing spool."""
     from appliance.mail import tracking
-    from smtp import delivery
+    from smtp import spool
 
     found: dict[str, Any] = {"sender": sender}
     entries = tracking.tracking_page(tracking.TrackingFilter(sender=sender), limit=5).entries
     found["tracked"] = [entry.action for entry in entries]
     deadline = time.monotonic() + DELIVERY_WAIT_S
     while True:
-        waiting = [
-            path.name for path in delivery.spool_list() if _spooled_from(path, sender, delivery)
-        ]
+        waiting = [path.name for path in spool.spool_list() if _spooled_from(path, sender, spool)]
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(0.1)
@@ -171,9 +169,9 @@ def _probe_delivery(sender: str) -> dict[str, Any]:
     return found
 
 
-def _spooled_from(path: Path, sender: str, delivery: Any) -> bool:
+def _spooled_from(path: Path, sender: str, spool: Any) -> bool:
     try:
-        return bool(delivery.parse_spool_file(path, path.read_bytes()).sender == sender)
+        return bool(spool.parse_spool_file(path, path.read_bytes()).sender == sender)
     except (OSError, ValueError):
         return False
 

@@ -15,7 +15,7 @@ from appliance.config.store import write_smtp_settings
 from appliance.mail import mailrecords, msgstore, tracking
 from events.models import Category, Event, Severity
 from mailsecurity import services
-from smtp import delivery
+from smtp import spool
 from tests.support.message_store import quarantined_spam
 from tests.support.smtp import NextHop, free_port
 
@@ -87,7 +87,7 @@ def test_a_release_delivers_once_through_the_next_hop_and_writes_an_event(
     assert delivered.sender == "offers@promo.test"
     assert delivered.recipients == ["anna@example.com", "ben@example.com"]
     assert b"Subject: Cheap watches" in delivered.content
-    assert delivery.spool_list() == []  # out of the spool once the next hop took it
+    assert spool.spool_list() == []  # out of the spool once the next hop took it
     copy = msgstore.quarantined_copies([message_id])[message_id]
     assert copy.release_state == "released" and copy.released_by == "admin"
     (event,) = mail_events()
@@ -145,7 +145,7 @@ def test_a_release_the_next_hop_does_not_take_stays_in_quarantine(
     result = services.quarantine_release([message_id], user=admin_user)
 
     assert result.released == () and [copy.id for copy, _ in result.failed] == [message_id]
-    assert delivery.spool_list() == []  # nothing left to go out behind the admin's back
+    assert spool.spool_list() == []  # nothing left to go out behind the admin's back
     assert msgstore.quarantined_copies([message_id])[message_id].release_state == ""
     (event,) = mail_events()
     assert event.severity == Severity.WARNING and "stays in quarantine" in event.message
@@ -164,7 +164,7 @@ def test_releasing_a_message_purged_by_retention_changes_nothing(
     assert released.not_stored == (message_id,) and released.released == ()
     assert deleted.not_stored == (message_id,) and deleted.deleted == ()
     assert "no longer stored" in released.summary() and "no longer stored" in deleted.summary()
-    assert hop.messages == [] and delivery.spool_list() == [] and mail_events() == []
+    assert hop.messages == [] and spool.spool_list() == [] and mail_events() == []
     assert mail.conn.execute("SELECT count(*) FROM quarantine_release").fetchone()[0] == 0
 
 
@@ -387,6 +387,6 @@ def test_a_release_whose_process_dies_is_finished_by_a_worker_and_delivers_once(
     assert len(hop.messages) == 1  # exactly once, whatever the step
     copy = msgstore.quarantined_copies([message_id])[message_id]
     assert copy.release_state == "released" and copy.released_by == "admin"
-    assert delivery.spool_list() == []
+    assert spool.spool_list() == []
     (event,) = [e for e in mail_events() if e.details.get("outcome") == "released"]
     assert event.details["message"] == message_id

@@ -17,8 +17,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import Envelope
 
 from appliance.system.paths import layout
-from smtp.delivery import parse_spool_file
 from smtp.server import MailService
+from smtp.spool import parse_spool_file
 from tests.smtp.test_accept_group_fsync import service  # noqa: F401
 from tests.support.services import wait_for
 from tests.support.smtp import free_port

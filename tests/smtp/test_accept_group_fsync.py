@@ -1,6 +1,6 @@
 """The spool's shared directory fsync, observed: a 250 only after an fsync that covers its file.
 
-Concurrent spool writes share one fsync of the spool directory (smtp.delivery.DirectorySync).
+Concurrent spool writes share one fsync of the spool directory (smtp.spool.DirectorySync).
 These tests watch the real service through the operating system calls it makes (``os.replace``
 and ``os.fsync``, wrapped to note the time and to make each directory fsync slow, so that
 writers pile up behind it) and through the client's own answers: every message answered 250
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from appliance.system.paths import layout
-from smtp.delivery import directory_sync, spool_write
 from smtp.server import MailService
+from smtp.spool import directory_sync, spool_write
 from tests.support.smtp import CLIENT_NAME
 
 SLOW_FSYNC = 0.05

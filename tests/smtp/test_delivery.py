@@ -11,12 +11,9 @@ import pytest
 
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system.paths import layout
-from smtp.delivery import (
-    DeliveryError,
+from smtp.delivery import DeliveryError, deliver, deliver_batch, parse_next_hop
+from smtp.spool import (
     SpoolLocked,
-    deliver,
-    deliver_batch,
-    parse_next_hop,
     parse_spool_file,
     render_spool_file,
     spool_clean,

@@ -19,8 +19,8 @@ from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system.maintenance import maintenance_enter, maintenance_leave
 from appliance.system.paths import layout
 from events.models import Category, Event
-from smtp.delivery import parse_spool_file, spool_list
 from smtp.engine import EICAR
+from smtp.spool import parse_spool_file, spool_list
 from tests.support.message_store import store_rows
 from tests.support.services import wait_for
 from tests.support.smtp import (  # noqa: F401

@@ -1,7 +1,7 @@
 """The spool's group commit: messages written together share one directory fsync, and fail together.
 
-The mail service spools through one writer thread (smtp.delivery.SpoolWriter), which writes
-whatever messages wait as one batch (smtp.delivery.spool_write_many): each file written,
+The mail service spools through one writer thread (smtp.spool.SpoolWriter), which writes
+whatever messages wait as one batch (smtp.spool.spool_write_many): each file written,
 fsynced and renamed, then one fsync of the directory for all of them. A failure of that fsync
 must fail every message of the batch (451, nothing of it left in the spool, no log rows), and a
 failure of one message's own write must fail that message only.
@@ -20,7 +20,8 @@ import pytest
 
 from appliance.config.store import read_smtp_settings, write_smtp_settings
 from appliance.system.paths import layout
-from smtp.delivery import (
+from smtp.server import MailService
+from smtp.spool import (
     SpoolResult,
     SpoolWriter,
     directory_sync,
@@ -29,7 +30,6 @@ from smtp.delivery import (
     spool_write,
     spool_write_many,
 )
-from smtp.server import MailService
 from tests.smtp.test_accept_group_fsync import service  # noqa: F401
 from tests.support.services import wait_for
 from tests.support.smtp import CLIENT_NAME, free_port

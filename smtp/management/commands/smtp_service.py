@@ -14,8 +14,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from appliance.mail import msgstore
 from appliance.system.errors import ApplianceError
-from smtp.delivery import SpoolLocked
 from smtp.server import serve
+from smtp.spool import SpoolLocked
 
 
 class Command(BaseCommand):
