@@ -11,7 +11,7 @@ from django.template.defaultfilters import filesizeformat
 
 from appliance.config import policy, store
 from appliance.config.store import read_smtp_settings
-from appliance.mail import msgstore, retention, tracking
+from appliance.mail import msgstore, quarantine, retention, tracking
 from appliance.system.errors import ApplianceError
 from appliance.system.paths import layout
 from home.selectors import UPGRADE_FREE_PERCENT, DiskUsage, disk_usage  # noqa: F401 - views
@@ -207,7 +207,7 @@ class PolicyJudgement:
 class MessageDetail:
     """Everything the detail page shows of one quarantined message."""
 
-    copy: msgstore.QuarantinedCopy
+    copy: quarantine.QuarantinedCopy
     received_at: datetime
     released_at: datetime | None
     entries: list[tracking.TrackingEntry]
@@ -232,7 +232,7 @@ def _headers(raw: bytes) -> tuple[list[tuple[str, str]], bool]:
     return fields, False
 
 
-def _judgement(copy: msgstore.QuarantinedCopy, raw: bytes) -> PolicyJudgement:
+def _judgement(copy: quarantine.QuarantinedCopy, raw: bytes) -> PolicyJudgement:
     try:
         compiled, _ = compile_policy()
         verdict = evaluate(compiled, envelope_address(copy.sender), copy.recipients, raw)
@@ -254,7 +254,7 @@ def _moment(epoch: int | None) -> datetime | None:
 def message_detail(message_id: int) -> MessageDetail | None:
     """One stored message with its log rows, headers and today's judgement; None when it is
     no longer stored (deleted, or purged by retention)."""
-    copy = msgstore.quarantined_copies([message_id]).get(message_id)
+    copy = quarantine.quarantined_copies([message_id]).get(message_id)
     if copy is None:
         return None
     raw = msgstore.message_raw(message_id)
@@ -276,5 +276,5 @@ def message_raw(message_id: int) -> bytes | None:
     return msgstore.message_raw(message_id)
 
 
-def quarantined_copies(message_ids: list[int]) -> dict[int, msgstore.QuarantinedCopy]:
-    return msgstore.quarantined_copies(message_ids)
+def quarantined_copies(message_ids: list[int]) -> dict[int, quarantine.QuarantinedCopy]:
+    return quarantine.quarantined_copies(message_ids)

@@ -17,8 +17,8 @@ from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
 from accounts.roles import READ_ONLY_REFUSAL, is_administrator
-from appliance.mail import msgstore, purge, retention
-from appliance.mail.msgstore import QuarantinedCopy
+from appliance.mail import purge, quarantine, retention
+from appliance.mail.quarantine import QuarantinedCopy
 from events.models import Category, Severity
 from events.services import User, event_write, username_of
 from jobs import engine as jobs_engine
@@ -288,7 +288,7 @@ def _release(
     user: User | None,
     root: Path | None,
 ) -> ReleaseResult:
-    claims = msgstore.quarantine_release_claim(
+    claims = quarantine.quarantine_release_claim(
         ids, by=username_of(user), now=int(timezone.now().timestamp()), queue_ids=queue, root=root
     )
     lease.progress(step=0, step_name="Claimed")
@@ -307,9 +307,9 @@ def _release(
 
 
 def _spool(
-    claims: Sequence[msgstore.ReleaseClaim], queue: dict[int, str], root: Path | None
-) -> tuple[list[tuple[msgstore.ReleaseClaim, Path]], list[tuple[QuarantinedCopy, str]]]:
-    spooled: list[tuple[msgstore.ReleaseClaim, Path]] = []
+    claims: Sequence[quarantine.ReleaseClaim], queue: dict[int, str], root: Path | None
+) -> tuple[list[tuple[quarantine.ReleaseClaim, Path]], list[tuple[QuarantinedCopy, str]]]:
+    spooled: list[tuple[quarantine.ReleaseClaim, Path]] = []
     failed: list[tuple[QuarantinedCopy, str]] = []
     for claim in claims:
         try:
@@ -328,7 +328,7 @@ def _spool(
 
 
 def _deliver(
-    spooled: Sequence[tuple[msgstore.ReleaseClaim, Path]],
+    spooled: Sequence[tuple[quarantine.ReleaseClaim, Path]],
     user: User | None,
     root: Path | None,
     *,
@@ -361,8 +361,10 @@ def _settle(
     root: Path | None,
 ) -> tuple[tuple[QuarantinedCopy, ...], tuple[tuple[QuarantinedCopy, str], ...]]:
     now = int(timezone.now().timestamp())
-    done = set(msgstore.quarantine_release_finish([c.id for c, _ in delivered], now=now, root=root))
-    msgstore.quarantine_release_abandon([copy.id for copy, _ in failed], root=root)
+    done = set(
+        quarantine.quarantine_release_finish([c.id for c, _ in delivered], now=now, root=root)
+    )
+    quarantine.quarantine_release_abandon([copy.id for copy, _ in failed], root=root)
     for copy, where in delivered:
         if copy.id in done:
             event_write(
@@ -396,10 +398,10 @@ def _release_resume(lease: jobs_engine.Lease) -> None:
     queue = {int(k): v for k, v in details.get("queue", {}).items()}
     spooled_before = set(details.get("spooled", []))
     user = details.get("by") or None
-    to_deliver: list[tuple[msgstore.ReleaseClaim, Path]] = []
+    to_deliver: list[tuple[quarantine.ReleaseClaim, Path]] = []
     delivered: list[tuple[QuarantinedCopy, str]] = []
-    unspooled: list[msgstore.ReleaseClaim] = []
-    for claim in msgstore.quarantine_release_claimed(queue):
+    unspooled: list[quarantine.ReleaseClaim] = []
+    for claim in quarantine.quarantine_release_claimed(queue):
         found = spool.spool_find(queue[claim.copy.id])
         if found is not None:
             to_deliver.append((claim, found))
@@ -421,7 +423,7 @@ def quarantine_delete(
     The tracking log keeps its rows (it records what happened to the mail; its entries then
     say the copy is no longer stored), exactly as after a retention purge.
     """
-    outcome = msgstore.quarantine_delete(_checked_ids(message_ids, user), root=root)
+    outcome = quarantine.quarantine_delete(_checked_ids(message_ids, user), root=root)
     for copy in outcome.deleted:
         event_write(
             category=Category.MAIL,

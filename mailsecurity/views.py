@@ -19,7 +19,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from accounts.roles import is_administrator
 from appliance.config.store import read_smtp_settings
 from appliance.mail import tracking
-from appliance.mail.msgstore import QuarantinedCopy
+from appliance.mail.quarantine import QuarantinedCopy
 from appliance.mail.retention import StoreRetention
 from appliance.system.errors import ApplianceError
 from mailsecurity import selectors, services

@@ -39,7 +39,7 @@ from appliance.system.errors import ApplianceError
 from upgrades.models import InstallPhase, InstallRun
 
 if TYPE_CHECKING:
-    from appliance.mail.msgstore import QuarantinedCopy
+    from appliance.mail.quarantine import QuarantinedCopy
     from appliance.mail.tracking import TrackingEntry
 
 DELIVERY_WAIT_S = 10.0  # how long phase 9's test message may still sit in the spool
@@ -217,14 +217,14 @@ def _earlier_copies(run_id: int) -> list[int]:
     the copy under it is still that test message: once the store's newest message is deleted
     its id is given to the next one, so the tracking row of a test message deleted before may
     point at another sender's message now."""
-    from appliance.mail import msgstore
+    from appliance.mail import quarantine
 
     wanted = {
         (entry.quarantine_id, entry.message_id)
         for entry in _run_test_messages(run_id)
         if entry.stored and entry.quarantine_id is not None
     }
-    copies = msgstore.quarantined_copies([quarantine_id for quarantine_id, _ in wanted])
+    copies = quarantine.quarantined_copies([quarantine_id for quarantine_id, _ in wanted])
     return sorted(
         copy.id
         for copy in copies.values()
@@ -263,6 +263,7 @@ def quarantine_now(run_id: int) -> dict[str, Any]:
     once, with no wait.
     """
     from appliance.mail import msgstore
+    from appliance.mail.quarantine import quarantined_copies
     from mailsecurity.services import QuarantineRefused
     from smtp import engine
 
@@ -288,7 +289,7 @@ def quarantine_now(run_id: int) -> dict[str, Any]:
         entry = next((e for e in _run_test_messages(run_id) if e.message_id == message_id), None)
         copy = None
         if entry is not None and entry.quarantine_id is not None:
-            copy = msgstore.quarantined_copies([entry.quarantine_id]).get(entry.quarantine_id)
+            copy = quarantined_copies([entry.quarantine_id]).get(entry.quarantine_id)
         if copy is None or copy.message_id != message_id:
             why = f"tracked as {entry.action}" if entry is not None else "not even tracked"
             found["error"] = f"accepted, but in no message store ({why})"

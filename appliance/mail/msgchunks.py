@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.mail import msgstore
+from appliance.mail import msgstore, quarantine
 from appliance.mail.msgcounts import (
     CHUNKED_TABLES,
     FORWARD,
@@ -184,7 +184,7 @@ def copy_releases(conn: sqlite3.Connection) -> bool:
     """Copy the quarantine's release records (made only once something was released) when they
     differ; True if they did. Without them a message released before the conversion would look
     unreleased after it, and could be delivered twice. Spelled alike in both formats."""
-    has = msgstore.has_release_table
+    has = quarantine.has_release_table
     if not has(conn, "src"):
         return False
     if has(conn, "main") and small_digest(
@@ -193,7 +193,7 @@ def copy_releases(conn: sqlite3.Connection) -> bool:
         return False
     with msgstore.write_transaction(conn):
         conn.execute(
-            msgstore.RELEASE_TABLE_SQL.replace(
+            quarantine.RELEASE_TABLE_SQL.replace(
                 "EXISTS quarantine_release", "EXISTS main.quarantine_release", 1
             )
         )

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from appliance.mail import msgstore
+from appliance.mail import msgstore, quarantine
 from lmi import pagelinks
 from lmi.pagelinks import EARLIEST, LATEST, MAX_ROW_ID, Direction
 
@@ -241,7 +241,7 @@ def _slice(
     """Up to count matching rows beyond position, nearest first, and the window's far end
     when the window was read to its end without finding count rows."""
     index, conditions, params, other, other_params = search.plan(
-        releases=msgstore.has_release_table(conn)
+        releases=quarantine.has_release_table(conn)
     )
     conditions, params = list(conditions), list(params)
     if position is not None:
@@ -301,7 +301,7 @@ def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Tracking
                 ids,
             )
         }
-        if msgstore.has_release_table(conn):
+        if quarantine.has_release_table(conn):
             released = {
                 r[0]
                 for r in conn.execute(
@@ -330,7 +330,7 @@ def _entries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[Tracking
 
 
 def message_entries(
-    copy: msgstore.QuarantinedCopy, root: Path | None = None
+    copy: quarantine.QuarantinedCopy, root: Path | None = None
 ) -> list[TrackingEntry]:
     """The log's rows of one stored message (one per recipient), found through the sender
     index at the second it was received: the log has no index on quarantine_id."""

@@ -28,6 +28,7 @@ from appliance.mail import (
     msgstore,
     processing,
     purge,
+    quarantine,
     retention,
     tracking,
 )
@@ -603,13 +604,13 @@ def test_release_records_are_carried_over_so_a_released_message_stays_released(
     are in the converted store, so neither message can be released, and delivered, again."""
     first, second = sorted(_raws())[:2]
     now = int(NOW.timestamp())
-    msgstore.quarantine_release_claim([first], by="admin", now=now)
-    msgstore.quarantine_release_finish([first], now=now)
+    quarantine.quarantine_release_claim([first], by="admin", now=now)
+    quarantine.quarantine_release_finish([first], now=now)
     msgmigrate.migrate_prepare()
-    msgstore.quarantine_release_claim([second], by="admin", now=now)
+    quarantine.quarantine_release_claim([second], by="admin", now=now)
     msgmigrate.migrate_finish()
 
-    outcome = msgstore.quarantine_release_claim([first, second], by="admin", now=now)
+    outcome = quarantine.quarantine_release_claim([first, second], by="admin", now=now)
     assert outcome.claimed == () and set(outcome.released_already) == {first, second}
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from appliance.mail import mailrecords, msgcounts, msgmigrate, msgstore, purge, retention
+from appliance.mail import (
+    mailrecords,
+    msgcounts,
+    msgmigrate,
+    msgstore,
+    purge,
+    quarantine,
+    retention,
+)
 from appliance.mail.msgcounts import StoreCounts
 from appliance.mail.msgmigrate import BACK
 from appliance.system.errors import MalformedApplianceFile
@@ -80,8 +88,8 @@ def _dump() -> dict[str, list[tuple[object, ...]]]:
 def test_a_round_trip_gives_back_every_row_and_every_byte(store: Path) -> None:
     now = int(NOW.timestamp())
     released = sorted(_raws())[3]
-    msgstore.quarantine_release_claim([released], by="admin", now=now)
-    msgstore.quarantine_release_finish([released], now=now)
+    quarantine.quarantine_release_claim([released], by="admin", now=now)
+    quarantine.quarantine_release_finish([released], now=now)
     before = msgcounts.store_counts(cached=False)
     raws, lines = _raws(), _smtp_lines()
     _upgraded()
@@ -96,7 +104,7 @@ def test_a_round_trip_gives_back_every_row_and_every_byte(store: Path) -> None:
     assert msgcounts.store_counts(cached=False) == before  # every row re-read
     assert _raws() == raws  # byte for byte
     assert _smtp_lines() == lines
-    assert msgstore.quarantined_copies([released])[released].release_state == "released"
+    assert quarantine.quarantined_copies([released])[released].release_state == "released"
     conn = msgstore.connect(readonly=True)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
@@ -138,9 +146,9 @@ def test_the_mail_that_arrived_since_and_every_change_to_the_2_8_1_store_go_back
 
     late = [mailrecords.mail_record(_record(n)) for n in range(10, 13)]
     mailrecords.mail_record(_record(99, quarantine=False))
-    deleted = msgstore.quarantine_delete([ids[1], week[0]]).deleted
-    msgstore.quarantine_release_claim([ids[2], late[0]], by="admin", now=now)
-    msgstore.quarantine_release_finish([ids[2]], now=now)
+    deleted = quarantine.quarantine_delete([ids[1], week[0]]).deleted
+    quarantine.quarantine_release_claim([ids[2], late[0]], by="admin", now=now)
+    quarantine.quarantine_release_finish([ids[2]], now=now)
     _behind_the_conversions_back("UPDATE tracking_log SET subject = 'edited' WHERE id = 7")
     spam = next(s for s in retention.store_usage() if s.name == "Spam quarantine")
     retention.store_retention_set(spam.id, 5)
@@ -157,7 +165,7 @@ def test_the_mail_that_arrived_since_and_every_change_to_the_2_8_1_store_go_back
     assert all(msgstore.message_raw(i) == _record(n).raw for i, n in zip(late, range(10, 13)))
     assert msgstore.message_raw(week[1]) == _record(1).raw
     assert msgstore.message_raw(ids[1]) is None and msgstore.message_raw(week[0]) is None
-    copies = msgstore.quarantined_copies([ids[2], late[0]])
+    copies = quarantine.quarantined_copies([ids[2], late[0]])
     assert (copies[ids[2]].release_state, copies[late[0]].release_state) == (
         "released",
         "releasing",

@@ -13,6 +13,7 @@ from django.test import Client
 from appliance.config.smtp import SmtpSettings
 from appliance.config.store import write_smtp_settings
 from appliance.mail import mailrecords, msgstore, tracking
+from appliance.mail import quarantine as quarantine_store
 from events.models import Category, Event, Severity
 from mailsecurity import services
 from smtp import spool
@@ -88,7 +89,7 @@ def test_a_release_delivers_once_through_the_next_hop_and_writes_an_event(
     assert delivered.recipients == ["anna@example.com", "ben@example.com"]
     assert b"Subject: Cheap watches" in delivered.content
     assert spool.spool_list() == []  # out of the spool once the next hop took it
-    copy = msgstore.quarantined_copies([message_id])[message_id]
+    copy = quarantine_store.quarantined_copies([message_id])[message_id]
     assert copy.release_state == "released" and copy.released_by == "admin"
     (event,) = mail_events()
     assert event.username == "admin" and event.details["outcome"] == "released"
@@ -111,7 +112,8 @@ def test_a_kept_copy_of_delivered_mail_is_not_released_again(
 
     assert result.released == () and result.released_already == (message_id,)
     assert (
-        hop.messages == [] and msgstore.quarantined_copies([message_id])[message_id].held is False
+        hop.messages == []
+        and quarantine_store.quarantined_copies([message_id])[message_id].held is False
     )
     page = admin.get(f"/mail-security/quarantine/{message_id}/").content.decode()
     assert "when it arrived" in page and 'data-testid="release-link"' not in page
@@ -120,11 +122,11 @@ def test_a_kept_copy_of_delivered_mail_is_not_released_again(
 def test_concurrent_claims_release_a_message_exactly_once(mail: MailData) -> None:
     message_id = quarantine()
     start = threading.Barrier(6)
-    outcomes: list[msgstore.ClaimOutcome] = []
+    outcomes: list[quarantine_store.ClaimOutcome] = []
 
     def claim() -> None:
         start.wait()
-        outcomes.append(msgstore.quarantine_release_claim([message_id], by="admin", now=1))
+        outcomes.append(quarantine_store.quarantine_release_claim([message_id], by="admin", now=1))
 
     threads = [threading.Thread(target=claim) for _ in range(6)]
     for thread in threads:
@@ -146,7 +148,7 @@ def test_a_release_the_next_hop_does_not_take_stays_in_quarantine(
 
     assert result.released == () and [copy.id for copy, _ in result.failed] == [message_id]
     assert spool.spool_list() == []  # nothing left to go out behind the admin's back
-    assert msgstore.quarantined_copies([message_id])[message_id].release_state == ""
+    assert quarantine_store.quarantined_copies([message_id])[message_id].release_state == ""
     (event,) = mail_events()
     assert event.severity == Severity.WARNING and "stays in quarantine" in event.message
 
@@ -181,7 +183,7 @@ def test_a_bulk_delete_removes_the_stored_copies_and_keeps_the_log(
 
     assert [copy.id for copy in result.deleted] == [first, second]
     assert result.not_stored == (purged,)
-    assert set(msgstore.quarantined_copies([first, second, kept])) == {kept}
+    assert set(quarantine_store.quarantined_copies([first, second, kept])) == {kept}
     assert msgstore.message_raw(first) is None
     assert mail.ids("tracking_log") == log_rows
     assert [event.details["message"] for event in mail_events()] == [first, second]
@@ -195,17 +197,17 @@ def test_the_services_refuse_a_read_only_user(mail: MailData, hop: NextHop, read
             action([message_id], user=readonly_user)
 
     assert hop.messages == [] and mail_events() == []
-    assert msgstore.quarantined_copies([message_id])[message_id].release_state == ""
+    assert quarantine_store.quarantined_copies([message_id])[message_id].release_state == ""
 
 
 def test_a_message_being_released_is_not_deleted(mail: MailData, admin_user) -> None:
     message_id = quarantine()
-    msgstore.quarantine_release_claim([message_id], by="admin", now=1)
+    quarantine_store.quarantine_release_claim([message_id], by="admin", now=1)
 
     result = services.quarantine_delete([message_id], user=admin_user)
 
     assert result.releasing == (message_id,) and result.deleted == ()
-    assert message_id in msgstore.quarantined_copies([message_id])
+    assert message_id in quarantine_store.quarantined_copies([message_id])
 
 
 # --- Pages -----------------------------------------------------------------------------------
@@ -268,7 +270,7 @@ def test_read_only_users_see_the_message_but_cannot_release_or_delete_it(
         tracking_page
     )
     assert [post.status_code for post in posts] == [403, 403]
-    assert hop.messages == [] and message_id in msgstore.quarantined_copies([message_id])
+    assert hop.messages == [] and message_id in quarantine_store.quarantined_copies([message_id])
 
 
 def test_an_administrator_confirms_a_bulk_release_that_lists_what_will_happen(
@@ -324,7 +326,7 @@ def test_the_page_after_an_action_is_never_another_site(mail: MailData, admin: C
     )
 
     assert response.status_code == 302 and response["Location"] == TRACKING
-    assert msgstore.quarantined_copies([message_id]) == {}
+    assert quarantine_store.quarantined_copies([message_id]) == {}
 
 
 def test_the_tracking_list_offers_stored_messages_for_release_and_delete(
@@ -348,7 +350,7 @@ def test_a_store_that_never_released_anything_keeps_the_mail_services_schema(
     """The release record lives beside the mail service's tables, made on the first release."""
     conn = msgstore.connect(store_root, readonly=True)
     try:
-        assert not msgstore.has_release_table(conn)
+        assert not quarantine_store.has_release_table(conn)
     finally:
         conn.close()
     assert tracking.tracking_page(tracking.TrackingFilter(action="released")).entries == []
@@ -377,7 +379,7 @@ def test_a_release_whose_process_dies_is_finished_by_a_worker_and_delivers_once(
         "quarantine_release",
         step,
     )
-    copy = msgstore.quarantined_copies([message_id])[message_id]
+    copy = quarantine_store.quarantined_copies([message_id])[message_id]
     assert copy.release_state == "releasing"  # its holder is gone, its claim left behind
     assert len(hop.messages) == (1 if step == 2 else 0)
 
@@ -385,7 +387,7 @@ def test_a_release_whose_process_dies_is_finished_by_a_worker_and_delivers_once(
 
     assert job.state == JobState.SUCCEEDED, job.error
     assert len(hop.messages) == 1  # exactly once, whatever the step
-    copy = msgstore.quarantined_copies([message_id])[message_id]
+    copy = quarantine_store.quarantined_copies([message_id])[message_id]
     assert copy.release_state == "released" and copy.released_by == "admin"
     assert spool.spool_list() == []
     (event,) = [e for e in mail_events() if e.details.get("outcome") == "released"]

@@ -19,7 +19,7 @@ from appliance.config import policyproof
 from appliance.config.policy import object_file
 from appliance.config.store import file_macro_objects, list_policy_objects, write_policy_objects
 from appliance.firmware import validationfile
-from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore
+from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore, quarantine
 from appliance.mail.mailrecords import mail_record
 from appliance.system.paths import layout
 from tests.support.message_store import quarantined_spam
@@ -88,7 +88,7 @@ def test_a_message_removed_after_the_conversion_fails_the_proof(demo_appliance: 
     before = msgproof.store_proof(facts.upto_id)
     _convert(demo_appliance)
     victim = 17
-    msgstore.quarantine_delete([victim])
+    quarantine.quarantine_delete([victim])
     (difference,) = msgproof.proof_differences(before, msgproof.store_proof(facts.upto_id))
     assert difference.messages_after == difference.messages_before - 1
     assert not difference.checksum_equal
@@ -152,7 +152,7 @@ def test_messages_check_passes_and_then_fails_on_a_removed_message(
     check = validation.messages_check(content, facts.messages)
     assert check["passed"], check["summary"]
     assert check["figures"]["messages_before"] == check["figures"]["messages_after"] == 200
-    msgstore.quarantine_delete([3])
+    quarantine.quarantine_delete([3])
     check = validation.messages_check(content, facts.messages)
     assert not check["passed"]
     assert check["figures"]["messages_after"] == 199

@@ -14,7 +14,7 @@ import pytest
 from appliance.config.policy import object_file
 from appliance.config.store import file_macro_objects
 from appliance.firmware import validationfile
-from appliance.mail import msgstore
+from appliance.mail import msgstore, quarantine
 from events.models import Event, Severity
 from tests.support.smtp import SmtpServiceProcess, smtp_service  # noqa: F401
 from tests.upgrades.test_install import (  # noqa: F401 - fixtures
@@ -79,7 +79,7 @@ def test_data_removed_behind_the_installs_back_fails_the_report_but_not_the_comm
     wait_for_checkpoint(run, 10, timeout=120)
     # Committed and mail accepted again: one message and one list go missing now.
     assert msgstore.format_version() == "2.8.1"
-    msgstore.quarantine_delete([42])
+    quarantine.quarantine_delete([42])
     listed = file_macro_objects()[0]
     object_file(listed).unlink()
     run = wait_final(run.pk)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore, tracking
+from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore, quarantine, tracking
 from appliance.system.paths import layout
 from events.models import Event
 from smtp import engine
@@ -149,7 +149,7 @@ def test_a_rerun_never_deletes_the_message_that_took_a_deleted_test_messages_id(
     again = quarantine_now(RUN)
 
     assert again["quarantined"] and again["removed"] and again["removed_earlier"] == 0, again
-    kept = msgstore.quarantined_copies([first["message"]])[first["message"]]
+    kept = quarantine.quarantined_copies([first["message"]])[first["message"]]
     assert kept.message_id == "<real@partner.example.net>"
 
 
