@@ -9,12 +9,8 @@ build on this module, which builds on none of them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import queue
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +20,7 @@ from django.conf import settings
 from django.db.models import QuerySet
 
 from appliance.firmware import spool, updatelogs
+from appliance.system import priority
 from appliance.system.errors import ApplianceError
 from appliance.system.paths import layout
 from events.models import Category, Severity
@@ -44,13 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 0.5  # seconds between progress writes of one phase
-# How much lower than the rest the online conversion of phase 2 runs (Linux's nice, for its own
-# thread): while mail flows, the mail service and its clients get the CPU first. Measured with
-# bench/upgrade.py at 200k messages: mail in phase 2 87-88% of before at the worker's priority,
-# 91-94% with this (docs/performance.md).
-ONLINE_WORK_NICENESS = 10
 T = TypeVar("T")
-_FINISHED = object()
 ONLINE_PHASES = (1, 2)  # nothing the running appliance uses is touched: abort allowed
 COMMIT_PHASE = PHASE_COUNT
 
@@ -232,52 +223,16 @@ class PhaseContext:
         unit: str,
         message: str,
     ) -> T:
-        """``work(progress, should_stop)`` in a thread of its own at ONLINE_WORK_NICENESS.
-
-        Linux keeps a nice value per thread, and this one ends with the thread: the phases
-        after it, in the downtime, run at the worker's own priority (a process cannot take back
-        a nice value it gave up without privileges). ``work`` must not use the database: its
-        progress comes back here through a queue, where this thread writes it, and this thread
-        answers ``should_stop`` (abort, lease lost); each thread keeps to its own connection.
-        An exception of ``work`` is raised here; one raised here stops ``work`` first.
-        """
-        reports: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        stop = threading.Event()
-        outcome: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                with contextlib.suppress(OSError):  # not Linux, or not allowed: as it is
-                    me = threading.get_native_id()
-                    niceness = os.getpriority(os.PRIO_PROCESS, me) + ONLINE_WORK_NICENESS
-                    os.setpriority(os.PRIO_PROCESS, me, niceness)
-                outcome["value"] = work(reports.put, stop.is_set)
-            except BaseException as exc:  # handed to the caller's thread
-                outcome["error"] = exc
-            finally:
-                reports.put(_FINISHED)
-
-        report = self.callback(unit, message)
-        thread = threading.Thread(target=run, name=f"phase-{self.number}-online", daemon=True)
-        thread.start()
-        try:
-            while True:
-                try:
-                    item = reports.get(timeout=PROGRESS_INTERVAL)
-                except queue.Empty:
-                    item = None
-                if item is _FINISHED:
-                    break
-                if item is not None:
-                    report(item)
-                if self.should_stop():
-                    stop.set()
-        finally:
-            stop.set()  # a no-op once it ended; else it stops at its next question
-            thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        """``work(progress, should_stop)`` in a niced thread of its own
+        (:func:`appliance.system.priority.at_low_priority`): its progress is written, and the
+        phase's stop question (abort, lease lost) asked, here, on this thread's connection."""
+        return priority.at_low_priority(
+            work,
+            name=f"phase-{self.number}-online",
+            report=self.callback(unit, message),
+            should_stop=self.should_stop,
+            poll=PROGRESS_INTERVAL,
+        )
 
     def step(self, message: str) -> None:
         """Say what the phase does now (page and log)."""

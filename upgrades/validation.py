@@ -41,9 +41,10 @@ rest between blocks as the conversion does (:func:`_yield_ratio`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.conf import settings
 from django.urls import reverse
@@ -52,7 +53,7 @@ from django.utils import timezone
 from appliance.config import policyproof
 from appliance.firmware import validationfile
 from appliance.mail import msgproof
-from appliance.system import maintenance
+from appliance.system import maintenance, priority
 from appliance.system.errors import ApplianceError
 from events.models import Severity
 from lmi.notices import Notice
@@ -60,6 +61,8 @@ from upgrades import validation_checks as service_checks
 from upgrades.models import InstallRun, InstallState
 from upgrades.phase_context import LeaseLost, event, log
 from upgrades.validation_checks import TITLES, check_of, check_of_problems
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from upgrades.phase_context import PhaseContext
@@ -122,13 +125,19 @@ def _kept_copy_proof(path: Path, backup: dict[str, Any]) -> dict[str, Any]:
     # The old store's own file: written since phase 4, it would not be that moment's.
     if backup.get("linked") and expected and list(msgbackup.file_identity(path)) != expected:
         raise ApplianceError(f"the kept message store {path} was written since phase 4")
-    return msgproof.file_proof(path, yield_ratio=_yield_ratio()).as_json()
+    return _niced(lambda: msgproof.file_proof(path, yield_ratio=_yield_ratio())).as_json()
 
 
 def _yield_ratio() -> float:
     """The proofs read the whole store while mail flows again: they rest as the conversion
     does (INSTALL_MIGRATE_YIELD_PERCENT of each block's time), so mail keeps its share."""
     return float(settings.INSTALL_MIGRATE_YIELD_PERCENT) / 100
+
+
+def _niced(read: Callable[[], T]) -> T:
+    """A proof read at the conversion's low priority too, in a thread of its own
+    (:func:`appliance.system.priority.at_low_priority`): mail flows again by phase 10."""
+    return priority.at_low_priority(lambda _progress, _stop: read(), name="phase-10-proof")
 
 
 def _parts(value: Any) -> list[str]:
@@ -254,7 +263,7 @@ def messages_check(content: dict[str, Any], messages_before: int | None) -> dict
     before = msgproof.StoreProof.from_json(content)
     upto = before.upto_id
     try:
-        after = msgproof.store_proof(upto, yield_ratio=_yield_ratio())
+        after = _niced(lambda: msgproof.store_proof(upto, yield_ratio=_yield_ratio()))
     except (ApplianceError, OSError) as exc:
         return check_of("messages", False, f"the message store cannot be read now: {exc}")
     problems: list[str] = []

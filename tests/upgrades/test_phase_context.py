@@ -10,10 +10,11 @@ import time
 import pytest
 
 from appliance.mail.msgchunks import MigrateProgress
+from appliance.system.priority import ONLINE_WORK_NICENESS
 from jobs.engine import Lease
 from tests.upgrades.test_install_views import make_run
 from upgrades.models import InstallPhase, InstallRun, InstallState
-from upgrades.phase_context import ONLINE_WORK_NICENESS, PhaseContext
+from upgrades.phase_context import PhaseContext
 
 pytestmark = pytest.mark.django_db
 
