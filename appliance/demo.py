@@ -66,6 +66,18 @@ bank.example
 consulting.example.net
 """
 
+# What the spam in the demo message store says (appliance.mail.demo_store): every stored spam
+# message has one of these in its subject and one in its text (3 + 2 points, the rule's
+# threshold of 5), so today's policy agrees with the verdict it was stored under.
+_SPAM_PHRASES = "\n".join(
+    (
+        "you have won", "limited offer", "no prescription", "cheap meds", "account verification",
+        "a week from home", "crypto wallet", "business proposal", "kg in two weeks",
+        "exclusive deal", "pre-approved loan", "page one of google", "viewed your profile",
+        "claim your prize",
+    )
+) + "\n"  # fmt: skip
+
 _CONFIDENTIAL_KEYWORDS = """\
 # Confidential keywords: outgoing mail containing these goes to "Policy violations".
 CONFIDENTIAL
@@ -106,7 +118,7 @@ def _policy_objects() -> list[PolicyObject]:
             "keywordlist",
             file_macro(f"{LISTS}/confidential_keywords.txt"),
         ),
-        obj("Spam phrases", "keywordlist", "you have won\nlimited offer\nno prescription\n"),
+        obj("Spam phrases", "keywordlist", _SPAM_PHRASES),
         obj("Maximum message size", "sizelimit", str(20 * 1024 * 1024)),
         obj("Large attachment", "sizelimit", str(10 * 1024 * 1024)),
         # A message store object names its store; its retention lives in the message store.

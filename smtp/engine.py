@@ -45,13 +45,9 @@ from appliance.config.mailpolicy import (
 )
 from appliance.config.policy import PolicyObject, object_file, read_object_lines
 from appliance.config.store import list_policy_objects, read_mail_policy, read_smtp_settings
+from appliance.mail.eicar import EICAR, EICAR_NAME
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized
 from appliance.system.paths import appliance_root, layout
-
-# The EICAR anti-virus test file. Spelled in two halves so that a virus scanner on a developer's
-# machine does not quarantine this source file.
-EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-EICAR_NAME = "EICAR-Test-File"
 
 # What each spam indicator adds to a message's score; a keyword counts once per place.
 SPAM_WEIGHTS = {

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 from django.utils import timezone
 
+from appliance.mail.eicar import EICAR
 from appliance.system import maintenance
 from appliance.system.errors import ApplianceError
 from upgrades.models import InstallPhase, InstallRun
@@ -180,8 +181,6 @@ def _quarantine_message(run_id: int, recipient: str) -> tuple[str, bytes]:
     """Run ``run_id``'s test message and its Message-ID: the EICAR test file in a base64
     attachment, the path a real virus takes through the MIME scan (the raw string would be
     found without decoding anything)."""
-    from smtp import engine
-
     message_id = f"{QUARANTINE_MARK.format(run=run_id)}{secrets.token_hex(6)}@localhost>"
     message = EmailMessage()
     message["From"] = VALIDATION_SENDER
@@ -194,7 +193,7 @@ def _quarantine_message(run_id: int, recipient: str) -> tuple[str, bytes]:
         "service quarantines a virus. It is deleted from its message store at once.\n"
     )
     message.add_attachment(
-        engine.EICAR, maintype="application", subtype="octet-stream", filename="eicar.com"
+        EICAR, maintype="application", subtype="octet-stream", filename="eicar.com"
     )
     return message_id, message.as_bytes(policy=email.policy.SMTP)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from appliance.mail.eicar import EICAR
 from appliance.mail.msgstore import (
     BODY_CODEC,
     FORMAT_2_8_1,
@@ -123,9 +124,9 @@ _TEXT_BODIES = {
         "nearest office.\r\n",
     ),
     "policy": (
-        "Hi,\r\n\r\nAttached are the figures we discussed. Please do not forward outside the "
-        "company.\r\n\r\nThanks\r\n",
-        "As requested, the full export is attached. Let me know if you need more "
+        "Hi,\r\n\r\nAttached are the figures we discussed. CONFIDENTIAL: please do not forward "
+        "outside the company.\r\n\r\nThanks\r\n",
+        "As requested, the full customer list export is attached. Let me know if you need more "
         "columns.\r\n",
     ),
     "clean": (
@@ -171,10 +172,13 @@ def _body_templates(rng: random.Random) -> dict[str, list[bytes]]:
                 "Content-Type: text/plain; charset=us-ascii\r\n"
                 "Content-Transfer-Encoding: 7bit\r\n\r\n" + text
             )
-            variants.append(plain.encode("ascii"))
+            if verdict != "virus":  # a virus comes as an attachment
+                variants.append(plain.encode("ascii"))
             for filename, content_type in _ATTACHMENTS[verdict]:
                 boundary = f"----=_Part_{index}_{rng.randrange(10**9, 10**10)}"
                 payload = rng.randbytes(next(sizes))
+                if verdict == "virus":  # what the mail service finds: the EICAR test file
+                    payload = EICAR + payload
                 encoded = base64.encodebytes(payload).decode("ascii").replace("\n", "\r\n")
                 multipart = (
                     f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'

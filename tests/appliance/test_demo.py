@@ -131,3 +131,26 @@ def test_the_summary_counts_what_was_built(appliance_root: Path) -> None:
     assert summary.messages == 12
     assert summary.policy_objects == len(store.list_policy_objects())
     assert summary.file_macro_objects == len(store.file_macro_objects())
+
+
+def test_todays_policy_judges_every_stored_demo_message_as_it_was_stored(
+    demo_appliance: Path,
+) -> None:
+    """The message detail page shows the stored verdict beside what the policy says today: on
+    the demo appliance the two agree (spam by its phrases, viruses by the EICAR test file,
+    policy violations by the confidential keywords, the archive clean)."""
+    from smtp.engine import compile_policy, envelope_address, evaluate
+
+    compiled, _ = compile_policy()
+    conn = msgstore.connect(readonly=True)
+    try:
+        rows = conn.execute("SELECT id, sender, recipients, verdict FROM quarantined_message")
+        judged = set()
+        for message_id, sender, to, stored in rows:
+            raw = msgstore.read_raw(conn, message_id)
+            assert raw is not None
+            today = evaluate(compiled, envelope_address(sender), tuple(to.split(",")), raw)
+            judged.add((stored, today.verdict))
+    finally:
+        conn.close()
+    assert judged == {(verdict, verdict) for verdict in ("spam", "virus", "policy", "clean")}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.mail.eicar import EICAR
 from appliance.system.paths import layout
-from smtp.engine import EICAR
 from smtp.spool import parse_spool_file, spool_list
 from tests.support.message_store import store_rows
 from tests.support.services import wait_for

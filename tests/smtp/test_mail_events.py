@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from appliance.config import policy, store
+from appliance.mail.eicar import EICAR
 from events.models import Category, Event, Severity
-from smtp.engine import EICAR, REPLY_SENDER_BLOCKED, REPLY_TOO_BIG, Verdict
+from smtp.engine import REPLY_SENDER_BLOCKED, REPLY_TOO_BIG, Verdict
 from smtp.server import EVENT_ROLLUP_INTERVAL, MailService, RejectionTally
 from tests.support.services import wait_for
 from tests.support.smtp import SmtpServiceProcess, smtp_service  # noqa: F401

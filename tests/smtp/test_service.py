@@ -16,10 +16,10 @@ import pytest
 
 from appliance.config import policy, store
 from appliance.config.store import read_smtp_settings, write_smtp_settings
+from appliance.mail.eicar import EICAR
 from appliance.system.maintenance import maintenance_enter, maintenance_leave
 from appliance.system.paths import layout
 from events.models import Category, Event
-from smtp.engine import EICAR
 from smtp.spool import parse_spool_file, spool_list
 from tests.support.message_store import store_rows
 from tests.support.services import wait_for

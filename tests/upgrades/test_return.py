@@ -17,9 +17,9 @@ import pytest
 
 from appliance.config import configconvert
 from appliance.mail import msgcounts, msgstore
+from appliance.mail.eicar import EICAR
 from appliance.system.facts import system_info
 from appliance.system.maintenance import maintenance_status
-from smtp.engine import EICAR
 from tests.support.mailload import mail_flowing
 from tests.support.services import wait_for
 from tests.support.smtp import (

@@ -18,6 +18,7 @@ import pytest
 from django.utils import timezone
 
 from appliance.mail import msgbackup, msgmigrate, msgproof, msgstore, quarantine, tracking
+from appliance.mail.eicar import EICAR
 from appliance.system.paths import layout
 from events.models import Event
 from smtp import engine
@@ -140,7 +141,7 @@ def test_a_rerun_never_deletes_the_message_that_took_a_deleted_test_messages_id(
             "anna.schmidt@partner.example.net",
             ["bob.meyer@example.com"],
             b"Subject: a real one\r\nMessage-ID: <real@partner.example.net>\r\n\r\n"
-            + engine.EICAR
+            + EICAR
             + b"\r\n",
         )
     (entry,) = _tracked(RUN)
