@@ -4,8 +4,9 @@ Nodes share nothing but the Redis broker: everything one node tells another is a
 sent with :func:`send` after the sender's transaction commits, one JSON envelope signed with a
 key only the two nodes hold (``cluster.signing``), and opened with :func:`open_sealed` before
 anything else by the receiving service, which refuses (one WARNING event) a message that is
-forged, altered, replayed, stale or not for this node. cluster.services (joins, reports) and
-cluster.rolling (the rolling upgrade) build on this module.
+forged, altered, replayed, stale or not for this node. cluster.services (Central's joins and
+reports), cluster.member_services (a member's) and cluster.rolling (the rolling upgrade) build
+on this module.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 from celery import Task, shared_task
 from celery.signals import worker_ready
 
-from cluster import rolling, services
+from cluster import member_services, rolling, services
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,13 @@ def member_join(self: Task, *message: Any) -> bool:
 @shared_task(name="cluster.tasks.join_answer", ignore_result=True)
 def join_answer(*message: Any) -> None:
     """On a member: Central's answer to its join request."""
-    services.join_answer_receive(message=_one(message))
+    member_services.join_answer_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.member_removed", ignore_result=True)
 def member_removed(*message: Any) -> None:
     """On a member: Central removed it from the cluster."""
-    services.member_removed_receive(message=_one(message))
+    member_services.member_removed_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.member_report", ignore_result=True)
@@ -59,7 +59,7 @@ def member_report(*message: Any) -> None:
 @shared_task(name="cluster.tasks.central_update", ignore_result=True)
 def central_update(*message: Any) -> None:
     """On a member: Central's firmware level and the events it has stored."""
-    services.central_update_receive(message=_one(message))
+    member_services.central_update_receive(message=_one(message))
 
 
 @shared_task(name="cluster.tasks.node_install_start", ignore_result=True)
@@ -71,7 +71,7 @@ def node_install_start(*message: Any) -> None:
 @shared_task(name="cluster.tasks.member_tick", ignore_result=True)
 def member_tick() -> bool:
     """Beat on a member (every CLUSTER_REPORT_SECONDS): report to Central."""
-    return services.member_report_send()
+    return member_services.member_report_send()
 
 
 @shared_task(name="cluster.tasks.central_tick", ignore_result=True)
@@ -84,7 +84,7 @@ def central_tick() -> None:
 def on_worker_start(sender: Any = None, **kwargs: Any) -> None:
     """A member started with LMI_CLUSTER_JOIN_TOKEN joins; a joined member reports at once."""
     try:
-        if not services.member_autojoin():
-            services.member_report_send()
+        if not member_services.member_autojoin():
+            member_services.member_report_send()
     except Exception:  # never keep a worker from starting
         logger.exception("could not join or report to Cluster Central at start-up")

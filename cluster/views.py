@@ -14,7 +14,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.roles import READ_ONLY_REFUSAL, is_administrator
-from cluster import plumbing, rolling, schedule, selectors, services
+from cluster import member_services, plumbing, rolling, schedule, selectors, services
 from cluster.forms import JoinForm
 from lmi.actions import act, administrators_only
 from upgrades.schedule_views import schedule_context
@@ -71,7 +71,9 @@ def join(request: HttpRequest) -> HttpResponse:
         return redirect("cluster:index")
     act(
         request,
-        lambda: services.cluster_join_request(token=form.cleaned_data["token"], user=request.user),
+        lambda: member_services.cluster_join_request(
+            token=form.cleaned_data["token"], user=request.user
+        ),
         plumbing.ClusterError,
         lambda link: f"Asked Cluster Central {link.central} to accept this node.",
     )

@@ -1,5 +1,5 @@
 """Fixtures of the cluster tests: this process as Cluster Central or as a member, a member's
-report as it arrives on Central (the same dictionaries cluster.services.member_report_build
+report as it arrives on Central (the same dictionaries cluster.member_services.member_report_build
 makes), and messages sealed as the other node would seal them (cluster.signing.seal with the
 key the two nodes share), for the receive services."""
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.system.facts import read_firmware_release, write_firmware_release
-from cluster import plumbing, services, signing
+from cluster import member_services, plumbing, services, signing
 from cluster.models import CentralLink, ClusterMember
 
 
@@ -147,7 +147,7 @@ def member_joins(
     token: str = "t" * 32, *, secret: str = "s3cret", firmware: str = "2.8.0.0"
 ) -> CentralLink | None:
     """On a member: ask to join with ``token`` and receive Central's acceptance."""
-    services.cluster_join_request(token=token, user="admin")
-    return services.join_answer_receive(
+    member_services.cluster_join_request(token=token, user="admin")
+    return member_services.join_answer_receive(
         message=join_answer(token, secret=secret, firmware=firmware)
     )

@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from cluster import plumbing, services, signing
+from cluster import member_services, plumbing, services, signing
 from cluster.models import CentralLink, ClusterMember, JoinState, JoinToken
 from events.models import Category, Event
 from tests.cluster.conftest import join_answer, join_request, member_joins, sent_message
@@ -72,7 +72,7 @@ def test_the_join_request_on_the_wire_carries_neither_the_token_nor_its_key(
 ) -> None:
     token = "t" * 32
     with django_capture_on_commit_callbacks() as sent:
-        services.cluster_join_request(token=token, user="admin")
+        member_services.cluster_join_request(token=token, user="admin")
     (request,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     wire = json.dumps(request.args) + request.argsrepr()
     assert token not in wire and signing.join_key(token) not in wire
@@ -192,19 +192,19 @@ def test_member_join_request_goes_to_centrals_queue(
     member_role: str, django_capture_on_commit_callbacks
 ) -> None:
     with django_capture_on_commit_callbacks() as sent:
-        services.cluster_join_request(token="t" * 32, user="admin")
+        member_services.cluster_join_request(token="t" * 32, user="admin")
     sent_message(sent, "member_join", sender="member1", recipient="central")
     assert CentralLink.objects.get().state == JoinState.PENDING
 
 
 def test_member_refuses_a_malformed_token_and_changes_nothing(member_role: str) -> None:
     with pytest.raises(plumbing.ClusterError, match="not a join token"):
-        services.cluster_join_request(token="<script>", user="admin")
+        member_services.cluster_join_request(token="<script>", user="admin")
     assert not CentralLink.objects.exists()
 
 
 def test_member_records_centrals_answer_only_when_it_asked(member_role: str) -> None:
-    assert services.join_answer_receive(message=join_answer("t" * 32, secret="s")) is None
+    assert member_services.join_answer_receive(message=join_answer("t" * 32, secret="s")) is None
     assert Event.objects.filter(message__contains="no join request of this node is waiting")
     link = member_joins("t" * 32, secret="s3cret", firmware="2.8.1.0")
     assert link is not None and link.state == JoinState.JOINED
@@ -213,25 +213,27 @@ def test_member_records_centrals_answer_only_when_it_asked(member_role: str) -> 
 
 
 def test_member_refuses_an_answer_signed_with_another_token(member_role: str) -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    assert services.join_answer_receive(message=join_answer("u" * 32)) is None
+    member_services.cluster_join_request(token="t" * 32, user="admin")
+    assert member_services.join_answer_receive(message=join_answer("u" * 32)) is None
     link = CentralLink.objects.get()
     assert link.state == JoinState.PENDING and link.secret == ""
     assert Event.objects.filter(message__startswith="Refused a join answer from 'central'")
     # The genuine answer still lands.
-    answer = services.join_answer_receive(message=join_answer("t" * 32, secret="s3cret"))
+    answer = member_services.join_answer_receive(message=join_answer("t" * 32, secret="s3cret"))
     assert answer is not None and answer.state == JoinState.JOINED and answer.secret == "s3cret"
 
 
 def test_member_refuses_an_answer_from_another_central(member_role: str) -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    assert services.join_answer_receive(message=join_answer("t" * 32, central="rogue")) is None
+    member_services.cluster_join_request(token="t" * 32, user="admin")
+    assert (
+        member_services.join_answer_receive(message=join_answer("t" * 32, central="rogue")) is None
+    )
     assert CentralLink.objects.get().state == JoinState.PENDING
 
 
 def test_member_shows_a_refusal(member_role: str) -> None:
-    services.cluster_join_request(token="t" * 32, user="admin")
-    link = services.join_answer_receive(
+    member_services.cluster_join_request(token="t" * 32, user="admin")
+    link = member_services.join_answer_receive(
         message=join_answer("t" * 32, accepted=False, message="the join token has expired")
     )
     assert link.state == JoinState.REFUSED and "expired" in link.error
@@ -247,13 +249,13 @@ def test_a_join_over_the_wire_gives_both_nodes_one_key(
     settings.CLUSTER_ROLE, settings.NODE_NAME = "member", "member1"
     settings.CLUSTER_CENTRAL = "central"
     with django_capture_on_commit_callbacks() as sent:
-        services.cluster_join_request(token=token, user="admin")
+        member_services.cluster_join_request(token=token, user="admin")
     (request,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     settings.CLUSTER_ROLE, settings.NODE_NAME = "central", "central"
     with django_capture_on_commit_callbacks() as sent:
         assert services.join_request_receive(message=request.args[0])
     (answer,) = [c for c in sent if isinstance(c, plumbing.Outgoing)]
     settings.CLUSTER_ROLE, settings.NODE_NAME = "member", "member1"
-    link = services.join_answer_receive(message=answer.args[0])
+    link = member_services.join_answer_receive(message=answer.args[0])
     assert link is not None and link.state == JoinState.JOINED
     assert signing.member_key(link.secret) == ClusterMember.objects.get().secret_hash

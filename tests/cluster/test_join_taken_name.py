@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from cluster import plumbing, services, signing, tasks
+from cluster import member_services, plumbing, services, signing, tasks
 from cluster.models import CentralLink, ClusterMember, JoinState, JoinToken
 from events.models import Event, Severity
 from tests.cluster.conftest import (
@@ -86,8 +86,8 @@ def test_the_join_task_passes_the_senders_origin(joined) -> None:
 
 def test_a_joined_member_refused_a_rejoin_stays_joined_with_its_secret(member_role: str) -> None:
     member_joins("t" * 32, secret="s3cret")
-    services.cluster_join_request(token="u" * 32, user="admin")
-    link = services.join_answer_receive(
+    member_services.cluster_join_request(token="u" * 32, user="admin")
+    link = member_services.join_answer_receive(
         message=join_answer(
             "u" * 32,
             accepted=False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
-from cluster import plumbing, rolling, services
+from cluster import member_services, plumbing, rolling, services
 from cluster.models import CentralLink, ClusterMember, JoinState
 from events.models import Event, Severity
 from tests.cluster.conftest import (
@@ -123,13 +123,15 @@ def test_a_removed_member_forgets_its_secret_and_offers_the_join_form(
     member_joins("t" * 32, secret="s3cret")
     CentralLink.objects.filter(pk=1).update(events_acked=42)
     # A notice from some other Central is refused, even signed with our key.
-    assert services.member_removed_receive(
+    assert member_services.member_removed_receive(
         message=from_central("s3cret", "member_removed", {}, central="elsewhere")
     ) is None  # fmt: skip
-    link = services.member_removed_receive(message=from_central("s3cret", "member_removed", {}))
+    link = member_services.member_removed_receive(
+        message=from_central("s3cret", "member_removed", {})
+    )
     assert link is not None and link.state == JoinState.NOT_JOINED and link.secret == ""
     assert "removed this node" in link.error
-    assert not services.member_report_send()  # no more reports to a Central that forgot us
+    assert not member_services.member_report_send()  # no more reports to a Central that forgot us
     assert 'data-testid="join"' in admin_client.get(reverse("cluster:index")).content.decode()
     assert Event.objects.filter(
         message="Cluster Central central removed this node from the cluster"
@@ -154,7 +156,7 @@ def test_a_removed_member_forgets_its_secret_and_offers_the_join_form(
 )
 def test_a_forged_removal_notice_cuts_nobody_off(member_role: str, forge) -> None:
     member_joins("t" * 32, secret="s3cret")
-    assert services.member_removed_receive(message=forge()) is None
+    assert member_services.member_removed_receive(message=forge()) is None
     link = CentralLink.objects.get()
     assert link.state == JoinState.JOINED and link.secret == "s3cret"
     event = Event.objects.get(message__startswith="Refused a removal notice")

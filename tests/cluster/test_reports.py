@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from cluster import services, signing
+from cluster import member_services, services, signing
 from cluster.models import CentralLink, ClusterMember, JoinState, ReceivedNonce
 from cluster.preflight import cluster_preflight_check
 from events.models import Event, Severity
@@ -156,7 +156,7 @@ def test_member_report_carries_new_events_above_the_acknowledged_cursor(
     for n in range(3):
         event_write(category="system", message=f"local {n}")
     with django_capture_on_commit_callbacks() as sent:
-        assert services.member_report_send()
+        assert member_services.member_report_send()
     message = sent_message(sent, "member_report", sender="member1", recipient="central")
     assert "s3cret" not in json.dumps(message)
     opened = signing.open_sealed(
@@ -168,15 +168,15 @@ def test_member_report_carries_new_events_above_the_acknowledged_cursor(
     assert sent_report["firmware"] == "2.8.0.0" and "healthy" in sent_report["health"]
     assert len(events) == 2 and events[0]["id"] < events[1]["id"]
     update = {"firmware": "2.8.1.0", "events_cursor": events[1]["id"]}
-    services.central_update_receive(message=from_central("s3cret", "central_update", update))
-    _report, rest = services.member_report_build()
+    member_services.central_update_receive(message=from_central("s3cret", "central_update", update))
+    _report, rest = member_services.member_report_build()
     newer = Event.objects.filter(id__gt=events[1]["id"]).order_by("id")[:2]
     assert [e["id"] for e in rest] == [e.id for e in newer]
     assert CentralLink.objects.get().central_firmware == "2.8.1.0"
 
 
 def test_a_member_that_has_not_joined_does_not_report(member_role: str) -> None:
-    assert not services.member_report_send()
+    assert not member_services.member_report_send()
 
 
 @pytest.mark.parametrize(
@@ -207,9 +207,9 @@ def test_preflight_cluster_check(
 
 def test_member_autojoin_uses_the_configured_token_once(member_role: str, settings) -> None:
     settings.CLUSTER_JOIN_TOKEN = "t" * 32
-    assert services.member_autojoin()
+    assert member_services.member_autojoin()
     assert CentralLink.objects.get().state == JoinState.PENDING
-    assert not services.member_autojoin()
+    assert not member_services.member_autojoin()
 
 
 def test_central_updates_are_accepted_only_signed_by_our_central(member_role: str) -> None:
@@ -221,7 +221,7 @@ def test_central_updates_are_accepted_only_signed_by_our_central(member_role: st
         from_central("s3cret", "central_update", update, central="rogue"),
         from_central("s3cret", "central_update", update, node="member2"),
     ):
-        services.central_update_receive(message=forged)
+        member_services.central_update_receive(message=forged)
     link = CentralLink.objects.get()
     assert link.central_firmware == "2.8.0.0" and link.events_acked == 0
     assert Event.objects.filter(message__startswith="Refused an update").count() == 4

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from cluster import plumbing, rolling, services, signing, tasks
+from cluster import member_services, plumbing, rolling, services, signing, tasks
 from cluster.models import CentralLink, ClusterMember, ClusterUpgrade, NodeStep, UpgradeState
 from events.models import Event, Severity
 from tests.cluster.conftest import from_central, member_joins, receive_report, report, set_firmware
@@ -230,7 +230,7 @@ def test_member_answers_an_install_request_once_and_says_why_not(
     assert "no firmware download is ready on member1" in link.upgrade_error
     assert link.central_firmware == NEW
     assert Event.objects.filter(message__contains="asked for firmware").count() == 1
-    report_data, _events = services.member_report_build()
+    report_data, _events = member_services.member_report_build()
     assert report_data["cluster_upgrade"]["upgrade_id"] == 9
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from cluster import plumbing, services
+from cluster import member_services, plumbing
 
 
 class Command(BaseCommand):
@@ -21,7 +21,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
-            link = services.cluster_join_request(token=options["token"], user="cluster_join")
+            link = member_services.cluster_join_request(token=options["token"], user="cluster_join")
         except plumbing.ClusterError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(
