@@ -11,6 +11,10 @@ resumes it with an HTTP Range request. Only after the file's SHA-256 matches the
 ``verify_bundle`` accepts the signature, the payload digest and every path is the bundle
 renamed into place and called ready; the download's final state and its job's are written in
 one transaction.
+
+One module a little over 600 lines on purpose: the transfer, the resume, the two digests, the
+verification and the publish all read and write one run's state (``_DownloadRun``), and split
+apart each would reach into the others'.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ run again from its start by the next executor:
 
 Every phase start, end and failure writes an event (Category.UPDATE) and a timestamped line to
 the run's log in var/spool/updates/XPU.
+
+A little over 600 lines on purpose: starting, aborting and running a run, and the moves of its
+phases from one state to the next, are the one state machine; the phases' own work is
+elsewhere (above).
 """
 
 from __future__ import annotations
