@@ -357,6 +357,12 @@ def quarantine_confirm(request: HttpRequest) -> HttpResponse:
             "action": action,
             "rows": rows,
             "actionable": sum(1 for row in rows if row.acts),
+            # Releasing a virus delivers it: said before the button, not after.
+            "viruses": sum(
+                1
+                for row in rows
+                if action == "release" and row.acts and row.copy and row.copy.verdict == "virus"
+            ),
             "target": _delivery_target() if action == "release" else "",
             "next_url": next_url,
         }

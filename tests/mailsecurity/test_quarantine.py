@@ -3,6 +3,7 @@ one by one and in bulk, for administrators only (issue 16)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from html import unescape
 from pathlib import Path
@@ -295,6 +296,33 @@ def test_an_administrator_confirms_a_bulk_release_that_lists_what_will_happen(
     flash = unescape(done.content.decode())
     assert "Released 1 message. 1 message released or delivered already, skipped." in flash
     assert len(hop.messages) == 2  # the one released before, and fresh: never one twice
+
+
+def test_releasing_a_virus_is_warned_about_before_the_button(mail: MailData, admin: Client) -> None:
+    spam = quarantine("Cheap watches")
+    virus = mailrecords.mail_record(
+        dataclasses.replace(
+            quarantined_spam(
+                raw_message("Invoice overdue"),
+                logged_at=int(NOW.timestamp()) - 600,
+                sender="billing@promo.test",
+                subject="Invoice overdue",
+                message_id="<invoice.overdue@promo.test>",
+            ),
+            verdict="virus",
+            store_name="Virus quarantine",
+        )
+    )
+
+    def page(action: str, ids: list[int | None]) -> str:
+        return unescape(admin.get(CONFIRM, {"action": action, "id": ids}).content.decode())
+
+    warned = page("release", [spam, virus])
+    assert 'data-testid="virus-warning"' in warned
+    assert "One of these messages was quarantined as a virus" in warned
+    assert warned.index("virus-warning") < warned.index('data-testid="confirm-button"')
+    assert 'data-testid="virus-warning"' not in page("release", [spam])
+    assert 'data-testid="virus-warning"' not in page("delete", [spam, virus])
 
 
 @pytest.mark.parametrize(
