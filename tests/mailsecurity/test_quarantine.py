@@ -322,6 +322,7 @@ def test_releasing_a_virus_is_warned_about_before_the_button(mail: MailData, adm
     assert "One of these messages was quarantined as a virus" in warned
     assert warned.index("virus-warning") < warned.index('data-testid="confirm-button"')
     assert 'data-testid="virus-warning"' not in page("release", [spam])
+    assert "This message was quarantined as a virus" in page("release", [virus])
     assert 'data-testid="virus-warning"' not in page("delete", [spam, virus])
 
 
