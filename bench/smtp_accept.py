@@ -39,12 +39,15 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
-from _common import spool_drain  # bench/ is sys.path[0]
-from _report import add_json_flag, emit, ratio
-
 BASE_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BASE_DIR))
+
+from _common import spool_drain  # noqa: E402 - bench/ is sys.path[0]
+from _report import add_json_flag, emit, ratio  # noqa: E402
+
+from appliance.mail.eicar import EICAR  # noqa: E402 - plain bytes, no Django needed
+
 CLIENT_NAME = "bench.test"  # smtplib would otherwise look up socket.getfqdn()
-EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
 BODY = (
     "Hi all,\n\nThanks for joining today. Action items are below; please update the tracker by "
     "Friday.\n\n- finish the migration plan\n- book the review room\n"
@@ -228,7 +231,6 @@ def main() -> None:
         manage = [sys.executable, str(BASE_DIR / "manage.py")]
         subprocess.run([*manage, "migrate", "-v", "0"], cwd=BASE_DIR, env=env, check=True)
         os.environ.update(env)
-        sys.path.insert(0, str(BASE_DIR))
         import django
 
         django.setup()
