@@ -249,7 +249,7 @@ def fill_demo(
     seed: int = 2880,
     now: datetime | None = None,
 ) -> None:
-    """Add ``messages`` realistic messages (plus one SMTP and one tracking log row each).
+    """Add ``messages`` realistic messages, with an SMTP log row each, a tracking row a recipient.
 
     The demo and the benchmarks need a store that looks like a busy appliance's: four stores
     with their own retention, each holding mail no older than its retention, denser towards
@@ -467,20 +467,27 @@ def _batches(rng: random.Random, pools: _Pools, keys: list[int], first_id: int) 
         yield message_rows, raw_rows, smtp_rows
 
 
-# One tracking log row per generated message, derived in SQLite from the message rows (the
-# same facts, and much cheaper than binding them all again from Python).
+# One tracking log row per recipient of each generated message, as the mail service writes
+# them: derived in SQLite from the message rows (the same facts, and much cheaper than binding
+# them all again from Python). A demo message has one to three recipients, joined by ", ";
+# the rows of one message follow each other, in the order of its recipients.
 _TRACKING_FROM_MESSAGES = """
 INSERT INTO tracking_log (logged_at, message_id, sender, recipient, subject, verdict, action,
                           size, quarantine_id)
-SELECT received_at, message_id, sender,
-       CASE WHEN instr(recipients, ',') > 0
-            THEN substr(recipients, 1, instr(recipients, ',') - 1) ELSE recipients END,
-       subject, verdict,
-       CASE WHEN verdict = 'clean' THEN 'delivered'
-            WHEN verdict = 'virus' AND id % 2 = 0 THEN 'rejected'
+WITH split AS (
+    SELECT id, 1 AS position, recipients || ', ' AS rest FROM quarantined_message WHERE id >= ?
+    UNION ALL
+    SELECT id, position + 1, substr(rest, instr(rest, ', ') + 2) FROM split
+    WHERE instr(substr(rest, instr(rest, ', ') + 2), ', ') > 0
+)
+SELECT m.received_at, m.message_id, m.sender, substr(s.rest, 1, instr(s.rest, ', ') - 1),
+       m.subject, m.verdict,
+       CASE WHEN m.verdict = 'clean' THEN 'delivered'
+            WHEN m.verdict = 'virus' AND m.id % 2 = 0 THEN 'rejected'
             ELSE 'quarantined' END,
-       size, id
-FROM quarantined_message WHERE id >= ? ORDER BY id
+       m.size, m.id
+FROM split AS s JOIN quarantined_message AS m ON m.id = s.id
+ORDER BY s.id, s.position
 """
 
 

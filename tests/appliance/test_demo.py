@@ -95,6 +95,22 @@ def test_it_fills_the_message_store_and_leaves_the_xpu_dir_empty(demo_appliance:
     assert layout().xpu_dir.is_dir() and not any(layout().xpu_dir.iterdir())
 
 
+def test_the_tracking_log_has_a_row_for_each_recipient_in_order(demo_appliance: Path) -> None:
+    """As the mail service writes it: a search for any recipient finds the message."""
+    conn = msgstore.connect(readonly=True)
+    try:
+        messages = conn.execute("SELECT id, recipients FROM quarantined_message").fetchall()
+        rows = conn.execute("SELECT quarantine_id, recipient FROM tracking_log ORDER BY id")
+        tracked = rows.fetchall()
+    finally:
+        conn.close()
+    expected = [
+        (id_, rcpt) for id_, value in sorted(map(tuple, messages)) for rcpt in value.split(", ")
+    ]
+    assert [tuple(row) for row in tracked] == expected
+    assert len({id_ for id_, _ in tracked}) == 200 < len(tracked)
+
+
 def test_it_puts_a_system_backup_on_the_rescue_partition(demo_appliance: Path) -> None:
     backup = rescue.system_backup_info()
     assert backup is not None and backup.firmware_version == "2.8.0.0"
