@@ -73,11 +73,16 @@ def _available_notice(story: UpdateStory, page: str) -> Notice:
     )
 
 
-def update_notices() -> list[Notice]:
-    """The story's notice, then what went wrong beside it."""
+def update_notices(*, with_story: bool = True) -> list[Notice]:
+    """The story's notice, then what went wrong beside it.
+
+    ``with_story=False`` leaves the story's own notice out, for a page that leads with the story
+    itself (Updates & Licensing): the same news twice, one of them stale, is what this replaces.
+    """
     story = update_story()
     page = reverse("upgrades:index")
-    notices = [notice] if (notice := story_notice(story)) is not None else []
+    notice = story_notice(story) if with_story else None
+    notices = [notice] if notice is not None else []
     from upgrades.validation import validation_notice  # issue 18: one, for the last install
 
     if (proof := validation_notice()) is not None:

@@ -101,7 +101,9 @@ def index(request: HttpRequest) -> HttpResponse:
                 initial={"automatic_downloads": settings_row.automatic_downloads}
             ),
             "license_form": LicenseUploadForm(),
-            "notices": update_notices(),
+            # The story leads the page (and moves with the download panel): the notices beside
+            # it are the others, not the story told a second time.
+            "notices": update_notices(with_story=False),
             "story": update_story(),
             **_download_context(),
         }
@@ -114,10 +116,15 @@ def index(request: HttpRequest) -> HttpResponse:
 def download_partial(request: HttpRequest) -> HttpResponse:
     """The download panel alone; htmx polls it every second while a download is active.
 
-    The page's notices come along out of band, so "Downloading firmware X: 45%" at the top
-    moves with the bar and turns into "ready to install" with it.
+    The page's story line and its other notices come along out of band, so "Downloading firmware
+    X: 45%" at the top moves with the bar and turns into "ready to install" with it.
     """
-    context = {**_download_context(), "notices": update_notices(), "oob_notices": True}
+    context = {
+        **_download_context(),
+        "story": update_story(),
+        "notices": update_notices(with_story=False),
+        "oob_notices": True,
+    }
     return render(request, "upgrades/_download.html", context)
 
 
@@ -151,7 +158,8 @@ def download(request: HttpRequest) -> HttpResponse:
             version=form.cleaned_data["version"] or None,
         ),
         services.UpdateError,
-        lambda started: f"Downloading firmware {started.version}.",
+        # What was done, not a state: the story line above says where the download is now.
+        lambda started: f"Started the download of firmware {started.version}.",
     )
     return redirect("upgrades:index")
 

@@ -50,11 +50,12 @@ def test_download_fills_the_bar_and_home_says_ready_to_install(
     assert any(0 < value < 100 for value in seen), seen  # it was watched filling up
     assert page.get_by_test_id("ready").inner_text() == "Firmware 2.8.1.0 is ready to install."
     assert page.get_by_role("button", name=re.compile("^Install")).count() == 0
-    # The notices at the top follow the bar (they come along with each poll).
-    assert (
-        "Firmware 2.8.1.0 is ready to install."
-        in page.get_by_test_id("update-notices").inner_text()
-    )
+    # The story line at the top follows the bar (it comes along with each poll), and no notice
+    # beside it tells the same news again.
+    story = page.get_by_test_id("update-story")
+    assert story.inner_text() == "Firmware 2.8.1.0 is ready to install."
+    assert story.get_attribute("data-stage") == "downloaded"
+    assert "ready to install" not in page.get_by_test_id("update-notices").inner_text()
     screenshot(page, "updates-ready")
 
     home.get_by_text("Firmware 2.8.1.0 is ready to install.").wait_for(timeout=15_000)

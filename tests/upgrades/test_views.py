@@ -93,7 +93,7 @@ def test_download_creates_the_download_and_enqueues_it_on_commit(
     assert download.state == DownloadState.QUEUED and download.requested_by == "admin"
     assert len(callbacks) == 1
     html = response.content.decode()
-    assert "Downloading firmware 2.8.1.0." in html
+    assert "Started the download of firmware 2.8.1.0." in html
     assert 'hx-trigger="every 1s"' in html  # the progress panel polls while it is active
 
 
@@ -152,6 +152,22 @@ def test_the_progress_partial_stops_polling_once_ready(admin_client, firmware):
     assert 'data-testid="download-percent">100%' in html
     assert "hx-trigger" not in html
     assert 'data-testid="install-entry"' in html  # the way on to the preflight checklist
+    # The page's story line is replaced with it, so it cannot stay at "Downloading: 0%".
+    story = html[html.index('id="update-story"') :]
+    assert 'hx-swap-oob="true"' in story[: story.index(">")]
+    assert story[story.index(">") + 1 :].startswith("Firmware 2.8.1.0 is ready to install.</p>")
+
+
+def test_the_page_tells_the_update_story_once(admin_client, firmware):
+    """The story leads the page; the notices beside it do not repeat it."""
+    firmware.offer(firmware.build())
+    html = admin_client.get(PAGE).content.decode()
+    assert html.count("Firmware 2.8.1.0 is available.") == 1
+
+    run_download()
+    html = admin_client.get(PAGE).content.decode()
+    assert html.count("is ready to install.") == 2  # the story line, and the download panel's
+    assert "is available." not in html
 
 
 def test_cancel_cancels_the_active_download(admin_client, firmware):
