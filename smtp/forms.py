@@ -32,7 +32,10 @@ class RelayNetworksForm(forms.Form):
         max_length=8000,
         label="Relay networks",
         widget=forms.Textarea(attrs={"rows": 4}),
-        help_text="One network per line, e.g. 198.51.100.0/24 or 2001:db8::/32. Empty: none.",
+        help_text=(
+            "One network per line, e.g. 198.51.100.0/24 or 2001:db8::/32, at most /8 (IPv4) or "
+            "/16 (IPv6) wide. Empty: none."
+        ),
     )
 
     def clean_relay_networks(self) -> list[str]:

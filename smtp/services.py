@@ -7,6 +7,7 @@ the retention purge when it gets shorter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from appliance.config.smtp import SmtpSettings
@@ -54,8 +55,11 @@ def relay_networks_set(networks: list[str], *, user: User | None) -> SmtpSetting
     """
     current = read_smtp_settings()
     updated = dataclasses.replace(current, relay_networks=" ".join(networks))
-    if updated.relay_network_list() == current.relay_network_list():
-        return current
+    wanted = updated.relay_network_list()
+    # A value on disk that is refused (written by hand, say) is replaced, not compared.
+    with contextlib.suppress(ValueError):
+        if wanted == current.relay_network_list():
+            return current
     write_smtp_settings(updated)
     event_write(
         category=Category.SMTP,

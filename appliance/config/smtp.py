@@ -48,17 +48,35 @@ class SmtpSettings:
         return parse_relay_networks(self.relay_networks)
 
 
+# The widest relay network allowed, by IP version: one organisation's largest block (the old
+# class A; the largest IPv6 allocations). Anything wider, 0.0.0.0/0 first, relays for a large
+# part of the Internet: an open relay by one line, refused rather than written.
+WIDEST_RELAY_PREFIX = {4: 8, 6: 16}
+
+
 def parse_relay_networks(
     text: str,
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """Networks separated by spaces, commas or line breaks; host bits are cleared
-    (``10.1.2.3/8`` is ``10.0.0.0/8``), a bare address is a one-host network."""
+    (``10.1.2.3/8`` is ``10.0.0.0/8``), a bare address is a one-host network.
+
+    ValueError names the first entry that is not a network or is wider than
+    :data:`WIDEST_RELAY_PREFIX` allows; the settings refuse it, and the mail service defers
+    mail (4xx) while such a value is on disk rather than relay for everyone.
+    """
     networks = []
     for entry in text.replace(",", " ").split():
         try:
-            networks.append(ipaddress.ip_network(entry, strict=False))
+            network = ipaddress.ip_network(entry, strict=False)
         except ValueError as exc:
             raise ValueError(f"relay network {entry!r} is not an IP network") from exc
+        widest = WIDEST_RELAY_PREFIX[network.version]
+        if network.prefixlen < widest:
+            raise ValueError(
+                f"relay network {entry!r} is too wide: it would relay mail for a large part of "
+                f"the Internet (an open relay); the widest allowed is /{widest}"
+            )
+        networks.append(network)
     return tuple(dict.fromkeys(networks))
 
 

@@ -151,9 +151,17 @@ def test_a_bad_relay_network_on_disk_defers_mail_instead_of_opening_the_relay(
     path = demo_appliance / "etc/mailsec/cpe/mailsec_smtp1_0.xml"
     text = path.read_text()
     assert "<relay_networks></relay_networks>" in text
-    path.write_text(text.replace("<relay_networks>", "<relay_networks>0.0.0.0/0 bogus"))
+    path.write_text(text.replace("<relay_networks>", "<relay_networks>10.0.0.0/8 bogus"))
 
     with pytest.raises(PolicyError, match="bogus"):
+        compile_policy()
+
+
+def test_a_relay_network_for_the_whole_internet_on_disk_defers_mail(demo_appliance: Path) -> None:
+    path = demo_appliance / "etc/mailsec/cpe/mailsec_smtp1_0.xml"
+    path.write_text(path.read_text().replace("<relay_networks>", "<relay_networks>0.0.0.0/0"))
+
+    with pytest.raises(PolicyError, match="too wide"):
         compile_policy()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from django.http import HttpResponse
 from django.test import Client
 
@@ -72,6 +73,36 @@ def test_an_out_of_range_prefix_is_refused_too(admin_client: Client, demo_applia
 
     assert response.status_code == 400
     assert smtp_file(demo_appliance).read_bytes() == before
+
+
+@pytest.mark.parametrize("network", ["0.0.0.0/0", "10.0.0.0/7", "::/0", "2000::/3"])
+def test_a_network_wide_enough_to_open_the_relay_is_refused(
+    admin_client: Client, demo_appliance: Path, network: str
+) -> None:
+    before = smtp_file(demo_appliance).read_bytes()
+
+    response = post(admin_client, {"relay_networks": f"192.0.2.0/24\n{network}"})
+
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "too wide" in html and "open relay" in html and network in html
+    assert smtp_file(demo_appliance).read_bytes() == before
+
+
+def test_the_widest_allowed_networks_are_saved(admin_client: Client, demo_appliance: Path) -> None:
+    assert post(admin_client, {"relay_networks": "10.0.0.0/8 2001::/16"}).status_code == 302
+    assert read_smtp_settings().relay_networks == "10.0.0.0/8 2001::/16"
+
+
+def test_a_refused_value_on_disk_is_replaced_by_the_form(
+    admin_client: Client, demo_appliance: Path
+) -> None:
+    """Written by hand, say: the mail service defers mail until the administrator fixes it."""
+    path = smtp_file(demo_appliance)
+    path.write_text(path.read_text().replace("<relay_networks>", "<relay_networks>0.0.0.0/0"))
+
+    assert post(admin_client, {"relay_networks": "198.51.100.0/24"}).status_code == 302
+    assert read_smtp_settings().relay_networks == "198.51.100.0/24"
 
 
 def test_clearing_the_relay_networks_closes_the_relay(
