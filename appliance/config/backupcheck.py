@@ -27,7 +27,8 @@ from appliance.config.backupfiles import (
     scratch_root,
 )
 from appliance.config.backupformat import BackupRejected, loads
-from appliance.config.smtp import SmtpSettings
+from appliance.config.configformat import parse_config
+from appliance.config.smtp import SmtpSettings, parse_smtp_settings
 from appliance.system import network
 from appliance.system.errors import ApplianceError, ApplianceNotInitialized, UnsafeXMLError
 from appliance.system.paths import resolve_inside
@@ -158,6 +159,28 @@ def _decoded(data: bytes, encoding: str, refusal: str) -> str:
         return data.decode(encoding)
     except UnicodeDecodeError as exc:
         raise BackupRejected(refusal) from exc
+
+
+def check_smtp(files: dict[str, bytes]) -> None:
+    """The SMTP settings a restore would write must be ones SMTP > Configuration could save.
+
+    Above all no relay network wide enough to make an open relay (``0.0.0.0/0``): restored, it
+    would not open the relay (the mail service defers all mail while such a value is on disk),
+    but it would stop the mail. Run on the files in the running format, after any conversion.
+    """
+    for relative, data in files.items():
+        name = relative.removeprefix(CPE)
+        try:
+            if name == "mailsec_smtp1_0.xml":
+                settings: SmtpSettings | None = parse_smtp_settings(data)
+            elif name == "mailsec_config2_0.xml":
+                settings = parse_config(data).smtp
+            else:
+                continue
+            if settings is not None:
+                settings.validate()
+        except (ApplianceError, ValueError) as exc:
+            raise BackupRejected(f"The backup's SMTP settings are refused: {exc}.") from exc
 
 
 def check_hostname(files: dict[str, bytes]) -> None:

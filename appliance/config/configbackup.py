@@ -33,6 +33,7 @@ from appliance.config.backupcheck import (
     check_network,
     check_paths,
     check_settings,
+    check_smtp,
     check_xml,
 )
 from appliance.config.backupfiles import CPE, collect_files, hostname, store_retention
@@ -361,6 +362,7 @@ def _load_bytes(data: bytes, name: str, passphrase: str | None, root: Path) -> L
     files, converted_from = _convert(files, header.config_format, _running_config_format(root))
     if converted_from is not None:
         check_xml(files)
+    check_smtp(files)
     check_paths(files, root)
     return LoadedBackup(header, files, settings, console, converted_from, verified)
 

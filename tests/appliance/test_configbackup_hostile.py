@@ -562,6 +562,22 @@ NETWORK = "files/etc/sysconfig/network/"
 SMTP = "files/etc/mailsec/cpe/mailsec_smtp1_0.xml"
 
 
+@pytest.mark.parametrize(
+    ("relay", "match"),
+    [
+        (b"0.0.0.0/0", "too wide"),
+        (b"::/0", "too wide"),
+        (b"192.0.2.0/24 not-a-network", "not an IP network"),
+    ],
+)
+def test_smtp_settings_that_would_open_the_relay_are_refused(
+    members: dict[str, bytes], relay: bytes, match: str
+) -> None:
+    content = members[SMTP].replace(b"<relay_networks></relay_networks>", b"")
+    content = content.replace(b"</smtp>", b"<relay_networks>" + relay + b"</relay_networks></smtp>")
+    refuse(archive({**members, SMTP: content}), rf"SMTP settings are refused: .*{match}")
+
+
 def test_a_host_name_that_is_not_utf8_is_refused(members: dict[str, bytes]) -> None:
     refuse(archive({**members, HOSTNAME: b"\xffmailsec01\n"}), r"host name \(etc/HOSTNAME\)")
 
