@@ -44,10 +44,11 @@ def _overflow(page) -> int:
 
 def _card_overflow(page) -> int:
     """How many pixels the widest of the tables a phone shows as cards (the preflight
-    checklist, the event log, Message Tracking, the install's phases) scrolls sideways."""
+    checklist, the event log, Message Tracking, the install's phases, the users) scrolls
+    sideways."""
     return page.evaluate(
         "Math.max(0, ...[...document.querySelectorAll("
-        "'table.checklist, table.events, table.tracking, table.install-phases')]"
+        "'table.checklist, table.events, table.tracking, table.install-phases, table.users')]"
         ".map(t => t.scrollWidth - t.clientWidth))"
     )
 
@@ -79,6 +80,10 @@ def test_every_page_fits_a_phone_and_a_desktop_and_the_phone_menu_opens_from_a_b
             # The tables read as cards on a phone fit whole: nothing hides to the right.
             assert _card_overflow(page) <= 1, (size, url, _card_overflow(page))
             _shoot(page, size, url)
+            if url == reverse("accounts:users"):
+                # A user's actions are in sight, not beyond the right edge of a sideways table.
+                box = page.get_by_test_id("reset-password").first.bounding_box()
+                assert box is not None and box["x"] + box["width"] <= viewport["width"], box
             if size == "desktop":
                 assert menu.is_visible() and not toggle.is_visible(), url
         if size == "phone":
