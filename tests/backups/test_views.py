@@ -252,6 +252,7 @@ def test_schedule_settings(admin_client, demo_appliance):
     row = BackupSettings.objects.get(pk=1)
     assert (row.scheduled_enabled, row.scheduled_hour, row.keep_last) == (False, 5, 14)
     assert "Scheduled configuration backups: off." in html
+    assert '<label for="id_scheduled_hour">at hour (UTC)</label>' in html  # the beat's clock
 
     bad = post(
         admin_client, "/backup/system/config/schedule/", {"scheduled_hour": "24", "keep_last": "91"}
@@ -295,6 +296,7 @@ def test_read_only_users_see_everything_and_change_nothing(
     assert f'data-testid="backup-{header.name}"' in html
     assert 'data-testid="create-backup"' not in html and 'data-testid="system-create"' not in html
     assert 'data-testid="delete"' not in html
+    assert "Daily at 02:00 UTC, keeping the last 7." in html
     assert readonly_client.get(f"/backup/system/config/{header.name}/download/").status_code == 200
     assert readonly_client.get(f"/backup/system/config/{header.name}/compare/").status_code == 200
 
