@@ -155,6 +155,21 @@ def _progress_context(run: InstallRun) -> dict[str, Any]:
     }
 
 
+@never_cache
+@require_GET
+def install_banner(request: HttpRequest, run_id: int) -> HttpResponse:
+    """Every page's install banner alone, polled every 2 s while the run ``run_id`` is active.
+
+    The phase moves on with the install; once the run has ended the banner says how, once,
+    and stops polling: the page under it was rendered as during the install (read-only from
+    phase 3), so it asks for a reload rather than pretend the forms are back.
+    """
+    context: dict[str, Any] = {}
+    if install_status.active_run() is None:
+        context["install_banner_ended"] = InstallRun.objects.filter(pk=run_id).first()
+    return render(request, "upgrades/_install_banner.html", context)
+
+
 @require_GET
 def install_run(request: HttpRequest, run_id: int) -> HttpResponse:
     """The run's phase timeline, times, who started it, the log tail, and Abort in 1-2."""

@@ -9,6 +9,7 @@ urlpatterns = [
     path("licensing/download/", views.download, name="download"),
     path("licensing/download/progress/", views.download_partial, name="download_partial"),
     path("licensing/cancel/", views.cancel, name="cancel"),
+    path("licensing/story/", views.story_partial, name="story_partial"),
     path("licensing/check/", views.check, name="check"),
     path("licensing/settings/", views.update_settings, name="settings"),
     path("licensing/license/", views.license_upload, name="license"),
@@ -18,6 +19,11 @@ urlpatterns = [
     path("licensing/install/", install_views.install_checklist, name="install"),
     path("licensing/install/start/", install_views.install_start, name="install_start"),
     path("licensing/install/<int:run_id>/", install_views.install_run, name="install_run"),
+    path(
+        "licensing/install/<int:run_id>/banner/",
+        install_views.install_banner,
+        name="install_banner",
+    ),
     path(
         "licensing/install/<int:run_id>/progress/",
         install_views.install_run_partial,

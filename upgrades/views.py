@@ -128,6 +128,18 @@ def download_partial(request: HttpRequest) -> HttpResponse:
     return render(request, "upgrades/_download.html", context)
 
 
+@never_cache
+@require_GET
+def story_partial(request: HttpRequest) -> HttpResponse:
+    """The story line alone; it polls itself every 2 s while an install or its rollback runs.
+
+    So "Installing firmware X: phase 3 of 10" on Updates & Licensing and the Install page moves
+    on with the install, and stops polling once it says how the install ended. (A download's
+    story line comes along with the download panel's own poll instead.)
+    """
+    return render(request, "upgrades/_story.html", {"story": update_story()})
+
+
 @require_POST
 @administrators_only
 def check(request: HttpRequest) -> HttpResponse:

@@ -310,7 +310,45 @@ def test_every_page_shows_the_active_install_with_a_link(
             html = client.get(url).content.decode()
             assert 'data-testid="install-banner"' in html, url
             assert f"/updates/licensing/install/{run.pk}/" in html
+            # It follows the install rather than keep the phase the page was loaded in.
+            assert f'hx-get="/updates/licensing/install/{run.pk}/banner/"' in html, url
     assert "configuration is read-only" in html
+
+
+def test_the_banner_follows_the_install_and_says_once_that_it_ended(
+    admin_client, client, demo_appliance
+):
+    run = make_run(InstallState.RUNNING, 4)
+    url = f"/updates/licensing/install/{run.pk}/banner/"
+    assert "phase 4 of 10" in admin_client.get(url).content.decode()
+
+    InstallRun.objects.filter(pk=run.pk).update(phase=6)
+    html = admin_client.get(url).content.decode()
+    assert "phase 6 of 10" in html and 'hx-trigger="every 2s"' in html
+
+    InstallRun.objects.filter(pk=run.pk).update(
+        state=InstallState.SUCCEEDED, phase=10, finished_at=timezone.now()
+    )
+    html = admin_client.get(url).content.decode()
+    assert 'data-testid="install-banner-ended"' in html and "has ended: succeeded" in html
+    assert "hx-get" not in html and "Reload this page" in html
+    assert client.get(url).status_code == 302  # a login first, as everywhere
+
+
+def test_the_story_line_follows_the_install_until_it_ends(admin_client, demo_appliance):
+    run = make_run(InstallState.RUNNING, 4)
+    html = admin_client.get("/updates/licensing/install/").content.decode()
+    story = html[html.index('id="update-story"') :]
+    assert 'hx-get="/updates/licensing/story/"' in story[: story.index(">")]
+
+    InstallRun.objects.filter(pk=run.pk).update(phase=7)
+    assert "phase 7 of 10" in admin_client.get("/updates/licensing/story/").content.decode()
+
+    InstallRun.objects.filter(pk=run.pk).update(
+        state=InstallState.SUCCEEDED, phase=10, finished_at=timezone.now()
+    )
+    html = admin_client.get("/updates/licensing/story/").content.decode()
+    assert "hx-get" not in html and 'data-stage="installing"' not in html
 
 
 def test_configuration_changes_are_refused_while_the_install_holds_maintenance(
