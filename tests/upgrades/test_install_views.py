@@ -324,7 +324,10 @@ def test_the_banner_follows_the_install_and_says_once_that_it_ended(
 
     InstallRun.objects.filter(pk=run.pk).update(phase=6)
     html = admin_client.get(url).content.decode()
-    assert "phase 6 of 10" in html and 'hx-trigger="every 2s"' in html
+    assert "Firmware 2.8.1.0 is being installed: phase 6 of 10." in html
+    assert 'hx-trigger="every 2s"' in html
+    InstallRun.objects.filter(pk=run.pk).update(state=InstallState.ROLLING_BACK)
+    assert "installed: rolling back, phase 6 of 10." in admin_client.get(url).content.decode()
 
     InstallRun.objects.filter(pk=run.pk).update(
         state=InstallState.SUCCEEDED, phase=10, finished_at=timezone.now()
