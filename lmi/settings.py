@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
+    "django.contrib.humanize",  # intcomma: counts of a million messages read as 1,000,000
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "appliance",

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from django.test import Client
 
-from appliance.mail import retention
+from appliance.mail import demo_store, retention
 from appliance.system import maintenance
 from events.models import Category, Event
 from jobs.models import Job, JobState
@@ -153,6 +153,16 @@ def test_message_stores_shows_size_count_oldest_and_retention(demo_appliance, ad
         assert f'value="{store.retention_days}"' in html
     assert re.search(r'data-testid="store-count">\d+<', html)
     assert "ago)" in html
+
+
+def test_counts_of_thousands_are_grouped_on_the_stores_page_and_home(demo_appliance, admin_client):
+    demo_store.fill_demo(messages=2000)
+    spam = next(s.message_count for s in retention.store_usage() if s.name == "Spam quarantine")
+    assert spam >= 1000
+    html = admin_client.get(STORES).content.decode()
+    assert f'data-testid="store-count">{spam:,}<' in html
+    home = admin_client.get("/home/").content.decode()
+    assert 'data-testid="store-messages">2,200<' in home  # the demo's 200 and these 2,000
 
 
 def test_an_administrator_shortens_a_store_retention_and_a_purge_starts(
