@@ -338,7 +338,7 @@ def test_the_banner_follows_the_install_and_says_once_that_it_ended(
     assert client.get(url).status_code == 302  # a login first, as everywhere
 
 
-def test_the_story_line_follows_the_install_until_it_ends(admin_client, demo_appliance):
+def test_the_story_line_follows_the_install_until_it_ends(admin_client, client, demo_appliance):
     run = make_run(InstallState.RUNNING, 4)
     html = admin_client.get("/updates/licensing/install/").content.decode()
     story = html[html.index('id="update-story"') :]
@@ -352,6 +352,7 @@ def test_the_story_line_follows_the_install_until_it_ends(admin_client, demo_app
     )
     html = admin_client.get("/updates/licensing/story/").content.decode()
     assert "hx-get" not in html and 'data-stage="installing"' not in html
+    assert client.get("/updates/licensing/story/").status_code == 302  # a login first
 
 
 def test_configuration_changes_are_refused_while_the_install_holds_maintenance(
