@@ -340,6 +340,24 @@ def cluster_upgrade_advance() -> ClusterUpgrade | None:
     """
     if cluster_role() != CENTRAL:
         return None
+    try:
+        return _advance()
+    except _LostRace as lost:
+        # Read after the block is rolled back: inside it, after a rollback, no query may run.
+        return ClusterUpgrade.objects.filter(pk=lost.upgrade_id).first()
+
+
+class _LostRace(Exception):
+    """Another advance changed the upgrade first; raised out of the transaction to undo ours."""
+
+    def __init__(self, upgrade_id: int) -> None:
+        super().__init__(upgrade_id)
+        self.upgrade_id = upgrade_id
+
+
+def _advance() -> ClusterUpgrade | None:
+    """One pass of :func:`cluster_upgrade_advance`, in one transaction; _LostRace when the
+    conditional update finds that another pass moved the upgrade first."""
     with transaction.atomic():
         upgrade = ClusterUpgrade.objects.filter(state=UpgradeState.RUNNING).first()
         if upgrade is None:
@@ -414,8 +432,7 @@ def cluster_upgrade_advance() -> ClusterUpgrade | None:
         if updated != 1:
             # Another advance won the race: undo our side effects (queued sends, an install
             # row) with the transaction and let the winner's state stand.
-            transaction.set_rollback(True)
-            return ClusterUpgrade.objects.filter(pk=upgrade.pk).first()
+            raise _LostRace(upgrade.pk)
         if upgrade.job_id is not None:
             step = results.get(current, {}).get("state", NodeStep.PENDING)
             label = NodeStep(step).label if step in NodeStep.values else str(step)

@@ -7,6 +7,7 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from cluster import member_services, plumbing, rolling, services, signing, tasks
@@ -89,6 +90,36 @@ def test_it_upgrades_members_one_at_a_time_as_their_reports_arrive(
     # Its record in the job engine's one table followed it node by node and ended with it.
     assert (upgrade.job.kind, upgrade.job.state) == ("cluster_upgrade", "succeeded")
     assert upgrade.job.step == upgrade.job.steps == 3 and not upgrade.job.lease_owner
+
+
+def test_an_advance_that_loses_the_race_undoes_its_changes_and_returns_the_winners(
+    cluster,
+) -> None:
+    """Seen on PostgreSQL with two nodes: the loser read the upgrade again inside its own rolled
+    back transaction, and the report that carried it failed with TransactionManagementError."""
+    upgrade = rolling.cluster_upgrade_start(user="admin")
+    revision = ClusterUpgrade.objects.get(pk=upgrade.pk).revision
+    other_advances: list[str] = []
+
+    def another_advance_first(execute, sql, params, many, context):
+        # Another advance's change lands between this one's read and its conditional update.
+        if sql.startswith('UPDATE "cluster_clusterupgrade"') and not other_advances:
+            other_advances.append(sql)
+            execute('UPDATE "cluster_clusterupgrade" SET "revision" = "revision" + 1', (), False,
+                    context)  # fmt: skip
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(another_advance_first):
+        send_report(cluster, "member1", install=install("running"), answer=answer(upgrade))
+
+    assert other_advances
+    upgrade.refresh_from_db()  # this advance's changes are gone with its transaction
+    assert upgrade.revision == revision
+    assert upgrade.results["member1"]["state"] == NodeStep.REQUESTED
+    # Nothing is stuck: the next report moves it on.
+    send_report(cluster, "member1", install=install("running"), answer=answer(upgrade))
+    upgrade.refresh_from_db()
+    assert upgrade.results["member1"]["state"] == NodeStep.INSTALLING
 
 
 def test_it_stops_at_the_first_failure(cluster, django_capture_on_commit_callbacks) -> None:
