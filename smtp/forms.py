@@ -43,7 +43,8 @@ class RelayNetworksForm(forms.Form):
         try:
             networks = parse_relay_networks(self.cleaned_data["relay_networks"])
         except ValueError as exc:
-            raise forms.ValidationError(str(exc).capitalize() + ".") from exc
+            problem = str(exc)  # its first letter up only: capitalize() would lower the rest
+            raise forms.ValidationError(problem[:1].upper() + problem[1:] + ".") from exc
         if len(networks) > MAX_RELAY_NETWORKS:
             raise forms.ValidationError(f"At most {MAX_RELAY_NETWORKS} networks.")
         return [str(network) for network in networks]

@@ -86,6 +86,7 @@ def test_a_network_wide_enough_to_open_the_relay_is_refused(
     assert response.status_code == 400
     html = response.content.decode()
     assert "too wide" in html and "open relay" in html and network in html
+    assert "a large part of the Internet" in html
     assert smtp_file(demo_appliance).read_bytes() == before
 
 
