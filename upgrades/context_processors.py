@@ -10,6 +10,7 @@ from __future__ import annotations
 from django.http import HttpRequest
 
 from upgrades import install_status
+from upgrades.models import InstallRun
 
 
 def install_banner(request: HttpRequest) -> dict[str, object]:
@@ -22,11 +23,8 @@ def install_banner(request: HttpRequest) -> dict[str, object]:
         # The progress page shows the run live; a banner loaded once would only lag behind it.
         return {"install_banner_run": None}
     run = install_status.active_run()
-    read_only = install_status.holds_maintenance(run)
-    context: dict[str, object] = {
-        "install_banner_run": run,
-        "install_banner_read_only": read_only,
-    }
+    context = banner_context(run)
+    read_only = context["install_banner_read_only"]
     if run is None:  # issue 18: a scheduled install, in every session
         from upgrades.schedule import schedule_banner
 
@@ -36,3 +34,14 @@ def install_banner(request: HttpRequest) -> dict[str, object]:
         # which refuses every change meanwhile: no form offers what would be refused.
         context["can_change"] = False
     return context
+
+
+def banner_context(run: InstallRun | None) -> dict[str, object]:
+    """The banner's own context for ``run`` (the active install or None): every page's, and
+    the watch poll's (:func:`upgrades.install_views.install_banner_watch`). With no run, the
+    slot keeps watching, so a page loaded before an install began learns of it."""
+    return {
+        "install_banner_run": run,
+        "install_banner_read_only": install_status.holds_maintenance(run),
+        "install_banner_watch": run is None,
+    }

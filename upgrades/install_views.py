@@ -25,6 +25,7 @@ from appliance.system import network
 from appliance.system.errors import ApplianceError
 from lmi.actions import act, administrators_only
 from upgrades import install, install_status, preflight_services, selectors
+from upgrades.context_processors import banner_context
 from upgrades.models import InstallRun, InstallState, InstallTrigger
 from upgrades.story import update_story
 
@@ -153,6 +154,17 @@ def _progress_context(run: InstallRun) -> dict[str, Any]:
         "succeeded": succeeded,
         "events_url": reverse("events:list") + "?category=update",
     }
+
+
+@never_cache
+@require_GET
+def install_banner_watch(request: HttpRequest) -> HttpResponse:
+    """Every page's empty banner slot, polled every 10 s while no install runs: a page loaded
+    before an install (started from the CLI, a schedule or another session) shows its banner
+    within seconds, then follows it as :func:`install_banner` does."""
+    return render(
+        request, "upgrades/_install_banner.html", banner_context(install_status.active_run())
+    )
 
 
 @never_cache

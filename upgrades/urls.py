@@ -20,6 +20,11 @@ urlpatterns = [
     path("licensing/install/start/", install_views.install_start, name="install_start"),
     path("licensing/install/<int:run_id>/", install_views.install_run, name="install_run"),
     path(
+        "licensing/install/banner/",
+        install_views.install_banner_watch,
+        name="install_banner_watch",
+    ),
+    path(
         "licensing/install/<int:run_id>/banner/",
         install_views.install_banner,
         name="install_banner",

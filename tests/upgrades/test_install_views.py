@@ -315,6 +315,31 @@ def test_every_page_shows_the_active_install_with_a_link(
     assert "configuration is read-only" in html
 
 
+def test_a_page_loaded_before_an_install_learns_of_it_from_its_watching_slot(
+    admin_client, readonly_client, client, demo_appliance
+):
+    watch = "/updates/licensing/install/banner/"
+    html = admin_client.get("/system/events/").content.decode()
+    slot = html[html.index('id="install-banner-slot"') :]
+    assert f'hx-get="{watch}" hx-trigger="every 10s"' in slot[: slot.index(">")]
+    html = admin_client.get(watch).content.decode()
+    assert 'data-testid="install-banner"' not in html and f'hx-get="{watch}"' in html
+
+    run = make_run(InstallState.RUNNING, 4)  # started elsewhere: the CLI, a schedule
+    for reader in (admin_client, readonly_client):
+        html = reader.get(watch).content.decode()
+        assert "Firmware 2.8.1.0 is being installed: phase 4 of 10." in html
+        assert "configuration is read-only" in html
+        # From now on it follows that run every 2 s, as on a page loaded during it.
+        assert f'hx-get="/updates/licensing/install/{run.pk}/banner/"' in html
+        assert 'hx-trigger="every 2s"' in html
+    assert client.get(watch).status_code == 302  # a login first, as everywhere
+    # The progress page shows the run itself: no banner, and no slot that would bring one.
+    html = admin_client.get(f"/updates/licensing/install/{run.pk}/").content.decode()
+    slot = html[html.index('id="install-banner-slot"') :]
+    assert "hx-get" not in slot[: slot.index(">")]
+
+
 def test_the_banner_follows_the_install_and_says_once_that_it_ended(
     admin_client, client, demo_appliance
 ):
