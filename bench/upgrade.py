@@ -504,11 +504,26 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
     )
     during_over_before = ratio(rate_during, rate_before)
     phase2_errors = load.errors_between(p2_start, p2_end)
+    # Where in phase 2 mail slows down: the rate in each tenth of it, over the rate before
+    # (the store copy comes first, then the whole-store verification on one snapshot).
+    tenth = (p2_end - p2_start) / 10
+    phase2_tenths = [
+        ratio(
+            per_second(
+                load.accepted_between(p2_start + k * tenth, p2_start + (k + 1) * tenth),
+                p2_start + k * tenth,
+                p2_start + (k + 1) * tenth,
+            ),
+            rate_before,
+        )
+        for k in range(10)
+    ]
     print(
         f"SMTP acceptance, {args.clients} clients: before {rate_before:,.0f} msg/s, during phase 2 "
         f"({p2_end - p2_start:.1f} s) {rate_during:,.0f} msg/s = {fmt(during_over_before, '.0%')}"
         f" of before ({phase2_errors} refused or failed in phase 2)"
     )
+    print("   by tenth of phase 2: " + " ".join(fmt(share, ".0%") for share in phase2_tenths))
     phase10_over_before = ratio(rate_phase10, rate_before)
     print(
         f"   during phase 10 after the downtime ({p10_end - p10_start:.1f} s) "
@@ -547,6 +562,7 @@ def run(work: Path, args: argparse.Namespace, cleanup: list[Any]) -> None:
             estimate_over_downtime=ratio(estimate_s or 0.0, row_downtime),
             mail_phase2_ratio=during_over_before,
             mail_phase10_ratio=phase10_over_before,
+            mail_phase2_tenths=phase2_tenths,
             # Issue 18: the rehearsal's prediction against the downtime measured (row).
             rehearsal_downtime_s=rehearsal_downtime,
             rehearsal_over_downtime=rehearsal_over_downtime,
