@@ -50,9 +50,17 @@ def killed_at_step(code: str, env: dict[str, str], kind: str, step: int) -> Any:
     script = f"import django\ndjango.setup()\n{code}\n"
     env = {**env, "LMI_JOB_PAUSE": f"{kind}:{step}:30000"}
     process = subprocess.Popen([sys.executable, "-c", script], cwd=settings.BASE_DIR, env=env)
+
+    def reached() -> Any:
+        job = Job.objects.filter(kind=kind, step=step).first()
+        # A new job's step is 0 before it reports any: step 0 is reached once it is named
+        # (every kind names its step 0). Killed earlier, the step's own write was not made yet
+        # (seen in CI: a release killed before its claim).
+        return None if job is None or (step == 0 and not job.step_name) else job
+
     try:
         return wait_for(
-            lambda: Job.objects.filter(kind=kind, step=step).first(),
+            reached,
             timeout=30,
             message=f"the {kind} job did not reach step {step}",
         )
