@@ -36,12 +36,20 @@ def install_banner(request: HttpRequest) -> dict[str, object]:
     return context
 
 
-def banner_context(run: InstallRun | None) -> dict[str, object]:
+def banner_context(run: InstallRun | None, after: int | None = None) -> dict[str, object]:
     """The banner's own context for ``run`` (the active install or None): every page's, and
     the watch poll's (:func:`upgrades.install_views.install_banner_watch`). With no run, the
-    slot keeps watching, so a page loaded before an install began learns of it."""
-    return {
+    slot keeps watching for a run newer than ``after`` (the newest when the page was made),
+    so a page loaded before an install began learns of it, even of one that began and ended
+    between two looks."""
+    context: dict[str, object] = {
         "install_banner_run": run,
         "install_banner_read_only": install_status.holds_maintenance(run),
         "install_banner_watch": run is None,
     }
+    if run is None:
+        newest = InstallRun.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+        if after is not None and newest > after:
+            context["install_banner_ended"] = InstallRun.objects.get(pk=newest)
+        context["install_banner_after"] = newest if after is None else after
+    return context

@@ -161,9 +161,17 @@ def _progress_context(run: InstallRun) -> dict[str, Any]:
 def install_banner_watch(request: HttpRequest) -> HttpResponse:
     """Every page's empty banner slot, polled every 10 s while no install runs: a page loaded
     before an install (started from the CLI, a schedule or another session) shows its banner
-    within seconds, then follows it as :func:`install_banner` does."""
+    within seconds, then follows it as :func:`install_banner` does; one that began and ended
+    between two looks is said to have ended (``after``: the newest run when the page was made).
+    """
+    try:
+        after = max(0, int(request.GET.get("after", "0")))
+    except ValueError:
+        after = 0
     return render(
-        request, "upgrades/_install_banner.html", banner_context(install_status.active_run())
+        request,
+        "upgrades/_install_banner.html",
+        banner_context(install_status.active_run(), after=after),
     )
 
 
