@@ -48,8 +48,9 @@ def banner_context(run: InstallRun | None, after: int | None = None) -> dict[str
         "install_banner_watch": run is None,
     }
     if run is None:
-        newest = InstallRun.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
-        if after is not None and newest > after:
-            context["install_banner_ended"] = InstallRun.objects.get(pk=newest)
-        context["install_banner_after"] = newest if after is None else after
+        newest = InstallRun.objects.order_by("-pk").first()
+        newest_pk = newest.pk if newest is not None else 0
+        if after is not None and newest_pk > after:
+            context["install_banner_ended"] = newest
+        context["install_banner_after"] = newest_pk if after is None else after
     return context
